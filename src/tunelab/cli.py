@@ -1,0 +1,85 @@
+"""Command line: `tunelab compare`, `tunelab validate`, `tunelab ls methods`, `tunelab report`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import TunelabInputError
+
+EPILOG = "Overrides are key=value with dotted keys, e.g. methods=full,lora train.lr=3e-5 lora.r=16"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Compare fine-tuning methods fairly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("compare", "train, evaluate and compare methods"),
+                       ("validate", "check config, model and data without training")):
+        cmd = sub.add_parser(name, help=text, epilog=EPILOG)
+        cmd.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+        if name == "compare":
+            cmd.add_argument("--output", "-o", help="experiment folder (default: runs/compare-<time>)")
+            cmd.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
+            cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ls = sub.add_parser("ls", help="list registered things")
+    ls.add_argument("what", choices=["methods"])
+    report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
+    report.add_argument("folder")
+    return parser
+
+
+def split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """The first item is the config file unless it looks like an override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: fail fast instead of hanging
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except TunelabInputError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "ls":
+        from .registry import registry
+
+        for name, method in registry().items():
+            print(f"{name:<16}{method.description}")
+        return 0
+    if args.command == "report":
+        from .report import write_report
+        from .results import read_results
+
+        print(write_report(Path(args.folder), read_results(Path(args.folder))))
+        return 0
+    config, overrides = split_items(args.items)
+    if args.command == "validate":
+        from .api import validate
+
+        summary = validate(config, overrides).summary()
+        print("config, model and data are valid:")
+        for key, value in summary.items():
+            print(f"  {key}: {value}")
+        return 0
+    from .api import compare
+    from .report import table
+
+    outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress)
+    print("\n".join(table(outcome.records)))
+    print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

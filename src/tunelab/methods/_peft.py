@@ -1,0 +1,38 @@
+"""What all peft-backed methods share: wrapping, PEFT-format save/load, the head counted as trainable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..modeling import head_param_count
+from ..registry import Method, MethodOptions, PrepareContext
+
+
+class PeftMethod(Method):
+    saves_adapter = True
+
+    def peft_config(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext):
+        raise NotImplementedError
+
+    def method_params(self, base_model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> int:
+        """Trainable parameters the method adds, not counting the classification head."""
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> nn.Module:
+        from peft import get_peft_model
+
+        # task_type SEQ_CLS makes peft train and save the classifier/score head with the adapter.
+        return get_peft_model(model, self.peft_config(model, opts, ctx))
+
+    def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions,
+                                  ctx: PrepareContext) -> int:
+        return self.method_params(base_model, opts, ctx) + head_param_count(base_model)
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+
+    def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, directory)

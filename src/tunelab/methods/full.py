@@ -1,0 +1,31 @@
+"""Full fine-tuning: every parameter is trained at one learning rate."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..registry import Method, MethodOptions, PrepareContext, register
+
+
+class WholeModelMethod(Method):
+    """Shared by methods that train and save the whole model (full, llrd)."""
+
+    def prepare(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> nn.Module:
+        model.requires_grad_(True)
+        return model
+
+    def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions,
+                                  ctx: PrepareContext) -> int:
+        return sum(p.numel() for p in base_model.parameters())
+
+    def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
+
+
+@register
+class FullFineTuning(WholeModelMethod):
+    name = "full"
+    description = "Full fine-tuning: all parameters trained at train.lr"

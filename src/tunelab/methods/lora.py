@@ -1,0 +1,77 @@
+"""LoRA through peft: low-rank updates on chosen linear layers, classification head trained in full."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import did_you_mean
+from ..modeling import HEAD_MODULE_NAMES
+from ..registry import MethodOptions, PrepareContext, register
+from ._peft import PeftMethod
+
+
+@dataclass
+class LoraOptions(MethodOptions):
+    r: int = dataclasses.field(default=8, metadata={"gt": 0})
+    alpha: float = dataclasses.field(default=16.0, metadata={"gt": 0})
+    dropout: float = dataclasses.field(default=0.1, metadata={"ge": 0, "le": 1})
+    target_modules: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "module name suffixes; default: peft's per-architecture choice"})
+    bias: str = dataclasses.field(default="none", metadata={"choices": ["none", "all", "lora_only"]})
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[0] not in HEAD_MODULE_NAMES}
+
+
+def matches(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)
+
+
+def default_targets(model: nn.Module) -> list[str] | None:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    return defaults.get(getattr(model.config, "model_type", None))
+
+
+@register
+class Lora(PeftMethod):
+    name = "lora"
+    description = "LoRA (peft): rank-r adapters on attention projections; head trained"
+    Options = LoraOptions
+    default_lr = 1e-3
+
+    def targets(self, model: nn.Module, opts: LoraOptions) -> list[str]:
+        return list(opts.target_modules or default_targets(model) or [])
+
+    def check(self, model: nn.Module, opts: LoraOptions) -> list[str]:
+        linears = linear_layers(model)
+        candidates = sorted({name.split(".")[-1] for name in linears})
+        targets = self.targets(model, opts)
+        if not targets:
+            return [f"lora.target_modules: no default for model type {model.config.model_type!r}; "
+                    f"choose from the linear layers: {', '.join(candidates)}"]
+        return [f"lora.target_modules: {t!r} matches no linear layer{did_you_mean(t, candidates)}; "
+                f"linear layers are: {', '.join(candidates)}"
+                for t in targets if not any(matches(name, t) for name in linears)]
+
+    def peft_config(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext):
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(task_type=TaskType.SEQ_CLS, r=opts.r, lora_alpha=opts.alpha,
+                          lora_dropout=opts.dropout, target_modules=self.targets(model, opts),
+                          bias=opts.bias, base_model_name_or_path=ctx.model_path)
+
+    def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
+        targets = self.targets(base_model, opts)
+        hit = {n: m for n, m in linear_layers(base_model).items() if any(matches(n, t) for t in targets)}
+        count = sum(opts.r * (m.in_features + m.out_features) for m in hit.values())
+        if opts.bias == "lora_only":
+            count += sum(m.bias.numel() for m in hit.values() if m.bias is not None)
+        elif opts.bias == "all":
+            count += sum(p.numel() for n, p in base_model.named_parameters()
+                         if n.endswith("bias") and n.split(".")[0] not in HEAD_MODULE_NAMES)
+        return count

@@ -1,0 +1,43 @@
+"""Prompt tuning through peft: trainable virtual-token embeddings prepended to the input; head trained."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..modeling import hidden_size
+from ..registry import MethodOptions, PrepareContext, register
+from ._peft import PeftMethod
+
+
+@dataclass
+class PromptTuningOptions(MethodOptions):
+    num_virtual_tokens: int = dataclasses.field(default=20, metadata={"gt": 0})
+    init: str = dataclasses.field(default="text", metadata={"choices": ["random", "text"]})
+    init_text: str = "Is this food review great or not?"
+
+
+@register
+class PromptTuning(PeftMethod):
+    name = "prompt-tuning"
+    description = "Prompt tuning (peft): trainable virtual tokens before the input; head trained"
+    Options = PromptTuningOptions
+    default_lr = 3e-2
+
+    def extra_positions(self, opts: PromptTuningOptions) -> int:
+        return opts.num_virtual_tokens
+
+    def peft_config(self, model: nn.Module, opts: PromptTuningOptions, ctx: PrepareContext):
+        from peft import PromptTuningConfig, PromptTuningInit, TaskType
+
+        text_init = opts.init == "text"
+        return PromptTuningConfig(
+            task_type=TaskType.SEQ_CLS, num_virtual_tokens=opts.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.RANDOM,
+            prompt_tuning_init_text=opts.init_text if text_init else None,
+            tokenizer_name_or_path=ctx.tokenizer_path if text_init else None,
+            base_model_name_or_path=ctx.model_path)
+
+    def method_params(self, base_model: nn.Module, opts: PromptTuningOptions, ctx: PrepareContext) -> int:
+        return opts.num_virtual_tokens * hidden_size(base_model.config)

@@ -1,0 +1,112 @@
+"""The method protocol and the registry of fine-tuning methods.
+
+A method is one module in `tunelab.methods` that subclasses `Method` and decorates it with
+`@register`. The training loop only ever talks to this protocol, so adding a method never touches
+the loop, the CLI or the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+_REGISTRY: dict[str, "Method"] = {}
+
+
+@dataclass
+class MethodOptions:
+    """Options every method has; a method's own options subclass this."""
+
+    lr: float | None = dataclasses.field(
+        default=None, metadata={"gt": 0, "help": "learning rate; default: the method's own, else train.lr"})
+
+
+@dataclass
+class PrepareContext:
+    """What a method may need to know about the job besides the model itself."""
+
+    model_path: str
+    tokenizer_path: str
+    num_labels: int
+
+
+class Method:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    # Adapter methods want much larger rates than full fine-tuning; None means use train.lr.
+    default_lr: ClassVar[float | None] = None
+    saves_adapter: ClassVar[bool] = False
+
+    def check(self, model: nn.Module, opts: MethodOptions) -> list[str]:
+        """Problems with `opts` for this model (a skeleton on the meta device is enough)."""
+        return []
+
+    def prepare(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> nn.Module:
+        """Freeze parameters or inject adapters; returns the model to train."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, opts: MethodOptions, lr: float,
+                     weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, each with a readable `name`."""
+        return decay_split(trainable_named(model), lr, weight_decay, prefix="trainable")
+
+    def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions,
+                                  ctx: PrepareContext) -> int:
+        """The method's own formula for its trainable-parameter count, from the untouched base model."""
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+
+    def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
+        """Rebuild the trained model from `directory`; `base_model` is a fresh copy of the base."""
+        raise NotImplementedError
+
+    def extra_positions(self, opts: MethodOptions) -> int:
+        """Positions the method adds to every sequence (virtual tokens), for the max_length check."""
+        return 0
+
+    def resolve_lr(self, opts: MethodOptions, train_lr: float) -> float:
+        return opts.lr or self.default_lr or train_lr
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def registry() -> dict[str, Method]:
+    from . import methods  # noqa: F401  (importing the package registers every method)
+
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    return registry()[name]
+
+
+def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases and normalisation weights are 1-D; decaying them hurts and HF Trainer skips them too.
+    return param.ndim < 2 or "norm" in name.lower()
+
+
+def decay_split(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                prefix: str) -> list[dict[str, Any]]:
+    decay = [p for n, p in named if not no_weight_decay(n, p)]
+    plain = [p for n, p in named if no_weight_decay(n, p)]
+    groups = []
+    if decay:
+        groups.append({"name": prefix, "params": decay, "lr": lr, "weight_decay": weight_decay})
+    if plain:
+        groups.append({"name": f"{prefix}.no_decay", "params": plain, "lr": lr, "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,145 @@
+"""Run each selected method the same way and write one result record per method.
+
+A method that fails or diverges is recorded with its status and error; the others still run.
+"""
+from __future__ import annotations
+
+import platform
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import ExperimentConfig
+from .job import Job
+from .modeling import load_classifier, write_json
+from .registry import PrepareContext, get_method
+from .tracking import MemoryMonitor, Tracker
+from .train.evaluate import evaluate
+from .train.loop import Diverged, LoopHooks, Trainer, total_steps
+from .train.setup import build_optimizer, build_scheduler, make_accelerator, seed_everything
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+
+    return {"tunelab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+
+
+def run_method(job: Job, name: str, out_dir: Path, show_progress: bool = True) -> dict[str, Any]:
+    cfg = job.config
+    record: dict[str, Any] = {"method": name, "status": "running", "error": None,
+                              "config": cfg.to_dict(), "seed": cfg.train.seed, "versions": library_versions()}
+    started = time.perf_counter()
+    try:
+        record.update(train_one(job, name, out_dir, show_progress))
+        record["status"] = "success"
+    except Diverged as exc:
+        record.update(status="diverged", error=str(exc), diverged_at_step=exc.step,
+                      last_finite_loss=exc.last_finite_loss)
+    except Exception as exc:  # one method's failure must not lose the others' results
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc(limit=8))
+    record["wall_time_s"] = round(time.perf_counter() - started, 2)
+    return record
+
+
+@dataclass
+class MethodSetup:
+    """A method's model and optimizer, ready for the loop."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+    lr: float
+    expected_trainable: int
+    param_groups: list[dict[str, Any]]
+    total_steps: int
+
+
+def setup_method(job: Job, name: str) -> MethodSetup:
+    cfg, method = job.config, get_method(name)
+    opts = cfg.options(name)
+    accelerator = make_accelerator(cfg.train)
+    seed_everything(cfg.train.seed)  # same seed → same head initialisation for every method
+    ctx = PrepareContext(job.model_path, job.model_path, job.num_labels)
+    base = load_classifier(job.model_path, job.num_labels, job.label_names)
+    expected = method.expected_trainable_params(base, opts, ctx)
+    model = method.prepare(base, opts, ctx)
+    lr = method.resolve_lr(opts, cfg.train.lr)
+    optimizer = build_optimizer(method.param_groups(model, opts, lr, cfg.train.weight_decay))
+    groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+               "num_params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
+    steps = total_steps(cfg.train, len(job.train))
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps)
+
+
+def train_one(job: Job, name: str, out_dir: Path, show_progress: bool) -> dict[str, Any]:
+    cfg = job.config
+    setup = setup_method(job, name)
+    model, accelerator, lr, steps = setup.model, setup.accelerator, setup.lr, setup.total_steps
+    tracker = Tracker(out_dir / "tensorboard" / name, name, steps, cfg.train.batch_size, show_progress)
+    trainer = Trainer(model, setup.optimizer, setup.scheduler, accelerator, cfg.train, job.train, job.validation,
+                      job.num_labels, LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval))
+    with MemoryMonitor(accelerator.device) as memory:
+        state = trainer.run()
+    trainer.restore_best()
+    test = None
+    if job.test is not None:
+        test = evaluate(model, job.test, cfg.train.eval_batch_size, accelerator.device, job.num_labels,
+                        accelerator.autocast)
+    artifact = save_artifact(job, name, accelerator.unwrap_model(model), out_dir / "artifacts" / name)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    train_time = max(state.train_time_s, 1e-9)
+    result = {
+        "trainable_params": trainable, "trainable_params_expected": setup.expected_trainable, "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4), "lr": lr, "param_groups": setup.param_groups,
+        "steps": state.step, "epochs_completed": round(state.step / max(trainer.steps_per_epoch(), 1), 4),
+        "stopped_early": state.stopped_early, "train_time_s": round(state.train_time_s, 2),
+        "train_samples_per_s": round(state.samples_seen / train_time, 2),
+        "train_tokens_per_s": round(state.tokens_seen / train_time, 1),
+        **memory.report(), "precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32",
+        "device": str(accelerator.device), "history": state.history, "losses": state.losses,
+        "best_val": state.best, "test": test, **artifact}
+    tracker.log_memory(state.step, result["peak_memory_mb"])
+    tracker.finish({"method": name, "lr": lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
+                    "trainable_params": trainable},
+                   {f"best_val_{k}": v for k, v in (state.best or {}).items() if k != "step"})
+    return result
+
+
+def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path) -> dict[str, Any]:
+    method = get_method(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    method.save(model, directory)
+    job.tokenizer.save_pretrained(directory)
+    write_json(directory / "tunelab.json", {
+        "method": name, "base_model": job.model_path, "labels": job.label_names,
+        "max_length": job.config.data.max_length, "format": "peft" if method.saves_adapter else "transformers",
+        "options": job.config.to_dict().get(name)})
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    return {"artifact_dir": str(directory), "artifact_size_mb": round(size / 2**20, 3),
+            "artifact_format": "peft" if method.saves_adapter else "transformers"}
+
+
+def compare(job: Job, out_dir: Path, show_progress: bool = True) -> list[dict[str, Any]]:
+    records = []
+    for name in job.config.methods:
+        records.append(run_method(job, name, out_dir, show_progress))
+    return records
+
+
+__all__ = ["compare", "run_method", "ExperimentConfig"]

@@ -1,0 +1,149 @@
+"""Turn plain dicts (from YAML and key=value overrides) into typed dataclasses, collecting every problem.
+
+Constraints live next to the field they constrain, in the dataclass field's metadata:
+`field(default=..., metadata=rule(gt=0, choices=[...]))`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+from .errors import did_you_mean, one_of
+
+
+def rule(*, gt: float | None = None, ge: float | None = None, le: float | None = None,
+         choices: list[str] | None = None, help: str = "") -> dict:
+    return {"gt": gt, "ge": ge, "le": le, "choices": choices, "help": help}
+
+
+def build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending one message per problem to `problems`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a mapping of options, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key)
+        if name not in known:
+            problems.append(f"{path}.{name}: unknown key{did_you_mean(name, known)}; "
+                            f"allowed: {one_of(known)}")
+            continue
+        fld = known[name]
+        before = len(problems)
+        converted = coerce(value, hints[name], f"{path}.{name}", problems)
+        if len(problems) == before:
+            check_rule(converted, fld.metadata, f"{path}.{name}", problems)
+        if len(problems) == before:
+            values[name] = converted
+    return cls(**values)
+
+
+def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], path, problems)
+    if origin is list:
+        return _coerce_list(value, args[0] if args else str, path, problems)
+    if hint is bool:
+        return _coerce_bool(value, path, problems)
+    if hint is int:
+        return _coerce_int(value, path, problems)
+    if hint is float:
+        return _coerce_float(value, path, problems)
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{path}: expected a string, got {value!r}")
+        return None
+    return value
+
+
+def _coerce_list(value: Any, item: Any, path: str, problems: list[str]) -> list:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        problems.append(f"{path}: expected a list (YAML list or comma-separated), got {value!r}")
+        return []
+    return [coerce(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+
+
+def _coerce_bool(value: Any, path: str, problems: list[str]) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    problems.append(f"{path}: expected true or false, got {value!r}")
+    return None
+
+
+def _coerce_int(value: Any, path: str, problems: list[str]) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", ""))
+        except ValueError:
+            pass
+    problems.append(f"{path}: expected an integer, got {value!r}")
+    return None
+
+
+def _coerce_float(value: Any, path: str, problems: list[str]) -> float | None:
+    # PyYAML reads '1e-3' (no dot) as a string, so strings are parsed here too.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return None
+    else:
+        problems.append(f"{path}: expected a number, got {value!r}")
+        return None
+    if not math.isfinite(result):
+        problems.append(f"{path}: expected a finite number, got {value!r}")
+        return None
+    return result
+
+
+def check_rule(value: Any, meta: typing.Mapping, path: str, problems: list[str]) -> None:
+    if value is None or not meta:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        problems.append(f"{path}: {value!r} is not allowed{did_you_mean(value, choices)}; "
+                        f"allowed: {one_of(choices)}")
+    if meta.get("gt") is not None and not value > meta["gt"]:
+        problems.append(f"{path}: {value!r} is not allowed; must be > {meta['gt']}")
+    if meta.get("ge") is not None and not value >= meta["ge"]:
+        problems.append(f"{path}: {value!r} is not allowed; must be >= {meta['ge']}")
+    if meta.get("le") is not None and not value <= meta["le"]:
+        problems.append(f"{path}: {value!r} is not allowed; must be <= {meta['le']}")
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj

@@ -1,0 +1,170 @@
+"""The one training loop every method goes through.
+
+It knows nothing of any particular method: it gets a model whose trainable parameters are already
+chosen and the optimizer groups the method built. Losses stay on the device between log points so the
+step never waits on a `.item()`; finiteness is checked at every flush.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..data import Encoded
+from .batches import collate, epoch_batches
+from .evaluate import evaluate
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int, last_finite_loss: float | None):
+        self.step, self.last_finite_loss = step, last_finite_loss
+        super().__init__(f"loss became non-finite at step {step} (last finite loss: {last_finite_loss})")
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    evals_without_improvement: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    train_time_s: float = 0.0
+    stopped_early: bool = False
+
+
+@dataclass
+class LoopHooks:
+    """Side effects the loop triggers; the runner decides what they do (TensorBoard, progress, files)."""
+
+    on_log: Callable[[TrainState, dict[str, float]], None] = lambda state, logs: None
+    on_eval: Callable[[TrainState, dict[str, float], bool], None] = lambda state, metrics, best: None
+    on_checkpoint: Callable[[TrainState], None] = lambda state: None
+
+
+def total_steps(cfg: TrainConfig, num_train: int) -> int:
+    per_epoch = math.ceil(num_train / cfg.batch_size)
+    steps = math.ceil(per_epoch * cfg.epochs)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def is_better(metric: str, new: float, old: float) -> bool:
+    return new < old if metric == "loss" else new > old
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer, scheduler, accelerator, cfg: TrainConfig,
+                 train_data: Encoded, val_data: Encoded, num_labels: int, hooks: LoopHooks | None = None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accelerator, self.cfg = accelerator, cfg
+        self.train_data, self.val_data, self.num_labels = train_data, val_data, num_labels
+        self.hooks = hooks or LoopHooks()
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.total_steps = total_steps(cfg, len(train_data))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def run(self, state: TrainState | None = None) -> TrainState:
+        state = state or TrainState()
+        self.model.train()
+        epochs = math.ceil(self.cfg.epochs)
+        while state.epoch < epochs and not self.finished(state):
+            batches = epoch_batches(self.train_data.lengths, self.cfg.batch_size, self.cfg.seed,
+                                    state.epoch, self.cfg.bucket_size, self.accelerator.process_index,
+                                    self.accelerator.num_processes)
+            while state.batch_in_epoch < len(batches) and not self.finished(state):
+                self.step(state, batches[state.batch_in_epoch])
+            if state.batch_in_epoch >= len(batches):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            self.flush(state)
+            if not state.history or state.history[-1]["step"] != state.step:
+                self.evaluate(state)
+            self.hooks.on_checkpoint(state)
+        return state
+
+    def finished(self, state: TrainState) -> bool:
+        return state.step >= self.total_steps or state.stopped_early
+
+    def step(self, state: TrainState, rows: np.ndarray) -> None:
+        started = time.perf_counter()
+        batch = collate(self.train_data, rows, self.accelerator.device)
+        with self.accelerator.autocast():
+            loss = self.model(**batch).loss
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batch_in_epoch += 1
+        state.samples_seen += len(rows)
+        state.tokens_seen += int(self.train_data.lengths[rows].sum())
+        self._pending.append((loss.detach(), torch.as_tensor(grad_norm).detach()))
+        state.train_time_s += time.perf_counter() - started
+        if state.step % self.cfg.log_every_steps == 0:
+            self.flush(state)
+        if self.cfg.eval_every_steps and state.step % self.cfg.eval_every_steps == 0:
+            self.evaluate(state)
+            self.hooks.on_checkpoint(state)
+
+    def flush(self, state: TrainState) -> None:
+        """Move pending losses to the host, stop on a non-finite one, report the mean."""
+        if not self._pending:
+            return
+        losses = torch.stack([l for l, _ in self._pending]).float().cpu().tolist()
+        norms = torch.stack([g for _, g in self._pending]).float().cpu().tolist()
+        self._pending.clear()
+        first_step = state.step - len(losses) + 1
+        for offset, value in enumerate(losses):
+            if not math.isfinite(value):
+                last = next((x for x in reversed(state.losses) if math.isfinite(x)), None)
+                raise Diverged(first_step + offset, last)
+            state.losses.append(value)
+        logs = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
+                "lr": self.scheduler.get_last_lr()[0]}
+        self.hooks.on_log(state, logs)
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        self.flush(state)
+        metrics = evaluate(self.model, self.val_data, self.cfg.eval_batch_size, self.accelerator.device,
+                           self.num_labels, self.accelerator.autocast)
+        recent = state.losses[-self.cfg.log_every_steps:]
+        entry = {"step": state.step, "epoch": round(state.step / max(self.steps_per_epoch(), 1), 4),
+                 "train_loss": float(np.mean(recent)) if recent else None,
+                 **{f"val_{k}": v for k, v in metrics.items()}}
+        state.history.append(entry)
+        metric = self.cfg.metric_for_best
+        improved = state.best is None or is_better(metric, metrics[metric], state.best[metric])
+        if improved:
+            state.best = {**metrics, "step": state.step}
+            state.evals_without_improvement = 0
+            self.best_weights = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                                 if p.requires_grad}
+        else:
+            state.evals_without_improvement += 1
+            patience = self.cfg.early_stopping_patience
+            state.stopped_early = bool(patience) and state.evals_without_improvement >= patience
+        self.hooks.on_eval(state, metrics, improved)
+        return metrics
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_data) / self.cfg.batch_size)
+
+    def restore_best(self) -> None:
+        if self.best_weights is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_weights.items():
+                params[name].copy_(value)

@@ -1,0 +1,79 @@
+"""Device, precision, optimizer, schedule and seeds: the parts of training set up once per method."""
+from __future__ import annotations
+
+import os
+import random
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are fast only with AMX or AVX512-BF16; elsewhere (e.g. AVX2) they are emulated and
+    run tens of times slower than fp32, so 'auto' precision must not pick them."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if resolve_device(cfg) == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    mixed = "bf16" if resolve_precision(cfg) == "bf16" else "no"
+    try:
+        return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+    except ValueError:
+        # accelerate keeps one process-wide state; a second job in the same process (a sweep, a test)
+        # with another precision has to start it afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+
+
+def build_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    params = [p for g in groups for p in g["params"]]
+    # The fused kernel updates all tensors in one pass; it needs every parameter on one floating device.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    try:
+        return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * steps)), steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny randomly initialised BERT built from a config here, and a toy labelled task."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+POSITIVE = ["good", "great", "tasty", "fresh", "lovely", "yummy"]
+NEGATIVE = ["bad", "stale", "awful", "bland", "soggy", "nasty"]
+FILLER = ["the", "food", "was", "very", "and", "box", "tea", "snack", "price", "taste", "i", "it"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+def toy_rows(n: int, seed: int = 0) -> pd.DataFrame:
+    """A learnable task: the label is whether the review holds a positive or a negative word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 14))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": "pos" if label else "neg"})
+    return pd.DataFrame(rows)
+
+
+def build_tiny_bert(folder: Path, layers: int = 2) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, initializer_range=0.3)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)  # a base model: only the classifier head will be new
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("toy-data")
+    paths = {}
+    for split, n, seed in (("train", 160, 1), ("validation", 40, 2), ("test", 40, 3)):
+        paths[split] = folder / f"{split}.csv"
+        toy_rows(n, seed).to_csv(paths[split], index=False)
+    return paths
+
+
+@pytest.fixture
+def tiny_overrides(tiny_bert, toy_data) -> list[str]:
+    """Overrides that point tunelab at the tiny model and toy data, small enough to run in seconds."""
+    return [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
+            f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
+            "data.max_length=32", "train.batch_size=8", "train.eval_every_steps=10", "train.epochs=1"]

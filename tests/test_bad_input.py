@@ -1,0 +1,169 @@
+"""The bad-input corpus: each case exits 2 with one clear line naming the field/file/value, no traceback,
+and nothing written."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tunelab.cli import main
+
+from conftest import toy_rows
+
+
+def write(path: Path, content) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, pd.DataFrame):
+        content.to_csv(path, index=False)
+    else:
+        path.write_text(content)
+    return path
+
+
+HEADER_ONLY = "text,label\n"
+
+
+# name → (function(tmp_path, tiny_bert, base_overrides) → (argv items), expected fragments of the message)
+def case_yaml_syntax(tmp, bert, base):
+    return [str(write(tmp / "c.yaml", "train:\n  lr: [1, 2\n")), *base], ["not valid YAML at line"]
+
+
+def case_config_missing(tmp, bert, base):
+    return [str(tmp / "nope.yaml"), *base], ["config: file", "does not exist"]
+
+
+def case_config_not_mapping(tmp, bert, base):
+    return [str(write(tmp / "c.yaml", "- a\n- b\n")), *base], ["must hold a mapping"]
+
+
+CASES = {
+    "yaml syntax error": case_yaml_syntax,
+    "config file missing": case_config_missing,
+    "config is a list": case_config_not_mapping,
+    "unknown key": lambda t, b, base: ([*base, "train.learning_rate=1"], ["train.learning_rate: unknown key", "'lr'"]),
+    "unknown section": lambda t, b, base: ([*base, "optimiser.lr=1"], ["optimiser: unknown key"]),
+    "wrong type": lambda t, b, base: ([*base, "train.epochs=many"], ["train.epochs: expected a number, got 'many'"]),
+    "zero epochs": lambda t, b, base: ([*base, "train.epochs=0"], ["train.epochs: 0.0 is not allowed; must be > 0"]),
+    "negative lr": lambda t, b, base: ([*base, "train.lr=-0.1"], ["train.lr: -0.1 is not allowed; must be > 0"]),
+    "zero max_length": lambda t, b, base: ([*base, "data.max_length=0"], ["data.max_length: 0 is not allowed"]),
+    "negative eval samples": lambda t, b, base: ([*base, "data.max_eval_samples=-5"], ["data.max_eval_samples"]),
+    "llrd decay above one": lambda t, b, base: ([*base, "llrd.decay=1.5"], ["llrd.decay: 1.5 is not allowed; must be <= 1"]),
+    "unknown method": lambda t, b, base: ([*base, "methods=full,lroa"], ["unknown method 'lroa' (did you mean 'lora'?)"]),
+    "duplicated method": lambda t, b, base: ([*base, "methods=full,full"], ["'full' is listed twice"]),
+    "lora targets match nothing": lambda t, b, base: (
+        [*base, "methods=lora", "lora.target_modules=qv_proj"], ["lora.target_modules: 'qv_proj' matches no", "query"]),
+    "model path missing": lambda t, b, base: ([*base, f"model.name_or_path={t}/no-model"], ["model.name_or_path", "no-model"]),
+    "model path is not a model": lambda t, b, base: ([*base, f"model.name_or_path={t}"], ["without config.json"]),
+    "tokenizer missing": lambda t, b, base: ([*base, f"model.name_or_path={no_tokenizer(t, b)}"], ["no tokenizer"]),
+    "model weights missing": lambda t, b, base: ([*base, f"model.name_or_path={no_weights(t, b)}"], ["no weight files"]),
+    "data file missing": lambda t, b, base: ([*base, f"data.train_file={t}/missing.csv"], ["data.train_file", "does not exist"]),
+    "data file empty": lambda t, b, base: ([*base, f"data.train_file={write(t / 'e.csv', '')}"], ["data.train_file", "is empty"]),
+    "header only": lambda t, b, base: ([*base, "data.train_file=" + str(write(t / "h.csv", HEADER_ONLY))], ["has no rows"]),
+    "wrong extension": lambda t, b, base: ([*base, f"data.train_file={write(t / 'd.txt', 'x')}"], ["extension '.txt'", ".csv"]),
+    "undecodable bytes": lambda t, b, base: (
+        [*base, f"data.train_file={write(t / 'b.csv', b'text,label' + bytes([10, 0xFF, 0xFE]) + b',1' + bytes([10]))}"],
+        ["not UTF-8"]),
+    "missing text column": lambda t, b, base: ([*base, "data.text_column=review"], ["data.text_column: column 'review'", "text, label"]),
+    "missing label column": lambda t, b, base: ([*base, "data.label_column=stars"], ["data.label_column: column 'stars'"]),
+    "unseen validation labels": lambda t, b, base: (
+        [*base, f"data.validation_file={write(t / 'v.csv', relabel(toy_rows(20), 'meh'))}"], ["data.validation_file", "'meh'"]),
+    "one class only": lambda t, b, base: (
+        [*base, f"data.train_file={write(t / 'o.csv', relabel(toy_rows(20), 'pos'))}"], ["one class only"]),
+    "empty texts": lambda t, b, base: (
+        [*base, f"data.train_file={write(t / 'x.csv', blank_texts(toy_rows(20)))}"], ["rows have an empty 'text'"]),
+    "max_length beyond the model": lambda t, b, base: ([*base, "data.max_length=100"], ["data.max_length: 100", "1..64"]),
+    "virtual tokens beyond the model": lambda t, b, base: (
+        [*base, "data.max_length=60", "methods=prompt-tuning", "prompt-tuning.num_virtual_tokens=10"], ["lower data.max_length to 54"]),
+    "batch larger than data": lambda t, b, base: ([*base, "train.batch_size=1000"], ["train.batch_size: 1000 is larger"]),
+}
+
+
+def relabel(frame, label):
+    frame["label"] = label
+    return frame
+
+
+def blank_texts(frame):
+    frame.loc[3, "text"] = "   "
+    return frame
+
+
+def no_tokenizer(tmp: Path, bert: Path) -> Path:
+    folder = tmp / "no-tok"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(bert / name, folder / name)
+    return folder
+
+
+def no_weights(tmp: Path, bert: Path) -> Path:
+    folder = tmp / "no-weights"
+    shutil.copytree(bert, folder)
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+@pytest.fixture
+def base_args(tiny_bert, toy_data):
+    return [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}", "data.max_length=32",
+            "train.batch_size=8"]
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_with_a_clear_message(case, tmp_path, tiny_bert, base_args, capsys):
+    items, fragments = CASES[case](tmp_path, tiny_bert, base_args)
+    out_dir = tmp_path / "out"
+    code = main(["compare", *items, "--output", str(out_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in:\n{err}"
+    assert all(line.startswith("error: ") for line in err.strip().splitlines())
+    assert not out_dir.exists()
+
+
+def test_csv_with_embedded_newlines_and_quotes_loads(tmp_path, tiny_bert):
+    frame = toy_rows(40)
+    frame.loc[0, "text"] = 'a "quoted" good\nreview, with a comma'
+    frame.loc[1, "text"] = "line one\nline two bad"
+    path = write(tmp_path / "q.csv", frame)
+    from tunelab import validate
+
+    job = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={path}", "data.max_length=32",
+                          "train.batch_size=4"])
+    assert len(job.train) + len(job.validation) == 40
+    assert 'a "quoted" good\nreview, with a comma' in set(job.splits.train.text) | set(job.splits.validation.text)
+
+
+def test_non_empty_output_is_refused_without_overwrite(tmp_path, base_args, capsys):
+    (tmp_path / "keep.txt").write_text("x")
+    assert main(["compare", *base_args, "--output", str(tmp_path), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_several_problems_are_reported_together(base_args, tmp_path, capsys):
+    # config problems all together first; once the config is sound, model and data problems all together
+    code = main(["validate", *base_args, "train.lr=0", "methods=ful", "train.epochs=x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error: ") == 3
+    code = main(["validate", *base_args, f"data.train_file={tmp_path}/x.csv", "data.max_length=1000",
+                 "methods=lora", "lora.target_modules=nothing"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error: ") == 3, err
+
+
+def test_process_exit_code_and_no_traceback_from_the_real_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tunelab.cli", "validate", "methods=prompt_tuning"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "did you mean 'prompt-tuning'" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,89 @@
+"""End to end with the packaged model and data, through the real command, on a small subset."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["data.max_train_samples=48", "data.max_eval_samples=40", "data.max_length=64", "train.batch_size=8",
+         "train.max_steps=3", "train.eval_every_steps=2", "train.log_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "exp"
+    result = subprocess.run([sys.executable, "-m", "tunelab.cli", "compare", *SMALL, "--output", str(out),
+                             "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_results_json_has_a_full_record_per_method(experiment):
+    out, _ = experiment
+    records = json.loads((out / "results.json").read_text())["methods"]
+    assert [r["method"] for r in records] == ["full", "llrd", "lora", "prompt-tuning"]
+    for r in records:
+        assert r["status"] == "success", r.get("error")
+        for key in ("trainable_params", "total_params", "peak_memory_mb", "train_time_s", "train_samples_per_s",
+                    "train_tokens_per_s", "param_groups", "history", "best_val", "test", "artifact_dir",
+                    "artifact_size_mb", "config", "versions"):
+            assert r[key] not in (None, []), key
+        assert r["trainable_params"] == r["trainable_params_expected"]
+        assert set(r["best_val"]) >= {"accuracy", "f1_macro", "loss", "step"}
+        assert [h["step"] for h in r["history"]] == [2, 3]
+        assert len(r["losses"]) == 3
+    llrd = next(r for r in records if r["method"] == "llrd")
+    lrs = {g["name"]: g["lr"] for g in llrd["param_groups"]}
+    assert lrs["head"] == pytest.approx(5e-5) and lrs["embeddings"] == pytest.approx(5e-5 * 0.9 ** 7)
+
+
+def test_csv_report_and_tensorboard_runs(experiment):
+    out, result = experiment
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 5
+    report = (out / "report.md").read_text()
+    assert "| prompt-tuning | success |" in report and "Majority-class baseline" in report
+    assert (out / "plots" / "accuracy_vs_params.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for method in ("full", "llrd", "lora", "prompt-tuning"):
+        events = EventAccumulator(str(out / "tensorboard" / method))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "system/peak_memory_mb"} <= tags
+    assert "| full | success |" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning"])
+def test_saved_adapter_reloads_with_peft_to_the_same_predictions(experiment, method):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab import validate
+    from tunelab.train.evaluate import evaluate
+
+    out, _ = experiment
+    record = next(r for r in json.loads((out / "results.json").read_text())["methods"] if r["method"] == method)
+    meta = json.loads((out / "artifacts" / method / "tunelab.json").read_text())
+    torch.manual_seed(999)  # the head must come from the adapter folder, not from this initialisation
+    base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=len(meta["labels"]))
+    model = PeftModel.from_pretrained(base, out / "artifacts" / method)
+    job = validate(None, SMALL)
+    metrics = evaluate(model, job.test, 64, torch.device("cpu"), job.num_labels)
+    assert metrics["accuracy"] == record["test"]["accuracy"]
+    assert metrics["loss"] == pytest.approx(record["test"]["loss"], abs=1e-6)
+
+
+def test_full_model_artifact_reloads_with_transformers(experiment):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _ = experiment
+    folder = out / "artifacts" / "full"
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.id2label == {0: "great", 1: "other"}
+    assert model(**tokenizer(["tasty"], return_tensors="pt")).logits.shape == (1, 2)

@@ -1,0 +1,107 @@
+"""Config loading: YAML + overrides → typed config; every problem reported at once."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tunelab.config import apply_override, load_config
+from tunelab.errors import TunelabInputError
+
+
+def problems_of(overrides, path=None):
+    with pytest.raises(TunelabInputError) as info:
+        load_config(path, overrides)
+    return info.value.problems
+
+
+def test_packaged_default_loads_with_all_four_methods():
+    cfg = load_config()
+    assert cfg.methods == ["full", "llrd", "lora", "prompt-tuning"]
+    assert cfg.options("llrd").decay == 0.9 and cfg.options("lora").r == 8
+
+
+def test_overrides_are_typed_and_reach_every_section():
+    cfg = load_config(None, ["train.lr=1e-3", "train.epochs=2", "methods=lora,full", "lora.r=16",
+                             "lora.target_modules=query,key", "prompt-tuning.num_virtual_tokens=7",
+                             "llrd.lr=2e-4", "data.max_length=64", "train.seed=7"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)  # '1e-3' is a string to PyYAML
+    assert cfg.train.epochs == 2.0 and cfg.methods == ["lora", "full"]
+    assert cfg.options("lora").r == 16 and cfg.options("lora").target_modules == ["query", "key"]
+    assert cfg.options("prompt-tuning").num_virtual_tokens == 7
+    assert cfg.options("llrd").lr == 2e-4 and cfg.data.max_length == 64 and cfg.train.seed == 7
+
+
+def test_method_lr_resolution_prefers_explicit_then_method_default_then_train_lr():
+    from tunelab.registry import get_method
+
+    cfg = load_config(None, ["train.lr=1e-4", "lora.lr=5e-3"])
+    assert get_method("lora").resolve_lr(cfg.options("lora"), cfg.train.lr) == 5e-3
+    assert get_method("prompt-tuning").resolve_lr(cfg.options("prompt-tuning"), cfg.train.lr) == 3e-2
+    assert get_method("full").resolve_lr(cfg.options("full"), cfg.train.lr) == 1e-4
+
+
+def test_all_problems_are_reported_at_once_with_field_value_and_allowed():
+    problems = problems_of(["train.lr=-1", "train.epocs=2", "methods=full,lorra", "train.batch_size=abc",
+                            "lora.bias=some"])
+    text = "\n".join(problems)
+    assert len(problems) == 5
+    assert "train.lr: -1.0 is not allowed; must be > 0" in text
+    assert "train.epocs: unknown key (did you mean 'epochs'?)" in text
+    assert "unknown method 'lorra' (did you mean 'lora'?)" in text
+    assert "train.batch_size: expected an integer, got 'abc'" in text
+    assert "lora.bias: 'some' is not allowed" in text and "'lora_only'" in text
+
+
+def test_unknown_top_level_section_gets_a_suggestion():
+    assert problems_of(["trian.lr=1"])[0].startswith("trian: unknown key (did you mean 'train'?)")
+
+
+def test_duplicated_method_is_an_error():
+    assert any("'lora' is listed twice" in p for p in problems_of(["methods=lora,full,lora"]))
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: [1, 2\n")
+    assert "not valid YAML at line" in problems_of([], path)[0]
+
+
+def test_override_without_equals_is_explained():
+    assert "expected key=value" in problems_of(["train.lr"])[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=40), max_size=5))
+def test_random_overrides_never_crash(items):
+    try:
+        load_config(None, items)
+    except TunelabInputError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=10))
+trees = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                      st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                     max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["model", "data", "train", "methods", "lora", "llrd", "x"]), trees,
+                       max_size=5))
+def test_random_yaml_documents_never_crash(tmp_path_factory, document):
+    import yaml
+
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_config(path)
+    except TunelabInputError as exc:
+        assert exc.problems
+
+
+def test_apply_override_refuses_to_descend_into_a_value():
+    raw = {"train": 3}
+    problems: list[str] = []
+    apply_override(raw, "train.lr=1", problems)
+    assert problems and "is a value, not a section" in problems[0]

@@ -1,0 +1,53 @@
+"""LLRD: every parameter's optimizer learning rate is lr * decay^(distance of its layer from the head)."""
+from __future__ import annotations
+
+import pytest
+
+from tunelab.config import load_config
+from tunelab.job import prepare_job
+from tunelab.methods.llrd import layer_depths
+from tunelab.runner import setup_method
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9])
+def test_group_learning_rates_follow_depth(decay, tiny_overrides):
+    lr = 1e-3
+    job = prepare_job(load_config(None, [*tiny_overrides, "methods=llrd", f"llrd.decay={decay}",
+                                         f"llrd.lr={lr}"]))
+    setup = setup_method(job, "llrd")
+    model = setup.accelerator.unwrap_model(setup.model)
+    lr_of = {id(p): g["initial_lr"] for g in setup.optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    expected = {
+        "classifier.weight": lr,                                  # head: the base rate
+        "bert.pooler.dense.weight": lr,                           # after the blocks: trained with the head
+        "bert.encoder.layer.1.attention.self.query.weight": lr * decay,       # top block
+        "bert.encoder.layer.0.output.dense.weight": lr * decay ** 2,
+        "bert.encoder.layer.0.output.LayerNorm.bias": lr * decay ** 2,
+        "bert.embeddings.word_embeddings.weight": lr * decay ** 3,          # embeddings lowest
+    }
+    for name, want in expected.items():
+        assert lr_of[id(names[name])] == pytest.approx(want, rel=1e-12), name
+    assert len(lr_of) == len(names)  # every parameter is in exactly one group
+    recorded = {g["name"]: g["lr"] for g in setup.param_groups}
+    assert recorded["embeddings"] == pytest.approx(lr * decay ** 3) and recorded["head"] == lr
+
+
+def test_no_decay_for_biases_and_norms(tiny_overrides):
+    job = prepare_job(load_config(None, [*tiny_overrides, "methods=llrd"]))
+    setup = setup_method(job, "llrd")
+    for group in setup.optimizer.param_groups:
+        assert (group["weight_decay"] == 0) == group["name"].endswith("no_decay")
+
+
+def test_layer_discovery_is_generic_for_decoder_models():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=3, num_attention_heads=2,
+                                                       num_key_value_heads=2, num_labels=2))
+    depths, blocks = layer_depths(model)
+    assert blocks == 3
+    assert depths["model.embed_tokens.weight"] == 0
+    assert depths["model.layers.2.mlp.up_proj.weight"] == 3
+    assert depths["model.norm.weight"] == 4 and depths["score.weight"] == 4

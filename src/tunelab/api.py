@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ExperimentConfig, load_config
 from .errors import TunelabInputError
+from .experiment import RUN_FILE, ExperimentLock, finished_records, saved_config, write_run_file
 from .job import Job, prepare_job
 
 
@@ -52,17 +54,48 @@ def default_output_dir() -> Path:
     return Path("runs") / dt.datetime.now().strftime("compare-%Y%m%d-%H%M%S")
 
 
+class CompareInterrupted(Exception):
+    """Ctrl-C: the running method checkpointed; partial results and report were written."""
+
+    exit_code = 130
+
+
+def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change: bool) -> ExperimentConfig:
+    saved, saved_hash = saved_config(out_dir)
+    if config is None and not overrides:
+        return saved
+    cfg = resolve(config, overrides)
+    if cfg.fingerprint() != saved_hash and not allow_change:
+        changed = sorted(k for k, v in cfg.to_dict().items() if saved.to_dict().get(k) != v)
+        raise TunelabInputError([f"--resume: the config differs from the one {str(out_dir)!r} was started with "
+                                 f"(sections: {', '.join(changed)}); pass --allow-config-change to continue anyway"])
+    return cfg
+
+
+def clear_outputs(out_dir: Path) -> None:
+    for name in ("results.json", "results.csv", "report.md", RUN_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "artifacts", "tensorboard", "plots"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
 def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
-            output_dir: str | Path | None = None, overwrite: bool = False,
-            show_progress: bool = True) -> CompareOutcome:
-    """Train every configured method on the same data, evaluate, and write results and report."""
+            output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
+            resume: bool = False, allow_config_change: bool = False) -> CompareOutcome:
+    """Train every configured method on the same data, evaluate, and write results and report.
+
+    With `resume`, methods finished in `output_dir` are kept and unfinished ones continue from their
+    latest complete checkpoint.
+    """
     from .report import write_report
     from .results import write_results
     from .runner import run_method
 
-    cfg = resolve(config, overrides)
     out_dir = Path(output_dir) if output_dir else default_output_dir()
-    problems = output_problems(out_dir, overwrite)
+    if resume:
+        cfg, problems = resume_config(out_dir, config, overrides, allow_config_change), []
+    else:
+        cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
     try:
         job = prepare_job(cfg)
     except TunelabInputError as exc:
@@ -70,8 +103,17 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     if problems:
         raise TunelabInputError(problems)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    for name in cfg.methods:
-        records.append(run_method(job, name, out_dir, show_progress))
-        payload = write_results(out_dir, records, job.summary())  # after each method: a crash keeps the rest
-    return CompareOutcome(out_dir, records, write_report(out_dir, payload))
+    with ExperimentLock(out_dir):
+        if not resume:
+            clear_outputs(out_dir)
+        write_run_file(out_dir, cfg)
+        done = finished_records(out_dir) if resume else {}
+        records: list[dict[str, Any]] = []
+        for name in cfg.methods:
+            records.append(done.get(name) or run_method(job, name, out_dir, show_progress, resume))
+            payload = write_results(out_dir, records, job.summary())  # after each method: a crash keeps the rest
+            if records[-1]["status"] == "interrupted":
+                write_report(out_dir, payload)
+                raise CompareInterrupted(f"interrupted during {name}; partial results in {out_dir}; "
+                                         f"continue with: tunelab compare --resume --output {out_dir}")
+        return CompareOutcome(out_dir, records, write_report(out_dir, payload))

@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--output", "-o", help="experiment folder (default: runs/compare-<time>)")
             cmd.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
             cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
+            cmd.add_argument("--resume", action="store_true",
+                             help="continue the experiment in --output: finished methods are kept, "
+                                  "unfinished ones continue from their latest checkpoint")
+            cmd.add_argument("--allow-config-change", action="store_true",
+                             help="with --resume: accept a config that differs from the saved one")
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods"])
     report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
@@ -48,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # CompareInterrupted, without importing the heavy API just to name it
+        if getattr(exc, "exit_code", None) == 130:
+            print(f"stopped: {exc}", file=sys.stderr)
+            return 130
+        raise
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -75,7 +85,10 @@ def dispatch(args: argparse.Namespace) -> int:
     from .api import compare
     from .report import table
 
-    outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress)
+    if args.resume and not args.output:
+        raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
+    outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress,
+                      resume=args.resume, allow_config_change=args.allow_config_change)
     print("\n".join(table(outcome.records)))
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code

@@ -57,6 +57,8 @@ class TrainConfig:
     metric_for_best: str = field(default="accuracy", metadata={"choices": ["accuracy", "f1_macro", "loss"]})
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+    checkpoint_every_steps: int = field(default=50, metadata={"ge": 0, "help": "0: only at epoch end"})
+    keep_checkpoints: int = field(default=1, metadata={"ge": 1, "help": "step checkpoints kept (plus the best)"})
     bucket_size: int = field(default=64, metadata={"ge": 1, "help": "batches per length bucket; 1 = no bucketing"})
     threads: int | None = field(default=None, metadata={"gt": 0})
 
@@ -73,6 +75,11 @@ class ExperimentConfig:
     method_options: dict[str, MethodOptions] = field(default_factory=dict)
 
     def options(self, method: str) -> MethodOptions:
+        """The method's options: from the config, else the method's defaults."""
+        if method not in self.method_options:
+            from .registry import get_method
+
+            return get_method(method).Options()
         return self.method_options[method]
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,8 +23,12 @@ HEAD_MODULE_NAMES = ("classifier", "score")
 
 
 def quiet_transformers() -> None:
+    import warnings
+
     import transformers
 
+    # peft 0.21 calls a transformers 5 method that warns on every wrap; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

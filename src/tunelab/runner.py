@@ -4,7 +4,11 @@ A method that fails or diverges is recorded with its status and error; the other
 """
 from __future__ import annotations
 
+import contextlib
 import platform
+import signal
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -20,7 +24,9 @@ from .modeling import load_classifier, write_json
 from .registry import PrepareContext, get_method
 from .tracking import MemoryMonitor, Tracker
 from .train.evaluate import evaluate
-from .train.loop import Diverged, LoopHooks, Trainer, total_steps
+from .train import faults
+from .train.checkpoint import Checkpointer
+from .train.loop import Diverged, Interrupted, LoopHooks, Trainer, TrainState, total_steps
 from .train.setup import build_optimizer, build_scheduler, make_accelerator, seed_everything
 
 
@@ -35,14 +41,18 @@ def library_versions() -> dict[str, str]:
             "accelerate": accelerate.__version__, "datasets": datasets.__version__}
 
 
-def run_method(job: Job, name: str, out_dir: Path, show_progress: bool = True) -> dict[str, Any]:
+def run_method(job: Job, name: str, out_dir: Path, show_progress: bool = True,
+               resume: bool = False) -> dict[str, Any]:
     cfg = job.config
     record: dict[str, Any] = {"method": name, "status": "running", "error": None,
                               "config": cfg.to_dict(), "seed": cfg.train.seed, "versions": library_versions()}
     started = time.perf_counter()
+    faults.current_method = name
     try:
-        record.update(train_one(job, name, out_dir, show_progress))
+        record.update(train_one(job, name, out_dir, show_progress, resume))
         record["status"] = "success"
+    except Interrupted as exc:
+        record.update(status="interrupted", error=f"{exc}; continue with --resume")
     except Diverged as exc:
         record.update(status="diverged", error=str(exc), diverged_at_step=exc.step,
                       last_finite_loss=exc.last_finite_loss)
@@ -86,15 +96,26 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps)
 
 
-def train_one(job: Job, name: str, out_dir: Path, show_progress: bool) -> dict[str, Any]:
+def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool) -> dict[str, Any]:
     cfg = job.config
     setup = setup_method(job, name)
     model, accelerator, lr, steps = setup.model, setup.accelerator, setup.lr, setup.total_steps
-    tracker = Tracker(out_dir / "tensorboard" / name, name, steps, cfg.train.batch_size, show_progress)
-    trainer = Trainer(model, setup.optimizer, setup.scheduler, accelerator, cfg.train, job.train, job.validation,
-                      job.num_labels, LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval))
-    with MemoryMonitor(accelerator.device) as memory:
-        state = trainer.run()
+    checkpointer = Checkpointer(out_dir / "checkpoints" / name, cfg.fingerprint(), cfg.train.keep_checkpoints)
+    state, latest = TrainState(), checkpointer.latest() if resume else None
+    if latest is not None:
+        state = checkpointer.restore(latest, model, setup.optimizer, setup.scheduler)
+    tracker = Tracker(out_dir / "tensorboard" / name, name, steps, cfg.train.batch_size, show_progress,
+                      start_step=state.step, start_time_s=state.train_time_s)
+    with graceful_interrupt() as stop_requested, MemoryMonitor(accelerator.device) as memory:
+        hooks = LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval, stop_requested=stop_requested)
+        trainer = Trainer(model, setup.optimizer, setup.scheduler, accelerator, cfg.train, job.train,
+                          job.validation, job.num_labels, hooks, checkpointer)
+        if latest is not None:
+            trainer.best_weights = checkpointer.best_weights()
+        try:
+            state = trainer.run(state)
+        finally:
+            tracker.close()
     trainer.restore_best()
     test = None
     if job.test is not None:
@@ -114,11 +135,31 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool) -> dict[s
         **memory.report(), "precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32",
         "device": str(accelerator.device), "history": state.history, "losses": state.losses,
         "best_val": state.best, "test": test, **artifact}
-    tracker.log_memory(state.step, result["peak_memory_mb"])
-    tracker.finish({"method": name, "lr": lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
+    tracker.finish(result["peak_memory_mb"], state.step, {"method": name, "lr": lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
                     "trainable_params": trainable},
                    {f"best_val_{k}": v for k, v in (state.best or {}).items() if k != "step"})
     return result
+
+
+@contextlib.contextmanager
+def graceful_interrupt():
+    """The first Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        print("\nstopping after this step (checkpoint + partial results); Ctrl-C again to abort", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path) -> dict[str, Any]:

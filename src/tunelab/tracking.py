@@ -65,16 +65,18 @@ class MemoryMonitor:
 class Tracker:
     """TensorBoard events under DIR/tensorboard/<method> so `tensorboard --logdir DIR` overlays methods."""
 
-    def __init__(self, log_dir: Path, method: str, total_steps: int, batch_size: int, show_progress: bool):
+    def __init__(self, log_dir: Path, method: str, total_steps: int, batch_size: int, show_progress: bool,
+                 start_step: int = 0, start_time_s: float = 0.0):
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-        self.bar = tqdm(total=total_steps, desc=f"{method:>14}", unit="step", disable=not show_progress,
-                        dynamic_ncols=True, leave=True)
+        # On resume, purge_step drops events logged after the checkpoint by the run that crashed.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step or None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=f"{method:>14}", unit="step",
+                        disable=not show_progress, dynamic_ncols=True, leave=True)
         self.batch_size = batch_size
-        self._last_step = 0
-        self._last_time = 0.0
+        self._last_step = start_step
+        self._last_time = start_time_s
 
     def on_log(self, state: TrainState, logs: dict[str, float]) -> None:
         steps = state.step - self._last_step
@@ -91,12 +93,13 @@ class Tracker:
         for key, value in metrics.items():
             self.writer.add_scalar(f"eval/{key}", value, state.step)
 
-    def log_memory(self, step: int, peak_mb: float) -> None:
-        self.writer.add_scalar("system/peak_memory_mb", peak_mb, step)
+    def close(self) -> None:
+        self.writer.flush()
+        self.bar.close()
 
-    def finish(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
+    def finish(self, peak_mb: float, step: int, hparams: dict[str, Any], final: dict[str, float]) -> None:
+        self.writer.add_scalar("system/peak_memory_mb", peak_mb, step)
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
         metrics = {f"hparam/{k}": v for k, v in final.items() if isinstance(v, (int, float))}
         self.writer.add_hparams(clean, metrics, run_name=".")  # "." keeps hparams in the method's own run
         self.writer.close()
-        self.bar.close()

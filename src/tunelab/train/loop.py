@@ -19,6 +19,12 @@ from ..config import TrainConfig
 from ..data import Encoded
 from .batches import collate, epoch_batches
 from .evaluate import evaluate
+from .faults import fault_point
+from .weights import load_weights, trainable_state
+
+
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C) after a checkpoint was written."""
 
 
 class Diverged(RuntimeError):
@@ -50,13 +56,12 @@ class LoopHooks:
 
     on_log: Callable[[TrainState, dict[str, float]], None] = lambda state, logs: None
     on_eval: Callable[[TrainState, dict[str, float], bool], None] = lambda state, metrics, best: None
-    on_checkpoint: Callable[[TrainState], None] = lambda state: None
+    stop_requested: Callable[[], bool] = lambda: False
 
 
 def total_steps(cfg: TrainConfig, num_train: int) -> int:
-    per_epoch = math.ceil(num_train / cfg.batch_size)
-    steps = math.ceil(per_epoch * cfg.epochs)
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+    """train.max_steps, when set, wins over train.epochs (as in transformers' Trainer)."""
+    return cfg.max_steps or math.ceil(math.ceil(num_train / cfg.batch_size) * cfg.epochs)
 
 
 def is_better(metric: str, new: float, old: float) -> bool:
@@ -65,21 +70,24 @@ def is_better(metric: str, new: float, old: float) -> bool:
 
 class Trainer:
     def __init__(self, model: nn.Module, optimizer, scheduler, accelerator, cfg: TrainConfig,
-                 train_data: Encoded, val_data: Encoded, num_labels: int, hooks: LoopHooks | None = None):
+                 train_data: Encoded, val_data: Encoded, num_labels: int, hooks: LoopHooks | None = None,
+                 checkpointer=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accelerator, self.cfg = accelerator, cfg
         self.train_data, self.val_data, self.num_labels = train_data, val_data, num_labels
         self.hooks = hooks or LoopHooks()
+        self.checkpointer = checkpointer
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.total_steps = total_steps(cfg, len(train_data))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._segment_start = time.perf_counter()
 
     def run(self, state: TrainState | None = None) -> TrainState:
         state = state or TrainState()
         self.model.train()
-        epochs = math.ceil(self.cfg.epochs)
-        while state.epoch < epochs and not self.finished(state):
+        self._segment_start = time.perf_counter()
+        while not self.finished(state):
             batches = epoch_batches(self.train_data.lengths, self.cfg.batch_size, self.cfg.seed,
                                     state.epoch, self.cfg.bucket_size, self.accelerator.process_index,
                                     self.accelerator.num_processes)
@@ -87,17 +95,15 @@ class Trainer:
                 self.step(state, batches[state.batch_in_epoch])
             if state.batch_in_epoch >= len(batches):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            self.flush(state)
             if not state.history or state.history[-1]["step"] != state.step:
                 self.evaluate(state)
-            self.hooks.on_checkpoint(state)
+            self.checkpoint(state)
         return state
 
     def finished(self, state: TrainState) -> bool:
         return state.step >= self.total_steps or state.stopped_early
 
     def step(self, state: TrainState, rows: np.ndarray) -> None:
-        started = time.perf_counter()
         batch = collate(self.train_data, rows, self.accelerator.device)
         with self.accelerator.autocast():
             loss = self.model(**batch).loss
@@ -111,15 +117,35 @@ class Trainer:
         state.samples_seen += len(rows)
         state.tokens_seen += int(self.train_data.lengths[rows].sum())
         self._pending.append((loss.detach(), torch.as_tensor(grad_norm).detach()))
-        state.train_time_s += time.perf_counter() - started
         if state.step % self.cfg.log_every_steps == 0:
             self.flush(state)
         if self.cfg.eval_every_steps and state.step % self.cfg.eval_every_steps == 0:
             self.evaluate(state)
-            self.hooks.on_checkpoint(state)
+        if self.cfg.checkpoint_every_steps and state.step % self.cfg.checkpoint_every_steps == 0:
+            self.checkpoint(state)
+        fault_point(f"step={state.step}")
+        if self.hooks.stop_requested():
+            self.checkpoint(state)
+            raise Interrupted(f"stopped at step {state.step}")
+
+    def checkpoint(self, state: TrainState) -> None:
+        self.flush(state)
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.model, self.optimizer, self.scheduler, state)
+            self._segment_start = time.perf_counter()  # writing checkpoints is not training time
+
+    def clock(self, state: TrainState) -> None:
+        """Add the time since the last clock point to the training time. Called only where the host waits
+        for the device anyway (flush), so the step itself never synchronises."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        now = time.perf_counter()
+        state.train_time_s += now - self._segment_start
+        self._segment_start = now
 
     def flush(self, state: TrainState) -> None:
         """Move pending losses to the host, stop on a non-finite one, report the mean."""
+        self.clock(state)
         if not self._pending:
             return
         losses = torch.stack([l for l, _ in self._pending]).float().cpu().tolist()
@@ -149,22 +175,20 @@ class Trainer:
         if improved:
             state.best = {**metrics, "step": state.step}
             state.evals_without_improvement = 0
-            self.best_weights = {n: p.detach().clone() for n, p in self.model.named_parameters()
-                                 if p.requires_grad}
+            self.best_weights = trainable_state(self.model)
+            if self.checkpointer is not None:
+                self.checkpointer.save_best(self.best_weights, state)
         else:
             state.evals_without_improvement += 1
             patience = self.cfg.early_stopping_patience
             state.stopped_early = bool(patience) and state.evals_without_improvement >= patience
         self.hooks.on_eval(state, metrics, improved)
+        self._segment_start = time.perf_counter()  # evaluation is not training time
         return metrics
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train_data) / self.cfg.batch_size)
 
     def restore_best(self) -> None:
-        if self.best_weights is None:
-            return
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.best_weights.items():
-                params[name].copy_(value)
+        if self.best_weights is not None:
+            load_weights(self.model, self.best_weights)

@@ -1,6 +1,7 @@
 """Device, precision, optimizer, schedule and seeds: the parts of training set up once per method."""
 from __future__ import annotations
 
+import math
 import os
 import random
 from functools import lru_cache
@@ -69,7 +70,8 @@ def build_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
     from transformers import get_linear_schedule_with_warmup
 
-    return get_linear_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * steps)), steps)
+    # ceil, as transformers' Trainer rounds warmup_ratio * steps, so both take the same schedule
+    return get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * steps), steps)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,216 @@
+"""tunelab's training loop against transformers' Trainer, on the same job, method by method.
+
+    python benchmarks/vs_trainer.py                      # 4 methods x 3 systems, ~15 min on a 2-core CPU
+    python benchmarks/vs_trainer.py --steps 2 --train-samples 64 --eval-samples 32 --methods full,lora
+
+Systems: B1 = Trainer as a plain user writes it (fp32, random order, DataCollatorWithPadding);
+B2 = Trainer with its best flags for this machine (length-grouped sampling, bf16 only where bf16 is fast);
+tunelab = tunelab's own loop with its defaults. Each (method, system) pair runs in a fresh subprocess
+(benchmarks/_children.py) that prints one JSON line; this script measures the machine's matmul peak,
+derives throughput and MFU, prints a table and writes benchmarks/results/vs_trainer-<timestamp>.json.
+See benchmarks/README.md for what is measured and how.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CHILD = HERE / "_children.py"
+SYSTEMS = ("B1", "B2", "tunelab")
+DEFAULT_STEPS, LARGE_STEPS = 30, 200  # 200 > one epoch of 2000 rows at batch 16: covers the epoch rollover
+FULL_BACKWARD = {"full", "llrd"}  # methods whose backward also computes weight gradients of every layer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps per run (default {DEFAULT_STEPS}, or {LARGE_STEPS} with --large)")
+    p.add_argument("--large", action="store_true", help="a bigger run: more steps unless --steps is given")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--methods", default="full,llrd,lora,prompt-tuning")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (LARGE_STEPS if args.large else DEFAULT_STEPS)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return args
+
+
+def plan(methods: list[str]) -> list[tuple[str, str]]:
+    """Every (method, system), the system order reversed every other method to spread machine drift."""
+    return [(m, s) for i, m in enumerate(methods) for s in (SYSTEMS if i % 2 == 0 else SYSTEMS[::-1])]
+
+
+# ---------------------------------------------------------------- machine peak and model FLOPs
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype: torch.dtype, min_s: float = 0.3) -> float:
+    """Best FLOP/s over a few matmuls of the model's own shapes (and a large square one on GPUs)."""
+    shapes = [(2048, 384, 1536), (1024, 1024, 1024)] + ([(8192, 8192, 8192)] if device == "cuda" else [])
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        a @ b  # warm-up: kernel selection and first-touch allocation are not the steady state
+        sync(device)
+        reps, started = 0, time.perf_counter()
+        while reps < 2 or time.perf_counter() - started < min_s:  # >= 2 reps: emulated bf16 is ~1 s each
+            a @ b
+            reps += 1
+            sync(device)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - started))
+    return best
+
+
+def encoder_matmul_params(model_path: str) -> int:
+    """Weights of every nn.Linear inside the transformer blocks: the matmuls each token goes through.
+
+    Embeddings are lookups, not matmuls; the pooler and classifier run once per sequence, not per token.
+    """
+    from tunelab.modeling import find_block_list, skeleton
+
+    _, blocks = find_block_list(skeleton(model_path, 2))  # meta device: no weights loaded
+    return sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
+
+
+# ---------------------------------------------------------------- runs
+
+def child_env(args) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")  # tokenizer threads would compete with torch's
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def run_child(args, method: str, system: str) -> dict:
+    spec = {"method": method, "system": system, "steps": args.steps, "batch_size": args.batch_size,
+            "max_length": args.max_length, "train_samples": args.train_samples,
+            "eval_samples": args.eval_samples, "seed": args.seed, "device": args.device, "threads": args.threads}
+    proc = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True,
+                          env=child_env(args), cwd=HERE.parent)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return {"method": method, "system": system, "error": f"exit code {proc.returncode}", "log_tail": tail}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def derive(r: dict, peaks: dict, matmul_params: int, steps: int) -> None:
+    """Throughput and MFU from a child's raw counts (see README for the formula)."""
+    if "error" in r:
+        return
+    t = r["train_s"]
+    factor = 6 if r["method"] in FULL_BACKWARD else 4
+    flop_tokens = r["tokens"] + r["samples"] * r["virtual_tokens_per_sample"]
+    achieved = factor * matmul_params * flop_tokens / t
+    r.update(samples_per_s=r["samples"] / t, tokens_per_s=r["tokens"] / t, flops_per_token_factor=factor,
+             train_flops=factor * matmul_params * flop_tokens, achieved_flops_per_s=achieved,
+             mfu_pct=100 * achieved / peaks[r["flags"]["precision"]], mfu_vs_bf16_pct=100 * achieved / peaks["bf16"],
+             steps_ok=r["steps_done"] == steps)
+
+
+def add_ratios(results: list[dict]) -> dict:
+    """time(system) / time(tunelab) for the same method: > 1 means tunelab was faster."""
+    ratios = {}
+    for method in dict.fromkeys(r["method"] for r in results):
+        times = {r["system"]: r.get("train_s") for r in results if r["method"] == method}
+        base = times.get("tunelab")
+        ratio = {s: times[s] / base if base and times.get(s) else None for s in times}
+        ratios[method] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS[:2] if s in ratio}
+        for r in results:
+            if r["method"] == method:
+                r["time_ratio_vs_tunelab"] = ratio[r["system"]]
+    return ratios
+
+
+# ---------------------------------------------------------------- output
+
+# (header, width, format): numbers right-aligned, text left-aligned
+COLUMNS = [("method", 13, "<"), ("system", 7, "<"), ("flags", 20, "<"), ("time s", 7, ".1f"),
+           ("samples/s", 9, ".2f"), ("tokens/s", 8, ".0f"), ("RSS MB", 6, ".0f"), ("val acc", 7, ".3f"),
+           ("MFU %", 6, ".1f"), ("MFU%bf16", 8, ".1f"), ("t/t(tl)", 7, ".2f")]
+
+
+def row(r: dict) -> list:
+    if "error" in r:
+        return [r["method"], r["system"], "FAILED: " + r["error"]]
+    ratio = r["time_ratio_vs_tunelab"]
+    flags = f"{r['flags']['precision']} {r['flags']['sampler'].replace('tunelab buckets of ', 'buckets')}"
+    return [r["method"], r["system"], flags, r["train_s"], r["samples_per_s"], r["tokens_per_s"],
+            r["train_peak_rss_mb"], r["val"]["accuracy"], r["mfu_pct"], r["mfu_vs_bf16_pct"],
+            float("nan") if ratio is None else ratio]
+
+
+def table(results: list[dict]) -> str:
+    head = " ".join(f"{name:{'<' if fmt == '<' else '>'}{width}}" for name, width, fmt in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in results:
+        cells = zip(COLUMNS, row(r))  # a failed run has only three cells
+        lines.append(" ".join(f"{v:{'<' if fmt == '<' else '>'}{width}{'' if fmt == '<' else fmt}}"
+                              for (_, width, fmt), v in cells))
+    return "\n".join(lines)
+
+
+def machine(args, peaks: dict) -> dict:
+    from tunelab.train.setup import cpu_has_fast_bf16
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": args.device, "python": platform.python_version(), "torch": torch.__version__,
+            "matmul_peak_flops_per_s": peaks, "cpu_fast_bf16": cpu_has_fast_bf16()}
+    if args.device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), gpu_bf16=torch.cuda.is_bf16_supported())
+    return info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tunelab.modeling import resolve_model_path
+
+    matmul_params = encoder_matmul_params(resolve_model_path("all-MiniLM-L6-v2"))
+    peaks = {"fp32": matmul_peak(args.device, torch.float32), "bf16": matmul_peak(args.device, torch.bfloat16)}
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; "
+          f"encoder matmul params {matmul_params:,}", file=sys.stderr)
+    runs = plan(args.methods)
+    results = []
+    for i, (method, system) in enumerate(runs, 1):
+        started = time.perf_counter()
+        results.append(run_child(args, method, system))
+        derive(results[-1], peaks, matmul_params, args.steps)
+        print(f"[{i}/{len(runs)}] {method} {system}: {results[-1].get('error', 'ok')} "
+              f"({time.perf_counter() - started:.0f} s with loading and evaluation)", file=sys.stderr)
+    ratios = add_ratios(results)
+    print(table(results))
+    out = HERE / "results" / dt.datetime.now().strftime("vs_trainer-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"args": vars(args), "machine": machine(args, peaks), "encoder_matmul_params": matmul_params,
+               "ratios": ratios, "runs": results}
+    out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"\nwritten: {out.relative_to(HERE.parent)}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The experiment folder: one run at a time (a lock file), the resolved config it was started with
+(run.json), and what is already finished there (for --resume)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from .config import ExperimentConfig, from_dict
+from .errors import TunelabInputError
+
+LOCK = ".tunelab.lock"
+RUN_FILE = "run.json"
+FINISHED = ("success", "diverged")  # a diverged method is a result, not something to retry
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ExperimentLock:
+    """An exclusive lock on the folder; a lock left by a dead process on this host is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+
+    def __enter__(self) -> "ExperimentLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale():
+                    holder = self._holder()
+                    raise TunelabInputError([f"--output: {str(self.path.parent)!r} is in use by another tunelab "
+                                             f"run (pid {holder.get('pid')} on {holder.get('host')}); wait for it "
+                                             "or choose another folder"]) from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
+            return self
+        raise TunelabInputError([f"--output: could not lock {str(self.path.parent)!r}"])
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _stale(self) -> bool:
+        holder = self._holder()
+        if not holder:  # unreadable: its writer died between create and write
+            return True
+        return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1)))
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def write_run_file(folder: Path, cfg: ExperimentConfig) -> None:
+    payload = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict()}
+    (folder / RUN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def saved_config(folder: Path) -> tuple[ExperimentConfig, str]:
+    path = folder / RUN_FILE
+    if not path.is_file():
+        raise TunelabInputError([f"--resume: {str(folder)!r} holds no tunelab experiment (no {RUN_FILE})"])
+    payload = json.loads(path.read_text())
+    problems: list[str] = []
+    cfg = from_dict(payload["config"], problems)
+    if problems:
+        raise TunelabInputError([f"--resume: the saved config no longer loads: {p}" for p in problems])
+    return cfg, payload["config_hash"]
+
+
+def finished_records(folder: Path) -> dict[str, dict[str, Any]]:
+    path = folder / "results.json"
+    if not path.is_file():
+        return {}
+    records = json.loads(path.read_text()).get("methods", [])
+    return {r["method"]: r for r in records if r.get("status") in FINISHED}

@@ -1,0 +1,128 @@
+"""Atomic checkpoints for exact resume.
+
+A checkpoint is a folder `step-000123` holding the trainable weights (the adapter only, for PEFT
+methods), optimizer, scheduler, RNG states and the loop state. It is written under a temporary name
+in the same folder, every file fsynced, a MANIFEST.json written last, then renamed into place: a
+crash at any moment leaves either a complete checkpoint or a temporary folder that is never read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .faults import fault_point
+from .loop import TrainState
+from .weights import load_weights, trainable_state
+
+MANIFEST = "MANIFEST.json"
+BEST = "best"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(folder: Path, name: str, files: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write `files` (torch-serialisable objects) and `meta` as checkpoint `folder/name`, atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    sizes = {}
+    for file_name, obj in files.items():
+        torch.save(obj, tmp / file_name)
+        _fsync(tmp / file_name)
+        sizes[file_name] = (tmp / file_name).stat().st_size
+        fault_point("checkpoint")  # tests kill the process here: half a checkpoint must never be used
+    (tmp / MANIFEST).write_text(json.dumps({**meta, "files": sizes}, indent=2, default=str))
+    _fsync(tmp / MANIFEST)
+    final = folder / name
+    if final.exists():  # replacing "best": move the old one aside first so a crash keeps one of them
+        old = folder / f".old-{name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync(folder)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        sizes = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((path / f).is_file() and (path / f).stat().st_size == size for f, size in sizes.items())
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("step-*") if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class Checkpointer:
+    """Writes and reads one method's checkpoints; keeps the last `keep` plus the best."""
+
+    def __init__(self, folder: Path, config_hash: str, keep: int = 2):
+        self.folder, self.config_hash, self.keep = folder, config_hash, keep
+
+    def save(self, model: nn.Module, optimizer, scheduler, state: TrainState) -> Path:
+        files = {"trainable.pt": trainable_state(model), "optimizer.pt": optimizer.state_dict(),
+                 "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}
+        meta = {"step": state.step, "config_hash": self.config_hash, "state": dataclasses.asdict(state)}
+        path = write_atomic(self.folder, f"step-{state.step:06d}", files, meta)
+        for old in step_checkpoints(self.folder)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def save_best(self, weights: dict[str, torch.Tensor], state: TrainState) -> None:
+        write_atomic(self.folder, BEST, {"trainable.pt": weights},
+                     {"step": state.step, "config_hash": self.config_hash, "best": state.best})
+
+    def latest(self) -> Path | None:
+        found = step_checkpoints(self.folder) if self.folder.is_dir() else []
+        return found[-1] if found else None
+
+    def restore(self, path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+        load_weights(model, torch.load(path / "trainable.pt", weights_only=True))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        meta = json.loads((path / MANIFEST).read_text())
+        return TrainState(**meta["state"])
+
+    def best_weights(self) -> dict[str, torch.Tensor] | None:
+        path = self.folder / BEST
+        return torch.load(path / "trainable.pt", weights_only=True) if is_complete(path) else None

@@ -1,0 +1,170 @@
+"""Crash recovery: a run killed mid-epoch and resumed ends bit-identical to one that never stopped."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.cli import main
+from tunelab.train.checkpoint import Checkpointer, is_complete
+
+from test_methods_matrix import MATRIX
+
+RUN = ["train.epochs=2", "train.checkpoint_every_steps=3", "train.eval_every_steps=4",
+       "train.early_stopping_patience=0", "train.log_every_steps=2"]
+STEPS = 40  # 160 toy rows / batch 8 × 2 epochs
+
+
+def tunelab(args, out: Path, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real command in a child process: needed where the process is killed."""
+    env = {**os.environ, "TUNELAB_FAULT": fault or ""}
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", "compare", *args, "--output", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def inproc(args, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    """The same command in this process (much faster: no imports), where nothing kills the process."""
+    import contextlib
+    import io
+
+    os.environ["TUNELAB_FAULT"] = fault or ""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["compare", *args, "--output", str(out), "--no-progress"])
+    finally:
+        os.environ["TUNELAB_FAULT"] = ""
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
+def args_for(method, tiny_overrides):
+    return [*tiny_overrides, *RUN, f"methods={method}", *MATRIX[method][0]]
+
+
+def record(out: Path, method: str) -> dict:
+    return next(r for r in json.loads((out / "results.json").read_text())["methods"] if r["method"] == method)
+
+
+def final_weights(out: Path, method: str) -> dict[str, torch.Tensor]:
+    latest = Checkpointer(out / "checkpoints" / method, "").latest()
+    assert latest is not None and latest.name == f"step-{STEPS:06d}"
+    return torch.load(latest / "trainable.pt", weights_only=True)
+
+
+def artifact_tensors(out: Path, method: str) -> dict[str, torch.Tensor]:
+    folder = out / "artifacts" / method
+    files = sorted(folder.glob("*.safetensors"))
+    assert files
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+def assert_same_run(a: Path, b: Path, method: str) -> None:
+    ra, rb = record(a, method), record(b, method)
+    assert ra["status"] == rb["status"] == "success"
+    assert ra["losses"] == rb["losses"] and len(ra["losses"]) == STEPS
+    assert ra["history"] == rb["history"] and ra["best_val"] == rb["best_val"] and ra["test"] == rb["test"]
+    wa, wb = final_weights(a, method), final_weights(b, method)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    xa, xb = artifact_tensors(a, method), artifact_tensors(b, method)
+    assert xa.keys() == xb.keys() and all(torch.equal(xa[k], xb[k]) for k in xa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_bert, toy_data):
+    """One uninterrupted run per method, shared by the tests below."""
+    overrides = [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
+                 f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
+                 "data.max_length=32", "train.batch_size=8"]
+    runs = {}
+    for method in MATRIX:
+        out = tmp_path_factory.mktemp(f"clean-{method}")
+        result = inproc(args_for(method, overrides), out)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[method] = out
+    return overrides, runs
+
+
+@pytest.mark.parametrize("method", sorted(MATRIX))
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(method, uninterrupted, tmp_path):
+    overrides, clean = uninterrupted
+    killed = tunelab(args_for(method, overrides), tmp_path, fault="kill@step=7")
+    assert killed.returncode == -9  # SIGKILL: no cleanup ran
+    latest = Checkpointer(tmp_path / "checkpoints" / method, "").latest()
+    assert latest is not None and latest.name == "step-000006"
+    resumed = inproc(["--resume"], tmp_path)  # no config given: the saved one is used
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(clean[method], tmp_path, method)
+
+
+def test_kill_while_writing_a_checkpoint_leaves_nothing_resume_would_use(uninterrupted, tmp_path):
+    overrides, clean = uninterrupted
+    killed = tunelab(args_for("lora", overrides), tmp_path, fault="kill@checkpoint")
+    assert killed.returncode == -9
+    folder = tmp_path / "checkpoints" / "lora"
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]  # the half-written one
+    assert not [p for p in folder.iterdir() if is_complete(p)]
+    assert Checkpointer(folder, "").latest() is None
+    resumed = inproc(["--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(clean["lora"], tmp_path, "lora")
+
+
+def test_ctrl_c_checkpoints_writes_partial_results_and_resumes(uninterrupted, tmp_path):
+    overrides, clean = uninterrupted
+    stopped = tunelab([*overrides, *RUN, "methods=full,lora", *MATRIX["lora"][0]], tmp_path,
+                      fault="lora/interrupt@step=5")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "--resume" in stopped.stderr
+    statuses = {r["method"]: r["status"] for r in json.loads((tmp_path / "results.json").read_text())["methods"]}
+    assert statuses == {"full": "success", "lora": "interrupted"}
+    assert (tmp_path / "checkpoints" / "lora" / "step-000005").is_dir()
+    full_before = record(tmp_path, "full")
+    resumed = inproc(["--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert record(tmp_path, "full") == full_before  # finished methods are kept, not retrained
+    assert_same_run(clean["lora"], tmp_path, "lora")
+
+
+def test_resume_refuses_a_changed_config_unless_allowed(uninterrupted, tmp_path):
+    overrides, _ = uninterrupted
+    args = args_for("lora", overrides)
+    assert inproc(args, tmp_path, fault="raise@step=5").returncode == 1  # failed: unfinished, resumable
+    refused = inproc([*args, "train.lr=0.5", "--resume"], tmp_path)
+    assert refused.returncode == 2 and "--allow-config-change" in refused.stderr
+    allowed = inproc([*args, "lora.lr=0.02", "--resume", "--allow-config-change"], tmp_path)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+def test_diverged_and_failed_methods_are_recorded_and_others_continue(uninterrupted, tmp_path):
+    overrides, _ = uninterrupted
+    result = inproc([*overrides, "methods=full,lora,llrd", "full.lr=1e30", "train.eval_every_steps=0"], tmp_path,
+                    fault="lora/raise@step=2")
+    assert result.returncode == 1
+    full, lora, llrd = (record(tmp_path, m) for m in ("full", "lora", "llrd"))
+    assert full["status"] == "diverged" and full["diverged_at_step"] >= 1 and "non-finite" in full["error"]
+    assert lora["status"] == "failed" and "InjectedFault" in lora["error"]
+    assert llrd["status"] == "success"
+    assert "| full | diverged |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_and_a_stale_lock_is_taken(uninterrupted, tmp_path):
+    overrides, _ = uninterrupted
+    args = [*overrides, "methods=lora", "train.max_steps=2"]
+    assert inproc(args, tmp_path, fault="raise@step=1").returncode == 1
+    lock = tmp_path / ".tunelab.lock"
+    import socket
+
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive: this process
+    refused = inproc(["--resume"], tmp_path)
+    assert refused.returncode == 2 and "in use by another tunelab run" in refused.stderr
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    resumed = inproc(["--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not lock.exists()

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import ExperimentConfig
 from .job import Job
 from .modeling import load_classifier, write_json
 from .registry import PrepareContext, get_method
@@ -99,19 +98,16 @@ def setup_method(job: Job, name: str) -> MethodSetup:
 def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool) -> dict[str, Any]:
     cfg = job.config
     setup = setup_method(job, name)
-    model, accelerator, lr, steps = setup.model, setup.accelerator, setup.lr, setup.total_steps
+    accelerator = setup.accelerator
     checkpointer = Checkpointer(out_dir / "checkpoints" / name, cfg.fingerprint(), cfg.train.keep_checkpoints)
-    state, latest = TrainState(), checkpointer.latest() if resume else None
-    if latest is not None:
-        state = checkpointer.restore(latest, model, setup.optimizer, setup.scheduler)
-    tracker = Tracker(out_dir / "tensorboard" / name, name, steps, cfg.train.batch_size, show_progress,
-                      start_step=state.step, start_time_s=state.train_time_s)
+    latest = checkpointer.latest() if resume else None
+    state = checkpointer.restore(latest, setup.model, setup.optimizer, setup.scheduler) if latest else TrainState()
+    tracker = Tracker(out_dir / "tensorboard" / name, name, setup.total_steps, cfg.train.batch_size,
+                      show_progress, start_step=state.step, start_time_s=state.train_time_s)
     with graceful_interrupt() as stop_requested, MemoryMonitor(accelerator.device) as memory:
         hooks = LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval, stop_requested=stop_requested)
-        trainer = Trainer(model, setup.optimizer, setup.scheduler, accelerator, cfg.train, job.train,
+        trainer = Trainer(setup.model, setup.optimizer, setup.scheduler, accelerator, cfg.train, job.train,
                           job.validation, job.num_labels, hooks, checkpointer)
-        if latest is not None:
-            trainer.best_weights = checkpointer.best_weights()
         try:
             state = trainer.run(state)
         finally:
@@ -119,26 +115,31 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     trainer.restore_best()
     test = None
     if job.test is not None:
-        test = evaluate(model, job.test, cfg.train.eval_batch_size, accelerator.device, job.num_labels,
+        test = evaluate(setup.model, job.test, cfg.train.eval_batch_size, accelerator.device, job.num_labels,
                         accelerator.autocast)
-    artifact = save_artifact(job, name, accelerator.unwrap_model(model), out_dir / "artifacts" / name)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    train_time = max(state.train_time_s, 1e-9)
-    result = {
-        "trainable_params": trainable, "trainable_params_expected": setup.expected_trainable, "total_params": total,
-        "trainable_percent": round(100 * trainable / total, 4), "lr": lr, "param_groups": setup.param_groups,
-        "steps": state.step, "epochs_completed": round(state.step / max(trainer.steps_per_epoch(), 1), 4),
-        "stopped_early": state.stopped_early, "train_time_s": round(state.train_time_s, 2),
-        "train_samples_per_s": round(state.samples_seen / train_time, 2),
-        "train_tokens_per_s": round(state.tokens_seen / train_time, 1),
-        **memory.report(), "precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32",
-        "device": str(accelerator.device), "history": state.history, "losses": state.losses,
-        "best_val": state.best, "test": test, **artifact}
-    tracker.finish(result["peak_memory_mb"], state.step, {"method": name, "lr": lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
-                    "trainable_params": trainable},
+    artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / name)
+    result = {**measurements(setup, state, trainer.steps_per_epoch()), **memory.report(),
+              "history": state.history, "losses": state.losses, "best_val": state.best, "test": test, **artifact}
+    tracker.finish(result["peak_memory_mb"], state.step,
+                   {"method": name, "lr": setup.lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
+                    "trainable_params": result["trainable_params"]},
                    {f"best_val_{k}": v for k, v in (state.best or {}).items() if k != "step"})
     return result
+
+
+def measurements(setup: MethodSetup, state: TrainState, steps_per_epoch: int) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in setup.model.parameters())
+    seconds = max(state.train_time_s, 1e-9)
+    return {
+        "trainable_params": trainable, "trainable_params_expected": setup.expected_trainable,
+        "total_params": total, "trainable_percent": round(100 * trainable / total, 4), "lr": setup.lr,
+        "param_groups": setup.param_groups, "steps": state.step,
+        "epochs_completed": round(state.step / max(steps_per_epoch, 1), 4), "stopped_early": state.stopped_early,
+        "train_time_s": round(state.train_time_s, 2), "train_samples_per_s": round(state.samples_seen / seconds, 2),
+        "train_tokens_per_s": round(state.tokens_seen / seconds, 1),
+        "precision": "bf16" if setup.accelerator.mixed_precision == "bf16" else "fp32",
+        "device": str(setup.accelerator.device)}
 
 
 @contextlib.contextmanager
@@ -176,11 +177,3 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path) 
             "artifact_format": "peft" if method.saves_adapter else "transformers"}
 
 
-def compare(job: Job, out_dir: Path, show_progress: bool = True) -> list[dict[str, Any]]:
-    records = []
-    for name in job.config.methods:
-        records.append(run_method(job, name, out_dir, show_progress))
-    return records
-
-
-__all__ = ["compare", "run_method", "ExperimentConfig"]

@@ -175,9 +175,11 @@ class Trainer:
         if improved:
             state.best = {**metrics, "step": state.step}
             state.evals_without_improvement = 0
-            self.best_weights = trainable_state(self.model)
-            if self.checkpointer is not None:
-                self.checkpointer.save_best(self.best_weights, state)
+            weights = trainable_state(self.model)
+            if self.checkpointer is not None:  # on disk only: a second in-memory copy of a full model costs RSS
+                self.checkpointer.save_best(weights, state)
+            else:
+                self.best_weights = weights
         else:
             state.evals_without_improvement += 1
             patience = self.cfg.early_stopping_patience
@@ -190,5 +192,8 @@ class Trainer:
         return math.ceil(len(self.train_data) / self.cfg.batch_size)
 
     def restore_best(self) -> None:
-        if self.best_weights is not None:
-            load_weights(self.model, self.best_weights)
+        weights = self.best_weights
+        if weights is None and self.checkpointer is not None:
+            weights = self.checkpointer.best_weights()
+        if weights is not None:
+            load_weights(self.model, weights)

@@ -1,0 +1,61 @@
+"""Data loading: every accepted format, label mapping, stratified splits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tunelab import validate
+from tunelab.data import stratified_split
+
+from conftest import toy_rows
+
+
+def three_class_rows(n=90):
+    frame = toy_rows(n)
+    frame["label"] = [i % 3 for i in range(n)]  # integer labels 0, 1, 2
+    return frame
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet", "tsv", "saved"])
+def test_every_format_loads_the_same_rows(suffix, tmp_path, tiny_bert):
+    frame = three_class_rows()
+    path = tmp_path / f"train.{suffix}"
+    if suffix == "csv":
+        frame.to_csv(path, index=False)
+    elif suffix == "tsv":
+        frame.to_csv(path, index=False, sep="\t")
+    elif suffix == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == "parquet":
+        frame.to_parquet(path)
+    else:
+        import datasets
+
+        datasets.Dataset.from_pandas(frame).save_to_disk(str(path))
+    job = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={path}", "data.max_length=32",
+                          "train.batch_size=4"])
+    assert job.label_names == ["0", "1", "2"]
+    assert len(job.train) + len(job.validation) == 90
+    texts = list(job.splits.train.text) + list(job.splits.validation.text)
+    assert sorted(texts) == sorted(frame.text)
+
+
+def test_integer_labels_sort_numerically_and_map_consistently(tmp_path, tiny_bert):
+    frame = toy_rows(40)
+    frame["label"] = [10 if i % 2 else 9 for i in range(40)]
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    frame.to_csv(tmp_path / "v.csv", index=False)
+    job = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={tmp_path}/t.csv",
+                          f"data.validation_file={tmp_path}/v.csv", "data.max_length=32", "train.batch_size=4"])
+    assert job.label_names == ["9", "10"]
+    assert job.train.labels.tolist() == job.validation.labels.tolist() == [1 if i % 2 else 0 for i in range(40)]
+
+
+def test_carved_validation_is_stratified_seeded_and_disjoint():
+    frame = toy_rows(200)
+    frame.loc[:149, "label"] = "neg"  # 175 neg / 25 pos
+    train, val = stratified_split(frame, "label", 0.2, seed=7)
+    again_train, again_val = stratified_split(frame, "label", 0.2, seed=7)
+    assert val.index.tolist() == again_val.index.tolist()
+    assert set(train.index).isdisjoint(val.index) and len(train) + len(val) == 200
+    assert (val.label == "neg").sum() == 35 and (val.label == "pos").sum() == 5  # 20 % of each class

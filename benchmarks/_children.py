@@ -60,9 +60,9 @@ def warmup_steps(job) -> int:
 
 def run_tunelab(job, spec: dict) -> dict:
     from tunelab.runner import setup_method
-    from tunelab.train.loop import Trainer
+    from tunelab.train.loop import TrainingLoop
 
-    class TimedLoop(Trainer):
+    class TimedLoop(TrainingLoop):
         """tunelab's loop, unchanged, except that time spent in evaluation is clocked to be left out."""
         eval_s, last_metrics, train_peak_mb = 0.0, None, None
 

@@ -87,3 +87,13 @@ def test_full_model_artifact_reloads_with_transformers(experiment):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.id2label == {0: "great", 1: "other"}
     assert model(**tokenizer(["tasty"], return_tensors="pt")).logits.shape == (1, 2)
+
+
+def test_report_is_rebuilt_from_results_json_alone(experiment):
+    from tunelab.cli import main
+
+    out, _ = experiment
+    before = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == before

@@ -25,7 +25,7 @@ from .tracking import MemoryMonitor, Tracker
 from .train.evaluate import evaluate
 from .train import faults
 from .train.checkpoint import Checkpointer
-from .train.loop import Diverged, Interrupted, LoopHooks, Trainer, TrainState, total_steps
+from .train.loop import Diverged, Interrupted, LoopHooks, TrainingLoop, TrainState, total_steps
 from .train.setup import build_optimizer, build_scheduler, make_accelerator, seed_everything
 
 
@@ -106,8 +106,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
                       show_progress, start_step=state.step, start_time_s=state.train_time_s)
     with graceful_interrupt() as stop_requested, MemoryMonitor(accelerator.device) as memory:
         hooks = LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval, stop_requested=stop_requested)
-        trainer = Trainer(setup.model, setup.optimizer, setup.scheduler, accelerator, cfg.train, job.train,
-                          job.validation, job.num_labels, hooks, checkpointer)
+        trainer = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, accelerator, cfg.train,
+                               job.train, job.validation, job.num_labels, hooks, checkpointer)
         try:
             state = trainer.run(state)
         finally:

@@ -68,7 +68,7 @@ def is_better(metric: str, new: float, old: float) -> bool:
     return new < old if metric == "loss" else new > old
 
 
-class Trainer:
+class TrainingLoop:
     def __init__(self, model: nn.Module, optimizer, scheduler, accelerator, cfg: TrainConfig,
                  train_data: Encoded, val_data: Encoded, num_labels: int, hooks: LoopHooks | None = None,
                  checkpointer=None):

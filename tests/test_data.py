@@ -1,7 +1,6 @@
 """Data loading: every accepted format, label mapping, stratified splits."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from tunelab import validate

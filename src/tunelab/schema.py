@@ -1,7 +1,7 @@
 """Turn plain dicts (from YAML and key=value overrides) into typed dataclasses, collecting every problem.
 
 Constraints live next to the field they constrain, in the dataclass field's metadata:
-`field(default=..., metadata=rule(gt=0, choices=[...]))`.
+`field(default=..., metadata={"gt": 0, "choices": [...], "help": "..."})`.
 """
 from __future__ import annotations
 
@@ -12,11 +12,6 @@ import typing
 from typing import Any
 
 from .errors import did_you_mean, one_of
-
-
-def rule(*, gt: float | None = None, ge: float | None = None, le: float | None = None,
-         choices: list[str] | None = None, help: str = "") -> dict:
-    return {"gt": gt, "ge": ge, "le": le, "choices": choices, "help": help}
 
 
 def build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:

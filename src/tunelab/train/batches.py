@@ -38,10 +38,11 @@ def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(data: Encoded, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(data: Encoded, rows: np.ndarray, device: torch.device,
+            pad_multiple: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
     # Rows are stored already padded, so a batch is a slice cut at its longest row.
     width = int(data.lengths[rows].max())
-    width = min(-(-width // PAD_MULTIPLE) * PAD_MULTIPLE, data.ids.shape[1])
+    width = min(-(-width // pad_multiple) * pad_multiple, data.ids.shape[1])
     ids = torch.from_numpy(data.ids[rows, :width])
     mask = torch.from_numpy(np.arange(width)[None, :] < data.lengths[rows][:, None]).long()
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[rows])}

@@ -62,29 +62,24 @@ def run_tunelab(job, spec: dict) -> dict:
     from tunelab.runner import setup_method
     from tunelab.train.loop import TrainingLoop
 
-    class TimedLoop(TrainingLoop):
-        """tunelab's loop, unchanged, except that time spent in evaluation is clocked to be left out."""
-        eval_s, last_metrics, train_peak_mb = 0.0, None, None
+    class PeakAtFirstEval(TrainingLoop):
+        """tunelab's loop, unchanged, except that it notes the memory peak when training first pauses."""
+        last_metrics, train_peak_mb = None, None
 
         def evaluate(self, state):
-            if self.train_peak_mb is None:  # the first evaluation ends the first stretch of training
+            if self.train_peak_mb is None:
                 self.train_peak_mb = max(memory.peak_mb, current_rss_mb())
-            sync(spec["device"])
-            started = time.perf_counter()
             self.last_metrics = super().evaluate(state)
-            sync(spec["device"])
-            self.eval_s += time.perf_counter() - started
             return self.last_metrics
 
     setup = setup_method(job, spec["method"])
-    loop = TimedLoop(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
-                     job.train, job.validation, job.num_labels)
+    loop = PeakAtFirstEval(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
+                           job.train, job.validation, job.num_labels)
     rss_before = current_rss_mb()
-    sync(spec["device"])
     with MemoryMonitor(torch.device(spec["device"])) as memory:
-        started = time.perf_counter()
         state = loop.run()  # evaluates after the last step (eval_every_steps=0) and at each epoch end
-        train_s = time.perf_counter() - started - loop.eval_s
+    # The loop's own clock: training steps only (evaluation left out), synchronised on CUDA.
+    train_s = state.train_time_s
     precision = "bf16" if setup.accelerator.mixed_precision == "bf16" else "fp32"
     return {"train_s": train_s, "steps_done": state.step, "samples": state.samples_seen,
             "tokens": state.tokens_seen, "val": loop.last_metrics, "lr": setup.lr,

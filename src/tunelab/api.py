@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ExperimentConfig, load_config
-from .errors import TunelabInputError
+from .errors import CompareInterrupted, TunelabInputError
 from .experiment import RUN_FILE, ExperimentLock, finished_records, saved_config, write_run_file
 from .job import Job, prepare_job
 
@@ -52,12 +52,6 @@ def output_problems(out_dir: Path, overwrite: bool) -> list[str]:
 
 def default_output_dir() -> Path:
     return Path("runs") / dt.datetime.now().strftime("compare-%Y%m%d-%H%M%S")
-
-
-class CompareInterrupted(Exception):
-    """Ctrl-C: the running method checkpointed; partial results and report were written."""
-
-    exit_code = 130
 
 
 def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change: bool) -> ExperimentConfig:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import TunelabInputError
+from .errors import CompareInterrupted, TunelabInputError
 
 EPILOG = "Overrides are key=value with dotted keys, e.g. methods=full,lora train.lr=3e-5 lora.r=16"
 
@@ -53,11 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # CompareInterrupted, without importing the heavy API just to name it
-        if getattr(exc, "exit_code", None) == 130:
-            print(f"stopped: {exc}", file=sys.stderr)
-            return 130
-        raise
+    except CompareInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -15,6 +15,12 @@ class TunelabInputError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class CompareInterrupted(Exception):
+    """Ctrl-C: the running method checkpointed; partial results and report were written."""
+
+    exit_code = 130
+
+
 def did_you_mean(value: str, allowed: Iterable[str]) -> str:
     """A ' (did you mean 'x'?)' suffix, or '' when nothing is close."""
     close = difflib.get_close_matches(str(value), list(allowed), n=1, cutoff=0.6)

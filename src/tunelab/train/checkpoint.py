@@ -24,7 +24,7 @@ from .loop import TrainState
 from .weights import load_weights, trainable_state
 
 MANIFEST = "MANIFEST.json"
-BEST = "best"
+STEP, BEST = "step", "best"
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,13 +65,7 @@ def write_atomic(folder: Path, name: str, files: dict[str, Any], meta: dict[str,
     (tmp / MANIFEST).write_text(json.dumps({**meta, "files": sizes}, indent=2, default=str))
     _fsync(tmp / MANIFEST)
     final = folder / name
-    if final.exists():  # replacing "best": move the old one aside first so a crash keeps one of them
-        old = folder / f".old-{name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    tmp.rename(final)
     _fsync(folder)
     return final
 
@@ -87,35 +81,46 @@ def is_complete(path: Path) -> bool:
     return all((path / f).is_file() and (path / f).stat().st_size == size for f, size in sizes.items())
 
 
-def step_checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("step-*") if p.is_dir() and is_complete(p)]
+def complete_checkpoints(folder: Path, kind: str) -> list[Path]:
+    """Complete `kind-NNNNNN` checkpoints (kind: step or best), oldest first."""
+    found = [p for p in folder.glob(f"{kind}-*") if p.is_dir() and is_complete(p)] if folder.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 class Checkpointer:
     """Writes and reads one method's checkpoints; keeps the last `keep` plus the best."""
 
-    def __init__(self, folder: Path, config_hash: str, keep: int = 2):
+    def __init__(self, folder: Path, config_hash: str, keep: int = 1):
         self.folder, self.config_hash, self.keep = folder, config_hash, keep
 
     def save(self, model: nn.Module, optimizer, scheduler, state: TrainState) -> Path:
         files = {"trainable.pt": trainable_state(model), "optimizer.pt": optimizer.state_dict(),
                  "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}
         meta = {"step": state.step, "config_hash": self.config_hash, "state": dataclasses.asdict(state)}
-        path = write_atomic(self.folder, f"step-{state.step:06d}", files, meta)
-        for old in step_checkpoints(self.folder)[:-self.keep]:
+        return self._write(STEP, state.step, files, meta, keep=self.keep)
+
+    def save_best(self, weights: dict[str, torch.Tensor], state: TrainState) -> None:
+        # Each new best is a new folder, older ones pruned after it is complete: never a moment without one.
+        self._write(BEST, state.step, {"trainable.pt": weights},
+                    {"step": state.step, "config_hash": self.config_hash, "best": state.best}, keep=1)
+
+    def _write(self, kind: str, step: int, files: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+        path = write_atomic(self.folder, f"{kind}-{step:06d}", files, meta)
+        for old in complete_checkpoints(self.folder, kind)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def save_best(self, weights: dict[str, torch.Tensor], state: TrainState) -> None:
-        write_atomic(self.folder, BEST, {"trainable.pt": weights},
-                     {"step": state.step, "config_hash": self.config_hash, "best": state.best})
-
-    def latest(self) -> Path | None:
-        found = step_checkpoints(self.folder) if self.folder.is_dir() else []
+    def latest(self, kind: str = STEP) -> Path | None:
+        found = complete_checkpoints(self.folder, kind)
         return found[-1] if found else None
 
     def restore(self, path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+        """Load checkpoint `path`; checkpoints written after it belong to the abandoned run and are removed."""
+        step = int(path.name.split("-")[1])
+        for kind in (STEP, BEST):
+            for later in complete_checkpoints(self.folder, kind):
+                if int(later.name.split("-")[1]) > step:
+                    shutil.rmtree(later, ignore_errors=True)
         load_weights(model, torch.load(path / "trainable.pt", weights_only=True))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
@@ -124,5 +129,5 @@ class Checkpointer:
         return TrainState(**meta["state"])
 
     def best_weights(self) -> dict[str, torch.Tensor] | None:
-        path = self.folder / BEST
-        return torch.load(path / "trainable.pt", weights_only=True) if is_complete(path) else None
+        path = self.latest(BEST)
+        return torch.load(path / "trainable.pt", weights_only=True) if path else None

@@ -41,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, one full set of runs each (replaces --seed); with more than one, "
+                        "a paired accuracy summary (tunelab minus each Trainer system, seed by seed) is printed")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of B1,B2,tunelab")
     p.add_argument("--methods", default="full,llrd,lora,prompt-tuning")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
@@ -48,12 +52,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or (LARGE_STEPS if args.large else DEFAULT_STEPS)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    if unknown or "tunelab" not in args.systems:
+        p.error(f"--systems: {','.join(unknown) or 'tunelab missing'}; choose from {','.join(SYSTEMS)}, "
+                "tunelab included (ratios are against it)")
     return args
 
 
-def plan(methods: list[str]) -> list[tuple[str, str]]:
-    """Every (method, system), the system order reversed every other method to spread machine drift."""
-    return [(m, s) for i, m in enumerate(methods) for s in (SYSTEMS if i % 2 == 0 else SYSTEMS[::-1])]
+def plan(methods: list[str], seeds: list[int], systems: list[str]) -> list[tuple[str, str, int]]:
+    """Every (method, system, seed), the system order reversed every other run set to spread machine drift."""
+    ordered = [s for s in SYSTEMS if s in systems]
+    sets = [(m, seed) for seed in seeds for m in methods]
+    return [(m, s, seed) for i, (m, seed) in enumerate(sets) for s in (ordered if i % 2 == 0 else ordered[::-1])]
 
 
 # ---------------------------------------------------------------- machine peak and model FLOPs
@@ -102,17 +114,18 @@ def child_env(args) -> dict:
     return env
 
 
-def run_child(args, method: str, system: str) -> dict:
+def run_child(args, method: str, system: str, seed: int) -> dict:
     spec = {"method": method, "system": system, "steps": args.steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "train_samples": args.train_samples,
-            "eval_samples": args.eval_samples, "seed": args.seed, "device": args.device, "threads": args.threads}
+            "eval_samples": args.eval_samples, "seed": seed, "device": args.device, "threads": args.threads}
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True,
                           env=child_env(args), cwd=HERE.parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"method": method, "system": system, "error": f"exit code {proc.returncode}", "log_tail": tail}
-    return json.loads(lines[-1][len("RESULT "):])
+        return {"method": method, "system": system, "seed": seed, "error": f"exit code {proc.returncode}",
+                "log_tail": tail}
+    return {**json.loads(lines[-1][len("RESULT "):]), "seed": seed}
 
 
 def derive(r: dict, peaks: dict, matmul_params: int, steps: int) -> None:
@@ -130,33 +143,73 @@ def derive(r: dict, peaks: dict, matmul_params: int, steps: int) -> None:
 
 
 def add_ratios(results: list[dict]) -> dict:
-    """time(system) / time(tunelab) for the same method: > 1 means tunelab was faster."""
+    """time(system) / time(tunelab) for the same method and seed: > 1 means tunelab was faster."""
     ratios = {}
-    for method in dict.fromkeys(r["method"] for r in results):
-        times = {r["system"]: r.get("train_s") for r in results if r["method"] == method}
+    for method, seed in dict.fromkeys((r["method"], r["seed"]) for r in results):
+        same = [r for r in results if r["method"] == method and r["seed"] == seed]
+        times = {r["system"]: r.get("train_s") for r in same}
         base = times.get("tunelab")
         ratio = {s: times[s] / base if base and times.get(s) else None for s in times}
-        ratios[method] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS[:2] if s in ratio}
-        for r in results:
-            if r["method"] == method:
-                r["time_ratio_vs_tunelab"] = ratio[r["system"]]
+        ratios[f"{method} seed {seed}"] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS[:2] if s in ratio}
+        for r in same:
+            r["time_ratio_vs_tunelab"] = ratio[r["system"]]
     return ratios
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, (variance / len(values)) ** 0.5
+
+
+def paired_summary(results: list[dict]) -> list[dict]:
+    """Per method and Trainer system, over the seeds where both it and tunelab finished: mean accuracy of
+    each, the mean of the per-seed differences (tunelab minus Trainer) with its standard error, and the
+    mean time ratio. Pairing by seed removes the data-split variance the two share."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        ok = {(r["system"], r["seed"]): r for r in results if r["method"] == method and "error" not in r}
+        for system in SYSTEMS[:2]:
+            seeds = sorted(seed for (s, seed) in ok if s == system and ("tunelab", seed) in ok)
+            if not seeds:
+                continue
+            acc = lambda s, seed: ok[(s, seed)]["val"]["accuracy"]
+            diff_mean, diff_se = mean_se([acc("tunelab", seed) - acc(system, seed) for seed in seeds])
+            rows.append({"method": method, "vs": system, "seeds": seeds,
+                         "acc_tunelab": mean_se([acc("tunelab", seed) for seed in seeds])[0],
+                         "acc_other": mean_se([acc(system, seed) for seed in seeds])[0],
+                         "acc_diff": diff_mean, "acc_diff_se": diff_se,
+                         "time_ratio": mean_se([ok[(system, seed)]["time_ratio_vs_tunelab"] for seed in seeds])[0],
+                         "rss_diff_mb": mean_se([ok[("tunelab", seed)]["train_peak_rss_mb"]
+                                                 - ok[(system, seed)]["train_peak_rss_mb"] for seed in seeds])[0]})
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = ["method        vs  seeds  acc(tunelab)  acc(other)  diff (tunelab-other) ± SE  time ratio  RSS diff MB"]
+    for r in rows:
+        lines.append(f"{r['method']:<13} {r['vs']:<3} {len(r['seeds']):>5}  {r['acc_tunelab']:>12.4f}  "
+                     f"{r['acc_other']:>10.4f}  {r['acc_diff']:>+14.4f} ± {r['acc_diff_se']:.4f}     "
+                     f"{r['time_ratio']:>9.2f}x  {r['rss_diff_mb']:>+11.0f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- output
 
 # (header, width, format): numbers right-aligned, text left-aligned
-COLUMNS = [("method", 13, "<"), ("system", 7, "<"), ("flags", 20, "<"), ("time s", 7, ".1f"),
+COLUMNS = [("method", 13, "<"), ("system", 7, "<"), ("seed", 4, "d"), ("flags", 20, "<"), ("time s", 7, ".1f"),
            ("samples/s", 9, ".2f"), ("tokens/s", 8, ".0f"), ("RSS MB", 6, ".0f"), ("val acc", 7, ".3f"),
            ("MFU %", 6, ".1f"), ("MFU%bf16", 8, ".1f"), ("t/t(tl)", 7, ".2f")]
 
 
 def row(r: dict) -> list:
     if "error" in r:
-        return [r["method"], r["system"], "FAILED: " + r["error"]]
+        return [r["method"], r["system"], r["seed"], "FAILED: " + r["error"]]
     ratio = r["time_ratio_vs_tunelab"]
     flags = f"{r['flags']['precision']} {r['flags']['sampler'].replace('tunelab buckets of ', 'buckets')}"
-    return [r["method"], r["system"], flags, r["train_s"], r["samples_per_s"], r["tokens_per_s"],
+    return [r["method"], r["system"], r["seed"], flags, r["train_s"], r["samples_per_s"], r["tokens_per_s"],
             r["train_peak_rss_mb"], r["val"]["accuracy"], r["mfu_pct"], r["mfu_vs_bf16_pct"],
             float("nan") if ratio is None else ratio]
 
@@ -165,7 +218,7 @@ def table(results: list[dict]) -> str:
     head = " ".join(f"{name:{'<' if fmt == '<' else '>'}{width}}" for name, width, fmt in COLUMNS)
     lines = [head, "-" * len(head)]
     for r in results:
-        cells = zip(COLUMNS, row(r))  # a failed run has only three cells
+        cells = zip(COLUMNS, row(r))  # a failed run has only four cells
         lines.append(" ".join(f"{v:{'<' if fmt == '<' else '>'}{width}{'' if fmt == '<' else fmt}}"
                               for (_, width, fmt), v in cells))
     return "\n".join(lines)
@@ -193,20 +246,23 @@ def main(argv=None) -> int:
     peaks = {"fp32": matmul_peak(args.device, torch.float32), "bf16": matmul_peak(args.device, torch.bfloat16)}
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; "
           f"encoder matmul params {matmul_params:,}", file=sys.stderr)
-    runs = plan(args.methods)
+    runs = plan(args.methods, args.seeds, args.systems)
     results = []
-    for i, (method, system) in enumerate(runs, 1):
+    for i, (method, system, seed) in enumerate(runs, 1):
         started = time.perf_counter()
-        results.append(run_child(args, method, system))
+        results.append(run_child(args, method, system, seed))
         derive(results[-1], peaks, matmul_params, args.steps)
-        print(f"[{i}/{len(runs)}] {method} {system}: {results[-1].get('error', 'ok')} "
+        print(f"[{i}/{len(runs)}] {method} {system} seed {seed}: {results[-1].get('error', 'ok')} "
               f"({time.perf_counter() - started:.0f} s with loading and evaluation)", file=sys.stderr)
     ratios = add_ratios(results)
     print(table(results))
+    summary = paired_summary(results)
+    if len(args.seeds) > 1:
+        print("\nValidation accuracy over seeds, paired by seed:\n" + summary_table(summary))
     out = HERE / "results" / dt.datetime.now().strftime("vs_trainer-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"args": vars(args), "machine": machine(args, peaks), "encoder_matmul_params": matmul_params,
-               "ratios": ratios, "runs": results}
+               "ratios": ratios, "paired_summary": summary, "runs": results}
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"\nwritten: {out.relative_to(HERE.parent)}")
     return 1 if any("error" in r for r in results) else 0

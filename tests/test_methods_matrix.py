@@ -36,7 +36,8 @@ def train_steps(setup, job, steps):
     losses = []
     for i in range(steps):
         batch = collate(job.train, batches[i % len(batches)], setup.accelerator.device)
-        loss = setup.model(**batch).loss
+        with setup.accelerator.autocast():  # a no-op in fp32
+            loss = setup.model(**batch).loss
         loss.backward()
         setup.optimizer.step()
         setup.scheduler.step()
@@ -107,6 +108,31 @@ def test_save_then_load_gives_identical_logits(name, tiny_overrides, tmp_path):
         a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bf16_stores_frozen_matmul_weights_in_bf16_with_identical_training(name, tiny_overrides, monkeypatch):
+    """Under bf16 autocast the frozen Linear weights are kept in bf16 (no per-step casts); trainable ones
+    and their optimizer state stay fp32, and training computes exactly what it did with fp32 storage."""
+    import tunelab.runner
+
+    job = make_job(name, tiny_overrides, ["train.precision=bf16"])
+    stored = setup_method(job, name)
+    frozen = [p for m in stored.model.modules() if isinstance(m, torch.nn.Linear)
+              for p in m.parameters(recurse=False) if not p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in stored.model.parameters() if p.requires_grad)
+    assert bool(frozen) == (name not in ("full", "llrd"))  # full-model methods freeze nothing
+    losses_bf16_storage = train_steps(stored, job, 3)
+
+    monkeypatch.setattr(tunelab.runner, "store_frozen_matmul_weights", lambda model, dtype: 0)
+    plain = setup_method(job, name)
+    assert all(p.dtype == torch.float32 for p in plain.model.parameters())
+    assert train_steps(plain, job, 3) == losses_bf16_storage
+    trained = {n: p for n, p in stored.model.named_parameters() if p.requires_grad}
+    for n, p in plain.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trained[n]), n
 
 
 def test_prepare_context_is_all_a_method_needs(tiny_bert):

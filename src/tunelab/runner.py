@@ -26,7 +26,8 @@ from .train.evaluate import evaluate
 from .train import faults
 from .train.checkpoint import Checkpointer
 from .train.loop import Diverged, Interrupted, LoopHooks, TrainingLoop, TrainState, total_steps
-from .train.setup import build_optimizer, build_scheduler, make_accelerator, seed_everything
+from .train.setup import (build_optimizer, build_scheduler, make_accelerator, seed_everything,
+                          store_frozen_matmul_weights)
 
 
 def library_versions() -> dict[str, str]:
@@ -85,6 +86,8 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     base = load_classifier(job.model_path, job.num_labels, job.label_names)
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
+    if accelerator.mixed_precision == "bf16":
+        store_frozen_matmul_weights(model, torch.bfloat16)
     lr = method.resolve_lr(opts, cfg.train.lr)
     optimizer = build_optimizer(method.param_groups(model, opts, lr, cfg.train.weight_decay))
     groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],

@@ -57,6 +57,23 @@ def make_accelerator(cfg: TrainConfig):
         return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
 
 
+def store_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Keep the weights of frozen nn.Linear layers in `dtype` (bf16 under bf16 autocast).
+
+    Autocast re-casts a weight that does not require grad on every call, so an adapter method would pay
+    one cast of the whole frozen base per forward and hold the fp32 original besides. Stored in bf16, the
+    matmuls see the very same values (autocast rounds the same way) with no casts and half the memory.
+    Only Linear layers: autocast runs LayerNorm and embeddings in fp32, so those stay fp32.
+    Returns the number of parameters converted."""
+    converted = 0
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, torch.nn.Linear) and own and not any(p.requires_grad for p in own):
+            module.to(dtype)
+            converted += sum(p.numel() for p in own)
+    return converted
+
+
 def build_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
     params = [p for g in groups for p in g["params"]]
     # The fused kernel updates all tensors in one pass; it needs every parameter on one floating device.

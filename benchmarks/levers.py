@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 import tunelab
@@ -157,8 +158,42 @@ def lever_compile(setup, job, args, bucketed, plain):
             setup, job, args)
 
 
+def plain_eval_seconds(model, data, batch_size: int, device) -> float:
+    """Evaluation as Trainer does it by default: batches of 8 in data order, padded to the longest row,
+    under no_grad."""
+    started = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = collate(data, np.arange(start, min(start + batch_size, len(data))), device, 1)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    model.train()
+    return time.perf_counter() - started
+
+
+def lever_eval(setup, job, args, bucketed, plain):
+    from tunelab.train.evaluate import evaluate
+
+    model, device, data = setup.model, setup.accelerator.device, job.validation
+    tunelab_s, plain_s = [], []
+    def tunelab_eval():
+        started = time.perf_counter()
+        evaluate(model, data, job.config.train.eval_batch_size, device, job.num_labels)
+        tunelab_s.append(time.perf_counter() - started)
+
+    def plain_eval():
+        plain_s.append(plain_eval_seconds(model, data, 8, device))
+
+    for round_index in range(args.rounds):  # alternating order, as compare() does
+        for run in ((tunelab_eval, plain_eval) if round_index % 2 == 0 else (plain_eval, tunelab_eval)):
+            run()
+    a, b = statistics.median(tunelab_s), statistics.median(plain_s)
+    print(f"{'eval: sorted x64 vs data order x8':<34} sorted64: {a:.2f} s   order8: {b:.2f} s   "
+          f"sorted64 is {b / a:.3f}x the speed of order8 ({len(data)} rows)", flush=True)
+
+
 LEVERS = {"buckets": lever_buckets, "padding": lever_padding, "adamw": lever_adamw, "threads": lever_threads,
-          "dropout": lever_dropout, "attention": lever_attention, "compile": lever_compile}
+          "dropout": lever_dropout, "attention": lever_attention, "eval": lever_eval, "compile": lever_compile}
 
 
 def main() -> None:

@@ -176,6 +176,7 @@ def lever_eval(setup, job, args, bucketed, plain):
 
     model, device, data = setup.model, setup.accelerator.device, job.validation
     tunelab_s, plain_s = [], []
+
     def tunelab_eval():
         started = time.perf_counter()
         evaluate(model, data, job.config.train.eval_batch_size, device, job.num_labels)

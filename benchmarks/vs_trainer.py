@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -178,12 +179,12 @@ def paired_summary(results: list[dict]) -> list[dict]:
             acc = lambda s, seed: ok[(s, seed)]["val"]["accuracy"]
             diff_mean, diff_se = mean_se([acc("tunelab", seed) - acc(system, seed) for seed in seeds])
             rows.append({"method": method, "vs": system, "seeds": seeds,
-                         "acc_tunelab": mean_se([acc("tunelab", seed) for seed in seeds])[0],
-                         "acc_other": mean_se([acc(system, seed) for seed in seeds])[0],
+                         "acc_tunelab": fmean(acc("tunelab", seed) for seed in seeds),
+                         "acc_other": fmean(acc(system, seed) for seed in seeds),
                          "acc_diff": diff_mean, "acc_diff_se": diff_se,
-                         "time_ratio": mean_se([ok[(system, seed)]["time_ratio_vs_tunelab"] for seed in seeds])[0],
-                         "rss_diff_mb": mean_se([ok[("tunelab", seed)]["train_peak_rss_mb"]
-                                                 - ok[(system, seed)]["train_peak_rss_mb"] for seed in seeds])[0]})
+                         "time_ratio": fmean(ok[(system, seed)]["time_ratio_vs_tunelab"] for seed in seeds),
+                         "rss_diff_mb": fmean(ok[("tunelab", seed)]["train_peak_rss_mb"]
+                                              - ok[(system, seed)]["train_peak_rss_mb"] for seed in seeds)})
     return rows
 
 

@@ -86,7 +86,8 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     base = load_classifier(job.model_path, job.num_labels, job.label_names)
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
-    if accelerator.mixed_precision == "bf16":
+    if accelerator.mixed_precision == "bf16" and method.saves_adapter:
+        # only where the frozen base is never written out: a method saving the whole model must keep fp32
         store_frozen_matmul_weights(model, torch.bfloat16)
     lr = method.resolve_lr(opts, cfg.train.lr)
     optimizer = build_optimizer(method.param_groups(model, opts, lr, cfg.train.weight_decay))

@@ -42,7 +42,7 @@ def load_job(spec: dict):
     ]
     if spec["threads"]:
         overrides.append(f"train.threads={spec['threads']}")
-    return tunelab.validate(None, overrides)
+    return tunelab.validate(None, overrides + spec.get("overrides", []))  # --override wins
 
 
 def method_lr(job, method: str) -> float:
@@ -195,8 +195,17 @@ def trainer_args(job, spec: dict, out_dir: str, bf16: bool):
         lr_scheduler_type="linear", max_grad_norm=1.0, seed=spec["seed"],
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, use_cpu=spec["device"] == "cpu", bf16=bf16,
-        # transformers 5 replaced group_by_length=True with this field.
-        train_sampling_strategy="group_by_length" if best else "random")
+        **sampling_flag(best))
+
+
+def sampling_flag(group_by_length: bool) -> dict:
+    """transformers 5.2x replaced group_by_length=True with train_sampling_strategy; older ones (such as
+    the 5.17 on the GPU machine) have only the former."""
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
 
 
 def run_trainer(job, spec: dict) -> dict:
@@ -222,7 +231,9 @@ def run_trainer(job, spec: dict) -> dict:
             "tokens": sum(t for _, t in seen), "val": evaluate(trainer.model, job, spec, autocast),
             "lr": args.learning_rate, "train_loss_mean": output.training_loss, "rss_before_train_mb": rss_before,
             "train_peak_rss_mb": memory.peak_mb,
-            "flags": {"precision": "bf16" if bf16 else "fp32", "sampler": args.train_sampling_strategy,
+            "flags": {"precision": "bf16" if bf16 else "fp32",
+                      "sampler": getattr(args, "train_sampling_strategy", None)
+                      or ("group_by_length" if args.group_by_length else "random"),
                       "padding": "DataCollatorWithPadding (longest in batch)"}}
 
 

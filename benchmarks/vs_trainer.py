@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="full,llrd,lora,prompt-tuning")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tunelab config override for every run, e.g. model.name_or_path=DIR or data.train_file=F "
+                        "(repeatable; the benchmark's own sizes are set first, so these win)")
     args = p.parse_args(argv)
     args.steps = args.steps or (LARGE_STEPS if args.large else DEFAULT_STEPS)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -118,7 +121,8 @@ def child_env(args) -> dict:
 def run_child(args, method: str, system: str, seed: int) -> dict:
     spec = {"method": method, "system": system, "steps": args.steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "train_samples": args.train_samples,
-            "eval_samples": args.eval_samples, "seed": seed, "device": args.device, "threads": args.threads}
+            "eval_samples": args.eval_samples, "seed": seed, "device": args.device, "threads": args.threads,
+            "overrides": args.override}
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True,
                           env=child_env(args), cwd=HERE.parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -241,9 +245,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from tunelab.config import load_config
     from tunelab.modeling import resolve_model_path
 
-    matmul_params = encoder_matmul_params(resolve_model_path("all-MiniLM-L6-v2"))
+    model_name = load_config(None, args.override).model.name_or_path
+    matmul_params = encoder_matmul_params(resolve_model_path(model_name))
     peaks = {"fp32": matmul_peak(args.device, torch.float32), "bf16": matmul_peak(args.device, torch.bfloat16)}
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; "
           f"encoder matmul params {matmul_params:,}", file=sys.stderr)

@@ -1,0 +1,35 @@
+#!/bin/bash
+# One prepared GPU run of benchmarks/vs_trainer.py on a machine that cannot install packages.
+# benchmarks/gpu_prepare.py packs .gpu/ (model as fp16, widened back to fp32 here; the packaged data as
+# parquet; wheels the machine lacks, installed to /tmp/site). Run from the repository root: bash .gpu/run.sh
+# Environment: METHODS (default: all four, one benchmark each), BENCH_ARGS (e.g. "--steps 400 --device cuda"),
+# OUT (where logs and JSON go), SKIP_WHEELS=1 and PY=... to try it on the CPU here.
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUTDIR=${OUT:-/tmp/out}; mkdir -p "$OUTDIR"
+PY=${PY:-python3}
+if [ -z "${SKIP_WHEELS:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 3
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+MODEL=${MODEL_DIR:-/tmp/model}
+mkdir -p $MODEL && cp .gpu/model/*.json .gpu/model/vocab.txt $MODEL/
+$PY - <<PYEOF
+import torch
+from safetensors.torch import load_file, save_file
+w = load_file(".gpu/model/model.fp16.safetensors")
+save_file({k: v.float() for k, v in w.items()}, "$MODEL/model.safetensors", metadata={"format": "pt"})
+import transformers, peft, accelerate, datasets, pyarrow
+print("versions: torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
+      "peft", peft.__version__, "accelerate", accelerate.__version__, "datasets", datasets.__version__,
+      "pyarrow", pyarrow.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+PYEOF
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
+COMMON="--override model.name_or_path=$MODEL --override data.train_file=.gpu/train.parquet \
+ --override data.test_file=.gpu/test.parquet --override data.text_column=review --override data.label_column=score"
+for m in ${METHODS:-full lora llrd prompt-tuning}; do
+  $PY benchmarks/vs_trainer.py --methods $m ${BENCH_ARGS:-} $COMMON 2>&1 | grep -v -i warn | tee -a "$OUTDIR/log.txt"
+  cp benchmarks/results/vs_trainer-*.json "$OUTDIR/" 2>/dev/null
+done

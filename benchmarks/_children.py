@@ -232,8 +232,7 @@ def run_trainer(job, spec: dict) -> dict:
             "lr": args.learning_rate, "train_loss_mean": output.training_loss, "rss_before_train_mb": rss_before,
             "train_peak_rss_mb": memory.peak_mb,
             "flags": {"precision": "bf16" if bf16 else "fp32",
-                      "sampler": getattr(args, "train_sampling_strategy", None)
-                      or ("group_by_length" if args.group_by_length else "random"),
+                      "sampler": "group_by_length" if spec["system"] == "B2" else "random",  # see trainer_args
                       "padding": "DataCollatorWithPadding (longest in batch)"}}
 
 

@@ -81,10 +81,14 @@ def is_complete(path: Path) -> bool:
     return all((path / f).is_file() and (path / f).stat().st_size == size for f, size in sizes.items())
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])  # `kind-NNNNNN`
+
+
 def complete_checkpoints(folder: Path, kind: str) -> list[Path]:
     """Complete `kind-NNNNNN` checkpoints (kind: step or best), oldest first."""
     found = [p for p in folder.glob(f"{kind}-*") if p.is_dir() and is_complete(p)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
 class Checkpointer:
@@ -116,10 +120,10 @@ class Checkpointer:
 
     def restore(self, path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
         """Load checkpoint `path`; checkpoints written after it belong to the abandoned run and are removed."""
-        step = int(path.name.split("-")[1])
+        step = checkpoint_step(path)
         for kind in (STEP, BEST):
             for later in complete_checkpoints(self.folder, kind):
-                if int(later.name.split("-")[1]) > step:
+                if checkpoint_step(later) > step:
                     shutil.rmtree(later, ignore_errors=True)
         load_weights(model, torch.load(path / "trainable.pt", weights_only=True))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))

@@ -67,3 +67,71 @@ def tiny_overrides(tiny_bert, toy_data) -> list[str]:
     return [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
             f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
             "data.max_length=32", "train.batch_size=8", "train.eval_every_steps=10", "train.epochs=1"]
+
+
+# --- causal LM: a tiny Llama with a word-level tokenizer and a chat template, and a learnable Q/A task ------
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+LM_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+LM_WORDS = ["user", "assistant", "system", ":", "opposite", "of", "what", "is", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+def build_tiny_llama(folder: Path, chat_template: bool = True) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {token: i for i, token in enumerate(LM_SPECIAL + LM_WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True,
+                         initializer_range=0.3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def toy_qa_rows(n: int, seed: int = 0) -> pd.DataFrame:
+    """A learnable mapping: 'what is opposite of <positive word>' → the negative word at the same index."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        i = rng.randrange(len(POSITIVE))
+        rows.append({"prompt": f"what is opposite of {POSITIVE[i]}", "response": NEGATIVE[i]})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def toy_qa(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("toy-qa")
+    paths = {}
+    for split, n, seed in (("train", 120, 1), ("validation", 24, 2), ("test", 24, 3)):
+        paths[split] = folder / f"{split}.jsonl"
+        toy_qa_rows(n, seed).to_json(paths[split], orient="records", lines=True)
+    return paths
+
+
+@pytest.fixture
+def tiny_causal_overrides(tiny_llama, toy_qa) -> list[str]:
+    return ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={toy_qa['train']}",
+            f"data.validation_file={toy_qa['validation']}", f"data.test_file={toy_qa['test']}",
+            "data.max_length=32", "train.batch_size=8", "train.eval_every_steps=10", "train.epochs=1",
+            "causal-lm.generation_samples=4", "causal-lm.max_new_tokens=4"]
+
+
+@pytest.fixture
+def task_overrides(request, tiny_overrides, tiny_causal_overrides):
+    """Overrides for a tiny job of each registered task (a task without an entry fails the matrix)."""
+    return {"classification": tiny_overrides, "causal-lm": tiny_causal_overrides}

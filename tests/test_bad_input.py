@@ -142,7 +142,7 @@ def test_csv_with_embedded_newlines_and_quotes_loads(tmp_path, tiny_bert):
     job = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={path}", "data.max_length=32",
                           "train.batch_size=4"])
     assert len(job.train) + len(job.validation) == 40
-    assert 'a "quoted" good\nreview, with a comma' in set(job.splits.train.text) | set(job.splits.validation.text)
+    assert 'a "quoted" good\nreview, with a comma' in set(job.data.frames["train"].text) | set(job.data.frames["validation"].text)
 
 
 def test_non_empty_output_is_refused_without_overwrite(tmp_path, base_args, capsys):

@@ -1,6 +1,7 @@
 """End to end with the packaged model and data, through the real command, on a small subset."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_csv_report_and_tensorboard_runs(experiment):
     out, result = experiment
     assert len((out / "results.csv").read_text().strip().splitlines()) == 5
     report = (out / "report.md").read_text()
-    assert "| prompt-tuning | success |" in report and "Majority-class baseline" in report
+    assert "| prompt-tuning | success |" in report and "Baseline (majority class)" in report
     assert (out / "plots" / "accuracy_vs_params.png").stat().st_size > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -64,7 +65,6 @@ def test_saved_adapter_reloads_with_peft_to_the_same_predictions(experiment, met
     from transformers import AutoModelForSequenceClassification
 
     from tunelab import validate
-    from tunelab.train.evaluate import evaluate
 
     out, _ = experiment
     record = next(r for r in json.loads((out / "results.json").read_text())["methods"] if r["method"] == method)
@@ -73,7 +73,7 @@ def test_saved_adapter_reloads_with_peft_to_the_same_predictions(experiment, met
     base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=len(meta["labels"]))
     model = PeftModel.from_pretrained(base, out / "artifacts" / method)
     job = validate(None, SMALL)
-    metrics = evaluate(model, job.test, 64, torch.device("cpu"), job.num_labels)
+    metrics = job.task.evaluate(model, job.test, job.eval_setup(torch.device("cpu"), contextlib.nullcontext)).metrics
     assert metrics["accuracy"] == record["test"]["accuracy"]
     assert metrics["loss"] == pytest.approx(record["test"]["loss"], abs=1e-6)
 

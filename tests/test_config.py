@@ -33,7 +33,7 @@ def test_overrides_are_typed_and_reach_every_section():
 
 
 def test_method_lr_resolution_prefers_explicit_then_method_default_then_train_lr():
-    from tunelab.registry import get_method
+    from tunelab.methods.base import get_method
 
     cfg = load_config(None, ["train.lr=1e-4", "lora.lr=5e-3"])
     assert get_method("lora").resolve_lr(cfg.options("lora"), cfg.train.lr) == 5e-3

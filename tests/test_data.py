@@ -35,7 +35,7 @@ def test_every_format_loads_the_same_rows(suffix, tmp_path, tiny_bert):
                           "train.batch_size=4"])
     assert job.label_names == ["0", "1", "2"]
     assert len(job.train) + len(job.validation) == 90
-    texts = list(job.splits.train.text) + list(job.splits.validation.text)
+    texts = list(job.data.frames["train"].text) + list(job.data.frames["validation"].text)
     assert sorted(texts) == sorted(frame.text)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from tunelab.config import load_config
-from tunelab.job import prepare_job
+from tunelab.experiment.job import prepare_job
 from tunelab.methods.llrd import layer_depths
-from tunelab.runner import setup_method
+from tunelab.experiment.runner import setup_method
 
 
 @pytest.mark.parametrize("decay", [0.5, 0.9])

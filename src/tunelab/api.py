@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 from .config import ExperimentConfig, load_config
 from .errors import CompareInterrupted, TunelabInputError
-from .experiment import RUN_FILE, ExperimentLock, finished_records, saved_config, write_run_file
-from .job import Job, prepare_job
+from .experiment.folder import RUN_FILE, ExperimentLock, finished_records, saved_config, write_run_file
+from .experiment.job import Job, prepare_job
 
 
 @dataclass
@@ -23,6 +23,7 @@ class CompareOutcome:
     output_dir: Path
     records: list[dict[str, Any]]
     report_path: Path
+    job: dict[str, Any]  # the job summary written to results.json (task, metrics, baseline, ...)
 
     @property
     def exit_code(self) -> int:
@@ -81,9 +82,9 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     With `resume`, methods finished in `output_dir` are kept and unfinished ones continue from their
     latest complete checkpoint.
     """
+    from .experiment.results import write_results
+    from .experiment.runner import run_method
     from .report import write_report
-    from .results import write_results
-    from .runner import run_method
 
     out_dir = Path(output_dir) if output_dir else default_output_dir()
     if resume:
@@ -102,12 +103,13 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
             clear_outputs(out_dir)
         write_run_file(out_dir, cfg)
         done = finished_records(out_dir) if resume else {}
+        summary = {**job.summary(), "baseline": job.baseline()}
         records: list[dict[str, Any]] = []
         for name in cfg.methods:
             records.append(done.get(name) or run_method(job, name, out_dir, show_progress, resume))
-            payload = write_results(out_dir, records, job.summary())  # after each method: a crash keeps the rest
+            payload = write_results(out_dir, records, summary)  # after each method: a crash keeps the rest
             if records[-1]["status"] == "interrupted":
                 write_report(out_dir, payload)
                 raise CompareInterrupted(f"interrupted during {name}; partial results in {out_dir}; "
                                          f"continue with: tunelab compare --resume --output {out_dir}")
-        return CompareOutcome(out_dir, records, write_report(out_dir, payload))
+        return CompareOutcome(out_dir, records, write_report(out_dir, payload), summary)

@@ -1,4 +1,4 @@
-"""Command line: `tunelab compare`, `tunelab validate`, `tunelab ls methods`, `tunelab report`."""
+"""Command line: `tunelab compare`, `tunelab validate`, `tunelab ls methods|tasks`, `tunelab report`."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--allow-config-change", action="store_true",
                              help="with --resume: accept a config that differs from the saved one")
     ls = sub.add_parser("ls", help="list registered things")
-    ls.add_argument("what", choices=["methods"])
+    ls.add_argument("what", choices=["methods", "tasks"])
     report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
     report.add_argument("folder")
     return parser
@@ -60,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "ls":
-        from .registry import registry
+        from .methods.base import registry as methods
+        from .tasks.base import registry as tasks
 
-        for name, method in registry().items():
-            print(f"{name:<16}{method.description}")
+        for name, item in (methods() if args.what == "methods" else tasks()).items():
+            print(f"{name:<16}{item.description}")
         return 0
     if args.command == "report":
         from .report import write_report
-        from .results import read_results
+        from .experiment.results import read_results
 
         print(write_report(Path(args.folder), read_results(Path(args.folder))))
         return 0
@@ -82,12 +83,13 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     from .api import compare
     from .report import table
+    from .report.view import job_view
 
     if args.resume and not args.output:
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
     outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress,
                       resume=args.resume, allow_config_change=args.allow_config_change)
-    print("\n".join(table(outcome.records)))
+    print("\n".join(table(outcome.records, job_view({"job": outcome.job, "methods": outcome.records}))))
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code
 

@@ -1,2 +1,6 @@
-"""Every module here registers one fine-tuning method; importing the package registers them all."""
-from . import full, llrd, lora, prompt_tuning  # noqa: F401
+"""Every public module here registers one fine-tuning method; they are found by listing this folder."""
+from ..discovery import import_all
+
+
+def discover() -> None:
+    import_all(__name__, __path__)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..modeling import head_param_count
-from ..registry import Method, MethodOptions, PrepareContext
+from ..models.structure import head_param_count
+from .base import Method, MethodOptions, PrepareContext
 
 
 class PeftMethod(Method):
@@ -16,18 +16,18 @@ class PeftMethod(Method):
         raise NotImplementedError
 
     def method_params(self, base_model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> int:
-        """Trainable parameters the method adds, not counting the classification head."""
+        """Trainable parameters the method adds, not counting the task's head."""
         raise NotImplementedError
 
     def prepare(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> nn.Module:
         from peft import get_peft_model
 
-        # task_type SEQ_CLS makes peft train and save the classifier/score head with the adapter.
+        # The task's peft task type decides what peft wraps: SEQ_CLS also trains and saves the classifier head.
         return get_peft_model(model, self.peft_config(model, opts, ctx))
 
     def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions,
                                   ctx: PrepareContext) -> int:
-        return self.method_params(base_model, opts, ctx) + head_param_count(base_model)
+        return self.method_params(base_model, opts, ctx) + head_param_count(base_model, ctx.task.head_modules)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..registry import Method, MethodOptions, PrepareContext, register
+from .base import Method, MethodOptions, PrepareContext, register
 
 
 class WholeModelMethod(Method):
@@ -20,9 +20,7 @@ class WholeModelMethod(Method):
         return sum(p.numel() for p in base_model.parameters())
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
+        return type(base_model).from_pretrained(directory, local_files_only=True)
 
 
 @register

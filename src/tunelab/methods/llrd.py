@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from ..modeling import find_block_list
-from ..registry import MethodOptions, decay_split, register
+from ..models.structure import find_block_list
+from .base import MethodOptions, decay_split, register
 from .full import WholeModelMethod
 
 

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import did_you_mean
-from ..modeling import HEAD_MODULE_NAMES
-from ..registry import MethodOptions, PrepareContext, register
+from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
 
@@ -22,9 +21,11 @@ class LoraOptions(MethodOptions):
     bias: str = dataclasses.field(default="none", metadata={"choices": ["none", "all", "lora_only"]})
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+def linear_layers(model: nn.Module, head_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Linear layers LoRA may adapt: not the task's head, which trains in full; not the output embedding."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.split(".")[0] not in HEAD_MODULE_NAMES}
+            if isinstance(m, nn.Linear) and name.split(".")[0] not in head_modules and m is not output}
 
 
 def matches(module_name: str, target: str) -> bool:
@@ -47,8 +48,8 @@ class Lora(PeftMethod):
     def targets(self, model: nn.Module, opts: LoraOptions) -> list[str]:
         return list(opts.target_modules or default_targets(model) or [])
 
-    def check(self, model: nn.Module, opts: LoraOptions) -> list[str]:
-        linears = linear_layers(model)
+    def check(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> list[str]:
+        linears = linear_layers(model, ctx.task.head_modules)
         candidates = sorted({name.split(".")[-1] for name in linears})
         targets = self.targets(model, opts)
         if not targets:
@@ -59,19 +60,19 @@ class Lora(PeftMethod):
                 for t in targets if not any(matches(name, t) for name in linears)]
 
     def peft_config(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext):
-        from peft import LoraConfig, TaskType
+        from peft import LoraConfig
 
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=opts.r, lora_alpha=opts.alpha,
+        return LoraConfig(task_type=ctx.task.peft_task_type, r=opts.r, lora_alpha=opts.alpha,
                           lora_dropout=opts.dropout, target_modules=self.targets(model, opts),
                           bias=opts.bias, base_model_name_or_path=ctx.model_path)
 
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
         targets = self.targets(base_model, opts)
-        hit = {n: m for n, m in linear_layers(base_model).items() if any(matches(n, t) for t in targets)}
+        hit = {n: m for n, m in linear_layers(base_model, ctx.task.head_modules).items() if any(matches(n, t) for t in targets)}
         count = sum(opts.r * (m.in_features + m.out_features) for m in hit.values())
         if opts.bias == "lora_only":
             count += sum(m.bias.numel() for m in hit.values() if m.bias is not None)
         elif opts.bias == "all":
             count += sum(p.numel() for n, p in base_model.named_parameters()
-                         if n.endswith("bias") and n.split(".")[0] not in HEAD_MODULE_NAMES)
+                         if n.endswith("bias") and n.split(".")[0] not in ctx.task.head_modules)
         return count

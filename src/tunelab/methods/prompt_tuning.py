@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..modeling import hidden_size
-from ..registry import MethodOptions, PrepareContext, register
+from ..models.structure import hidden_size
+from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
 
@@ -29,11 +29,11 @@ class PromptTuning(PeftMethod):
         return opts.num_virtual_tokens
 
     def peft_config(self, model: nn.Module, opts: PromptTuningOptions, ctx: PrepareContext):
-        from peft import PromptTuningConfig, PromptTuningInit, TaskType
+        from peft import PromptTuningConfig, PromptTuningInit
 
         text_init = opts.init == "text"
         return PromptTuningConfig(
-            task_type=TaskType.SEQ_CLS, num_virtual_tokens=opts.num_virtual_tokens,
+            task_type=ctx.task.peft_task_type, num_virtual_tokens=opts.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.RANDOM,
             prompt_tuning_init_text=opts.init_text if text_init else None,
             tokenizer_name_or_path=ctx.tokenizer_path if text_init else None,

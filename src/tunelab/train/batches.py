@@ -43,7 +43,9 @@ def collate(data: Encoded, rows: np.ndarray, device: torch.device,
     # Rows are stored already padded, so a batch is a slice cut at its longest row.
     width = int(data.lengths[rows].max())
     width = min(-(-width // pad_multiple) * pad_multiple, data.ids.shape[1])
-    ids = torch.from_numpy(data.ids[rows, :width])
     mask = torch.from_numpy(np.arange(width)[None, :] < data.lengths[rows][:, None]).long()
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[rows])}
+    batch = {"input_ids": torch.from_numpy(data.ids[rows, :width]), "attention_mask": mask,
+             "labels": torch.from_numpy(data.labels[rows, :width] if data.per_token_labels else data.labels[rows])}
+    if data.type_ids is not None:
+        batch["token_type_ids"] = torch.from_numpy(data.type_ids[rows, :width])
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

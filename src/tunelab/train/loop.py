@@ -18,7 +18,6 @@ from torch import nn
 from ..config import TrainConfig
 from ..data import Encoded
 from .batches import collate, epoch_batches
-from .evaluate import evaluate
 from .faults import fault_point
 from .weights import load_weights, trainable_state
 
@@ -64,17 +63,27 @@ def total_steps(cfg: TrainConfig, num_train: int) -> int:
     return cfg.max_steps or math.ceil(math.ceil(num_train / cfg.batch_size) * cfg.epochs)
 
 
-def is_better(metric: str, new: float, old: float) -> bool:
-    return new < old if metric == "loss" else new > old
+@dataclass
+class Validation:
+    """How the loop scores the model: a function giving metrics, and which one decides the best state."""
+
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    metric: str
+    higher_is_better: bool
+
+    def improved(self, new: dict[str, float], best: dict[str, Any] | None) -> bool:
+        if best is None:
+            return True
+        return new[self.metric] > best[self.metric] if self.higher_is_better else new[self.metric] < best[self.metric]
 
 
 class TrainingLoop:
     def __init__(self, model: nn.Module, optimizer, scheduler, accelerator, cfg: TrainConfig,
-                 train_data: Encoded, val_data: Encoded, num_labels: int, hooks: LoopHooks | None = None,
+                 train_data: Encoded, validation: Validation, hooks: LoopHooks | None = None,
                  checkpointer=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accelerator, self.cfg = accelerator, cfg
-        self.train_data, self.val_data, self.num_labels = train_data, val_data, num_labels
+        self.train_data, self.validation = train_data, validation
         self.hooks = hooks or LoopHooks()
         self.checkpointer = checkpointer
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -163,15 +172,13 @@ class TrainingLoop:
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         self.flush(state)
-        metrics = evaluate(self.model, self.val_data, self.cfg.eval_batch_size, self.accelerator.device,
-                           self.num_labels, self.accelerator.autocast)
+        metrics = self.validation.evaluate(self.model)
         recent = state.losses[-self.cfg.log_every_steps:]
         entry = {"step": state.step, "epoch": round(state.step / max(self.steps_per_epoch(), 1), 4),
                  "train_loss": float(np.mean(recent)) if recent else None,
                  **{f"val_{k}": v for k, v in metrics.items()}}
         state.history.append(entry)
-        metric = self.cfg.metric_for_best
-        improved = state.best is None or is_better(metric, metrics[metric], state.best[metric])
+        improved = self.validation.improved(metrics, state.best)
         if improved:
             state.best = {**metrics, "step": state.step}
             state.evals_without_improvement = 0

@@ -63,12 +63,16 @@ def store_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
     Autocast re-casts a weight that does not require grad on every call, so an adapter method would pay
     one cast of the whole frozen base per forward and hold the fp32 original besides. Stored in bf16, the
     matmuls see the very same values (autocast rounds the same way) with no casts and half the memory.
-    Only Linear layers: autocast runs LayerNorm and embeddings in fp32, so those stay fp32.
+    Only Linear layers: autocast runs LayerNorm and embeddings in fp32, so those stay fp32, and so does a
+    Linear whose weight is shared with one of them (an output layer tied to the input embedding).
     Returns the number of parameters converted."""
+    shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear)
+              for p in m.parameters(recurse=False)}
     converted = 0
     for module in model.modules():
         own = list(module.parameters(recurse=False))
-        if isinstance(module, torch.nn.Linear) and own and not any(p.requires_grad for p in own):
+        if (isinstance(module, torch.nn.Linear) and own and not any(p.requires_grad for p in own)
+                and not any(id(p) in shared for p in own)):
             module.to(dtype)
             converted += sum(p.numel() for p in own)
     return converted

@@ -7,12 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-CSV_COLUMNS = [
+LEADING_COLUMNS = [
     "method", "status", "trainable_params", "total_params", "trainable_percent", "lr", "steps",
     "train_time_s", "train_samples_per_s", "train_tokens_per_s", "peak_memory_mb", "precision",
-    "best_val.accuracy", "best_val.f1_macro", "best_val.loss", "best_val.step",
-    "test.accuracy", "test.f1_macro", "test.loss", "artifact_size_mb", "artifact_dir", "error",
 ]
+TRAILING_COLUMNS = ["artifact_size_mb", "artifact_dir", "error"]
+
+
+def csv_columns(metrics: list[str]) -> list[str]:
+    """One row per run: measurements, then the task's metrics for the best checkpoint and on test."""
+    return [*LEADING_COLUMNS, *[f"best_val.{m}" for m in metrics], "best_val.step",
+            *[f"test.{m}" for m in metrics], *TRAILING_COLUMNS]
 
 
 def write_results(out_dir: Path, records: list[dict[str, Any]], job_summary: dict[str, Any]) -> dict:
@@ -23,9 +28,10 @@ def write_results(out_dir: Path, records: list[dict[str, Any]], job_summary: dic
     tmp.replace(out_dir / "results.json")  # readers never see a half-written file
     with open(out_dir / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
+        columns = csv_columns(list(job_summary.get("metrics", {})))
+        writer.writerow(columns)
         for record in records:
-            writer.writerow([lookup(record, column) for column in CSV_COLUMNS])
+            writer.writerow([lookup(record, column) for column in columns])
     return payload
 
 

@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from .errors import did_you_mean, one_of
+from ..errors import did_you_mean, one_of
 
 
 def build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:

@@ -8,8 +8,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .config import ExperimentConfig, from_dict
-from .errors import TunelabInputError
+from ..config import ExperimentConfig, from_dict
+from ..errors import TunelabInputError
 
 LOCK = ".tunelab.lock"
 RUN_FILE = "run.json"
@@ -88,3 +88,7 @@ def finished_records(folder: Path) -> dict[str, dict[str, Any]]:
         return {}
     records = json.loads(path.read_text()).get("methods", [])
     return {r["method"]: r for r in records if r.get("status") in FINISHED}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .train.loop import TrainState
+from .loop import TrainState
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

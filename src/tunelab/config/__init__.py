@@ -5,6 +5,7 @@ Every problem is collected and reported at once; nothing is trained or written b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -13,27 +14,34 @@ from typing import Any
 
 import yaml
 
-from .errors import TunelabInputError, did_you_mean, one_of
-from .registry import MethodOptions, registry
+from ..errors import TunelabInputError, did_you_mean, one_of
+from ..methods.base import MethodOptions, registry
+from ..tasks.base import TaskOptions, registry as task_registry
 from .schema import build, check_rule, coerce, to_dict
 
-DEFAULT_CONFIG = Path(__file__).parent / "default.yaml"
+DEFAULT_TASK = "classification"
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "all-MiniLM-L6-v2"
+    name_or_path: str | None = field(default=None, metadata={
+        "help": "local folder, packaged model or hub id; default: the task's packaged model"})
 
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="amazon-fine-food", metadata={
-        "help": "packaged dataset, used when data.train_file is not set"})
+    dataset: str | None = field(default=None, metadata={
+        "help": "packaged dataset, used when data.train_file is not set; default: the task's"})
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
     text_column: str | None = field(default=None, metadata={"help": "default: 'text' (or the packaged set's)"})
+    text_pair_column: str | None = field(default=None, metadata={"help": "second text of sentence pairs"})
     label_column: str | None = field(default=None, metadata={"help": "default: 'label' (or the packaged set's)"})
+    prompt_column: str | None = field(default=None, metadata={"help": "causal-lm; default: 'prompt'"})
+    response_column: str | None = field(default=None, metadata={"help": "causal-lm; default: 'response'"})
+    messages_column: str | None = field(default=None, metadata={
+        "help": "causal-lm chat data, a list of {role, content} turns; default: 'messages' when present"})
     max_length: int = field(default=128, metadata={"gt": 0})
     validation_fraction: float = field(default=0.1, metadata={"gt": 0, "le": 0.5})
     max_train_samples: int | None = field(default=None, metadata={"gt": 0})
@@ -54,7 +62,7 @@ class TrainConfig:
     eval_every_steps: int = field(default=50, metadata={"ge": 0, "help": "0: only at epoch end"})
     log_every_steps: int = field(default=10, metadata={"gt": 0})
     early_stopping_patience: int = field(default=3, metadata={"ge": 0, "help": "evaluations; 0 disables"})
-    metric_for_best: str = field(default="accuracy", metadata={"choices": ["accuracy", "f1_macro", "loss"]})
+    metric_for_best: str | None = field(default=None, metadata={"help": "one of the task's metrics; default: the task's"})
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
     checkpoint_every_steps: int = field(default=50, metadata={"ge": 0, "help": "0: only at epoch end"})
@@ -68,24 +76,42 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 @dataclass
 class ExperimentConfig:
+    task: str = DEFAULT_TASK
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: list[str] = field(default_factory=lambda: ["full", "llrd", "lora", "prompt-tuning"])
     method_options: dict[str, MethodOptions] = field(default_factory=dict)
+    task_options: TaskOptions = field(default_factory=TaskOptions)
 
     def options(self, method: str) -> MethodOptions:
         """The method's options: from the config, else the method's defaults."""
         if method not in self.method_options:
-            from .registry import get_method
+            from ..methods.base import get_method
 
             return get_method(method).Options()
         return self.method_options[method]
 
+    @property
+    def task_spec(self):
+        """The registered Task this experiment runs."""
+        return task_registry()[self.task]
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name_or_path or self.task_spec.default_model
+
+    @property
+    def metric_for_best(self) -> str:
+        return self.train.metric_for_best or self.task_spec.default_metric
+
     def to_dict(self) -> dict[str, Any]:
-        out = {name: to_dict(getattr(self, name)) for name in SECTIONS}
+        out: dict[str, Any] = {"task": self.task}
+        out.update({name: to_dict(getattr(self, name)) for name in SECTIONS})
         out["methods"] = list(self.methods)
         out.update({name: to_dict(opts) for name, opts in self.method_options.items()})
+        if dataclasses.fields(self.task_options):
+            out[self.task] = to_dict(self.task_options)
         return out
 
     def fingerprint(self) -> str:
@@ -93,15 +119,23 @@ class ExperimentConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read YAML (the packaged default when `path` is None), apply overrides, validate everything."""
+    """Read YAML (the task's packaged job when `path` is None), apply overrides, validate everything."""
     problems: list[str] = []
-    raw = read_yaml(Path(path) if path else DEFAULT_CONFIG, problems)
+    raw = read_yaml(Path(path), problems) if path else packaged_job(overrides or [])
     for item in overrides or []:
         apply_override(raw, item, problems)
     config = from_dict(raw, problems)
     if problems:
         raise TunelabInputError(problems)
     return config
+
+
+def packaged_job(overrides: list[str]) -> dict:
+    """The packaged offline job of the task named by a `task=` override (classification by default)."""
+    task = next((item.partition("=")[2].strip() for item in overrides if item.partition("=")[0].strip() == "task"),
+                DEFAULT_TASK)
+    tasks = task_registry()
+    return read_yaml(tasks[task].packaged_job(), []) if task in tasks else {}
 
 
 def read_yaml(path: Path, problems: list[str]) -> dict:
@@ -151,19 +185,47 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> None:
 
 
 def from_dict(raw: dict, problems: list[str]) -> ExperimentConfig:
-    methods_by_name = registry()
+    methods_by_name, tasks = registry(), task_registry()
     raw = copy.deepcopy(raw)
-    allowed_keys = [*SECTIONS, "methods", *methods_by_name]
+    allowed_keys = ["task", *SECTIONS, "methods", *methods_by_name, *tasks]
     for key in raw:
         if key not in allowed_keys:
             problems.append(f"{key}: unknown key{did_you_mean(str(key), allowed_keys)}; allowed: {one_of(allowed_keys)}")
+    task = parse_task(raw, tasks, problems)
     sections = {name: build(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()}
     methods = parse_methods(raw.get("methods", ExperimentConfig().methods), methods_by_name, problems)
     options = {name: build(method.Options, raw.get(name), name, problems)
                for name, method in methods_by_name.items() if name in methods or name in raw}
     for name, opts in options.items():
         check_rule(opts.lr, {"gt": 0}, f"{name}.lr", problems)
-    return ExperimentConfig(**sections, methods=methods, method_options=options)
+    task_options = build(tasks[task].Options, raw.get(task), task, problems) if task in tasks else TaskOptions()
+    if task in tasks:
+        problems += task_problems(tasks, task, raw, sections)
+    return ExperimentConfig(task=task, **sections, methods=methods, method_options=options,
+                            task_options=task_options)
+
+
+def parse_task(raw: dict, tasks: dict, problems: list[str]) -> str:
+    task = coerce(raw.get("task", DEFAULT_TASK), str, "task", problems) or DEFAULT_TASK
+    if task not in tasks:
+        problems.append(f"task: unknown task {task!r}{did_you_mean(task, tasks)}; allowed: {one_of(tasks)}")
+    return task
+
+
+def task_problems(tasks: dict, task: str, raw: dict, sections: dict) -> list[str]:
+    """Settings that belong to another task than the chosen one, and a metric the task does not have."""
+    problems = [f"{other}: options for task {other!r}, but task is {task!r}"
+                for other in tasks if other != task and other in raw]
+    mine = set(tasks[task].data_keys)
+    for other_name, other in tasks.items():
+        for key in set(other.data_keys) - mine:
+            if getattr(sections["data"], key) is not None:
+                problems.append(f"data.{key}: is for task {other_name!r}, not {task!r}; remove it or set task")
+    metric = sections["train"].metric_for_best
+    if metric is not None and metric not in tasks[task].metrics:
+        problems.append(f"train.metric_for_best: {metric!r} is not a metric of task {task!r}"
+                        f"{did_you_mean(metric, tasks[task].metrics)}; allowed: {one_of(tasks[task].metrics)}")
+    return problems
 
 
 def parse_methods(value: Any, known: dict, problems: list[str]) -> list[str]:

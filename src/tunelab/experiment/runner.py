@@ -17,17 +17,16 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .. import __version__
+from ..methods.base import get_method
+from ..train import faults
+from ..train.checkpoint import Checkpointer
+from ..train.loop import Diverged, Interrupted, LoopHooks, TrainingLoop, TrainState, Validation, total_steps
+from ..train.setup import (build_optimizer, build_scheduler, make_accelerator, seed_everything,
+                           store_frozen_matmul_weights)
+from ..train.tracking import MemoryMonitor, Tracker
+from .folder import write_json
 from .job import Job
-from .modeling import load_classifier, write_json
-from .registry import PrepareContext, get_method
-from .tracking import MemoryMonitor, Tracker
-from .train.evaluate import evaluate
-from .train import faults
-from .train.checkpoint import Checkpointer
-from .train.loop import Diverged, Interrupted, LoopHooks, TrainingLoop, TrainState, total_steps
-from .train.setup import (build_optimizer, build_scheduler, make_accelerator, seed_everything,
-                          store_frozen_matmul_weights)
 
 
 def library_versions() -> dict[str, str]:
@@ -82,8 +81,9 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     opts = cfg.options(name)
     accelerator = make_accelerator(cfg.train)
     seed_everything(cfg.train.seed)  # same seed → same head initialisation for every method
-    ctx = PrepareContext(job.model_path, job.model_path, job.num_labels)
-    base = load_classifier(job.model_path, job.num_labels, job.label_names)
+    steps = total_steps(cfg.train, len(job.train))
+    ctx = job.context(steps)
+    base = job.load_base_model()
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
     if accelerator.mixed_precision == "bf16" and method.saves_adapter:
@@ -93,7 +93,6 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     optimizer = build_optimizer(method.param_groups(model, opts, lr, cfg.train.weight_decay))
     groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                "num_params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
-    steps = total_steps(cfg.train, len(job.train))
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps)
@@ -108,22 +107,26 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     state = checkpointer.restore(latest, setup.model, setup.optimizer, setup.scheduler) if latest else TrainState()
     tracker = Tracker(out_dir / "tensorboard" / name, name, setup.total_steps, cfg.train.batch_size,
                       show_progress, start_step=state.step, start_time_s=state.train_time_s)
+    eval_setup = job.eval_setup(accelerator.device, accelerator.autocast)
+    validation = Validation(lambda model: job.task.evaluate(model, job.validation, eval_setup).metrics,
+                            cfg.metric_for_best, job.task.higher_is_better(cfg.metric_for_best))
     with graceful_interrupt() as stop_requested, MemoryMonitor(accelerator.device) as memory:
         hooks = LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval, stop_requested=stop_requested)
         trainer = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, accelerator, cfg.train,
-                               job.train, job.validation, job.num_labels, hooks, checkpointer)
+                               job.train, validation, hooks, checkpointer)
         try:
             state = trainer.run(state)
         finally:
             tracker.close()
     trainer.restore_best()
-    test = None
-    if job.test is not None:
-        test = evaluate(setup.model, job.test, cfg.train.eval_batch_size, accelerator.device, job.num_labels,
-                        accelerator.autocast)
+    test = job.task.evaluate(setup.model, job.test, eval_setup) if job.test is not None else None
+    examples = test.examples if test else []
+    if test is None and job.task.shows_examples:  # then the report's examples come from validation
+        examples = job.task.evaluate(setup.model, job.validation, eval_setup).examples
     artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / name)
     result = {**measurements(setup, state, trainer.steps_per_epoch()), **memory.report(),
-              "history": state.history, "losses": state.losses, "best_val": state.best, "test": test, **artifact}
+              "history": state.history, "losses": state.losses, "best_val": state.best,
+              "test": test.metrics if test else None, "examples": examples, **artifact}
     tracker.finish(result["peak_memory_mb"], state.step,
                    {"method": name, "lr": setup.lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
                     "trainable_params": result["trainable_params"]},
@@ -173,7 +176,7 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path) 
     method.save(model, directory)
     job.tokenizer.save_pretrained(directory)
     write_json(directory / "tunelab.json", {
-        "method": name, "base_model": job.model_path, "labels": job.label_names,
+        "method": name, "task": job.task.name, "base_model": job.model_path, "labels": job.label_names,
         "max_length": job.config.data.max_length, "format": "peft" if method.saves_adapter else "transformers",
         "options": job.config.to_dict().get(name)})
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..tasks.base import Task
 
 _REGISTRY: dict[str, "Method"] = {}
 
@@ -30,7 +33,8 @@ class PrepareContext:
 
     model_path: str
     tokenizer_path: str
-    num_labels: int
+    task: "Task"
+    total_steps: int = 0  # optimizer steps the run will take (0 where unknown, e.g. a check before training)
 
 
 class Method:
@@ -41,7 +45,7 @@ class Method:
     default_lr: ClassVar[float | None] = None
     saves_adapter: ClassVar[bool] = False
 
-    def check(self, model: nn.Module, opts: MethodOptions) -> list[str]:
+    def check(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> list[str]:
         """Problems with `opts` for this model (a skeleton on the meta device is enough)."""
         return []
 
@@ -82,7 +86,9 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def registry() -> dict[str, Method]:
-    from . import methods  # noqa: F401  (importing the package registers every method)
+    from . import discover
+
+    discover()
 
     return dict(_REGISTRY)
 

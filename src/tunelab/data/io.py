@@ -1,0 +1,90 @@
+"""Reading user data files (CSV, TSV, JSON Lines, Parquet, `datasets.save_to_disk` folders) and packaged sets
+into one pandas frame per split. Which columns matter is the task's business, not this module's."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from ..errors import TunelabInputError
+from .packaged import PACKAGED_DATASETS, load_packaged
+
+if TYPE_CHECKING:  # the config imports tasks, which import this module
+    from ..config import DataConfig
+
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLITS = ("train", "validation", "test")
+
+
+def read_frames(cfg: "DataConfig", default_dataset: str) -> dict[str, pd.DataFrame]:
+    """The user's files when `data.train_file` is set, else the packaged dataset; raises every problem."""
+    problems: list[str] = []
+    if cfg.train_file is None:
+        if cfg.validation_file or cfg.test_file:
+            problems.append("data.train_file: needed when data.validation_file or data.test_file is set")
+        name = cfg.dataset or default_dataset
+        if name not in PACKAGED_DATASETS:
+            problems.append(f"data.dataset: unknown packaged dataset {name!r}; "
+                            f"allowed: {', '.join(PACKAGED_DATASETS)} (or set data.train_file)")
+            raise TunelabInputError(problems)
+        frames = load_packaged(name, problems)
+    else:
+        frames = {}
+        for split in SPLITS:
+            path = getattr(cfg, f"{split}_file")
+            if path is not None:
+                frame = read_table(path, f"data.{split}_file", problems)
+                if frame is not None:
+                    frames[split] = frame
+    if problems:
+        raise TunelabInputError(problems)
+    return frames
+
+
+def where(cfg: "DataConfig", split: str) -> str:
+    """How to name a split's source in a message."""
+    return f"data.{split}_file" if cfg.train_file else f"data.dataset ({split})"
+
+
+def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame | None:
+    import datasets
+
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        problems.append(f"{field}: {path_text!r} does not exist")
+        return None
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if "train" not in loaded and len(loaded) != 1:
+                    problems.append(f"{field}: {path_text!r} holds splits {list(loaded)}; point at one split")
+                    return None
+                loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+            return loaded.to_pandas()
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            problems.append(f"{field}: {path_text!r} has extension {path.suffix!r}; allowed: "
+                            f"{', '.join(FILE_BUILDERS)} or a datasets.save_to_disk folder")
+            return None
+        if path.stat().st_size == 0:
+            problems.append(f"{field}: {path_text!r} is empty")
+            return None
+        if builder != "parquet":
+            path.read_bytes().decode("utf-8")  # a clear error beats one from deep inside the CSV reader
+        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split", **kwargs)
+        return loaded.to_pandas()
+    except UnicodeDecodeError as exc:
+        problems.append(f"{field}: {path_text!r} is not UTF-8 text (bad byte at offset {exc.start})")
+    except Exception as exc:  # the readers raise many kinds; the user needs the cause, not a traceback
+        if "corresponds to no data" in str(exc):  # datasets' way of saying: a header and no rows
+            problems.append(f"{field}: {path_text!r} has no rows")
+            return None
+        cause = exc.__cause__ or exc.__context__ or exc
+        problems.append(f"{field}: could not read {path_text!r} ({type(cause).__name__}: "
+                        f"{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''})")
+    return None

@@ -1,0 +1,163 @@
+"""Everything a comparison needs before training, checked up front: model, tokenizer, data, method options.
+
+`prepare_job` is what `tunelab validate` runs; `tunelab compare` runs it too before anything is written,
+so every input problem surfaces at once, with exit code 2, before a single step is trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from ..config import ExperimentConfig
+from ..data import pad_token_id, read_frames, with_packaged_defaults
+from ..errors import TunelabInputError
+from ..methods.base import PrepareContext, get_method
+from ..models.loading import (load_pretrained, load_tokenizer, read_model_config, resolve_model_path,
+                              skeleton)
+from ..models.structure import max_positions
+from ..tasks.base import EvalSetup, Task, TaskData
+
+
+@dataclass
+class Job:
+    config: ExperimentConfig
+    task: Task
+    model_path: str
+    tokenizer: Any
+    data: TaskData
+
+    @property
+    def train(self):
+        return self.data.train
+
+    @property
+    def validation(self):
+        return self.data.validation
+
+    @property
+    def test(self):
+        return self.data.test
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.data.info.get("labels")
+
+    def context(self, total_steps: int = 0) -> PrepareContext:
+        return PrepareContext(self.model_path, self.model_path, self.task, total_steps)
+
+    def load_base_model(self) -> nn.Module:
+        """A fresh copy of the pretrained model in the task's class."""
+        return self.task.prepare_model(load_pretrained(self.model_path, self.task, self.data.info), self.tokenizer)
+
+    def eval_setup(self, device, autocast) -> EvalSetup:
+        return EvalSetup(self.config.train.eval_batch_size, device, autocast, self.tokenizer,
+                         self.config.task_options)
+
+    def baseline(self) -> dict[str, Any]:
+        """The task's reference row (majority class, untrained model), evaluated as the methods will be."""
+        from ..train.setup import make_accelerator
+
+        accelerator = make_accelerator(self.config.train)
+        return self.task.baseline(self.data, self.load_base_model,
+                                  self.eval_setup(accelerator.device, accelerator.autocast))
+
+    def summary(self) -> dict[str, Any]:
+        train = self.data.train
+        return {"task": self.task.name, "model_path": self.model_path,
+                "metrics": dict(self.task.metrics), "metric_for_best": self.config.metric_for_best,
+                "train_rows": len(train), "validation_rows": len(self.validation),
+                "validation_source": self.data.validation_source,
+                "test_rows": len(self.test) if self.test is not None else 0,
+                "mean_train_tokens": float(train.lengths.mean()) if len(train) else 0.0,
+                **self.task.summary(self.data)}
+
+
+def prepare_job(cfg: ExperimentConfig) -> Job:
+    problems: list[str] = []
+    task = cfg.task_spec
+    # the job records what it actually uses: the packaged model and dataset, and that dataset's columns
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=cfg.model_name),
+                              data=with_packaged_defaults(cfg.data, task.default_dataset))
+    model_path, tokenizer, model_config = _attempt(problems, _load_model_side, cfg) or (None, None, None)
+    frames, source = _attempt(problems, load_frames, cfg, task) or (None, None)
+    if model_config is not None:
+        problems += length_problems(cfg, model_config)
+        problems += method_problems(cfg, model_path, task)
+    if frames is not None and cfg.train.batch_size > len(frames["train"]):
+        problems.append(f"train.batch_size: {cfg.train.batch_size} is larger than the "
+                        f"{len(frames['train'])} training rows; use at most {len(frames['train'])}")
+    if problems:
+        raise TunelabInputError(problems)
+    data = task.encode(frames, tokenizer, cfg)
+    data.validation_source, data.frames = source, frames
+    return Job(cfg, task, model_path, tokenizer, data)
+
+
+def load_frames(cfg: ExperimentConfig, task: Task) -> tuple[dict[str, pd.DataFrame], str]:
+    """Read the data, let the task check its columns, then carve and cap the splits."""
+    frames = read_frames(cfg.data, task.default_dataset)
+    problems = task.check_frames(frames, cfg)
+    if problems:
+        raise TunelabInputError(problems)
+    return task.split(frames, cfg)
+
+
+def _attempt(problems: list[str], fn, *args):
+    """Run one independent check, keeping its problems so the others still run."""
+    try:
+        return fn(*args)
+    except TunelabInputError as exc:
+        problems += exc.problems
+        return None
+
+
+def _load_model_side(cfg: ExperimentConfig):
+    model_path = resolve_model_path(cfg.model_name)
+    model_config = read_model_config(model_path)
+    if not has_weights(model_path):
+        raise TunelabInputError([f"model.name_or_path: {model_path!r} has a config but no weight files "
+                                 "(*.safetensors, *.bin); refusing to train random weights"])
+    tokenizer = load_tokenizer(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token_id = pad_token_id(tokenizer)
+    return model_path, tokenizer, model_config
+
+
+def has_weights(model_path: str) -> bool:
+    folder = Path(model_path)
+    return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.gguf", "*.index.json"))
+
+
+def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
+    limit = max_positions(model_config)
+    if limit is None:
+        return []
+    problems = []
+    if cfg.data.max_length > limit:
+        problems.append(f"data.max_length: {cfg.data.max_length} is more than the model supports; "
+                        f"allowed: 1..{limit}")
+    for name in cfg.methods:
+        extra = get_method(name).extra_positions(cfg.options(name))
+        if extra and cfg.data.max_length <= limit < cfg.data.max_length + extra:
+            problems.append(f"{name}: data.max_length {cfg.data.max_length} + {extra} virtual tokens exceeds "
+                            f"the model's {limit} positions; lower data.max_length to {limit - extra}")
+    return problems
+
+
+def method_problems(cfg: ExperimentConfig, model_path: str, task: Task) -> list[str]:
+    try:
+        structure = skeleton(model_path, task, {})
+    except TunelabInputError as exc:
+        return exc.problems
+    except Exception as exc:
+        return [f"model.name_or_path: {model_path!r} cannot be built for task {task.name!r} ({exc})"]
+    ctx = PrepareContext(model_path, model_path, task)
+    problems = []
+    for name in cfg.methods:
+        problems += get_method(name).check(structure, cfg.options(name), ctx)
+    return problems

@@ -1,0 +1,41 @@
+"""Reading a model's structure generically: block stack, head size, hidden size, position limit."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            # RoBERTa-style models reserve two positions for padding offsets.
+            return value - 2 if getattr(config, "model_type", "") in ("roberta", "xlm-roberta") else value
+    return None
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of transformer blocks: the longest ModuleList whose children share one class.
+
+    Works for BERT (`bert.encoder.layer`), Llama (`model.layers`), GPT-2 (`transformer.h`) and the like
+    without naming any of them.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"no stack of transformer blocks found in {type(model).__name__}")
+    return best
+
+
+def head_param_count(model: nn.Module, head_modules: tuple[str, ...]) -> int:
+    """Parameters of the task's head (top-level modules by name)."""
+    return sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in head_modules)
+
+
+def hidden_size(config) -> int:
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ValueError("model config has no hidden size")

@@ -1,0 +1,132 @@
+"""report.md: the comparison table, the baseline, a plain-language reading and the plots."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .plots import write_plots
+from .view import arrow, baseline_value, job_view, ordered_metrics
+
+CLEAR_MARGIN = 0.02  # over the baseline: absolute for scores in [0, 1], relative for losses
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    if value is None or value == "":
+        return "–"
+    return format(value, spec) if spec else str(value)
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def table(records: list[dict], job: dict[str, Any]) -> list[str]:
+    metrics = ordered_metrics(job)
+    headers = ["method", "status", "trainable params", "% of total", "peak memory (MB)", "train time (s)",
+               "samples/s", "tokens/s", f"best val {metrics[0]} {arrow(job, metrics[0])}",
+               *[f"test {m} {arrow(job, m)}" for m in metrics]]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---:|" * (len(headers) - 2)]
+    for r in records:
+        val, test = r.get("best_val") or {}, r.get("test") or {}
+        lines.append(" | ".join([
+            f"| {r['method']}", r["status"], human_count(r.get("trainable_params")),
+            fmt(r.get("trainable_percent"), ".3f"), fmt(r.get("peak_memory_mb"), ".0f"),
+            fmt(r.get("train_time_s"), ".1f"), fmt(r.get("train_samples_per_s"), ".1f"),
+            fmt(r.get("train_tokens_per_s"), ".0f"), fmt(val.get(metrics[0]), ".3f"),
+            *[fmt(test.get(m), ".3f") for m in metrics]]) + " |")
+    return lines
+
+
+def baseline_lines(job: dict[str, Any]) -> list[str]:
+    baseline = job.get("baseline") or {}
+    if not baseline:
+        return []
+    parts = []
+    for split in ("validation", "test"):
+        values = baseline.get(split) or {}
+        shown = ", ".join(f"{m} {fmt(values.get(m), '.3f')}" for m in ordered_metrics(job) if m in values)
+        if shown:
+            parts.append(f"{split}: {shown}")
+    return [f"Baseline ({baseline.get('name', 'reference')}): {'; '.join(parts)}."]
+
+
+def beats(job: dict[str, Any], metric: str, value: float, reference: float) -> bool:
+    if job["metrics"].get(metric) == "lower":
+        return value < reference - CLEAR_MARGIN * abs(reference)
+    return value > reference + CLEAR_MARGIN
+
+
+def reading(records: list[dict], job: dict[str, Any]) -> list[str]:
+    """A few plain sentences drawn from the numbers; no claim is made that the table does not show."""
+    ok = [r for r in records if r["status"] == "success"]
+    notes = [f"- **{r['method']}** did not finish ({r['status']}): {r.get('error')}"
+             for r in records if r["status"] != "success"]
+    if not ok:
+        return notes or ["- No method finished."]
+    metric = ordered_metrics(job)[0]
+    split = "test" if all(r.get("test") for r in ok) else "best_val"
+    score = {r["method"]: r[split][metric] for r in ok}
+    higher = job["metrics"].get(metric) == "higher"
+    best = (max if higher else min)(score, key=score.get)
+    reference = baseline_value(job, "test" if split == "test" else "validation", metric)
+    against = f"; the baseline is {reference:.3f}" if reference is not None else ""
+    notes.append(f"- Best {split.replace('_', ' ')} {metric} ({'higher' if higher else 'lower'} is better): "
+                 f"**{best}** ({score[best]:.3f}){against}.")
+    if reference is not None:
+        weak = [m for m, v in score.items() if not beats(job, metric, v, reference)]
+        if weak:
+            notes.append(f"- Not clearly better than the baseline (by {CLEAR_MARGIN:.0%}): {', '.join(weak)}. "
+                         "These need more steps, a different learning rate, or more data before they say anything.")
+    close = [r for r in ok if not beats(job, metric, score[best], score[r["method"]])]
+    lean = min(close, key=lambda r: r["trainable_params"])
+    if lean["method"] != best:
+        notes.append(f"- **{lean['method']}** comes within {CLEAR_MARGIN:.0%} of the best while training "
+                     f"{human_count(lean['trainable_params'])} parameters ({lean['trainable_percent']:.2f} % of "
+                     f"the model), and saves a {lean['artifact_size_mb']:.1f} MB artifact.")
+    fastest = max(ok, key=lambda r: r["train_samples_per_s"])
+    slowest = min(ok, key=lambda r: r["train_samples_per_s"])
+    notes.append(f"- Fastest to train: **{fastest['method']}** ({fastest['train_samples_per_s']:.1f} samples/s, "
+                 f"{fastest['train_samples_per_s'] / slowest['train_samples_per_s']:.2f}× {slowest['method']}).")
+    low_mem = min(ok, key=lambda r: r["peak_memory_mb"])
+    notes.append(f"- Lowest peak memory: **{low_mem['method']}** ({low_mem['peak_memory_mb']:.0f} MB).")
+    return notes
+
+
+def task_lines(payload: dict[str, Any], job: dict[str, Any]) -> list[str]:
+    """What the task adds (e.g. sample generations); nothing for a task no longer installed."""
+    from ..tasks.base import registry
+
+    task = registry().get(job["task"])
+    return task.report_lines({**payload, "job": job}) if task else []
+
+
+def write_report(out_dir: Path, payload: dict) -> Path:
+    records, job = payload["methods"], job_view(payload)
+    plots = write_plots(out_dir, records, job)
+    cfg = next((r["config"] for r in records if r.get("config")), {})
+    train = cfg.get("train", {})
+    labels = f"; labels {', '.join(map(str, job['labels']))}" if job.get("labels") else ""
+    lines = [
+        "# tunelab comparison", "",
+        f"Task `{job['task']}`, model `{job.get('model_path')}`; {job.get('train_rows')} train / "
+        f"{job.get('validation_rows')} validation ({job.get('validation_source')}) / {job.get('test_rows')} test "
+        f"rows{labels}. Every method: {train.get('epochs')} epoch(s), batch {train.get('batch_size')}, max length "
+        f"{cfg.get('data', {}).get('max_length')}, seed {train.get('seed')}.",
+        "", *table(records, job), "", *baseline_lines(job),
+        f"↑ higher is better, ↓ lower is better. Test numbers are for the checkpoint with the best validation "
+        f"{job['metric_for_best']}; time and throughput count training steps only (evaluation excluded); peak "
+        "memory is the process's resident set while the method trained.",
+        "", "## Reading", "", *reading(records, job), "", *task_lines(payload, job),
+    ]
+    if job.get("dropped_rows"):
+        lines += ["Rows left out of the data: " + "; ".join(f"{k}: {v}" for k, v in job["dropped_rows"].items()), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

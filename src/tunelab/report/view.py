@@ -1,0 +1,34 @@
+"""What the report needs from a results.json, also from files written before tasks existed."""
+from __future__ import annotations
+
+from typing import Any
+
+# results.json files from before the task layer: classification only, majority baseline in two fields.
+LEGACY_METRICS = {"accuracy": "higher", "f1_macro": "higher", "loss": "lower"}
+
+
+def job_view(payload: dict[str, Any]) -> dict[str, Any]:
+    job = dict(payload.get("job") or {})
+    job.setdefault("task", "classification")
+    job.setdefault("metrics", LEGACY_METRICS)
+    cfg = next((r["config"] for r in payload.get("methods", []) if r.get("config")), {})
+    job.setdefault("metric_for_best", (cfg.get("train") or {}).get("metric_for_best") or "accuracy")
+    if "baseline" not in job and "majority_baseline_validation" in job:
+        job["baseline"] = {"name": "majority class",
+                           "validation": {"accuracy": job["majority_baseline_validation"]},
+                           "test": {"accuracy": job.get("majority_baseline_test")}}
+    return job
+
+
+def ordered_metrics(job: dict[str, Any]) -> list[str]:
+    """The metric that picks the best checkpoint first, then the task's others."""
+    primary = job["metric_for_best"]
+    return [primary, *[m for m in job["metrics"] if m != primary]]
+
+
+def arrow(job: dict[str, Any], metric: str) -> str:
+    return "↑" if job["metrics"].get(metric, "higher") == "higher" else "↓"
+
+
+def baseline_value(job: dict[str, Any], split: str, metric: str) -> float | None:
+    return ((job.get("baseline") or {}).get(split) or {}).get(metric)

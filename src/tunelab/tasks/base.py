@@ -1,0 +1,143 @@
+"""The task protocol and the registry of tasks.
+
+A task is one module in `tunelab.tasks` that subclasses `Task` and decorates it with `@register`. It owns
+everything that depends on what is being learned: which data columns it reads and how it checks them,
+how rows become token ids and labels, which model class and PEFT task type it uses, which modules form
+the trainable head, how it evaluates (metrics, each with a direction), its baseline and what the report
+adds. The loop, the methods, the runner and the report only go through this protocol.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..data import Encoded
+
+_REGISTRY: dict[str, "Task"] = {}
+HIGHER, LOWER = "higher", "lower"
+
+
+@dataclass
+class TaskOptions:
+    """A task's own options (section named after the task); a task with options subclasses this."""
+
+
+@dataclass
+class TaskData:
+    """The encoded splits of a job, what the model needs to know about them (`info`, e.g. label names)
+    and what was left out and why (`dropped`: reason → rows)."""
+
+    train: Encoded
+    validation: Encoded
+    test: Encoded | None
+    info: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    validation_source: str = "file"
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # the rows behind each split, as read
+
+
+@dataclass
+class EvalSetup:
+    """How to run a model for evaluation; the task decides what to compute."""
+
+    batch_size: int
+    device: torch.device
+    autocast: Callable = contextlib.nullcontext
+    tokenizer: Any = None
+    options: TaskOptions = field(default_factory=TaskOptions)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    examples: list[dict[str, str]] = field(default_factory=list)  # shown in the report (e.g. generations)
+
+
+class Task:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    peft_task_type: ClassVar[str]              # peft.TaskType member name: SEQ_CLS, CAUSAL_LM, ...
+    metrics: ClassVar[dict[str, str]]          # metric → HIGHER or LOWER is better
+    default_metric: ClassVar[str]              # train.metric_for_best when not set
+    default_model: ClassVar[str]               # model.name_or_path when not set
+    default_dataset: ClassVar[str]             # data.dataset when neither it nor data.train_file is set
+    data_keys: ClassVar[tuple[str, ...]] = ()  # task-specific `data.*` keys this task reads
+    head_modules: ClassVar[tuple[str, ...]] = ()  # top-level modules created fresh and trained in full
+    shows_examples: ClassVar[bool] = False     # evaluate() returns examples the report shows
+
+    # --- data -------------------------------------------------------------------------------------
+    def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
+        """Problems with the loaded frames (columns, labels), before anything is tokenized."""
+        return []
+
+    def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
+        """Frames for train/validation(/test) after carving and capping, and where validation came from."""
+        raise NotImplementedError
+
+    def encode(self, frames: dict[str, pd.DataFrame], tokenizer, cfg) -> TaskData:
+        """Tokenize once; raise TunelabInputError when nothing trainable remains."""
+        raise NotImplementedError
+
+    # --- model ------------------------------------------------------------------------------------
+    def auto_class(self):
+        """The transformers Auto class that builds the model for this task."""
+        raise NotImplementedError
+
+    def model_kwargs(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments (e.g. the number of labels)."""
+        return {}
+
+    def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
+        """Last touches after loading (e.g. a pad token id for decoder models)."""
+        return model
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, data: Encoded, setup: EvalSetup) -> Evaluation:
+        raise NotImplementedError
+
+    def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
+        """Reference metrics every method must beat: {"validation": {...}, "test": {...}} and what the
+        report shows next to them (e.g. "examples")."""
+        raise NotImplementedError
+
+    def report_lines(self, payload: dict[str, Any]) -> list[str]:
+        """Task-specific report sections, from results.json alone."""
+        return []
+
+    def summary(self, data: TaskData) -> dict[str, Any]:
+        """What `validate` prints and results.json keeps about the data."""
+        return {}
+
+    def higher_is_better(self, metric: str) -> bool:
+        return self.metrics[metric] == HIGHER
+
+    def packaged_job(self) -> Path:
+        """The YAML of this task's packaged offline job, beside the task's module."""
+        import sys
+
+        return Path(sys.modules[type(self).__module__].__file__).with_name(f"{self.name}.yaml")
+
+
+def register(cls: type[Task]) -> type[Task]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"task {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def registry() -> dict[str, Task]:
+    from . import discover
+
+    discover()
+    return dict(_REGISTRY)
+
+
+def get_task(name: str) -> Task:
+    return registry()[name]

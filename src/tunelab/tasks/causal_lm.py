@@ -1,0 +1,261 @@
+"""Causal-LM instruction tuning (SFT): prompt → response, loss on the response tokens only.
+
+Rows come from prompt/response columns or a chat `messages` column (a list of {role, content} turns whose
+last turn is the assistant's answer). With a chat template the tokenizer's own template frames the prompt;
+without one the prompt is followed by a newline and the response by the end-of-sequence token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..data import IGNORE_INDEX, Encoded, pad_rows, pad_token_id, split_frames, where
+from ..errors import TunelabInputError
+from ..train.batches import collate, eval_batches
+from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, TaskOptions, register
+from ._generation import exact_match, generate, token_f1
+
+LOGITS_BUDGET = 2**26  # logits held at once during evaluation (floats): 256 MB, whatever the vocabulary
+
+
+@dataclass
+class CausalLMOptions(TaskOptions):
+    generation_samples: int = dataclasses.field(default=16, metadata={
+        "ge": 0, "help": "held-out rows answered greedily at every evaluation (exact match, token F1)"})
+    max_new_tokens: int = dataclasses.field(default=32, metadata={"gt": 0})
+    report_examples: int = dataclasses.field(default=4, metadata={"ge": 0, "help": "generations shown in the report"})
+
+
+@register
+class CausalLM(Task):
+    name = "causal-lm"
+    description = "Causal-LM instruction tuning: loss on response tokens, perplexity, greedy-answer EM/F1"
+    Options = CausalLMOptions
+    peft_task_type = "CAUSAL_LM"
+    metrics = {"loss": LOWER, "perplexity": LOWER, "exact_match": HIGHER, "token_f1": HIGHER}
+    default_metric = "loss"
+    default_model = "SmolLM2-135M-Instruct"
+    default_dataset = "chatterbot-english"
+    data_keys = ("prompt_column", "response_column", "messages_column")
+    shows_examples = True
+
+    def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
+        problems = []
+        for split, frame in frames.items():
+            columns = needed_columns(frames["train"], cfg)
+            missing = [(key, col) for key, col in columns.items() if col not in frame.columns]
+            if missing:
+                key, col = missing[0]
+                problems.append(f"{key}: column {col!r} not in {where(cfg.data, split)}; columns are: "
+                                f"{', '.join(map(str, frame.columns))} (set data.prompt_column and "
+                                "data.response_column, or data.messages_column for chat data)")
+            elif len(frame) == 0:
+                problems.append(f"{where(cfg.data, split)}: has no rows")
+        return problems
+
+    def split(self, frames, cfg):
+        return split_frames(frames, cfg.data, None, cfg.train.seed)
+
+    def encode(self, frames: dict[str, pd.DataFrame], tokenizer, cfg) -> TaskData:
+        encoded, dropped = {}, {}
+        for split, frame in frames.items():
+            encoded[split], reasons = encode_rows(frame, tokenizer, cfg)
+            dropped.update({f"{split}: {reason}": n for reason, n in reasons.items() if n})
+        empty = [s for s in ("train", "validation") if len(encoded[s]) == 0]
+        if empty:
+            raise TunelabInputError([f"data: no usable rows left in {', '.join(empty)} "
+                                     f"(dropped: {dropped or 'none'}); every row needs a prompt and a "
+                                     f"non-empty response that fit in data.max_length={cfg.data.max_length}"])
+        return TaskData(encoded["train"], encoded["validation"], encoded.get("test"), dropped=dropped)
+
+    def auto_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id(tokenizer)
+        return model
+
+    def evaluate(self, model: nn.Module, data: Encoded, setup: EvalSetup) -> Evaluation:
+        loss = response_loss(model, data, setup)
+        opts: CausalLMOptions = setup.options
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        rows = sample_rows(len(data), opts.generation_samples)
+        if not len(rows):
+            return Evaluation(metrics)
+        outputs = generate(model, data, rows, setup, opts.max_new_tokens)
+        examples = [{"prompt": data.prompt_texts[r],
+                     "reference": decode(setup.tokenizer, data.ids[r, data.prompt_lengths[r]:data.lengths[r]]),
+                     "output": out} for r, out in zip(rows, outputs)]
+        metrics["exact_match"] = float(np.mean([exact_match(e["output"], e["reference"]) for e in examples]))
+        metrics["token_f1"] = float(np.mean([token_f1(e["output"], e["reference"]) for e in examples]))
+        return Evaluation(metrics, examples[: opts.report_examples])
+
+    def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
+        """The untrained model: what fine-tuning has to improve on."""
+        model = load_model().to(setup.device)
+        out: dict[str, Any] = {"name": "untrained model"}
+        for split in ("validation", "test"):
+            encoded = getattr(data, split)
+            if encoded is not None and len(encoded):
+                result = self.evaluate(model, encoded, setup)
+                out[split] = result.metrics
+                out["examples"] = result.examples  # the test split's, when there is one
+        return out
+
+    def summary(self, data: TaskData) -> dict[str, Any]:
+        return {"dropped_rows": data.dropped, "mean_response_tokens":
+                float(np.mean(data.train.lengths - data.train.prompt_lengths)) if len(data.train) else 0.0}
+
+    def report_lines(self, payload: dict[str, Any]) -> list[str]:
+        return sample_generations_section(payload)
+
+
+def needed_columns(train: pd.DataFrame, cfg) -> dict[str, str]:
+    data = cfg.data
+    if not (data.prompt_column or data.response_column) and data.messages_column in train.columns:
+        return {"data.messages_column": data.messages_column}
+    return {"data.prompt_column": data.prompt_column or "prompt",
+            "data.response_column": data.response_column or "response"}
+
+
+def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str, int]]:
+    """Each row as chat turns (the last one the assistant's), plus rows dropped per reason."""
+    dropped = {"empty response": 0, "empty prompt": 0, "messages not a list of {role, content} ending "
+               "with an assistant turn": 0}
+    chats = []
+    columns = needed_columns(frame, cfg)
+    if "data.messages_column" in columns:
+        for value in frame[columns["data.messages_column"]].tolist():
+            turns = as_turns(value)
+            if turns is None:
+                dropped["messages not a list of {role, content} ending with an assistant turn"] += 1
+            elif not turns[-1]["content"].strip():
+                dropped["empty response"] += 1
+            else:
+                chats.append(turns)
+        return chats, dropped
+    prompts = frame[columns["data.prompt_column"]].tolist()
+    responses = frame[columns["data.response_column"]].tolist()
+    for prompt, response in zip(prompts, responses):
+        prompt, response = text_or_empty(prompt), text_or_empty(response)
+        if not response.strip():
+            dropped["empty response"] += 1
+        elif not prompt.strip():
+            dropped["empty prompt"] += 1
+        else:
+            chats.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    return chats, dropped
+
+
+def text_or_empty(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def as_turns(value) -> list[dict] | None:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    try:
+        turns = [{"role": str(t["role"]), "content": text_or_empty(t["content"])} for t in list(value)]
+    except (TypeError, KeyError):
+        return None
+    return turns if len(turns) >= 2 and turns[-1]["role"] == "assistant" else None
+
+
+def prompt_and_response(turns: list[dict], tokenizer) -> tuple[str, str]:
+    """The prompt text (up to where the answer starts) and the response text, end marker included."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(turns[:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(turns, tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+    prompt = "\n".join(t["content"] for t in turns[:-1]) + "\n"
+    return prompt, turns[-1]["content"] + (tokenizer.eos_token or "")
+
+
+def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str, int]]:
+    """Prompt and response tokenized apart (as at generation time); labels only on the response."""
+    chats, dropped = conversations(frame, cfg)
+    texts = [prompt_and_response(turns, tokenizer) for turns in chats]
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    prompts = tokenizer([p for p, _ in texts], add_special_tokens=not templated)["input_ids"] if texts else []
+    responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"] if texts else []
+    rows, labels, prompt_lengths, prompt_texts = [], [], [], []
+    too_long = f"prompt fills data.max_length={cfg.data.max_length}"
+    dropped[too_long] = 0
+    for turns, prompt, response in zip(chats, prompts, responses):
+        room = cfg.data.max_length - len(prompt)
+        if room <= 0:
+            dropped[too_long] += 1
+            continue
+        response = response[:room]
+        rows.append(prompt + response)
+        labels.append([IGNORE_INDEX] * len(prompt) + response)
+        prompt_lengths.append(len(prompt))
+        prompt_texts.append(turns[-2]["content"])
+    ids, lengths = pad_rows(rows, pad_token_id(tokenizer))
+    label_table, _ = pad_rows(labels, IGNORE_INDEX)
+    return Encoded(ids, lengths, label_table, prompt_lengths=np.array(prompt_lengths, dtype=np.int64),
+                   prompt_texts=prompt_texts), dropped
+
+
+def response_loss(model: nn.Module, data: Encoded, setup: EvalSetup) -> float:
+    """Mean cross-entropy per response token over the whole split (not a mean of batch means)."""
+    was_training = model.training
+    model.eval()
+    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else 50_000
+    rows_per_batch = max(1, min(setup.batch_size, LOGITS_BUDGET // (data.ids.shape[1] * vocab)))
+    total = torch.zeros((), dtype=torch.float64, device=setup.device)
+    count = 0
+    with torch.inference_mode(), setup.autocast():
+        for rows in eval_batches(data.lengths, rows_per_batch):
+            batch = collate(data, rows, setup.device)
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += model(**batch).loss.double() * tokens  # the model's loss is the mean over these tokens
+            count += tokens
+    model.train(was_training)
+    return float(total) / max(count, 1)
+
+
+def sample_rows(n: int, k: int) -> np.ndarray:
+    """Up to k rows spread evenly over the split, always the same ones."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).astype(np.int64)) if n and k else np.array([], dtype=np.int64)
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+
+def sample_generations_section(payload: dict[str, Any]) -> list[str]:
+    baseline = (payload.get("job") or {}).get("baseline") or {}
+    untrained = baseline.get("examples") or []
+    trained = [(r["method"], r.get("examples") or []) for r in payload.get("methods", []) if r.get("examples")]
+    if not untrained and not trained:
+        return []
+    lines = ["## Sample generations (test split, greedy)", ""]
+    for i, example in enumerate(untrained or trained[0][1]):
+        lines += [f"**Prompt {i + 1}:** {one_line(example['prompt'])}", "",
+                  f"- reference: {one_line(example['reference'])}"]
+        if untrained:
+            lines.append(f"- untrained model: {one_line(example['output'])}")
+        lines += [f"- {method}: {one_line(items[i]['output'])}" for method, items in trained if i < len(items)]
+        lines.append("")
+    return lines
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + " …"

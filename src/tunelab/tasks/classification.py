@@ -1,0 +1,174 @@
+"""Sequence classification: one text (or a pair of texts) → one of the labels seen in train."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..data import Encoded, pad_rows, pad_token_id, split_frames, where
+from ..errors import TunelabInputError
+from ..train.batches import collate, eval_batches
+from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, register
+
+
+def text_column(cfg) -> str:
+    return cfg.data.text_column or "text"
+
+
+def label_column(cfg) -> str:
+    return cfg.data.label_column or "label"
+
+
+@register
+class Classification(Task):
+    name = "classification"
+    description = "Sequence classification (single text or sentence pair) with a fresh classification head"
+    peft_task_type = "SEQ_CLS"
+    metrics = {"accuracy": HIGHER, "f1_macro": HIGHER, "loss": LOWER}
+    default_metric = "accuracy"
+    default_model = "all-MiniLM-L6-v2"
+    default_dataset = "amazon-fine-food"
+    data_keys = ("text_column", "text_pair_column", "label_column")
+    # Names transformers' *ForSequenceClassification models give their head.
+    head_modules = ("classifier", "score")
+
+    def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
+        problems: list[str] = []
+        for split, frame in frames.items():
+            problems += check_columns(frame, where(cfg.data, split), cfg)
+        if not problems:
+            problems += check_labels(frames, label_column(cfg), cfg)
+        return problems
+
+    def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
+        return split_frames(frames, cfg.data, label_column(cfg), cfg.train.seed)
+
+    def encode(self, frames: dict[str, pd.DataFrame], tokenizer, cfg) -> TaskData:
+        names = label_names(frames["train"][label_column(cfg)])
+        encoded = {split: encode_rows(frame, names, tokenizer, cfg) for split, frame in frames.items()}
+        return TaskData(encoded["train"], encoded["validation"], encoded.get("test"), info={"labels": names})
+
+    def auto_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self, info: dict[str, Any]) -> dict[str, Any]:
+        names = info.get("labels") or ["0", "1"]
+        return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                "label2id": {n: i for i, n in enumerate(names)}}
+
+    def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
+        if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+            model.config.pad_token_id = model.config.eos_token_id  # decoder models pick the last real token
+        return model
+
+    def evaluate(self, model: nn.Module, data: Encoded, setup: EvalSetup) -> Evaluation:
+        preds, loss = predict(model, data, setup)
+        return Evaluation({**classification_metrics(preds, data.labels, model.config.num_labels), "loss": loss})
+
+    def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
+        """Always predicting train's most frequent class, with train's class frequencies as probabilities."""
+        counts = np.bincount(data.train.labels, minlength=len(data.info["labels"]))
+        prior = counts / counts.sum()
+        out = {"name": "majority class"}
+        for split in ("validation", "test"):
+            encoded = getattr(data, split)
+            if encoded is not None and len(encoded):
+                preds = np.full(len(encoded), int(prior.argmax()))
+                loss = float(-np.mean(np.log(np.maximum(prior[encoded.labels], 1e-12))))
+                out[split] = {**classification_metrics(preds, encoded.labels, len(prior)), "loss": loss}
+        return out
+
+    def summary(self, data: TaskData) -> dict[str, Any]:
+        return {"labels": data.info["labels"]}
+
+
+def check_columns(frame: pd.DataFrame, source: str, cfg) -> list[str]:
+    columns = {"data.text_column": text_column(cfg), "data.label_column": label_column(cfg)}
+    if cfg.data.text_pair_column:
+        columns["data.text_pair_column"] = cfg.data.text_pair_column
+    for key, column in columns.items():
+        if column not in frame.columns:
+            return [f"{key}: column {column!r} not in {source}; columns are: {', '.join(map(str, frame.columns))}"]
+    if len(frame) == 0:
+        return [f"{source}: has no rows"]
+    problems = []
+    for key, column in columns.items():
+        if key == "data.label_column":
+            continue
+        text = frame[column]
+        empty = text.isna() | (text.astype(str).str.strip() == "")
+        if empty.any():
+            problems.append(f"{source}: {int(empty.sum())} rows have an empty {column!r} "
+                            f"(first at row {int(np.flatnonzero(empty.to_numpy())[0])}); remove them")
+    labels = frame[label_column(cfg)]
+    if labels.isna().any():
+        problems.append(f"{source}: {int(labels.isna().sum())} rows have no {label_column(cfg)!r} label")
+    return problems
+
+
+def label_names(values: pd.Series) -> list[str]:
+    """Label names from train, sorted (numbers numerically); every split maps through the same list."""
+    unique = values.unique().tolist()
+    numeric = all(isinstance(v, (int, np.integer)) for v in unique)
+    return [str(v) for v in sorted(unique)] if numeric else sorted(str(v) for v in unique)
+
+
+def check_labels(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]:
+    names = label_names(frames["train"][column])
+    problems = []
+    if len(names) < 2:
+        problems.append(f"data.{'train_file' if cfg.data.train_file else 'dataset'}: train has one class only "
+                        f"({names[0] if names else 'none'}); classification needs at least two")
+    for split in ("validation", "test"):
+        if split in frames:
+            unseen = sorted(set(frames[split][column].astype(str)) - set(names))
+            if unseen:
+                problems.append(f"data.{split}_file: labels {unseen[:5]} do not occur in train; "
+                                f"train labels are {names}")
+    return problems
+
+
+def encode_rows(frame: pd.DataFrame, names: list[str], tokenizer, cfg) -> Encoded:
+    """Tokenize once without padding (as a pair when data.text_pair_column is set)."""
+    texts = frame[text_column(cfg)].astype(str).tolist()
+    pairs = frame[cfg.data.text_pair_column].astype(str).tolist() if cfg.data.text_pair_column else None
+    tokens = tokenizer(texts, pairs, truncation=True, max_length=cfg.data.max_length, add_special_tokens=True)
+    ids, lengths = pad_rows(tokens["input_ids"], pad_token_id(tokenizer))
+    type_ids = pad_rows(tokens["token_type_ids"], 0)[0] if pairs and "token_type_ids" in tokens else None
+    index = {name: i for i, name in enumerate(names)}
+    labels = np.array([index[str(v)] for v in frame[label_column(cfg)].tolist()], dtype=np.int64)
+    return Encoded(ids, lengths, labels, type_ids=type_ids)
+
+
+def predict(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[np.ndarray, float]:
+    """Predicted label ids in the split's own row order, and the mean cross-entropy loss."""
+    was_training = model.training
+    model.eval()
+    preds = np.empty(len(data), dtype=np.int64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=setup.device)
+    with torch.inference_mode(), setup.autocast():
+        for rows in eval_batches(data.lengths, setup.batch_size):
+            batch = collate(data, rows, setup.device)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+            preds[rows] = logits.argmax(-1).cpu().numpy()
+    model.train(was_training)
+    return preds, float(loss_sum) / max(len(data), 1)
+
+
+def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    f1s = []
+    for label in range(num_labels):
+        tp = np.sum((preds == label) & (labels == label))
+        fp = np.sum((preds == label) & (labels != label))
+        fn = np.sum((preds != label) & (labels == label))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(preds == labels)) if len(labels) else math.nan,
+            "f1_macro": float(np.mean(f1s))}

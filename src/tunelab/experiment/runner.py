@@ -102,7 +102,10 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     cfg = job.config
     setup = setup_method(job, name)
     accelerator = setup.accelerator
-    checkpointer = Checkpointer(out_dir / "checkpoints" / name, cfg.fingerprint(), cfg.train.keep_checkpoints)
+    method, opts = get_method(name), cfg.options(name)
+    model = accelerator.unwrap_model(setup.model)
+    checkpointer = Checkpointer(out_dir / "checkpoints" / name, cfg.fingerprint(), cfg.train.keep_checkpoints,
+                                lambda: method.extra_state(model), lambda s: method.load_extra_state(model, s))
     latest = checkpointer.latest() if resume else None
     state = checkpointer.restore(latest, setup.model, setup.optimizer, setup.scheduler) if latest else TrainState()
     tracker = Tracker(out_dir / "tensorboard" / name, name, setup.total_steps, cfg.train.batch_size,
@@ -111,7 +114,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     validation = Validation(lambda model: job.task.evaluate(model, job.validation, eval_setup).metrics,
                             cfg.metric_for_best, job.task.higher_is_better(cfg.metric_for_best))
     with graceful_interrupt() as stop_requested, MemoryMonitor(accelerator.device) as memory:
-        hooks = LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval, stop_requested=stop_requested)
+        hooks = LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval, stop_requested=stop_requested,
+                          after_step=lambda step: method.after_step(model, opts, step))
         trainer = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, accelerator, cfg.train,
                                job.train, validation, hooks, checkpointer)
         try:

@@ -70,6 +70,16 @@ class Method:
         """Rebuild the trained model from `directory`; `base_model` is a fresh copy of the base."""
         raise NotImplementedError
 
+    def after_step(self, model: nn.Module, opts: MethodOptions, step: int) -> None:
+        """Called after every optimizer step, before gradients are cleared (e.g. AdaLoRA's rank update)."""
+
+    def extra_state(self, model: nn.Module) -> dict[str, Any] | None:
+        """State beyond trainable weights and optimizer that an exact resume needs (saved in checkpoints)."""
+        return None
+
+    def load_extra_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` returned."""
+
     def extra_positions(self, opts: MethodOptions) -> int:
         """Positions the method adds to every sequence (virtual tokens), for the max_length check."""
         return 0

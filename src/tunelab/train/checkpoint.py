@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -94,12 +94,18 @@ def complete_checkpoints(folder: Path, kind: str) -> list[Path]:
 class Checkpointer:
     """Writes and reads one method's checkpoints; keeps the last `keep` plus the best."""
 
-    def __init__(self, folder: Path, config_hash: str, keep: int = 1):
+    def __init__(self, folder: Path, config_hash: str, keep: int = 1,
+                 extra_state: Callable[[], dict | None] = lambda: None,
+                 load_extra_state: Callable[[dict], None] = lambda state: None):
         self.folder, self.config_hash, self.keep = folder, config_hash, keep
+        self.extra_state, self.load_extra_state = extra_state, load_extra_state  # the method's own state
 
     def save(self, model: nn.Module, optimizer, scheduler, state: TrainState) -> Path:
         files = {"trainable.pt": trainable_state(model), "optimizer.pt": optimizer.state_dict(),
                  "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}
+        extra = self.extra_state()
+        if extra is not None:
+            files["extra.pt"] = extra
         meta = {"step": state.step, "config_hash": self.config_hash, "state": dataclasses.asdict(state)}
         return self._write(STEP, state.step, files, meta, keep=self.keep)
 
@@ -129,6 +135,8 @@ class Checkpointer:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        if (path / "extra.pt").is_file():
+            self.load_extra_state(torch.load(path / "extra.pt", weights_only=False))
         meta = json.loads((path / MANIFEST).read_text())
         return TrainState(**meta["state"])
 

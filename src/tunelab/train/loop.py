@@ -56,6 +56,7 @@ class LoopHooks:
     on_log: Callable[[TrainState, dict[str, float]], None] = lambda state, logs: None
     on_eval: Callable[[TrainState, dict[str, float], bool], None] = lambda state, metrics, best: None
     stop_requested: Callable[[], bool] = lambda: False
+    after_step: Callable[[int], None] = lambda step: None  # after optimizer.step, before zero_grad
 
 
 def total_steps(cfg: TrainConfig, num_train: int) -> int:
@@ -120,6 +121,7 @@ class TrainingLoop:
         grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        self.hooks.after_step(state.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batch_in_epoch += 1

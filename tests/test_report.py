@@ -1,0 +1,20 @@
+"""The report reads result files only, including those written before the task layer existed."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tunelab.cli import main
+
+LEGACY = Path(__file__).parent / "data" / "results-v0.1-classification.json"
+
+
+def test_results_written_before_tasks_still_rebuild_a_report(tmp_path):
+    shutil.copy(LEGACY, tmp_path / "results.json")
+    assert main(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Task `classification`" in report and "| full | success |" in report
+    majority = json.loads(LEGACY.read_text())["job"]["majority_baseline_test"]
+    assert f"Baseline (majority class): validation: accuracy 0.650; test: accuracy {majority:.3f}." in report
+    assert (tmp_path / "plots" / "accuracy_vs_params.png").stat().st_size > 1000

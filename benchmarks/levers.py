@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import tunelab
-from tunelab.runner import setup_method
+from tunelab.experiment.runner import setup_method
 from tunelab.train.batches import collate, epoch_batches
 from tunelab.train.setup import build_optimizer
 
@@ -172,14 +172,13 @@ def plain_eval_seconds(model, data, batch_size: int, device) -> float:
 
 
 def lever_eval(setup, job, args, bucketed, plain):
-    from tunelab.train.evaluate import evaluate
-
     model, device, data = setup.model, setup.accelerator.device, job.validation
+    eval_setup = job.eval_setup(device, contextlib.nullcontext)  # no autocast, as plain_eval
     tunelab_s, plain_s = [], []
 
     def tunelab_eval():
         started = time.perf_counter()
-        evaluate(model, data, job.config.train.eval_batch_size, device, job.num_labels)
+        job.task.evaluate(model, data, eval_setup)
         tunelab_s.append(time.perf_counter() - started)
 
     def plain_eval():

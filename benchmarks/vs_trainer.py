@@ -102,9 +102,12 @@ def encoder_matmul_params(model_path: str) -> int:
 
     Embeddings are lookups, not matmuls; the pooler and classifier run once per sequence, not per token.
     """
-    from tunelab.modeling import find_block_list, skeleton
+    from tunelab.models.loading import skeleton
+    from tunelab.models.structure import find_block_list
+    from tunelab.tasks.base import get_task
 
-    _, blocks = find_block_list(skeleton(model_path, 2))  # meta device: no weights loaded
+    # meta device: no weights loaded; two labels, as the head is outside the blocks anyway
+    _, blocks = find_block_list(skeleton(model_path, get_task("classification"), {"labels": ["0", "1"]}))
     return sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
 
 
@@ -246,9 +249,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from tunelab.config import load_config
-    from tunelab.modeling import resolve_model_path
+    from tunelab.models.loading import resolve_model_path
 
-    model_name = load_config(None, args.override).model.name_or_path
+    model_name = load_config(None, args.override).model_name  # the task's default model when not set
     matmul_params = encoder_matmul_params(resolve_model_path(model_name))
     peaks = {"fp32": matmul_peak(args.device, torch.float32), "bf16": matmul_peak(args.device, torch.bfloat16)}
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; "

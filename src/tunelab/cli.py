@@ -63,7 +63,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from .methods.base import registry as methods
         from .tasks.base import registry as tasks
 
-        for name, item in (methods() if args.what == "methods" else tasks()).items():
+        for name, item in sorted((methods() if args.what == "methods" else tasks()).items()):
             print(f"{name:<16}{item.description}")
         return 0
     if args.command == "report":

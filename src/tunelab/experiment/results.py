@@ -21,8 +21,12 @@ def csv_columns(metrics: list[str]) -> list[str]:
 
 
 def write_results(out_dir: Path, records: list[dict[str, Any]], job_summary: dict[str, Any]) -> dict:
+    from ..report.summary import summarize
+    from ..report.view import job_view
+
     payload = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "job": job_summary, "methods": records}
+    payload["summary"] = summarize(records, job_view(payload))
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(out_dir / "results.json")  # readers never see a half-written file

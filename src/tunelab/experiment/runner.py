@@ -130,7 +130,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / name)
     result = {**measurements(setup, state, trainer.steps_per_epoch()), **memory.report(),
               "history": state.history, "losses": state.losses, "best_val": state.best,
-              "test": test.metrics if test else None, "examples": examples, **artifact}
+              "test": test.metrics if test else None, "examples": examples,
+              "test_per_example": test.per_example if test else {}, **artifact}
     tracker.finish(result["peak_memory_mb"], state.step,
                    {"method": name, "lr": setup.lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
                     "trainable_params": result["trainable_params"]},

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from .plots import write_plots
+from .summary import interval_text, summarize
 from .view import arrow, baseline_value, job_view, ordered_metrics
 
 CLEAR_MARGIN = 0.02  # over the baseline: absolute for scores in [0, 1], relative for losses
@@ -40,6 +41,36 @@ def table(records: list[dict], job: dict[str, Any]) -> list[str]:
             fmt(r.get("train_tokens_per_s"), ".0f"), fmt(val.get(metrics[0]), ".3f"),
             *[fmt(test.get(m), ".3f") for m in metrics]]) + " |")
     return lines
+
+
+def ranking(payload: dict, job: dict[str, Any]) -> list[str]:
+    """Methods ranked by the metric that picks the best checkpoint, each with its interval and its verdict
+    against the best: a difference the test cannot tell from noise is a tie."""
+    entries = payload.get("summary") or summarize(payload["methods"], job)
+    if not entries:
+        return []
+    metrics = ordered_metrics(job)
+    split = "test" if entries[0]["split"] == "test" else "best validation"
+    lines = [f"## Ranking ({split} {metrics[0]}, {'higher' if job['metrics'][metrics[0]] == 'higher' else 'lower'} "
+             "is better)", "",
+             "| rank | method | runs | " + " | ".join(f"{m} {arrow(job, m)} (95 % CI)" for m in metrics) +
+             " | against the best |", "|---:|---|---:|" + "---|" * (len(metrics) + 1)]
+    for e in entries:
+        lines.append(f"| {e['rank']} | {e['method']} | {e['n']} | " +
+                     " | ".join(interval_text(e["metrics"][m]) for m in metrics) + f" | {verdict_text(e['verdict'])} |")
+    methods_used = sorted({e["metrics"][metrics[0]]["ci_method"] for e in entries if e["metrics"][metrics[0]]["ci95"]})
+    tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")})
+    lines += ["", f"Intervals: {', '.join(methods_used) or 'none (one run, no per-example results)'}. "
+              f"Verdicts: {', '.join(tests_used) or '–'} at the 5 % level; \"tie\" means the difference is within "
+              "what chance explains, not that the methods are equal.", ""]
+    return lines
+
+
+def verdict_text(verdict: dict) -> str:
+    if verdict["result"] == "best":
+        return "best"
+    p = f", p = {verdict['p_value']:.3f}" if verdict.get("p_value") is not None else ""
+    return f"{verdict['result']} ({verdict['mean_difference']:+.3f}{p})"
 
 
 def baseline_lines(job: dict[str, Any]) -> list[str]:
@@ -121,7 +152,7 @@ def write_report(out_dir: Path, payload: dict) -> Path:
         f"↑ higher is better, ↓ lower is better. Test numbers are for the checkpoint with the best validation "
         f"{job['metric_for_best']}; time and throughput count training steps only (evaluation excluded); peak "
         "memory is the process's resident set while the method trained.",
-        "", "## Reading", "", *reading(records, job), "", *task_lines(payload, job),
+        "", *ranking(payload, job), "## Reading", "", *reading(records, job), "", *task_lines(payload, job),
     ]
     if job.get("dropped_rows"):
         lines += ["Rows left out of the data: " + "; ".join(f"{k}: {v}" for k, v in job["dropped_rows"].items()), ""]

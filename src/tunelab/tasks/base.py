@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -57,6 +58,8 @@ class EvalSetup:
 class Evaluation:
     metrics: dict[str, float]
     examples: list[dict[str, str]] = field(default_factory=list)  # shown in the report (e.g. generations)
+    # per-example values from which `statistic` recomputes each metric (bootstrap intervals, paired tests)
+    per_example: dict[str, list] = field(default_factory=dict)
 
 
 class Task:
@@ -106,6 +109,11 @@ class Task:
         """Reference metrics every method must beat: {"validation": {...}, "test": {...}} and what the
         report shows next to them (e.g. "examples")."""
         raise NotImplementedError
+
+    def statistic(self, metric: str, per_example: dict[str, list]) -> tuple[list[np.ndarray], Callable] | None:
+        """Columns of `per_example` (rows = examples) and a function of them giving `metric`, so the
+        statistics can resample examples; None where the metric cannot be recomputed."""
+        return None
 
     def report_lines(self, payload: dict[str, Any]) -> list[str]:
         """Task-specific report sections, from results.json alone."""

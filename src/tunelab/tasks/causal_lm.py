@@ -87,19 +87,33 @@ class CausalLM(Task):
         return model
 
     def evaluate(self, model: nn.Module, data: Encoded, setup: EvalSetup) -> Evaluation:
-        loss = response_loss(model, data, setup)
+        sums, counts = response_losses(model, data, setup)
+        loss = float(sums.sum() / max(counts.sum(), 1))
         opts: CausalLMOptions = setup.options
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        metrics = {"loss": loss, "perplexity": perplexity(loss)}
+        per_example = {"loss_sum": sums.tolist(), "tokens": counts.tolist()}
         rows = sample_rows(len(data), opts.generation_samples)
         if not len(rows):
-            return Evaluation(metrics)
+            return Evaluation(metrics, per_example=per_example)
         outputs = generate(model, data, rows, setup, opts.max_new_tokens)
         examples = [{"prompt": data.prompt_texts[r],
                      "reference": decode(setup.tokenizer, data.ids[r, data.prompt_lengths[r]:data.lengths[r]]),
                      "output": out} for r, out in zip(rows, outputs)]
-        metrics["exact_match"] = float(np.mean([exact_match(e["output"], e["reference"]) for e in examples]))
-        metrics["token_f1"] = float(np.mean([token_f1(e["output"], e["reference"]) for e in examples]))
-        return Evaluation(metrics, examples[: opts.report_examples])
+        per_example["exact_match"] = [exact_match(e["output"], e["reference"]) for e in examples]
+        per_example["token_f1"] = [token_f1(e["output"], e["reference"]) for e in examples]
+        metrics["exact_match"] = float(np.mean(per_example["exact_match"]))
+        metrics["token_f1"] = float(np.mean(per_example["token_f1"]))
+        return Evaluation(metrics, examples[: opts.report_examples], per_example)
+
+    def statistic(self, metric: str, per_example: dict[str, list]):
+        if metric in ("exact_match", "token_f1"):  # over the generated sample only
+            return ([np.asarray(per_example[metric])], np.mean) if per_example.get(metric) else None
+        if not per_example.get("tokens"):
+            return None
+        columns = [np.asarray(per_example["loss_sum"]), np.asarray(per_example["tokens"])]
+        if metric == "loss":
+            return columns, lambda sums, tokens: sums.sum() / max(tokens.sum(), 1)
+        return columns, lambda sums, tokens: perplexity(sums.sum() / max(tokens.sum(), 1))
 
     def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
         """The untrained model: what fine-tuning has to improve on."""
@@ -213,22 +227,31 @@ def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str,
                    prompt_texts=prompt_texts), dropped
 
 
-def response_loss(model: nn.Module, data: Encoded, setup: EvalSetup) -> float:
-    """Mean cross-entropy per response token over the whole split (not a mean of batch means)."""
+def response_losses(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the summed cross-entropy of its response tokens and how many there are."""
     was_training = model.training
     model.eval()
     vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else 50_000
     rows_per_batch = max(1, min(setup.batch_size, LOGITS_BUDGET // (data.ids.shape[1] * vocab)))
-    total = torch.zeros((), dtype=torch.float64, device=setup.device)
-    count = 0
+    sums, counts = np.zeros(len(data)), np.zeros(len(data), dtype=np.int64)
     with torch.inference_mode(), setup.autocast():
         for rows in eval_batches(data.lengths, rows_per_batch):
             batch = collate(data, rows, setup.device)
-            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += model(**batch).loss.double() * tokens  # the model's loss is the mean over these tokens
-            count += tokens
+            labels = batch.pop("labels")
+            width = labels.shape[1]
+            # methods with virtual tokens (prompt/prefix tuning) return logits for them first: keep the last
+            # `width` positions, which belong to the real tokens
+            logits = model(**batch).logits[:, -width:].float()
+            token_loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                     ignore_index=IGNORE_INDEX, reduction="none")
+            sums[rows] = token_loss.double().sum(1).cpu().numpy()
+            counts[rows] = (labels[:, 1:] != IGNORE_INDEX).sum(1).cpu().numpy()
     model.train(was_training)
-    return float(total) / max(count, 1)
+    return sums, counts
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: an untrained model's loss must not overflow the report
 
 
 def sample_rows(n: int, k: int) -> np.ndarray:

@@ -68,8 +68,20 @@ class Classification(Task):
         return model
 
     def evaluate(self, model: nn.Module, data: Encoded, setup: EvalSetup) -> Evaluation:
-        preds, loss = predict(model, data, setup)
-        return Evaluation({**classification_metrics(preds, data.labels, model.config.num_labels), "loss": loss})
+        preds, losses = predict(model, data, setup)
+        metrics = {**classification_metrics(preds, data.labels, model.config.num_labels),
+                   "loss": float(losses.mean()) if len(losses) else math.nan}
+        return Evaluation(metrics, per_example={"pred": preds.tolist(), "label": data.labels.tolist(),
+                                                "loss": losses.tolist()})
+
+    def statistic(self, metric: str, per_example: dict[str, list]):
+        if not per_example:
+            return None
+        if metric == "loss":
+            return [np.asarray(per_example["loss"])], np.mean
+        num_labels = max(max(per_example["label"]), max(per_example["pred"])) + 1
+        return ([np.asarray(per_example["pred"]), np.asarray(per_example["label"])],
+                lambda pred, label: classification_metrics(pred, label, num_labels)[metric])
 
     def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
         """Always predicting train's most frequent class, with train's class frequencies as probabilities."""
@@ -146,21 +158,21 @@ def encode_rows(frame: pd.DataFrame, names: list[str], tokenizer, cfg) -> Encode
     return Encoded(ids, lengths, labels, type_ids=type_ids)
 
 
-def predict(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[np.ndarray, float]:
-    """Predicted label ids in the split's own row order, and the mean cross-entropy loss."""
+def predict(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted label ids and cross-entropy losses, in the split's own row order."""
     was_training = model.training
     model.eval()
     preds = np.empty(len(data), dtype=np.int64)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=setup.device)
+    losses = np.empty(len(data), dtype=np.float64)
     with torch.inference_mode(), setup.autocast():
         for rows in eval_batches(data.lengths, setup.batch_size):
             batch = collate(data, rows, setup.device)
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
-            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+            losses[rows] = nn.functional.cross_entropy(logits, labels, reduction="none").double().cpu().numpy()
             preds[rows] = logits.argmax(-1).cpu().numpy()
     model.train(was_training)
-    return preds, float(loss_sum) / max(len(data), 1)
+    return preds, losses
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:

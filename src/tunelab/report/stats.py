@@ -1,0 +1,69 @@
+"""The statistics behind every comparison: intervals over seeds, bootstrap intervals over test examples, and
+paired tests against the best method. Everything comes from scipy; this module only chooses and labels."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats
+
+ALPHA = 0.05
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """Mean, sample standard deviation and a 95 % Student-t interval over runs (seeds); no interval for one run."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    out = {"n": int(len(x)), "mean": float(x.mean()) if len(x) else None, "std": None, "ci95": None,
+           "ci_method": "t-interval over seeds"}
+    if len(x) >= 2:
+        out["std"] = float(x.std(ddof=1))
+        half = stats.t.ppf(1 - ALPHA / 2, len(x) - 1) * out["std"] / math.sqrt(len(x))
+        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
+def bootstrap_ci(statistic: Callable[..., float], columns: Sequence[np.ndarray], seed: int = 0) -> list[float] | None:
+    """95 % percentile-bootstrap interval of `statistic(*columns)` over examples (rows resampled together),
+    so even a single run shows how much its test score depends on which examples were drawn."""
+    if len(columns[0]) < 2:
+        return None
+    result = stats.bootstrap(tuple(np.asarray(c) for c in columns), statistic, paired=True, vectorized=False,
+                             n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=1 - ALPHA, method="percentile",
+                             random_state=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return [float(low), float(high)]
+
+
+def paired_t(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Paired t-test of a against b over the same seeds; with identical pairs there is no difference to test."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = a - b
+    if len(diff) < 2:
+        return {"test": "paired t-test over seeds", "p_value": None, "significant": False,
+                "mean_difference": float(diff.mean()) if len(diff) else None}
+    if np.allclose(diff, diff[0], rtol=0, atol=1e-12):
+        # the same difference on every seed: the t statistic is undefined; no difference, or a certain one
+        p = 1.0 if abs(diff[0]) <= 1e-12 else 0.0
+    else:
+        p = float(stats.ttest_rel(a, b).pvalue)
+    return {"test": "paired t-test over seeds", "p_value": p, "significant": p < ALPHA,
+            "mean_difference": float(diff.mean())}
+
+
+def paired_bootstrap(statistic: Callable[..., float], a_columns: Sequence[np.ndarray],
+                     b_columns: Sequence[np.ndarray], seed: int = 0) -> dict:
+    """Two-sided paired bootstrap over the same test examples: how often does resampling the examples flip
+    the sign of statistic(a) - statistic(b)? For single runs, where there are no seeds to pair."""
+    rng = np.random.default_rng(seed)
+    n = len(a_columns[0])
+    observed = statistic(*a_columns) - statistic(*b_columns)
+    flips = 0
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        rows = rng.integers(0, n, n)
+        delta = statistic(*(c[rows] for c in a_columns)) - statistic(*(c[rows] for c in b_columns))
+        flips += (delta <= 0) if observed > 0 else (delta >= 0)
+    p = min(1.0, 2 * (flips + 1) / (BOOTSTRAP_RESAMPLES + 1))
+    return {"test": "paired bootstrap over test examples", "p_value": p, "significant": p < ALPHA,
+            "mean_difference": float(observed)}

@@ -1,0 +1,89 @@
+"""One summary entry per method over its runs (seeds): each metric's mean, spread and 95 % interval, and a
+verdict against the best method. Computed from result records alone, so old experiments can be summarized."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from . import stats
+from .view import ordered_metrics
+
+
+def split_of(records: list[dict]) -> str:
+    """Test when every run has test metrics (the honest split to rank on), else the best validation state."""
+    return "test" if records and all(r.get("test") for r in records) else "best_val"
+
+
+def summarize(records: list[dict], job: dict[str, Any]) -> list[dict[str, Any]]:
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("status") == "success":
+            by_method[r["method"]].append(r)
+    if not by_method:
+        return []
+    split = split_of([r for runs in by_method.values() for r in runs])
+    task = task_for(job)
+    entries = [method_entry(method, runs, split, job, task) for method, runs in by_method.items()]
+    primary = ordered_metrics(job)[0]
+    higher = job["metrics"].get(primary) == "higher"
+    entries.sort(key=lambda e: e["metrics"][primary]["mean"], reverse=higher)
+    best = entries[0]
+    for rank, entry in enumerate(entries, start=1):
+        entry["rank"] = rank
+        entry["verdict"] = verdict(entry, best, by_method, split, primary, higher, task)
+    return entries
+
+
+def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> dict[str, Any]:
+    metrics = {}
+    for metric in ordered_metrics(job):
+        summary = stats.summarize([r[split].get(metric) for r in runs])
+        if summary["n"] == 1 and split == "test" and task is not None:
+            recomputable = task.statistic(metric, runs[0].get("test_per_example") or {})
+            if recomputable:
+                summary["ci95"] = stats.bootstrap_ci(recomputable[1], recomputable[0])
+                summary["ci_method"] = "bootstrap over test examples"
+        metrics[metric] = summary
+    hyper = {k: runs[0].get(k) for k in ("lr",) if runs[0].get(k) is not None}
+    return {"method": method, "n": len(runs), "split": split, "seeds": [r.get("seed") for r in runs],
+            "hyperparameters": {**hyper, **(runs[0].get("hyperparameters") or {})}, "metrics": metrics}
+
+
+def verdict(entry: dict, best: dict, by_method: dict, split: str, metric: str, higher: bool, task) -> dict:
+    if entry is best:
+        return {"against": None, "result": "best"}
+    mine, theirs = by_method[entry["method"]], by_method[best["method"]]
+    paired_seeds = sorted({r.get("seed") for r in mine} & {r.get("seed") for r in theirs})
+    if len(paired_seeds) >= 2:
+        value = {s: r[split][metric] for s, r in ((r.get("seed"), r) for r in mine)}
+        other = {s: r[split][metric] for s, r in ((r.get("seed"), r) for r in theirs)}
+        test = stats.paired_t([value[s] for s in paired_seeds], [other[s] for s in paired_seeds])
+    else:
+        test = bootstrap_verdict(mine[0], theirs[0], metric, split, task)
+    worse = test["significant"] and (test["mean_difference"] < 0) == higher
+    return {"against": best["method"], **test, "result": "worse" if worse else "tie"}
+
+
+def bootstrap_verdict(mine: dict, theirs: dict, metric: str, split: str, task) -> dict:
+    a, b = (mine.get("test_per_example") or {}), (theirs.get("test_per_example") or {})
+    ca = task.statistic(metric, a) if task and split == "test" else None
+    cb = task.statistic(metric, b) if task and split == "test" else None
+    if not ca or not cb or len(ca[0][0]) != len(cb[0][0]):
+        return {"test": "none (one run each, no per-example results)", "p_value": None, "significant": False,
+                "mean_difference": mine[split][metric] - theirs[split][metric]}
+    return stats.paired_bootstrap(ca[1], ca[0], cb[0])
+
+
+def task_for(job: dict):
+    from ..tasks.base import registry
+
+    return registry().get(job["task"])
+
+
+def interval_text(summary: dict) -> str:
+    if summary.get("mean") is None:
+        return "–"
+    if not summary.get("ci95"):
+        return f"{summary['mean']:.3f}"
+    low, high = summary["ci95"]
+    return f"{summary['mean']:.3f} [{low:.3f}, {high:.3f}]"

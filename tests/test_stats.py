@@ -1,0 +1,67 @@
+"""The statistics against scipy and numpy on known inputs, and the summary's verdicts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as sp
+
+from tunelab.report import stats
+from tunelab.report.summary import summarize
+
+JOB = {"task": "classification", "metrics": {"accuracy": "higher", "f1_macro": "higher", "loss": "lower"},
+       "metric_for_best": "accuracy"}
+
+
+def test_t_interval_matches_scipy():
+    values = [0.81, 0.84, 0.79, 0.83]
+    out = stats.summarize(values)
+    low, high = sp.t.interval(0.95, df=3, loc=np.mean(values), scale=sp.sem(values))
+    assert out["mean"] == pytest.approx(np.mean(values)) and out["std"] == pytest.approx(np.std(values, ddof=1))
+    assert out["ci95"] == pytest.approx([low, high])
+    assert stats.summarize([0.8])["ci95"] is None  # one run: no interval over seeds
+
+
+def test_paired_t_matches_scipy_and_handles_degenerate_pairs():
+    a, b = [0.80, 0.82, 0.85], [0.78, 0.81, 0.80]
+    assert stats.paired_t(a, b)["p_value"] == pytest.approx(sp.ttest_rel(a, b).pvalue)
+    assert stats.paired_t(a, a)["p_value"] == 1.0 and not stats.paired_t(a, a)["significant"]
+    shifted = stats.paired_t([0.9, 0.8, 0.7], [0.8, 0.7, 0.6])  # the same difference every seed
+    assert shifted["significant"] and shifted["mean_difference"] == pytest.approx(0.1)
+
+
+def test_bootstrap_interval_covers_the_known_proportion():
+    rng = np.random.default_rng(0)
+    correct = (rng.random(2000) < 0.7).astype(float)
+    low, high = stats.bootstrap_ci(np.mean, [correct])
+    half = 1.96 * np.sqrt(0.7 * 0.3 / 2000)  # the normal approximation's half width
+    assert low < correct.mean() < high and (high - low) / 2 == pytest.approx(half, rel=0.15)
+
+
+def test_paired_bootstrap_separates_a_real_gap_from_noise():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    good = np.where(rng.random(400) < 0.9, labels, 1 - labels)
+    twin = np.where(rng.random(400) < 0.9, labels, 1 - labels)  # another draw of the same quality
+    bad = np.where(rng.random(400) < 0.6, labels, 1 - labels)
+    accuracy = lambda pred, label: float(np.mean(pred == label))  # noqa: E731
+    assert stats.paired_bootstrap(accuracy, [good, labels], [bad, labels])["significant"]
+    assert not stats.paired_bootstrap(accuracy, [good, labels], [twin, labels])["significant"]
+
+
+def record(method, seed, accuracy):
+    return {"method": method, "status": "success", "seed": seed, "lr": 1e-3,
+            "test": {"accuracy": accuracy, "f1_macro": accuracy, "loss": 1 - accuracy}}
+
+
+def test_summary_ranks_by_direction_and_calls_small_differences_ties():
+    records = [record("a", s, v) for s, v in zip((1, 2, 3), (0.80, 0.82, 0.81))]
+    records += [record("b", s, v) for s, v in zip((1, 2, 3), (0.79, 0.83, 0.80))]  # within noise of a
+    records += [record("c", s, v) for s, v in zip((1, 2, 3), (0.60, 0.61, 0.62))]  # clearly worse
+    entries = {e["method"]: e for e in summarize(records, JOB)}
+    assert [entries[m]["rank"] for m in "abc"] == [1, 2, 3]
+    assert entries["a"]["verdict"]["result"] == "best"
+    assert entries["b"]["verdict"]["result"] == "tie" and entries["c"]["verdict"]["result"] == "worse"
+    assert entries["c"]["verdict"]["test"] == "paired t-test over seeds"
+    assert entries["a"]["metrics"]["accuracy"]["n"] == 3 and entries["a"]["metrics"]["accuracy"]["ci95"]
+    by_loss = summarize(records, {**JOB, "metric_for_best": "loss"})
+    assert by_loss[0]["method"] == "a" and by_loss[-1]["method"] == "c"  # lower loss first

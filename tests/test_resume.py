@@ -21,11 +21,17 @@ RUN = ["train.epochs=2", "train.checkpoint_every_steps=3", "train.eval_every_ste
 STEPS = 40  # 160 toy rows / batch 8 × 2 epochs
 
 
-def tunelab(args, out: Path, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+# Crash tests run every method inside the `tunelab compare` process (--in-process), so a kill takes the whole
+# experiment down, as a crashed machine would; test_isolation.py covers a run's own process dying.
+IN_PROCESS = ["--in-process"]
+
+
+def tunelab(args, out: Path, fault: str | None = None, timeout: int = 300,
+            isolation=tuple(IN_PROCESS)) -> subprocess.CompletedProcess:
     """The real command in a child process: needed where the process is killed."""
     env = {**os.environ, "TUNELAB_FAULT": fault or ""}
     return subprocess.run([sys.executable, "-m", "tunelab.cli", "compare", *args, "--output", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=timeout, env=env)
+                           "--no-progress", *isolation], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def inproc(args, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -37,7 +43,7 @@ def inproc(args, out: Path, fault: str | None = None) -> subprocess.CompletedPro
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(["compare", *args, "--output", str(out), "--no-progress"])
+            code = main(["compare", *args, "--output", str(out), "--no-progress", *IN_PROCESS])
     finally:
         os.environ["TUNELAB_FAULT"] = ""
     return subprocess.CompletedProcess(args, code, "", err.getvalue())

@@ -70,20 +70,23 @@ def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change:
 def clear_outputs(out_dir: Path) -> None:
     for name in ("results.json", "results.csv", "report.md", RUN_FILE):
         (out_dir / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "artifacts", "tensorboard", "plots"):
+    for name in ("checkpoints", "artifacts", "tensorboard", "plots", "data", "runs", "records"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
 def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
             output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
-            resume: bool = False, allow_config_change: bool = False) -> CompareOutcome:
-    """Train every configured method on the same data, evaluate, and write results and report.
+            resume: bool = False, allow_config_change: bool = False, seeds: int = 1,
+            isolate: bool = True) -> CompareOutcome:
+    """Train every configured method (with `seeds` seeds each) on the same data, evaluate, and write results
+    and report. Each run trains in a fresh process unless `isolate` is False (then peak memory and failures
+    of one run can leak into the next).
 
-    With `resume`, methods finished in `output_dir` are kept and unfinished ones continue from their
-    latest complete checkpoint.
+    With `resume`, runs finished in `output_dir` are kept and unfinished ones continue from their latest
+    complete checkpoint.
     """
+    from .experiment.plan import plan_runs
     from .experiment.results import write_results
-    from .experiment.runner import run_method
     from .report import write_report
 
     out_dir = Path(output_dir) if output_dir else default_output_dir()
@@ -91,6 +94,8 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         cfg, problems = resume_config(out_dir, config, overrides, allow_config_change), []
     else:
         cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
+    if seeds < 1:
+        problems.append(f"--seeds: {seeds} is not allowed; must be >= 1")
     try:
         job = prepare_job(cfg)
     except TunelabInputError as exc:
@@ -104,12 +109,32 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         write_run_file(out_dir, cfg)
         done = finished_records(out_dir) if resume else {}
         summary = {**job.summary(), "baseline": job.baseline()}
+        execute = run_isolated(job, out_dir) if isolate else run_here(job, out_dir)
         records: list[dict[str, Any]] = []
-        for name in cfg.methods:
-            records.append(done.get(name) or run_method(job, name, out_dir, show_progress, resume))
-            payload = write_results(out_dir, records, summary)  # after each method: a crash keeps the rest
+        for run in plan_runs(job.config, seeds):
+            records.append(done.get(run.run_id) or execute(run, show_progress, resume))
+            payload = write_results(out_dir, records, summary)  # after each run: a crash keeps the rest
             if records[-1]["status"] == "interrupted":
                 write_report(out_dir, payload)
-                raise CompareInterrupted(f"interrupted during {name}; partial results in {out_dir}; "
+                raise CompareInterrupted(f"interrupted during {run.run_id}; partial results in {out_dir}; "
                                          f"continue with: tunelab compare --resume --output {out_dir}")
         return CompareOutcome(out_dir, records, write_report(out_dir, payload), summary)
+
+
+def run_isolated(job: Job, out_dir: Path):
+    from .experiment.isolation import run_in_child, share_job
+
+    share_job(out_dir, job)
+    return lambda run, show_progress, resume: run_in_child(out_dir, run, run.config(job.config).to_dict(),
+                                                           show_progress, resume)
+
+
+def run_here(job: Job, out_dir: Path):
+    import dataclasses
+
+    from .experiment.runner import run_method
+
+    def execute(run, show_progress, resume):
+        return run_method(dataclasses.replace(job, config=run.config(job.config)), run.method, out_dir,
+                          show_progress, resume, run.run_id)
+    return execute

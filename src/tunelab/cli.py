@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   "unfinished ones continue from their latest checkpoint")
             cmd.add_argument("--allow-config-change", action="store_true",
                              help="with --resume: accept a config that differs from the saved one")
+            cmd.add_argument("--seeds", type=int, default=1, metavar="K",
+                             help="train every method with K seeds (train.seed, +1, ...): intervals and "
+                                  "paired tests over seeds")
+            cmd.add_argument("--in-process", action="store_true",
+                             help="debugging: run every method in this process (memory then depends on order)")
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods", "tasks"])
     report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
@@ -88,7 +93,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.resume and not args.output:
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
     outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress,
-                      resume=args.resume, allow_config_change=args.allow_config_change)
+                      resume=args.resume, allow_config_change=args.allow_config_change, seeds=args.seeds,
+                      isolate=not args.in_process)
     print("\n".join(table(outcome.records, job_view({"job": outcome.job, "methods": outcome.records}))))
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code

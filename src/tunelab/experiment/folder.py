@@ -87,7 +87,7 @@ def finished_records(folder: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     records = json.loads(path.read_text()).get("methods", [])
-    return {r["method"]: r for r in records if r.get("status") in FINISHED}
+    return {r.get("run_id", r["method"]): r for r in records if r.get("status") in FINISHED}
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -41,14 +41,16 @@ def library_versions() -> dict[str, str]:
 
 
 def run_method(job: Job, name: str, out_dir: Path, show_progress: bool = True,
-               resume: bool = False) -> dict[str, Any]:
-    cfg = job.config
-    record: dict[str, Any] = {"method": name, "status": "running", "error": None,
+               resume: bool = False, run_id: str | None = None) -> dict[str, Any]:
+    """Train, evaluate and save one run of method `name`; its folders are named `run_id` (default: the
+    method's name)."""
+    cfg, run_id = job.config, run_id or name
+    record: dict[str, Any] = {"method": name, "run_id": run_id, "status": "running", "error": None,
                               "config": cfg.to_dict(), "seed": cfg.train.seed, "versions": library_versions()}
     started = time.perf_counter()
     faults.current_method = name
     try:
-        record.update(train_one(job, name, out_dir, show_progress, resume))
+        record.update(train_one(job, name, out_dir, show_progress, resume, run_id))
         record["status"] = "success"
     except Interrupted as exc:
         record.update(status="interrupted", error=f"{exc}; continue with --resume")
@@ -98,17 +100,18 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps)
 
 
-def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool) -> dict[str, Any]:
+def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool,
+              run_id: str) -> dict[str, Any]:
     cfg = job.config
     setup = setup_method(job, name)
     accelerator = setup.accelerator
     method, opts = get_method(name), cfg.options(name)
     model = accelerator.unwrap_model(setup.model)
-    checkpointer = Checkpointer(out_dir / "checkpoints" / name, cfg.fingerprint(), cfg.train.keep_checkpoints,
+    checkpointer = Checkpointer(out_dir / "checkpoints" / run_id, cfg.fingerprint(), cfg.train.keep_checkpoints,
                                 lambda: method.extra_state(model), lambda s: method.load_extra_state(model, s))
     latest = checkpointer.latest() if resume else None
     state = checkpointer.restore(latest, setup.model, setup.optimizer, setup.scheduler) if latest else TrainState()
-    tracker = Tracker(out_dir / "tensorboard" / name, name, setup.total_steps, cfg.train.batch_size,
+    tracker = Tracker(out_dir / "tensorboard" / run_id, run_id, setup.total_steps, cfg.train.batch_size,
                       show_progress, start_step=state.step, start_time_s=state.train_time_s)
     eval_setup = job.eval_setup(accelerator.device, accelerator.autocast)
     validation = Validation(lambda model: job.task.evaluate(model, job.validation, eval_setup).metrics,
@@ -127,7 +130,7 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     examples = test.examples if test else []
     if test is None and job.task.shows_examples:  # then the report's examples come from validation
         examples = job.task.evaluate(setup.model, job.validation, eval_setup).examples
-    artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / name)
+    artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / run_id)
     result = {**measurements(setup, state, trainer.steps_per_epoch()), **memory.report(),
               "history": state.history, "losses": state.losses, "best_val": state.best,
               "test": test.metrics if test else None, "examples": examples,

@@ -35,7 +35,7 @@ def table(records: list[dict], job: dict[str, Any]) -> list[str]:
     for r in records:
         val, test = r.get("best_val") or {}, r.get("test") or {}
         lines.append(" | ".join([
-            f"| {r['method']}", r["status"], human_count(r.get("trainable_params")),
+            f"| {r.get('run_id', r['method'])}", r["status"], human_count(r.get("trainable_params")),
             fmt(r.get("trainable_percent"), ".3f"), fmt(r.get("peak_memory_mb"), ".0f"),
             fmt(r.get("train_time_s"), ".1f"), fmt(r.get("train_samples_per_s"), ".1f"),
             fmt(r.get("train_tokens_per_s"), ".0f"), fmt(val.get(metrics[0]), ".3f"),

@@ -1,0 +1,48 @@
+"""The child process of one run: `python -m tunelab.experiment.worker EXPERIMENT_DIR SPEC.json`."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    out_dir, spec_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..config import from_dict
+    from ..models.loading import load_tokenizer
+    from .isolation import RECORDS, file_name, load_shared_job
+    from .job import Job
+    from .plan import Run
+    from .runner import run_method
+
+    problems: list[str] = []
+    cfg = from_dict(spec["config"], problems)
+    if problems:  # the parent validated this config: only a changed installation gets here
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    shared = load_shared_job(out_dir)
+    tokenizer = load_tokenizer(shared["model_path"])
+    if tokenizer.pad_token is None:
+        from ..data import pad_token_id
+
+        tokenizer.pad_token_id = pad_token_id(tokenizer)
+    job = Job(cfg, cfg.task_spec, shared["model_path"], tokenizer, shared["data"])
+    run = Run(spec["method"], spec["seed"], spec["run_id"])
+    startup_s = time.time() - spec["spawned_at"]  # process start, imports, shared data, tokenizer
+    record = run_method(job, run.method, out_dir, spec["show_progress"], spec["resume"], run.run_id)
+    record["startup_s"] = round(startup_s, 2)
+    record["pid"] = os.getpid()
+    path = out_dir / RECORDS / file_name(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, default=str))
+    tmp.replace(path)
+    return 130 if record["status"] == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,61 @@
+"""Each run in its own process: its memory and failures are its own, and a run whose process dies is
+recorded as failed while the others go on; --resume then finishes it from its checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+RUN = ["train.epochs=1", "train.checkpoint_every_steps=3", "train.eval_every_steps=4", "train.log_every_steps=2"]
+
+
+def compare(args, out, fault="", resume=False):
+    env = {**os.environ, "TUNELAB_FAULT": fault}
+    extra = ["--resume"] if resume else []
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", "compare", *args, "--output", str(out), "--no-progress",
+                           *extra], capture_output=True, text=True, timeout=600, env=env)
+
+
+def records(out):
+    return {r["run_id"]: r for r in json.loads((out / "results.json").read_text())["methods"]}
+
+
+def test_a_killed_run_is_recorded_the_others_continue_and_resume_finishes_it(tiny_overrides, tmp_path):
+    args = [*tiny_overrides, *RUN, "methods=lora,full", "lora.lr=1e-2"]
+    first = compare(args, tmp_path, fault="lora/kill@step=7")
+    assert first.returncode == 1, first.stderr[-2000:]
+    runs = records(tmp_path)
+    assert runs["lora"]["status"] == "failed" and "killed by SIGKILL" in runs["lora"]["error"]
+    assert runs["full"]["status"] == "success"
+    pids = {runs["full"]["pid"], os.getpid()}
+    resumed = compare([], tmp_path, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    runs = records(tmp_path)
+    assert runs["lora"]["status"] == "success" and runs["lora"]["pid"] not in pids
+    assert runs["lora"]["steps"] == 20 and runs["lora"]["startup_s"] > 0
+
+
+def test_seeds_give_one_run_each_and_a_summary_over_them(tiny_overrides, tmp_path):
+    result = compare([*tiny_overrides, "methods=lora,prompt-tuning", "train.max_steps=4", "--seeds", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = records(tmp_path)
+    assert set(runs) == {"lora/seed-42", "lora/seed-43", "prompt-tuning/seed-42", "prompt-tuning/seed-43"}
+    assert len({r["pid"] for r in runs.values()}) == 4  # a fresh process per run
+    assert (tmp_path / "checkpoints" / "lora" / "seed-43").is_dir()
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert {e["method"] for e in summary} == {"lora", "prompt-tuning"}
+    for entry in summary:
+        assert entry["n"] == 2 and entry["seeds"] == [42, 43]
+        assert entry["metrics"]["accuracy"]["ci_method"] == "t-interval over seeds"
+        assert entry["verdict"]["result"] in ("best", "tie", "worse")
+    assert "## Ranking" in (tmp_path / "report.md").read_text()
+
+
+def test_a_runs_peak_memory_does_not_depend_on_what_ran_before(tiny_overrides, tmp_path):
+    peaks = {}
+    for order in ("full,lora", "lora,full"):
+        out = tmp_path / order.replace(",", "-")
+        assert compare([*tiny_overrides, f"methods={order}", "train.max_steps=3"], out).returncode == 0
+        peaks[order] = records(out)["lora"]["peak_memory_mb"]
+    assert abs(peaks["full,lora"] - peaks["lora,full"]) < 0.05 * peaks["lora,full"], peaks

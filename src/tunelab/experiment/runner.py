@@ -21,7 +21,8 @@ from .. import __version__
 from ..methods.base import get_method
 from ..train import faults
 from ..train.checkpoint import Checkpointer
-from ..train.loop import Diverged, Interrupted, LoopHooks, TrainingLoop, TrainState, Validation, total_steps
+from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
+                          total_steps)
 from ..train.setup import (build_optimizer, build_scheduler, make_accelerator, seed_everything,
                            store_frozen_matmul_weights)
 from ..train.tracking import MemoryMonitor, Tracker
@@ -41,7 +42,7 @@ def library_versions() -> dict[str, str]:
 
 
 def run_method(job: Job, name: str, out_dir: Path, show_progress: bool = True,
-               resume: bool = False, run_id: str | None = None) -> dict[str, Any]:
+               resume: bool = False, run_id: str | None = None, on_eval=None) -> dict[str, Any]:
     """Train, evaluate and save one run of method `name`; its folders are named `run_id` (default: the
     method's name)."""
     cfg, run_id = job.config, run_id or name
@@ -50,8 +51,10 @@ def run_method(job: Job, name: str, out_dir: Path, show_progress: bool = True,
     started = time.perf_counter()
     faults.current_method = name
     try:
-        record.update(train_one(job, name, out_dir, show_progress, resume, run_id))
+        record.update(train_one(job, name, out_dir, show_progress, resume, run_id, on_eval))
         record["status"] = "success"
+    except Pruned as exc:
+        record.update(status="pruned", error=str(exc))
     except Interrupted as exc:
         record.update(status="interrupted", error=f"{exc}; continue with --resume")
     except Diverged as exc:
@@ -88,7 +91,7 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     base = job.load_base_model()
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
-    if accelerator.mixed_precision == "bf16" and method.saves_adapter:
+    if accelerator.mixed_precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights:
         # only where the frozen base is never written out: a method saving the whole model must keep fp32
         store_frozen_matmul_weights(model, torch.bfloat16)
     lr = method.resolve_lr(opts, cfg.train.lr)
@@ -101,7 +104,7 @@ def setup_method(job: Job, name: str) -> MethodSetup:
 
 
 def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool,
-              run_id: str) -> dict[str, Any]:
+              run_id: str, on_eval=None) -> dict[str, Any]:
     cfg = job.config
     setup = setup_method(job, name)
     accelerator = setup.accelerator
@@ -117,7 +120,7 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     validation = Validation(lambda model: job.task.evaluate(model, job.validation, eval_setup).metrics,
                             cfg.metric_for_best, job.task.higher_is_better(cfg.metric_for_best))
     with graceful_interrupt() as stop_requested, MemoryMonitor(accelerator.device) as memory:
-        hooks = LoopHooks(on_log=tracker.on_log, on_eval=tracker.on_eval, stop_requested=stop_requested,
+        hooks = LoopHooks(on_log=tracker.on_log, on_eval=both(tracker.on_eval, on_eval), stop_requested=stop_requested,
                           after_step=lambda step: method.after_step(model, opts, step))
         trainer = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, accelerator, cfg.train,
                                job.train, validation, hooks, checkpointer)
@@ -157,6 +160,13 @@ def measurements(setup: MethodSetup, state: TrainState, steps_per_epoch: int) ->
         "device": str(setup.accelerator.device)}
 
 
+def both(first, second):
+    """Call `first`, then `second` when there is one (e.g. a sweep's pruning report after TensorBoard)."""
+    if second is None:
+        return first
+    return lambda *args: (first(*args), second(*args))
+
+
 @contextlib.contextmanager
 def graceful_interrupt():
     """The first Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
@@ -185,10 +195,14 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path) 
     job.tokenizer.save_pretrained(directory)
     write_json(directory / "tunelab.json", {
         "method": name, "task": job.task.name, "base_model": job.model_path, "labels": job.label_names,
-        "max_length": job.config.data.max_length, "format": "peft" if method.saves_adapter else "transformers",
+        "max_length": job.config.data.max_length, "format": artifact_format(method),
         "options": job.config.to_dict().get(name)})
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return {"artifact_dir": str(directory), "artifact_size_mb": round(size / 2**20, 3),
-            "artifact_format": "peft" if method.saves_adapter else "transformers"}
+            "artifact_format": artifact_format(method)}
+
+
+def artifact_format(method) -> str:
+    return method.artifact_format or ("peft" if method.saves_adapter else "transformers")
 
 

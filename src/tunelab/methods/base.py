@@ -44,6 +44,10 @@ class Method:
     # Adapter methods want much larger rates than full fine-tuning; None means use train.lr.
     default_lr: ClassVar[float | None] = None
     saves_adapter: ClassVar[bool] = False
+    # Under bf16, adapter methods keep the frozen base's Linear weights in bf16 (exact, and no per-step casts);
+    # a method whose adapter reads those weights directly (DoRA's weight norm) must keep them in fp32.
+    bf16_frozen_weights: ClassVar[bool] = True
+    artifact_format: ClassVar[str | None] = None  # default: "peft" for adapters, else "transformers"
 
     def check(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> list[str]:
         """Problems with `opts` for this model (a skeleton on the meta device is enough)."""
@@ -83,6 +87,12 @@ class Method:
     def extra_positions(self, opts: MethodOptions) -> int:
         """Positions the method adds to every sequence (virtual tokens), for the max_length check."""
         return 0
+
+    def search_space(self) -> dict[str, dict[str, Any]]:
+        """Default ranges for sweeps, keyed by this method's own options: a log-uniform learning rate a
+        decade either side of the method's default (train.lr's default for methods without one)."""
+        base = self.default_lr or 3e-5
+        return {"lr": {"low": base / 10, "high": base * 10, "log": True}}
 
     def resolve_lr(self, opts: MethodOptions, train_lr: float) -> float:
         return opts.lr or self.default_lr or train_lr

@@ -19,6 +19,10 @@ class WholeModelMethod(Method):
                                   ctx: PrepareContext) -> int:
         return sum(p.numel() for p in base_model.parameters())
 
+    def search_space(self) -> dict:
+        # the usual range for fine-tuning a whole pretrained transformer (BERT paper: 2e-5..5e-5, widened)
+        return {"lr": {"low": 1e-5, "high": 1e-4, "log": True}}
+
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         return type(base_model).from_pretrained(directory, local_files_only=True)
 

@@ -55,6 +55,9 @@ class LayerwiseLRDecay(WholeModelMethod):
     description = "Layer-wise LR decay: full fine-tuning with lr*decay^k, k = distance of the layer from the head"
     Options = LLRDOptions
 
+    def search_space(self) -> dict:
+        return {**super().search_space(), "decay": {"low": 0.7, "high": 1.0}}
+
     def param_groups(self, model: nn.Module, opts: LLRDOptions, lr: float,
                      weight_decay: float) -> list[dict[str, Any]]:
         depths, num_blocks = layer_depths(model)

@@ -10,6 +10,8 @@ from ..errors import did_you_mean
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
+INITS = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal", "pissa": "pissa", "olora": "olora"}
+
 
 @dataclass
 class LoraOptions(MethodOptions):
@@ -19,6 +21,14 @@ class LoraOptions(MethodOptions):
     target_modules: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "module name suffixes; default: peft's per-architecture choice"})
     bias: str = dataclasses.field(default="none", metadata={"choices": ["none", "all", "lora_only"]})
+    use_rslora: bool = dataclasses.field(
+        default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (rsLoRA)"})
+    # peft's initialisations that need no data. pissa and olora move the adapter's initial value out of the base
+    # weights; peft re-runs that (deterministic) step when it loads the adapter, so the saved adapter still reloads
+    # onto the untouched base. Left out: eva/corda/lora_ga (need data), loftq (quantisation), pissa_niter_* (random,
+    # so not repeatable on load), mica (freezes B: another parameter count), False (debugging only).
+    init: str = dataclasses.field(default="default", metadata={
+        "choices": list(INITS), "help": "adapter initialisation (peft init_lora_weights); default: B = 0"})
 
 
 def linear_layers(model: nn.Module, head_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
@@ -45,26 +55,37 @@ class Lora(PeftMethod):
     Options = LoraOptions
     default_lr = 1e-3
 
+    def search_space(self) -> dict:
+        return {**super().search_space(), "r": {"choices": [4, 8, 16]}}
+
     def targets(self, model: nn.Module, opts: LoraOptions) -> list[str]:
         return list(opts.target_modules or default_targets(model) or [])
 
     def check(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> list[str]:
+        problems = []
+        if opts.init == "orthogonal" and opts.r % 2:  # peft splits an orthogonal matrix into two halves
+            problems.append(f"{self.name}.init: 'orthogonal' needs an even {self.name}.r, got {opts.r}")
         linears = linear_layers(model, ctx.task.head_modules)
         candidates = sorted({name.split(".")[-1] for name in linears})
         targets = self.targets(model, opts)
         if not targets:
-            return [f"lora.target_modules: no default for model type {model.config.model_type!r}; "
-                    f"choose from the linear layers: {', '.join(candidates)}"]
-        return [f"lora.target_modules: {t!r} matches no linear layer{did_you_mean(t, candidates)}; "
-                f"linear layers are: {', '.join(candidates)}"
-                for t in targets if not any(matches(name, t) for name in linears)]
+            return problems + [f"{self.name}.target_modules: no default for model type {model.config.model_type!r}; "
+                               f"choose from the linear layers: {', '.join(candidates)}"]
+        return problems + [f"{self.name}.target_modules: {t!r} matches no linear layer{did_you_mean(t, candidates)}; "
+                           f"linear layers are: {', '.join(candidates)}"
+                           for t in targets if not any(matches(name, t) for name in linears)]
 
     def peft_config(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext):
         from peft import LoraConfig
 
         return LoraConfig(task_type=ctx.task.peft_task_type, r=opts.r, lora_alpha=opts.alpha,
                           lora_dropout=opts.dropout, target_modules=self.targets(model, opts),
-                          bias=opts.bias, base_model_name_or_path=ctx.model_path)
+                          bias=opts.bias, use_rslora=opts.use_rslora, init_lora_weights=INITS[opts.init],
+                          base_model_name_or_path=ctx.model_path, **self.extra_config(opts))
+
+    def extra_config(self, opts: LoraOptions) -> dict:
+        """Further LoraConfig arguments of a LoRA variant (e.g. DoRA's use_dora)."""
+        return {}
 
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
         targets = self.targets(base_model, opts)

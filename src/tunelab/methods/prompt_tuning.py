@@ -25,6 +25,10 @@ class PromptTuning(PeftMethod):
     Options = PromptTuningOptions
     default_lr = 3e-2
 
+    def search_space(self) -> dict:
+        # soft prompts want rates up to ~0.3 (Lester et al. 2021 used 0.3 with Adafactor)
+        return {"lr": {"low": 3e-3, "high": 3e-1, "log": True}, "num_virtual_tokens": {"choices": [10, 20, 50]}}
+
     def extra_positions(self, opts: PromptTuningOptions) -> int:
         return opts.num_virtual_tokens
 

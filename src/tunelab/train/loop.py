@@ -26,6 +26,10 @@ class Interrupted(Exception):
     """Training stopped on request (Ctrl-C) after a checkpoint was written."""
 
 
+class Pruned(Exception):
+    """A sweep's pruner stopped this run early: its intermediate results were not promising."""
+
+
 class Diverged(RuntimeError):
     def __init__(self, step: int, last_finite_loss: float | None):
         self.step, self.last_finite_loss = step, last_finite_loss
@@ -92,6 +96,7 @@ class TrainingLoop:
         self.total_steps = total_steps(cfg, len(train_data))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._segment_start = time.perf_counter()
+        self._checkpointed_step: int | None = None
 
     def run(self, state: TrainState | None = None) -> TrainState:
         state = state or TrainState()
@@ -141,8 +146,10 @@ class TrainingLoop:
 
     def checkpoint(self, state: TrainState) -> None:
         self.flush(state)
-        if self.checkpointer is not None:
+        # an epoch that ends on a checkpoint_every_steps multiple already has its checkpoint
+        if self.checkpointer is not None and self._checkpointed_step != state.step:
             self.checkpointer.save(self.model, self.optimizer, self.scheduler, state)
+            self._checkpointed_step = state.step
             self._segment_start = time.perf_counter()  # writing checkpoints is not training time
 
     def clock(self, state: TrainState) -> None:

@@ -70,11 +70,12 @@ def store_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
               for p in m.parameters(recurse=False)}
     converted = 0
     for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        if (isinstance(module, torch.nn.Linear) and own and not any(p.requires_grad for p in own)
-                and not any(id(p) in shared for p in own)):
-            module.to(dtype)
-            converted += sum(p.numel() for p in own)
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for param in module.parameters(recurse=False):  # each on its own: BitFit trains a frozen layer's bias
+            if not param.requires_grad and id(param) not in shared and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                converted += param.numel()
     return converted
 
 

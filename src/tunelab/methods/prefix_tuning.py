@@ -1,0 +1,81 @@
+"""Prefix tuning (Li & Liang, ACL 2021, arXiv:2101.00190) through peft: trainable key/value vectors for
+num_virtual_tokens positions in every attention layer, handed to the model as a past key/value cache; head trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..models.structure import hidden_size
+from .base import MethodOptions, PrepareContext, register
+from ._peft import PeftMethod
+
+
+@dataclass
+class PrefixTuningOptions(MethodOptions):
+    num_virtual_tokens: int = dataclasses.field(default=20, metadata={"gt": 0})
+
+
+def reaches_model(model: nn.Module, task_type: str) -> bool:
+    """Whether peft 0.21 can hand this model the prefix (a past key/value cache)."""
+    from transformers import PreTrainedModel
+
+    def params(module: nn.Module) -> set[str]:
+        return set(inspect.signature(module.forward).parameters)
+
+    if task_type == "CAUSAL_LM":
+        # peft passes past_key_values= to the model's forward; transformers 5 renamed it `cache` and still takes
+        # the old name (a deprecation shim until 5.40)
+        return bool(params(model) & {"past_key_values", "cache"})
+    # other task types: peft looks for a parameter named past_key_values on the model, else on its backbone,
+    # and refuses the model without one
+    backbones = [m for m in model.children() if isinstance(m, PreTrainedModel)][:1]
+    return any("past_key_values" in params(m) for m in [model, *backbones])
+
+
+def kv_width(config) -> int:
+    """Width of one layer's keys (= values): all heads, or the key/value heads under grouped-query attention."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is None:
+        return hidden_size(config)
+    return (getattr(config, "head_dim", None) or hidden_size(config) // heads) * kv_heads
+
+
+@register
+class PrefixTuning(PeftMethod):
+    name = "prefix-tuning"
+    description = "Prefix tuning (peft): trainable key/value prefixes in every attention layer; head trained"
+    Options = PrefixTuningOptions
+    # 5e-3: the rate of most of peft's method-comparison prefix-tuning runs (MetaMathQA experiments/prefixtuning/
+    # llama-3.2-3B-lr_0.005_zero_init, -tokens3-sos_prefix-lr_0.005, -tokens50-init_prefix-lr_0.005; one at 1e-3)
+    default_lr = 5e-3
+
+    def extra_positions(self, opts: PrefixTuningOptions) -> int:
+        # the prefix is a cache of that many earlier positions: the input's positions start after it
+        return opts.num_virtual_tokens
+
+    def check(self, model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext) -> list[str]:
+        if reaches_model(model, ctx.task.peft_task_type):
+            return []
+        import peft
+        import transformers
+
+        # e.g. BERT classification: transformers 5 renamed the forward's past_key_values to cache
+        return [f"prefix-tuning: peft {peft.__version__} hands the prefix to {type(model).__name__} ({ctx.task.name}) "
+                f"only as a past_key_values argument, which its forward lacks in transformers "
+                f"{transformers.__version__}; use p-tuning or prompt-tuning"]
+
+    def peft_config(self, model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type=ctx.task.peft_task_type, num_virtual_tokens=opts.num_virtual_tokens,
+                                  base_model_name_or_path=ctx.model_path)
+
+    def method_params(self, base_model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext) -> int:
+        # one key and one value vector per virtual token and layer (no reparameterisation MLP)
+        config = base_model.config
+        return opts.num_virtual_tokens * config.num_hidden_layers * 2 * kv_width(config)

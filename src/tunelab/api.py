@@ -68,7 +68,7 @@ def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change:
 
 
 def clear_outputs(out_dir: Path) -> None:
-    for name in ("results.json", "results.csv", "report.md", RUN_FILE):
+    for name in ("results.json", "results.csv", "report.md", "sweep.json", "sweep.md", "sweep.db", RUN_FILE):
         (out_dir / name).unlink(missing_ok=True)
     for name in ("checkpoints", "artifacts", "tensorboard", "plots", "data", "runs", "records"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -77,13 +77,14 @@ def clear_outputs(out_dir: Path) -> None:
 def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
             output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
             resume: bool = False, allow_config_change: bool = False, seeds: int = 1,
-            isolate: bool = True) -> CompareOutcome:
+            isolate: bool = True, tune: int = 0) -> CompareOutcome:
     """Train every configured method (with `seeds` seeds each) on the same data, evaluate, and write results
     and report. Each run trains in a fresh process unless `isolate` is False (then peak memory and failures
     of one run can leak into the next).
 
     With `resume`, runs finished in `output_dir` are kept and unfinished ones continue from their latest
-    complete checkpoint.
+    complete checkpoint. With `tune` N, each method first gets N optuna trials on the validation split (the
+    same budget for every method; the test split is never looked at), and its runs use the best of them.
     """
     from .experiment.plan import plan_runs
     from .experiment.results import write_results
@@ -96,6 +97,8 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
     if seeds < 1:
         problems.append(f"--seeds: {seeds} is not allowed; must be >= 1")
+    if tune < 0 or (tune and not isolate):
+        problems.append(f"--tune: {tune} is not allowed; must be >= 0, with every run in its own process")
     try:
         job = prepare_job(cfg)
     except TunelabInputError as exc:
@@ -110,9 +113,10 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         done = finished_records(out_dir) if resume else {}
         summary = {**job.summary(), "baseline": job.baseline()}
         execute = run_isolated(job, out_dir) if isolate else run_here(job, out_dir)
+        tuned = tune_methods(cfg, job, out_dir, tune, show_progress, resume) if tune else {}
         records: list[dict[str, Any]] = []
         for run in plan_runs(job.config, seeds):
-            records.append(done.get(run.run_id) or execute(run, show_progress, resume))
+            records.append(done.get(run.run_id) or execute(run, show_progress, resume, tuned.get(run.method, {})))
             payload = write_results(out_dir, records, summary)  # after each run: a crash keeps the rest
             if records[-1]["status"] == "interrupted":
                 write_report(out_dir, payload)
@@ -121,12 +125,76 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         return CompareOutcome(out_dir, records, write_report(out_dir, payload), summary)
 
 
+@dataclass
+class SweepOutcome:
+    output_dir: Path
+    studies: dict[str, dict[str, Any]]  # method → {study, direction, trials, best, importances}
+    report_path: Path
+
+
+def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
+          output_dir: str | Path | None = None, trials: int = 20, storage: str | None = None,
+          study_name: str | None = None, resume: bool = False, overwrite: bool = False,
+          show_progress: bool = True) -> SweepOutcome:
+    """Tune each configured method: optuna trials until its study holds `trials` (the study's total, shared
+    by every worker on the same storage), each trained in its own process, bad ones pruned early."""
+    from .experiment.isolation import share_job
+    from .sweep.report import write_sweep
+    from .sweep.space import space_problems
+    from .sweep.study import default_storage, open_study, run_study, study_summary
+
+    out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
+        default_output_dir().name.replace("compare", "sweep"))
+    if resume:
+        cfg, problems = resume_config(out_dir, config, overrides, False), []
+    else:
+        cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
+    problems += space_problems(cfg) + ([f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else [])
+    try:
+        job = prepare_job(cfg)
+    except TunelabInputError as exc:
+        raise TunelabInputError(problems + exc.problems) from None
+    if problems:
+        raise TunelabInputError(problems)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ExperimentLock(out_dir):
+        if not resume:
+            clear_outputs(out_dir)
+        write_run_file(out_dir, cfg)
+        share_job(out_dir, job)
+        url, studies = storage or default_storage(out_dir), {}
+        for method in cfg.methods:
+            run_study(cfg, job, method, out_dir, trials, url, study_name, show_progress, resume,
+                      seeded=storage is None)
+            studies[method] = study_summary(open_study(cfg, method, url, study_name, storage is None))
+        return SweepOutcome(out_dir, studies, write_sweep(out_dir, job.summary(), studies))
+
+
+def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, show_progress: bool,
+                 resume: bool) -> dict[str, dict[str, Any]]:
+    """Each method's best values after `trials` optuna trials (validation split only); {} where none finished."""
+    from .sweep.report import write_sweep
+    from .sweep.study import default_storage, open_study, run_study, study_summary
+
+    storage, studies = default_storage(out_dir), {}
+    for method in cfg.methods:
+        run_study(cfg, job, method, out_dir, trials, storage, "tune", show_progress, resume, seeded=True)
+        studies[method] = study_summary(open_study(cfg, method, storage, "tune", True))
+    write_sweep(out_dir, job.summary(), studies)
+    return {m: (s["best"] or {}).get("params", {}) for m, s in studies.items()}
+
+
 def run_isolated(job: Job, out_dir: Path):
     from .experiment.isolation import run_in_child, share_job
+    from .sweep.space import with_values
 
     share_job(out_dir, job)
-    return lambda run, show_progress, resume: run_in_child(out_dir, run, run.config(job.config).to_dict(),
-                                                           show_progress, resume)
+
+    def execute(run, show_progress, resume, values):
+        record = run_in_child(out_dir, run, with_values(run.config(job.config), values).to_dict(), show_progress,
+                              resume)
+        return {**record, "hyperparameters": values} if values else record
+    return execute
 
 
 def run_here(job: Job, out_dir: Path):
@@ -134,7 +202,7 @@ def run_here(job: Job, out_dir: Path):
 
     from .experiment.runner import run_method
 
-    def execute(run, show_progress, resume):
+    def execute(run, show_progress, resume, values):
         return run_method(dataclasses.replace(job, config=run.config(job.config)), run.method, out_dir,
                           show_progress, resume, run.run_id)
     return execute

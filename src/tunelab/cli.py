@@ -30,8 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--seeds", type=int, default=1, metavar="K",
                              help="train every method with K seeds (train.seed, +1, ...): intervals and "
                                   "paired tests over seeds")
+            cmd.add_argument("--tune", type=int, default=0, metavar="N",
+                             help="first give every method N optuna trials on the validation split, then train "
+                                  "its best configuration (with --seeds K seeds)")
             cmd.add_argument("--in-process", action="store_true",
                              help="debugging: run every method in this process (memory then depends on order)")
+    sweep = sub.add_parser("sweep", help="tune each method's hyperparameters with optuna", epilog=EPILOG)
+    sweep.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    sweep.add_argument("--output", "-o", help="experiment folder (default: runs/sweep-<time>)")
+    sweep.add_argument("--trials", type=int, default=20, help="trials per method: the study's total over all workers")
+    sweep.add_argument("--storage", help="optuna storage URL shared by workers (default: a SQLite file in --output)")
+    sweep.add_argument("--study-name", help="study name prefix (default: derived from the config)")
+    sweep.add_argument("--resume", action="store_true", help="continue a killed sweep in --output")
+    sweep.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods", "tasks"])
     report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
@@ -78,6 +90,8 @@ def dispatch(args: argparse.Namespace) -> int:
         print(write_report(Path(args.folder), read_results(Path(args.folder))))
         return 0
     config, overrides = split_items(args.items)
+    if args.command == "sweep":
+        return run_sweep(args, config, overrides)
     if args.command == "validate":
         from .api import validate
 
@@ -94,10 +108,31 @@ def dispatch(args: argparse.Namespace) -> int:
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
     outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress,
                       resume=args.resume, allow_config_change=args.allow_config_change, seeds=args.seeds,
-                      isolate=not args.in_process)
+                      isolate=not args.in_process, tune=args.tune)
     print("\n".join(table(outcome.records, job_view({"job": outcome.job, "methods": outcome.records}))))
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code
+
+
+def run_sweep(args: argparse.Namespace, config, overrides) -> int:
+    from .api import sweep
+
+    if args.resume and not args.output:
+        raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
+    from .sweep.study import SweepFailed
+
+    try:
+        outcome = sweep(config, overrides, args.output, args.trials, args.storage, args.study_name, args.resume,
+                        args.overwrite, show_progress=not args.no_progress)
+    except SweepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for method, study in outcome.studies.items():
+        best = study["best"]
+        shown = f"{best['value']:.4f} with {best['params']}" if best else "no completed trial"
+        print(f"{method:<16}best {shown}")
+    print(f"\nsweep: {outcome.output_dir / 'sweep.json'}\nreport: {outcome.report_path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -71,7 +71,16 @@ class TrainConfig:
     threads: int | None = field(default=None, metadata={"gt": 0})
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+@dataclass
+class SweepConfig:
+    metric: str | None = field(default=None, metadata={"help": "what trials optimise; default: train.metric_for_best"})
+    pruner: str = field(default="median", metadata={"choices": ["median", "halving", "none"]})
+    space: dict | None = field(default=None, metadata={
+        "help": "dotted key → {low, high, log} or {choices}; adds to or replaces the methods' default ranges "
+                "(null removes one); train.* keys apply to every method"})
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sweep": SweepConfig}
 
 
 @dataclass
@@ -80,6 +89,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     methods: list[str] = field(default_factory=lambda: ["full", "llrd", "lora", "prompt-tuning"])
     method_options: dict[str, MethodOptions] = field(default_factory=dict)
     task_options: TaskOptions = field(default_factory=TaskOptions)

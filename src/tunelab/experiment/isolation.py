@@ -4,7 +4,6 @@ record. A child that dies without writing one (killed, out of memory) is recorde
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import signal
 import subprocess
@@ -39,9 +38,11 @@ def file_name(run: Run) -> str:
     return run.run_id.replace("/", "--") + ".json"
 
 
-def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, resume: bool) -> dict[str, Any]:
+def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, resume: bool,
+                 trial: dict | None = None) -> dict[str, Any]:
+    """Train `run` in a fresh process; `trial` ({storage, study, trial_id, metric}) makes it report to optuna."""
     spec = {"method": run.method, "seed": run.seed, "run_id": run.run_id, "config": config, "resume": resume,
-            "show_progress": show_progress, "spawned_at": time.time()}
+            "show_progress": show_progress, "spawned_at": time.time(), "trial": trial}
     spec_path = out_dir / SPECS / file_name(run)
     record_path = out_dir / RECORDS / file_name(run)
     spec_path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
     job = Job(cfg, cfg.task_spec, shared["model_path"], tokenizer, shared["data"])
     run = Run(spec["method"], spec["seed"], spec["run_id"])
     startup_s = time.time() - spec["spawned_at"]  # process start, imports, shared data, tokenizer
-    record = run_method(job, run.method, out_dir, spec["show_progress"], spec["resume"], run.run_id)
+    on_eval = trial_reporter(spec["trial"], cfg) if spec.get("trial") else None
+    record = run_method(job, run.method, out_dir, spec["show_progress"], spec["resume"], run.run_id, on_eval)
     record["startup_s"] = round(startup_s, 2)
     record["pid"] = os.getpid()
     path = out_dir / RECORDS / file_name(run)
@@ -42,6 +43,23 @@ def main(argv: list[str]) -> int:
     tmp.write_text(json.dumps(record, default=str))
     tmp.replace(path)
     return 130 if record["status"] == "interrupted" else 0
+
+
+def trial_reporter(info: dict, cfg):
+    """Report each validation result to the sweep's optuna trial, and stop when its pruner says so."""
+    import optuna
+
+    from ..train.loop import Pruned
+
+    study = optuna.load_study(study_name=info["study"], storage=info["storage"])
+    trial = optuna.trial.Trial(study, info["trial_id"])
+    metric = info["metric"]
+
+    def report(state, metrics, improved):
+        trial.report(metrics[metric], state.step)
+        if trial.should_prune():
+            raise Pruned(f"pruned at step {state.step} ({metric} {metrics[metric]:.4f})")
+    return report
 
 
 if __name__ == "__main__":

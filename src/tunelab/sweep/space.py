@@ -1,0 +1,68 @@
+"""Search spaces: each method's default ranges, with the user's `sweep.space` on top, sampled by optuna."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import TunelabInputError
+
+
+def method_space(cfg, method: str) -> dict[str, dict[str, Any]]:
+    """Dotted key → range for one method: its defaults (`lora.lr`, `lora.r`), then the user's entries for
+    this method and for `train.*` (null removes a default)."""
+    from ..methods.base import get_method
+
+    space = {f"{method}.{key}": spec for key, spec in get_method(method).search_space().items()}
+    for key, spec in (cfg.sweep.space or {}).items():
+        section = str(key).split(".")[0]
+        if section in (method, "train"):
+            if spec is None:
+                space.pop(key, None)
+            else:
+                space[key] = spec
+    return space
+
+
+def space_problems(cfg) -> list[str]:
+    problems = []
+    for key, spec in (cfg.sweep.space or {}).items():
+        if spec is None:
+            continue
+        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
+            problems.append(f"sweep.space.{key}: expected {{low, high[, log]}} or {{choices: [...]}}, got {spec!r}")
+        elif "low" in spec and not spec["low"] < spec["high"]:
+            problems.append(f"sweep.space.{key}: low {spec['low']!r} must be below high {spec['high']!r}")
+        elif str(key).split(".")[0] not in ("train", *cfg.methods):
+            problems.append(f"sweep.space.{key}: names neither train.* nor a selected method "
+                            f"({', '.join(cfg.methods)})")
+    return problems
+
+
+def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One value per key, drawn by the trial (so the sampler and the importances see each by name)."""
+    values = {}
+    for key, spec in space.items():
+        if "choices" in spec:
+            values[key] = trial.suggest_categorical(key, list(spec["choices"]))
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
+            values[key] = trial.suggest_int(key, spec["low"], spec["high"])
+        else:
+            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return values
+
+
+def with_values(cfg, values: dict[str, Any]):
+    """The config with `values` (dotted keys) applied and validated like any override."""
+    from ..config import from_dict
+
+    raw = cfg.to_dict()
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    problems: list[str] = []
+    result = from_dict(raw, problems)
+    if problems:
+        raise TunelabInputError(problems)
+    return result

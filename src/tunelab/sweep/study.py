@@ -1,0 +1,143 @@
+"""Running one method's study: ask optuna for a trial, train it in its own process, tell optuna the result.
+Several workers (processes or machines) on one storage share the study; `trials` is the study's total."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from ..experiment.isolation import run_in_child
+from ..experiment.job import length_problems
+from ..models.loading import read_model_config
+from ..experiment.plan import Run
+from .space import method_space, suggest, with_values
+
+COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
+
+
+class SweepFailed(RuntimeError):
+    """A method's trials fail over and over: more of them would fail the same way."""  # a failed trial (a killed worker's) is replaced, not counted
+
+
+def default_storage(out_dir: Path) -> str:
+    return f"sqlite:///{(out_dir / 'sweep.db').resolve()}"
+
+
+def study_name(cfg, method: str, name: str | None) -> str:
+    # derived from the config, so workers started with the same config and storage join the same study
+    return f"{name or 'tunelab-' + cfg.fingerprint()}-{method}"
+
+
+def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    metric = cfg.sweep.metric or cfg.metric_for_best
+    direction = "maximize" if cfg.task_spec.higher_is_better(metric) else "minimize"
+    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2),
+              "halving": optuna.pruners.SuccessiveHalvingPruner(),
+              "none": optuna.pruners.NopPruner()}[cfg.sweep.pruner]
+    # one worker: a seeded sampler makes the sweep repeatable; several: each must draw its own points
+    sampler = optuna.samplers.TPESampler(seed=cfg.train.seed if seeded else None)
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=study_name(cfg, method, name), storage=storage,
+                                       direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
+        except Exception as exc:  # workers starting together race to create the storage's tables
+            if "IntegrityError" not in type(exc).__name__ + str(exc) or attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+
+
+def counted(study) -> int:
+    import optuna
+
+    states = tuple(getattr(optuna.trial.TrialState, s) for s in COUNTED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def fail_interrupted(study) -> int:
+    """Trials left RUNNING by a killed sweep of this experiment (the caller holds its lock) are failed, so
+    they are run again rather than counted."""
+    import optuna
+
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in stale:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, name: str | None,
+              show_progress: bool, resume: bool, seeded: bool) -> list[dict[str, Any]]:
+    """Trials of `method` until the study holds `trials` of them; returns this worker's trial records."""
+    import optuna
+
+    study = open_study(cfg, method, storage, name, seeded)
+    if resume:
+        fail_interrupted(study)
+    metric = cfg.sweep.metric or cfg.metric_for_best
+    space = method_space(cfg, method)
+    records = []
+    while counted(study) < trials:
+        if sum(r["status"] not in ("success", "pruned") for r in records) >= trials:
+            raise SweepFailed(f"{method}: every trial failed ({records[-1].get('error')}); see {out_dir}/records")
+        trial = study.ask()
+        if counted(study) > trials and trial.number == max(t.number for t in running(study)):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # lost a race with another worker: surplus
+            break
+        values = suggest(trial, space)
+        run_cfg = with_values(job.config, values)
+        run = Run(method, cfg.train.seed, f"{method}/trial-{trial.number:03d}")
+        unfit = length_problems(run_cfg, read_model_config(job.model_path))
+        if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
+            records.append({"method": method, "run_id": run.run_id, "status": "pruned", "error": "; ".join(unfit),
+                            "trial": trial.number, "hyperparameters": values})
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        record = run_in_child(out_dir, run, run_cfg.to_dict(), show_progress, resume=False,
+                              trial={"storage": storage, "study": study.study_name, "trial_id": trial._trial_id,
+                                     "metric": metric})
+        record.update(trial=trial.number, hyperparameters=values)
+        records.append(record)
+        tell(study, trial, record, metric)
+    return records
+
+
+def running(study):
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+
+def tell(study, trial, record: dict, metric: str) -> None:
+    import optuna
+
+    value = (record.get("best_val") or {}).get(metric)
+    if record["status"] == "pruned":
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    elif record["status"] == "success" and value is not None and math.isfinite(value):
+        study.tell(trial, value)
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def study_summary(study) -> dict[str, Any]:
+    """Every trial and the best one, from the storage (so other workers' trials are included)."""
+    import optuna
+
+    trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+               "intermediate": {str(k): v for k, v in t.intermediate_values.items()}}
+              for t in study.get_trials(deepcopy=False)]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params} \
+        if complete else None
+    importances = {}
+    if len(complete) >= 2:
+        try:
+            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        except (RuntimeError, ValueError):  # e.g. every trial drew the same values
+            importances = {}
+    return {"study": study.study_name, "direction": study.direction.name.lower(), "trials": trials,
+            "best": best, "importances": importances}

@@ -1,0 +1,120 @@
+"""tunelab sweep: optuna trials in their own processes, pruning, resume after a kill, workers sharing a study."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from tunelab.sweep.space import method_space, suggest
+from tunelab.config import load_config
+
+SMALL = ["methods=lora", "train.max_steps=4", "train.eval_every_steps=2", "train.log_every_steps=2"]
+
+
+def sweep(args, out, *flags, fault=""):
+    env = {**os.environ, "TUNELAB_FAULT": fault}
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", *args, "--output", str(out), "--no-progress",
+                           *flags], capture_output=True, text=True, timeout=900, env=env)
+
+
+def study(out):
+    return json.loads((out / "sweep.json").read_text())["studies"]["lora"]
+
+
+def test_default_space_and_user_ranges(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "methods=lora,llrd",
+                             "sweep.space={lora.lr: {low: 0.001, high: 0.01, log: true}, train.batch_size: {choices: [4, 8]}}"])
+    assert set(method_space(cfg, "llrd")) == {"llrd.lr", "llrd.decay", "train.batch_size"}
+    space = method_space(cfg, "lora")
+    assert space["lora.lr"] == {"low": 0.001, "high": 0.01, "log": True}
+    trial = optuna.create_study().ask()
+    values = suggest(trial, space)
+    assert 0.001 <= values["lora.lr"] <= 0.01 and values["train.batch_size"] in (4, 8)
+
+
+def test_a_bad_space_is_refused(tiny_overrides, tmp_path):
+    result = sweep([*tiny_overrides, *SMALL, "sweep.space={lora.lr: {low: 1, high: 0.1}}"], tmp_path)
+    assert result.returncode == 2 and "sweep.space.lora.lr: low 1 must be below high 0.1" in result.stderr
+
+
+def test_a_killed_sweep_resumes_without_repeating_finished_trials(tiny_overrides, tmp_path):
+    import signal
+    import time
+
+    worker = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", *tiny_overrides, *SMALL, "--output",
+                               str(tmp_path), "--no-progress", "--trials", "3"], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list((tmp_path / "runs").glob("*.json"))) < 2:  # trial 1 started
+        time.sleep(0.5)
+    os.killpg(worker.pid, signal.SIGKILL)  # the sweep and its trial's process, mid-trial
+    worker.wait()
+    resumed = sweep([], tmp_path, "--trials", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    trials = study(tmp_path)["trials"]
+    done = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(done) == 3 and [t["state"] for t in trials].count("FAIL") == 1  # the killed one, replaced
+    assert trials[0]["state"] in ("COMPLETE", "PRUNED")  # finished before the kill, kept
+
+
+def test_a_method_whose_trials_all_fail_stops(tiny_overrides, tmp_path):
+    result = sweep([*tiny_overrides, *SMALL], tmp_path, "--trials", "2", fault="lora/raise@step=1")
+    assert result.returncode == 1 and "every trial failed" in result.stderr
+
+
+def test_two_workers_share_one_study(tiny_overrides, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = [*tiny_overrides, *SMALL]
+    workers = [subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", *args, "--output", str(tmp_path / f"w{i}"),
+                                 "--no-progress", "--trials", "4", "--storage", storage],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=900)
+        assert worker.returncode == 0, err[-2000:]
+    name = study(tmp_path / "w0")["study"]
+    assert study(tmp_path / "w1")["study"] == name  # same config, same storage: the same study
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()  # after both workers ended
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4 and len(trials) <= 5  # the study's total (a lost race may leave one failed)
+    assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == 4  # no trial ran twice
+    ran = [json.loads(p.read_text()) for w in ("w0", "w1") for p in (tmp_path / w / "records").glob("*.json")]
+    assert len(ran) >= 4 and {r["run_id"] for r in ran if r["status"] in ("success", "pruned")}  # both report
+
+
+@pytest.mark.parametrize("pruner", ["median"])
+def test_pruner_sees_intermediate_results(tiny_overrides, tmp_path, pruner):
+    result = sweep([*tiny_overrides, *SMALL, "train.max_steps=6", f"sweep.pruner={pruner}"], tmp_path, "--trials", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for trial in study(tmp_path)["trials"]:
+        assert trial["intermediate"], trial  # every trial reported its evaluations to optuna
+
+
+def test_compare_tune_then_seeds_uses_each_methods_best_trial(tiny_overrides, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tunelab.cli", "compare", *tiny_overrides, "methods=lora,prompt-tuning",
+                             "train.max_steps=4", "train.eval_every_steps=2", "--tune", "2", "--seeds", "2",
+                             "--output", str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    studies = json.loads((tmp_path / "sweep.json").read_text())["studies"]
+    for entry in payload["summary"]:
+        best = studies[entry["method"]]["best"]["params"]
+        assert entry["n"] == 2 and entry["hyperparameters"] == {"lr": best[f"{entry['method']}.lr"], **best}
+    for record in payload["methods"]:
+        assert record["lr"] == studies[record["method"]]["best"]["params"][f"{record['method']}.lr"]
+
+
+def test_every_methods_default_space_gives_valid_configs(tiny_overrides):
+    from tunelab.methods.base import registry
+    from tunelab.sweep.space import with_values
+
+    for method in registry():
+        cfg = load_config(None, [*tiny_overrides, f"methods={method}"])
+        values = suggest(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask(),
+                         method_space(cfg, method))
+        assert f"{method}.lr" in values
+        tuned = with_values(cfg, values)
+        assert tuned.options(method).lr == values[f"{method}.lr"]

@@ -43,10 +43,9 @@ def table(records: list[dict], job: dict[str, Any]) -> list[str]:
     return lines
 
 
-def ranking(payload: dict, job: dict[str, Any]) -> list[str]:
+def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
     """Methods ranked by the metric that picks the best checkpoint, each with its interval and its verdict
     against the best: a difference the test cannot tell from noise is a tie."""
-    entries = payload.get("summary") or summarize(payload["methods"], job)
     if not entries:
         return []
     metrics = ordered_metrics(job)
@@ -86,46 +85,63 @@ def baseline_lines(job: dict[str, Any]) -> list[str]:
     return [f"Baseline ({baseline.get('name', 'reference')}): {'; '.join(parts)}."]
 
 
-def beats(job: dict[str, Any], metric: str, value: float, reference: float) -> bool:
-    if job["metrics"].get(metric) == "lower":
-        return value < reference - CLEAR_MARGIN * abs(reference)
-    return value > reference + CLEAR_MARGIN
-
-
-def reading(records: list[dict], job: dict[str, Any]) -> list[str]:
-    """A few plain sentences drawn from the numbers; no claim is made that the table does not show."""
+def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> list[str]:
+    """Plain sentences drawn from the summary: only what its intervals and verdicts support."""
     ok = [r for r in records if r["status"] == "success"]
-    notes = [f"- **{r['method']}** did not finish ({r['status']}): {r.get('error')}"
+    notes = [f"- **{r.get('run_id', r['method'])}** did not finish ({r['status']}): {r.get('error')}"
              for r in records if r["status"] != "success"]
-    if not ok:
+    if not entries:
         return notes or ["- No method finished."]
     metric = ordered_metrics(job)[0]
-    split = "test" if all(r.get("test") for r in ok) else "best_val"
-    score = {r["method"]: r[split][metric] for r in ok}
     higher = job["metrics"].get(metric) == "higher"
-    best = (max if higher else min)(score, key=score.get)
-    reference = baseline_value(job, "test" if split == "test" else "validation", metric)
-    against = f"; the baseline is {reference:.3f}" if reference is not None else ""
-    notes.append(f"- Best {split.replace('_', ' ')} {metric} ({'higher' if higher else 'lower'} is better): "
-                 f"**{best}** ({score[best]:.3f}){against}.")
+    best = entries[0]
+    split = "test" if best["split"] == "test" else "best validation"
+    notes.append(f"- Best {split} {metric} ({'higher' if higher else 'lower'} is better): **{best['method']}**, "
+                 f"{interval_text(best['metrics'][metric])}.")
+    ties = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "tie"]
+    worse = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "worse"]
+    if ties:
+        notes.append(f"- Not distinguishable from the best at this sample size (ties): {', '.join(ties)}.")
+    if worse:
+        notes.append(f"- Worse than the best beyond chance: {', '.join(worse)}.")
+    reference = baseline_value(job, "test" if best["split"] == "test" else "validation", metric)
     if reference is not None:
-        weak = [m for m, v in score.items() if not beats(job, metric, v, reference)]
+        weak = [e["method"] for e in entries if not clearly_beats(e["metrics"][metric], reference, higher)]
         if weak:
-            notes.append(f"- Not clearly better than the baseline (by {CLEAR_MARGIN:.0%}): {', '.join(weak)}. "
-                         "These need more steps, a different learning rate, or more data before they say anything.")
-    close = [r for r in ok if not beats(job, metric, score[best], score[r["method"]])]
-    lean = min(close, key=lambda r: r["trainable_params"])
-    if lean["method"] != best:
-        notes.append(f"- **{lean['method']}** comes within {CLEAR_MARGIN:.0%} of the best while training "
-                     f"{human_count(lean['trainable_params'])} parameters ({lean['trainable_percent']:.2f} % of "
-                     f"the model), and saves a {lean['artifact_size_mb']:.1f} MB artifact.")
-    fastest = max(ok, key=lambda r: r["train_samples_per_s"])
-    slowest = min(ok, key=lambda r: r["train_samples_per_s"])
-    notes.append(f"- Fastest to train: **{fastest['method']}** ({fastest['train_samples_per_s']:.1f} samples/s, "
-                 f"{fastest['train_samples_per_s'] / slowest['train_samples_per_s']:.2f}× {slowest['method']}).")
-    low_mem = min(ok, key=lambda r: r["peak_memory_mb"])
-    notes.append(f"- Lowest peak memory: **{low_mem['method']}** ({low_mem['peak_memory_mb']:.0f} MB).")
+            notes.append(f"- Not clearly better than the baseline ({reference:.3f}; its interval reaches it, or "
+                         f"no interval): {', '.join(weak)}. These need more steps, a tuned learning rate, or more "
+                         "data before they say anything.")
+    first = {r["method"]: r for r in reversed(ok)}
+    lean = min((first[m] for m in [best["method"], *ties]), key=lambda r: r["trainable_params"])
+    if lean["method"] != best["method"]:
+        notes.append(f"- **{lean['method']}** ties with the best while training {human_count(lean['trainable_params'])} "
+                     f"parameters ({lean['trainable_percent']:.2f} % of the model), and saves a "
+                     f"{lean['artifact_size_mb']:.1f} MB artifact.")
+    speed, memory = per_method_mean(ok, "train_samples_per_s"), per_method_mean(ok, "peak_memory_mb")
+    fastest, slowest = max(speed, key=speed.get), min(speed, key=speed.get)
+    if fastest != slowest:
+        notes.append(f"- Fastest to train: **{fastest}** ({speed[fastest]:.1f} samples/s, "
+                     f"{speed[fastest] / speed[slowest]:.2f}× {slowest}).")
+    low = min(memory, key=memory.get)
+    own = ", each run in its own process" if all(r.get("pid") for r in ok) else ""
+    notes.append(f"- Lowest peak memory: **{low}** ({memory[low]:.0f} MB{own}).")
     return notes
+
+
+def per_method_mean(records: list[dict], key: str) -> dict[str, float]:
+    values: dict[str, list[float]] = {}
+    for r in records:
+        values.setdefault(r["method"], []).append(r[key])
+    return {m: sum(v) / len(v) for m, v in values.items()}
+
+
+def clearly_beats(summary: dict, reference: float, higher: bool) -> bool:
+    """The whole interval is on the better side of the reference (without an interval: the mean, by 2 %)."""
+    if summary.get("ci95"):
+        low, high = summary["ci95"]
+        return low > reference if higher else high < reference
+    mean = summary["mean"]
+    return mean > reference + CLEAR_MARGIN if higher else mean < reference - CLEAR_MARGIN * abs(reference)
 
 
 def task_lines(payload: dict[str, Any], job: dict[str, Any]) -> list[str]:
@@ -138,6 +154,7 @@ def task_lines(payload: dict[str, Any], job: dict[str, Any]) -> list[str]:
 
 def write_report(out_dir: Path, payload: dict) -> Path:
     records, job = payload["methods"], job_view(payload)
+    entries = payload.get("summary") or summarize(records, job)  # older files have no summary
     plots = write_plots(out_dir, records, job)
     cfg = next((r["config"] for r in records if r.get("config")), {})
     train = cfg.get("train", {})
@@ -152,7 +169,7 @@ def write_report(out_dir: Path, payload: dict) -> Path:
         f"↑ higher is better, ↓ lower is better. Test numbers are for the checkpoint with the best validation "
         f"{job['metric_for_best']}; time and throughput count training steps only (evaluation excluded); peak "
         "memory is the process's resident set while the method trained.",
-        "", *ranking(payload, job), "## Reading", "", *reading(records, job), "", *task_lines(payload, job),
+        "", *ranking(entries, job), "## Reading", "", *reading(records, job, entries), "", *task_lines(payload, job),
     ]
     if job.get("dropped_rows"):
         lines += ["Rows left out of the data: " + "; ".join(f"{k}: {v}" for k, v in job["dropped_rows"].items()), ""]

@@ -73,7 +73,10 @@ def test_saved_adapter_reloads_with_peft_to_the_same_predictions(experiment, met
     base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=len(meta["labels"]))
     model = PeftModel.from_pretrained(base, out / "artifacts" / method)
     job = validate(None, SMALL)
-    metrics = job.task.evaluate(model, job.test, job.eval_setup(torch.device("cpu"), contextlib.nullcontext)).metrics
+    # evaluate in the precision the run used (bf16 autocast on CPUs with fast bf16, else fp32)
+    autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if record["precision"] == "bf16"
+                else contextlib.nullcontext)
+    metrics = job.task.evaluate(model, job.test, job.eval_setup(torch.device("cpu"), autocast)).metrics
     assert metrics["accuracy"] == record["test"]["accuracy"]
     assert metrics["loss"] == pytest.approx(record["test"]["loss"], abs=1e-6)
 

@@ -74,6 +74,30 @@ def clear_outputs(out_dir: Path) -> None:
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
+def checked_job(out_dir: Path, config, overrides, resume: bool, allow_change: bool, overwrite: bool,
+                more_problems) -> tuple[ExperimentConfig, Job]:
+    """The config (the saved one on resume) and the prepared job, or every problem with them at once."""
+    if resume:
+        cfg, problems = resume_config(out_dir, config, overrides, allow_change), []
+    else:
+        cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
+    problems += more_problems(cfg)
+    try:
+        job = prepare_job(cfg)
+    except TunelabInputError as exc:
+        raise TunelabInputError(problems + exc.problems) from None
+    if problems:
+        raise TunelabInputError(problems)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, job
+
+
+def start_folder(out_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
+    if not resume:
+        clear_outputs(out_dir)
+    write_run_file(out_dir, cfg)
+
+
 def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
             output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
             resume: bool = False, allow_config_change: bool = False, seeds: int = 1,
@@ -91,25 +115,12 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     from .report import write_report
 
     out_dir = Path(output_dir) if output_dir else default_output_dir()
-    if resume:
-        cfg, problems = resume_config(out_dir, config, overrides, allow_config_change), []
-    else:
-        cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
-    if seeds < 1:
-        problems.append(f"--seeds: {seeds} is not allowed; must be >= 1")
-    if tune < 0 or (tune and not isolate):
-        problems.append(f"--tune: {tune} is not allowed; must be >= 0, with every run in its own process")
-    try:
-        job = prepare_job(cfg)
-    except TunelabInputError as exc:
-        raise TunelabInputError(problems + exc.problems) from None
-    if problems:
-        raise TunelabInputError(problems)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    flags = ([f"--seeds: {seeds} is not allowed; must be >= 1"] if seeds < 1 else []) + (
+        [f"--tune: {tune} is not allowed; must be >= 0, with every run in its own process"]
+        if tune < 0 or (tune and not isolate) else [])
+    cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite, lambda cfg: flags)
     with ExperimentLock(out_dir):
-        if not resume:
-            clear_outputs(out_dir)
-        write_run_file(out_dir, cfg)
+        start_folder(out_dir, cfg, resume)
         done = finished_records(out_dir) if resume else {}
         summary = {**job.summary(), "baseline": job.baseline()}
         execute = run_isolated(job, out_dir) if isolate else run_here(job, out_dir)
@@ -145,22 +156,11 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
 
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))
-    if resume:
-        cfg, problems = resume_config(out_dir, config, overrides, False), []
-    else:
-        cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
-    problems += space_problems(cfg) + ([f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else [])
-    try:
-        job = prepare_job(cfg)
-    except TunelabInputError as exc:
-        raise TunelabInputError(problems + exc.problems) from None
-    if problems:
-        raise TunelabInputError(problems)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    trials_problem = [f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []
+    cfg, job = checked_job(out_dir, config, overrides, resume, False, overwrite,
+                           lambda cfg: space_problems(cfg) + trials_problem)
     with ExperimentLock(out_dir):
-        if not resume:
-            clear_outputs(out_dir)
-        write_run_file(out_dir, cfg)
+        start_folder(out_dir, cfg, resume)
         share_job(out_dir, job)
         url, studies = storage or default_storage(out_dir), {}
         for method in cfg.methods:

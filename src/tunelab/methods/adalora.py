@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import did_you_mean
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
-from .lora import default_targets, linear_layers, matches
+from .lora import default_targets, linear_layers, matches, target_problems
 
 # all three: peft resets the averages of a parameter missing from ipt
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
@@ -87,15 +86,7 @@ class AdaLora(PeftMethod):
         if opts.target_r >= opts.init_r:  # peft's allocator then has nothing to prune and fails
             problems.append(f"{self.name}.target_r: {opts.target_r} must be below "
                             f"{self.name}.init_r ({opts.init_r})")
-        linears = linear_layers(model, ctx.task.head_modules)
-        candidates = sorted({name.split(".")[-1] for name in linears})
-        targets = self.targets(model, opts)
-        if not targets:
-            return problems + [f"{self.name}.target_modules: no default for model type {model.config.model_type!r}; "
-                               f"choose from the linear layers: {', '.join(candidates)}"]
-        return problems + [f"{self.name}.target_modules: {t!r} matches no linear layer{did_you_mean(t, candidates)}; "
-                           f"linear layers are: {', '.join(candidates)}"
-                           for t in targets if not any(matches(name, t) for name in linears)]
+        return problems + target_problems(self.name, model, self.targets(model, opts), ctx.task.head_modules)
 
     def peft_config(self, model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext):
         from peft import AdaLoraConfig

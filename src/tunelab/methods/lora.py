@@ -48,6 +48,18 @@ def default_targets(model: nn.Module) -> list[str] | None:
     return defaults.get(getattr(model.config, "model_type", None))
 
 
+def target_problems(method: str, model: nn.Module, targets: list[str], head_modules: tuple[str, ...]) -> list[str]:
+    """Target module names that match no linear layer (or no default for the architecture), with the choices."""
+    linears = linear_layers(model, head_modules)
+    candidates = sorted({name.split(".")[-1] for name in linears})
+    if not targets:
+        return [f"{method}.target_modules: no default for model type {model.config.model_type!r}; "
+                f"choose from the linear layers: {', '.join(candidates)}"]
+    return [f"{method}.target_modules: {t!r} matches no linear layer{did_you_mean(t, candidates)}; "
+            f"linear layers are: {', '.join(candidates)}"
+            for t in targets if not any(matches(name, t) for name in linears)]
+
+
 @register
 class Lora(PeftMethod):
     name = "lora"
@@ -65,15 +77,7 @@ class Lora(PeftMethod):
         problems = []
         if opts.init == "orthogonal" and opts.r % 2:  # peft splits an orthogonal matrix into two halves
             problems.append(f"{self.name}.init: 'orthogonal' needs an even {self.name}.r, got {opts.r}")
-        linears = linear_layers(model, ctx.task.head_modules)
-        candidates = sorted({name.split(".")[-1] for name in linears})
-        targets = self.targets(model, opts)
-        if not targets:
-            return problems + [f"{self.name}.target_modules: no default for model type {model.config.model_type!r}; "
-                               f"choose from the linear layers: {', '.join(candidates)}"]
-        return problems + [f"{self.name}.target_modules: {t!r} matches no linear layer{did_you_mean(t, candidates)}; "
-                           f"linear layers are: {', '.join(candidates)}"
-                           for t in targets if not any(matches(name, t) for name in linears)]
+        return problems + target_problems(self.name, model, self.targets(model, opts), ctx.task.head_modules)
 
     def peft_config(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext):
         from peft import LoraConfig

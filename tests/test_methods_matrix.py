@@ -41,8 +41,6 @@ MATRIX = {
 TASKS = ["classification", "causal-lm"]
 NOT_APPLICABLE: dict[tuple[str, str], str] = {  # (method, task) → why
     ("bitfit", "causal-lm"): "the task's test model (Llama, as Mistral, Gemma) has no bias terms: nothing to train",
-    ("prefix-tuning", "classification"): "peft 0.21 passes a classifier the prefix only through a forward parameter "
-                                         "named past_key_values, which BERT renamed `cache` in transformers 5",
 }
 PAIRS = [(m, t) for m in sorted(registry()) for t in TASKS if (m, t) not in NOT_APPLICABLE]
 

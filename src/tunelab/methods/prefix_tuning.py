@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -19,21 +20,40 @@ class PrefixTuningOptions(MethodOptions):
     num_virtual_tokens: int = dataclasses.field(default=20, metadata={"gt": 0})
 
 
-def reaches_model(model: nn.Module, task_type: str) -> bool:
-    """Whether peft 0.21 can hand this model the prefix (a past key/value cache)."""
-    from transformers import PreTrainedModel
+def _forward_params(module: nn.Module) -> set[str]:
+    return set(inspect.signature(module.forward).parameters)
 
-    def params(module: nn.Module) -> set[str]:
-        return set(inspect.signature(module.forward).parameters)
+
+def reaches_model(model: nn.Module, task_type: str) -> bool:
+    """Whether peft 0.21 can hand this model the prefix (a past key/value cache), directly or through
+    `accept_prefix_as_cache`."""
+    from transformers import PreTrainedModel
 
     if task_type == "CAUSAL_LM":
         # peft passes past_key_values= to the model's forward; transformers 5 renamed it `cache` and still takes
         # the old name (a deprecation shim until 5.40)
-        return bool(params(model) & {"past_key_values", "cache"})
-    # other task types: peft looks for a parameter named past_key_values on the model, else on its backbone,
-    # and refuses the model without one
+        return bool(_forward_params(model) & {"past_key_values", "cache"})
     backbones = [m for m in model.children() if isinstance(m, PreTrainedModel)][:1]
-    return any("past_key_values" in params(m) for m in [model, *backbones])
+    return any(_forward_params(m) & {"past_key_values", "cache"} for m in [model, *backbones])
+
+
+def accept_prefix_as_cache(model: nn.Module) -> None:
+    """Let peft hand the prefix to a transformers-5 encoder classifier (e.g. BERT).
+
+    peft (0.21) passes the prefix only if the model's forward has a parameter named past_key_values, and
+    transformers 5 renamed it `cache` (the old name still works as a keyword until 5.40). The classifier's
+    forward passes extra keywords on to its backbone, whose attention prepends the cached keys/values; peft
+    extends the attention mask by the prefix. This wrapper only renames the argument, so the model computes
+    exactly what it would with a cache. Tested: the prefix gets gradients, padding leaves logits unchanged.
+    """
+    if "past_key_values" in _forward_params(model) or "cache" in _forward_params(model):
+        return
+    original = model.forward
+
+    def forward(*args, past_key_values=None, **kwargs):
+        return original(*args, cache=past_key_values, **kwargs)
+
+    model.forward = forward
 
 
 def kv_width(config) -> int:
@@ -68,6 +88,14 @@ class PrefixTuning(PeftMethod):
         return [f"prefix-tuning: peft {peft.__version__} hands the prefix to {type(model).__name__} ({ctx.task.name}) "
                 f"only as a past_key_values argument, which its forward lacks in transformers "
                 f"{transformers.__version__}; use p-tuning or prompt-tuning"]
+
+    def prepare(self, model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext) -> nn.Module:
+        accept_prefix_as_cache(model)  # a no-op for models that take the cache already (causal LMs)
+        return super().prepare(model, opts, ctx)
+
+    def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
+        accept_prefix_as_cache(base_model)
+        return super().load(directory, base_model)
 
     def peft_config(self, model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext):
         from peft import PrefixTuningConfig

@@ -58,3 +58,15 @@ def test_carved_validation_is_stratified_seeded_and_disjoint():
     assert val.index.tolist() == again_val.index.tolist()
     assert set(train.index).isdisjoint(val.index) and len(train) + len(val) == 200
     assert (val.label == "neg").sum() == 35 and (val.label == "pos").sum() == 5  # 20 % of each class
+
+
+def test_packaged_dialogue_pairs_are_whole_turns():
+    from tunelab.data.packaged import chatterbot_english
+
+    problems: list[str] = []
+    frames = chatterbot_english(problems)
+    assert not problems
+    rows = frames["train"]
+    # a bare-string conversation (trivia.yml has one) must not become pairs of single characters
+    # (answers may be one character, e.g. "7"; no question is)
+    assert rows.prompt.str.len().min() > 1

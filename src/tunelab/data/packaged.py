@@ -34,6 +34,8 @@ def chatterbot_english(problems: list[str]) -> dict[str, pd.DataFrame]:
     for path in sorted((Path(spec.origin).parent / "data" / "english").glob("*.yml")):
         content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for turns in content.get("conversations", []):
+            if not isinstance(turns, list):  # trivia.yml has one bare string: its characters are no dialogue
+                continue
             texts = [str(t).strip() for t in turns]
             rows += [{"prompt": q, "response": a, "topic": path.stem} for q, a in zip(texts, texts[1:])]
     frame = pd.DataFrame(rows)

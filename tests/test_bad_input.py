@@ -61,6 +61,8 @@ CASES = {
     "model path is not a model": lambda t, b, base: ([*base, f"model.name_or_path={t}"], ["without config.json"]),
     "tokenizer missing": lambda t, b, base: ([*base, f"model.name_or_path={no_tokenizer(t, b)}"], ["no tokenizer"]),
     "model weights missing": lambda t, b, base: ([*base, f"model.name_or_path={no_weights(t, b)}"], ["no weight files"]),
+    "weights of another model class": lambda t, b, base: (
+        [*base, f"model.name_or_path={renamed_weights(t, b)}"], ["lacks pretrained weights for", "does not match"]),
     "data file missing": lambda t, b, base: ([*base, f"data.train_file={t}/missing.csv"], ["data.train_file", "does not exist"]),
     "data file empty": lambda t, b, base: ([*base, f"data.train_file={write(t / 'e.csv', '')}"], ["data.train_file", "is empty"]),
     "header only": lambda t, b, base: ([*base, "data.train_file=" + str(write(t / "h.csv", HEADER_ONLY))], ["has no rows"]),
@@ -105,6 +107,18 @@ def no_weights(tmp: Path, bert: Path) -> Path:
     folder = tmp / "no-weights"
     shutil.copytree(bert, folder)
     (folder / "model.safetensors").unlink()
+    return folder
+
+
+def renamed_weights(tmp: Path, bert: Path) -> Path:
+    """A BERT config over tensors under other names (as if saved from another architecture)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp / "renamed"
+    shutil.copytree(bert, folder)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({f"encoder_model.{k}": v for k, v in tensors.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
     return folder
 
 

@@ -17,8 +17,8 @@ from ..config import ExperimentConfig
 from ..data import pad_token_id, read_frames, with_packaged_defaults
 from ..errors import TunelabInputError
 from ..methods.base import PrepareContext, get_method
-from ..models.loading import (load_pretrained, load_tokenizer, read_model_config, resolve_model_path,
-                              skeleton)
+from ..models.loading import (load_pretrained, load_tokenizer, missing_weights_message, read_model_config,
+                              resolve_model_path, skeleton)
 from ..models.structure import max_positions
 from ..tasks.base import EvalSetup, Task, TaskData
 
@@ -47,8 +47,9 @@ class Job:
     def label_names(self) -> list[str] | None:
         return self.data.info.get("labels")
 
-    def context(self, total_steps: int = 0) -> PrepareContext:
-        return PrepareContext(self.model_path, self.model_path, self.task, total_steps)
+    def context(self, model: nn.Module, total_steps: int = 0) -> PrepareContext:
+        return PrepareContext(self.model_path, self.model_path, self.task, self.task.head_modules(model),
+                              total_steps)
 
     def load_base_model(self) -> nn.Module:
         """A fresh copy of the pretrained model in the task's class."""
@@ -151,12 +152,12 @@ def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
 
 def method_problems(cfg: ExperimentConfig, model_path: str, task: Task) -> list[str]:
     try:
-        structure = skeleton(model_path, task, {})
+        structure, missing = skeleton(model_path, task, {})
     except TunelabInputError as exc:
         return exc.problems
-    except Exception as exc:
-        return [f"model.name_or_path: {model_path!r} cannot be built for task {task.name!r} ({exc})"]
-    ctx = PrepareContext(model_path, model_path, task)
+    if missing:
+        return [missing_weights_message(model_path, missing)]
+    ctx = PrepareContext(model_path, model_path, task, task.head_modules(structure))
     problems = []
     for name in cfg.methods:
         problems += get_method(name).check(structure, cfg.options(name), ctx)

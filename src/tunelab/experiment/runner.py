@@ -87,8 +87,8 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     accelerator = make_accelerator(cfg.train)
     seed_everything(cfg.train.seed)  # same seed → same head initialisation for every method
     steps = total_steps(cfg.train, len(job.train))
-    ctx = job.context(steps)
     base = job.load_base_model()
+    ctx = job.context(base, steps)
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
     if accelerator.mixed_precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights:

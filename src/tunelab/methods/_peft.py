@@ -22,12 +22,16 @@ class PeftMethod(Method):
     def prepare(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> nn.Module:
         from peft import get_peft_model
 
-        # The task's peft task type decides what peft wraps: SEQ_CLS also trains and saves the classifier head.
-        return get_peft_model(model, self.peft_config(model, opts, ctx))
+        # The task's peft task type decides what peft wraps: SEQ_CLS trains and saves modules named classifier or
+        # score; a head with other parts (DistilBERT's pre_classifier, BART's classification_head) must be named.
+        config = self.peft_config(model, opts, ctx)
+        if ctx.head_modules:
+            config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(ctx.head_modules))
+        return get_peft_model(model, config)
 
     def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions,
                                   ctx: PrepareContext) -> int:
-        return self.method_params(base_model, opts, ctx) + head_param_count(base_model, ctx.task.head_modules)
+        return self.method_params(base_model, opts, ctx) + head_param_count(base_model, ctx.head_modules)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)

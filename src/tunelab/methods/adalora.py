@@ -78,15 +78,14 @@ class AdaLora(PeftMethod):
     default_lr = 1e-3
 
     def targets(self, model: nn.Module, opts: AdaLoraOptions) -> list[str]:
-        default = default_targets(model)  # a few of peft's defaults are one regex string: not usable as suffixes
-        return list(opts.target_modules or (default if isinstance(default, list) else []))
+        return list(opts.target_modules or default_targets(model) or [])
 
     def check(self, model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext) -> list[str]:
         problems = []
         if opts.target_r >= opts.init_r:  # peft's allocator then has nothing to prune and fails
             problems.append(f"{self.name}.target_r: {opts.target_r} must be below "
                             f"{self.name}.init_r ({opts.init_r})")
-        return problems + target_problems(self.name, model, self.targets(model, opts), ctx.task.head_modules)
+        return problems + target_problems(self.name, model, self.targets(model, opts), ctx.head_modules)
 
     def peft_config(self, model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext):
         from peft import AdaLoraConfig
@@ -104,7 +103,7 @@ class AdaLora(PeftMethod):
     def method_params(self, base_model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext) -> int:
         # before any pruning: A (init_r × in), B (out × init_r) and the singular values E (init_r) per layer
         targets = self.targets(base_model, opts)
-        hit = [m for n, m in linear_layers(base_model, ctx.task.head_modules).items()
+        hit = [m for n, m in linear_layers(base_model, ctx.head_modules).items()
                if any(matches(n, t) for t in targets)]
         return sum(opts.init_r * (m.in_features + m.out_features + 1) for m in hit)
 

@@ -34,6 +34,7 @@ class PrepareContext:
     model_path: str
     tokenizer_path: str
     task: "Task"
+    head_modules: tuple[str, ...]  # the task's fresh head in this model (top-level module names)
     total_steps: int = 0  # optimizer steps the run will take (0 where unknown, e.g. a check before training)
 
 

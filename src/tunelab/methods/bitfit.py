@@ -32,20 +32,20 @@ class BitFit(Method):
     saves_adapter = True
 
     def check(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> list[str]:
-        if any(is_bias(n, ctx.task.head_modules) for n, _ in model.named_parameters()):
+        if any(is_bias(n, ctx.head_modules) for n, _ in model.named_parameters()):
             return []
         # e.g. Llama, Mistral, Gemma: their linear layers and RMSNorms have no bias
         return [f"bitfit: model type {model.config.model_type!r} has no bias parameters outside the task's head, "
                 "so BitFit would train nothing of the model"]
 
     def prepare(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> nn.Module:
-        head = ctx.task.head_modules
+        head = ctx.head_modules
         for name, param in model.named_parameters():
             param.requires_grad_(is_bias(name, head) or name.split(".")[0] in head)
         return model
 
     def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> int:
-        head = ctx.task.head_modules
+        head = ctx.head_modules
         biases = sum(p.numel() for n, p in base_model.named_parameters() if is_bias(n, head))
         return biases + head_param_count(base_model, head)
 

@@ -28,6 +28,6 @@ class Dora(Lora):
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
         # LoRA's A and B (and any trained biases), plus the magnitude vector: one entry per output feature
         targets = self.targets(base_model, opts)
-        hit = [m for n, m in linear_layers(base_model, ctx.task.head_modules).items()
+        hit = [m for n, m in linear_layers(base_model, ctx.head_modules).items()
                if any(matches(n, t) for t in targets)]
         return super().method_params(base_model, opts, ctx) + sum(m.out_features for m in hit)

@@ -53,7 +53,7 @@ class IA3(PeftMethod):
         return targets, [f for f in default_feedforward or [] if f in targets]
 
     def check(self, model: nn.Module, opts: IA3Options, ctx: PrepareContext) -> list[str]:
-        linears = linear_layers(model, ctx.task.head_modules)
+        linears = linear_layers(model, ctx.head_modules)
         candidates = sorted({name.split(".")[-1] for name in linears})
         targets, feedforward = self.modules(model, opts)
         if not targets:
@@ -76,6 +76,6 @@ class IA3(PeftMethod):
     def method_params(self, base_model: nn.Module, opts: IA3Options, ctx: PrepareContext) -> int:
         # one vector per adapted layer: over its inputs for a feedforward layer, else over its outputs
         targets, feedforward = self.modules(base_model, opts)
-        hit = {n: m for n, m in linear_layers(base_model, ctx.task.head_modules).items()
+        hit = {n: m for n, m in linear_layers(base_model, ctx.head_modules).items()
                if any(matches(n, t) for t in targets)}
         return sum(m.in_features if is_feedforward(n, feedforward) else m.out_features for n, m in hit.items())

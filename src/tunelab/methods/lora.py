@@ -45,7 +45,10 @@ def matches(module_name: str, target: str) -> bool:
 def default_targets(model: nn.Module) -> list[str] | None:
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
-    return defaults.get(getattr(model.config, "model_type", None))
+    default = defaults.get(getattr(model.config, "model_type", None))
+    # a few of peft's defaults (e.g. gemma4's) are one regex string, not module-name suffixes: the user then
+    # names the targets (list() of a string would split it into characters)
+    return list(default) if isinstance(default, (list, tuple, set)) else None
 
 
 def target_problems(method: str, model: nn.Module, targets: list[str], head_modules: tuple[str, ...]) -> list[str]:
@@ -77,7 +80,7 @@ class Lora(PeftMethod):
         problems = []
         if opts.init == "orthogonal" and opts.r % 2:  # peft splits an orthogonal matrix into two halves
             problems.append(f"{self.name}.init: 'orthogonal' needs an even {self.name}.r, got {opts.r}")
-        return problems + target_problems(self.name, model, self.targets(model, opts), ctx.task.head_modules)
+        return problems + target_problems(self.name, model, self.targets(model, opts), ctx.head_modules)
 
     def peft_config(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext):
         from peft import LoraConfig
@@ -93,11 +96,11 @@ class Lora(PeftMethod):
 
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
         targets = self.targets(base_model, opts)
-        hit = {n: m for n, m in linear_layers(base_model, ctx.task.head_modules).items() if any(matches(n, t) for t in targets)}
+        hit = {n: m for n, m in linear_layers(base_model, ctx.head_modules).items() if any(matches(n, t) for t in targets)}
         count = sum(opts.r * (m.in_features + m.out_features) for m in hit.values())
         if opts.bias == "lora_only":
             count += sum(m.bias.numel() for m in hit.values() if m.bias is not None)
         elif opts.bias == "all":
             count += sum(p.numel() for n, p in base_model.named_parameters()
-                         if n.endswith("bias") and n.split(".")[0] not in ctx.task.head_modules)
+                         if n.endswith("bias") and n.split(".")[0] not in ctx.head_modules)
         return count

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..models.structure import hidden_size
+from ..models.structure import hidden_size, prompt_learning_dims
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
@@ -40,7 +40,7 @@ class PTuning(PeftMethod):
         from peft import PromptEncoderConfig
 
         return PromptEncoderConfig(task_type=ctx.task.peft_task_type, num_virtual_tokens=opts.num_virtual_tokens,
-                                   encoder_hidden_size=opts.encoder_hidden_size,
+                                   **prompt_learning_dims(model), encoder_hidden_size=opts.encoder_hidden_size,
                                    base_model_name_or_path=ctx.model_path)
 
     def method_params(self, base_model: nn.Module, opts: PTuningOptions, ctx: PrepareContext) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..models.structure import hidden_size
+from ..models.structure import hidden_size, prompt_learning_dims
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
@@ -38,6 +38,7 @@ class PromptTuning(PeftMethod):
         text_init = opts.init == "text"
         return PromptTuningConfig(
             task_type=ctx.task.peft_task_type, num_virtual_tokens=opts.num_virtual_tokens,
+            **prompt_learning_dims(model),
             prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.RANDOM,
             prompt_tuning_init_text=opts.init_text if text_init else None,
             tokenizer_name_or_path=ctx.tokenizer_path if text_init else None,

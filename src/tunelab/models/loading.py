@@ -109,28 +109,39 @@ def packaged_model_path(alias: str) -> str:
 
 def load_pretrained(model_path: str, task, info: dict) -> nn.Module:
     """The pretrained model in the task's class; only the task's head may be new (never random weights)."""
-    quiet_transformers()
-    try:
-        model, loading = task.auto_class().from_pretrained(model_path, local_files_only=True,
-                                                           output_loading_info=True, **task.model_kwargs(info))
-    except Exception as exc:
-        raise TunelabInputError([f"model.name_or_path: could not load a model from {model_path!r} "
-                                 f"({type(exc).__name__}: {_first_line(exc)})"]) from None
-    missing = [k for k in loading.get("missing_keys", []) if k.split(".")[0] not in task.head_modules]
+    model, missing = _from_pretrained(model_path, task, info)
     if missing:
-        shown = ", ".join(sorted(missing)[:5])
-        raise TunelabInputError([f"model.name_or_path: {model_path!r} lacks pretrained weights for "
-                                 f"{len(missing)} tensors ({shown}, ...); refusing to train random weights"])
+        raise TunelabInputError([missing_weights_message(model_path, missing)])
     return model
 
 
-def skeleton(model_path: str, task, info: dict) -> nn.Module:
-    """The model's module structure without weights (meta device): for checks before any loading."""
-    config = read_model_config(model_path)
-    for key, value in task.model_kwargs(info).items():
-        setattr(config, key, value)
-    with torch.device("meta"):
-        return task.auto_class().from_config(config)
+def skeleton(model_path: str, task, info: dict) -> tuple[nn.Module, list[str]]:
+    """The model's structure on the meta device and the pretrained weights it would lack outside the head.
+
+    transformers matches the checkpoint's tensor names to the model (prefixes, renamed keys, tied weights)
+    without reading a tensor, so `validate` finds what loading for training would, at any model size.
+    """
+    return _from_pretrained(model_path, task, info, device_map="meta")
+
+
+def _from_pretrained(model_path: str, task, info: dict, **kwargs) -> tuple[nn.Module, list[str]]:
+    quiet_transformers()
+    try:
+        model, loading = task.auto_class().from_pretrained(model_path, local_files_only=True,
+                                                           output_loading_info=True, **task.model_kwargs(info),
+                                                           **kwargs)
+    except Exception as exc:
+        raise TunelabInputError([f"model.name_or_path: could not load a model from {model_path!r} for task "
+                                 f"{task.name!r} ({type(exc).__name__}: {_first_line(exc)})"]) from None
+    head = task.head_modules(model)
+    return model, sorted(k for k in loading.get("missing_keys", []) if k.split(".")[0] not in head)
+
+
+def missing_weights_message(model_path: str, missing: list[str]) -> str:
+    shown = ", ".join(missing[:5])
+    return (f"model.name_or_path: {model_path!r} lacks pretrained weights for {len(missing)} tensors of the "
+            f"model's backbone ({shown}{', ...' if len(missing) > 5 else ''}); the checkpoint does not match "
+            "its config's model class, and tunelab refuses to train random weights")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -35,7 +35,21 @@ def head_param_count(model: nn.Module, head_modules: tuple[str, ...]) -> int:
 
 
 def hidden_size(config) -> int:
-    for key in ("hidden_size", "d_model", "n_embd"):
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):  # dim: DistilBERT
         if getattr(config, key, None):
             return int(getattr(config, key))
     raise ValueError("model config has no hidden size")
+
+
+def attention_heads(config) -> int:
+    for key in ("num_attention_heads", "n_head", "num_heads", "n_heads"):  # n_heads: DistilBERT
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ValueError("model config has no number of attention heads")
+
+
+def prompt_learning_dims(model: nn.Module) -> dict[str, int]:
+    """The sizes peft's prompt-learning configs need, read generically: peft looks for a few config names only
+    (hidden_size/d_model/n_embd, ...) and refuses models that call them otherwise (DistilBERT: dim, n_heads)."""
+    return {"token_dim": hidden_size(model.config), "num_layers": len(find_block_list(model)[1]),
+            "num_attention_heads": attention_heads(model.config)}

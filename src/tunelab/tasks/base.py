@@ -72,7 +72,6 @@ class Task:
     default_model: ClassVar[str]               # model.name_or_path when not set
     default_dataset: ClassVar[str]             # data.dataset when neither it nor data.train_file is set
     data_keys: ClassVar[tuple[str, ...]] = ()  # task-specific `data.*` keys this task reads
-    head_modules: ClassVar[tuple[str, ...]] = ()  # top-level modules created fresh and trained in full
     shows_examples: ClassVar[bool] = False     # evaluate() returns examples the report shows
 
     # --- data -------------------------------------------------------------------------------------
@@ -96,6 +95,10 @@ class Task:
     def model_kwargs(self, info: dict[str, Any]) -> dict[str, Any]:
         """Extra `from_pretrained` arguments (e.g. the number of labels)."""
         return {}
+
+    def head_modules(self, model: nn.Module) -> tuple[str, ...]:
+        """Top-level modules of `model` that the task creates fresh and every method trains in full."""
+        return ()
 
     def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
         """Last touches after loading (e.g. a pad token id for decoder models)."""

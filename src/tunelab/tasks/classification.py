@@ -33,8 +33,6 @@ class Classification(Task):
     default_model = "all-MiniLM-L6-v2"
     default_dataset = "amazon-fine-food"
     data_keys = ("text_column", "text_pair_column", "label_column")
-    # Names transformers' *ForSequenceClassification models give their head.
-    head_modules = ("classifier", "score")
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems: list[str] = []
@@ -56,6 +54,14 @@ class Classification(Task):
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification
+
+    def head_modules(self, model: nn.Module) -> tuple[str, ...]:
+        # Everything beside the pretrained backbone: `classifier`/`score` in most models, but also DistilBERT's
+        # `pre_classifier`, BART's `classification_head`, DeBERTa's `pooler`; none of it is in a backbone
+        # checkpoint, so all of it is new and trained (peft: modules_to_save).
+        backbone = getattr(model, "base_model_prefix", "")
+        return tuple(name for name, child in model.named_children()
+                     if name != backbone and any(True for _ in child.parameters()))
 
     def model_kwargs(self, info: dict[str, Any]) -> dict[str, Any]:
         names = info.get("labels") or ["0", "1"]

@@ -1,0 +1,68 @@
+"""Heads beyond `classifier`: every module beside the pretrained backbone is the task's fresh head, trained in full
+by every method (peft: modules_to_save), so DistilBERT-, RoBERTa- and BART-style classifiers train."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab import validate
+from tunelab.config import load_config
+from tunelab.experiment.job import prepare_job
+from tunelab.experiment.runner import setup_method
+from tunelab.tasks.base import registry as task_registry
+
+from conftest import VOCAB
+
+
+def build_tiny_distilbert(folder: Path) -> Path:
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
+    config = DistilBertConfig(vocab_size=len(VOCAB), dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                              max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    DistilBertModel(config).save_pretrained(folder)  # backbone only: pre_classifier and classifier are new
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_distilbert(tmp_path_factory) -> Path:
+    return build_tiny_distilbert(tmp_path_factory.mktemp("tiny-distilbert"))
+
+
+def overrides(model: Path, toy_data, method: str) -> list[str]:
+    return [f"model.name_or_path={model}", f"data.train_file={toy_data['train']}",
+            f"data.validation_file={toy_data['validation']}", "data.max_length=32", "train.batch_size=8",
+            f"methods={method}", f"{method}.target_modules=[q_lin,v_lin]" if method == "lora" else "train.seed=1"]
+
+
+def test_the_head_is_everything_beside_the_backbone(tiny_distilbert):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_distilbert, num_labels=2)
+    assert task_registry()["classification"].head_modules(model) == ("pre_classifier", "classifier")
+
+
+def test_validate_accepts_a_backbone_whose_head_has_extra_layers(tiny_distilbert, toy_data):
+    summary = validate(overrides=overrides(tiny_distilbert, toy_data, "lora")).summary()
+    assert summary["train_rows"] == 160
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "p-tuning", "bitfit", "full"])
+def test_every_head_layer_trains_and_its_count_matches(method, tiny_distilbert, toy_data):
+    job = prepare_job(load_config(None, overrides(tiny_distilbert, toy_data, method)))
+    setup = setup_method(job, method)
+    trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
+    assert any("pre_classifier" in n for n in trainable) and any(".classifier." in n or n.startswith("classifier")
+                                                                 for n in trainable)
+    assert sum(p.numel() for p in setup.model.parameters() if p.requires_grad) == setup.expected_trainable
+
+
+def test_lora_says_when_peft_has_no_default_targets(tiny_distilbert, toy_data):
+    from tunelab.errors import TunelabInputError
+
+    with pytest.raises(TunelabInputError, match="no default for model type 'distilbert'.*q_lin"):
+        validate(overrides=overrides(tiny_distilbert, toy_data, "lora")[:-1])

@@ -14,9 +14,12 @@ EPILOG = "Overrides are key=value with dotted keys, e.g. methods=full,lora train
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description="Compare fine-tuning methods fairly.")
     sub = parser.add_subparsers(dest="command", required=True)
+    hub = argparse.ArgumentParser(add_help=False)
+    hub.add_argument("--offline", action="store_true",
+                     help="never contact the Hugging Face Hub: cached models and datasets only (= HF_HUB_OFFLINE=1)")
     for name, text in (("compare", "train, evaluate and compare methods"),
                        ("validate", "check config, model and data without training")):
-        cmd = sub.add_parser(name, help=text, epilog=EPILOG)
+        cmd = sub.add_parser(name, help=text, epilog=EPILOG, parents=[hub])
         cmd.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
         if name == "compare":
             cmd.add_argument("--output", "-o", help="experiment folder (default: runs/compare-<time>)")
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "its best configuration (with --seeds K seeds)")
             cmd.add_argument("--in-process", action="store_true",
                              help="debugging: run every method in this process (memory then depends on order)")
-    sweep = sub.add_parser("sweep", help="tune each method's hyperparameters with optuna", epilog=EPILOG)
+    sweep = sub.add_parser("sweep", help="tune each method's hyperparameters with optuna", epilog=EPILOG,
+                           parents=[hub])
     sweep.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     sweep.add_argument("--output", "-o", help="experiment folder (default: runs/sweep-<time>)")
     sweep.add_argument("--trials", type=int, default=20, help="trials per method: the study's total over all workers")
@@ -59,8 +63,10 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: fail fast instead of hanging
     args = build_parser().parse_args(argv)
+    if getattr(args, "offline", False):
+        # before transformers/datasets are imported: they read these once, at import
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:
         return dispatch(args)
     except TunelabInputError as exc:

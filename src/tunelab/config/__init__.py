@@ -26,12 +26,22 @@ DEFAULT_TASK = "classification"
 class ModelConfig:
     name_or_path: str | None = field(default=None, metadata={
         "help": "local folder, packaged model or hub id; default: the task's packaged model"})
+    revision: str | None = field(default=None, metadata={"help": "hub branch, tag or commit (hub ids only)"})
 
 
 @dataclass
 class DataConfig:
     dataset: str | None = field(default=None, metadata={
-        "help": "packaged dataset, used when data.train_file is not set; default: the task's"})
+        "help": "packaged dataset, local dataset folder or hub dataset id, used when data.train_file is not set; "
+                "default: the task's packaged dataset"})
+    dataset_config: str | None = field(default=None, metadata={"help": "the hub dataset's configuration name"})
+    dataset_revision: str | None = field(default=None, metadata={"help": "hub dataset branch, tag or commit"})
+    train_split: str = field(default="train", metadata={"help": "data.dataset's split used for training"})
+    validation_split: str | None = field(default=None, metadata={
+        "help": "data.dataset's validation split; default: validation/valid/dev/val if present, else carved"})
+    test_split: str | None = field(default=None, metadata={"help": "data.dataset's test split; default: test"})
+    drop_invalid_rows: bool = field(default=False, metadata={
+        "help": "drop rows with an empty text or a missing label (counted in the report) instead of refusing"})
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None

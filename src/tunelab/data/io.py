@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..errors import TunelabInputError
 from .packaged import PACKAGED_DATASETS, load_packaged
+from .sources import read_dataset_source
 
 if TYPE_CHECKING:  # the config imports tasks, which import this module
     from ..config import DataConfig
@@ -18,17 +19,17 @@ SPLITS = ("train", "validation", "test")
 
 
 def read_frames(cfg: "DataConfig", default_dataset: str) -> dict[str, pd.DataFrame]:
-    """The user's files when `data.train_file` is set, else the packaged dataset; raises every problem."""
+    """The user's files when `data.train_file` is set, else data.dataset (packaged, a folder or a hub id);
+    raises every problem."""
     problems: list[str] = []
     if cfg.train_file is None:
         if cfg.validation_file or cfg.test_file:
             problems.append("data.train_file: needed when data.validation_file or data.test_file is set")
         name = cfg.dataset or default_dataset
-        if name not in PACKAGED_DATASETS:
-            problems.append(f"data.dataset: unknown packaged dataset {name!r}; "
-                            f"allowed: {', '.join(PACKAGED_DATASETS)} (or set data.train_file)")
-            raise TunelabInputError(problems)
-        frames = load_packaged(name, problems)
+        if name in PACKAGED_DATASETS:
+            frames = load_packaged(name, problems)
+        else:
+            frames = read_dataset_source(name, cfg, f"a packaged dataset ({', '.join(PACKAGED_DATASETS)})")
     else:
         frames = {}
         for split in SPLITS:

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
 from ..config import ExperimentConfig
-from ..data import pad_token_id, read_frames, with_packaged_defaults
+from ..data import pad_token_id, read_frames, where, with_packaged_defaults
 from ..errors import TunelabInputError
 from ..methods.base import PrepareContext, get_method
 from ..models.loading import (load_pretrained, load_tokenizer, missing_weights_message, read_model_config,
@@ -75,6 +76,7 @@ class Job:
                 "validation_source": self.data.validation_source,
                 "test_rows": len(self.test) if self.test is not None else 0,
                 "mean_train_tokens": float(train.lengths.mean()) if len(train) else 0.0,
+                "dropped_rows": self.data.dropped,
                 **self.task.summary(self.data)}
 
 
@@ -85,7 +87,7 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=cfg.model_name),
                               data=with_packaged_defaults(cfg.data, task.default_dataset))
     model_path, tokenizer, model_config = _attempt(problems, _load_model_side, cfg) or (None, None, None)
-    frames, source = _attempt(problems, load_frames, cfg, task) or (None, None)
+    frames, source, dropped = _attempt(problems, load_frames, cfg, task) or (None, None, {})
     if model_config is not None:
         problems += length_problems(cfg, model_config)
         problems += method_problems(cfg, model_path, task)
@@ -96,16 +98,43 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
         raise TunelabInputError(problems)
     data = task.encode(frames, tokenizer, cfg)
     data.validation_source, data.frames = source, frames
+    data.dropped = {**dropped, **data.dropped}
     return Job(cfg, task, model_path, tokenizer, data)
 
 
-def load_frames(cfg: ExperimentConfig, task: Task) -> tuple[dict[str, pd.DataFrame], str]:
-    """Read the data, let the task check its columns, then carve and cap the splits."""
+def load_frames(cfg: ExperimentConfig, task: Task) -> tuple[dict[str, pd.DataFrame], str, dict[str, int]]:
+    """Read the data, drop invalid rows if asked, let the task check the rest, then carve and cap the splits."""
     frames = read_frames(cfg.data, task.default_dataset)
+    dropped: dict[str, int] = {}
+    if cfg.data.drop_invalid_rows:
+        frames, dropped = drop_invalid_rows(frames, task, cfg)
     problems = task.check_frames(frames, cfg)
     if problems:
         raise TunelabInputError(problems)
-    return task.split(frames, cfg)
+    return (*task.split(frames, cfg), dropped)
+
+
+def drop_invalid_rows(frames: dict[str, pd.DataFrame], task: Task, cfg: ExperimentConfig):
+    """Frames without the rows the task cannot use, and how many went per split and reason."""
+    kept, dropped, problems = {}, {}, []
+    for split, frame in frames.items():
+        try:
+            masks = task.invalid_rows(frame, cfg)
+        except KeyError:  # a column is missing: check_frames says which
+            masks = {}
+        invalid = np.zeros(len(frame), dtype=bool)
+        for reason, mask in masks.items():
+            invalid |= mask.to_numpy()
+            if mask.any():
+                dropped[f"{split}: {reason}"] = int(mask.sum())
+        kept[split] = frame[~invalid].reset_index(drop=True)
+        if len(frame) and invalid.all():
+            reasons = ", ".join(reason for reason, mask in masks.items() if mask.any())
+            problems.append(f"{where(cfg.data, split)}: no rows left after data.drop_invalid_rows dropped all "
+                            f"{len(frame)} ({reasons})")
+    if problems:
+        raise TunelabInputError(problems)
+    return kept, dropped
 
 
 def _attempt(problems: list[str], fn, *args):
@@ -118,7 +147,7 @@ def _attempt(problems: list[str], fn, *args):
 
 
 def _load_model_side(cfg: ExperimentConfig):
-    model_path = resolve_model_path(cfg.model_name)
+    model_path = resolve_model_path(cfg.model_name, cfg.model.revision)
     model_config = read_model_config(model_path)
     if not has_weights(model_path):
         raise TunelabInputError([f"model.name_or_path: {model_path!r} has a config but no weight files "

@@ -34,10 +34,12 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A local folder with the model's files, or a TunelabInputError saying what exists."""
+def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
+    """A local folder with the model's files (packaged, a folder, or a hub snapshot), or a TunelabInputError."""
+    from .hub import hub_model_path, is_hub_id
+
     alias = PACKAGED_ALIASES.get(name_or_path, name_or_path)
-    if alias in PACKAGED_MODELS:
+    if alias in PACKAGED_MODELS and revision is None:
         return packaged_model_path(alias)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -47,23 +49,10 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(path)
     if path.exists():
         raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is a file; expected a model folder"])
-    cached = _hub_cache_path(name_or_path)
-    if cached:
-        return cached
-    raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is not a local model folder, a "
-                             f"packaged model ({', '.join(PACKAGED_MODELS)}) or in the local hub cache "
-                             "(no downloads happen here)"])
-
-
-def _hub_cache_path(repo_id: str) -> str | None:
-    if repo_id.count("/") != 1:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception:
-        return None
+    if not is_hub_id(name_or_path):
+        raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is not a local model folder, a "
+                                 f"packaged model ({', '.join(PACKAGED_MODELS)}) or a hub id"])
+    return hub_model_path(name_or_path, revision)
 
 
 def read_model_config(model_path: str):

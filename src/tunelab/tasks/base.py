@@ -79,6 +79,11 @@ class Task:
         """Problems with the loaded frames (columns, labels), before anything is tokenized."""
         return []
 
+    def invalid_rows(self, frame: pd.DataFrame, cfg) -> dict[str, pd.Series]:
+        """Rows the task cannot use, as a boolean mask per reason (e.g. "an empty 'text'"): refused by
+        check_frames, or dropped and counted with data.drop_invalid_rows. Called once the columns exist."""
+        return {}
+
     def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
         """Frames for train/validation(/test) after carving and capping, and where validation came from."""
         raise NotImplementedError

@@ -38,9 +38,18 @@ class Classification(Task):
         problems: list[str] = []
         for split, frame in frames.items():
             problems += check_columns(frame, where(cfg.data, split), cfg)
+            if not problems:
+                problems += invalid_row_problems(self.invalid_rows(frame, cfg), where(cfg.data, split))
         if not problems:
             problems += check_labels(frames, label_column(cfg), cfg)
         return problems
+
+    def invalid_rows(self, frame: pd.DataFrame, cfg) -> dict[str, pd.Series]:
+        masks = {}
+        for column in filter(None, (text_column(cfg), cfg.data.text_pair_column)):
+            masks[f"an empty {column!r}"] = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+        masks[f"no {label_column(cfg)!r} label"] = frame[label_column(cfg)].isna()
+        return masks
 
     def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
         return split_frames(frames, cfg.data, label_column(cfg), cfg.train.seed)
@@ -115,18 +124,17 @@ def check_columns(frame: pd.DataFrame, source: str, cfg) -> list[str]:
             return [f"{key}: column {column!r} not in {source}; columns are: {', '.join(map(str, frame.columns))}"]
     if len(frame) == 0:
         return [f"{source}: has no rows"]
+    return []
+
+
+def invalid_row_problems(masks: dict[str, pd.Series], source: str) -> list[str]:
     problems = []
-    for key, column in columns.items():
-        if key == "data.label_column":
-            continue
-        text = frame[column]
-        empty = text.isna() | (text.astype(str).str.strip() == "")
-        if empty.any():
-            problems.append(f"{source}: {int(empty.sum())} rows have an empty {column!r} "
-                            f"(first at row {int(np.flatnonzero(empty.to_numpy())[0])}); remove them")
-    labels = frame[label_column(cfg)]
-    if labels.isna().any():
-        problems.append(f"{source}: {int(labels.isna().sum())} rows have no {label_column(cfg)!r} label")
+    for reason, mask in masks.items():
+        rows = np.flatnonzero(mask.to_numpy())
+        if len(rows):
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            problems.append(f"{source}: {len(rows)} rows have {reason} (rows {shown}, counted from 0); remove "
+                            "them or set data.drop_invalid_rows=true")
     return problems
 
 

@@ -1,0 +1,101 @@
+"""`data.dataset` as a local folder or a Hugging Face Hub dataset, read with `datasets` itself: a folder that
+`datasets.load_dataset` understands (e.g. train.csv + test.csv, or data/train-*.parquet), a
+`save_to_disk` folder, or a hub id (with `data.dataset_config`), cached by `datasets` as usual.
+
+The dataset's split names map to tunelab's train/validation/test through `data.train_split`,
+`data.validation_split` and `data.test_split`; ClassLabel columns become their names (-1, "no label", becomes
+missing, which the task refuses or drops).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from ..errors import TunelabInputError
+from ..models.hub import is_hub_id, is_offline
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
+
+VALIDATION_NAMES = ("validation", "valid", "dev", "val")
+
+
+def read_dataset_source(name: str, cfg: "DataConfig", allowed: str) -> dict[str, pd.DataFrame]:
+    """Frames per tunelab split from a folder or hub dataset; raises TunelabInputError with every problem."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        loaded = _load_folder(path, cfg)
+    elif is_hub_id(name):
+        loaded = _load_hub(name, cfg)
+    else:
+        raise TunelabInputError([f"data.dataset: {name!r} is not {allowed}, a local folder or a hub dataset id"])
+    return {split: frame_with_label_names(dataset) for split, dataset in pick_splits(loaded, cfg).items()}
+
+
+def _load_folder(path: Path, cfg: "DataConfig"):
+    import datasets
+
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(str(path), cfg.dataset_config)
+    except Exception as exc:
+        raise TunelabInputError([f"data.dataset: could not read the folder {str(path)!r} with "
+                                 f"datasets.load_dataset ({_cause(exc)}); it needs data files such as "
+                                 "train.csv and test.csv (or train.jsonl, data/train-*.parquet)"]) from None
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+
+
+def _load_hub(repo_id: str, cfg: "DataConfig"):
+    import datasets
+
+    try:
+        return datasets.load_dataset(repo_id, cfg.dataset_config, revision=cfg.dataset_revision)
+    except Exception as exc:
+        where = repo_id + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
+        if is_offline():
+            raise TunelabInputError([
+                f"data.dataset: {where!r} is not in the local datasets cache and hub access is off "
+                "(HF_HUB_OFFLINE=1 or --offline); on a connected machine load it once (run tunelab there "
+                f"without --offline, or `python -c \"import datasets; datasets.load_dataset('{repo_id}'"
+                + (f", '{cfg.dataset_config}'" if cfg.dataset_config else "") + ")\"`), then run again "
+                f"({_cause(exc)})"]) from None
+        raise TunelabInputError([f"data.dataset: could not load {where!r} from the Hub ({_cause(exc)}); for a "
+                                 "dataset with several configs set data.dataset_config"]) from None
+
+
+def pick_splits(loaded, cfg: "DataConfig") -> dict:
+    """tunelab's splits from the dataset's: named by the data.*_split keys, else by the usual names."""
+    available = list(loaded)
+    wanted = {"train": cfg.train_split,
+              "validation": cfg.validation_split or next((n for n in VALIDATION_NAMES if n in loaded), None),
+              "test": cfg.test_split or ("test" if "test" in loaded else None)}
+    problems = [f"data.{split}_split: the dataset has no split {name!r}; its splits are: {', '.join(available)}"
+                for split, name in wanted.items() if name is not None and name not in loaded]
+    if problems:
+        raise TunelabInputError(problems)
+    return {split: loaded[name] for split, name in wanted.items() if name is not None}
+
+
+def frame_with_label_names(dataset) -> pd.DataFrame:
+    """The split as a frame, ClassLabel columns as their names; -1 (datasets' "no label", e.g. GLUE test sets)
+    becomes missing."""
+    import datasets
+
+    frame = dataset.to_pandas()
+    for column, feature in dataset.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            frame[column] = [feature.names[i] if i >= 0 else None for i in frame[column]]
+    return frame
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"

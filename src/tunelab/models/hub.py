@@ -1,0 +1,74 @@
+"""Models from the Hugging Face Hub: found in the local cache, else downloaded as `from_pretrained` would,
+unless the machine is offline. Tokens and endpoints are huggingface_hub's own settings (HF_TOKEN, `hf auth
+login`, HF_ENDPOINT); tunelab never reads, stores or logs a token.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import TunelabInputError
+
+# What a training run needs from a model repository: configs, tokenizer files and one weight format.
+CONFIG_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken"]
+WEIGHT_FORMATS = (["*.safetensors"], ["*.bin"])  # transformers prefers safetensors; .bin only when it is all
+
+
+def is_offline() -> bool:
+    """HF_HUB_OFFLINE=1 (also set by `tunelab --offline`), read now rather than at import time."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_model_path(repo_id: str, revision: str | None) -> str:
+    """A local snapshot folder of `repo_id` at `revision`: from the cache, else downloaded (online only)."""
+    cached = cached_snapshot(repo_id, revision)
+    if cached:
+        return cached
+    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    if is_offline():
+        raise TunelabInputError([
+            f"model.name_or_path: {where} is not in the local Hugging Face cache and hub access is off "
+            "(HF_HUB_OFFLINE=1 or --offline); on a connected machine fetch it once with "
+            f"`hf download {repo_id}`" + (f" --revision {revision}" if revision else "") +
+            " (or run tunelab there without --offline), then run again"])
+    return download(repo_id, revision, where)
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # not cached (or an incomplete snapshot): the caller decides what to do
+        return None
+
+
+def download(repo_id: str, revision: str | None, where: str) -> str:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import errors
+
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+        weights = next((p for p in WEIGHT_FORMATS if any(f.endswith(p[0][1:]) for f in files)), [])
+        return snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_PATTERNS + weights)
+    except errors.GatedRepoError:
+        problem = "is gated: accept its terms on the Hub and log in (`hf auth login` or HF_TOKEN)"
+    except errors.RepositoryNotFoundError:
+        problem = "does not exist on the Hub, or is private and no token with access is set (HF_TOKEN)"
+    except errors.RevisionNotFoundError:
+        problem = "has no such revision (model.revision)"
+    except Exception as exc:  # network errors come in many kinds; the user needs the cause
+        problem = (f"could not be downloaded ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); "
+                   "without a network, pass --offline to use the local cache only")
+    raise TunelabInputError([f"model.name_or_path: {where} {problem}"])

@@ -1,0 +1,138 @@
+"""Models and datasets beyond local files: a dataset folder, a save_to_disk folder with ClassLabel labels, hub ids
+(cached, offline, downloaded) and the mapping of a dataset's split names to train/validation/test.
+
+No network is reachable here: the download path is checked against a stand-in for huggingface_hub's calls."""
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from tunelab import validate
+from tunelab.cli import main
+from tunelab.errors import TunelabInputError
+from tunelab.models import hub
+
+from conftest import toy_rows
+
+
+@pytest.fixture
+def model_args(tiny_bert):
+    return [f"model.name_or_path={tiny_bert}", "data.max_length=32", "train.batch_size=8", "methods=lora"]
+
+
+def test_a_folder_of_csv_files_is_a_dataset(tmp_path, model_args):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    toy_rows(120, 1).to_csv(folder / "train.csv", index=False)
+    toy_rows(30, 2).to_csv(folder / "test.csv", index=False)
+    summary = validate(overrides=[*model_args, f"data.dataset={folder}"]).summary()
+    assert (summary["train_rows"] + summary["validation_rows"], summary["test_rows"]) == (120, 30)
+    assert summary["validation_source"] == "carved from train"
+
+
+def class_label_dataset() -> datasets.DatasetDict:
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+
+    def split(n, seed, unlabelled=False):
+        rows = toy_rows(n, seed)
+        labels = [-1] * n if unlabelled else [int(v == "pos") for v in rows.label]
+        return datasets.Dataset.from_dict({"sentence": rows.text.tolist(), "label": labels}, features=features)
+
+    return datasets.DatasetDict(train=split(100, 1), validation_matched=split(20, 2), test=split(20, 3, True))
+
+
+def test_class_label_names_and_split_mapping_from_a_saved_dataset(tmp_path, model_args):
+    folder = tmp_path / "saved"
+    class_label_dataset().save_to_disk(str(folder))
+    job = validate(overrides=[*model_args, f"data.dataset={folder}", "data.text_column=sentence",
+                              "data.validation_split=validation_matched", "data.test_split=validation_matched"])
+    assert job.label_names == ["neg", "pos"]
+    assert (len(job.validation), len(job.test)) == (20, 20)
+
+
+def test_unlabelled_rows_are_refused_or_dropped_and_counted(tmp_path, model_args):
+    folder = tmp_path / "saved"
+    class_label_dataset().save_to_disk(str(folder))
+    base = [*model_args, f"data.dataset={folder}", "data.text_column=sentence"]
+    with pytest.raises(TunelabInputError, match="20 rows have no 'label' label"):
+        validate(overrides=base)  # the test split is unlabelled (-1), as in GLUE
+    with pytest.raises(TunelabInputError, match="no rows left after data.drop_invalid_rows dropped all 20"):
+        validate(overrides=[*base, "data.drop_invalid_rows=true"])
+
+
+def test_invalid_rows_are_named_by_row_or_dropped_and_counted(tmp_path, model_args):
+    rows = toy_rows(100, 1)
+    rows.loc[[3, 7], "text"] = " "
+    rows.loc[9, "label"] = None
+    path = tmp_path / "train.csv"
+    rows.to_csv(path, index=False)
+    base = [*model_args, f"data.train_file={path}"]
+    with pytest.raises(TunelabInputError) as refused:
+        validate(overrides=base)
+    assert any("2 rows have an empty 'text' (rows 3, 7, counted from 0)" in p for p in refused.value.problems)
+    assert any("1 rows have no 'label' label (rows 9," in p for p in refused.value.problems)
+    job = validate(overrides=[*base, "data.drop_invalid_rows=true"])
+    assert job.data.dropped == {"train: an empty 'text'": 2, "train: no 'label' label": 1}
+    assert len(job.train) + len(job.validation) == 97
+    assert job.summary()["dropped_rows"] == job.data.dropped
+
+
+def test_a_split_name_the_dataset_lacks_is_named_with_the_alternatives(tmp_path, model_args):
+    folder = tmp_path / "saved"
+    class_label_dataset().save_to_disk(str(folder))
+    with pytest.raises(TunelabInputError, match="no split 'dev'; its splits are: train, validation_matched, test"):
+        validate(overrides=[*model_args, f"data.dataset={folder}", "data.validation_split=dev"])
+
+
+def test_a_hub_dataset_id_goes_through_datasets_with_its_config(monkeypatch, model_args):
+    calls = []
+
+    def load_dataset(name, config=None, revision=None):
+        calls.append((name, config, revision))
+        return class_label_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    job = validate(overrides=[*model_args, "data.dataset=someone/reviews", "data.dataset_config=en",
+                              "data.text_column=sentence", "data.test_split=validation_matched"])
+    assert calls == [("someone/reviews", "en", None)]
+    assert job.label_names == ["neg", "pos"] and len(job.test) == 20
+
+
+def test_offline_hub_ids_exit_2_saying_so(tmp_path, capsys):
+    code = main(["validate", "--offline", "model.name_or_path=nobody/no-such-model",
+                 "data.dataset=nobody/no-such-data"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'nobody/no-such-model' is not in the local Hugging Face cache and hub access is off" in err
+    assert "hf download nobody/no-such-model" in err
+    assert "'nobody/no-such-data' is not in the local datasets cache and hub access is off" in err
+
+
+def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(monkeypatch, tiny_bert):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+
+    class Api:
+        def list_repo_files(self, repo_id, revision=None):
+            return ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt"]
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None):
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tiny_bert)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert hub.hub_model_path("someone/bert", "v1.0") == str(tiny_bert)
+    (repo, revision, patterns), = calls
+    assert (repo, revision) == ("someone/bert", "v1.0")
+    assert "*.safetensors" in patterns and "*.json" in patterns and "*.bin" not in patterns
+
+
+def test_hub_ids_and_paths_are_told_apart():
+    assert hub.is_hub_id("bert-base-uncased") and hub.is_hub_id("org/model")
+    assert not any(hub.is_hub_id(p) for p in ("./model", "/abs/model", "~/m", "a/b/c"))

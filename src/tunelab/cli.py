@@ -1,4 +1,4 @@
-"""Command line: `tunelab compare`, `tunelab validate`, `tunelab ls methods|tasks`, `tunelab report`."""
+"""Command line: `tunelab compare`, `validate`, `sweep`, `predict`, `export`, `ls methods|tasks`, `report`."""
 from __future__ import annotations
 
 import argparse
@@ -48,11 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue a killed sweep in --output")
     sweep.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_use_commands(sub, hub)
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods", "tasks"])
     report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
     report.add_argument("folder")
     return parser
+
+
+def add_use_commands(sub, hub: argparse.ArgumentParser) -> None:
+    where = "an experiment folder (default method: the best one) or one artifact folder"
+    predict = sub.add_parser("predict", help="predict with a saved artifact, one JSON line per input",
+                             parents=[hub])
+    predict.add_argument("path", metavar="EXPERIMENT_DIR|ARTIFACT_DIR", help=where)
+    predict.add_argument("--method", help="the method whose artifact to use (default: the experiment's best)")
+    predict.add_argument("--text", action="append", default=[], help="an input (repeatable)")
+    predict.add_argument("--input", help="a file of inputs: .jsonl, .csv/.tsv, or plain text (one per line)")
+    predict.add_argument("--output", "-o", help="write JSON lines here instead of standard output")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    export = sub.add_parser("export", help="copy an artifact, or merge it into a plain transformers model",
+                            parents=[hub])
+    export.add_argument("path", metavar="EXPERIMENT_DIR|ARTIFACT_DIR", help=where)
+    export.add_argument("--method", help="the method to export (default: the experiment's best)")
+    export.add_argument("--merge", action="store_true",
+                        help="fold the adapter into the base weights (LoRA family, IA3; not virtual-token methods)")
+    export.add_argument("--output", "-o", required=True, help="folder to write")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:
@@ -95,6 +117,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
         print(write_report(Path(args.folder), read_results(Path(args.folder))))
         return 0
+    if args.command in ("predict", "export"):
+        return run_use_command(args)
     config, overrides = split_items(args.items)
     if args.command == "sweep":
         return run_sweep(args, config, overrides)
@@ -118,6 +142,23 @@ def dispatch(args: argparse.Namespace) -> int:
     print("\n".join(table(outcome.records, job_view({"job": outcome.job, "methods": outcome.records}))))
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code
+
+
+def run_use_command(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from .use.export import export
+
+        out = export(args.path, args.output, args.method, args.merge, args.overwrite)
+        print(f"exported {'merged model' if args.merge else 'artifact'}: {out}", file=sys.stderr)
+        return 0
+    from .use.predict import predict, write_predictions
+
+    if args.batch_size < 1:
+        raise TunelabInputError([f"--batch-size: {args.batch_size} is not allowed; must be > 0"])
+    artifact, outputs = predict(args.path, args.text, args.input, args.method, args.batch_size, args.device)
+    write_predictions(outputs, args.output)
+    print(f"{len(outputs)} predictions with {artifact.method} ({artifact.directory})", file=sys.stderr)
+    return 0
 
 
 def run_sweep(args: argparse.Namespace, config, overrides) -> int:

@@ -133,7 +133,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     examples = test.examples if test else []
     if test is None and job.task.shows_examples:  # then the report's examples come from validation
         examples = job.task.evaluate(setup.model, job.validation, eval_setup).examples
-    artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / run_id)
+    artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / run_id,
+                             precision="bf16" if accelerator.mixed_precision == "bf16" else "fp32")
     result = {**measurements(setup, state, trainer.steps_per_epoch()), **memory.report(),
               "history": state.history, "losses": state.losses, "best_val": state.best,
               "test": test.metrics if test else None, "examples": examples,
@@ -188,15 +189,18 @@ def graceful_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path) -> dict[str, Any]:
-    method = get_method(name)
+def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path,
+                  precision: str = "fp32") -> dict[str, Any]:
+    """The method's own save, the tokenizer, and a tunelab.json that `tunelab predict`/`export` read."""
+    method, cfg = get_method(name), job.config
     directory.mkdir(parents=True, exist_ok=True)
     method.save(model, directory)
     job.tokenizer.save_pretrained(directory)
     write_json(directory / "tunelab.json", {
-        "method": name, "task": job.task.name, "base_model": job.model_path, "labels": job.label_names,
-        "max_length": job.config.data.max_length, "format": artifact_format(method),
-        "options": job.config.to_dict().get(name)})
+        "method": name, "task": job.task.name, "base_model": job.model_path, "base_model_name": cfg.model_name,
+        "revision": cfg.model.revision, "labels": job.label_names, "max_length": cfg.data.max_length,
+        "format": artifact_format(method), "precision": precision, "options": cfg.to_dict().get(name),
+        "task_options": cfg.to_dict().get(job.task.name)})
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return {"artifact_dir": str(directory), "artifact_size_mb": round(size / 2**20, 3),
             "artifact_format": artifact_format(method)}

@@ -36,6 +36,15 @@ class PeftMethod(Method):
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
 
+    def merged(self, model: nn.Module) -> nn.Module:
+        from ..errors import TunelabInputError
+
+        if model.active_peft_config.is_prompt_learning:
+            raise TunelabInputError([f"export --merge: {self.name} cannot be merged: its virtual tokens are inputs "
+                                     "to the model, not changes to its weights; export without --merge and load "
+                                     "it with peft (PeftModel.from_pretrained)"])
+        return model.merge_and_unload()  # peft folds the adapter into the weights and unwraps the head
+
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         from peft import PeftModel
 

@@ -75,6 +75,11 @@ class Method:
         """Rebuild the trained model from `directory`; `base_model` is a fresh copy of the base."""
         raise NotImplementedError
 
+    def merged(self, model: nn.Module) -> nn.Module:
+        """The loaded model as one plain transformers model (`tunelab export --merge`); raise
+        TunelabInputError saying why where the method's result cannot be folded into the weights."""
+        return model  # full-model methods: already plain (bitfit's biases are loaded into the base)
+
     def after_step(self, model: nn.Module, opts: MethodOptions, step: int) -> None:
         """Called after every optimizer step, before gradients are cleared (e.g. AdaLoRA's rank update)."""
 

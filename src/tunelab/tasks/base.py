@@ -73,6 +73,7 @@ class Task:
     default_dataset: ClassVar[str]             # data.dataset when neither it nor data.train_file is set
     data_keys: ClassVar[tuple[str, ...]] = ()  # task-specific `data.*` keys this task reads
     shows_examples: ClassVar[bool] = False     # evaluate() returns examples the report shows
+    input_key: ClassVar[str] = "text"          # what one `tunelab predict` input is called (--text, JSON key)
 
     # --- data -------------------------------------------------------------------------------------
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
@@ -116,6 +117,11 @@ class Task:
     def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
         """Reference metrics every method must beat: {"validation": {...}, "test": {...}} and what the
         report shows next to them (e.g. "examples")."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, inputs: list[dict[str, Any]], setup: EvalSetup, info: dict[str, Any],
+                max_length: int) -> list[dict[str, Any]]:
+        """One output record per input, for `tunelab predict` (inputs are dicts keyed like the task's data)."""
         raise NotImplementedError
 
     def statistic(self, metric: str, per_example: dict[str, list]) -> tuple[list[np.ndarray], Callable] | None:

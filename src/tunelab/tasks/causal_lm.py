@@ -46,6 +46,7 @@ class CausalLM(Task):
     default_dataset = "chatterbot-english"
     data_keys = ("prompt_column", "response_column", "messages_column")
     shows_examples = True
+    input_key = "prompt"
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems = []
@@ -127,6 +128,19 @@ class CausalLM(Task):
                 out["examples"] = result.examples  # the test split's, when there is one
         return out
 
+    def predict(self, model: nn.Module, inputs: list[dict[str, Any]], setup: EvalSetup, info: dict[str, Any],
+                max_length: int) -> list[dict[str, Any]]:
+        """Greedy answers, framed as in training (the chat template, or the prompt and a newline)."""
+        tokenizer = setup.tokenizer
+        turns = [as_prompt_turns(item) for item in inputs]
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        prompts = tokenizer([prompt_text(t, tokenizer) for t in turns], add_special_tokens=not templated)["input_ids"]
+        prompts = [p[-max_length:] for p in prompts]  # the end of a long prompt is what the answer follows
+        ids, lengths = pad_rows(prompts, pad_token_id(tokenizer))
+        data = Encoded(ids, lengths, ids, prompt_lengths=lengths)
+        outputs = generate(model, data, np.arange(len(inputs)), setup, setup.options.max_new_tokens)
+        return [{**item, "output": output} for item, output in zip(inputs, outputs)]
+
     def summary(self, data: TaskData) -> dict[str, Any]:
         return {"dropped_rows": data.dropped, "mean_response_tokens":
                 float(np.mean(data.train.lengths - data.train.prompt_lengths)) if len(data.train) else 0.0}
@@ -192,13 +206,29 @@ def as_turns(value) -> list[dict] | None:
 
 def prompt_and_response(turns: list[dict], tokenizer) -> tuple[str, str]:
     """The prompt text (up to where the answer starts) and the response text, end marker included."""
+    prompt = prompt_text(turns[:-1], tokenizer)
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(turns[:-1], add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(turns, tokenize=False)
         if full.startswith(prompt):
             return prompt, full[len(prompt):]
     prompt = "\n".join(t["content"] for t in turns[:-1]) + "\n"
     return prompt, turns[-1]["content"] + (tokenizer.eos_token or "")
+
+
+def prompt_text(turns: list[dict], tokenizer) -> str:
+    """The turns before an answer, framed so the model's next tokens are the answer."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return "\n".join(t["content"] for t in turns) + "\n"
+
+
+def as_prompt_turns(item: dict[str, Any]) -> list[dict]:
+    """A predict input as chat turns: {"prompt": text} or {"messages": [{role, content}, ...]} (no answer)."""
+    if "messages" in item:
+        value = item["messages"]
+        value = json.loads(value) if isinstance(value, str) else value
+        return [{"role": str(t["role"]), "content": text_or_empty(t["content"])} for t in value]
+    return [{"role": "user", "content": str(item["prompt"])}]
 
 
 def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str, int]]:

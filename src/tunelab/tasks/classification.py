@@ -89,6 +89,18 @@ class Classification(Task):
         return Evaluation(metrics, per_example={"pred": preds.tolist(), "label": data.labels.tolist(),
                                                 "loss": losses.tolist()})
 
+    def predict(self, model: nn.Module, inputs: list[dict[str, Any]], setup: EvalSetup, info: dict[str, Any],
+                max_length: int) -> list[dict[str, Any]]:
+        texts = [str(item["text"]) for item in inputs]
+        pairs = [str(item.get("text_pair", "")) for item in inputs] if any("text_pair" in i for i in inputs) else None
+        tokens = setup.tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        ids, lengths = pad_rows(tokens["input_ids"], pad_token_id(setup.tokenizer))
+        type_ids = pad_rows(tokens["token_type_ids"], 0)[0] if pairs and "token_type_ids" in tokens else None
+        data = Encoded(ids, lengths, np.zeros(len(texts), dtype=np.int64), type_ids=type_ids)
+        names = info["labels"]
+        return [{**item, "label": names[int(p.argmax())], "scores": {n: round(float(x), 6) for n, x in zip(names, p)}}
+                for item, p in zip(inputs, class_probabilities(model, data, setup))]
+
     def statistic(self, metric: str, per_example: dict[str, list]):
         if not per_example:
             return None
@@ -172,21 +184,35 @@ def encode_rows(frame: pd.DataFrame, names: list[str], tokenizer, cfg) -> Encode
     return Encoded(ids, lengths, labels, type_ids=type_ids)
 
 
-def predict(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted label ids and cross-entropy losses, in the split's own row order."""
+def batch_logits(model: nn.Module, data: Encoded, setup: EvalSetup):
+    """(rows, logits, labels) per evaluation batch, in eval mode and without gradients."""
     was_training = model.training
     model.eval()
+    try:
+        with torch.inference_mode(), setup.autocast():
+            for rows in eval_batches(data.lengths, setup.batch_size):
+                batch = collate(data, rows, setup.device)
+                labels = batch.pop("labels")
+                yield rows, model(**batch).logits.float(), labels
+    finally:
+        model.train(was_training)
+
+
+def predict(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted label ids and cross-entropy losses, in the split's own row order."""
     preds = np.empty(len(data), dtype=np.int64)
     losses = np.empty(len(data), dtype=np.float64)
-    with torch.inference_mode(), setup.autocast():
-        for rows in eval_batches(data.lengths, setup.batch_size):
-            batch = collate(data, rows, setup.device)
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
-            losses[rows] = nn.functional.cross_entropy(logits, labels, reduction="none").double().cpu().numpy()
-            preds[rows] = logits.argmax(-1).cpu().numpy()
-    model.train(was_training)
+    for rows, logits, labels in batch_logits(model, data, setup):
+        losses[rows] = nn.functional.cross_entropy(logits, labels, reduction="none").double().cpu().numpy()
+        preds[rows] = logits.argmax(-1).cpu().numpy()
     return preds, losses
+
+
+def class_probabilities(model: nn.Module, data: Encoded, setup: EvalSetup) -> np.ndarray:
+    probabilities = np.empty((len(data), model.config.num_labels), dtype=np.float64)
+    for rows, logits, _ in batch_logits(model, data, setup):
+        probabilities[rows] = logits.softmax(-1).double().cpu().numpy()
+    return probabilities
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:

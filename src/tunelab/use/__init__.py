@@ -1,0 +1,1 @@
+"""Using what a comparison trained: predictions from a saved artifact, and exporting it (merged or not)."""

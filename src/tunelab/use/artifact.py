@@ -1,0 +1,103 @@
+"""Finding and loading what a comparison saved: an experiment folder (the best method, or --method) or one
+artifact folder (its `tunelab.json` says the method, task, base model and labels)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import TunelabInputError
+
+MANIFEST = "tunelab.json"
+
+
+@dataclass
+class Artifact:
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def task(self):
+        from ..tasks.base import registry
+
+        return registry()[self.manifest.get("task", "classification")]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"labels": self.manifest.get("labels")}
+
+    def task_options(self):
+        from ..config.schema import build
+
+        return build(self.task.Options, self.manifest.get("task_options") or {}, self.task.name, [])
+
+
+def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
+    """The artifact in `path`: the folder itself, or an experiment's artifact of `method` (default: the best)."""
+    folder = Path(path).expanduser()
+    if (folder / MANIFEST).is_file():
+        artifact = Artifact(folder, json.loads((folder / MANIFEST).read_text()))
+        if method and method != artifact.method:
+            raise TunelabInputError([f"--method: {str(folder)!r} holds the {artifact.method!r} artifact, "
+                                     f"not {method!r}"])
+        return artifact
+    if not (folder / "results.json").is_file():
+        raise TunelabInputError([f"{str(folder)!r} is neither an experiment folder (no results.json) nor an "
+                                 f"artifact folder (no {MANIFEST})"])
+    payload = json.loads((folder / "results.json").read_text())
+    method = method or best_method(payload, folder)
+    runs = [r for r in payload.get("methods", []) if r["method"] == method and r.get("status") == "success"]
+    saved = [folder / "artifacts" / r.get("run_id", method) for r in runs]
+    saved = [d for d in saved if (d / MANIFEST).is_file()]
+    if not saved:
+        finished = sorted({r["method"] for r in payload.get("methods", []) if r.get("status") == "success"})
+        raise TunelabInputError([f"--method: {str(folder)!r} has no saved artifact of {method!r}; methods with "
+                                 f"one: {', '.join(finished) or 'none'}"])
+    return Artifact(saved[0], json.loads((saved[0] / MANIFEST).read_text()))
+
+
+def best_method(payload: dict[str, Any], folder: Path) -> str:
+    ranked = [e for e in payload.get("summary") or [] if e.get("rank") == 1]
+    if not ranked:
+        raise TunelabInputError([f"{str(folder)!r} has no ranked method (no successful run); name one with --method"])
+    return ranked[0]["method"]
+
+
+def load_artifact(artifact: Artifact) -> tuple[nn.Module, Any]:
+    """The trained model (the method rebuilds it on a fresh base model) and its tokenizer."""
+    from ..methods.base import get_method
+    from ..models.loading import load_pretrained, load_tokenizer, quiet_transformers
+
+    quiet_transformers()
+    tokenizer = load_tokenizer(str(artifact.directory))
+    if tokenizer.pad_token is None:
+        from ..data import pad_token_id
+
+        tokenizer.pad_token_id = pad_token_id(tokenizer)
+    task = artifact.task
+    if artifact.manifest.get("format") == "transformers":  # a whole model (full, llrd, freeze, or merged)
+        model = task.auto_class().from_pretrained(artifact.directory, local_files_only=True)
+        return task.prepare_model(model, tokenizer).eval(), tokenizer
+    base = task.prepare_model(load_pretrained(base_model_path(artifact), task, artifact.info), tokenizer)
+    return get_method(artifact.method).load(artifact.directory, base).eval(), tokenizer
+
+
+def base_model_path(artifact: Artifact) -> str:
+    """The base model the artifact was trained on: its recorded folder, else found again by name."""
+    from ..models.loading import resolve_model_path
+
+    recorded = artifact.manifest.get("base_model")
+    if recorded and (Path(recorded) / "config.json").is_file():
+        return recorded
+    name = artifact.manifest.get("base_model_name")
+    if not name:
+        raise TunelabInputError([f"{str(artifact.directory)!r}: its base model {recorded!r} is gone and the "
+                                 "artifact does not name it (saved by an older tunelab); retrain or restore it"])
+    return resolve_model_path(name, artifact.manifest.get("revision"))

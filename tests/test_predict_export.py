@@ -1,0 +1,101 @@
+"""`tunelab predict` and `tunelab export` on what a real (tiny) comparison saved, for every method.
+
+predict must reproduce the predictions the run itself scored on the test split; a merged export must load
+with plain transformers and give the adapter's logits; methods that cannot merge say why (exit 2)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import tunelab
+from tunelab.cli import main
+from tunelab.errors import TunelabInputError
+from tunelab.methods.base import registry
+from tunelab.use.artifact import find_artifact, load_artifact
+
+from test_methods_matrix import MATRIX, NOT_APPLICABLE
+
+CLASSIFICATION_METHODS = sorted(m for m in registry() if (m, "classification") not in NOT_APPLICABLE)
+NOT_MERGEABLE = {"prompt-tuning", "p-tuning", "prefix-tuning"}  # virtual tokens: inputs, not weights
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, tiny_bert, toy_data):
+    out = tmp_path_factory.mktemp("experiment")
+    options = [o for m in CLASSIFICATION_METHODS for o in MATRIX[m][0]]
+    overrides = [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
+                 f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
+                 "data.max_length=32", "train.batch_size=8", "train.max_steps=6", "train.precision=fp32",
+                 "train.eval_every_steps=0", f"methods={','.join(CLASSIFICATION_METHODS)}", *options]
+    outcome = tunelab.compare(overrides=overrides, output_dir=out, show_progress=False, isolate=False)
+    assert all(r["status"] == "success" for r in outcome.records)
+    return out, {r["method"]: r for r in outcome.records}
+
+
+@pytest.mark.parametrize("method", CLASSIFICATION_METHODS)
+def test_predict_reproduces_the_runs_own_test_predictions(method, experiment, toy_data, tmp_path, capsys):
+    out, records = experiment
+    predictions = tmp_path / "p.jsonl"
+    assert main(["predict", str(out), "--method", method, "--input", str(toy_data["test"]),
+                 "--output", str(predictions), "--batch-size", "64"]) == 0
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    names = ["neg", "pos"]
+    assert [names.index(line["label"]) for line in lines] == records[method]["test_per_example"]["pred"]
+    assert all(abs(sum(line["scores"].values()) - 1) < 1e-4 for line in lines)
+
+
+def test_predict_defaults_to_the_best_method_and_takes_text_arguments(experiment, capsys):
+    out, _ = experiment
+    best = json.loads((out / "results.json").read_text())["summary"][0]["method"]
+    assert main(["predict", str(out), "--text", "the tea was lovely", "--text", "stale box"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["text"] for line in captured.out.splitlines()] == ["the tea was lovely", "stale box"]
+    assert f"with {best} " in captured.err
+
+
+@pytest.mark.parametrize("method", sorted(set(CLASSIFICATION_METHODS) - NOT_MERGEABLE))
+def test_a_merged_export_loads_with_transformers_and_gives_the_same_logits(method, experiment, tmp_path):
+    out, _ = experiment
+    merged = tunelab.export(out, tmp_path / "merged", method=method, merge=True)
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert plain.config.id2label == {0: "neg", 1: "pos"}
+    adapter, _ = load_artifact(find_artifact(out, method))
+    batch = AutoTokenizer.from_pretrained(merged)(["the tea was lovely", "stale soggy box"], padding=True,
+                                                  return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, adapter(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(NOT_MERGEABLE))
+def test_virtual_token_methods_say_they_cannot_merge(method, experiment, tmp_path, capsys):
+    out, _ = experiment
+    assert main(["export", str(out), "--method", method, "--merge", "--output", str(tmp_path / "m")]) == 2
+    assert "cannot be merged: its virtual tokens are inputs" in capsys.readouterr().err
+    assert main(["export", str(out), "--method", method, "--output", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "adapter_config.json").is_file()
+
+
+def test_unknown_artifact_and_method_are_refused(experiment, tmp_path):
+    out, _ = experiment
+    with pytest.raises(TunelabInputError, match="neither an experiment folder"):
+        find_artifact(tmp_path)
+    with pytest.raises(TunelabInputError, match="no saved artifact of 'nope'"):
+        find_artifact(out, "nope")
+
+
+def test_causal_lm_predict_and_merged_export(tiny_causal_overrides, tmp_path, capsys):
+    out = tmp_path / "lm"
+    tunelab.compare(overrides=[*tiny_causal_overrides, "methods=lora", "lora.r=4", "train.max_steps=4",
+                               "train.precision=fp32"], output_dir=out, show_progress=False, isolate=False)
+    assert main(["predict", str(out), "--text", "what is opposite of good"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["prompt"] == "what is opposite of good" and isinstance(line["output"], str)
+    merged = tunelab.export(out, tmp_path / "merged", merge=True)
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    adapter, tokenizer = load_artifact(find_artifact(out))
+    ids = tokenizer(["what is opposite of good"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**ids).logits, adapter(**ids).logits, rtol=1e-4, atol=1e-5)

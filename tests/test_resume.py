@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from test_methods_matrix import MATRIX, NOT_APPLICABLE
 RESUMABLE = sorted(m for m in MATRIX if (m, "classification") not in NOT_APPLICABLE)
 
 RUN = ["train.epochs=2", "train.checkpoint_every_steps=3", "train.eval_every_steps=4",
+       "train.keep_checkpoints_after_success=true",  # the final checkpoint is compared below
        "train.early_stopping_patience=0", "train.log_every_steps=2"]
 STEPS = 40  # 160 toy rows / batch 8 × 2 epochs
 
@@ -148,6 +150,23 @@ def test_resume_refuses_a_changed_config_unless_allowed(uninterrupted, tmp_path)
     assert refused.returncode == 2 and "--allow-config-change" in refused.stderr
     allowed = inproc([*args, "lora.lr=0.02", "--resume", "--allow-config-change"], tmp_path)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
+    # the new rate trains from the resumed step on, on the same schedule (not the checkpoint's old rate)
+    assert record(tmp_path, "lora")["lr"] == 0.02
+    warmup = math.ceil(0.06 * STEPS)
+    logged = {e.step: e.value for e in logged_scalars(tmp_path / "tensorboard" / "lora", "train/lr")}
+    assert logged[2] == pytest.approx(1e-2 * 2 / warmup)  # before the failure: lora.lr=1e-2, warming up
+    resumed = {step: lr for step, lr in logged.items() if step > 3}  # from the step-3 checkpoint on
+    assert len(resumed) >= (STEPS - 3) // 2
+    for step, lr in resumed.items():
+        assert lr == pytest.approx(0.02 * (STEPS - step) / (STEPS - warmup), rel=1e-6)
+
+
+def logged_scalars(folder: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return events.Scalars(tag)
 
 
 def test_diverged_and_failed_methods_are_recorded_and_others_continue(uninterrupted, tmp_path):

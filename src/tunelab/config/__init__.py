@@ -77,6 +77,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
     checkpoint_every_steps: int = field(default=50, metadata={"ge": 0, "help": "0: only at epoch end"})
     keep_checkpoints: int = field(default=1, metadata={"ge": 1, "help": "step checkpoints kept (plus the best)"})
+    keep_checkpoints_after_success: bool = field(default=False, metadata={
+        "help": "keep a run's resumable checkpoints after it succeeded (its artifact is what stays by default)"})
     bucket_size: int = field(default=64, metadata={"ge": 1, "help": "batches per length bucket; 1 = no bucketing"})
     threads: int | None = field(default=None, metadata={"gt": 0})
 

@@ -113,7 +113,7 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     checkpointer = Checkpointer(out_dir / "checkpoints" / run_id, cfg.fingerprint(), cfg.train.keep_checkpoints,
                                 lambda: method.extra_state(model), lambda s: method.load_extra_state(model, s))
     latest = checkpointer.latest() if resume else None
-    state = checkpointer.restore(latest, setup.model, setup.optimizer, setup.scheduler) if latest else TrainState()
+    state = restore_with_current_rates(checkpointer, latest, setup) if latest else TrainState()
     tracker = Tracker(out_dir / "tensorboard" / run_id, run_id, setup.total_steps, cfg.train.batch_size,
                       show_progress, start_step=state.step, start_time_s=state.train_time_s)
     eval_setup = job.eval_setup(accelerator.device, accelerator.autocast)
@@ -135,6 +135,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
         examples = job.task.evaluate(setup.model, job.validation, eval_setup).examples
     artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / run_id,
                              precision="bf16" if accelerator.mixed_precision == "bf16" else "fp32")
+    if not cfg.train.keep_checkpoints_after_success:
+        artifact["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
     result = {**measurements(setup, state, trainer.steps_per_epoch()), **memory.report(),
               "history": state.history, "losses": state.losses, "best_val": state.best,
               "test": test.metrics if test else None, "examples": examples,
@@ -144,6 +146,24 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
                     "trainable_params": result["trainable_params"]},
                    {f"best_val_{k}": v for k, v in (state.best or {}).items() if k != "step"})
     return result
+
+
+def restore_with_current_rates(checkpointer: Checkpointer, latest: Path, setup: MethodSetup) -> TrainState:
+    """Restore a checkpoint, then give the optimizer this config's rates and weight decay.
+
+    A checkpoint's optimizer and scheduler state carry the learning rates it was started with; after
+    `--resume --allow-config-change` the recorded config would otherwise disagree with what trains. The
+    schedule's shape (warmup, decay, total steps) comes from the current config anyway; unchanged rates are
+    set to the very values they had, so an ordinary resume stays bit-identical.
+    """
+    planned = [(g["initial_lr"], g["weight_decay"]) for g in setup.optimizer.param_groups]
+    state = checkpointer.restore(latest, setup.model, setup.optimizer, setup.scheduler)
+    scheduler = getattr(setup.scheduler, "scheduler", setup.scheduler)  # inside accelerate's wrapper
+    scheduler.base_lrs = [lr for lr, _ in planned]
+    for group, (lr, decay), factor in zip(setup.optimizer.param_groups, planned, scheduler.lr_lambdas):
+        group.update(initial_lr=lr, weight_decay=decay, lr=lr * factor(scheduler.last_epoch))
+    scheduler._last_lr = [g["lr"] for g in setup.optimizer.param_groups]
+    return state
 
 
 def measurements(setup: MethodSetup, state: TrainState, steps_per_epoch: int) -> dict[str, Any]:

@@ -100,6 +100,14 @@ class Checkpointer:
         self.folder, self.config_hash, self.keep = folder, config_hash, keep
         self.extra_state, self.load_extra_state = extra_state, load_extra_state  # the method's own state
 
+    def remove_all(self) -> int:
+        """Delete this run's checkpoints (once it succeeded: the artifact is what stays); bytes freed."""
+        if not self.folder.is_dir():
+            return 0
+        size = sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file())
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return size
+
     def save(self, model: nn.Module, optimizer, scheduler, state: TrainState) -> Path:
         files = {"trainable.pt": trainable_state(model), "optimizer.pt": optimizer.state_dict(),
                  "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}

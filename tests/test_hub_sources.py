@@ -4,6 +4,8 @@
 No network is reachable here: the download path is checked against a stand-in for huggingface_hub's calls."""
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 
@@ -136,3 +138,41 @@ def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(mon
 def test_hub_ids_and_paths_are_told_apart():
     assert hub.is_hub_id("bert-base-uncased") and hub.is_hub_id("org/model")
     assert not any(hub.is_hub_id(p) for p in ("./model", "/abs/model", "~/m", "a/b/c"))
+
+
+def fake_hub_cache(root, repo_id: str, model_folder) -> None:
+    """The Hugging Face cache layout (models--org--name/refs/main → snapshots/<commit>/...) around a model."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_cached_model_and_a_folder_dataset_run_end_to_end_offline(tmp_path, tiny_bert):
+    import os
+    import subprocess
+    import sys
+
+    fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-bert", tiny_bert)
+    data = tmp_path / "reviews"
+    data.mkdir()
+    toy_rows(120, 1).to_csv(data / "train.csv", index=False)
+    toy_rows(30, 2).to_csv(data / "test.csv", index=False)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "tunelab.cli", "compare", "--offline", "--no-progress",
+                          "--output", str(out), "model.name_or_path=tiny-org/tiny-bert", f"data.dataset={data}",
+                          "data.max_length=32", "train.batch_size=8", "train.max_steps=3", "methods=lora"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["job"]["model_path"].startswith(str(tmp_path / "hub" / "models--tiny-org--tiny-bert"))
+    assert results["job"]["test_rows"] == 30
+    predicted = subprocess.run([sys.executable, "-m", "tunelab.cli", "predict", "--offline", str(out),
+                                "--text", "the tea was lovely"], capture_output=True, text=True, env=env,
+                               timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert json.loads(predicted.stdout)["label"] in ("neg", "pos")

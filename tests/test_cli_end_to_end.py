@@ -48,7 +48,7 @@ def test_csv_report_and_tensorboard_runs(experiment):
     assert len((out / "results.csv").read_text().strip().splitlines()) == 5
     report = (out / "report.md").read_text()
     assert "| prompt-tuning | success |" in report and "Baseline (majority class)" in report
-    assert (out / "plots" / "accuracy_vs_params.png").stat().st_size > 1000
+    assert (out / "plots" / "tradeoffs.png").stat().st_size > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for method in ("full", "llrd", "lora", "prompt-tuning"):

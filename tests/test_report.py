@@ -17,4 +17,4 @@ def test_results_written_before_tasks_still_rebuild_a_report(tmp_path):
     assert "Task `classification`" in report and "| full | success |" in report
     majority = json.loads(LEGACY.read_text())["job"]["majority_baseline_test"]
     assert f"Baseline (majority class): validation: accuracy 0.650; test: accuracy {majority:.3f}." in report
-    assert (tmp_path / "plots" / "accuracy_vs_params.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "tradeoffs.png").stat().st_size > 1000

@@ -69,9 +69,13 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.06, metadata={"ge": 0, "le": 1})
     max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
     seed: int = 42
-    eval_every_steps: int = field(default=50, metadata={"ge": 0, "help": "0: only at epoch end"})
+    eval_every_steps: int | None = field(default=None, metadata={
+        "ge": 0, "help": "0: only at epoch end; default: train.evals_per_run evenly spaced evaluations"})
+    evals_per_run: int = field(default=10, metadata={"gt": 0, "help": "used when eval_every_steps is not set"})
     log_every_steps: int = field(default=10, metadata={"gt": 0})
-    early_stopping_patience: int = field(default=3, metadata={"ge": 0, "help": "evaluations; 0 disables"})
+    # off by default: the best validation checkpoint is restored anyway, and a method that starts slowly (prompt
+    # tuning sits at the majority class for a while) must not be stopped before it moves
+    early_stopping_patience: int = field(default=0, metadata={"ge": 0, "help": "evaluations; 0 disables"})
     metric_for_best: str | None = field(default=None, metadata={"help": "one of the task's metrics; default: the task's"})
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})

@@ -50,7 +50,7 @@ class Job:
 
     def context(self, model: nn.Module, total_steps: int = 0) -> PrepareContext:
         return PrepareContext(self.model_path, self.model_path, self.task, self.task.head_modules(model),
-                              total_steps)
+                              total_steps, self.data.info)
 
     def load_base_model(self) -> nn.Module:
         """A fresh copy of the pretrained model in the task's class."""

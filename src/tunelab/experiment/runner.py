@@ -113,6 +113,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     checkpointer = Checkpointer(out_dir / "checkpoints" / run_id, cfg.fingerprint(), cfg.train.keep_checkpoints,
                                 lambda: method.extra_state(model), lambda s: method.load_extra_state(model, s))
     latest = checkpointer.latest() if resume else None
+    if latest is None:  # a fresh start: a best checkpoint left by an abandoned attempt must not be restored
+        checkpointer.remove_all()
     state = restore_with_current_rates(checkpointer, latest, setup) if latest else TrainState()
     tracker = Tracker(out_dir / "tensorboard" / run_id, run_id, setup.total_steps, cfg.train.batch_size,
                       show_progress, start_step=state.step, start_time_s=state.train_time_s)

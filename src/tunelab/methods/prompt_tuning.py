@@ -15,7 +15,9 @@ from ._peft import PeftMethod
 class PromptTuningOptions(MethodOptions):
     num_virtual_tokens: int = dataclasses.field(default=20, metadata={"gt": 0})
     init: str = dataclasses.field(default="text", metadata={"choices": ["random", "text"]})
-    init_text: str = "Is this food review great or not?"
+    init_text: str | None = dataclasses.field(default=None, metadata={
+        "help": "text whose token embeddings start the prompt; default: the task's, from the data (for "
+                "classification the label names)"})
 
 
 @register
@@ -36,11 +38,12 @@ class PromptTuning(PeftMethod):
         from peft import PromptTuningConfig, PromptTuningInit
 
         text_init = opts.init == "text"
+        init_text = opts.init_text or ctx.task.prompt_init_text(ctx.task_info)
         return PromptTuningConfig(
             task_type=ctx.task.peft_task_type, num_virtual_tokens=opts.num_virtual_tokens,
             **prompt_learning_dims(model),
             prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.RANDOM,
-            prompt_tuning_init_text=opts.init_text if text_init else None,
+            prompt_tuning_init_text=init_text if text_init else None,
             tokenizer_name_or_path=ctx.tokenizer_path if text_init else None,
             base_model_name_or_path=ctx.model_path)
 

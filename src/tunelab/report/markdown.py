@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .plots import write_plots
+from .figures import write_figures
+from .html import write_html
 from .summary import interval_text, summarize
 from .view import arrow, baseline_value, job_view, ordered_metrics
 
@@ -153,9 +154,12 @@ def task_lines(payload: dict[str, Any], job: dict[str, Any]) -> list[str]:
 
 
 def write_report(out_dir: Path, payload: dict) -> Path:
+    """report.md and the same as one self-contained report.html, from results.json (and sweep.json when a
+    comparison was tuned)."""
     records, job = payload["methods"], job_view(payload)
     entries = payload.get("summary") or summarize(records, job)  # older files have no summary
-    plots = write_plots(out_dir, records, job)
+    studies = read_studies(out_dir)
+    plots = write_figures(out_dir, records, job, entries, studies)
     cfg = next((r["config"] for r in records if r.get("config")), {})
     train = cfg.get("train", {})
     labels = f"; labels {', '.join(map(str, job['labels']))}" if job.get("labels") else ""
@@ -173,8 +177,31 @@ def write_report(out_dir: Path, payload: dict) -> Path:
     ]
     if job.get("dropped_rows"):
         lines += ["Rows left out of the data: " + "; ".join(f"{k}: {v}" for k, v in job["dropped_rows"].items()), ""]
+    if studies:
+        lines += tuning_lines(studies)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
+    write_html(out_dir, path.read_text())
     return path
+
+
+def read_studies(out_dir: Path) -> dict[str, dict]:
+    import json
+
+    path = out_dir / "sweep.json"
+    return json.loads(path.read_text()).get("studies", {}) if path.is_file() else {}
+
+
+def tuning_lines(studies: dict[str, dict]) -> list[str]:
+    """What tuning found per method: trials, the chosen values, and which hyperparameters mattered."""
+    lines = ["## Tuning (validation split only)", ""]
+    for method, study in studies.items():
+        done = sum(t["state"] == "COMPLETE" for t in study["trials"])
+        pruned = sum(t["state"] == "PRUNED" for t in study["trials"])
+        best = study.get("best")
+        chosen = ", ".join(f"`{k}` = {v:.3g}" if isinstance(v, float) else f"`{k}` = {v}"
+                           for k, v in (best or {}).get("params", {}).items()) or "none finished"
+        lines.append(f"- **{method}**: {done} trials completed, {pruned} pruned; chosen: {chosen}.")
+    return lines + [""]

@@ -1,10 +1,13 @@
-"""sweep.json and sweep.md: every trial of every study, the best configuration, learning rate against the
+"""sweep.json, sweep.md and sweep.html: every trial of every study, the best configuration, learning rate against the
 metric and optuna's parameter importances. Built from the study summaries alone."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from ..report.figures import sweep_importances, sweep_learning_rates
+from ..report.html import write_html
 
 
 def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) -> Path:
@@ -21,42 +24,15 @@ def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) ->
         if study["importances"]:
             lines += ["Parameter importances (optuna): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in study["importances"].items()), ""]
-    plot = lr_plot(out_dir, studies, job)
-    if plot:
-        lines += ["## Learning rate against the metric", "", f"![learning rate](plots/{plot.name})", ""]
+    folder = out_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    plots = [p for p in (sweep_learning_rates(folder, studies, job), sweep_importances(folder, studies)) if p]
+    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""] if plots else []
     path = out_dir / "sweep.md"
     path.write_text("\n".join(lines))
+    write_html(out_dir, path.read_text(), "tunelab sweep", "sweep.html")
     return path
 
 
 def fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def lr_plot(out_dir: Path, studies: dict[str, dict], job: dict[str, Any]) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
-    for method, study in studies.items():
-        points = [(t["params"][f"{method}.lr"], t["value"]) for t in study["trials"]
-                  if t["state"] == "COMPLETE" and f"{method}.lr" in t["params"]]
-        if points:
-            ax.scatter(*zip(*points), label=method)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    metric = job.get("metric_for_best", "metric")
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"best validation {metric}",
-           title="Completed trials: learning rate against the metric")
-    ax.legend()
-    (out_dir / "plots").mkdir(exist_ok=True)
-    path = out_dir / "plots" / "sweep_lr.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

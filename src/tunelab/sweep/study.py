@@ -30,6 +30,9 @@ def study_name(cfg, method: str, name: str | None) -> str:
     return f"{name or 'tunelab-' + cfg.fingerprint()}-{method}"
 
 
+RACE_SIGNS = ("IntegrityError", "already exists", "database is locked")
+
+
 def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
     import optuna
 
@@ -46,7 +49,8 @@ def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
             return optuna.create_study(study_name=study_name(cfg, method, name), storage=storage,
                                        direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
         except Exception as exc:  # workers starting together race to create the storage's tables
-            if "IntegrityError" not in type(exc).__name__ + str(exc) or attempt == 4:
+            text = type(exc).__name__ + str(exc)  # a duplicate row, a table the other created first, a lock
+            if not any(sign in text for sign in RACE_SIGNS) or attempt == 4:
                 raise
             time.sleep(0.5 + random.random())
 

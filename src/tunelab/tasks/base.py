@@ -106,6 +106,10 @@ class Task:
         """Top-level modules of `model` that the task creates fresh and every method trains in full."""
         return ()
 
+    def prompt_init_text(self, info: dict[str, Any]) -> str:
+        """Words whose embeddings start a soft prompt (prompt tuning's text init): true of any dataset."""
+        return "Read the input and give the answer."
+
     def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
         """Last touches after loading (e.g. a pad token id for decoder models)."""
         return model

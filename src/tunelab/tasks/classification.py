@@ -72,6 +72,10 @@ class Classification(Task):
         return tuple(name for name, child in model.named_children()
                      if name != backbone and any(True for _ in child.parameters()))
 
+    def prompt_init_text(self, info: dict[str, Any]) -> str:
+        # the label names: Lester et al. (2021) found class-label initialisation the best of their three
+        return "Classify the text as " + " or ".join(map(str, info.get("labels") or ["a label"])) + "."
+
     def model_kwargs(self, info: dict[str, Any]) -> dict[str, Any]:
         names = info.get("labels") or ["0", "1"]
         return {"num_labels": len(names), "id2label": dict(enumerate(names)),

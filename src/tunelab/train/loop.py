@@ -68,6 +68,13 @@ def total_steps(cfg: TrainConfig, num_train: int) -> int:
     return cfg.max_steps or math.ceil(math.ceil(num_train / cfg.batch_size) * cfg.epochs)
 
 
+def eval_interval(cfg: TrainConfig, steps: int) -> int:
+    """Steps between evaluations: train.eval_every_steps, else about train.evals_per_run per run (0: epoch ends)."""
+    if cfg.eval_every_steps is not None:
+        return cfg.eval_every_steps
+    return max(1, math.ceil(steps / cfg.evals_per_run))
+
+
 @dataclass
 class Validation:
     """How the loop scores the model: a function giving metrics, and which one decides the best state."""
@@ -94,6 +101,7 @@ class TrainingLoop:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.total_steps = total_steps(cfg, len(train_data))
+        self.eval_every = eval_interval(cfg, self.total_steps)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._segment_start = time.perf_counter()
         self._checkpointed_step: int | None = None
@@ -135,7 +143,7 @@ class TrainingLoop:
         self._pending.append((loss.detach(), torch.as_tensor(grad_norm).detach()))
         if state.step % self.cfg.log_every_steps == 0:
             self.flush(state)
-        if self.cfg.eval_every_steps and state.step % self.cfg.eval_every_steps == 0:
+        if self.eval_every and state.step % self.eval_every == 0:
             self.evaluate(state)
         if self.cfg.checkpoint_every_steps and state.step % self.cfg.checkpoint_every_steps == 0:
             self.checkpoint(state)

@@ -1,0 +1,202 @@
+"""The report's plots, drawn from result records (and sweep.json's trials) alone.
+
+Curves show the mean over a method's seeds with a band from the lowest to the highest seed; the trade-off
+plots put each method's summary mean (with its 95 % interval) against its cost and mark the Pareto front: the
+methods no other method beats on both the metric and the cost.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .view import arrow, ordered_metrics
+
+COSTS = (("trainable_params", "trainable parameters", "log"), ("peak_memory_mb", "peak memory (MB)", "linear"),
+         ("train_time_s", "train time (s)", "linear"))
+
+
+def write_figures(out_dir: Path, records: list[dict], job: dict[str, Any], entries: list[dict],
+                  studies: dict[str, dict] | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ok = [r for r in records if r["status"] == "success"]
+    if not ok:
+        return []
+    folder = out_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    metric = ordered_metrics(job)[0]
+    set_method_colors([e["method"] for e in entries] + [r["method"] for r in ok])
+    drawn = [validation_curves(folder, by_method(ok), job, metric), train_loss_curves(folder, by_method(ok)),
+             tradeoffs(folder, ok, job, entries, metric)]
+    if studies:
+        drawn += [sweep_learning_rates(folder, studies, job), sweep_importances(folder, studies)]
+    return [p for p in drawn if p is not None]
+
+
+COLORS: dict[str, Any] = {}
+
+
+def set_method_colors(methods: list[str]) -> None:
+    """One colour per method in every plot of the report (tab10, or tab20 beyond ten methods)."""
+    import matplotlib
+
+    unique = list(dict.fromkeys(methods))
+    cmap = matplotlib.colormaps["tab10" if len(unique) <= 10 else "tab20"]
+    COLORS.clear()
+    COLORS.update({m: cmap(i % cmap.N) for i, m in enumerate(unique)})
+
+
+def by_method(records: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["method"], []).append(r)
+    return groups
+
+
+def mean_and_band(series: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps where every seed has a value (early stopping can end one sooner), mean, lowest and highest."""
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    values = np.array([[s[step] for step in steps] for s in series], dtype=float)
+    return np.array(steps), values.mean(0), values.min(0), values.max(0)
+
+
+def plot_band(ax, steps, mean, low, high, label: str, seeds: int) -> None:
+    line, = ax.plot(steps, mean, marker="o" if len(steps) <= 30 else None, markersize=3, color=COLORS.get(label),
+                    label=f"{label} ({seeds} seeds)" if seeds > 1 else label)
+    if seeds > 1:
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+
+
+def validation_curves(folder: Path, groups: dict[str, list[dict]], job: dict, metric: str) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for method, runs in groups.items():
+        series = [{h["step"]: h[f"val_{metric}"] for h in r.get("history") or [] if h.get(f"val_{metric}") is not None}
+                  for r in runs]
+        if all(series):
+            plot_band(ax, *mean_and_band(series), method, len(runs))
+            drawn = True
+    title = f"Validation {metric} ({arrow(job, metric)}) by step: mean over seeds, band lowest–highest"
+    return _finish(fig, ax, folder / f"validation_{metric}.png", "step", f"validation {metric}", title, drawn)
+
+
+def train_loss_curves(folder: Path, groups: dict[str, list[dict]]) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for method, runs in groups.items():
+        series = [smoothed(r.get("losses") or []) for r in runs]
+        if all(series):
+            plot_band(ax, *mean_and_band(series), method, len(runs))
+            drawn = True
+    title = "Training loss (↓) by step, moving average over a tenth of the run"
+    return _finish(fig, ax, folder / "train_loss.png", "step", "training loss", title, drawn)
+
+
+def smoothed(losses: list[float]) -> dict[int, float]:
+    window = max(1, len(losses) // 10)
+    kernel = np.ones(window) / window
+    values = np.convolve(np.asarray(losses, dtype=float), kernel, mode="valid")
+    return {step + window: float(v) for step, v in enumerate(values)}
+
+
+def tradeoffs(folder: Path, records: list[dict], job: dict, entries: list[dict], metric: str) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    points = [(e["method"], e["metrics"][metric]) for e in entries if metric in e["metrics"]]
+    if not points:
+        return None
+    higher = job["metrics"].get(metric) == "higher"
+    fig, axes = plt.subplots(1, len(COSTS), figsize=(15, 4.5), sharey=True)
+    groups = by_method(records)
+    for ax, (key, label, scale) in zip(axes, COSTS):
+        rows = [(method, float(np.mean([r[key] for r in groups[method]])), s) for method, s in points
+                if method in groups and all(r.get(key) is not None for r in groups[method])]
+        front = pareto_front([(cost, s["mean"]) for _, cost, s in rows], higher)
+        for i, (method, cost, s) in enumerate(rows):
+            error = [[s["mean"] - s["ci95"][0]], [s["ci95"][1] - s["mean"]]] if s.get("ci95") else None
+            ax.errorbar(cost, s["mean"], yerr=error, fmt="o", capsize=3, color=COLORS.get(method),
+                        markeredgecolor="black" if i in front else None, markersize=8 if i in front else 6)
+            ax.annotate(method, (cost, s["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ordered = sorted((rows[i][1], rows[i][2]["mean"]) for i in front)
+        if ordered:
+            ax.step(*zip(*ordered), where="post", color="black", linewidth=1, alpha=0.6, label="Pareto front")
+            ax.legend(fontsize=8)
+        ax.set(xscale=scale, xlabel=label)
+    axes[0].set_ylabel(f"{entries[0]['split'].replace('best_val', 'best validation')} {metric} ({arrow(job, metric)})")
+    fig.suptitle(f"{metric} against cost (95 % intervals); outlined: the Pareto front")
+    path = folder / "tradeoffs.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]], higher: bool) -> set[int]:
+    """Indices of points that no other point beats: at most the cost and at least the score, one strictly."""
+    def better(a, b) -> bool:  # a dominates b
+        score_ok = a[1] >= b[1] if higher else a[1] <= b[1]
+        strictly = a[0] < b[0] or (a[1] > b[1] if higher else a[1] < b[1])
+        return a[0] <= b[0] and score_ok and strictly
+
+    return {i for i, p in enumerate(points) if not any(better(q, p) for j, q in enumerate(points) if j != i)}
+
+
+def sweep_learning_rates(folder: Path, studies: dict[str, dict], job: dict) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for method, study in studies.items():
+        points = [(t["params"][f"{method}.lr"], t["value"]) for t in study["trials"]
+                  if t["state"] == "COMPLETE" and f"{method}.lr" in t["params"]]
+        if points:
+            ax.scatter(*zip(*points), label=method, color=COLORS.get(method))
+            drawn = True
+    metric = job.get("metric_for_best", "metric")
+    ax.set_xscale("log")
+    title = f"Tuning trials: learning rate against best validation {metric} ({arrow(job, metric)})"
+    return _finish(fig, ax, folder / "sweep_lr.png", "learning rate", f"best validation {metric}", title, drawn)
+
+
+def sweep_importances(folder: Path, studies: dict[str, dict]) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    shown = {m: s["importances"] for m, s in studies.items() if s.get("importances")}
+    if not shown:
+        return None
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.5), squeeze=False)
+    for ax, (method, importances) in zip(axes[0], shown.items()):
+        names = list(importances)[::-1]
+        ax.barh([n.split(".", 1)[-1] for n in names], [importances[n] for n in names])
+        ax.set(title=method, xlabel="importance (optuna, fANOVA)", xlim=(0, 1))
+    fig.suptitle("Hyperparameter importances per method")
+    path = folder / "sweep_importances.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, drawn: bool) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

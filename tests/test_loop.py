@@ -1,0 +1,33 @@
+"""The loop's evaluation schedule and early stopping, on a tiny job."""
+from __future__ import annotations
+
+import dataclasses
+
+from tunelab.config import load_config
+from tunelab.experiment.job import prepare_job
+from tunelab.experiment.runner import setup_method
+from tunelab.train.loop import TrainingLoop, Validation, eval_interval
+
+
+def loop_for(tiny_overrides, extra, metric_values):
+    job = prepare_job(load_config(None, [*tiny_overrides, "methods=lora", *extra]))
+    setup = setup_method(job, "lora")
+    values = iter(metric_values)
+    validation = Validation(lambda model: {"accuracy": next(values)}, "accuracy", True)
+    return TrainingLoop(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
+                        job.train, validation)
+
+
+def test_about_ten_evaluations_per_run_unless_eval_every_steps_is_set(tiny_overrides):
+    overrides = [o for o in tiny_overrides if not o.startswith("train.eval_every_steps")]
+    state = loop_for(overrides, ["train.max_steps=20"], [0.5] * 50).run()
+    assert [h["step"] for h in state.history] == list(range(2, 21, 2))
+    cfg = load_config(None, overrides).train
+    assert eval_interval(cfg, 125) == 13 and eval_interval(dataclasses.replace(cfg, eval_every_steps=0), 125) == 0
+
+
+def test_early_stopping_counts_evaluations_without_improvement(tiny_overrides):
+    extra = ["train.max_steps=20", "train.eval_every_steps=2", "train.early_stopping_patience=2"]
+    state = loop_for(tiny_overrides, extra, [0.5, 0.6, 0.6, 0.55, 0.9]).run()
+    assert state.stopped_early and state.step == 8  # best at step 4, then two evaluations without a gain
+    assert not loop_for(tiny_overrides, ["train.max_steps=20", "train.eval_every_steps=2"], [0.5] * 20).run().stopped_early

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_use_commands(sub, hub)
+    estimate = sub.add_parser("estimate", help="parameters, peak memory, FLOPs and time per method, from the "
+                              "model's config alone", epilog=EPILOG, parents=[hub])
+    estimate.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    estimate.add_argument("--json", action="store_true", help="one JSON object with a `methods` list")
+    estimate.add_argument("--train-examples", type=int, help="training rows per epoch (default: data caps)")
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods", "tasks"])
     report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
@@ -120,6 +125,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command in ("predict", "export"):
         return run_use_command(args)
     config, overrides = split_items(args.items)
+    if args.command == "estimate":
+        return run_estimate(args, config, overrides)
     if args.command == "sweep":
         return run_sweep(args, config, overrides)
     if args.command == "validate":
@@ -142,6 +149,30 @@ def dispatch(args: argparse.Namespace) -> int:
     print("\n".join(table(outcome.records, job_view({"job": outcome.job, "methods": outcome.records}))))
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code
+
+
+def run_estimate(args: argparse.Namespace, config, overrides) -> int:
+    import json
+
+    from .api import resolve
+    from .estimate import estimate
+
+    result = estimate(resolve(config, overrides), args.train_examples)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    device = result["device"]
+    print(f"{result['model']} ({result['task']}), batch {result['batch_size']} × {result['seq_len']} tokens, "
+          f"{result['precision']} on {device['name']}")
+    columns = {"trainable_params": "trainable", "weights_mb": "weights", "gradients_mb": "grads",
+               "optimizer_mb": "optimizer", "activations_mb": "activations", "logits_mb": "logits",
+               "runtime_overhead_mb": "runtime", "peak_memory_mb": "peak",
+               "peak_memory_checkpointing_mb": "peak (ckpt)", "step_time_s": "step s"}
+    print("memory in MB; peak (ckpt): with gradient checkpointing; step s: every batch at the full length")
+    print(f"{'method':<15}" + "".join(f"{label:>13}" for label in columns.values()))
+    for m in result["methods"]:
+        print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" for c in columns))
+    return 0
 
 
 def run_use_command(args: argparse.Namespace) -> int:

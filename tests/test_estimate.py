@@ -1,0 +1,74 @@
+"""`tunelab estimate` from a config alone: exact parameter counts per method, memory parts that follow the
+method's structure, a config-only folder as the model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.cli import main
+from tunelab.config import load_config
+from tunelab.estimate import estimate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_device_cache(tmp_path_factory):
+    """The device profile (a 1 s matmul timing, the runtime's resident size) is measured into a test folder,
+    not the user's cache."""
+    import os
+
+    before = os.environ.get("TUNELAB_CACHE")
+    os.environ["TUNELAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("TUNELAB_CACHE")
+    else:
+        os.environ["TUNELAB_CACHE"] = before
+
+
+@pytest.fixture(scope="module")
+def roberta_base_config(tmp_path_factory):
+    """A folder with only a RoBERTa-base-shaped config.json: no weights, no tokenizer."""
+    from transformers import RobertaConfig
+
+    folder = tmp_path_factory.mktemp("roberta-base-shape")
+    RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1).save_pretrained(folder)
+    return folder
+
+
+def estimated(folder, *overrides):
+    cfg = load_config(None, [f"model.name_or_path={folder}", "data.max_length=128", "train.batch_size=16",
+                             "train.precision=fp32", *overrides])
+    return {m["method"]: m for m in estimate(cfg, train_rows=1000)["methods"]}
+
+
+def test_lora_r8_on_query_and_value_adds_the_lora_papers_294912(roberta_base_config):
+    lora = estimated(roberta_base_config, "methods=lora,full", "lora.r=8")["lora"]
+    assert lora["added_params"] == 12 * 2 * 8 * (768 + 768) == 294_912
+    full = estimated(roberta_base_config, "methods=full")["full"]
+    assert full["trainable_params"] == full["total_params"] > 124_000_000
+
+
+def test_memory_parts_follow_what_trains(roberta_base_config):
+    methods = estimated(roberta_base_config, "methods=full,lora,freeze", "freeze.k=2")
+    full, lora, freeze = methods["full"], methods["lora"], methods["freeze"]
+    assert full["optimizer_mb"] == pytest.approx(2 * full["gradients_mb"], rel=1e-3)
+    assert full["gradients_mb"] == pytest.approx(full["weights_mb"], rel=1e-3)  # every weight trains, fp32
+    assert lora["optimizer_mb"] < 0.01 * full["optimizer_mb"]
+    assert freeze["activations_mb"] < lora["activations_mb"] < full["activations_mb"]  # 2 of 12 blocks keep any
+    for m in methods.values():
+        parts = sum(v for k, v in m.items() if k.endswith("_mb") and k not in (
+            "peak_memory_mb", "peak_memory_checkpointing_mb", "activations_checkpointing_mb"))
+        assert m["peak_memory_mb"] == pytest.approx(parts, abs=0.5)
+        assert m["peak_memory_checkpointing_mb"] < m["peak_memory_mb"]
+
+
+def test_the_cli_prints_one_json_object_with_a_methods_list(roberta_base_config, capsys):
+    assert main(["estimate", f"model.name_or_path={roberta_base_config}", "methods=lora,prompt-tuning",
+                 "prompt-tuning.init=random", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [m["method"] for m in payload["methods"]] == ["lora", "prompt-tuning"]
+    for key in ("total_params", "trainable_params", "added_params", "weights_mb", "gradients_mb", "optimizer_mb",
+                "activations_mb", "peak_memory_mb", "train_flops_per_step", "step_time_s"):
+        assert key in payload["methods"][0]

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import optuna
 import pytest
@@ -66,9 +67,19 @@ def test_a_method_whose_trials_all_fail_stops(tiny_overrides, tmp_path):
     assert result.returncode == 1 and "every trial failed" in result.stderr
 
 
-def test_two_workers_share_one_study(tiny_overrides, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    args = [*tiny_overrides, *SMALL]
+def postgres_url() -> str:
+    """A PostgreSQL server for the distributed-sweep test: TUNELAB_TEST_POSTGRES_URL (.ci/run starts one)."""
+    url = os.environ.get("TUNELAB_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL server: set TUNELAB_TEST_POSTGRES_URL (bash .ci/postgres.sh starts one and "
+                    "prints it); the shared-study logic is still tested on SQLite")
+    return url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_share_one_study(backend, tiny_overrides, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}" if backend == "sqlite" else postgres_url()
+    args = [*tiny_overrides, *SMALL, "--study-name", f"test-{uuid.uuid4().hex[:12]}"]
     workers = [subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", *args, "--output", str(tmp_path / f"w{i}"),
                                  "--no-progress", "--trials", "4", "--storage", storage],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -32,7 +32,7 @@ def test_results_json_has_a_full_record_per_method(experiment):
         assert r["status"] == "success", r.get("error")
         for key in ("trainable_params", "total_params", "peak_memory_mb", "train_time_s", "train_samples_per_s",
                     "train_tokens_per_s", "param_groups", "history", "best_val", "test", "artifact_dir",
-                    "artifact_size_mb", "config", "versions"):
+                    "artifact_size_mb", "config", "versions", "precision", "precision_reason"):
             assert r[key] not in (None, []), key
         assert r["trainable_params"] == r["trainable_params_expected"]
         assert set(r["best_val"]) >= {"accuracy", "f1_macro", "loss", "step"}

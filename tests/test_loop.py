@@ -31,3 +31,16 @@ def test_early_stopping_counts_evaluations_without_improvement(tiny_overrides):
     state = loop_for(tiny_overrides, extra, [0.5, 0.6, 0.6, 0.55, 0.9]).run()
     assert state.stopped_early and state.step == 8  # best at step 4, then two evaluations without a gain
     assert not loop_for(tiny_overrides, ["train.max_steps=20", "train.eval_every_steps=2"], [0.5] * 20).run().stopped_early
+
+
+def test_auto_precision_says_why_and_never_picks_emulated_bf16(monkeypatch, tiny_overrides):
+    import tunelab.train.setup as setup
+
+    cfg = dataclasses.replace(load_config(None, tiny_overrides).train, device="cpu", precision="auto")
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: False)
+    precision, reason = setup.precision_choice(cfg)
+    assert precision == "fp32" and "emulated" in reason
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
+    assert setup.precision_choice(cfg) == ("bf16", "auto: the CPU has AMX or AVX512-BF16, so bf16 matmuls run "
+                                                   "natively")
+    assert setup.precision_choice(dataclasses.replace(cfg, precision="fp32")) == ("fp32", "set by train.precision")

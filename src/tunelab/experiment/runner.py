@@ -23,7 +23,7 @@ from ..train import faults
 from ..train.checkpoint import Checkpointer
 from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
                           total_steps)
-from ..train.setup import (build_optimizer, build_scheduler, make_accelerator, seed_everything,
+from ..train.setup import (build_optimizer, build_scheduler, make_accelerator, precision_choice, seed_everything,
                            store_frozen_matmul_weights)
 from ..train.tracking import MemoryMonitor, Tracker
 from .folder import write_json
@@ -140,6 +140,7 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     if not cfg.train.keep_checkpoints_after_success:
         artifact["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
     result = {**measurements(setup, state, trainer.steps_per_epoch()), **memory.report(),
+              "precision_reason": precision_choice(cfg.train)[1],
               "history": state.history, "losses": state.losses, "best_val": state.best,
               "test": test.metrics if test else None, "examples": examples,
               "test_per_example": test.per_example if test else {}, **artifact}

@@ -31,11 +31,20 @@ def resolve_device(cfg: TrainConfig) -> str:
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
+    return precision_choice(cfg)[0]
+
+
+def precision_choice(cfg: TrainConfig) -> tuple[str, str]:
+    """The precision a run trains in, and why (recorded with every result)."""
     if cfg.precision != "auto":
-        return cfg.precision
+        return cfg.precision, "set by train.precision"
     if resolve_device(cfg) == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the CUDA device supports bf16"
+        return "fp32", "auto: the CUDA device has no bf16"
+    if cpu_has_fast_bf16():
+        return "bf16", "auto: the CPU has AMX or AVX512-BF16, so bf16 matmuls run natively"
+    return "fp32", "auto: the CPU has neither AMX nor AVX512-BF16; bf16 would be emulated, far slower than fp32"
 
 
 def make_accelerator(cfg: TrainConfig):

@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compare appends to a results store; the tests' comparisons must not land in the user's
+import tempfile  # noqa: E402
+
+os.environ["TUNELAB_RESULTS_DB"] = os.path.join(tempfile.mkdtemp(prefix="tunelab-store-"), "results.db")
 
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402

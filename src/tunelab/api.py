@@ -133,6 +133,9 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
                 write_report(out_dir, payload)
                 raise CompareInterrupted(f"interrupted during {run.run_id}; partial results in {out_dir}; "
                                          f"continue with: tunelab compare --resume --output {out_dir}")
+        from .estimate.store import append_summary
+
+        append_summary(out_dir, payload)  # what `recommend` later knows was measured on this kind of model
         return CompareOutcome(out_dir, records, write_report(out_dir, payload), summary)
 
 

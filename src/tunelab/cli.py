@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     estimate.add_argument("--json", action="store_true", help="one JSON object with a `methods` list")
     estimate.add_argument("--train-examples", type=int, help="training rows per epoch (default: data caps)")
+    recommend = sub.add_parser("recommend", help="rank the methods that fit a memory (and time) budget, with "
+                               "reasons", epilog=EPILOG, parents=[hub])
+    recommend.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    recommend.add_argument("--memory", required=True, help="memory budget, e.g. 24GB, 512MB")
+    recommend.add_argument("--time-budget", help="training time budget, e.g. 2h, 90m")
+    recommend.add_argument("--train-examples", type=int, help="training rows per epoch (default: data caps)")
+    recommend.add_argument("--json", action="store_true", help="one JSON object")
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods", "tasks"])
     report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
@@ -90,7 +97,13 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (`--memory 24GB lora.r=4`): argparse stops at the option
+    if extra and hasattr(args, "items") and all("=" in item and not item.startswith("-") for item in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "offline", False):
         # before transformers/datasets are imported: they read these once, at import
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -127,6 +140,8 @@ def dispatch(args: argparse.Namespace) -> int:
     config, overrides = split_items(args.items)
     if args.command == "estimate":
         return run_estimate(args, config, overrides)
+    if args.command == "recommend":
+        return run_recommend(args, config, overrides)
     if args.command == "sweep":
         return run_sweep(args, config, overrides)
     if args.command == "validate":
@@ -172,6 +187,34 @@ def run_estimate(args: argparse.Namespace, config, overrides) -> int:
     print(f"{'method':<15}" + "".join(f"{label:>13}" for label in columns.values()))
     for m in result["methods"]:
         print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" for c in columns))
+    return 0
+
+
+def run_recommend(args: argparse.Namespace, config, overrides) -> int:
+    import json
+
+    from .api import resolve
+    from .estimate.recommend import parse_duration_s, parse_size_mb, recommend
+
+    try:
+        memory = parse_size_mb(args.memory)
+        budget = parse_duration_s(args.time_budget) if args.time_budget else None
+    except ValueError:
+        raise TunelabInputError([f"--memory/--time-budget: could not read {args.memory!r} / {args.time_budget!r} "
+                                 "(e.g. --memory 24GB --time-budget 2h)"]) from None
+    result = recommend(resolve(config, overrides), memory, budget, args.train_examples)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for entry in result["methods"]:
+        verdict = "fits" if entry["fits"] else "does not fit"
+        print(f"{entry['rank']:>2}. {entry['method']:<14} {verdict}")
+        for reason in entry["reasons"]:
+            print(f"      - {reason}")
+    for name, why in result["not_applicable"].items():
+        print(f"    {name:<14} not applicable: {why}")
+    if result["suggestions"]:
+        print("nothing fits; what would help:\n" + "\n".join(f"  - {s}" for s in result["suggestions"]))
     return 0
 
 

@@ -63,6 +63,9 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None) -> dict[str, 
 
 
 def method_footprint(method, model: nn.Module, opts, ctx, shape, expected: int) -> MethodFootprint:
+    problems = method.check(model, opts, ctx)
+    if problems:  # e.g. BitFit on a model without biases
+        raise TunelabInputError(problems)
     base_total = sum(p.numel() for p in model.parameters())
     virtual = method.extra_positions(opts)
     try:

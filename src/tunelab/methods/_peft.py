@@ -11,6 +11,7 @@ from .base import Method, MethodOptions, PrepareContext
 
 class PeftMethod(Method):
     saves_adapter = True
+    family = "adapter"
 
     def peft_config(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext):
         raise NotImplementedError

@@ -50,6 +50,9 @@ class Method:
     # a method whose adapter reads those weights directly (DoRA's weight norm) must keep them in fp32.
     bf16_frozen_weights: ClassVar[bool] = True
     artifact_format: ClassVar[str | None] = None  # default: "peft" for adapters, else "transformers"
+    # for `recommend`'s rules of thumb: "full" (every weight), "adapter" (added low-rank/scaling weights),
+    # "prompt" (virtual tokens), "selective" (a chosen subset of the model's own weights)
+    family: ClassVar[str] = "selective"
 
     def check(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> list[str]:
         """Problems with `opts` for this model (a skeleton on the meta device is enough)."""

@@ -30,4 +30,5 @@ class WholeModelMethod(Method):
 @register
 class FullFineTuning(WholeModelMethod):
     name = "full"
+    family = "full"
     description = "Full fine-tuning: all parameters trained at train.lr"

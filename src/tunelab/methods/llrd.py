@@ -52,6 +52,7 @@ def depth_label(depth: int, num_blocks: int) -> str:
 @register
 class LayerwiseLRDecay(WholeModelMethod):
     name = "llrd"
+    family = "full"
     description = "Layer-wise LR decay: full fine-tuning with lr*decay^k, k = distance of the layer from the head"
     Options = LLRDOptions
 

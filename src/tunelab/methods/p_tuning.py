@@ -27,6 +27,7 @@ class PTuningOptions(MethodOptions):
 @register
 class PTuning(PeftMethod):
     name = "p-tuning"
+    family = "prompt"
     description = "P-tuning (peft): virtual tokens from a trainable MLP prompt encoder, before the input; head trained"
     Options = PTuningOptions
     # 1e-3: peft's P-tuning example (examples/sequence_classification/P_Tuning.ipynb), also the rate of peft's

@@ -68,6 +68,7 @@ def kv_width(config) -> int:
 @register
 class PrefixTuning(PeftMethod):
     name = "prefix-tuning"
+    family = "prompt"
     description = "Prefix tuning (peft): trainable key/value prefixes in every attention layer; head trained"
     Options = PrefixTuningOptions
     # 5e-3: the rate of most of peft's method-comparison prefix-tuning runs (MetaMathQA experiments/prefixtuning/

@@ -23,6 +23,7 @@ class PromptTuningOptions(MethodOptions):
 @register
 class PromptTuning(PeftMethod):
     name = "prompt-tuning"
+    family = "prompt"
     description = "Prompt tuning (peft): trainable virtual tokens before the input; head trained"
     Options = PromptTuningOptions
     default_lr = 3e-2

@@ -1,0 +1,138 @@
+"""`tunelab recommend`: which methods fit a memory (and time) budget, ranked, each with its reasons.
+
+Ranking: methods that fit first; among them, measured quality where the local results store has runs of the
+same task on a model of similar size, else the seed's rules of thumb (plenty of data and memory: full
+fine-tuning; a large model or tight memory: the LoRA family; little data: prompt tuning)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..config import ExperimentConfig
+from ..errors import TunelabInputError
+from . import estimate
+from .store import similar_results
+
+LARGE_MODEL = 1_000_000_000   # parameters: above this, adapters before full fine-tuning
+LITTLE_DATA = 1_000           # training rows: below this, prompt methods first
+PLENTY_OF_DATA = 10_000
+
+
+def parse_size_mb(text: str) -> float:
+    """'24GB', '512MB', '1.5 GiB', '2048' (MB) → megabytes."""
+    units = {"tb": 2**20, "tib": 2**20, "gb": 2**10, "gib": 2**10, "g": 2**10, "mb": 1, "mib": 1, "m": 1}
+    value = text.strip().lower().replace(" ", "")
+    for unit in sorted(units, key=len, reverse=True):
+        if value.endswith(unit):
+            return float(value[:-len(unit)]) * units[unit]
+    return float(value)
+
+
+def parse_duration_s(text: str) -> float:
+    """'2h', '90m', '45min', '3600' (seconds) → seconds."""
+    value = text.strip().lower()
+    for unit, factor in (("min", 60), ("h", 3600), ("m", 60), ("s", 1)):
+        if value.endswith(unit):
+            return float(value[:-len(unit)]) * factor
+    return float(value)
+
+
+def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | None = None,
+              train_examples: int | None = None) -> dict[str, Any]:
+    from ..methods.base import registry
+
+    rows = train_examples or cfg.data.max_train_samples
+    candidates, skipped = [], {}
+    for name in sorted(registry()):
+        try:
+            candidates += estimate(dataclasses.replace(cfg, methods=[name]), rows)["methods"]
+        except TunelabInputError as exc:  # the method does not apply to this model
+            skipped[name] = exc.problems[0]
+    if not candidates:
+        raise TunelabInputError(["recommend: no method applies to this model"])
+    total = candidates[0]["total_params"]
+    measured = measured_quality(cfg.task, total)
+    ranked = sorted((judge(c, memory_mb, time_budget_s, cfg.train.epochs, rows, total, measured)
+                     for c in candidates), key=lambda r: r["rank_key"])
+    for position, entry in enumerate(ranked, 1):
+        entry["rank"] = position
+        del entry["rank_key"]
+    fits = [r for r in ranked if r["fits"]]
+    return {"memory_mb": memory_mb, "time_budget_s": time_budget_s, "train_examples": rows,
+            "total_params": total, "methods": ranked, "not_applicable": skipped,
+            "suggestions": [] if fits else suggestions(ranked, memory_mb, cfg)}
+
+
+def judge(est: dict, memory_mb: float, budget_s: float | None, epochs: float, rows: int | None, total: int,
+          measured: dict[str, dict]) -> dict[str, Any]:
+    from ..methods.base import get_method
+
+    family = get_method(est["method"]).family
+    peak, peak_ckpt = est["peak_memory_mb"], est["peak_memory_checkpointing_mb"]
+    fits_plain, fits_ckpt = peak <= memory_mb, peak_ckpt <= memory_mb
+    train_s = est["epoch_time_s"] * epochs if est.get("epoch_time_s") is not None else None
+    in_time = budget_s is None or train_s is None or train_s <= budget_s
+    reasons = [f"peak memory ≈ {peak:,.0f} MB ({peak_ckpt:,.0f} MB with gradient checkpointing) against "
+               f"{memory_mb:,.0f} MB: " + ("fits" if fits_plain else "fits only with gradient checkpointing"
+                                           if fits_ckpt else "does not fit")]
+    if train_s is not None:
+        reasons.append(f"training ≈ {train_s / 60:,.1f} min ({epochs:g} epoch(s), every batch at full length)"
+                       + ("" if in_time else ": over the time budget"))
+    quality = measured.get(est["method"])
+    if quality:
+        reasons.append(f"measured here on similar models: {quality['metric']} {quality['mean']:.3f} "
+                       f"(best of {quality['experiments']} stored comparison(s))")
+    prior, why = rule_of_thumb(family, rows, total, fits_plain)
+    reasons.append(why)
+    fits = (fits_plain or fits_ckpt) and in_time
+    score = quality["score"] if quality else None
+    return {"method": est["method"], "family": family, "fits": fits, "gradient_checkpointing": fits_ckpt and not
+            fits_plain, "peak_memory_mb": peak, "train_time_s": train_s, "trainable_params": est["trainable_params"],
+            "reasons": reasons,
+            "rank_key": (not fits, -(score if score is not None else -1.0), prior, peak)}
+
+
+def rule_of_thumb(family: str, rows: int | None, total: int, full_fits: bool) -> tuple[int, str]:
+    """(priority, reason): lower priority ranks first when nothing was measured."""
+    if rows is not None and rows < LITTLE_DATA:
+        order, why = ["prompt", "adapter", "selective", "full"], f"little data ({rows} rows): prompt methods first"
+    elif total >= LARGE_MODEL or not full_fits:
+        order, why = ["adapter", "selective", "prompt", "full"], "large model or tight memory: the LoRA family first"
+    elif rows is not None and rows >= PLENTY_OF_DATA:
+        order, why = ["full", "adapter", "selective", "prompt"], "plenty of data and memory: full fine-tuning first"
+    else:
+        order, why = ["adapter", "full", "selective", "prompt"], "moderate data: adapters first, then full fine-tuning"
+    return order.index(family), f"rule of thumb: {why}"
+
+
+def measured_quality(task: str, total_params: int) -> dict[str, dict]:
+    """Per method, its best stored result on similar models, as a 0–1 score relative to the others there."""
+    rows = similar_results(task, total_params)
+    best: dict[str, dict] = {}
+    for row in rows:
+        if row["mean"] is None:
+            continue
+        signed = row["mean"] if row["higher_is_better"] else -row["mean"]
+        current = best.get(row["method"])
+        if current is None or signed > current["signed"]:
+            best[row["method"]] = {"metric": row["metric"], "mean": row["mean"], "signed": signed,
+                                   "experiments": sum(r["method"] == row["method"] for r in rows)}
+    if best:
+        low, high = min(b["signed"] for b in best.values()), max(b["signed"] for b in best.values())
+        for b in best.values():
+            b["score"] = (b["signed"] - low) / (high - low) if high > low else 1.0
+    return best
+
+
+def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig) -> list[str]:
+    """What would fit when nothing does."""
+    lightest = min(ranked, key=lambda r: r["peak_memory_mb"])
+    ideas = [f"the lightest method, {lightest['method']}, needs ≈ {lightest['peak_memory_mb']:,.0f} MB "
+             f"({min(r['peak_memory_mb'] for r in ranked):,.0f} MB) against {memory_mb:,.0f} MB"]
+    if cfg.train.batch_size > 1:
+        ideas.append(f"a smaller batch (train.batch_size={max(1, cfg.train.batch_size // 4)}) shrinks activations")
+    ideas.append("gradient checkpointing keeps only each block's input (see peak_memory_checkpointing_mb)")
+    if cfg.train.precision != "bf16":
+        ideas.append("bf16 (train.precision=bf16 where the device runs it fast) halves activations and frozen weights")
+    ideas.append("a lower LoRA rank (lora.r=4) or fewer target modules trims an adapter's share")
+    return ideas

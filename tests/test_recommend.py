@@ -1,0 +1,74 @@
+"""`tunelab recommend`: methods that fit first, each with reasons; measured results from the local store win over
+rules of thumb; when nothing fits it says what would."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import tunelab
+from tunelab.config import load_config
+from tunelab.estimate.recommend import parse_duration_s, parse_size_mb, recommend
+from tunelab.estimate.store import similar_results
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_device_cache(tmp_path_factory):
+    before = os.environ.get("TUNELAB_CACHE")
+    os.environ["TUNELAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    os.environ.pop("TUNELAB_CACHE") if before is None else os.environ.__setitem__("TUNELAB_CACHE", before)
+
+
+@pytest.fixture(scope="module")
+def llama_7b_shape(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama-7b-shape")
+    LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, max_position_embeddings=4096).save_pretrained(folder)
+    return folder
+
+
+def ranked(folder, memory, *extra, rows=5000):
+    cfg = load_config(None, ["task=causal-lm", f"model.name_or_path={folder}", "train.batch_size=4",
+                             "data.max_length=512", "prompt-tuning.init=random", *extra])
+    return recommend(cfg, parse_size_mb(memory), train_examples=rows)
+
+
+def test_sizes_and_durations_parse():
+    assert parse_size_mb("24GB") == 24 * 1024 and parse_size_mb("512MB") == 512 and parse_size_mb("1.5 GiB") == 1536
+    assert parse_duration_s("2h") == 7200 and parse_duration_s("90m") == 5400 and parse_duration_s("45min") == 2700
+
+
+@pytest.mark.parametrize("memory", ["16GB", "24GB", "80GB"])
+def test_a_7b_model_gets_adapters_first_and_no_full_fine_tuning(memory, llama_7b_shape):
+    result = ranked(llama_7b_shape, memory)
+    by_name = {m["method"]: m for m in result["methods"]}
+    assert not by_name["full"]["fits"]  # weights + gradients + AdamW alone exceed 80 GB at 7B
+    assert result["methods"][0]["family"] == "adapter" and result["methods"][0]["fits"]
+    assert "bitfit" in result["not_applicable"]  # Llama has no biases
+    assert all(any("peak memory" in r for r in m["reasons"]) and any("rule of thumb" in r for r in m["reasons"])
+               for m in result["methods"])
+
+
+def test_little_data_puts_prompt_methods_first(llama_7b_shape):
+    assert ranked(llama_7b_shape, "80GB", rows=200)["methods"][0]["family"] == "prompt"
+
+
+def test_nothing_fits_says_what_would(llama_7b_shape):
+    result = ranked(llama_7b_shape, "2GB")
+    assert not any(m["fits"] for m in result["methods"])
+    assert any("smaller batch" in s for s in result["suggestions"])
+
+
+def test_measured_results_from_compare_rank_first(tiny_overrides, tmp_path):
+    tunelab.compare(overrides=[*tiny_overrides, "methods=lora,prompt-tuning", "lora.r=4", "lora.lr=1e-2",
+                               "train.max_steps=12"], output_dir=tmp_path, show_progress=False, isolate=False)
+    cfg = load_config(None, [*tiny_overrides, "methods=lora"])
+    result = recommend(cfg, 4096.0, train_examples=160)
+    stored = similar_results("classification", result["total_params"])
+    assert {"lora", "prompt-tuning"} <= {row["method"] for row in stored}
+    measured = [m for m in result["methods"] if any("measured here" in r for r in m["reasons"])]
+    assert {m["method"] for m in measured} >= {"lora", "prompt-tuning"}
+    assert result["methods"][0]["method"] in {"lora", "prompt-tuning"}  # measured beats unmeasured

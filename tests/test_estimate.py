@@ -72,3 +72,15 @@ def test_the_cli_prints_one_json_object_with_a_methods_list(roberta_base_config,
     for key in ("total_params", "trainable_params", "added_params", "weights_mb", "gradients_mb", "optimizer_mb",
                 "activations_mb", "peak_memory_mb", "train_flops_per_step", "step_time_s"):
         assert key in payload["methods"][0]
+
+
+def test_the_runtime_overhead_is_the_childs_own_not_its_parents():
+    # Linux hands a child its parent's ru_maxrss across fork and exec; a big parent (a test run, a notebook)
+    # must not inflate the measured overhead
+    from tunelab.estimate.device import runtime_overhead_mb
+
+    ballast = bytearray(1536 * 2**20)
+    try:
+        assert 100 < runtime_overhead_mb("cpu") < 1200
+    finally:
+        del ballast

@@ -17,8 +17,9 @@ import torch
 # (the packaged MiniLM job: 0.41 TFLOP/s achieved against 0.80 peak bf16, 2 cores of an AMD EPYC Zen 5).
 CPU_EFFICIENCY = 0.5
 GPU_EFFICIENCY = 0.4
-OVERHEAD_PROBE = ("import resource, torch, transformers, peft, accelerate, datasets, tunelab.experiment.runner;"
-                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+# the current resident set, not ru_maxrss: Linux carries the parent's high-water mark across fork and exec
+OVERHEAD_PROBE = ("import torch, transformers, peft, accelerate, datasets, tunelab.experiment.runner;"
+                  "from tunelab.train.tracking import current_rss_mb; print(current_rss_mb())")
 
 
 def device_profile(train_cfg, precision: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ cluster=$(pg_lsclusters --no-header | head -1)
 version=$(echo "$cluster" | awk '{print $1}')
 name=$(echo "$cluster" | awk '{print $2}')
 port=$(echo "$cluster" | awk '{print $3}')
-pg_ctlcluster "$version" "$name" start 2>/dev/null || true
+pg_ctlcluster "$version" "$name" start >/dev/null 2>&1 || true  # "already running" is fine
 for _ in $(seq 30); do pg_isready -q -p "$port" && break; sleep 1; done
 su postgres -c "psql -q -p $port -tc \"SELECT 1 FROM pg_roles WHERE rolname='tunelab'\" | grep -q 1 ||
                 psql -q -p $port -c \"CREATE ROLE tunelab LOGIN PASSWORD 'tunelab'\"" >/dev/null

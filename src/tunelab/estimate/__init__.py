@@ -12,12 +12,12 @@ from ..config import ExperimentConfig
 from ..errors import TunelabInputError
 from .device import device_profile
 from .memory import Workload, memory_parts, train_flops_per_token
-from .structure import MethodFootprint, footprint, meta_copy, skeleton_shape
+from .structure import MethodFootprint, Shape, footprint, meta_copy, skeleton_shape
 
 
-def estimate(cfg: ExperimentConfig, train_rows: int | None = None) -> dict[str, Any]:
-    """One entry per configured method, plus what the estimate assumed (device, precision, workload)."""
-    from ..methods.base import PrepareContext, get_method
+def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplicable: bool = False) -> dict[str, Any]:
+    """One entry per configured method, plus what the estimate assumed (device, precision, workload). A method
+    that does not apply to the model raises, or with `skip_inapplicable` is listed in `not_applicable`."""
     from ..models.loading import quiet_transformers, read_model_config, resolve_model_path
     from ..train.setup import resolve_precision
 
@@ -28,38 +28,48 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None) -> dict[str, 
     for key, value in task.model_kwargs({}).items():
         setattr(config, key, value)
     build = lambda: task.auto_class().from_config(config)  # noqa: E731
-    base = meta_copy(build)
-    shape = skeleton_shape(base)
     precision = resolve_precision(cfg.train)
-    device = device_profile(cfg.train, precision)
     rows = train_rows or cfg.data.max_train_samples
-    steps = math.ceil(rows / cfg.train.batch_size) if rows else None
-    methods = []
+    common = {"cfg": cfg, "model_path": model_path, "build": build, "shape": skeleton_shape(meta_copy(build)),
+              "precision": precision, "device": device_profile(cfg.train, precision),
+              "steps": math.ceil(rows / cfg.train.batch_size) if rows else None}
+    methods, skipped = [], {}
     for name in cfg.methods:
-        method, opts = get_method(name), cfg.options(name)
-        model = meta_copy(build)
-        ctx = PrepareContext(model_path, model_path, task, task.head_modules(model), steps or 1000, {})
-        expected = method.expected_trainable_params(model, opts, ctx)
-        fp = method_footprint(method, model, opts, ctx, shape, expected)
-        work = Workload(cfg.train.batch_size, cfg.data.max_length, precision,
-                        shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0,
-                        method.saves_adapter and method.bf16_frozen_weights)
-        parts = memory_parts(shape, fp, work, device["runtime_overhead_mb"])
-        checkpointed = memory_parts(shape, fp, work, device["runtime_overhead_mb"], checkpointing=True)
-        flops = flops_per_token(base, model, fp, shape, cfg.data.max_length)
-        tokens_per_step = cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens)
-        step_flops = flops * tokens_per_step
-        methods.append({
-            "method": name, "total_params": shape.total_params + fp.added_params,
+        try:
+            methods.append(method_estimate(name, **common))
+        except TunelabInputError as exc:
+            if not skip_inapplicable:
+                raise
+            skipped[name] = exc.problems[0]
+    return {"model": cfg.model_name, "model_path": model_path, "task": task.name, "precision": precision,
+            "batch_size": cfg.train.batch_size, "seq_len": cfg.data.max_length, "train_rows": rows,
+            "device": common["device"], "methods": methods, "not_applicable": skipped}
+
+
+def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shape: Shape, precision: str,
+                    device: dict[str, Any], steps: int | None) -> dict[str, Any]:
+    from ..methods.base import PrepareContext, get_method
+
+    task = cfg.task_spec
+    method, opts = get_method(name), cfg.options(name)
+    model = meta_copy(build)
+    ctx = PrepareContext(model_path, model_path, task, task.head_modules(model), steps or 1000, {})
+    expected = method.expected_trainable_params(model, opts, ctx)
+    fp = method_footprint(method, model, opts, ctx, shape, expected)
+    work = Workload(cfg.train.batch_size, cfg.data.max_length, precision,
+                    shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0,
+                    method.saves_adapter and method.bf16_frozen_weights)
+    parts = memory_parts(shape, fp, work, device["runtime_overhead_mb"])
+    checkpointed = memory_parts(shape, fp, work, device["runtime_overhead_mb"], checkpointing=True)
+    step_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
+                  * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
+    return {"method": name, "total_params": shape.total_params + fp.added_params,
             "trainable_params": expected, "added_params": fp.added_params,
             **parts, "peak_memory_checkpointing_mb": checkpointed["peak_memory_mb"],
             "activations_checkpointing_mb": checkpointed["activations_mb"],
             "train_flops_per_step": step_flops, "train_flops_per_epoch": step_flops * steps if steps else None,
             "step_time_s": round(step_flops / device["effective_flops"], 4),
-            "epoch_time_s": round(step_flops * steps / device["effective_flops"], 1) if steps else None})
-    return {"model": cfg.model_name, "model_path": model_path, "task": task.name, "precision": precision,
-            "batch_size": cfg.train.batch_size, "seq_len": cfg.data.max_length, "train_rows": rows,
-            "device": device, "methods": methods}
+            "epoch_time_s": round(step_flops * steps / device["effective_flops"], 1) if steps else None}
 
 
 def method_footprint(method, model: nn.Module, opts, ctx, shape, expected: int) -> MethodFootprint:
@@ -76,7 +86,7 @@ def method_footprint(method, model: nn.Module, opts, ctx, shape, expected: int) 
     return footprint(prepared, shape, base_total, virtual)
 
 
-def flops_per_token(base: nn.Module, prepared: nn.Module, fp: MethodFootprint, shape, seq_len: int) -> float:
+def flops_per_token(prepared: nn.Module, fp: MethodFootprint, shape: Shape, seq_len: int) -> float:
     from ..models.structure import find_block_list
 
     def linear_weights(module: nn.Module, trainable_only: bool = False) -> int:

@@ -42,12 +42,8 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     from ..methods.base import registry
 
     rows = train_examples or cfg.data.max_train_samples
-    candidates, skipped = [], {}
-    for name in sorted(registry()):
-        try:
-            candidates += estimate(dataclasses.replace(cfg, methods=[name]), rows)["methods"]
-        except TunelabInputError as exc:  # the method does not apply to this model
-            skipped[name] = exc.problems[0]
+    estimated = estimate(dataclasses.replace(cfg, methods=sorted(registry())), rows, skip_inapplicable=True)
+    candidates, skipped = estimated["methods"], estimated["not_applicable"]
     if not candidates:
         raise TunelabInputError(["recommend: no method applies to this model"])
     total = candidates[0]["total_params"]

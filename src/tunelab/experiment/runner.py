@@ -135,11 +135,12 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     examples = test.examples if test else []
     if test is None and job.task.shows_examples:  # then the report's examples come from validation
         examples = job.task.evaluate(setup.model, job.validation, eval_setup).examples
+    measured = measurements(setup, state, trainer.steps_per_epoch())
     artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / run_id,
-                             precision="bf16" if accelerator.mixed_precision == "bf16" else "fp32")
+                             precision=measured["precision"])
     if not cfg.train.keep_checkpoints_after_success:
         artifact["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
-    result = {**measurements(setup, state, trainer.steps_per_epoch()), **memory.report(),
+    result = {**measured, **memory.report(),
               "precision_reason": precision_choice(cfg.train)[1],
               "history": state.history, "losses": state.losses, "best_val": state.best,
               "test": test.metrics if test else None, "examples": examples,

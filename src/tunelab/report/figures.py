@@ -28,25 +28,22 @@ def write_figures(out_dir: Path, records: list[dict], job: dict[str, Any], entri
     folder = out_dir / "plots"
     folder.mkdir(exist_ok=True)
     metric = ordered_metrics(job)[0]
-    set_method_colors([e["method"] for e in entries] + [r["method"] for r in ok])
-    drawn = [validation_curves(folder, by_method(ok), job, metric), train_loss_curves(folder, by_method(ok)),
-             tradeoffs(folder, ok, job, entries, metric)]
+    colors = method_colors([e["method"] for e in entries] + [r["method"] for r in ok])
+    groups = by_method(ok)
+    drawn = [validation_curves(folder, groups, job, metric, colors), train_loss_curves(folder, groups, colors),
+             tradeoffs(folder, groups, job, entries, metric, colors)]
     if studies:
-        drawn += [sweep_learning_rates(folder, studies, job), sweep_importances(folder, studies)]
+        drawn += [sweep_learning_rates(folder, studies, job, colors), sweep_importances(folder, studies)]
     return [p for p in drawn if p is not None]
 
 
-COLORS: dict[str, Any] = {}
-
-
-def set_method_colors(methods: list[str]) -> None:
+def method_colors(methods: list[str]) -> dict[str, Any]:
     """One colour per method in every plot of the report (tab10, or tab20 beyond ten methods)."""
     import matplotlib
 
     unique = list(dict.fromkeys(methods))
     cmap = matplotlib.colormaps["tab10" if len(unique) <= 10 else "tab20"]
-    COLORS.clear()
-    COLORS.update({m: cmap(i % cmap.N) for i, m in enumerate(unique)})
+    return {m: cmap(i % cmap.N) for i, m in enumerate(unique)}
 
 
 def by_method(records: list[dict]) -> dict[str, list[dict]]:
@@ -63,14 +60,15 @@ def mean_and_band(series: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarra
     return np.array(steps), values.mean(0), values.min(0), values.max(0)
 
 
-def plot_band(ax, steps, mean, low, high, label: str, seeds: int) -> None:
-    line, = ax.plot(steps, mean, marker="o" if len(steps) <= 30 else None, markersize=3, color=COLORS.get(label),
+def plot_band(ax, steps, mean, low, high, label: str, seeds: int, color=None) -> None:
+    line, = ax.plot(steps, mean, marker="o" if len(steps) <= 30 else None, markersize=3, color=color,
                     label=f"{label} ({seeds} seeds)" if seeds > 1 else label)
     if seeds > 1:
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
 
 
-def validation_curves(folder: Path, groups: dict[str, list[dict]], job: dict, metric: str) -> Path | None:
+def validation_curves(folder: Path, groups: dict[str, list[dict]], job: dict, metric: str,
+                      colors: dict[str, Any]) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -79,13 +77,13 @@ def validation_curves(folder: Path, groups: dict[str, list[dict]], job: dict, me
         series = [{h["step"]: h[f"val_{metric}"] for h in r.get("history") or [] if h.get(f"val_{metric}") is not None}
                   for r in runs]
         if all(series):
-            plot_band(ax, *mean_and_band(series), method, len(runs))
+            plot_band(ax, *mean_and_band(series), method, len(runs), colors.get(method))
             drawn = True
     title = f"Validation {metric} ({arrow(job, metric)}) by step: mean over seeds, band lowest–highest"
     return _finish(fig, ax, folder / f"validation_{metric}.png", "step", f"validation {metric}", title, drawn)
 
 
-def train_loss_curves(folder: Path, groups: dict[str, list[dict]]) -> Path | None:
+def train_loss_curves(folder: Path, groups: dict[str, list[dict]], colors: dict[str, Any]) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -93,7 +91,7 @@ def train_loss_curves(folder: Path, groups: dict[str, list[dict]]) -> Path | Non
     for method, runs in groups.items():
         series = [smoothed(r.get("losses") or []) for r in runs]
         if all(series):
-            plot_band(ax, *mean_and_band(series), method, len(runs))
+            plot_band(ax, *mean_and_band(series), method, len(runs), colors.get(method))
             drawn = True
     title = "Training loss (↓) by step, moving average over a tenth of the run"
     return _finish(fig, ax, folder / "train_loss.png", "step", "training loss", title, drawn)
@@ -106,7 +104,8 @@ def smoothed(losses: list[float]) -> dict[int, float]:
     return {step + window: float(v) for step, v in enumerate(values)}
 
 
-def tradeoffs(folder: Path, records: list[dict], job: dict, entries: list[dict], metric: str) -> Path | None:
+def tradeoffs(folder: Path, groups: dict[str, list[dict]], job: dict, entries: list[dict], metric: str,
+              colors: dict[str, Any]) -> Path | None:
     import matplotlib.pyplot as plt
 
     points = [(e["method"], e["metrics"][metric]) for e in entries if metric in e["metrics"]]
@@ -114,14 +113,13 @@ def tradeoffs(folder: Path, records: list[dict], job: dict, entries: list[dict],
         return None
     higher = job["metrics"].get(metric) == "higher"
     fig, axes = plt.subplots(1, len(COSTS), figsize=(15, 4.5), sharey=True)
-    groups = by_method(records)
     for ax, (key, label, scale) in zip(axes, COSTS):
         rows = [(method, float(np.mean([r[key] for r in groups[method]])), s) for method, s in points
                 if method in groups and all(r.get(key) is not None for r in groups[method])]
         front = pareto_front([(cost, s["mean"]) for _, cost, s in rows], higher)
         for i, (method, cost, s) in enumerate(rows):
             error = [[s["mean"] - s["ci95"][0]], [s["ci95"][1] - s["mean"]]] if s.get("ci95") else None
-            ax.errorbar(cost, s["mean"], yerr=error, fmt="o", capsize=3, color=COLORS.get(method),
+            ax.errorbar(cost, s["mean"], yerr=error, fmt="o", capsize=3, color=colors.get(method),
                         markeredgecolor="black" if i in front else None, markersize=8 if i in front else 6)
             ax.annotate(method, (cost, s["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ordered = sorted((rows[i][1], rows[i][2]["mean"]) for i in front)
@@ -148,7 +146,8 @@ def pareto_front(points: list[tuple[float, float]], higher: bool) -> set[int]:
     return {i for i, p in enumerate(points) if not any(better(q, p) for j, q in enumerate(points) if j != i)}
 
 
-def sweep_learning_rates(folder: Path, studies: dict[str, dict], job: dict) -> Path | None:
+def sweep_learning_rates(folder: Path, studies: dict[str, dict], job: dict,
+                         colors: dict[str, Any] | None = None) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +159,7 @@ def sweep_learning_rates(folder: Path, studies: dict[str, dict], job: dict) -> P
         points = [(t["params"][f"{method}.lr"], t["value"]) for t in study["trials"]
                   if t["state"] == "COMPLETE" and f"{method}.lr" in t["params"]]
         if points:
-            ax.scatter(*zip(*points), label=method, color=COLORS.get(method))
+            ax.scatter(*zip(*points), label=method, color=(colors or {}).get(method))
             drawn = True
     metric = job.get("metric_for_best", "metric")
     ax.set_xscale("log")

@@ -182,8 +182,9 @@ def write_report(out_dir: Path, payload: dict) -> Path:
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    write_html(out_dir, path.read_text())
+    text = "\n".join(lines)
+    path.write_text(text)
+    write_html(out_dir, text)
     return path
 
 

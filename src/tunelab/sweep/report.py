@@ -29,8 +29,9 @@ def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) ->
     plots = [p for p in (sweep_learning_rates(folder, studies, job), sweep_importances(folder, studies)) if p]
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""] if plots else []
     path = out_dir / "sweep.md"
-    path.write_text("\n".join(lines))
-    write_html(out_dir, path.read_text(), "tunelab sweep", "sweep.html")
+    text = "\n".join(lines)
+    path.write_text(text)
+    write_html(out_dir, text, "tunelab sweep", "sweep.html")
     return path
 
 

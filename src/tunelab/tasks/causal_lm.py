@@ -142,7 +142,7 @@ class CausalLM(Task):
         return [{**item, "output": output} for item, output in zip(inputs, outputs)]
 
     def summary(self, data: TaskData) -> dict[str, Any]:
-        return {"dropped_rows": data.dropped, "mean_response_tokens":
+        return {"mean_response_tokens":
                 float(np.mean(data.train.lengths - data.train.prompt_lengths)) if len(data.train) else 0.0}
 
     def report_lines(self, payload: dict[str, Any]) -> list[str]:
@@ -211,7 +211,7 @@ def prompt_and_response(turns: list[dict], tokenizer) -> tuple[str, str]:
         full = tokenizer.apply_chat_template(turns, tokenize=False)
         if full.startswith(prompt):
             return prompt, full[len(prompt):]
-    prompt = "\n".join(t["content"] for t in turns[:-1]) + "\n"
+        prompt = plain_prompt(turns[:-1])  # a template that rewrites earlier turns: frame it plainly
     return prompt, turns[-1]["content"] + (tokenizer.eos_token or "")
 
 
@@ -219,6 +219,11 @@ def prompt_text(turns: list[dict], tokenizer) -> str:
     """The turns before an answer, framed so the model's next tokens are the answer."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return plain_prompt(turns)
+
+
+def plain_prompt(turns: list[dict]) -> str:
+    """Without a chat template: the turns' texts, one per line, and a newline before the answer."""
     return "\n".join(t["content"] for t in turns) + "\n"
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from torch import nn
 
 from ..config import ExperimentConfig
-from ..data import pad_token_id, read_frames, where, with_packaged_defaults
+from ..data import read_frames, where, with_packaged_defaults
 from ..errors import TunelabInputError
 from ..methods.base import PrepareContext, get_method
 from ..models.loading import (load_pretrained, load_tokenizer, missing_weights_message, read_model_config,
@@ -153,8 +153,6 @@ def _load_model_side(cfg: ExperimentConfig):
         raise TunelabInputError([f"model.name_or_path: {model_path!r} has a config but no weight files "
                                  "(*.safetensors, *.bin); refusing to train random weights"])
     tokenizer = load_tokenizer(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token_id = pad_token_id(tokenizer)
     return model_path, tokenizer, model_config
 
 

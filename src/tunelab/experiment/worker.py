@@ -26,10 +26,6 @@ def main(argv: list[str]) -> int:
         return 2
     shared = load_shared_job(out_dir)
     tokenizer = load_tokenizer(shared["model_path"])
-    if tokenizer.pad_token is None:
-        from ..data import pad_token_id
-
-        tokenizer.pad_token_id = pad_token_id(tokenizer)
     job = Job(cfg, cfg.task_spec, shared["model_path"], tokenizer, shared["data"])
     run = Run(spec["method"], spec["seed"], spec["run_id"])
     startup_s = time.time() - spec["spawned_at"]  # process start, imports, shared data, tokenizer

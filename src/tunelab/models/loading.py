@@ -70,17 +70,23 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model
 
 
 def load_tokenizer(model_path: str):
+    """The model's tokenizer, with a pad token (the end-of-sequence one for decoder models without)."""
     from transformers import AutoTokenizer
+
+    from ..data.encoded import pad_token_id
 
     # transformers 5 quietly builds an empty-vocabulary tokenizer from a folder without tokenizer files.
     if Path(model_path).is_dir() and not any((Path(model_path) / f).is_file() for f in TOKENIZER_FILES):
         raise TunelabInputError([f"model.name_or_path: no tokenizer in {model_path!r} (none of "
                                  f"{', '.join(TOKENIZER_FILES)})"])
     try:
-        return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     except Exception as exc:
         raise TunelabInputError([f"model.name_or_path: no tokenizer could be loaded from {model_path!r} "
                                  f"({type(exc).__name__}: {_first_line(exc)})"]) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token_id = pad_token_id(tokenizer)
+    return tokenizer
 
 
 def packaged_model_path(alias: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import TunelabInputError
+from ..experiment.results import read_results
 
 MANIFEST = "tunelab.json"
 
@@ -43,7 +44,7 @@ def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
     """The artifact in `path`: the folder itself, or an experiment's artifact of `method` (default: the best)."""
     folder = Path(path).expanduser()
     if (folder / MANIFEST).is_file():
-        artifact = Artifact(folder, json.loads((folder / MANIFEST).read_text()))
+        artifact = read_artifact(folder)
         if method and method != artifact.method:
             raise TunelabInputError([f"--method: {str(folder)!r} holds the {artifact.method!r} artifact, "
                                      f"not {method!r}"])
@@ -51,7 +52,7 @@ def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
     if not (folder / "results.json").is_file():
         raise TunelabInputError([f"{str(folder)!r} is neither an experiment folder (no results.json) nor an "
                                  f"artifact folder (no {MANIFEST})"])
-    payload = json.loads((folder / "results.json").read_text())
+    payload = read_results(folder)
     method = method or best_method(payload, folder)
     runs = [r for r in payload.get("methods", []) if r["method"] == method and r.get("status") == "success"]
     saved = [folder / "artifacts" / r.get("run_id", method) for r in runs]
@@ -60,7 +61,11 @@ def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
         finished = sorted({r["method"] for r in payload.get("methods", []) if r.get("status") == "success"})
         raise TunelabInputError([f"--method: {str(folder)!r} has no saved artifact of {method!r}; methods with "
                                  f"one: {', '.join(finished) or 'none'}"])
-    return Artifact(saved[0], json.loads((saved[0] / MANIFEST).read_text()))
+    return read_artifact(saved[0])
+
+
+def read_artifact(folder: Path) -> Artifact:
+    return Artifact(folder, json.loads((folder / MANIFEST).read_text()))
 
 
 def best_method(payload: dict[str, Any], folder: Path) -> str:
@@ -77,10 +82,6 @@ def load_artifact(artifact: Artifact) -> tuple[nn.Module, Any]:
 
     quiet_transformers()
     tokenizer = load_tokenizer(str(artifact.directory))
-    if tokenizer.pad_token is None:
-        from ..data import pad_token_id
-
-        tokenizer.pad_token_id = pad_token_id(tokenizer)
     task = artifact.task
     if artifact.manifest.get("format") == "transformers":  # a whole model (full, llrd, freeze, or merged)
         model = task.auto_class().from_pretrained(artifact.directory, local_files_only=True)

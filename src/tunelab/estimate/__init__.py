@@ -55,7 +55,7 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     model = meta_copy(build)
     ctx = PrepareContext(model_path, model_path, task, task.head_modules(model), steps or 1000, {})
     expected = method.expected_trainable_params(model, opts, ctx)
-    fp = method_footprint(method, model, opts, ctx, shape, expected)
+    fp = method_footprint(method, model, opts, ctx, shape)
     work = Workload(cfg.train.batch_size, cfg.data.max_length, precision,
                     shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0,
                     method.saves_adapter and method.bf16_frozen_weights)
@@ -72,7 +72,7 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
             "epoch_time_s": round(step_flops * steps / device["effective_flops"], 1) if steps else None}
 
 
-def method_footprint(method, model: nn.Module, opts, ctx, shape, expected: int) -> MethodFootprint:
+def method_footprint(method, model: nn.Module, opts, ctx, shape: Shape) -> MethodFootprint:
     problems = method.check(model, opts, ctx)
     if problems:  # e.g. BitFit on a model without biases
         raise TunelabInputError(problems)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.structure import attention_heads, find_block_list, hidden_size
+from ..models.structure import find_block_list, hidden_size
 
 
 @dataclass
@@ -21,10 +21,8 @@ class Shape:
     layers: int
     hidden: int
     ffn: int
-    heads: int
     vocab: int
     total_params: int
-    embedding_params: int
 
 
 @dataclass
@@ -46,9 +44,8 @@ def skeleton_shape(model: nn.Module) -> Shape:
     hidden = hidden_size(config)
     ffn = next((int(getattr(config, k)) for k in ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim")
                 if getattr(config, k, None)), 4 * hidden)
-    return Shape(layers=len(find_block_list(model)[1]), hidden=hidden, ffn=ffn, heads=attention_heads(config),
-                 vocab=embeddings.num_embeddings, total_params=sum(p.numel() for p in model.parameters()),
-                 embedding_params=embeddings.weight.numel())
+    return Shape(layers=len(find_block_list(model)[1]), hidden=hidden, ffn=ffn,
+                 vocab=embeddings.num_embeddings, total_params=sum(p.numel() for p in model.parameters()))
 
 
 def footprint(prepared: nn.Module, shape: Shape, base_total: int, virtual_tokens: int) -> MethodFootprint:

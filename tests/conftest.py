@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tempfile  # noqa: E402
 
 os.environ["TUNELAB_RESULTS_DB"] = os.path.join(tempfile.mkdtemp(prefix="tunelab-store-"), "results.db")
+# nor the machine measurements (device profiles, precision decisions) in the user's cache
+os.environ["TUNELAB_CACHE"] = tempfile.mkdtemp(prefix="tunelab-cache-")
 
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tunelab.config import TrainConfig
-from tunelab.data import Encoded
-from tunelab.train.batches import collate, epoch_batches
+from tunelab.data import IGNORE_INDEX, Encoded
+from tunelab.train.batches import collate, epoch_batches, micro_batches
 from tunelab.train.loop import total_steps
 
 LENGTHS = np.random.default_rng(0).integers(5, 128, size=1000)
@@ -34,10 +34,32 @@ def test_buckets_cut_padding_but_batches_arrive_in_random_length_order():
     assert abs(np.corrcoef(np.arange(len(widths)), widths)[0, 1]) < 0.3
 
 
-def test_process_shards_are_disjoint_and_cover_the_epoch():
-    shards = [epoch_batches(LENGTHS, 16, 5, 0, 8, rank=r, world_size=2) for r in range(2)]
-    rows = np.concatenate([np.concatenate(s) for s in shards])
-    assert sorted(rows.tolist()) == list(range(1000))
+def test_micro_batches_split_each_global_batch_across_processes_and_steps():
+    data = Encoded(np.zeros((1000, 4), dtype=np.int64), LENGTHS, np.zeros(1000, dtype=np.int64))
+    for rows in epoch_batches(LENGTHS, 16, 5, 0, 8):
+        shares = [micro_batches(data, rows, rank, 2, 2) for rank in range(2)]
+        taken = np.concatenate([part for share in shares for part, _ in share])
+        assert sorted(taken.tolist()) == sorted(rows.tolist())  # every row once, on exactly one process
+        weights = [w for share in shares for _, w in share]
+        assert sum(weights) == pytest.approx(2.0)  # mean over processes (DDP) of the sums = 1: the batch mean
+
+
+def test_micro_batch_weights_follow_label_tokens_for_token_averaged_losses():
+    labels = np.full((4, 6), IGNORE_INDEX, dtype=np.int64)
+    labels[0, 1:6] = 1  # 5 counted tokens
+    labels[1, 1:2] = 1  # 1
+    labels[2, 1:3] = 1  # 2
+    labels[3, 1:5] = 1  # 4
+    data = Encoded(np.zeros((4, 6), dtype=np.int64), np.full(4, 6), labels)
+    parts = micro_batches(data, np.arange(4), rank=0, world=1, accumulation=2)
+    assert [p.tolist() for p, _ in parts] == [[0, 2], [1, 3]]
+    assert [w for _, w in parts] == pytest.approx([7 / 12, 5 / 12])
+
+
+def test_a_batch_smaller_than_its_parts_runs_weightless_fillers():
+    data = Encoded(np.zeros((3, 4), dtype=np.int64), np.array([4, 4, 4]), np.zeros(3, dtype=np.int64))
+    parts = micro_batches(data, np.array([7 % 3]), rank=1, world=2, accumulation=1)
+    assert [(p.tolist(), w) for p, w in parts] == [([1], 0.0)]
 
 
 def test_collate_cuts_each_batch_at_its_longest_row_rounded_to_8():

@@ -16,6 +16,7 @@ from .config import ExperimentConfig, load_config
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import RUN_FILE, ExperimentLock, finished_records, saved_config, write_run_file
 from .experiment.job import Job, prepare_job
+from .train.distributed import launched_world_size, launcher_problems
 
 
 @dataclass
@@ -98,10 +99,30 @@ def start_folder(out_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
     write_run_file(out_dir, cfg)
 
 
+def run_flag_problems(seeds: int, tune: int, isolate: bool, nproc: int | None) -> list[str]:
+    problems = [f"--seeds: {seeds} is not allowed; must be >= 1"] if seeds < 1 else []
+    if tune < 0 or (tune and not isolate):
+        problems.append(f"--tune: {tune} is not allowed; must be >= 0, with every run in its own process")
+    if nproc is not None and nproc < 1:
+        problems.append(f"--nproc: {nproc} is not allowed; must be >= 1")
+    elif nproc and nproc > 1 and not isolate:
+        problems.append("--nproc: needs every run in its own processes; drop --in-process")
+    return problems + launcher_problems(nproc)
+
+
+def batch_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
+    """Every process needs at least one row of each micro-batch of a full global batch."""
+    parts = nproc * cfg.train.gradient_accumulation_steps
+    if cfg.train.batch_size >= parts:
+        return []
+    return [f"train.batch_size: {cfg.train.batch_size} rows cannot fill {nproc} processes × "
+            f"{cfg.train.gradient_accumulation_steps} accumulation steps; use a global batch of at least {parts}"]
+
+
 def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
             output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
             resume: bool = False, allow_config_change: bool = False, seeds: int = 1,
-            isolate: bool = True, tune: int = 0) -> CompareOutcome:
+            isolate: bool = True, tune: int = 0, nproc: int | None = None) -> CompareOutcome:
     """Train every configured method (with `seeds` seeds each) on the same data, evaluate, and write results
     and report. Each run trains in a fresh process unless `isolate` is False (then peak memory and failures
     of one run can leak into the next).
@@ -109,22 +130,33 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     With `resume`, runs finished in `output_dir` are kept and unfinished ones continue from their latest
     complete checkpoint. With `tune` N, each method first gets N optuna trials on the validation split (the
     same budget for every method; the test split is never looked at), and its runs use the best of them.
+
+    With `nproc` N, each run trains as N data-parallel processes (DDP) with the same global batch. Started
+    by torchrun or accelerate launch instead, every process runs this function: runs train in it, and only
+    the main process writes (see `launched_compare`).
     """
+    if launched_world_size() > 1:
+        from .experiment.launched import launched_compare
+
+        if tune:
+            raise TunelabInputError(["--tune: not under torchrun/accelerate launch (each trial is its own "
+                                     "launch); use `tunelab compare --nproc N --tune K`"])
+        return launched_compare(config, overrides, output_dir, overwrite, resume, allow_config_change, seeds,
+                                nproc, show_progress)
     from .experiment.plan import plan_runs
     from .experiment.results import write_results
     from .report import write_report
 
     out_dir = Path(output_dir) if output_dir else default_output_dir()
-    flags = ([f"--seeds: {seeds} is not allowed; must be >= 1"] if seeds < 1 else []) + (
-        [f"--tune: {tune} is not allowed; must be >= 0, with every run in its own process"]
-        if tune < 0 or (tune and not isolate) else [])
-    cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite, lambda cfg: flags)
+    flags = run_flag_problems(seeds, tune, isolate, nproc)
+    cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite,
+                           lambda cfg: flags + batch_problems(cfg, nproc or 1))
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume)
         done = finished_records(out_dir) if resume else {}
         summary = {**job.summary(), "baseline": job.baseline()}
-        execute = run_isolated(job, out_dir) if isolate else run_here(job, out_dir)
-        tuned = tune_methods(cfg, job, out_dir, tune, show_progress, resume) if tune else {}
+        execute = run_isolated(job, out_dir, nproc or 1) if isolate else run_here(job, out_dir)
+        tuned = tune_methods(cfg, job, out_dir, tune, show_progress, resume, nproc or 1) if tune else {}
         records: list[dict[str, Any]] = []
         for run in plan_runs(job.config, seeds):
             records.append(done.get(run.run_id) or execute(run, show_progress, resume, tuned.get(run.method, {})))
@@ -149,7 +181,7 @@ class SweepOutcome:
 def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
           output_dir: str | Path | None = None, trials: int = 20, storage: str | None = None,
           study_name: str | None = None, resume: bool = False, overwrite: bool = False,
-          show_progress: bool = True) -> SweepOutcome:
+          show_progress: bool = True, nproc: int = 1) -> SweepOutcome:
     """Tune each configured method: optuna trials until its study holds `trials` (the study's total, shared
     by every worker on the same storage), each trained in its own process, bad ones pruned early."""
     from .experiment.isolation import share_job
@@ -159,7 +191,10 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
 
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))
-    trials_problem = [f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []
+    trials_problem = ([f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []) + (
+        [f"--nproc: {nproc} is not allowed; must be >= 1"] if nproc < 1 else []) + launcher_problems(None) + (
+        ["sweep: not under torchrun/accelerate launch (each trial is its own launch); use --nproc N"]
+        if launched_world_size() > 1 else [])
     cfg, job = checked_job(out_dir, config, overrides, resume, False, overwrite,
                            lambda cfg: space_problems(cfg) + trials_problem)
     with ExperimentLock(out_dir):
@@ -168,26 +203,27 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
         url, studies = storage or default_storage(out_dir), {}
         for method in cfg.methods:
             run_study(cfg, job, method, out_dir, trials, url, study_name, show_progress, resume,
-                      seeded=storage is None)
+                      seeded=storage is None, nproc=nproc)
             studies[method] = study_summary(open_study(cfg, method, url, study_name, storage is None))
         return SweepOutcome(out_dir, studies, write_sweep(out_dir, job.summary(), studies))
 
 
 def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, show_progress: bool,
-                 resume: bool) -> dict[str, dict[str, Any]]:
+                 resume: bool, nproc: int = 1) -> dict[str, dict[str, Any]]:
     """Each method's best values after `trials` optuna trials (validation split only); {} where none finished."""
     from .sweep.report import write_sweep
     from .sweep.study import default_storage, open_study, run_study, study_summary
 
     storage, studies = default_storage(out_dir), {}
     for method in cfg.methods:
-        run_study(cfg, job, method, out_dir, trials, storage, "tune", show_progress, resume, seeded=True)
+        run_study(cfg, job, method, out_dir, trials, storage, "tune", show_progress, resume, seeded=True,
+                  nproc=nproc)
         studies[method] = study_summary(open_study(cfg, method, storage, "tune", True))
     write_sweep(out_dir, job.summary(), studies)
     return {m: (s["best"] or {}).get("params", {}) for m, s in studies.items()}
 
 
-def run_isolated(job: Job, out_dir: Path):
+def run_isolated(job: Job, out_dir: Path, nproc: int = 1):
     from .experiment.isolation import run_in_child, share_job
     from .sweep.space import with_values
 
@@ -195,7 +231,7 @@ def run_isolated(job: Job, out_dir: Path):
 
     def execute(run, show_progress, resume, values):
         record = run_in_child(out_dir, run, with_values(run.config(job.config), values).to_dict(), show_progress,
-                              resume)
+                              resume, nproc=nproc)
         return {**record, "hyperparameters": values} if values else record
     return execute
 

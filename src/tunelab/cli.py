@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--tune", type=int, default=0, metavar="N",
                              help="first give every method N optuna trials on the validation split, then train "
                                   "its best configuration (with --seeds K seeds)")
+            cmd.add_argument("--nproc", type=int, metavar="N",
+                             help="train each run as N data-parallel processes on this machine (DDP, same global "
+                                  "batch); under torchrun/accelerate launch: the process count to expect")
             cmd.add_argument("--in-process", action="store_true",
                              help="debugging: run every method in this process (memory then depends on order)")
     sweep = sub.add_parser("sweep", help="tune each method's hyperparameters with optuna", epilog=EPILOG,
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue a killed sweep in --output")
     sweep.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--nproc", type=int, default=1, metavar="N", help="train each trial as N DDP processes")
     add_use_commands(sub, hub)
     estimate = sub.add_parser("estimate", help="parameters, peak memory, FLOPs and time per method, from the "
                               "model's config alone", epilog=EPILOG, parents=[hub])
@@ -160,7 +164,9 @@ def dispatch(args: argparse.Namespace) -> int:
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
     outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress,
                       resume=args.resume, allow_config_change=args.allow_config_change, seeds=args.seeds,
-                      isolate=not args.in_process, tune=args.tune)
+                      isolate=not args.in_process, tune=args.tune, nproc=args.nproc)
+    if not outcome.records:  # a process other than the main one of a torchrun/accelerate launch
+        return 0
     print("\n".join(table(outcome.records, job_view({"job": outcome.job, "methods": outcome.records}))))
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code
@@ -244,7 +250,7 @@ def run_sweep(args: argparse.Namespace, config, overrides) -> int:
 
     try:
         outcome = sweep(config, overrides, args.output, args.trials, args.storage, args.study_name, args.resume,
-                        args.overwrite, show_progress=not args.no_progress)
+                        args.overwrite, show_progress=not args.no_progress, nproc=args.nproc)
     except SweepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -63,7 +63,10 @@ class TrainConfig:
     epochs: float = field(default=1.0, metadata={"gt": 0})
     max_steps: int | None = field(default=None, metadata={"gt": 0, "help": "stop after this many steps"})
     lr: float = field(default=5e-5, metadata={"gt": 0})
-    batch_size: int = field(default=16, metadata={"gt": 0})
+    batch_size: int = field(default=16, metadata={
+        "gt": 0, "help": "rows per optimizer step in all: split over processes and gradient_accumulation_steps"})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "ge": 1, "help": "micro-batches per optimizer step on each process (less memory, same global batch)"})
     eval_batch_size: int = field(default=64, metadata={"gt": 0})
     weight_decay: float = field(default=0.01, metadata={"ge": 0})
     warmup_ratio: float = field(default=0.06, metadata={"ge": 0, "le": 1})

@@ -3,8 +3,6 @@ once (a few seconds) and cached per device, precision and library versions in tu
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -12,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..machine import cache_folder, cpu_name
 
 # Measured training throughput over this device's peak matmul rate, for small transformer steps on CPU
 # (the packaged MiniLM job: 0.41 TFLOP/s achieved against 0.80 peak bf16, 2 cores of an AMD EPYC Zen 5).
@@ -41,17 +41,7 @@ def device_profile(train_cfg, precision: str) -> dict[str, Any]:
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
-    return root / "device-profiles.json"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
-                        platform.processor() or "cpu")
-    except OSError:
-        return platform.processor() or "cpu"
+    return cache_folder() / "device-profiles.json"
 
 
 def matmul_flops(kind: str, precision: str, size: int = 1024, seconds: float = 1.0) -> float:

@@ -1,11 +1,17 @@
 """Each run in a fresh process, so its peak memory, time and failures are its own. The parent tokenizes once
 and leaves the encoded data in the experiment folder; each child reads them, trains one run and writes its
-record. A child that dies without writing one (killed, out of memory) is recorded as failed."""
+record. A child that dies without writing one (killed, out of memory) is recorded as failed.
+
+With `nproc` > 1 a run is N processes in one DDP group, started with the environment torchrun gives its
+workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...); the main one writes the record. They stay in this process
+group, so a Ctrl-C reaches each of them once and they checkpoint together."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,7 +45,7 @@ def file_name(run: Run) -> str:
 
 
 def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, resume: bool,
-                 trial: dict | None = None) -> dict[str, Any]:
+                 trial: dict | None = None, nproc: int = 1) -> dict[str, Any]:
     """Train `run` in a fresh process; `trial` ({storage, study, trial_id, metric}) makes it report to optuna."""
     spec = {"method": run.method, "seed": run.seed, "run_id": run.run_id, "config": config, "resume": resume,
             "show_progress": show_progress, "spawned_at": time.time(), "trial": trial}
@@ -52,7 +58,8 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     # the parent waits for that instead of dying first.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        code = subprocess.call([sys.executable, "-m", "tunelab.experiment.worker", str(out_dir), str(spec_path)])
+        code = run_processes([sys.executable, "-m", "tunelab.experiment.worker", str(out_dir), str(spec_path)],
+                             nproc)
     finally:
         signal.signal(signal.SIGINT, previous)
     if record_path.is_file():
@@ -60,3 +67,41 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     return {"method": run.method, "run_id": run.run_id, "seed": run.seed, "status": "failed", "config": config,
             "error": f"the run's process {cause} before writing its result; continue with --resume"}
+
+
+def run_processes(command: list[str], nproc: int) -> int:
+    """Run `command` as `nproc` ranks of one process group; the exit code of the first to fail, else 0.
+
+    A rank that fails leaves the others waiting in a collective, so the rest are stopped then."""
+    if nproc == 1:
+        return subprocess.call(command)
+    procs = [subprocess.Popen(command, env=rank_environment(rank, nproc, port)) for rank, port in
+             zip(range(nproc), [free_port()] * nproc)]
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            try:
+                for p in procs:
+                    p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+            break
+        time.sleep(0.1)
+    return next((p.wait() for p in procs if p.wait() != 0), 0)
+
+
+def rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """torchrun's worker environment for one machine; threads shared out unless the user set them."""
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

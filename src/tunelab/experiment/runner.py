@@ -5,6 +5,7 @@ A method that fails or diverges is recorded with its status and error; the other
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import signal
 import sys
@@ -21,11 +22,14 @@ from .. import __version__
 from ..methods.base import get_method
 from ..train import faults
 from ..train.checkpoint import Checkpointer
+from ..train.distributed import Ranks, check_world, launched_world_size
 from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
                           total_steps)
-from ..train.setup import (build_optimizer, build_scheduler, make_accelerator, precision_choice, seed_everything,
-                           store_frozen_matmul_weights)
-from ..train.tracking import MemoryMonitor, Tracker
+from ..train.batches import collate, epoch_batches
+from ..train.precision import choose_precision
+from ..train.setup import (apply_threads, build_optimizer, build_scheduler, make_accelerator, resolve_device,
+                           seed_everything, store_frozen_matmul_weights)
+from ..train.tracking import MemoryMonitor, SilentTracker, Tracker
 from .folder import write_json
 from .job import Job
 
@@ -79,18 +83,22 @@ class MethodSetup:
     expected_trainable: int
     param_groups: list[dict[str, Any]]
     total_steps: int
+    precision_reason: str = ""
 
 
 def setup_method(job: Job, name: str) -> MethodSetup:
     cfg, method = job.config, get_method(name)
     opts = cfg.options(name)
-    accelerator = make_accelerator(cfg.train)
+    apply_threads(cfg.train)
     seed_everything(cfg.train.seed)  # same seed → same head initialisation for every method
     steps = total_steps(cfg.train, len(job.train))
     base = job.load_base_model()
     ctx = job.context(base, steps)
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
+    precision, reason = method_precision(job, name, model)
+    accelerator = make_accelerator(cfg.train, precision)
+    check_world(Ranks.of(accelerator))
     if accelerator.mixed_precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights:
         # only where the frozen base is never written out: a method saving the whole model must keep fp32
         store_frozen_matmul_weights(model, torch.bfloat16)
@@ -100,7 +108,21 @@ def setup_method(job: Job, name: str) -> MethodSetup:
                "num_params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps)
+    return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps, reason)
+
+
+def method_precision(job: Job, name: str, model: torch.nn.Module) -> tuple[str, str]:
+    """train.precision for this method's model: measured on a typical batch where auto has to choose."""
+    cfg = job.config.train
+    device = torch.device(resolve_device(cfg))
+    if device.type == "cuda":
+        model.to(device)
+    batches = epoch_batches(job.train.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_size)
+    typical = sorted(batches, key=lambda rows: int(job.train.lengths[rows].max()))[len(batches) // 2]
+    micro = typical[:max(1, len(typical) // (launched_world_size() * cfg.gradient_accumulation_steps))]
+    key = json.dumps([job.model_path, job.task.name, name, job.config.to_dict().get(name)], default=str)
+    return choose_precision(cfg, model, collate(job.train, micro, device), key,
+                            can_measure=launched_world_size() == 1 and get_method(name).precision_probe)
 
 
 def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool,
@@ -110,14 +132,17 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     accelerator = setup.accelerator
     method, opts = get_method(name), cfg.options(name)
     model = accelerator.unwrap_model(setup.model)
+    ranks = Ranks.of(accelerator)
     checkpointer = Checkpointer(out_dir / "checkpoints" / run_id, cfg.fingerprint(), cfg.train.keep_checkpoints,
-                                lambda: method.extra_state(model), lambda s: method.load_extra_state(model, s))
-    latest = checkpointer.latest() if resume else None
-    if latest is None:  # a fresh start: a best checkpoint left by an abandoned attempt must not be restored
+                                lambda: method.extra_state(model), lambda s: method.load_extra_state(model, s),
+                                ranks)
+    latest = resume_point(checkpointer, ranks) if resume else None
+    if latest is None and ranks.is_main:  # a fresh start: an abandoned attempt's best must not be restored
         checkpointer.remove_all()
     state = restore_with_current_rates(checkpointer, latest, setup) if latest else TrainState()
     tracker = Tracker(out_dir / "tensorboard" / run_id, run_id, setup.total_steps, cfg.train.batch_size,
-                      show_progress, start_step=state.step, start_time_s=state.train_time_s)
+                      show_progress, start_step=state.step, start_time_s=state.train_time_s) \
+        if ranks.is_main else SilentTracker()
     eval_setup = job.eval_setup(accelerator.device, accelerator.autocast)
     validation = Validation(lambda model: job.task.evaluate(model, job.validation, eval_setup).metrics,
                             cfg.metric_for_best, job.task.higher_is_better(cfg.metric_for_best))
@@ -130,18 +155,20 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
             state = trainer.run(state)
         finally:
             tracker.close()
+    processes = ranks.gather({**memory.report(), "rows": trainer.rows_trained})
+    if not ranks.is_main:  # the main process evaluates and writes; the others are done
+        return {"rank": ranks.rank}
     trainer.restore_best()
-    test = job.task.evaluate(setup.model, job.test, eval_setup) if job.test is not None else None
+    test = job.task.evaluate(model, job.test, eval_setup) if job.test is not None else None
     examples = test.examples if test else []
     if test is None and job.task.shows_examples:  # then the report's examples come from validation
-        examples = job.task.evaluate(setup.model, job.validation, eval_setup).examples
+        examples = job.task.evaluate(model, job.validation, eval_setup).examples
     measured = measurements(setup, state, trainer.steps_per_epoch())
-    artifact = save_artifact(job, name, accelerator.unwrap_model(setup.model), out_dir / "artifacts" / run_id,
-                             precision=measured["precision"])
+    artifact = save_artifact(job, name, model, out_dir / "artifacts" / run_id, precision=measured["precision"])
     if not cfg.train.keep_checkpoints_after_success:
         artifact["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
-    result = {**measured, **memory.report(),
-              "precision_reason": precision_choice(cfg.train)[1],
+    result = {**measured, **process_memory(processes),
+              "precision_reason": setup.precision_reason,
               "history": state.history, "losses": state.losses, "best_val": state.best,
               "test": test.metrics if test else None, "examples": examples,
               "test_per_example": test.per_example if test else {}, **artifact}
@@ -150,6 +177,26 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
                     "trainable_params": result["trainable_params"]},
                    {f"best_val_{k}": v for k, v in (state.best or {}).items() if k != "step"})
     return result
+
+
+def resume_point(checkpointer: Checkpointer, ranks: Ranks) -> Path | None:
+    """The latest complete checkpoint, which every process must see alike (a shared output folder)."""
+    latest = checkpointer.latest()
+    seen = ranks.gather(latest.name if latest else None)
+    if len(set(seen)) > 1:
+        raise RuntimeError(f"processes see different latest checkpoints in {checkpointer.folder} ({seen}); "
+                           "under several machines --output must be a folder they all share")
+    return latest
+
+
+def process_memory(processes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Peak memory of the run: the largest process's (what one device must hold), and each one's under DDP."""
+    peak = max(processes, key=lambda p: p["peak_memory_mb"])
+    out = {k: v for k, v in peak.items() if k != "rows"}
+    if len(processes) > 1:
+        out.update(processes=len(processes), peak_memory_mb_per_process=[p["peak_memory_mb"] for p in processes],
+                   rows_per_process=[p["rows"] for p in processes])
+    return out
 
 
 def restore_with_current_rates(checkpointer: Checkpointer, latest: Path, setup: MethodSetup) -> TrainState:
@@ -161,7 +208,8 @@ def restore_with_current_rates(checkpointer: Checkpointer, latest: Path, setup: 
     set to the very values they had, so an ordinary resume stays bit-identical.
     """
     planned = [(g["initial_lr"], g["weight_decay"]) for g in setup.optimizer.param_groups]
-    state = checkpointer.restore(latest, setup.model, setup.optimizer, setup.scheduler)
+    model = setup.accelerator.unwrap_model(setup.model)  # weights are saved without DDP's `module.` prefix
+    state = checkpointer.restore(latest, model, setup.optimizer, setup.scheduler)
     scheduler = getattr(setup.scheduler, "scheduler", setup.scheduler)  # inside accelerate's wrapper
     scheduler.base_lrs = [lr for lr, _ in planned]
     for group, (lr, decay), factor in zip(setup.optimizer.param_groups, planned, scheduler.lr_lambdas):

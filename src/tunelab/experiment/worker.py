@@ -33,12 +33,26 @@ def main(argv: list[str]) -> int:
     record = run_method(job, run.method, out_dir, spec["show_progress"], spec["resume"], run.run_id, on_eval)
     record["startup_s"] = round(startup_s, 2)
     record["pid"] = os.getpid()
-    path = out_dir / RECORDS / file_name(run)
+    if int(os.environ.get("RANK", "0")) == 0:  # under DDP the main process alone writes
+        write_record(out_dir / RECORDS / file_name(run), record)
+    return exit_code(record)
+
+
+def write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, default=str))
     tmp.replace(path)
-    return 130 if record["status"] == "interrupted" else 0
+
+
+def exit_code(record: dict) -> int:
+    if record["status"] == "interrupted":
+        return 130
+    if record["status"] == "failed" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a process that failed alone leaves the others waiting in a collective: the launcher stops them
+        print(f"rank {os.environ.get('RANK')}: {record['error']}\n{record.get('traceback', '')}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def trial_reporter(info: dict, cfg):

@@ -49,6 +49,9 @@ class Method:
     # Under bf16, adapter methods keep the frozen base's Linear weights in bf16 (exact, and no per-step casts);
     # a method whose adapter reads those weights directly (DoRA's weight norm) must keep them in fp32.
     bf16_frozen_weights: ClassVar[bool] = True
+    # precision auto times a few forward+backward passes of the prepared model; a method whose forward in train
+    # mode changes its own state (freeze's cache) must not be probed, and gets the device's rule instead
+    precision_probe: ClassVar[bool] = True
     artifact_format: ClassVar[str | None] = None  # default: "peft" for adapters, else "transformers"
     # for `recommend`'s rules of thumb: "full" (every weight), "adapter" (added low-rank/scaling weights),
     # "prompt" (virtual tokens), "selective" (a chosen subset of the model's own weights)

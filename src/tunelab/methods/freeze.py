@@ -307,6 +307,7 @@ class Freeze(Method):
     name = "freeze"
     description = "Freeze the bottom: top freeze.k blocks + head trained; the frozen bottom's output cached per row"
     Options = FreezeOptions
+    precision_probe = False  # a trial forward would fill the cache
 
     def check(self, model: nn.Module, opts: FreezeOptions, ctx: PrepareContext) -> list[str]:
         try:

@@ -74,7 +74,7 @@ def fail_interrupted(study) -> int:
 
 
 def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, name: str | None,
-              show_progress: bool, resume: bool, seeded: bool) -> list[dict[str, Any]]:
+              show_progress: bool, resume: bool, seeded: bool, nproc: int = 1) -> list[dict[str, Any]]:
     """Trials of `method` until the study holds `trials` of them; returns this worker's trial records."""
     import optuna
 
@@ -102,7 +102,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
             continue
         record = run_in_child(out_dir, run, run_cfg.to_dict(), show_progress, resume=False,
                               trial={"storage": storage, "study": study.study_name, "trial_id": trial._trial_id,
-                                     "metric": metric})
+                                     "metric": metric}, nproc=nproc)
         record.update(trial=trial.number, hyperparameters=values)
         records.append(record)
         tell(study, trial, record, metric)

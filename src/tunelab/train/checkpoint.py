@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import Ranks
 from .faults import fault_point
 from .loop import TrainState
 from .weights import load_weights, trainable_state
@@ -92,12 +93,16 @@ def complete_checkpoints(folder: Path, kind: str) -> list[Path]:
 
 
 class Checkpointer:
-    """Writes and reads one method's checkpoints; keeps the last `keep` plus the best."""
+    """Writes and reads one method's checkpoints; keeps the last `keep` plus the best.
+
+    Under DDP every process calls `save` (the RNG states of all of them are gathered, so a resumed run draws
+    what the uninterrupted one would have), the main process alone writes, and every process restores."""
 
     def __init__(self, folder: Path, config_hash: str, keep: int = 1,
                  extra_state: Callable[[], dict | None] = lambda: None,
-                 load_extra_state: Callable[[dict], None] = lambda state: None):
+                 load_extra_state: Callable[[dict], None] = lambda state: None, ranks: Ranks | None = None):
         self.folder, self.config_hash, self.keep = folder, config_hash, keep
+        self.ranks = ranks or Ranks()
         self.extra_state, self.load_extra_state = extra_state, load_extra_state  # the method's own state
 
     def remove_all(self) -> int:
@@ -108,9 +113,12 @@ class Checkpointer:
         shutil.rmtree(self.folder, ignore_errors=True)
         return size
 
-    def save(self, model: nn.Module, optimizer, scheduler, state: TrainState) -> Path:
+    def save(self, model: nn.Module, optimizer, scheduler, state: TrainState) -> Path | None:
+        rng = self.ranks.gather(rng_state())
+        if not self.ranks.is_main:
+            return None
         files = {"trainable.pt": trainable_state(model), "optimizer.pt": optimizer.state_dict(),
-                 "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}
+                 "scheduler.pt": scheduler.state_dict(), "rng.pt": rng[0] if len(rng) == 1 else rng}
         extra = self.extra_state()
         if extra is not None:
             files["extra.pt"] = extra
@@ -135,14 +143,17 @@ class Checkpointer:
     def restore(self, path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
         """Load checkpoint `path`; checkpoints written after it belong to the abandoned run and are removed."""
         step = checkpoint_step(path)
-        for kind in (STEP, BEST):
+        for kind in (STEP, BEST) if self.ranks.is_main else ():
             for later in complete_checkpoints(self.folder, kind):
                 if checkpoint_step(later) > step:
                     shutil.rmtree(later, ignore_errors=True)
         load_weights(model, torch.load(path / "trainable.pt", weights_only=True))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        # one state per process when written under DDP; another process count resumes from rank 0's
+        set_rng_state(rng[self.ranks.rank] if isinstance(rng, list) and len(rng) == self.ranks.world
+                      else rng[0] if isinstance(rng, list) else rng)
         if (path / "extra.pt").is_file():
             self.load_extra_state(torch.load(path / "extra.pt", weights_only=False))
         meta = json.loads((path / MANIFEST).read_text())

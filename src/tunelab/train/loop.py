@@ -6,6 +6,7 @@ step never waits on a `.item()`; finiteness is checked at every flush.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data import Encoded
-from .batches import collate, epoch_batches
+from .batches import collate, epoch_batches, micro_batches
+from .distributed import Ranks
 from .faults import fault_point
 from .weights import load_weights, trainable_state
 
@@ -98,6 +100,8 @@ class TrainingLoop:
         self.train_data, self.validation = train_data, validation
         self.hooks = hooks or LoopHooks()
         self.checkpointer = checkpointer
+        self.ranks = Ranks.of(accelerator)
+        self.module = accelerator.unwrap_model(model)  # the model without its DDP wrapper: evaluated, saved
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.total_steps = total_steps(cfg, len(train_data))
@@ -105,6 +109,7 @@ class TrainingLoop:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._segment_start = time.perf_counter()
         self._checkpointed_step: int | None = None
+        self.rows_trained = 0  # by this process (its shard), fillers excluded
 
     def run(self, state: TrainState | None = None) -> TrainState:
         state = state or TrainState()
@@ -112,8 +117,7 @@ class TrainingLoop:
         self._segment_start = time.perf_counter()
         while not self.finished(state):
             batches = epoch_batches(self.train_data.lengths, self.cfg.batch_size, self.cfg.seed,
-                                    state.epoch, self.cfg.bucket_size, self.accelerator.process_index,
-                                    self.accelerator.num_processes)
+                                    state.epoch, self.cfg.bucket_size)
             while state.batch_in_epoch < len(batches) and not self.finished(state):
                 self.step(state, batches[state.batch_in_epoch])
             if state.batch_in_epoch >= len(batches):
@@ -127,10 +131,17 @@ class TrainingLoop:
         return state.step >= self.total_steps or state.stopped_early
 
     def step(self, state: TrainState, rows: np.ndarray) -> None:
-        batch = collate(self.train_data, rows, self.accelerator.device)
-        with self.accelerator.autocast():
-            loss = self.model(**batch).loss
-        self.accelerator.backward(loss)
+        """One optimizer step on global batch `rows`: this process's micro-batches, then one update."""
+        parts = micro_batches(self.train_data, rows, self.ranks.rank, self.ranks.world,
+                              self.cfg.gradient_accumulation_steps)
+        loss = None
+        for i, (part, weight) in enumerate(parts):
+            # gradients are all-reduced once, after the last micro-batch
+            sync = contextlib.nullcontext() if i == len(parts) - 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                part_loss = self.forward_backward(part, weight)
+            loss = part_loss if loss is None else loss + part_loss
+            self.rows_trained += len(part) if weight else 0
         grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -138,7 +149,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batch_in_epoch += 1
-        state.samples_seen += len(rows)
+        state.samples_seen += len(rows)  # the global batch: every process counts all of it
         state.tokens_seen += int(self.train_data.lengths[rows].sum())
         self._pending.append((loss.detach(), torch.as_tensor(grad_norm).detach()))
         if state.step % self.cfg.log_every_steps == 0:
@@ -148,15 +159,26 @@ class TrainingLoop:
         if self.cfg.checkpoint_every_steps and state.step % self.cfg.checkpoint_every_steps == 0:
             self.checkpoint(state)
         fault_point(f"step={state.step}")
-        if self.hooks.stop_requested():
+        if self.ranks.any(self.hooks.stop_requested()):  # all stop at the same step, or the rest would hang
             self.checkpoint(state)
             raise Interrupted(f"stopped at step {state.step}")
+
+    def forward_backward(self, rows: np.ndarray, weight: float) -> torch.Tensor:
+        """Backpropagate one micro-batch's weighted loss; returns its share of the batch's mean loss."""
+        batch = collate(self.train_data, rows, self.accelerator.device)
+        with self.accelerator.autocast():
+            loss = self.model(**batch).loss
+        if self.ranks.world == 1 and weight == 1.0:  # the whole batch at once: plain training
+            self.accelerator.backward(loss)
+            return loss.detach()
+        self.accelerator.backward(loss * weight)
+        return loss.detach() * (weight / self.ranks.world)
 
     def checkpoint(self, state: TrainState) -> None:
         self.flush(state)
         # an epoch that ends on a checkpoint_every_steps multiple already has its checkpoint
         if self.checkpointer is not None and self._checkpointed_step != state.step:
-            self.checkpointer.save(self.model, self.optimizer, self.scheduler, state)
+            self.checkpointer.save(self.module, self.optimizer, self.scheduler, state)
             self._checkpointed_step = state.step
             self._segment_start = time.perf_counter()  # writing checkpoints is not training time
 
@@ -174,7 +196,8 @@ class TrainingLoop:
         self.clock(state)
         if not self._pending:
             return
-        losses = torch.stack([l for l, _ in self._pending]).float().cpu().tolist()
+        # each process holds its micro-batches' share of the batch loss: the sum is the batch's mean loss
+        losses = self.ranks.sum(torch.stack([l for l, _ in self._pending]).float()).cpu().tolist()
         norms = torch.stack([g for _, g in self._pending]).float().cpu().tolist()
         self._pending.clear()
         first_step = state.step - len(losses) + 1
@@ -189,7 +212,8 @@ class TrainingLoop:
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         self.flush(state)
-        metrics = self.validation.evaluate(self.model)
+        # the main process evaluates, the others wait for its numbers: every decision below is the same everywhere
+        metrics = self.ranks.broadcast(self.validation.evaluate(self.module) if self.ranks.is_main else None)
         recent = state.losses[-self.cfg.log_every_steps:]
         entry = {"step": state.step, "epoch": round(state.step / max(self.steps_per_epoch(), 1), 4),
                  "train_loss": float(np.mean(recent)) if recent else None,
@@ -199,18 +223,35 @@ class TrainingLoop:
         if improved:
             state.best = {**metrics, "step": state.step}
             state.evals_without_improvement = 0
-            weights = trainable_state(self.model)
-            if self.checkpointer is not None:  # on disk only: a second in-memory copy of a full model costs RSS
-                self.checkpointer.save_best(weights, state)
-            else:
-                self.best_weights = weights
+            self.keep_best(state)
         else:
             state.evals_without_improvement += 1
             patience = self.cfg.early_stopping_patience
             state.stopped_early = bool(patience) and state.evals_without_improvement >= patience
-        self.hooks.on_eval(state, metrics, improved)
+        self.report_eval(state, metrics, improved)
         self._segment_start = time.perf_counter()  # evaluation is not training time
         return metrics
+
+    def keep_best(self, state: TrainState) -> None:
+        if not self.ranks.is_main:
+            return
+        weights = trainable_state(self.module)
+        if self.checkpointer is not None:  # on disk only: a second in-memory copy of a full model costs RSS
+            self.checkpointer.save_best(weights, state)
+        else:
+            self.best_weights = weights
+
+    def report_eval(self, state: TrainState, metrics: dict[str, float], improved: bool) -> None:
+        """The eval hooks run on the main process; a pruning decision there stops every process."""
+        pruned = None
+        if self.ranks.is_main:
+            try:
+                self.hooks.on_eval(state, metrics, improved)
+            except Pruned as exc:
+                pruned = str(exc)
+        pruned = self.ranks.broadcast(pruned)
+        if pruned is not None:
+            raise Pruned(pruned)
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train_data) / self.cfg.batch_size)
@@ -220,4 +261,4 @@ class TrainingLoop:
         if weights is None and self.checkpointer is not None:
             weights = self.checkpointer.best_weights()
         if weights is not None:
-            load_weights(self.model, weights)
+            load_weights(self.module, weights)

@@ -47,23 +47,32 @@ def precision_choice(cfg: TrainConfig) -> tuple[str, str]:
     return "fp32", "auto: the CPU has neither AMX nor AVX512-BF16; bf16 would be emulated, far slower than fp32"
 
 
-def make_accelerator(cfg: TrainConfig):
+def apply_threads(cfg: TrainConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def make_accelerator(cfg: TrainConfig, precision: str | None = None):
+    """accelerate's Accelerator for `cfg`, in `precision` (default: the device's rule for train.precision)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg)
     device = resolve_device(cfg)
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    mixed = "bf16" if resolve_precision(cfg) == "bf16" else "no"
+    # train.batch_size is the global batch, split over processes: the schedule advances once per optimizer
+    # step (accelerate would otherwise step it once per process, assuming a batch per process)
+    precision = precision or resolve_precision(cfg)
+    options = {"cpu": device == "cpu", "mixed_precision": "bf16" if precision == "bf16" else "no",
+               "step_scheduler_with_optimizer": False}
     try:
-        return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+        return Accelerator(**options)
     except ValueError:
         # accelerate keeps one process-wide state; a second job in the same process (a sweep, a test)
         # with another precision has to start it afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+        return Accelerator(**options)
 
 
 def store_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:

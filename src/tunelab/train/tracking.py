@@ -103,3 +103,16 @@ class Tracker:
         metrics = {f"hparam/{k}": v for k, v in final.items() if isinstance(v, (int, float))}
         self.writer.add_hparams(clean, metrics, run_name=".")  # "." keeps hparams in the method's own run
         self.writer.close()
+
+
+class SilentTracker:
+    """What processes other than the main one track under DDP: nothing (one TensorBoard run, one bar)."""
+
+    def on_log(self, state: TrainState, logs: dict[str, float]) -> None:
+        pass
+
+    def on_eval(self, state: TrainState, metrics: dict[str, float], improved: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

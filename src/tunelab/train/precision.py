@@ -1,0 +1,107 @@
+"""`train.precision: auto`: the faster of fp32 and bf16 for this model and method on this device, measured.
+
+bf16 is not always faster. Where the CPU lacks AMX and AVX512-BF16 its matmuls are emulated, 50-100×
+slower than fp32 (measured with benchmarks/vs_trainer.py), so there fp32 is chosen without measuring. Where
+bf16 is native, a small model's steps can still be slower in bf16 (an H200 trained the packaged MiniLM in
+12.7 s in bf16 against 8.2 s in fp32: the casts and launches outweigh the matmuls). So there a few
+forward+backward passes of the prepared model on a typical batch are timed in both, before training, and
+bf16 must win by a clear margin (fp32 is exact and the default when they are close). The decision is cached
+per device, model, method, batch shape and thread count, so seeds and repeated runs measure once.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..machine import cache_folder, cpu_name
+from ..config import TrainConfig
+from .setup import precision_choice
+
+PROBE_STEPS = 2  # timed, after one warm-up; the smallest counts (noise only ever adds time)
+BF16_MARGIN = 0.9  # bf16 is chosen when its step takes under 90 % of fp32's
+
+
+def choose_precision(cfg: TrainConfig, model: nn.Module, batch: dict[str, torch.Tensor], key: str,
+                     can_measure: bool = True) -> tuple[str, str]:
+    """`train.precision` resolved for this model: (fp32 | bf16, the reason recorded with the result)."""
+    chosen, reason = precision_choice(cfg)  # the device's rule
+    if cfg.precision != "auto" or chosen == "fp32":
+        return chosen, reason
+    device = batch["input_ids"].device.type
+    key = cache_key(key, device, batch)
+    cached = read_cache().get(key)
+    if cached:
+        return cached["precision"], cached["reason"] + " (measured earlier for the same model, method and batch)"
+    if not can_measure:
+        return chosen, reason + " (not measured: several processes, or a method a trial step would change)"
+    fp32_s = step_seconds(model, batch, bf16=False)
+    bf16_s = step_seconds(model, batch, bf16=True)
+    chosen = "bf16" if bf16_s < BF16_MARGIN * fp32_s else "fp32"
+    shape = "×".join(str(n) for n in batch["input_ids"].shape)
+    reason = (f"auto: measured {PROBE_STEPS} forward+backward steps of a {shape} batch: fp32 {fp32_s * 1e3:.0f} ms, "
+              f"bf16 {bf16_s * 1e3:.0f} ms per step")
+    write_cache(key, {"precision": chosen, "reason": reason, "fp32_s": fp32_s, "bf16_s": bf16_s})
+    return chosen, reason
+
+
+def step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> float:
+    """Fastest of PROBE_STEPS forward+backward passes; leaves weights, gradients and random state as they were."""
+    device = batch["input_ids"].device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    times = []
+    for _ in range(PROBE_STEPS + 1):  # the first warms caches and kernels up
+        start = sync_time(device)
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        times.append(sync_time(device) - start)
+    for param in model.parameters():
+        param.grad = None
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return min(times[1:])
+
+
+def sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def cache_key(key: str, device: str, batch: dict[str, torch.Tensor]) -> str:
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+    parts = [key, device, name, str(tuple(batch["input_ids"].shape)), str(torch.get_num_threads()), torch.__version__]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def cache_path() -> Path:
+    return cache_folder() / "precision.json"
+
+
+def read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_cache(key: str, entry: dict) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = {**read_cache(), key: entry}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        tmp.replace(path)
+    except OSError:  # a read-only home: measure again next time
+        pass

@@ -1,0 +1,142 @@
+"""Data-parallel training: N processes (DDP over gloo on CPU) train the job one process would, with the same
+global batch; gradient accumulation likewise; the main process alone writes; launchers that form the wrong
+group are refused."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab import api
+from tunelab.errors import TunelabInputError
+from tunelab.train.distributed import Ranks, check_world, launcher_problems
+
+FP32 = ["train.precision=fp32", "train.epochs=2", "train.log_every_steps=1", "train.eval_every_steps=5"]
+STEPS = 40  # 160 toy rows / batch 8 × 2 epochs
+
+
+def cli(args: list[str], out: Path, fault: str = "", launcher: list[str] | None = None):
+    env = {**os.environ, "TUNELAB_FAULT": fault}
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
+        env.pop(name, None)
+    command = [*(launcher or [sys.executable]), "-m", "tunelab", "compare", *args, "--output", str(out),
+               "--no-progress"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def methods(out: Path) -> dict[str, dict]:
+    return {m["method"]: m for m in json.loads((out / "results.json").read_text())["methods"]}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_bert, toy_data):
+    """The reference: the same job in one process."""
+    out = tmp_path_factory.mktemp("single")
+    overrides = [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
+                 f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
+                 "data.max_length=32", "train.batch_size=8", *FP32, "methods=full,lora", "lora.dropout=0"]
+    assert cli(overrides, out).returncode == 0
+    return overrides, methods(out)
+
+
+def assert_same_training(got: dict, want: dict, tolerance: float = 1e-4) -> None:
+    """Same steps, same losses and metrics up to float summation order. Needs fp32 and no dropout (the tiny
+    model has none, and lora.dropout=0): with dropout each process draws masks for its own rows, so the runs
+    then agree in distribution, not step by step."""
+    assert got["steps"] == want["steps"] == STEPS
+    assert got["losses"] == pytest.approx(want["losses"], abs=tolerance)
+    assert got["test"]["loss"] == pytest.approx(want["test"]["loss"], abs=tolerance)
+    assert got["test"]["accuracy"] == want["test"]["accuracy"]
+
+
+def test_two_processes_train_what_one_does_each_on_half_the_data(single, tmp_path):
+    overrides, want = single
+    result = cli([*overrides, "--nproc", "2"], tmp_path / "two")
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = methods(tmp_path / "two")
+    for name in ("full", "lora"):
+        assert_same_training(got[name], want[name])
+        assert got[name]["processes"] == 2
+        assert got[name]["rows_per_process"] == [160, 160]  # 2 epochs × half of the 160 rows each
+        assert got[name]["train_samples_per_s"] > 0
+    # the main process alone wrote: one TensorBoard run and one artifact per method, no per-rank leftovers
+    for name in ("full", "lora"):
+        events = (tmp_path / "two" / "tensorboard" / name).glob("events.out.tfevents.*")
+        assert len({f.name.split(".")[-2] for f in events}) == 1  # the writing process's pid
+    assert sorted(p.name for p in (tmp_path / "two" / "records").iterdir()) == ["full.json", "lora.json"]
+
+
+def test_gradient_accumulation_keeps_the_global_batch(single, tmp_path):
+    overrides, want = single
+    result = cli([*overrides, "train.gradient_accumulation_steps=4"], tmp_path / "acc")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, got in methods(tmp_path / "acc").items():
+        assert_same_training(got, want[name], tolerance=1e-5)
+
+
+def test_token_averaged_losses_accumulate_exactly(tmp_path, tiny_causal_overrides):
+    """Causal LM: micro-batches hold different numbers of label tokens; weighting by them keeps the mean."""
+    base = [*tiny_causal_overrides, "train.precision=fp32", "train.max_steps=12", "train.log_every_steps=1",
+            "methods=lora", "lora.dropout=0"]
+    plain = api.compare(None, base, tmp_path / "plain", show_progress=False, isolate=False).records[0]
+    split = api.compare(None, [*base, "train.gradient_accumulation_steps=3"], tmp_path / "split",
+                        show_progress=False, isolate=False).records[0]
+    assert split["losses"] == pytest.approx(plain["losses"], abs=1e-5)
+    assert split["test"]["loss"] == pytest.approx(plain["test"]["loss"], abs=1e-5)
+
+
+def test_two_processes_resume_after_ctrl_c_exactly(single, tmp_path):
+    overrides, _ = single
+    run = [*overrides, "methods=lora", "train.checkpoint_every_steps=4", "--nproc", "2"]
+    whole = cli(run, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = cli(run, tmp_path / "split", fault="interrupt@step=10")  # both processes get the Ctrl-C
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    resumed = cli([*run, "--resume"], tmp_path / "split")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, want = methods(tmp_path / "split")["lora"], methods(tmp_path / "whole")["lora"]
+    assert got["losses"] == want["losses"] and got["test"] == want["test"]
+
+
+def test_torchrun_launch_trains_in_its_processes(single, tmp_path):
+    overrides, want = single
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = cli([*overrides, "methods=lora"], tmp_path / "tr", launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = methods(tmp_path / "tr")["lora"]
+    assert_same_training(got, want["lora"])
+    assert got["rows_per_process"] == [160, 160]
+    assert (tmp_path / "tr" / "report.md").is_file()
+
+
+def test_too_small_a_global_batch_for_the_processes_is_refused(single, tmp_path):
+    overrides, _ = single
+    with pytest.raises(TunelabInputError, match="cannot fill 2 processes × 8 accumulation steps"):
+        api.compare(None, [*overrides, "train.gradient_accumulation_steps=8"], tmp_path / "x", nproc=2)
+
+
+def test_launchers_that_would_train_alone_are_refused(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    # `accelerate launch --cpu --num_processes 2` starts one process with only these set
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert "ignores --num_processes" in launcher_problems(None)[0]
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert "--nproc: 2 processes asked for, but the launcher started 4" in launcher_problems(2)[0]
+    assert launcher_problems(4) == [] and launcher_problems(None) == []
+    with pytest.raises(TunelabInputError, match="formed a group of 1"):
+        check_world(Ranks(0, 1))
+
+
+def test_collectives_of_a_group_of_one_are_the_identity():
+    import torch
+
+    ranks = Ranks()
+    assert ranks.is_main and ranks.any(True) and not ranks.any(False)
+    assert ranks.broadcast({"a": 1}) == {"a": 1} and ranks.gather(3) == [3]
+    assert ranks.sum(torch.tensor([2.0])).item() == 2.0

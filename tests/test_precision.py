@@ -1,0 +1,81 @@
+"""precision auto: the rule where bf16 would be emulated, a measurement where it is native, cached, and a
+measurement that leaves the model exactly as it was."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tunelab.config import TrainConfig, load_config
+from tunelab.experiment.job import prepare_job
+from tunelab.experiment.runner import setup_method
+from tunelab.train import precision, setup
+from tunelab.train.batches import collate, epoch_batches
+
+AUTO = TrainConfig(precision="auto", device="cpu")
+
+
+@pytest.fixture
+def prepared(tiny_overrides):
+    job = prepare_job(load_config(None, [*tiny_overrides, "methods=lora", "train.precision=fp32"]))
+    model = setup_method(job, "lora").model
+    batch = collate(job.train, epoch_batches(job.train.lengths, 8, 0, 0)[0], torch.device("cpu"))
+    return model, batch
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+
+
+def test_no_measurement_where_bf16_would_be_emulated(prepared, monkeypatch, fresh_cache):
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(precision, "step_seconds", lambda *a, **k: pytest.fail("measured"))
+    chosen, reason = precision.choose_precision(AUTO, *prepared, key="k")
+    assert chosen == "fp32" and "emulated" in reason
+
+
+def test_a_set_precision_is_kept(prepared, monkeypatch, fresh_cache):
+    monkeypatch.setattr(precision, "step_seconds", lambda *a, **k: pytest.fail("measured"))
+    assert precision.choose_precision(dataclasses.replace(AUTO, precision="bf16"), *prepared, key="k") == \
+        ("bf16", "set by train.precision")
+
+
+@pytest.mark.parametrize("bf16_s, expected", [(0.5, "bf16"), (0.95, "fp32"), (1.5, "fp32")])
+def test_bf16_only_when_clearly_faster_and_then_from_the_cache(prepared, monkeypatch, fresh_cache, bf16_s, expected):
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: bf16_s if bf16 else 1.0)
+    chosen, reason = precision.choose_precision(AUTO, *prepared, key="model|lora")
+    assert chosen == expected and "fp32 1000 ms" in reason
+    monkeypatch.setattr(precision, "step_seconds", lambda *a, **k: pytest.fail("measured twice"))
+    again, why = precision.choose_precision(AUTO, *prepared, key="model|lora")
+    assert again == expected and "measured earlier" in why
+
+
+def test_without_measuring_native_bf16_follows_the_device_rule(prepared, monkeypatch, fresh_cache):
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "step_seconds", lambda *a, **k: pytest.fail("measured"))
+    chosen, reason = precision.choose_precision(AUTO, *prepared, key="k", can_measure=False)
+    assert chosen == "bf16" and "not measured" in reason
+
+
+def test_measuring_leaves_weights_gradients_and_random_state_untouched(prepared):
+    model, batch = prepared
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    for bf16 in (False, True):
+        assert precision.step_seconds(model, batch, bf16=bf16) > 0
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_a_run_records_the_measured_choice(tiny_overrides, tmp_path, monkeypatch, fresh_cache):
+    from tunelab import api
+
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: 0.5 if bf16 else 1.0)
+    record = api.compare(None, [*tiny_overrides, "methods=lora", "train.max_steps=2"], tmp_path / "run",
+                         show_progress=False, isolate=False).records[0]
+    assert record["precision"] == "bf16" and record["precision_reason"].startswith("auto: measured 2 forward")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import resource
 import sys
 import tempfile
@@ -217,7 +218,7 @@ def sampling_flag(group_by_length: bool) -> dict:
 def run_trainer(job, spec: dict) -> dict:
     from transformers import DataCollatorWithPadding, Trainer
 
-    bf16 = spec["system"] == "B2" and b2_bf16(spec["device"])
+    bf16 = spec["system"] == "B1-bf16" or (spec["system"] == "B2" and b2_bf16(spec["device"]))
     model = load_model(job, spec["method"])
     data = train_dataset(job)
     collator = CountingCollator(DataCollatorWithPadding(job.tokenizer))
@@ -257,7 +258,7 @@ def main(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     quiet_transformers()
     job = load_job(spec)
-    run = run_tunelab if spec["system"] == "tunelab" else run_trainer
+    run = run_tunelab if spec["system"].startswith("tunelab") else run_trainer
     result = run(job, spec)
     method = spec["method"]
     result.update(method=method, system=spec["system"], threads=torch.get_num_threads(),
@@ -268,7 +269,8 @@ def main(spec: dict) -> None:
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     if spec["device"] == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    print("RESULT " + json.dumps(result, default=float), flush=True)
+    if os.environ.get("RANK", "0") == "0":  # tunelab-2p: the main process reports
+        print("RESULT " + json.dumps(result, default=float), flush=True)
 
 
 if __name__ == "__main__":

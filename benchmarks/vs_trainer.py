@@ -3,9 +3,11 @@
     python benchmarks/vs_trainer.py                      # 4 methods x 3 systems, ~15 min on a 2-core CPU
     python benchmarks/vs_trainer.py --steps 2 --train-samples 64 --eval-samples 32 --methods full,lora
 
-Systems: B1 = Trainer as a plain user writes it (fp32, random order, DataCollatorWithPadding);
-B2 = Trainer with its best flags for this machine (length-grouped sampling, bf16 only where bf16 is fast);
-tunelab = tunelab's own loop with its defaults. Each (method, system) pair runs in a fresh subprocess
+Systems: B1 = Trainer as a plain user writes it (fp32, random order, DataCollatorWithPadding); B1-bf16 = the
+same in bf16; B2 = Trainer with its best flags for this machine (length-grouped sampling, bf16 only where bf16
+is fast); tunelab = tunelab's own loop with its defaults; tunelab-2p = the same as two DDP processes of one
+thread each (torchrun). Which of them run, and the targets checked, follow the hardware case detected
+(benchmarks/cases.py). Each (method, system) pair runs in a fresh subprocess
 (benchmarks/_children.py) that prints one JSON line; this script measures the machine's matmul peak,
 derives throughput and MFU, prints a table and writes benchmarks/results/vs_trainer-<timestamp>.json.
 See benchmarks/README.md for what is measured and how.
@@ -27,7 +29,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "_children.py"
-SYSTEMS = ("B1", "B2", "tunelab")
+sys.path.insert(0, str(HERE))
+from cases import SYSTEMS, TRAINERS, CASES, check_targets, hardware_case, targets_text, wanted  # noqa: E402
+
 DEFAULT_STEPS, LARGE_STEPS = 30, 200  # 200 > one epoch of 2000 rows at batch 16: covers the epoch rollover
 FULL_BACKWARD = {"full", "llrd"}  # methods whose backward also computes weight gradients of every layer
 
@@ -45,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds, one full set of runs each (replaces --seed); with more than one, "
                         "a paired accuracy summary (tunelab minus each Trainer system, seed by seed) is printed")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of B1,B2,tunelab")
+    p.add_argument("--systems", default=None, help=f"comma-separated subset of {','.join(SYSTEMS)} "
+                   "(default: what the detected hardware case's targets need)")
     p.add_argument("--methods", default="full,llrd,lora,prompt-tuning")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
@@ -57,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.case = hardware_case(args.device)
+    args.systems = ([s.strip() for s in args.systems.split(",") if s.strip()] if args.systems
+                    else list(CASES[args.case]["systems"]))
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown or "tunelab" not in args.systems:
         p.error(f"--systems: {','.join(unknown) or 'tunelab missing'}; choose from {','.join(SYSTEMS)}, "
@@ -69,7 +76,8 @@ def plan(methods: list[str], seeds: list[int], systems: list[str]) -> list[tuple
     """Every (method, system, seed), the system order reversed every other run set to spread machine drift."""
     ordered = [s for s in SYSTEMS if s in systems]
     sets = [(m, seed) for seed in seeds for m in methods]
-    return [(m, s, seed) for i, (m, seed) in enumerate(sets) for s in (ordered if i % 2 == 0 else ordered[::-1])]
+    return [(m, s, seed) for i, (m, seed) in enumerate(sets) for s in (ordered if i % 2 == 0 else ordered[::-1])
+            if wanted(m, s)]
 
 
 # ---------------------------------------------------------------- machine peak and model FLOPs
@@ -107,7 +115,8 @@ def encoder_matmul_params(model_path: str) -> int:
     from tunelab.tasks.base import get_task
 
     # meta device: no weights loaded; two labels, as the head is outside the blocks anyway
-    _, blocks = find_block_list(skeleton(model_path, get_task("classification"), {"labels": ["0", "1"]}))
+    structure, _ = skeleton(model_path, get_task("classification"), {"labels": ["0", "1"]})
+    _, blocks = find_block_list(structure)
     return sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
 
 
@@ -126,7 +135,10 @@ def run_child(args, method: str, system: str, seed: int) -> dict:
             "max_length": args.max_length, "train_samples": args.train_samples,
             "eval_samples": args.eval_samples, "seed": seed, "device": args.device, "threads": args.threads,
             "overrides": args.override}
-    proc = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True,
+    # tunelab-2p: torchrun's two workers (one thread each, its default); rank 0 prints the result
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
+        if system == "tunelab-2p" else [sys.executable]
+    proc = subprocess.run([*launcher, str(CHILD), json.dumps(spec)], capture_output=True, text=True,
                           env=child_env(args), cwd=HERE.parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -158,7 +170,7 @@ def add_ratios(results: list[dict]) -> dict:
         times = {r["system"]: r.get("train_s") for r in same}
         base = times.get("tunelab")
         ratio = {s: times[s] / base if base and times.get(s) else None for s in times}
-        ratios[f"{method} seed {seed}"] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS[:2] if s in ratio}
+        ratios[f"{method} seed {seed}"] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS if s in ratio and s != "tunelab"}
         for r in same:
             r["time_ratio_vs_tunelab"] = ratio[r["system"]]
     return ratios
@@ -179,7 +191,7 @@ def paired_summary(results: list[dict]) -> list[dict]:
     rows = []
     for method in dict.fromkeys(r["method"] for r in results):
         ok = {(r["system"], r["seed"]): r for r in results if r["method"] == method and "error" not in r}
-        for system in SYSTEMS[:2]:
+        for system in (*TRAINERS, "tunelab-2p"):
             seeds = sorted(seed for (s, seed) in ok if s == system and ("tunelab", seed) in ok)
             if not seeds:
                 continue
@@ -207,7 +219,7 @@ def summary_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- output
 
 # (header, width, format): numbers right-aligned, text left-aligned
-COLUMNS = [("method", 13, "<"), ("system", 7, "<"), ("seed", 4, "d"), ("flags", 20, "<"), ("time s", 7, ".1f"),
+COLUMNS = [("method", 13, "<"), ("system", 10, "<"), ("seed", 4, "d"), ("flags", 20, "<"), ("time s", 7, ".1f"),
            ("samples/s", 9, ".2f"), ("tokens/s", 8, ".0f"), ("RSS MB", 6, ".0f"), ("val acc", 7, ".3f"),
            ("MFU %", 6, ".1f"), ("MFU%bf16", 8, ".1f"), ("t/t(tl)", 7, ".2f")]
 
@@ -254,6 +266,8 @@ def main(argv=None) -> int:
     model_name = load_config(None, args.override).model_name  # the task's default model when not set
     matmul_params = encoder_matmul_params(resolve_model_path(model_name))
     peaks = {"fp32": matmul_peak(args.device, torch.float32), "bf16": matmul_peak(args.device, torch.bfloat16)}
+    print(f"hardware case: {args.case} ({CASES[args.case]['about']}); systems: {', '.join(args.systems)}",
+          file=sys.stderr)
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; "
           f"encoder matmul params {matmul_params:,}", file=sys.stderr)
     runs = plan(args.methods, args.seeds, args.systems)
@@ -266,13 +280,15 @@ def main(argv=None) -> int:
               f"({time.perf_counter() - started:.0f} s with loading and evaluation)", file=sys.stderr)
     ratios = add_ratios(results)
     print(table(results))
+    targets = check_targets(results, args.case)
+    print(f"\nhardware case: {args.case}\n" + targets_text(targets, args.case))
     summary = paired_summary(results)
     if len(args.seeds) > 1:
         print("\nValidation accuracy over seeds, paired by seed:\n" + summary_table(summary))
     out = HERE / "results" / dt.datetime.now().strftime("vs_trainer-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"args": vars(args), "machine": machine(args, peaks), "encoder_matmul_params": matmul_params,
-               "ratios": ratios, "paired_summary": summary, "runs": results}
+               "case": args.case, "targets": targets, "ratios": ratios, "paired_summary": summary, "runs": results}
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"\nwritten: {out.relative_to(HERE.parent)}")
     return 1 if any("error" in r for r in results) else 0

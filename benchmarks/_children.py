@@ -129,7 +129,9 @@ def load_model(job, method: str):
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
         config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=opts.num_virtual_tokens,
-                                    prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=opts.init_text,
+                                    prompt_tuning_init=PromptTuningInit.TEXT,
+                                    # tunelab's text: the option, else the task's from the label names
+                                    prompt_tuning_init_text=opts.init_text or job.task.prompt_init_text(job.data.info),
                                     tokenizer_name_or_path=job.model_path)
         return get_peft_model(model, config)
     return model  # full and llrd train every parameter

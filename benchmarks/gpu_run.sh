@@ -2,7 +2,9 @@
 # One prepared GPU run of benchmarks/vs_trainer.py on a machine that cannot install packages.
 # benchmarks/gpu_prepare.py packs .gpu/ (model as fp16, widened back to fp32 here; the packaged data as
 # parquet; wheels the machine lacks, installed to /tmp/site). Run from the repository root: bash .gpu/run.sh
-# Environment: METHODS (default: all four, one benchmark each), BENCH_ARGS (e.g. "--steps 400 --device cuda"),
+# vs_trainer.py detects the GPU case itself and runs its systems (B1 fp32, B1-bf16, B2, tunelab with measured
+# precision), printing each target met or not. Sized for under 10 minutes: 4 methods x 4 systems at 125 steps.
+# Environment: METHODS (default: all four, one benchmark each), BENCH_ARGS (e.g. "--steps 125 --device cuda"),
 # OUT (where logs and JSON go), SKIP_WHEELS=1 and PY=... to try it on the CPU here.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -70,6 +70,16 @@ def test_two_processes_train_what_one_does_each_on_half_the_data(single, tmp_pat
     assert sorted(p.name for p in (tmp_path / "two" / "records").iterdir()) == ["full.json", "lora.json"]
 
 
+def test_methods_with_their_own_structure_train_under_ddp(single, tmp_path):
+    """Virtual tokens (prompt tuning), a rank schedule fed by gradients after each step (AdaLoRA) and a cached
+    frozen bottom (freeze) each go through DDP. (All 12 methods on both tiny tasks passed by hand.)"""
+    overrides, _ = single
+    result = cli([*overrides, "methods=prompt-tuning,adalora,freeze", "--nproc", "2"], tmp_path / "m")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, got in methods(tmp_path / "m").items():
+        assert got["status"] == "success" and got["rows_per_process"] == [160, 160], name
+
+
 def test_gradient_accumulation_keeps_the_global_batch(single, tmp_path):
     overrides, want = single
     result = cli([*overrides, "train.gradient_accumulation_steps=4"], tmp_path / "acc")

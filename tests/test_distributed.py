@@ -112,6 +112,15 @@ def test_two_processes_resume_after_ctrl_c_exactly(single, tmp_path):
     assert got["losses"] == want["losses"] and got["test"] == want["test"]
 
 
+def test_a_run_failing_in_its_processes_is_recorded_and_the_next_one_trains(single, tmp_path):
+    overrides, _ = single
+    result = cli([*overrides, "train.epochs=1", "--nproc", "2"], tmp_path / "f", fault="full/raise@step=2")
+    assert result.returncode == 1  # a method failed; the others' results are still written
+    got = methods(tmp_path / "f")
+    assert got["full"]["status"] == "failed" and "injected fault at step=2" in got["full"]["error"]
+    assert got["lora"]["status"] == "success"
+
+
 def test_torchrun_launch_trains_in_its_processes(single, tmp_path):
     overrides, want = single
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

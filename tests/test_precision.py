@@ -42,7 +42,7 @@ def test_a_set_precision_is_kept(prepared, monkeypatch, fresh_cache):
         ("bf16", "set by train.precision")
 
 
-@pytest.mark.parametrize("bf16_s, expected", [(0.5, "bf16"), (0.95, "fp32"), (1.5, "fp32")])
+@pytest.mark.parametrize("bf16_s, expected", [(0.5, "bf16"), (1.5, "fp32")])
 def test_bf16_only_when_clearly_faster_and_then_from_the_cache(prepared, monkeypatch, fresh_cache, bf16_s, expected):
     monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: bf16_s if bf16 else 1.0)
@@ -51,6 +51,15 @@ def test_bf16_only_when_clearly_faster_and_then_from_the_cache(prepared, monkeyp
     monkeypatch.setattr(precision, "step_seconds", lambda *a, **k: pytest.fail("measured twice"))
     again, why = precision.choose_precision(AUTO, *prepared, key="model|lora")
     assert again == expected and "measured earlier" in why
+
+
+def test_a_near_tie_is_fp32_and_measured_again(prepared, monkeypatch, fresh_cache):
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
+    calls = []
+    monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: calls.append(bf16) or (0.95 if bf16 else 1.0))
+    for _ in range(2):
+        assert precision.choose_precision(AUTO, *prepared, key="k")[0] == "fp32"
+    assert len(calls) == 4  # measured both times: a tie may be a busy machine's noise
 
 
 def test_without_measuring_native_bf16_follows_the_device_rule(prepared, monkeypatch, fresh_cache):

@@ -36,8 +36,11 @@ def memory_parts(shape: Shape, fp: MethodFootprint, work: Workload, overhead_mb:
         activations = tokens * (fp.blocks_with_grad * shape.hidden + per_block) * element
     else:
         activations = tokens * fp.saved_elements_per_token * element
-    # logits upcast to fp32, their log-softmax and its gradient (classification heads: a few per row)
-    logits = work.batch_size * work.seq_len * work.logits_per_token * 4 * 3
+    # in fp32: the logits, their log-softmax and its gradient; under bf16 also the bf16 logits the head emits
+    # (kept in the model's output) and the gradient cast back to bf16 for the head's backward: 4 fp32-sized
+    # copies (measured on SmolLM2: a LoRA step's transient was 1.7 GB over its activations, 3 copies are 1.15 GB)
+    copies_bytes = 4 * 3 + (2 * 2 if work.precision == "bf16" else 0)
+    logits = work.batch_size * work.seq_len * work.logits_per_token * copies_bytes
     parts = {"weights_mb": weights, "gradients_mb": 4 * fp.trainable_params,
              "optimizer_mb": 4 * ADAM_STATES * fp.trainable_params, "activations_mb": activations,
              "logits_mb": logits}

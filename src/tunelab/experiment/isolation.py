@@ -75,22 +75,30 @@ def run_processes(command: list[str], nproc: int) -> int:
     A rank that fails leaves the others waiting in a collective, so the rest are stopped then."""
     if nproc == 1:
         return subprocess.call(command)
-    procs = [subprocess.Popen(command, env=rank_environment(rank, nproc, port)) for rank, port in
-             zip(range(nproc), [free_port()] * nproc)]
+    port = free_port()
+    procs = [subprocess.Popen(command, env=rank_environment(rank, nproc, port)) for rank in range(nproc)]
+    first_failure = 0  # the code of the process that failed first: the others are only stopped because of it
     while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            try:
-                for p in procs:
-                    p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
+        failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
+        if failed:
+            first_failure = failed[0]
+            stop_all(procs)
             break
         time.sleep(0.1)
-    return next((p.wait() for p in procs if p.wait() != 0), 0)
+    return first_failure or next((p.returncode for p in procs if p.returncode != 0), 0)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    try:
+        for p in procs:
+            p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:

@@ -5,8 +5,9 @@ slower than fp32 (measured with benchmarks/vs_trainer.py), so there fp32 is chos
 bf16 is native, a small model's steps can still be slower in bf16 (an H200 trained the packaged MiniLM in
 12.7 s in bf16 against 8.2 s in fp32: the casts and launches outweigh the matmuls). So there a few
 forward+backward passes of the prepared model on a typical batch are timed in both, before training, and
-bf16 must win by a clear margin (fp32 is exact and the default when they are close). The decision is cached
-per device, model, method, batch shape and thread count, so seeds and repeated runs measure once.
+bf16 must win by a clear margin (fp32 is exact and the default when they are close). A clear decision is
+cached per device, model, method, batch shape and thread count, so seeds and repeated runs measure once; a
+near tie is not cached (it may be noise of a busy machine) and is measured again by the next run.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def choose_precision(cfg: TrainConfig, model: nn.Module, batch: dict[str, torch.
     shape = "×".join(str(n) for n in batch["input_ids"].shape)
     reason = (f"auto: measured {PROBE_STEPS} forward+backward steps of a {shape} batch: fp32 {fp32_s * 1e3:.0f} ms, "
               f"bf16 {bf16_s * 1e3:.0f} ms per step")
-    write_cache(key, {"precision": chosen, "reason": reason, "fp32_s": fp32_s, "bf16_s": bf16_s})
+    if not BF16_MARGIN <= bf16_s / fp32_s <= 1 / BF16_MARGIN:  # a near tie (or a busy machine) is measured again
+        write_cache(key, {"precision": chosen, "reason": reason, "fp32_s": fp32_s, "bf16_s": bf16_s})
     return chosen, reason
 
 

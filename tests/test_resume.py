@@ -113,6 +113,17 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(method, uninterrupted, t
     assert_same_run(clean[method], tmp_path, method)
 
 
+def test_ctrl_c_on_the_last_step_of_an_epoch_resumes(uninterrupted, tmp_path):
+    """Stopped right after an epoch's last step, the run resumes into the epoch rollover: its checkpoint for that
+    step exists already and must not be written twice (that failed: the folder was not empty)."""
+    overrides, clean = uninterrupted
+    stopped = inproc(args_for("lora", overrides), tmp_path, fault="interrupt@step=20")  # 160 rows / 8 = 20 steps
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    resumed = inproc(["--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(clean["lora"], tmp_path, "lora")
+
+
 def test_kill_while_writing_a_checkpoint_leaves_nothing_resume_would_use(uninterrupted, tmp_path):
     overrides, clean = uninterrupted
     killed = tunelab(args_for("lora", overrides), tmp_path, fault="kill@checkpoint")

@@ -113,6 +113,8 @@ class TrainingLoop:
 
     def run(self, state: TrainState | None = None) -> TrainState:
         state = state or TrainState()
+        if state.step:  # resumed from the checkpoint of this very step: an epoch end right here must not rewrite it
+            self._checkpointed_step = state.step
         self.model.train()
         self._segment_start = time.perf_counter()
         while not self.finished(state):

@@ -26,6 +26,11 @@ FILLER = ["the", "food", "was", "very", "and", "box", "tea", "snack", "price", "
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
 
 
+# Tests compare independent runs with each other: precision auto could measure a near tie differently in each
+# (tiny models run about as fast in both), so the tiny jobs pin it; tests/test_precision.py covers auto.
+PINNED = ["train.precision=fp32"]
+
+
 def toy_rows(n: int, seed: int = 0) -> pd.DataFrame:
     """A learnable task: the label is whether the review holds a positive or a negative word."""
     rng = random.Random(seed)
@@ -72,7 +77,7 @@ def tiny_overrides(tiny_bert, toy_data) -> list[str]:
     """Overrides that point tunelab at the tiny model and toy data, small enough to run in seconds."""
     return [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
             f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
-            "data.max_length=32", "train.batch_size=8", "train.eval_every_steps=10", "train.epochs=1"]
+            "data.max_length=32", "train.batch_size=8", "train.eval_every_steps=10", "train.epochs=1", *PINNED]
 
 
 # --- causal LM: a tiny Llama with a word-level tokenizer and a chat template, and a learnable Q/A task ------
@@ -134,7 +139,7 @@ def tiny_causal_overrides(tiny_llama, toy_qa) -> list[str]:
     return ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={toy_qa['train']}",
             f"data.validation_file={toy_qa['validation']}", f"data.test_file={toy_qa['test']}",
             "data.max_length=32", "train.batch_size=8", "train.eval_every_steps=10", "train.epochs=1",
-            "causal-lm.generation_samples=4", "causal-lm.max_new_tokens=4"]
+            "causal-lm.generation_samples=4", "causal-lm.max_new_tokens=4", *PINNED]
 
 
 @pytest.fixture

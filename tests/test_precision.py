@@ -85,6 +85,24 @@ def test_a_run_records_the_measured_choice(tiny_overrides, tmp_path, monkeypatch
 
     monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: 0.5 if bf16 else 1.0)
-    record = api.compare(None, [*tiny_overrides, "methods=lora", "train.max_steps=2"], tmp_path / "run",
+    record = api.compare(None, [*tiny_overrides, "methods=lora", "train.max_steps=2", "train.precision=auto"],
+                         tmp_path / "run",
                          show_progress=False, isolate=False).records[0]
     assert record["precision"] == "bf16" and record["precision_reason"].startswith("auto: measured 2 forward")
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(tiny_overrides, tmp_path, monkeypatch, fresh_cache):
+    from tunelab import api
+
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: 0.5 if bf16 else 1.0)
+    run = [*tiny_overrides, "methods=lora", "train.precision=auto", "train.checkpoint_every_steps=3"]
+    monkeypatch.setenv("TUNELAB_FAULT", "interrupt@step=4")
+    with pytest.raises(Exception):
+        api.compare(None, run, tmp_path / "run", show_progress=False, isolate=False)
+    monkeypatch.setenv("TUNELAB_FAULT", "")
+    # the machine now measures the other way; the resumed run must still train in bf16
+    monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: 2.0 if bf16 else 1.0)
+    record = api.compare(None, run, tmp_path / "run", show_progress=False, isolate=False, resume=True).records[0]
+    assert record["status"] == "success"
+    assert record["precision"] == "bf16" and record["precision_reason"].startswith("resumed")

@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from ..methods.base import get_method
 from ..train import faults
-from ..train.checkpoint import Checkpointer
+from ..train.checkpoint import Checkpointer, started_with
 from ..train.distributed import Ranks, check_world, launched_world_size
 from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
                           total_steps)
@@ -86,7 +86,8 @@ class MethodSetup:
     precision_reason: str = ""
 
 
-def setup_method(job: Job, name: str) -> MethodSetup:
+def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSetup:
+    """The method's model, optimizer and schedule; `precision` (a resumed run's) skips choosing one."""
     cfg, method = job.config, get_method(name)
     opts = cfg.options(name)
     apply_threads(cfg.train)
@@ -96,7 +97,8 @@ def setup_method(job: Job, name: str) -> MethodSetup:
     ctx = job.context(base, steps)
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
-    precision, reason = method_precision(job, name, model)
+    precision, reason = (precision, "resumed in the precision the run started with") if precision \
+        else method_precision(job, name, model)
     accelerator = make_accelerator(cfg.train, precision)
     check_world(Ranks.of(accelerator))
     if accelerator.mixed_precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights:
@@ -128,14 +130,15 @@ def method_precision(job: Job, name: str, model: torch.nn.Module) -> tuple[str, 
 def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool,
               run_id: str, on_eval=None) -> dict[str, Any]:
     cfg = job.config
-    setup = setup_method(job, name)
+    folder = out_dir / "checkpoints" / run_id
+    setup = setup_method(job, name, started_with(folder).get("precision") if resume else None)
     accelerator = setup.accelerator
     method, opts = get_method(name), cfg.options(name)
     model = accelerator.unwrap_model(setup.model)
     ranks = Ranks.of(accelerator)
-    checkpointer = Checkpointer(out_dir / "checkpoints" / run_id, cfg.fingerprint(), cfg.train.keep_checkpoints,
+    checkpointer = Checkpointer(folder, cfg.fingerprint(), cfg.train.keep_checkpoints,
                                 lambda: method.extra_state(model), lambda s: method.load_extra_state(model, s),
-                                ranks)
+                                ranks, {"precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32"})
     latest = resume_point(checkpointer, ranks) if resume else None
     if latest is None and ranks.is_main:  # a fresh start: an abandoned attempt's best must not be restored
         checkpointer.remove_all()

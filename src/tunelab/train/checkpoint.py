@@ -100,9 +100,11 @@ class Checkpointer:
 
     def __init__(self, folder: Path, config_hash: str, keep: int = 1,
                  extra_state: Callable[[], dict | None] = lambda: None,
-                 load_extra_state: Callable[[dict], None] = lambda state: None, ranks: Ranks | None = None):
+                 load_extra_state: Callable[[dict], None] = lambda state: None, ranks: Ranks | None = None,
+                 run_info: dict[str, Any] | None = None):
         self.folder, self.config_hash, self.keep = folder, config_hash, keep
         self.ranks = ranks or Ranks()
+        self.run_info = run_info or {}  # what a resume must keep as it was (the precision the run chose)
         self.extra_state, self.load_extra_state = extra_state, load_extra_state  # the method's own state
 
     def remove_all(self) -> int:
@@ -122,7 +124,8 @@ class Checkpointer:
         extra = self.extra_state()
         if extra is not None:
             files["extra.pt"] = extra
-        meta = {"step": state.step, "config_hash": self.config_hash, "state": dataclasses.asdict(state)}
+        meta = {"step": state.step, "config_hash": self.config_hash, "state": dataclasses.asdict(state),
+                "run": self.run_info}
         return self._write(STEP, state.step, files, meta, keep=self.keep)
 
     def save_best(self, weights: dict[str, torch.Tensor], state: TrainState) -> None:
@@ -162,3 +165,9 @@ class Checkpointer:
     def best_weights(self) -> dict[str, torch.Tensor] | None:
         path = self.latest(BEST)
         return torch.load(path / "trainable.pt", weights_only=True) if path else None
+
+
+def started_with(folder: Path) -> dict[str, Any]:
+    """The run info of the latest complete step checkpoint in `folder` ({} when there is none)."""
+    found = complete_checkpoints(folder, STEP)
+    return json.loads((found[-1] / MANIFEST).read_text()).get("run", {}) if found else {}

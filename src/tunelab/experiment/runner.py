@@ -85,6 +85,10 @@ class MethodSetup:
     total_steps: int
     precision_reason: str = ""
 
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.accelerator.mixed_precision == "bf16" else "fp32"
+
 
 def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSetup:
     """The method's model, optimizer and schedule; `precision` (a resumed run's) skips choosing one."""
@@ -121,10 +125,11 @@ def method_precision(job: Job, name: str, model: torch.nn.Module) -> tuple[str, 
         model.to(device)
     batches = epoch_batches(job.train.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_size)
     typical = sorted(batches, key=lambda rows: int(job.train.lengths[rows].max()))[len(batches) // 2]
-    micro = typical[:max(1, len(typical) // (launched_world_size() * cfg.gradient_accumulation_steps))]
+    world = launched_world_size()
+    micro = typical[:max(1, len(typical) // (world * cfg.gradient_accumulation_steps))]
     key = json.dumps([job.model_path, job.task.name, name, job.config.to_dict().get(name)], default=str)
     return choose_precision(cfg, model, collate(job.train, micro, device), key,
-                            can_measure=launched_world_size() == 1 and get_method(name).precision_probe)
+                            can_measure=world == 1 and get_method(name).precision_probe)
 
 
 def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool,
@@ -138,7 +143,7 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     ranks = Ranks.of(accelerator)
     checkpointer = Checkpointer(folder, cfg.fingerprint(), cfg.train.keep_checkpoints,
                                 lambda: method.extra_state(model), lambda s: method.load_extra_state(model, s),
-                                ranks, {"precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32"})
+                                ranks, {"precision": setup.precision})
     latest = resume_point(checkpointer, ranks) if resume else None
     if latest is None and ranks.is_main:  # a fresh start: an abandoned attempt's best must not be restored
         checkpointer.remove_all()
@@ -232,7 +237,7 @@ def measurements(setup: MethodSetup, state: TrainState, steps_per_epoch: int) ->
         "epochs_completed": round(state.step / max(steps_per_epoch, 1), 4), "stopped_early": state.stopped_early,
         "train_time_s": round(state.train_time_s, 2), "train_samples_per_s": round(state.samples_seen / seconds, 2),
         "train_tokens_per_s": round(state.tokens_seen / seconds, 1),
-        "precision": "bf16" if setup.accelerator.mixed_precision == "bf16" else "fp32",
+        "precision": setup.precision,
         "device": str(setup.accelerator.device)}
 
 

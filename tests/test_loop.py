@@ -44,3 +44,21 @@ def test_auto_precision_says_why_and_never_picks_emulated_bf16(monkeypatch, tiny
     assert setup.precision_choice(cfg) == ("bf16", "auto: the CPU has AMX or AVX512-BF16, so bf16 matmuls run "
                                                    "natively")
     assert setup.precision_choice(dataclasses.replace(cfg, precision="fp32")) == ("fp32", "set by train.precision")
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_overrides):
+    """Recomputing activations in the backward pass (with the same dropout masks) changes memory, not math."""
+    import torch
+
+    trained = {}
+    for checkpointing in (False, True):
+        extra = ["train.max_steps=6", "train.eval_every_steps=0", f"train.gradient_checkpointing={checkpointing}"]
+        job = prepare_job(load_config(None, [*tiny_overrides, "methods=full", *extra]))
+        setup = setup_method(job, "full")
+        validation = Validation(lambda model: {"accuracy": 0.5}, "accuracy", True)
+        TrainingLoop(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
+                     job.train, validation).run()
+        trained[checkpointing] = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+    assert any(getattr(m, "gradient_checkpointing", False) for m in setup.model.modules())
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -27,8 +27,8 @@ from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop
                           total_steps)
 from ..train.batches import collate, epoch_batches
 from ..train.precision import choose_precision
-from ..train.setup import (apply_threads, build_optimizer, build_scheduler, make_accelerator, resolve_device,
-                           seed_everything, store_frozen_matmul_weights)
+from ..train.setup import (apply_threads, build_optimizer, build_scheduler, enable_checkpointing, make_accelerator,
+                           resolve_device, seed_everything, store_frozen_matmul_weights)
 from ..train.tracking import MemoryMonitor, SilentTracker, Tracker
 from .folder import write_json
 from .job import Job
@@ -101,6 +101,8 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
     ctx = job.context(base, steps)
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(model)
     precision, reason = (precision, "resumed in the precision the run started with") if precision \
         else method_precision(job, name, model)
     accelerator = make_accelerator(cfg.train, precision)

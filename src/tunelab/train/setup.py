@@ -97,6 +97,15 @@ def store_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> i
     return converted
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient (activation) checkpointing of every block, non-reentrant: it needs no input that requires grad,
+    so a frozen embedding (LoRA, prompt tuning) needs no workaround."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' newer name
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
     params = [p for g in groups for p in g["params"]]
     # The fused kernel updates all tensors in one pass; it needs every parameter on one floating device.

@@ -186,13 +186,13 @@ def run_estimate(args: argparse.Namespace, config, overrides) -> int:
     print(f"{result['model']} ({result['task']}), batch {result['batch_size']} × {result['seq_len']} tokens, "
           f"{result['precision']} on {device['name']}")
     columns = {"trainable_params": "trainable", "weights_mb": "weights", "gradients_mb": "grads",
-               "optimizer_mb": "optimizer", "activations_mb": "activations", "logits_mb": "logits",
+               "optimizer_mb": "optimizer", "activations_mb": "activations", "allocator_kept_mb": "kept",
                "runtime_overhead_mb": "runtime", "peak_memory_mb": "peak",
                "peak_memory_checkpointing_mb": "peak (ckpt)", "step_time_s": "step s"}
     print("memory in MB; peak (ckpt): with gradient checkpointing; step s: every batch at the full length")
     print(f"{'method':<15}" + "".join(f"{label:>13}" for label in columns.values()))
     for m in result["methods"]:
-        print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" for c in columns))
+        print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" if m[c] is not None else f"{'—':>13}" for c in columns))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import ExperimentConfig
@@ -29,6 +30,8 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
         setattr(config, key, value)
     build = lambda: task.auto_class().from_config(config)  # noqa: E731
     precision = resolve_precision(cfg.train)
+    if cfg.train.device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
+        precision = "bf16"  # planning for a GPU not here: assume a bf16 one (train.precision=fp32 says otherwise)
     rows = train_rows or cfg.data.max_train_samples
     common = {"cfg": cfg, "model_path": model_path, "build": build, "shape": skeleton_shape(meta_copy(build)),
               "precision": precision, "device": device_profile(cfg.train, precision),
@@ -56,20 +59,31 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     ctx = PrepareContext(model_path, model_path, task, task.head_modules(model), steps or 1000, {})
     expected = method.expected_trainable_params(model, opts, ctx)
     fp = method_footprint(method, model, opts, ctx, shape)
+    frozen_bf16 = precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights
     work = Workload(cfg.train.batch_size, cfg.data.max_length, precision,
-                    shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0,
-                    method.saves_adapter and method.bf16_frozen_weights)
-    parts = memory_parts(shape, fp, work, device["runtime_overhead_mb"])
-    checkpointed = memory_parts(shape, fp, work, device["runtime_overhead_mb"], checkpointing=True)
+                    shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0, frozen_bf16)
+    parts = step_memory(method, opts, ctx, build, task, work, device, False, shape, fp)
+    # the allocator keeps what the step's heap-sized tensors churn through, and recomputing blocks produces the
+    # same tensors again (MiniLM LoRA's resident peak less its fake-step tensors: 487 MB with checkpointing,
+    # 534 MB without), so the checkpointed step keeps what the plain one does
+    checkpointed = step_memory(method, opts, ctx, build, task, work, device, True, shape, fp,
+                               parts["heap_activations_mb"])
     step_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
                   * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
     return {"method": name, "total_params": shape.total_params + fp.added_params,
             "trainable_params": expected, "added_params": fp.added_params,
-            **parts, "peak_memory_checkpointing_mb": checkpointed["peak_memory_mb"],
-            "activations_checkpointing_mb": checkpointed["activations_mb"],
+            **parts, "peak_memory_checkpointing_mb": checkpointed.get("peak_memory_mb"),
+            "activations_checkpointing_mb": checkpointed.get("activations_mb"),
+            **({"checkpointing_note": checkpointed["note"]} if "note" in checkpointed else {}),
             "train_flops_per_step": step_flops, "train_flops_per_epoch": step_flops * steps if steps else None,
-            "step_time_s": round(step_flops / device["effective_flops"], 4),
-            "epoch_time_s": round(step_flops * steps / device["effective_flops"], 1) if steps else None}
+            **step_times(step_flops, steps, device["effective_flops"])}
+
+
+def step_times(step_flops: float, steps: int | None, flops_per_s: float | None) -> dict[str, float | None]:
+    if not flops_per_s:  # a device that is not here was not measured
+        return {"step_time_s": None, "epoch_time_s": None}
+    return {"step_time_s": round(step_flops / flops_per_s, 4),
+            "epoch_time_s": round(step_flops * steps / flops_per_s, 1) if steps else None}
 
 
 def method_footprint(method, model: nn.Module, opts, ctx, shape: Shape) -> MethodFootprint:
@@ -97,3 +111,41 @@ def flops_per_token(prepared: nn.Module, fp: MethodFootprint, shape: Shape, seq_
     _, blocks = find_block_list(prepared)
     grad_path = sum(linear_weights(b) for b in list(blocks)[len(blocks) - fp.blocks_with_grad:])
     return train_flops_per_token(shape, fp, matmul, linear_weights(prepared, True), grad_path, seq_len)
+
+
+def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str, Any], checkpointing: bool,
+                shape: Shape, fp: MethodFootprint, churned_mb: float | None = None) -> dict[str, Any]:
+    """Memory parts of one step on the longest batch: the tensors a fake step keeps alive at its peak, what
+    the allocator keeps beside them on this device, and the runtime itself.
+
+    Where the model cannot run on fake tensors the structural formula stands in for the plain step; with
+    gradient checkpointing a failure is reported instead (some methods cannot checkpoint: prefix tuning's
+    past key values are dropped when transformers turns the cache off for it)."""
+    from .fake_step import measure_step, quiet_fake_tensor_errors
+
+    with torch.device("meta"):
+        ids = torch.zeros(work.batch_size, work.seq_len, dtype=torch.long)
+        labels = ids if task.peft_task_type == "CAUSAL_LM" else torch.zeros(work.batch_size, dtype=torch.long)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    try:
+        with quiet_fake_tensor_errors():
+            step = measure_step(method.prepare(meta_copy(build), opts, ctx), inputs, work.precision,
+                                device["kind"] if device["present"] else "cpu", checkpointing,
+                                work.adapter_bf16_weights)
+        parts, source = vars(step).copy(), "fake step"
+    except Exception as exc:  # noqa: BLE001 - any failure of the fake run is reported with its reason
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+        if checkpointing:
+            return {"note": f"with gradient checkpointing the step did not run ({reason})"}
+        parts = memory_parts(shape, fp, work, 0.0)
+        parts = {"weights_mb": parts["weights_mb"], "gradients_mb": parts["gradients_mb"],
+                 "optimizer_mb": parts["optimizer_mb"], "activations_mb": parts["activations_mb"] + parts["logits_mb"],
+                 "large_activations_mb": 0.0}
+        source = f"formula (the fake step failed: {reason})"
+    heap_sized = parts["activations_mb"] - parts.pop("large_activations_mb")
+    churned = heap_sized if churned_mb is None else churned_mb
+    parts["allocator_kept_mb"] = device["allocator_fixed_mb"] + device["allocator_per_activation_mb"] * churned
+    parts["runtime_overhead_mb"] = device["runtime_overhead_mb"]
+    parts["peak_memory_mb"] = sum(parts.values())
+    return {**{k: round(v, 1) for k, v in parts.items()}, "heap_activations_mb": round(heap_sized, 1),
+            "memory_from": source}

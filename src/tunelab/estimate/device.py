@@ -1,8 +1,10 @@
-"""This device's side of an estimate: what the runtime itself occupies and how fast it multiplies, measured
-once (a few seconds) and cached per device, precision and library versions in tunelab's cache folder."""
+"""This device's side of an estimate: what the runtime itself occupies, what its allocator keeps beyond the
+tensors alive and how fast it multiplies, measured once (~15 s) and cached per device, precision, library
+versions and preloaded allocator in tunelab's cache folder."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,18 +28,32 @@ def device_profile(train_cfg, precision: str) -> dict[str, Any]:
     from ..train.setup import resolve_device
 
     kind = resolve_device(train_cfg)
+    if kind == "cuda" and not torch.cuda.is_available():
+        return absent_gpu_profile(precision)
     name = torch.cuda.get_device_name(0) if kind == "cuda" else cpu_name()
-    key = f"{kind}|{name}|{precision}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    # a preloaded allocator (jemalloc, tcmalloc) keeps memory differently from glibc's
+    key = (f"{kind}|{name}|{precision}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+           f"|preload {os.environ.get('LD_PRELOAD', '')}")
     cache = cache_file()
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in saved:
-        saved[key] = {"peak_flops": matmul_flops(kind, precision), "runtime_overhead_mb": runtime_overhead_mb(kind)}
+        saved[key] = {"peak_flops": matmul_flops(kind, precision), "runtime_overhead_mb": runtime_overhead_mb(kind),
+                      **allocator_keeping(kind, precision)}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(saved, indent=2))
     profile = saved[key]
     efficiency = GPU_EFFICIENCY if kind == "cuda" else CPU_EFFICIENCY
-    return {"kind": kind, "name": name, "precision": precision, **profile, "efficiency": efficiency,
-            "effective_flops": profile["peak_flops"] * efficiency}
+    return {"kind": kind, "name": name, "present": True, "precision": precision, **profile,
+            "efficiency": efficiency, "effective_flops": profile["peak_flops"] * efficiency}
+
+
+def absent_gpu_profile(precision: str) -> dict[str, Any]:
+    """train.device=cuda on a machine without one: planning a GPU job from a laptop. Memory as the CUDA
+    allocator counts it (tensors only: no runtime part, nothing kept), the step run on the CPU's fake tensors
+    (the attention kernel can differ where dropout is on); no time, since there is no GPU to measure."""
+    return {"kind": "cuda", "name": "a CUDA device (not on this machine: memory only)", "present": False,
+            "precision": precision, "peak_flops": None, "runtime_overhead_mb": 0.0, "allocator_fixed_mb": 0.0,
+            "allocator_per_activation_mb": 0.0, "efficiency": GPU_EFFICIENCY, "effective_flops": None}
 
 
 def cache_file() -> Path:
@@ -66,3 +82,24 @@ def runtime_overhead_mb(kind: str) -> float:
         return 0.0
     out = subprocess.run([sys.executable, "-c", OVERHEAD_PROBE], capture_output=True, text=True, timeout=300)
     return round(float(out.stdout.strip().splitlines()[-1]), 1)
+
+
+def allocator_keeping(kind: str, precision: str) -> dict[str, float]:
+    """What the allocator keeps beyond the tensors alive: a fixed part and a part per MB of activations, fitted
+    through the stand-in job at two batch sizes (see calibrate.py). CUDA's measured peak is the caching
+    allocator's own count of tensors, so nothing is added there."""
+    if kind == "cuda":
+        return {"allocator_fixed_mb": 0.0, "allocator_per_activation_mb": 0.0}
+    small, large = (calibration_point(precision, rows) for rows in (8, 32))
+    slope = (large["kept_mb"] - small["kept_mb"]) / (large["activations_mb"] - small["activations_mb"])
+    slope = max(0.0, slope)
+    return {"allocator_fixed_mb": round(max(0.0, small["kept_mb"] - slope * small["activations_mb"]), 1),
+            "allocator_per_activation_mb": round(slope, 3)}
+
+
+def calibration_point(precision: str, rows: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-m", "tunelab.estimate.calibrate", precision, str(rows)],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise RuntimeError(f"allocator calibration failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,6 +6,8 @@ fine-tuning; a large model or tight memory: the LoRA family; little data: prompt
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from typing import Any
 
 from ..config import ExperimentConfig
@@ -42,13 +44,14 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     from ..methods.base import registry
 
     rows = train_examples or cfg.data.max_train_samples
-    estimated = estimate(dataclasses.replace(cfg, methods=sorted(registry())), rows, skip_inapplicable=True)
+    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(registry())))
     candidates, skipped = estimated["methods"], estimated["not_applicable"]
     if not candidates:
         raise TunelabInputError(["recommend: no method applies to this model"])
     total = candidates[0]["total_params"]
     measured = measured_quality(cfg.task, total)
-    ranked = sorted((judge(c, memory_mb, time_budget_s, cfg.train.epochs, rows, total, measured)
+    epoch_steps = math.ceil(rows / cfg.train.batch_size) if rows else None
+    ranked = sorted((judge(c, memory_mb, time_budget_s, cfg.train.epochs, epoch_steps, rows, total, measured)
                      for c in candidates), key=lambda r: r["rank_key"])
     for position, entry in enumerate(ranked, 1):
         entry["rank"] = position
@@ -59,16 +62,30 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
             "suggestions": [] if fits else suggestions(ranked, memory_mb, cfg)}
 
 
-def judge(est: dict, memory_mb: float, budget_s: float | None, epochs: float, rows: int | None, total: int,
-          measured: dict[str, dict]) -> dict[str, Any]:
+_ESTIMATES: dict[str, dict[str, Any]] = {}
+
+
+def all_methods_estimate(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The estimate of every method, kept for this process: ranking the same job against several budgets
+    (16, 24, 80 GB) or data sizes runs each method's fake step once (a few seconds each for a 7B model)."""
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = estimate(cfg, skip_inapplicable=True)
+    return _ESTIMATES[key]
+
+
+def judge(est: dict, memory_mb: float, budget_s: float | None, epochs: float, epoch_steps: int | None,
+          rows: int | None, total: int, measured: dict[str, dict]) -> dict[str, Any]:
     from ..methods.base import get_method
 
     family = get_method(est["method"]).family
     peak, peak_ckpt = est["peak_memory_mb"], est["peak_memory_checkpointing_mb"]
-    fits_plain, fits_ckpt = peak <= memory_mb, peak_ckpt <= memory_mb
-    train_s = est["epoch_time_s"] * epochs if est.get("epoch_time_s") is not None else None
+    fits_plain, fits_ckpt = peak <= memory_mb, peak_ckpt is not None and peak_ckpt <= memory_mb
+    train_s = est["step_time_s"] * epoch_steps * epochs if epoch_steps and est["step_time_s"] else None
     in_time = budget_s is None or train_s is None or train_s <= budget_s
-    reasons = [f"peak memory ≈ {peak:,.0f} MB ({peak_ckpt:,.0f} MB with gradient checkpointing) against "
+    with_ckpt = f"{peak_ckpt:,.0f} MB with gradient checkpointing" if peak_ckpt is not None else \
+        "gradient checkpointing does not apply"
+    reasons = [f"peak memory ≈ {peak:,.0f} MB ({with_ckpt}) against "
                f"{memory_mb:,.0f} MB: " + ("fits" if fits_plain else "fits only with gradient checkpointing"
                                            if fits_ckpt else "does not fit")]
     if train_s is not None:

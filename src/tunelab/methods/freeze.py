@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch import nn
 
 from ..models.structure import find_block_list
@@ -169,7 +170,8 @@ class FrozenBottomModel(nn.Module):
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if args or not self.training or not self.caching or not set(kwargs) <= CACHEABLE_INPUTS \
-                or kwargs.get("input_ids") is None:
+                or kwargs.get("input_ids") is None or is_fake(kwargs["input_ids"]):
+            # a fake tensor (tunelab estimate runs the step on them) has no token ids to cache by
             return self.model(*args, **kwargs)
         lengths = right_padded_lengths(kwargs["input_ids"], kwargs.get("attention_mask"))
         if lengths is None:

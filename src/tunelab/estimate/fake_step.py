@@ -1,0 +1,164 @@
+"""The memory of one training step, found by running it on fake tensors.
+
+A fake tensor (torch's FakeTensorMode) has a shape, a dtype and a device but no data: every operator of the
+real step runs (autocast, the attention kernel torch would choose, dropout masks, the method's own modules,
+AdamW's state) at no cost in memory or time, so the bytes alive at each moment can be counted exactly for a
+model far larger than this machine. What a formula would have to guess (which dtype autocast keeps a norm's
+input in; whether attention with dropout falls back to the kernel that keeps its probabilities; how many
+copies of a language model's logits the loss makes) is simply what happens.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+MB = 2**20
+# glibc's malloc serves a request this big or bigger by mmap and unmaps it when freed (its adaptive threshold
+# stops growing at 32 MiB on 64-bit systems), so such tensors never stay in the heap after they are freed
+LARGE = 32 * MB
+
+
+@dataclass
+class StepMemory:
+    """Megabytes of tensors alive at the step's peak, by what they are; they sum to `peak_mb`."""
+
+    weights_mb: float        # parameters and buffers
+    gradients_mb: float      # parameter gradients alive at the peak (none yet when it falls in the forward pass)
+    optimizer_mb: float      # AdamW state
+    activations_mb: float    # everything else: what the forward pass keeps, logits, the backward's temporaries
+    large_activations_mb: float = 0.0  # the part of activations in storages of LARGE bytes or more
+
+    @property
+    def peak_mb(self) -> float:
+        return self.weights_mb + self.gradients_mb + self.optimizer_mb + self.activations_mb
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages alive as operators create them and Python frees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        # storage key → (serial, bytes); a freed storage's key can come back for a new one, its serial not
+        self.alive: dict[int, tuple[int, int]] = {}
+        self.at_peak: dict[int, int] = {}  # serial → bytes of what was alive when `peak` was reached
+        self._serials = itertools.count()
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage_key(tensor)
+        if key in self.alive:
+            return
+        self.alive[key] = (next(self._serials), storage.nbytes())
+        self.live += storage.nbytes()
+        if self.live > self.peak:
+            self.peak, self.at_peak = self.live, dict(self.alive.values())
+        weakref.finalize(storage, self._release, key)
+
+    def serial(self, tensor: torch.Tensor) -> int:
+        self.track(tensor)
+        return self.alive[storage_key(tensor)][0]
+
+    def reset_peak(self) -> None:
+        self.peak, self.at_peak = self.live, dict(self.alive.values())
+
+    def _release(self, key: int) -> None:
+        self.live -= self.alive.pop(key, (0, 0))[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.track(value)
+        return out
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_errors():
+    """FakeTensorMode logs a traceback before it raises; the caller reports the error itself."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata  # one StorageImpl however many views share it
+
+
+def fake_parameters(model: nn.Module, mode: FakeTensorMode, device: str) -> None:
+    """Replace the meta parameters and buffers of a prepared skeleton by fake tensors on `device`; a tensor
+    shared by several modules (an output layer tied to the input embedding) stays one tensor."""
+    converted: dict[int, torch.Tensor] = {}
+
+    def convert(tensor: torch.Tensor, as_parameter: bool) -> torch.Tensor:
+        if id(tensor) not in converted:
+            fake = mode.fake_tensor_converter.from_meta_and_device(mode, tensor.detach(), torch.device(device))
+            converted[id(tensor)] = nn.Parameter(fake, requires_grad=tensor.requires_grad) if as_parameter else fake
+        return converted[id(tensor)]
+
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = convert(param, True)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = convert(buffer, False)
+
+
+def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: str, device: str,
+                 checkpointing: bool = False, frozen_matmul_bf16: bool = False) -> StepMemory:
+    """Two AdamW steps of `model` (a prepared skeleton on the meta device, changed in place) on `inputs`
+    (meta tensors); the second has the optimizer state the first created, as every later step has."""
+    from ..train.setup import build_optimizer, enable_checkpointing, store_frozen_matmul_weights
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # peft builds small index tensors on the fly
+    fake_parameters(model, mode, device)
+    if frozen_matmul_bf16:  # as training stores them (see store_frozen_matmul_weights)
+        with mode:
+            store_frozen_matmul_weights(model, torch.bfloat16)
+    model.train()
+    if checkpointing:
+        enable_checkpointing(model)
+    counter = LiveTensorBytes()
+    weights = {counter.serial(t) for t in [*model.parameters(), *model.buffers()]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads: set[int] = set()
+    for param in trainable:
+        param.register_post_accumulate_grad_hook(lambda p: grads.add(counter.serial(p.grad)))
+    with mode:
+        batch = {k: mode.fake_tensor_converter.from_meta_and_device(mode, v, torch.device(device))
+                 for k, v in inputs.items()}
+        optimizer = build_optimizer([{"params": trainable}])
+        autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with counter:
+            for step in range(2):
+                if step:  # the second step is every later one: the optimizer state exists
+                    counter.reset_peak()
+                with autocast:
+                    loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                del loss
+            states = {counter.serial(v) for state in optimizer.state.values() for v in state.values()
+                      if isinstance(v, torch.Tensor)}
+    parts = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "large_activations": 0}
+    for serial, size in counter.at_peak.items():
+        kind = ("weights" if serial in weights else "gradients" if serial in grads
+                else "optimizer" if serial in states else "activations")
+        parts[kind] += size
+        parts["large_activations"] += size if kind == "activations" and size >= LARGE else 0
+    return StepMemory(**{f"{k}_mb": v / MB for k, v in parts.items()})

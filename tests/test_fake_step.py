@@ -1,0 +1,99 @@
+"""The estimate's step memory comes from running the step on fake tensors: it must count what a real step
+holds, byte for byte, and classify it; the allocator's kept memory is a line fitted through two measurements."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from tunelab.estimate.fake_step import LiveTensorBytes, measure_step
+from tunelab.train.setup import build_optimizer
+
+ROWS, LENGTH = 4, 32
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, num_labels=2))
+
+
+def tiny_llama(tied: bool = False) -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=5000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=tied))
+
+
+def tiny_tied_llama() -> LlamaForCausalLM:
+    return tiny_llama(tied=True)
+
+
+def inputs(causal: bool, device: str) -> dict[str, torch.Tensor]:
+    ids = torch.ones(ROWS, LENGTH, dtype=torch.long, device=device)
+    labels = ids if causal else torch.zeros(ROWS, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def real_peak_mb(model: torch.nn.Module, batch: dict, precision: str) -> float:
+    """The same two AdamW steps on real tensors, counted by the same counter."""
+    counter = LiveTensorBytes()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        counter.track(tensor)
+    optimizer = build_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}])
+    model.train()
+    with counter:
+        for step in range(2):
+            if step:
+                counter.reset_peak()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+    return counter.peak / 2**20
+
+
+@pytest.mark.parametrize("build,causal", [(tiny_bert, False), (tiny_llama, True), (tiny_tied_llama, True)],
+                         ids=["encoder", "causal-lm", "tied-embeddings"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_fake_step_holds_what_the_real_step_holds(build, causal, precision):
+    torch.manual_seed(0)
+    real = real_peak_mb(build(), inputs(causal, "cpu"), precision)
+    with torch.device("meta"):
+        skeleton = build()
+    fake = measure_step(skeleton, inputs(causal, "meta"), precision, "cpu")
+    assert fake.peak_mb == pytest.approx(real, rel=0.01)
+    # parameters() lists a tied weight once
+    assert fake.weights_mb == pytest.approx(sum(p.numel() for p in build().parameters()) * 4 / 2**20, rel=0.01)
+    # AdamW keeps two fp32 moments per trained weight (and a step counter)
+    assert fake.optimizer_mb == pytest.approx(2 * fake.weights_mb, rel=0.01)
+    assert fake.activations_mb > 0
+
+
+def test_frozen_weights_and_checkpointing_shrink_the_step():
+    with torch.device("meta"):
+        full = tiny_llama()
+        frozen = tiny_llama()
+        checkpointed = tiny_llama()
+    for name, param in frozen.named_parameters():
+        param.requires_grad_("lm_head" in name)
+    plain = measure_step(full, inputs(True, "meta"), "fp32", "cpu")
+    head_only = measure_step(frozen, inputs(True, "meta"), "fp32", "cpu")
+    recomputed = measure_step(checkpointed, inputs(True, "meta"), "fp32", "cpu", checkpointing=True)
+    assert head_only.optimizer_mb < plain.optimizer_mb / 2
+    assert head_only.activations_mb < plain.activations_mb
+    assert recomputed.activations_mb < plain.activations_mb
+    assert recomputed.weights_mb == plain.weights_mb
+
+
+def test_the_allocators_kept_memory_is_a_line_through_two_measurements(monkeypatch):
+    from tunelab.estimate import device
+
+    points = {8: {"kept_mb": 200.0, "activations_mb": 130.0}, 32: {"kept_mb": 550.0, "activations_mb": 500.0}}
+    monkeypatch.setattr(device, "calibration_point", lambda precision, rows: points[rows])
+    fit = device.allocator_keeping("cpu", "bf16")
+    slope = 350.0 / 370.0
+    assert fit["allocator_per_activation_mb"] == pytest.approx(slope, abs=1e-3)
+    assert fit["allocator_fixed_mb"] == pytest.approx(200 - slope * 130, abs=0.1)
+    assert device.allocator_keeping("cuda", "bf16") == {"allocator_fixed_mb": 0.0, "allocator_per_activation_mb": 0.0}

@@ -69,6 +69,9 @@ def test_a_fake_step_holds_what_the_real_step_holds(build, causal, precision):
     # AdamW keeps two fp32 moments per trained weight (and a step counter)
     assert fake.optimizer_mb == pytest.approx(2 * fake.weights_mb, rel=0.01)
     assert fake.activations_mb > 0
+    # every trained weight's gradient and two moments: all heap-sized in a tiny model
+    trained_mb = sum(p.numel() for p in build().parameters()) * 4 / 2**20
+    assert fake.heap_state_mb == pytest.approx(3 * trained_mb, rel=0.01)
 
 
 def test_frozen_weights_and_checkpointing_shrink_the_step():
@@ -90,10 +93,10 @@ def test_frozen_weights_and_checkpointing_shrink_the_step():
 def test_the_allocators_kept_memory_is_a_line_through_two_measurements(monkeypatch):
     from tunelab.estimate import device
 
-    points = {8: {"kept_mb": 200.0, "activations_mb": 130.0}, 32: {"kept_mb": 550.0, "activations_mb": 500.0}}
+    points = {8: {"kept_mb": 200.0, "churn_mb": 130.0}, 32: {"kept_mb": 550.0, "churn_mb": 500.0}}
     monkeypatch.setattr(device, "calibration_point", lambda precision, rows: points[rows])
     fit = device.allocator_keeping("cpu", "bf16")
     slope = 350.0 / 370.0
-    assert fit["allocator_per_activation_mb"] == pytest.approx(slope, abs=1e-3)
+    assert fit["allocator_per_churn_mb"] == pytest.approx(slope, abs=1e-3)
     assert fit["allocator_fixed_mb"] == pytest.approx(200 - slope * 130, abs=0.1)
-    assert device.allocator_keeping("cuda", "bf16") == {"allocator_fixed_mb": 0.0, "allocator_per_activation_mb": 0.0}
+    assert device.allocator_keeping("cuda", "bf16") == {"allocator_fixed_mb": 0.0, "allocator_per_churn_mb": 0.0}

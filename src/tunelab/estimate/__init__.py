@@ -140,11 +140,13 @@ def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str
         parts = memory_parts(shape, fp, work, 0.0)
         parts = {"weights_mb": parts["weights_mb"], "gradients_mb": parts["gradients_mb"],
                  "optimizer_mb": parts["optimizer_mb"], "activations_mb": parts["activations_mb"] + parts["logits_mb"],
-                 "large_activations_mb": 0.0}
+                 "large_activations_mb": 0.0, "heap_state_mb": parts["gradients_mb"] + parts["optimizer_mb"]}
         source = f"formula (the fake step failed: {reason})"
     heap_sized = parts["activations_mb"] - parts.pop("large_activations_mb")
     churned = heap_sized if churned_mb is None else churned_mb
-    parts["allocator_kept_mb"] = device["allocator_fixed_mb"] + device["allocator_per_activation_mb"] * churned
+    # what the heap keeps is the churn that gradients and optimizer state do not move into (see calibrate.py)
+    churn = max(0.0, churned - parts.pop("heap_state_mb"))
+    parts["allocator_kept_mb"] = device["allocator_fixed_mb"] + device["allocator_per_churn_mb"] * churn
     parts["runtime_overhead_mb"] = device["runtime_overhead_mb"]
     parts["peak_memory_mb"] = sum(parts.values())
     return {**{k: round(v, 1) for k, v in parts.items()}, "heap_activations_mb": round(heap_sized, 1),

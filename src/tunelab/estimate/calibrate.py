@@ -6,8 +6,10 @@ settles. `compare` reports the resident peak, so an estimate of it must add that
 depends on the allocator (glibc, or jemalloc/tcmalloc where a user preloads one), not on the model, so it is
 measured here on a small stand-in job: a 4-layer BERT-shaped encoder trained for a few steps on batches of
 varying length, its resident growth compared with the tensor peak a fake step predicts for it, at two batch
-sizes: kept = fixed + per_activation_mb × activations (on the AMD EPYC here: 70 MB + 0.95 × activations,
-linear within 2 % from 8 to 64 rows). The fit is cached with the device profile.
+sizes: kept = fixed + per_churn_mb × churn. The churn is the step's heap-sized activations less its
+gradients and optimizer state: those are allocated while activations are being freed and settle in the
+space they leave (full fine-tuning of SmolLM2 keeps far less per MB of activations than LoRA does, because
+its 1.3 GB of gradients and AdamW state fill the holes). The fit is cached with the device profile.
 
 Run as `python -m tunelab.estimate.calibrate PRECISION ROWS` in a fresh process (a used heap would hide what a
 fresh one keeps); prints one JSON object.
@@ -96,7 +98,8 @@ def main(precision: str, rows: int) -> dict[str, float]:
     growth = resident_growth(precision, rows)
     step = predicted(precision, rows)
     tensors = step.peak_mb - step.weights_mb  # what appears after the weights: state, gradients, activations
-    return {"kept_mb": round(growth - tensors, 1), "activations_mb": round(step.activations_mb, 1)}
+    churn = max(0.0, step.activations_mb - step.large_activations_mb - step.heap_state_mb)
+    return {"kept_mb": round(growth - tensors, 1), "churn_mb": round(churn, 1)}
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def absent_gpu_profile(precision: str) -> dict[str, Any]:
     (the attention kernel can differ where dropout is on); no time, since there is no GPU to measure."""
     return {"kind": "cuda", "name": "a CUDA device (not on this machine: memory only)", "present": False,
             "precision": precision, "peak_flops": None, "runtime_overhead_mb": 0.0, "allocator_fixed_mb": 0.0,
-            "allocator_per_activation_mb": 0.0, "efficiency": GPU_EFFICIENCY, "effective_flops": None}
+            "allocator_per_churn_mb": 0.0, "efficiency": GPU_EFFICIENCY, "effective_flops": None}
 
 
 def cache_file() -> Path:
@@ -85,16 +85,16 @@ def runtime_overhead_mb(kind: str) -> float:
 
 
 def allocator_keeping(kind: str, precision: str) -> dict[str, float]:
-    """What the allocator keeps beyond the tensors alive: a fixed part and a part per MB of activations, fitted
-    through the stand-in job at two batch sizes (see calibrate.py). CUDA's measured peak is the caching
-    allocator's own count of tensors, so nothing is added there."""
+    """What the allocator keeps beyond the tensors alive: a fixed part and a part per MB of churn (heap-sized
+    activations less the gradients and optimizer state that settle in their space), fitted through the
+    stand-in job at two batch sizes (see calibrate.py). CUDA's measured peak is the caching allocator's own
+    count of tensors, so nothing is added there."""
     if kind == "cuda":
-        return {"allocator_fixed_mb": 0.0, "allocator_per_activation_mb": 0.0}
+        return {"allocator_fixed_mb": 0.0, "allocator_per_churn_mb": 0.0}
     small, large = (calibration_point(precision, rows) for rows in (8, 32))
-    slope = (large["kept_mb"] - small["kept_mb"]) / (large["activations_mb"] - small["activations_mb"])
-    slope = max(0.0, slope)
-    return {"allocator_fixed_mb": round(max(0.0, small["kept_mb"] - slope * small["activations_mb"]), 1),
-            "allocator_per_activation_mb": round(slope, 3)}
+    slope = max(0.0, (large["kept_mb"] - small["kept_mb"]) / (large["churn_mb"] - small["churn_mb"]))
+    return {"allocator_fixed_mb": round(max(0.0, small["kept_mb"] - slope * small["churn_mb"]), 1),
+            "allocator_per_churn_mb": round(slope, 3)}
 
 
 def calibration_point(precision: str, rows: int) -> dict[str, float]:

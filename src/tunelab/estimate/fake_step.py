@@ -36,6 +36,9 @@ class StepMemory:
     optimizer_mb: float      # AdamW state
     activations_mb: float    # everything else: what the forward pass keeps, logits, the backward's temporaries
     large_activations_mb: float = 0.0  # the part of activations in storages of LARGE bytes or more
+    # gradients and optimizer state in heap-sized storages, alive at the peak or not: allocated while a step's
+    # activations are being freed, they settle in the space those leave in the allocator's heap
+    heap_state_mb: float = 0.0
 
     @property
     def peak_mb(self) -> float:
@@ -136,8 +139,14 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
     weights = {counter.serial(t) for t in [*model.parameters(), *model.buffers()]}
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads: set[int] = set()
+    grad_bytes: dict[int, int] = {}  # per parameter
+
+    def on_gradient(param: torch.Tensor) -> None:
+        grads.add(counter.serial(param.grad))
+        grad_bytes[id(param)] = param.grad.untyped_storage().nbytes()
+
     for param in trainable:
-        param.register_post_accumulate_grad_hook(lambda p: grads.add(counter.serial(p.grad)))
+        param.register_post_accumulate_grad_hook(on_gradient)
     with mode:
         batch = {k: mode.fake_tensor_converter.from_meta_and_device(mode, v, torch.device(device))
                  for k, v in inputs.items()}
@@ -153,12 +162,15 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 del loss
-            states = {counter.serial(v) for state in optimizer.state.values() for v in state.values()
-                      if isinstance(v, torch.Tensor)}
+            state_tensors = [v for state in optimizer.state.values() for v in state.values()
+                             if isinstance(v, torch.Tensor)]
+            states = {counter.serial(v) for v in state_tensors}
     parts = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "large_activations": 0}
     for serial, size in counter.at_peak.items():
         kind = ("weights" if serial in weights else "gradients" if serial in grads
                 else "optimizer" if serial in states else "activations")
         parts[kind] += size
         parts["large_activations"] += size if kind == "activations" and size >= LARGE else 0
+    state_bytes = [*grad_bytes.values(), *(t.untyped_storage().nbytes() for t in state_tensors)]
+    parts["heap_state"] = sum(size for size in state_bytes if size < LARGE)
     return StepMemory(**{f"{k}_mb": v / MB for k, v in parts.items()})

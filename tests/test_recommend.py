@@ -54,7 +54,8 @@ def test_little_data_puts_prompt_methods_first(llama_7b_shape):
 def test_nothing_fits_says_what_would(llama_7b_shape):
     result = ranked(llama_7b_shape, "2GB")
     assert not any(m["fits"] for m in result["methods"])
-    assert any("smaller batch" in s for s in result["suggestions"])
+    assert any("gradient_accumulation_steps=4" in s for s in result["suggestions"])
+    assert any("train.gradient_checkpointing=true" in s for s in result["suggestions"])
 
 
 def test_measured_results_from_compare_rank_first(tiny_overrides, tmp_path, monkeypatch):

@@ -63,11 +63,7 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     work = Workload(cfg.train.batch_size, cfg.data.max_length, precision,
                     shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0, frozen_bf16)
     parts = step_memory(method, opts, ctx, build, task, work, device, False, shape, fp)
-    # the allocator keeps what the step's heap-sized tensors churn through, and recomputing blocks produces the
-    # same tensors again (MiniLM LoRA's resident peak less its fake-step tensors: 487 MB with checkpointing,
-    # 534 MB without), so the checkpointed step keeps what the plain one does
-    checkpointed = step_memory(method, opts, ctx, build, task, work, device, True, shape, fp,
-                               parts["heap_activations_mb"])
+    checkpointed = step_memory(method, opts, ctx, build, task, work, device, True, shape, fp)
     step_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
                   * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
     return {"method": name, "total_params": shape.total_params + fp.added_params,
@@ -114,7 +110,7 @@ def flops_per_token(prepared: nn.Module, fp: MethodFootprint, shape: Shape, seq_
 
 
 def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str, Any], checkpointing: bool,
-                shape: Shape, fp: MethodFootprint, churned_mb: float | None = None) -> dict[str, Any]:
+                shape: Shape, fp: MethodFootprint) -> dict[str, Any]:
     """Memory parts of one step on the longest batch: the tensors a fake step keeps alive at its peak, what
     the allocator keeps beside them on this device, and the runtime itself.
 
@@ -143,11 +139,9 @@ def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str
                  "large_activations_mb": 0.0, "heap_state_mb": parts["gradients_mb"] + parts["optimizer_mb"]}
         source = f"formula (the fake step failed: {reason})"
     heap_sized = parts["activations_mb"] - parts.pop("large_activations_mb")
-    churned = heap_sized if churned_mb is None else churned_mb
     # what the heap keeps is the churn that gradients and optimizer state do not move into (see calibrate.py)
-    churn = max(0.0, churned - parts.pop("heap_state_mb"))
+    churn = max(0.0, heap_sized - parts.pop("heap_state_mb"))
     parts["allocator_kept_mb"] = device["allocator_fixed_mb"] + device["allocator_per_churn_mb"] * churn
     parts["runtime_overhead_mb"] = device["runtime_overhead_mb"]
     parts["peak_memory_mb"] = sum(parts.values())
-    return {**{k: round(v, 1) for k, v in parts.items()}, "heap_activations_mb": round(heap_sized, 1),
-            "memory_from": source}
+    return {**{k: round(v, 1) for k, v in parts.items()}, "memory_from": source}

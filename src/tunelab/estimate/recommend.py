@@ -100,7 +100,7 @@ def judge(est: dict, memory_mb: float, budget_s: float | None, epochs: float, ep
     fits = (fits_plain or fits_ckpt) and in_time
     score = quality["score"] if quality else None
     return {"method": est["method"], "family": family, "fits": fits, "gradient_checkpointing": fits_ckpt and not
-            fits_plain, "peak_memory_mb": peak, "train_time_s": train_s, "trainable_params": est["trainable_params"],
+            fits_plain, "peak_memory_mb": peak, "peak_memory_checkpointing_mb": peak_ckpt, "train_time_s": train_s, "trainable_params": est["trainable_params"],
             "reasons": reasons,
             "rank_key": (not fits, -(score if score is not None else -1.0), prior, peak)}
 
@@ -140,11 +140,17 @@ def measured_quality(task: str, total_params: int) -> dict[str, dict]:
 def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig) -> list[str]:
     """What would fit when nothing does."""
     lightest = min(ranked, key=lambda r: r["peak_memory_mb"])
-    ideas = [f"the lightest method, {lightest['method']}, needs ≈ {lightest['peak_memory_mb']:,.0f} MB "
-             f"({min(r['peak_memory_mb'] for r in ranked):,.0f} MB) against {memory_mb:,.0f} MB"]
+    checkpointed = [r for r in ranked if r["peak_memory_checkpointing_mb"] is not None]
+    ideas = [f"the lightest method, {lightest['method']}, needs ≈ {lightest['peak_memory_mb']:,.0f} MB against "
+             f"{memory_mb:,.0f} MB"]
+    if checkpointed:
+        least = min(checkpointed, key=lambda r: r["peak_memory_checkpointing_mb"])
+        ideas.append(f"with gradient checkpointing (train.gradient_checkpointing=true) {least['method']} needs "
+                     f"≈ {least['peak_memory_checkpointing_mb']:,.0f} MB")
     if cfg.train.batch_size > 1:
-        ideas.append(f"a smaller batch (train.batch_size={max(1, cfg.train.batch_size // 4)}) shrinks activations")
-    ideas.append("gradient checkpointing keeps only each block's input (see peak_memory_checkpointing_mb)")
+        steps = min(4, cfg.train.batch_size)
+        ideas.append(f"a smaller batch per forward shrinks activations: train.gradient_accumulation_steps={steps} "
+                     f"keeps the global batch of {cfg.train.batch_size} and runs it {steps} parts at a time")
     if cfg.train.precision != "bf16":
         ideas.append("bf16 (train.precision=bf16 where the device runs it fast) halves activations and frozen weights")
     ideas.append("a lower LoRA rank (lora.r=4) or fewer target modules trims an adapter's share")

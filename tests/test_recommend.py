@@ -69,3 +69,15 @@ def test_measured_results_from_compare_rank_first(tiny_overrides, tmp_path, monk
     measured = [m for m in result["methods"] if any("measured here" in r for r in m["reasons"])]
     assert {m["method"] for m in measured} >= {"lora", "prompt-tuning"}
     assert result["methods"][0]["method"] in {"lora", "prompt-tuning"}  # measured beats unmeasured
+
+
+def test_a_given_peak_rate_times_a_gpu_that_is_not_here(llama_7b_shape):
+    # an H100's dense bf16 peak: 7B LoRA on 5,000 rows of 4 × 512 tokens takes minutes to hours, not nothing
+    result = ranked(llama_7b_shape, "80GB")
+    timed = recommend(load_config(None, ["task=causal-lm", f"model.name_or_path={llama_7b_shape}",
+                                         "train.batch_size=4", "data.max_length=512", "prompt-tuning.init=random",
+                                         "train.device=cuda"]), 80 * 1024, 3600, 5000, peak_tflops=989)
+    lora = next(m for m in timed["methods"] if m["method"] == "lora")
+    assert next(m for m in result["methods"] if m["method"] == "lora")["train_time_s"] is None
+    assert 60 < lora["train_time_s"] < 4 * 3600
+    assert any("min" in r for r in lora["reasons"])

@@ -9,6 +9,9 @@ from pathlib import Path
 from .errors import CompareInterrupted, TunelabInputError
 
 EPILOG = "Overrides are key=value with dotted keys, e.g. methods=full,lora train.lr=3e-5 lora.r=16"
+PEAK_HELP = ("the training device's peak TFLOP/s in the training precision (e.g. 989 for an H100's dense bf16): "
+             "times from it instead of this machine's measured rate; with train.device=cuda on a machine "
+             "without a GPU, the only way to get times")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     estimate.add_argument("--json", action="store_true", help="one JSON object with a `methods` list")
     estimate.add_argument("--train-examples", type=int, help="training rows per epoch (default: data caps)")
+    estimate.add_argument("--peak-tflops", type=float, help=PEAK_HELP)
     recommend = sub.add_parser("recommend", help="rank the methods that fit a memory (and time) budget, with "
                                "reasons", epilog=EPILOG, parents=[hub])
     recommend.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     recommend.add_argument("--memory", required=True, help="memory budget, e.g. 24GB, 512MB")
     recommend.add_argument("--time-budget", help="training time budget, e.g. 2h, 90m")
     recommend.add_argument("--train-examples", type=int, help="training rows per epoch (default: data caps)")
+    recommend.add_argument("--peak-tflops", type=float, help=PEAK_HELP)
     recommend.add_argument("--json", action="store_true", help="one JSON object")
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods", "tasks"])
@@ -178,7 +183,7 @@ def run_estimate(args: argparse.Namespace, config, overrides) -> int:
     from .api import resolve
     from .estimate import estimate
 
-    result = estimate(resolve(config, overrides), args.train_examples)
+    result = estimate(resolve(config, overrides), args.train_examples, peak_tflops=args.peak_tflops)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -208,7 +213,7 @@ def run_recommend(args: argparse.Namespace, config, overrides) -> int:
     except ValueError:
         raise TunelabInputError([f"--memory/--time-budget: could not read {args.memory!r} / {args.time_budget!r} "
                                  "(e.g. --memory 24GB --time-budget 2h)"]) from None
-    result = recommend(resolve(config, overrides), memory, budget, args.train_examples)
+    result = recommend(resolve(config, overrides), memory, budget, args.train_examples, args.peak_tflops)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

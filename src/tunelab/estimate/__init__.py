@@ -16,9 +16,11 @@ from .memory import Workload, memory_parts, train_flops_per_token
 from .structure import MethodFootprint, Shape, footprint, meta_copy, skeleton_shape
 
 
-def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplicable: bool = False) -> dict[str, Any]:
+def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplicable: bool = False,
+             peak_tflops: float | None = None) -> dict[str, Any]:
     """One entry per configured method, plus what the estimate assumed (device, precision, workload). A method
-    that does not apply to the model raises, or with `skip_inapplicable` is listed in `not_applicable`."""
+    that does not apply to the model raises, or with `skip_inapplicable` is listed in `not_applicable`.
+    `peak_tflops` (the training device's, in its precision) replaces this machine's measured matmul rate."""
     from ..models.loading import quiet_transformers, read_model_config, resolve_model_path
     from ..train.setup import resolve_precision
 
@@ -34,7 +36,7 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
         precision = "bf16"  # planning for a GPU not here: assume a bf16 one (train.precision=fp32 says otherwise)
     rows = train_rows or cfg.data.max_train_samples
     common = {"cfg": cfg, "model_path": model_path, "build": build, "shape": skeleton_shape(meta_copy(build)),
-              "precision": precision, "device": device_profile(cfg.train, precision),
+              "precision": precision, "device": with_peak(device_profile(cfg.train, precision), peak_tflops),
               "steps": math.ceil(rows / cfg.train.batch_size) if rows else None}
     methods, skipped = [], {}
     for name in cfg.methods:
@@ -73,6 +75,13 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
             **({"checkpointing_note": checkpointed["note"]} if "note" in checkpointed else {}),
             "train_flops_per_step": step_flops, "train_flops_per_epoch": step_flops * steps if steps else None,
             **step_times(step_flops, steps, device["effective_flops"])}
+
+
+def with_peak(device: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
+    if not peak_tflops:
+        return device
+    return {**device, "peak_flops": peak_tflops * 1e12, "peak_flops_from": "given (--peak-tflops)",
+            "effective_flops": peak_tflops * 1e12 * device["efficiency"]}
 
 
 def step_times(step_flops: float, steps: int | None, flops_per_s: float | None) -> dict[str, float | None]:

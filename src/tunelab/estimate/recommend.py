@@ -40,11 +40,11 @@ def parse_duration_s(text: str) -> float:
 
 
 def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | None = None,
-              train_examples: int | None = None) -> dict[str, Any]:
+              train_examples: int | None = None, peak_tflops: float | None = None) -> dict[str, Any]:
     from ..methods.base import registry
 
     rows = train_examples or cfg.data.max_train_samples
-    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(registry())))
+    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(registry())), peak_tflops)
     candidates, skipped = estimated["methods"], estimated["not_applicable"]
     if not candidates:
         raise TunelabInputError(["recommend: no method applies to this model"])
@@ -65,12 +65,12 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
 _ESTIMATES: dict[str, dict[str, Any]] = {}
 
 
-def all_methods_estimate(cfg: ExperimentConfig) -> dict[str, Any]:
+def all_methods_estimate(cfg: ExperimentConfig, peak_tflops: float | None = None) -> dict[str, Any]:
     """The estimate of every method, kept for this process: ranking the same job against several budgets
     (16, 24, 80 GB) or data sizes runs each method's fake step once (a few seconds each for a 7B model)."""
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    key = json.dumps([cfg.to_dict(), peak_tflops], sort_keys=True, default=str)
     if key not in _ESTIMATES:
-        _ESTIMATES[key] = estimate(cfg, skip_inapplicable=True)
+        _ESTIMATES[key] = estimate(cfg, skip_inapplicable=True, peak_tflops=peak_tflops)
     return _ESTIMATES[key]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import ExperimentConfig
 from ..errors import TunelabInputError
-from . import estimate
+from . import estimate, with_peak
 from .store import similar_results
 
 LARGE_MODEL = 1_000_000_000   # parameters: above this, adapters before full fine-tuning
@@ -44,14 +44,16 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     from ..methods.base import registry
 
     rows = train_examples or cfg.data.max_train_samples
-    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(registry())), peak_tflops)
+    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(registry())))
     candidates, skipped = estimated["methods"], estimated["not_applicable"]
     if not candidates:
         raise TunelabInputError(["recommend: no method applies to this model"])
     total = candidates[0]["total_params"]
     measured = measured_quality(cfg.task, total)
-    epoch_steps = math.ceil(rows / cfg.train.batch_size) if rows else None
-    ranked = sorted((judge(c, memory_mb, time_budget_s, cfg.train.epochs, epoch_steps, rows, total, measured)
+    device = with_peak(estimated["device"], peak_tflops)
+    steps = math.ceil(cfg.train.epochs * math.ceil(rows / cfg.train.batch_size)) if rows else None
+    ranked = sorted((judge(c, memory_mb, time_budget_s, training_seconds(c, steps, device), cfg.train.epochs,
+                           rows, total, measured)
                      for c in candidates), key=lambda r: r["rank_key"])
     for position, entry in enumerate(ranked, 1):
         entry["rank"] = position
@@ -65,23 +67,29 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
 _ESTIMATES: dict[str, dict[str, Any]] = {}
 
 
-def all_methods_estimate(cfg: ExperimentConfig, peak_tflops: float | None = None) -> dict[str, Any]:
+def all_methods_estimate(cfg: ExperimentConfig) -> dict[str, Any]:
     """The estimate of every method, kept for this process: ranking the same job against several budgets
     (16, 24, 80 GB) or data sizes runs each method's fake step once (a few seconds each for a 7B model)."""
-    key = json.dumps([cfg.to_dict(), peak_tflops], sort_keys=True, default=str)
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     if key not in _ESTIMATES:
-        _ESTIMATES[key] = estimate(cfg, skip_inapplicable=True, peak_tflops=peak_tflops)
+        _ESTIMATES[key] = estimate(cfg, skip_inapplicable=True)
     return _ESTIMATES[key]
 
 
-def judge(est: dict, memory_mb: float, budget_s: float | None, epochs: float, epoch_steps: int | None,
+def training_seconds(est: dict, steps: int | None, device: dict[str, Any]) -> float | None:
+    """Every step at the full length, at the device's effective rate (none for a device not measured)."""
+    if not steps or not device["effective_flops"]:
+        return None
+    return est["train_flops_per_step"] * steps / device["effective_flops"]
+
+
+def judge(est: dict, memory_mb: float, budget_s: float | None, train_s: float | None, epochs: float,
           rows: int | None, total: int, measured: dict[str, dict]) -> dict[str, Any]:
     from ..methods.base import get_method
 
     family = get_method(est["method"]).family
     peak, peak_ckpt = est["peak_memory_mb"], est["peak_memory_checkpointing_mb"]
     fits_plain, fits_ckpt = peak <= memory_mb, peak_ckpt is not None and peak_ckpt <= memory_mb
-    train_s = est["step_time_s"] * epoch_steps * epochs if epoch_steps and est["step_time_s"] else None
     in_time = budget_s is None or train_s is None or train_s <= budget_s
     with_ckpt = f"{peak_ckpt:,.0f} MB with gradient checkpointing" if peak_ckpt is not None else \
         "gradient checkpointing does not apply"

@@ -53,7 +53,7 @@ def test_memory_parts_follow_what_trains(roberta_base_config):
 
 def test_the_cli_prints_one_json_object_with_a_methods_list(roberta_base_config, capsys):
     assert main(["estimate", f"model.name_or_path={roberta_base_config}", "methods=lora,prompt-tuning",
-                 "prompt-tuning.init=random", "--json"]) == 0
+                 "prompt-tuning.init=random", "train.precision=fp32", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert [m["method"] for m in payload["methods"]] == ["lora", "prompt-tuning"]
     for key in ("total_params", "trainable_params", "added_params", "weights_mb", "gradients_mb", "optimizer_mb",

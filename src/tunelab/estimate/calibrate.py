@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
-import time
 
 import numpy as np
 import torch
@@ -41,46 +39,26 @@ def batch(rows: int, length: int, device: str = "cpu") -> dict[str, torch.Tensor
             "labels": torch.zeros(rows, dtype=torch.long, device=device)}
 
 
-class PeakResident:
-    """The resident set's peak, sampled every 2 ms by a thread."""
-
-    def __init__(self) -> None:
-        from ..train.tracking import current_rss_mb
-
-        self.read, self.peak, self._stop = current_rss_mb, current_rss_mb(), False
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, self.read())
-            time.sleep(0.002)
-
-    def stop(self) -> float:
-        self._stop = True
-        self._thread.join()
-        return max(self.peak, self.read())
-
-
 def resident_growth(precision: str, rows: int) -> float:
     """MB the resident set grows by over the stand-in's training, from the moment its weights exist."""
     from transformers import BertForSequenceClassification
 
     from ..train.setup import build_optimizer
-    from ..train.tracking import current_rss_mb
+    from ..train.tracking import MemoryMonitor
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(stand_in_config()).train()
     optimizer = build_optimizer([{"params": list(model.parameters())}])
     lengths = np.random.default_rng(0).permutation(LENGTHS * 2)  # every length twice, the longest included
-    before, sampler = current_rss_mb(), PeakResident()
-    for length in lengths:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(**batch(rows, int(length))).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return sampler.stop() - before
+    # sampled every 2 ms: a stand-in step is short, and its peak is what is measured
+    with MemoryMonitor(torch.device("cpu"), interval_s=0.002) as memory:
+        for length in lengths:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(**batch(rows, int(length))).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return memory.peak_mb - memory.start_mb
 
 
 def predicted(precision: str, rows: int):

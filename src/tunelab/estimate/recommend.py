@@ -107,9 +107,10 @@ def judge(est: dict, memory_mb: float, budget_s: float | None, train_s: float | 
     reasons.append(why)
     fits = (fits_plain or fits_ckpt) and in_time
     score = quality["score"] if quality else None
-    return {"method": est["method"], "family": family, "fits": fits, "gradient_checkpointing": fits_ckpt and not
-            fits_plain, "peak_memory_mb": peak, "peak_memory_checkpointing_mb": peak_ckpt, "train_time_s": train_s, "trainable_params": est["trainable_params"],
-            "reasons": reasons,
+    return {"method": est["method"], "family": family, "fits": fits,
+            "gradient_checkpointing": fits_ckpt and not fits_plain, "peak_memory_mb": peak,
+            "peak_memory_checkpointing_mb": peak_ckpt, "train_time_s": train_s,
+            "trainable_params": est["trainable_params"], "reasons": reasons,
             "rank_key": (not fits, -(score if score is not None else -1.0), prior, peak)}
 
 

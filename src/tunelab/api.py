@@ -110,13 +110,16 @@ def run_flag_problems(seeds: int, tune: int, isolate: bool, nproc: int | None) -
     return problems + launcher_problems(nproc)
 
 
-def batch_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
-    """Every process needs at least one row of each micro-batch of a full global batch."""
+def process_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
+    """Every process needs at least one row of each micro-batch of a full global batch; sharding needs processes."""
+    problems = ["train.fsdp: needs several processes to shard over (--nproc N, torchrun or accelerate launch); "
+                "with one process set it to false"] if cfg.train.fsdp and nproc == 1 else []
     parts = nproc * cfg.train.gradient_accumulation_steps
-    if cfg.train.batch_size >= parts:
-        return []
-    return [f"train.batch_size: {cfg.train.batch_size} rows cannot fill {nproc} processes × "
-            f"{cfg.train.gradient_accumulation_steps} accumulation steps; use a global batch of at least {parts}"]
+    if cfg.train.batch_size < parts:
+        problems.append(f"train.batch_size: {cfg.train.batch_size} rows cannot fill {nproc} processes × "
+                        f"{cfg.train.gradient_accumulation_steps} accumulation steps; use a global batch of at "
+                        f"least {parts}")
+    return problems
 
 
 def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
@@ -150,7 +153,7 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     out_dir = Path(output_dir) if output_dir else default_output_dir()
     flags = run_flag_problems(seeds, tune, isolate, nproc)
     cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite,
-                           lambda cfg: flags + batch_problems(cfg, nproc or 1))
+                           lambda cfg: flags + process_problems(cfg, nproc or 1))
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume)
         done = finished_records(out_dir) if resume else {}
@@ -196,7 +199,7 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
         ["sweep: not under torchrun/accelerate launch (each trial is its own launch); use --nproc N"]
         if launched_world_size() > 1 else [])
     cfg, job = checked_job(out_dir, config, overrides, resume, False, overwrite,
-                           lambda cfg: space_problems(cfg) + trials_problem)
+                           lambda cfg: space_problems(cfg) + trials_problem + process_problems(cfg, max(nproc, 1)))
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume)
         share_job(out_dir, job)

@@ -70,6 +70,9 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each block's activations in the backward pass instead of keeping them (less memory, "
                 "~1/3 more compute; `tunelab estimate` shows both peaks)"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard weights, gradients and optimizer state over the processes (FSDP2, one group per transformer "
+                "block), for a model whose training state does not fit one device; needs --nproc N or a launcher"})
     eval_batch_size: int = field(default=64, metadata={"gt": 0})
     weight_decay: float = field(default=0.01, metadata={"ge": 0})
     warmup_ratio: float = field(default=0.06, metadata={"ge": 0, "le": 1})
@@ -230,6 +233,10 @@ def from_dict(raw: dict, problems: list[str]) -> ExperimentConfig:
                for name, method in methods_by_name.items() if name in methods or name in raw}
     for name, opts in options.items():
         check_rule(opts.lr, {"gt": 0}, f"{name}.lr", problems)
+    if sections["train"].fsdp:
+        problems += [f"train.fsdp: method {name!r} cannot train sharded: {methods_by_name[name].cannot_shard}; "
+                     "leave it out of methods or set train.fsdp=false"
+                     for name in methods if methods_by_name[name].cannot_shard]
     task_options = build(tasks[task].Options, raw.get(task), task, problems) if task in tasks else TaskOptions()
     if task in tasks:
         problems += task_problems(tasks, task, raw, sections)

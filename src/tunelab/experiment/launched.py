@@ -32,7 +32,7 @@ def process_group(cfg) -> Ranks:
 
 def launched_compare(config, overrides, output_dir, overwrite: bool, resume: bool, allow_change: bool,
                      seeds: int, nproc: int | None, show_progress: bool):
-    from ..api import CompareOutcome, output_problems, resolve, resume_config, start_folder
+    from ..api import CompareOutcome, output_problems, process_problems, resolve, resume_config, start_folder
     from ..estimate.store import append_summary
     from ..report import write_report
     from .results import write_results
@@ -48,6 +48,7 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
     job, problems = None, [] if resume or not ranks.is_main else output_problems(out_dir, overwrite)
     if seeds < 1:
         problems.append(f"--seeds: {seeds} is not allowed; must be >= 1")
+    problems += process_problems(cfg, ranks.world)
     try:
         job = prepare_job(cfg)
     except TunelabInputError as exc:

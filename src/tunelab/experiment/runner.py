@@ -27,6 +27,7 @@ from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop
                           total_steps)
 from ..train.batches import collate, epoch_batches
 from ..train.precision import choose_precision
+from ..train.sharding import make_plain, shard_model
 from ..train.setup import (apply_threads, build_optimizer, build_scheduler, enable_checkpointing, make_accelerator,
                            resolve_device, seed_everything, store_frozen_matmul_weights)
 from ..train.tracking import MemoryMonitor, SilentTracker, Tracker
@@ -107,15 +108,21 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
         else method_precision(job, name, model)
     accelerator = make_accelerator(cfg.train, precision)
     check_world(Ranks.of(accelerator))
-    if accelerator.mixed_precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights:
+    if accelerator.mixed_precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights \
+            and not cfg.train.fsdp:  # (an FSDP group gathers its weights in one buffer of one dtype)
         # only where the frozen base is never written out: a method saving the whole model must keep fp32
         store_frozen_matmul_weights(model, torch.bfloat16)
+    if cfg.train.fsdp:  # before the optimizer: it must hold the sharded parameters
+        model = shard_model(model, accelerator.device, accelerator.num_processes)
     lr = method.resolve_lr(opts, cfg.train.lr)
     optimizer = build_optimizer(method.param_groups(model, opts, lr, cfg.train.weight_decay))
     groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                "num_params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
     scheduler = build_scheduler(optimizer, cfg.train, steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if cfg.train.fsdp:  # sharded already; accelerate would wrap it in DDP besides
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps, reason)
 
 
@@ -123,7 +130,7 @@ def method_precision(job: Job, name: str, model: torch.nn.Module) -> tuple[str, 
     """train.precision for this method's model: measured on a typical batch where auto has to choose."""
     cfg = job.config.train
     device = torch.device(resolve_device(cfg))
-    if device.type == "cuda":
+    if device.type == "cuda" and not cfg.fsdp:  # a model to shard may not fit one device whole
         model.to(device)
     batches = epoch_batches(job.train.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_size)
     typical = sorted(batches, key=lambda rows: int(job.train.lengths[rows].max()))[len(batches) // 2]
@@ -166,13 +173,16 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
         finally:
             tracker.close()
     processes = ranks.gather({**memory.report(), "rows": trainer.rows_trained})
-    if not ranks.is_main:  # the main process evaluates and writes; the others are done
+    if not ranks.is_main and not trainer.sharded:  # the main process evaluates and writes; the others are done
         return {"rank": ranks.rank}
-    trainer.restore_best()
+    trainer.restore_best()  # under sharding every process evaluates and gathers (collectives) ...
     test = job.task.evaluate(model, job.test, eval_setup) if job.test is not None else None
     examples = test.examples if test else []
     if test is None and job.task.shows_examples:  # then the report's examples come from validation
         examples = job.task.evaluate(model, job.validation, eval_setup).examples
+    make_plain(model, keep=ranks.is_main)  # ... and the main process saves the whole model
+    if not ranks.is_main:
+        return {"rank": ranks.rank}
     measured = measurements(setup, state, trainer.steps_per_epoch())
     artifact = save_artifact(job, name, model, out_dir / "artifacts" / run_id, precision=measured["precision"])
     if not cfg.train.keep_checkpoints_after_success:

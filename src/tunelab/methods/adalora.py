@@ -76,6 +76,8 @@ class AdaLora(PeftMethod):
     # 1e-3: mid-range of the AdaLoRA authors' DeBERTaV3 GLUE scripts (5e-4 MNLI … 1.2e-3 RTE;
     # github.com/QingruZhang/AdaLoRA NLU/scripts), and the lora method's default
     default_lr = 1e-3
+    # measured: peft's allocator combines each adapter's E, A and B importances, which sharding cuts differently
+    cannot_shard = "peft's rank allocator scores whole adapter matrices after each step, and FSDP holds shards"
 
     def targets(self, model: nn.Module, opts: AdaLoraOptions) -> list[str]:
         return list(opts.target_modules or default_targets(model) or [])

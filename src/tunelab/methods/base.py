@@ -52,6 +52,8 @@ class Method:
     # precision auto times a few forward+backward passes of the prepared model; a method whose forward in train
     # mode changes its own state (freeze's cache) must not be probed, and gets the device's rule instead
     precision_probe: ClassVar[bool] = True
+    # why the method cannot train under train.fsdp (its parameters are then shards of the whole); '' where it can
+    cannot_shard: ClassVar[str] = ""
     artifact_format: ClassVar[str | None] = None  # default: "peft" for adapters, else "transformers"
     # for `recommend`'s rules of thumb: "full" (every weight), "adapter" (added low-rank/scaling weights),
     # "prompt" (virtual tokens), "selective" (a chosen subset of the model's own weights)

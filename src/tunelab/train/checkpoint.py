@@ -22,6 +22,7 @@ from torch import nn
 from .distributed import Ranks
 from .faults import fault_point
 from .loop import TrainState
+from .sharding import gathered_optimizer_state, sharded_optimizer_state
 from .weights import load_weights, trainable_state
 
 MANIFEST = "MANIFEST.json"
@@ -117,9 +118,12 @@ class Checkpointer:
 
     def save(self, model: nn.Module, optimizer, scheduler, state: TrainState) -> Path | None:
         rng = self.ranks.gather(rng_state())
-        if not self.ranks.is_main:
+        main = self.ranks.is_main
+        # sharded weights and optimizer state are gathered whole: every process takes part, the main one writes
+        weights, optimizer_state = trainable_state(model, keep=main), gathered_optimizer_state(optimizer, keep=main)
+        if not main:
             return None
-        files = {"trainable.pt": trainable_state(model), "optimizer.pt": optimizer.state_dict(),
+        files = {"trainable.pt": weights, "optimizer.pt": optimizer_state,
                  "scheduler.pt": scheduler.state_dict(), "rng.pt": rng[0] if len(rng) == 1 else rng}
         extra = self.extra_state()
         if extra is not None:
@@ -151,7 +155,8 @@ class Checkpointer:
                 if checkpoint_step(later) > step:
                     shutil.rmtree(later, ignore_errors=True)
         load_weights(model, torch.load(path / "trainable.pt", weights_only=True))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        saved_optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(sharded_optimizer_state(optimizer, saved_optimizer))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         rng = torch.load(path / "rng.pt", weights_only=False)
         # one state per process when written under DDP; another process count resumes from rank 0's

@@ -6,7 +6,6 @@ step never waits on a `.item()`; finiteness is checked at every flush.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from ..data import Encoded
 from .batches import collate, epoch_batches, micro_batches
 from .distributed import Ranks
 from .faults import fault_point
+from .sharding import gradient_sync, is_sharded, whole
 from .weights import load_weights, trainable_state
 
 
@@ -102,6 +102,7 @@ class TrainingLoop:
         self.checkpointer = checkpointer
         self.ranks = Ranks.of(accelerator)
         self.module = accelerator.unwrap_model(model)  # the model without its DDP wrapper: evaluated, saved
+        self.sharded = is_sharded(model)  # train.fsdp: forward passes and weight copies involve every process
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.total_steps = total_steps(cfg, len(train_data))
@@ -138,13 +139,12 @@ class TrainingLoop:
                               self.cfg.gradient_accumulation_steps)
         loss = None
         for i, (part, weight) in enumerate(parts):
-            # gradients are all-reduced once, after the last micro-batch
-            sync = contextlib.nullcontext() if i == len(parts) - 1 else self.accelerator.no_sync(self.model)
-            with sync:
+            # gradients are reduced once, after the last micro-batch
+            with gradient_sync(self.model, self.accelerator, enabled=i == len(parts) - 1):
                 part_loss = self.forward_backward(part, weight)
             loss = part_loss if loss is None else loss + part_loss
             self.rows_trained += len(part) if weight else 0
-        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        grad_norm = whole(self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.hooks.after_step(state.step + 1)
@@ -214,8 +214,10 @@ class TrainingLoop:
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         self.flush(state)
-        # the main process evaluates, the others wait for its numbers: every decision below is the same everywhere
-        metrics = self.ranks.broadcast(self.validation.evaluate(self.module) if self.ranks.is_main else None)
+        # the main process evaluates, the others wait for its numbers: every decision below is the same everywhere.
+        # A sharded model's forward is a collective, so there every process evaluates (alike).
+        evaluates = self.ranks.is_main or self.sharded
+        metrics = self.ranks.broadcast(self.validation.evaluate(self.module) if evaluates else None)
         recent = state.losses[-self.cfg.log_every_steps:]
         entry = {"step": state.step, "epoch": round(state.step / max(self.steps_per_epoch(), 1), 4),
                  "train_loss": float(np.mean(recent)) if recent else None,
@@ -235,13 +237,14 @@ class TrainingLoop:
         return metrics
 
     def keep_best(self, state: TrainState) -> None:
-        if not self.ranks.is_main:
+        if not self.ranks.is_main and not self.sharded:
             return
-        weights = trainable_state(self.module)
-        if self.checkpointer is not None:  # on disk only: a second in-memory copy of a full model costs RSS
-            self.checkpointer.save_best(weights, state)
-        else:
+        # sharded weights are gathered by every process; the main one writes them, or each keeps them without disk
+        weights = trainable_state(self.module, keep=self.ranks.is_main or self.checkpointer is None)
+        if self.checkpointer is None:
             self.best_weights = weights
+        elif self.ranks.is_main:  # on disk only: a second in-memory copy of a full model costs RSS
+            self.checkpointer.save_best(weights, state)
 
     def report_eval(self, state: TrainState, metrics: dict[str, float], improved: bool) -> None:
         """The eval hooks run on the main process; a pruning decision there stops every process."""

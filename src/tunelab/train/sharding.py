@@ -1,0 +1,129 @@
+"""Fully sharded data parallel (torch's FSDP2, `fully_shard`) for `train.fsdp`: each process holds 1/N of
+every parameter, gradient and optimizer state, gathering one transformer block's weights at a time.
+
+accelerate offers FSDP on GPUs only, so tunelab shards with torch directly (the same `fully_shard` accelerate
+and torchtitan use), over whatever group accelerate formed: gloo on CPU, NCCL on GPU. Everything outside the
+step sees whole tensors: best weights, checkpoints and the artifact are gathered (collectives every process
+joins in the same order), so a checkpoint has the same format with or without sharding and resumes under
+any process count. Helpers here are the identity for a model that is not sharded.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.structure import find_block_list
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """Shard every transformer block, then the rest (embeddings, head, a prompt encoder) as the root group.
+
+    One group per block is what bounds memory: a block's weights are whole only while it runs. The parameters
+    move to `device`, one shard each."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    _, blocks = find_block_list(model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def resharded(model: nn.Module) -> nn.Module:
+    """`model` with every group back in its shards. After a forward without backward (evaluation) the root group
+    stays gathered, and its module attributes are then the gathered copies: a weight written there would be lost
+    at the next reshard, so reads and writes of weights go through the shards."""
+    for module in model.modules():
+        if is_sharded(module):
+            module.reshard()
+    return model
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor behind a shard (a collective: every process must call it), else `tensor` itself."""
+    return tensor.full_tensor() if isinstance(tensor, _dtensor()) else tensor
+
+
+def shard_of(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's shard of the full tensor `value`, laid out as the sharded `like` (no communication:
+    every process holds `value`)."""
+    if not isinstance(like, _dtensor()):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, accelerator, enabled: bool):
+    """Reduce gradients in this backward pass only when `enabled` (the last micro-batch of a step)."""
+    if enabled:
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(model):
+            yield
+
+
+def gathered_optimizer_state(optimizer, keep: bool) -> dict[str, Any] | None:
+    """optimizer.state_dict() with every sharded state gathered whole (on every process: a collective);
+    returned where `keep`, else None."""
+    state = optimizer.state_dict()
+    gathered = {index: {k: whole(v) for k, v in entry.items()} for index, entry in state["state"].items()}
+    if not keep:
+        return None
+    return {**state, "state": {i: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in e.items()}
+                               for i, e in gathered.items()}}
+
+
+def sharded_optimizer_state(optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A whole optimizer state (as `gathered_optimizer_state` wrote it) cut to this process's shards."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, _dtensor()) for p in params):
+        return state
+    return {**state, "state": {index: {k: shard_of(v, params[index]) if _is_per_element(v, params[index]) else v
+                                       for k, v in entry.items()}
+                               for index, entry in state["state"].items()}}
+
+
+def _is_per_element(value: Any, param: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and tuple(value.shape) == tuple(param.shape)
+
+
+def make_plain(model: nn.Module, keep: bool) -> None:
+    """Replace every sharded parameter by its whole tensor (a collective) where `keep`, so the trained model can be
+    saved by each method's own code; the model must not run sharded afterwards. Tied parameters stay tied."""
+    if not is_sharded(model):
+        return
+    resharded(model)  # (the pre-save hooks would otherwise put the shards back)
+    replaced: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in replaced:
+            full = whole(param).detach().cpu()
+            replaced[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad) if keep else param
+        if keep:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._parameters[leaf] = replaced[id(param)]

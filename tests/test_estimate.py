@@ -22,10 +22,10 @@ def roberta_base_config(tmp_path_factory):
     return folder
 
 
-def estimated(folder, *overrides):
+def estimated(folder, *overrides, nproc: int = 1):
     cfg = load_config(None, [f"model.name_or_path={folder}", "data.max_length=128", "train.batch_size=16",
                              "train.precision=fp32", *overrides])
-    return {m["method"]: m for m in estimate(cfg, train_rows=1000)["methods"]}
+    return {m["method"]: m for m in estimate(cfg, train_rows=1000, nproc=nproc)["methods"]}
 
 
 def test_lora_r8_on_query_and_value_adds_the_lora_papers_294912(roberta_base_config):
@@ -49,6 +49,27 @@ def test_memory_parts_follow_what_trains(roberta_base_config):
     # recomputing blocks pays where the gradient passes through them all; freeze's frozen bottom keeps none
     assert full["peak_memory_checkpointing_mb"] < full["peak_memory_mb"]
     assert lora["peak_memory_checkpointing_mb"] < lora["peak_memory_mb"]
+
+
+def test_processes_split_the_batch_and_fsdp_splits_the_training_state(roberta_base_config, capsys):
+    """One process's memory of N: its micro-batch's activations; under FSDP half the weights, gradients and
+    optimizer state plus what is gathered whole; DDP's buckets copy the gradients."""
+    import torch
+
+    same_profile = f"train.threads={torch.get_num_threads()}"  # this machine's, measured once per session
+    one = estimated(roberta_base_config, "methods=full", same_profile)["full"]
+    accumulating = estimated(roberta_base_config, "methods=full", same_profile,
+                             "train.gradient_accumulation_steps=2")["full"]
+    ddp = estimated(roberta_base_config, "methods=full", same_profile, nproc=2)["full"]
+    fsdp = estimated(roberta_base_config, "methods=full", same_profile, "train.fsdp=true", nproc=2)["full"]
+    assert accumulating["activations_mb"] == pytest.approx(one["activations_mb"] / 2, rel=0.05)
+    assert ddp["activations_mb"] == fsdp["activations_mb"] == accumulating["activations_mb"]
+    assert ddp["optimizer_mb"] == one["optimizer_mb"] and fsdp["optimizer_mb"] == pytest.approx(one["optimizer_mb"] / 2)
+    assert ddp["collective_buffers_mb"] == pytest.approx(one["weights_mb"], rel=0.01)  # every weight trains, fp32
+    assert one["weights_mb"] / 2 < fsdp["weights_mb"] < one["weights_mb"]  # the embeddings (root group) stay whole
+    assert fsdp["peak_memory_mb"] < ddp["peak_memory_mb"] < one["peak_memory_mb"]
+    assert main(["estimate", f"model.name_or_path={roberta_base_config}", "train.fsdp=true"]) == 2
+    assert "train.fsdp: needs several processes" in capsys.readouterr().err
 
 
 def test_the_cli_prints_one_json_object_with_a_methods_list(roberta_base_config, capsys):

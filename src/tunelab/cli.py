@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true", help="one JSON object with a `methods` list")
     estimate.add_argument("--train-examples", type=int, help="training rows per epoch (default: data caps)")
     estimate.add_argument("--peak-tflops", type=float, help=PEAK_HELP)
+    estimate.add_argument("--nproc", type=int, default=1, metavar="N",
+                          help="memory of one of N processes (DDP; its shards under train.fsdp)")
     recommend = sub.add_parser("recommend", help="rank the methods that fit a memory (and time) budget, with "
                                "reasons", epilog=EPILOG, parents=[hub])
     recommend.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
@@ -180,25 +182,39 @@ def dispatch(args: argparse.Namespace) -> int:
 def run_estimate(args: argparse.Namespace, config, overrides) -> int:
     import json
 
-    from .api import resolve
+    from .api import process_problems, resolve
     from .estimate import estimate
 
-    result = estimate(resolve(config, overrides), args.train_examples, peak_tflops=args.peak_tflops)
+    cfg = resolve(config, overrides)
+    problems = process_problems(cfg, args.nproc) if args.nproc >= 1 else [
+        f"--nproc: {args.nproc} is not allowed; must be >= 1"]
+    if problems:
+        raise TunelabInputError(problems)
+    result = estimate(cfg, args.train_examples, peak_tflops=args.peak_tflops, nproc=args.nproc)
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
+    else:
+        print_estimate(result)
+    return 0
+
+
+def print_estimate(result: dict) -> None:
     device = result["device"]
     print(f"{result['model']} ({result['task']}), batch {result['batch_size']} × {result['seq_len']} tokens, "
           f"{result['precision']} on {device['name']}")
+    if result["processes"] > 1 or result["micro_batch_rows"] < result["batch_size"]:
+        print(f"memory of one of {result['processes']} processes{' (FSDP shards)' if result['fsdp'] else ''}, "
+              f"{result['micro_batch_rows']} rows at a time")
     columns = {"trainable_params": "trainable", "weights_mb": "weights", "gradients_mb": "grads",
                "optimizer_mb": "optimizer", "activations_mb": "activations", "allocator_kept_mb": "kept",
-               "runtime_overhead_mb": "runtime", "peak_memory_mb": "peak",
+               "runtime_overhead_mb": "runtime", "collective_buffers_mb": "collectives", "peak_memory_mb": "peak",
                "peak_memory_checkpointing_mb": "peak (ckpt)", "step_time_s": "step s"}
+    if result["processes"] == 1:
+        del columns["collective_buffers_mb"]
     print("memory in MB; peak (ckpt): with gradient checkpointing; step s: every batch at the full length")
     print(f"{'method':<15}" + "".join(f"{label:>13}" for label in columns.values()))
     for m in result["methods"]:
         print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" if m[c] is not None else f"{'—':>13}" for c in columns))
-    return 0
 
 
 def run_recommend(args: argparse.Namespace, config, overrides) -> int:

@@ -11,16 +11,22 @@ from torch import nn
 
 from ..config import ExperimentConfig
 from ..errors import TunelabInputError
-from .device import device_profile
+from .device import device_profile, one_process_threads
+from .processes import Layout, micro_batch_rows
 from .memory import Workload, memory_parts, train_flops_per_token
 from .structure import MethodFootprint, Shape, footprint, meta_copy, skeleton_shape
 
 
 def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplicable: bool = False,
-             peak_tflops: float | None = None) -> dict[str, Any]:
+             peak_tflops: float | None = None, nproc: int = 1) -> dict[str, Any]:
     """One entry per configured method, plus what the estimate assumed (device, precision, workload). A method
     that does not apply to the model raises, or with `skip_inapplicable` is listed in `not_applicable`.
-    `peak_tflops` (the training device's, in its precision) replaces this machine's measured matmul rate."""
+    `peak_tflops` (the training device's, in its precision) replaces this machine's measured matmul rate.
+
+    Memory is one process's of `nproc`: its micro-batch (train.batch_size split over the processes and
+    train.gradient_accumulation_steps), and under train.fsdp its shards. Times are for one step of the global
+    batch, the processes working in parallel at the rate measured for one of them (on a CPU, with its share of
+    the cores)."""
     from ..models.loading import quiet_transformers, read_model_config, resolve_model_path
     from ..train.setup import resolve_precision
 
@@ -35,9 +41,11 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     if cfg.train.device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
         precision = "bf16"  # planning for a GPU not here: assume a bf16 one (train.precision=fp32 says otherwise)
     rows = train_rows or cfg.data.max_train_samples
+    with one_process_threads(cfg.train, nproc):
+        device = with_peak(device_profile(cfg.train, precision), peak_tflops)
     common = {"cfg": cfg, "model_path": model_path, "build": build, "shape": skeleton_shape(meta_copy(build)),
-              "precision": precision, "device": with_peak(device_profile(cfg.train, precision), peak_tflops),
-              "steps": math.ceil(rows / cfg.train.batch_size) if rows else None}
+              "precision": precision, "device": device,
+              "steps": math.ceil(rows / cfg.train.batch_size) if rows else None, "processes": nproc}
     methods, skipped = [], {}
     for name in cfg.methods:
         try:
@@ -48,11 +56,12 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
             skipped[name] = exc.problems[0]
     return {"model": cfg.model_name, "model_path": model_path, "task": task.name, "precision": precision,
             "batch_size": cfg.train.batch_size, "seq_len": cfg.data.max_length, "train_rows": rows,
+            "processes": nproc, "micro_batch_rows": micro_batch_rows(cfg, nproc), "fsdp": cfg.train.fsdp,
             "device": common["device"], "methods": methods, "not_applicable": skipped}
 
 
 def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shape: Shape, precision: str,
-                    device: dict[str, Any], steps: int | None) -> dict[str, Any]:
+                    device: dict[str, Any], steps: int | None, processes: int = 1) -> dict[str, Any]:
     from ..methods.base import PrepareContext, get_method
 
     task = cfg.task_spec
@@ -61,11 +70,13 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     ctx = PrepareContext(model_path, model_path, task, task.head_modules(model), steps or 1000, {})
     expected = method.expected_trainable_params(model, opts, ctx)
     fp = method_footprint(method, model, opts, ctx, shape)
-    frozen_bf16 = precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights
-    work = Workload(cfg.train.batch_size, cfg.data.max_length, precision,
+    # as training does it: sharded weights stay fp32 (see the runner)
+    frozen_bf16 = precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights and not cfg.train.fsdp
+    work = Workload(micro_batch_rows(cfg, processes), cfg.data.max_length, precision,
                     shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0, frozen_bf16)
-    parts = step_memory(method, opts, ctx, build, task, work, device, False, shape, fp)
-    checkpointed = step_memory(method, opts, ctx, build, task, work, device, True, shape, fp)
+    layout = Layout(processes, cfg.train.fsdp)
+    parts = step_memory(method, opts, ctx, build, task, work, device, False, shape, fp, layout)
+    checkpointed = step_memory(method, opts, ctx, build, task, work, device, True, shape, fp, layout)
     step_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
                   * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
     return {"method": name, "total_params": shape.total_params + fp.added_params,
@@ -74,7 +85,7 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
             "activations_checkpointing_mb": checkpointed.get("activations_mb"),
             **({"checkpointing_note": checkpointed["note"]} if "note" in checkpointed else {}),
             "train_flops_per_step": step_flops, "train_flops_per_epoch": step_flops * steps if steps else None,
-            **step_times(step_flops, steps, device["effective_flops"])}
+            **step_times(step_flops, steps, device["effective_flops"] and device["effective_flops"] * processes)}
 
 
 def with_peak(device: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
@@ -119,7 +130,7 @@ def flops_per_token(prepared: nn.Module, fp: MethodFootprint, shape: Shape, seq_
 
 
 def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str, Any], checkpointing: bool,
-                shape: Shape, fp: MethodFootprint) -> dict[str, Any]:
+                shape: Shape, fp: MethodFootprint, layout: Layout = Layout()) -> dict[str, Any]:
     """Memory parts of one step on the longest batch: the tensors a fake step keeps alive at its peak, what
     the allocator keeps beside them on this device, and the runtime itself.
 
@@ -132,11 +143,12 @@ def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str
         ids = torch.zeros(work.batch_size, work.seq_len, dtype=torch.long)
         labels = ids if task.peft_task_type == "CAUSAL_LM" else torch.zeros(work.batch_size, dtype=torch.long)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    prepared = method.prepare(meta_copy(build), opts, ctx)
+    groups = layout.groups(prepared)
     try:
         with quiet_fake_tensor_errors():
-            step = measure_step(method.prepare(meta_copy(build), opts, ctx), inputs, work.precision,
-                                device["kind"] if device["present"] else "cpu", checkpointing,
-                                work.adapter_bf16_weights)
+            step = measure_step(prepared, inputs, work.precision, device["kind"] if device["present"] else "cpu",
+                                checkpointing, work.adapter_bf16_weights)
         parts, source = vars(step).copy(), "fake step"
     except Exception as exc:  # noqa: BLE001 - any failure of the fake run is reported with its reason
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
@@ -147,6 +159,7 @@ def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str
                  "optimizer_mb": parts["optimizer_mb"], "activations_mb": parts["activations_mb"] + parts["logits_mb"],
                  "large_activations_mb": 0.0, "heap_state_mb": parts["gradients_mb"] + parts["optimizer_mb"]}
         source = f"formula (the fake step failed: {reason})"
+    parts = layout.per_process(parts, groups)
     heap_sized = parts["activations_mb"] - parts.pop("large_activations_mb")
     # what the heap keeps is the churn that gradients and optimizer state do not move into (see calibrate.py)
     churn = max(0.0, heap_sized - parts.pop("heap_state_mb"))
@@ -154,3 +167,4 @@ def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str
     parts["runtime_overhead_mb"] = device["runtime_overhead_mb"]
     parts["peak_memory_mb"] = sum(parts.values())
     return {**{k: round(v, 1) for k, v in parts.items()}, "memory_from": source}
+

@@ -3,6 +3,7 @@ tensors alive and how fast it multiplies, measured once (~15 s) and cached per d
 versions and preloaded allocator in tunelab's cache folder."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +23,25 @@ GPU_EFFICIENCY = 0.4
 # the current resident set, not ru_maxrss: Linux carries the parent's high-water mark across fork and exec
 OVERHEAD_PROBE = ("import torch, transformers, peft, accelerate, datasets, tunelab.experiment.runner;"
                   "from tunelab.train.tracking import current_rss_mb; print(current_rss_mb())")
+
+
+@contextlib.contextmanager
+def one_process_threads(train_cfg, nproc: int):
+    """The threads one of `nproc` processes on this CPU trains with (cores / N, as `--nproc` shares them out,
+    unless train.threads or OMP_NUM_THREADS says otherwise): the rate and what the allocator keeps are that
+    process's. The calibration child inherits them through OMP_NUM_THREADS."""
+    if nproc == 1 or train_cfg.threads or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    before = torch.get_num_threads()
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        del os.environ["OMP_NUM_THREADS"]
 
 
 def device_profile(train_cfg, precision: str) -> dict[str, Any]:

@@ -180,7 +180,7 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     examples = test.examples if test else []
     if test is None and job.task.shows_examples:  # then the report's examples come from validation
         examples = job.task.evaluate(model, job.validation, eval_setup).examples
-    make_plain(model, keep=ranks.is_main)  # ... and the main process saves the whole model
+    make_plain(model, keep=ranks.is_main, trainable_only=method.saves_adapter)  # ... and the main process saves
     if not ranks.is_main:
         return {"rank": ranks.rank}
     measured = measurements(setup, state, trainer.steps_per_epoch())

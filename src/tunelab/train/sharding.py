@@ -113,14 +113,18 @@ def _is_per_element(value: Any, param: torch.Tensor) -> bool:
     return torch.is_tensor(value) and tuple(value.shape) == tuple(param.shape)
 
 
-def make_plain(model: nn.Module, keep: bool) -> None:
-    """Replace every sharded parameter by its whole tensor (a collective) where `keep`, so the trained model can be
-    saved by each method's own code; the model must not run sharded afterwards. Tied parameters stay tied."""
+def make_plain(model: nn.Module, keep: bool, trainable_only: bool = False) -> None:
+    """Replace sharded parameters by their whole tensors (a collective) where `keep`, so the trained model can be
+    saved by each method's own code; the model must not run sharded afterwards. Tied parameters stay tied.
+    `trainable_only` for a method that saves only what it trained (an adapter): a frozen base is never gathered,
+    which for a large model is most of it."""
     if not is_sharded(model):
         return
     resharded(model)  # (the pre-save hooks would otherwise put the shards back)
     replaced: dict[int, nn.Parameter] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
+        if trainable_only and not param.requires_grad:
+            continue
         if id(param) not in replaced:
             full = whole(param).detach().cpu()
             replaced[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad) if keep else param

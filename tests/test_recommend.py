@@ -56,6 +56,7 @@ def test_nothing_fits_says_what_would(llama_7b_shape):
     assert not any(m["fits"] for m in result["methods"])
     assert any("gradient_accumulation_steps=4" in s for s in result["suggestions"])
     assert any("train.gradient_checkpointing=true" in s for s in result["suggestions"])
+    assert any("train.fsdp=true" in s for s in result["suggestions"])
 
 
 def test_measured_results_from_compare_rank_first(tiny_overrides, tmp_path, monkeypatch):

@@ -163,4 +163,6 @@ def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig) -> 
     if cfg.train.precision != "bf16":
         ideas.append("bf16 (train.precision=bf16 where the device runs it fast) halves activations and frozen weights")
     ideas.append("a lower LoRA rank (lora.r=4) or fewer target modules trims an adapter's share")
+    ideas.append("several devices can share the weights, gradients and optimizer state: train.fsdp=true with "
+                 "--nproc N or torchrun; `tunelab estimate --nproc N train.fsdp=true` gives one device's share")
     return ideas

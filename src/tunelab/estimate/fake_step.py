@@ -125,6 +125,7 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
                  checkpointing: bool = False, frozen_matmul_bf16: bool = False) -> StepMemory:
     """Two AdamW steps of `model` (a prepared skeleton on the meta device, changed in place) on `inputs`
     (meta tensors); the second has the optimizer state the first created, as every later step has."""
+    from ..train.fast_dropout import cheaper_cpu_dropout
     from ..train.setup import build_optimizer, enable_checkpointing, store_frozen_matmul_weights
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # peft builds small index tensors on the fly
@@ -152,7 +153,7 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
                  for k, v in inputs.items()}
         optimizer = build_optimizer([{"params": trainable}])
         autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with counter:
+        with counter, cheaper_cpu_dropout(model, torch.device(device)):  # as training runs it
             for step in range(2):
                 if step:  # the second step is every later one: the optimizer state exists
                     counter.reset_peak()

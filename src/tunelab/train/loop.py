@@ -19,6 +19,7 @@ from ..config import TrainConfig
 from ..data import Encoded
 from .batches import collate, epoch_batches, micro_batches
 from .distributed import Ranks
+from .fast_dropout import cheaper_cpu_dropout
 from .faults import fault_point
 from .sharding import gradient_sync, is_sharded, whole
 from .weights import load_weights, trainable_state
@@ -113,7 +114,10 @@ class TrainingLoop:
         self.rows_trained = 0  # by this process (its shard), fillers excluded
 
     def run(self, state: TrainState | None = None) -> TrainState:
-        state = state or TrainState()
+        with cheaper_cpu_dropout(self.model, self.accelerator.device):  # same dropout, cheaper masks on a CPU
+            return self._run(state or TrainState())
+
+    def _run(self, state: TrainState) -> TrainState:
         if state.step:  # resumed from the checkpoint of this very step: an epoch end right here must not rewrite it
             self._checkpointed_step = state.step
         self.model.train()

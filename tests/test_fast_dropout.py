@@ -1,0 +1,69 @@
+"""The cheaper CPU dropout means what dropout means: the same keep probability and scale, masks drawn from the
+seeded generator, and attention that equals transformers' own wherever the mask keeps everything."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tunelab.train import fast_dropout
+from tunelab.train.fast_dropout import CheaperDropout, cheaper_cpu_dropout
+
+
+def test_elements_are_dropped_with_probability_p_and_the_rest_scaled():
+    layer = CheaperDropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    out = layer(x)
+    dropped = (out == 0).float().mean().item()
+    assert dropped == pytest.approx(0.1, abs=0.002)  # 10^6 draws: 5 standard deviations is 0.0015
+    assert out.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient passes where the element was kept, scaled alike
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), out)  # the seeded generator decides: resume replays the same masks
+    assert torch.equal(layer.eval()(x), x)
+
+
+def tiny_models():
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3))
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_dropout=0.3, pad_token_id=0))
+    return {"bert": bert, "llama": llama}
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_attention_with_dropout_is_transformers_attention_where_nothing_is_dropped(name, monkeypatch):
+    """Padding mask (BERT), causal + padding and grouped key/value heads (Llama): with the mask made to keep
+    everything, training-mode attention through tunelab's path equals the model's own evaluation."""
+    model = tiny_models()[name]
+    ids = torch.randint(1, 50, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    mask[2, :4] = 0  # left padding: the causal model's later tokens would otherwise attend to it
+    reference = model.eval()(input_ids=ids, attention_mask=mask).logits
+    used = []
+    monkeypatch.setattr(fast_dropout, "dropout", lambda x, p: used.append(p) or x)
+    with cheaper_cpu_dropout(model, torch.device("cpu")):
+        assert model.config._attn_implementation == fast_dropout.ATTENTION
+        got = model.train()(input_ids=ids, attention_mask=mask).logits
+    assert used == [0.3, 0.3]  # both layers' attention went through the cheaper path
+    rows = mask.bool()
+    assert torch.allclose(got[rows], reference[rows], atol=1e-5) if name == "llama" else \
+        torch.allclose(got, reference, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # restored: a saved model keeps its own setting
+
+
+def test_the_swap_is_undone_and_skips_other_devices():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
+    with cheaper_cpu_dropout(model, torch.device("cpu")):
+        assert type(model[1]) is CheaperDropout
+    assert type(model[1]) is nn.Dropout
+    with cheaper_cpu_dropout(model, torch.device("meta")):
+        assert type(model[1]) is nn.Dropout

@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from tunelab.estimate.fake_step import LiveTensorBytes, measure_step
+from tunelab.train.fast_dropout import cheaper_cpu_dropout
 from tunelab.train.setup import build_optimizer
 
 ROWS, LENGTH = 4, 32
@@ -35,13 +36,13 @@ def inputs(causal: bool, device: str) -> dict[str, torch.Tensor]:
 
 
 def real_peak_mb(model: torch.nn.Module, batch: dict, precision: str) -> float:
-    """The same two AdamW steps on real tensors, counted by the same counter."""
+    """The same two AdamW steps on real tensors, counted by the same counter, with the dropout training uses."""
     counter = LiveTensorBytes()
     for tensor in [*model.parameters(), *model.buffers()]:
         counter.track(tensor)
     optimizer = build_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}])
     model.train()
-    with counter:
+    with counter, cheaper_cpu_dropout(model, torch.device("cpu")):
         for step in range(2):
             if step:
                 counter.reset_peak()

@@ -16,7 +16,7 @@ from .config import ExperimentConfig, load_config
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import RUN_FILE, ExperimentLock, finished_records, saved_config, write_run_file
 from .experiment.job import Job, prepare_job
-from .train.distributed import launched_world_size, launcher_problems
+from .train.distributed import launched_world_size, launcher_problems, leave_process_group
 
 
 @dataclass
@@ -144,8 +144,11 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         if tune:
             raise TunelabInputError(["--tune: not under torchrun/accelerate launch (each trial is its own "
                                      "launch); use `tunelab compare --nproc N --tune K`"])
-        return launched_compare(config, overrides, output_dir, overwrite, resume, allow_config_change, seeds,
-                                nproc, show_progress)
+        try:
+            return launched_compare(config, overrides, output_dir, overwrite, resume, allow_config_change, seeds,
+                                    nproc, show_progress)
+        finally:
+            leave_process_group()
     from .experiment.plan import plan_runs
     from .experiment.results import write_results
     from .report import write_report

@@ -17,6 +17,7 @@ def main(argv: list[str]) -> int:
     from .isolation import RECORDS, file_name, load_shared_job
     from .job import Job
     from .plan import Run
+    from ..train.distributed import leave_process_group
     from .runner import run_method
 
     problems: list[str] = []
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> int:
     record["pid"] = os.getpid()
     if int(os.environ.get("RANK", "0")) == 0:  # under DDP the main process alone writes
         write_record(out_dir / RECORDS / file_name(run), record)
+    leave_process_group()
     return exit_code(record)
 
 

@@ -56,6 +56,13 @@ class Ranks:
         return out
 
 
+def leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits: left to exit-time teardown, gloo's threads can
+    abort a finished process ("terminate called without an active exception", seen once in CI under torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher (torchrun, accelerate launch, --nproc) says it started."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)

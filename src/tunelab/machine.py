@@ -1,4 +1,5 @@
-"""Facts about this machine that several parts share: its CPU's name and tunelab's cache folder."""
+"""Facts about this machine that several parts share: its CPU's name, tunelab's cache folder, and the threads
+each of several processes on it gets."""
 from __future__ import annotations
 
 import os
@@ -18,3 +19,8 @@ def cpu_name() -> str:
                         platform.processor() or "cpu")
     except OSError:
         return platform.processor() or "cpu"
+
+
+def threads_per_process(nproc: int) -> int:
+    """The cores shared out among `nproc` processes on this machine (`--nproc`), at least one each."""
+    return max(1, (os.cpu_count() or 1) // nproc)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..machine import cache_folder, cpu_name
+from ..machine import cache_folder, cpu_name, threads_per_process
 
 # what the allocator calibration trains (calibrate.py); a new version measures afresh instead of using a cache
 STAND_IN = "stand-in 2: 4-layer BERT, the loop's CPU dropout"
@@ -36,7 +36,7 @@ def one_process_threads(train_cfg, nproc: int):
         yield
         return
     before = torch.get_num_threads()
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = threads_per_process(nproc)
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..machine import threads_per_process
 from .job import Job
 from .plan import Run
 
@@ -103,7 +104,7 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
 
 def rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:
     """torchrun's worker environment for one machine; threads shared out unless the user set them."""
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = threads_per_process(nproc)
     return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
             "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}

@@ -23,14 +23,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, median
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "_children.py"
 sys.path.insert(0, str(HERE))
-from cases import SYSTEMS, TRAINERS, CASES, check_targets, hardware_case, targets_text, wanted  # noqa: E402
+from cases import (SYSTEMS, TRAINERS, CASES, check_targets, hardware_case, round_key, targets_text,  # noqa: E402
+                   wanted)
 
 DEFAULT_STEPS, LARGE_STEPS = 30, 200  # 200 > one epoch of 2000 rows at batch 16: covers the epoch rollover
 FULL_BACKWARD = {"full", "llrd"}  # methods whose backward also computes weight gradients of every layer
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds, one full set of runs each (replaces --seed); with more than one, "
                         "a paired accuracy summary (tunelab minus each Trainer system, seed by seed) is printed")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each (method, seed) set this many times back to back, the system order alternating; "
+                        "targets then use the median of the per-round time ratios (a shared VM's speed drifts)")
     p.add_argument("--systems", default=None, help=f"comma-separated subset of {','.join(SYSTEMS)} "
                    "(default: what the detected hardware case's targets need)")
     p.add_argument("--methods", default="full,llrd,lora,prompt-tuning")
@@ -72,12 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def plan(methods: list[str], seeds: list[int], systems: list[str]) -> list[tuple[str, str, int]]:
-    """Every (method, system, seed), the system order reversed every other run set to spread machine drift."""
+def plan(methods: list[str], seeds: list[int], systems: list[str],
+         repeats: int = 1) -> list[tuple[str, str, int, int]]:
+    """Every (method, system, seed, repeat), the system order reversed every other run set, so that machine
+    drift hits every system alike and each round's systems run minutes apart."""
     ordered = [s for s in SYSTEMS if s in systems]
-    sets = [(m, seed) for seed in seeds for m in methods]
-    return [(m, s, seed) for i, (m, seed) in enumerate(sets) for s in (ordered if i % 2 == 0 else ordered[::-1])
-            if wanted(m, s)]
+    sets = [(m, seed, rep) for seed in seeds for m in methods for rep in range(repeats)]
+    return [(m, s, seed, rep) for i, (m, seed, rep) in enumerate(sets)
+            for s in (ordered if i % 2 == 0 else ordered[::-1]) if wanted(m, s)]
 
 
 # ---------------------------------------------------------------- machine peak and model FLOPs
@@ -130,7 +136,7 @@ def child_env(args) -> dict:
     return env
 
 
-def run_child(args, method: str, system: str, seed: int) -> dict:
+def run_child(args, method: str, system: str, seed: int, repeat: int) -> dict:
     spec = {"method": method, "system": system, "steps": args.steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "train_samples": args.train_samples,
             "eval_samples": args.eval_samples, "seed": seed, "device": args.device, "threads": args.threads,
@@ -143,13 +149,14 @@ def run_child(args, method: str, system: str, seed: int) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"method": method, "system": system, "seed": seed, "error": f"exit code {proc.returncode}",
-                "log_tail": tail}
-    return {**json.loads(lines[-1][len("RESULT "):]), "seed": seed}
+        return {"method": method, "system": system, "seed": seed, "repeat": repeat,
+                "error": f"exit code {proc.returncode}", "log_tail": tail}
+    return {**json.loads(lines[-1][len("RESULT "):]), "seed": seed, "repeat": repeat}
 
 
-def derive(r: dict, peaks: dict, matmul_params: int, steps: int) -> None:
-    """Throughput and MFU from a child's raw counts (see README for the formula)."""
+def derive(r: dict, peaks: dict, matmul_params: int, steps: int, bf16_native: bool) -> None:
+    """Throughput and MFU from a child's raw counts (see README for the formula). MFU against the bf16 peak
+    only where bf16 is native: against an emulated peak it would read in the thousands of percent."""
     if "error" in r:
         return
     t = r["train_s"]
@@ -158,19 +165,20 @@ def derive(r: dict, peaks: dict, matmul_params: int, steps: int) -> None:
     achieved = factor * matmul_params * flop_tokens / t
     r.update(samples_per_s=r["samples"] / t, tokens_per_s=r["tokens"] / t, flops_per_token_factor=factor,
              train_flops=factor * matmul_params * flop_tokens, achieved_flops_per_s=achieved,
-             mfu_pct=100 * achieved / peaks[r["flags"]["precision"]], mfu_vs_bf16_pct=100 * achieved / peaks["bf16"],
+             mfu_pct=100 * achieved / peaks[r["flags"]["precision"]], mfu_vs_bf16_pct=100 * achieved / peaks["bf16"] if bf16_native else None,
              steps_ok=r["steps_done"] == steps)
 
 
 def add_ratios(results: list[dict]) -> dict:
-    """time(system) / time(tunelab) for the same method and seed: > 1 means tunelab was faster."""
+    """time(system) / time(tunelab) for the same method, seed and round: > 1 means tunelab was faster."""
     ratios = {}
-    for method, seed in dict.fromkeys((r["method"], r["seed"]) for r in results):
-        same = [r for r in results if r["method"] == method and r["seed"] == seed]
+    for key in dict.fromkeys(round_key(r) for r in results):
+        method, seed, repeat = key
+        same = [r for r in results if round_key(r) == key]
         times = {r["system"]: r.get("train_s") for r in same}
         base = times.get("tunelab")
         ratio = {s: times[s] / base if base and times.get(s) else None for s in times}
-        ratios[f"{method} seed {seed}"] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS if s in ratio and s != "tunelab"}
+        ratios[f"{method} seed {seed}" + (f" round {repeat + 1}" if repeat else "")] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS if s in ratio and s != "tunelab"}
         for r in same:
             r["time_ratio_vs_tunelab"] = ratio[r["system"]]
     return ratios
@@ -190,7 +198,9 @@ def paired_summary(results: list[dict]) -> list[dict]:
     mean time ratio. Pairing by seed removes the data-split variance the two share."""
     rows = []
     for method in dict.fromkeys(r["method"] for r in results):
-        ok = {(r["system"], r["seed"]): r for r in results if r["method"] == method and "error" not in r}
+        # accuracy is the same in every round (seeded), so the first round stands for the seed
+        ok = {(r["system"], r["seed"]): r for r in results
+              if r["method"] == method and "error" not in r and r["repeat"] == 0}
         for system in (*TRAINERS, "tunelab-2p"):
             seeds = sorted(seed for (s, seed) in ok if s == system and ("tunelab", seed) in ok)
             if not seeds:
@@ -201,7 +211,9 @@ def paired_summary(results: list[dict]) -> list[dict]:
                          "acc_tunelab": fmean(acc("tunelab", seed) for seed in seeds),
                          "acc_other": fmean(acc(system, seed) for seed in seeds),
                          "acc_diff": diff_mean, "acc_diff_se": diff_se,
-                         "time_ratio": fmean(ok[(system, seed)]["time_ratio_vs_tunelab"] for seed in seeds),
+                         "time_ratio": median(r["time_ratio_vs_tunelab"] for r in results
+                                              if (r["method"], r["system"]) == (method, system)
+                                              and r.get("time_ratio_vs_tunelab")),
                          "rss_diff_mb": fmean(ok[("tunelab", seed)]["train_peak_rss_mb"]
                                               - ok[(system, seed)]["train_peak_rss_mb"] for seed in seeds)})
     return rows
@@ -230,8 +242,12 @@ def row(r: dict) -> list:
     ratio = r["time_ratio_vs_tunelab"]
     flags = f"{r['flags']['precision']} {r['flags']['sampler'].replace('tunelab buckets of ', 'buckets')}"
     return [r["method"], r["system"], r["seed"], flags, r["train_s"], r["samples_per_s"], r["tokens_per_s"],
-            r["train_peak_rss_mb"], r["val"]["accuracy"], r["mfu_pct"], r["mfu_vs_bf16_pct"],
-            float("nan") if ratio is None else ratio]
+            r["train_peak_rss_mb"], r["val"]["accuracy"], r["mfu_pct"], nan_if_none(r["mfu_vs_bf16_pct"]),
+            nan_if_none(ratio)]
+
+
+def nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def table(results: list[dict]) -> str:
@@ -270,13 +286,14 @@ def main(argv=None) -> int:
           file=sys.stderr)
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; "
           f"encoder matmul params {matmul_params:,}", file=sys.stderr)
-    runs = plan(args.methods, args.seeds, args.systems)
+    runs = plan(args.methods, args.seeds, args.systems, args.repeats)
     results = []
-    for i, (method, system, seed) in enumerate(runs, 1):
+    for i, (method, system, seed, repeat) in enumerate(runs, 1):
         started = time.perf_counter()
-        results.append(run_child(args, method, system, seed))
-        derive(results[-1], peaks, matmul_params, args.steps)
-        print(f"[{i}/{len(runs)}] {method} {system} seed {seed}: {results[-1].get('error', 'ok')} "
+        results.append(run_child(args, method, system, seed, repeat))
+        derive(results[-1], peaks, matmul_params, args.steps, bf16_native=args.case != "cpu-no-fast-bf16")
+        round_text = f" round {repeat + 1}" if args.repeats > 1 else ""
+        print(f"[{i}/{len(runs)}] {method} {system} seed {seed}{round_text}: {results[-1].get('error', 'ok')} "
               f"({time.perf_counter() - started:.0f} s with loading and evaluation)", file=sys.stderr)
     ratios = add_ratios(results)
     print(table(results))

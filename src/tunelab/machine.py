@@ -1,7 +1,8 @@
-"""Facts about this machine that several parts share: its CPU's name, tunelab's cache folder, and the threads
-each of several processes on it gets."""
+"""Facts about this machine that several parts share: its CPU's name, tunelab's cache of measurements, and the
+threads each of several processes on it gets."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -10,6 +11,28 @@ from pathlib import Path
 def cache_folder() -> Path:
     """Where measurements of this machine are kept ($TUNELAB_CACHE, else ~/.cache/tunelab)."""
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+def read_measurements(name: str) -> dict:
+    """The measurements kept in the cache file `name`; none when it is missing or unreadable."""
+    try:
+        return json.loads((cache_folder() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def keep_measurement(name: str, key: str, entry: dict) -> None:
+    """Adds one measurement to the cache file `name`. Written whole to a temporary file and renamed, so that a
+    process reading at the same time never sees half a file; where the folder cannot be written, nothing is
+    kept and the next run measures again."""
+    path = cache_folder() / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**read_measurements(name), key: entry}, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 def cpu_name() -> str:

@@ -9,14 +9,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..machine import cache_folder, cpu_name, threads_per_process
+from ..machine import cpu_name, keep_measurement, read_measurements, threads_per_process
 
 # what the allocator calibration trains (calibrate.py); a new version measures afresh instead of using a cache
+PROFILES = "device-profiles.json"  # in the machine's cache folder
 STAND_IN = "stand-in 2: 4-layer BERT, the loop's CPU dropout"
 # Measured training throughput over this device's peak matmul rate, for small transformer steps on CPU
 # (the packaged MiniLM job: 0.41 TFLOP/s achieved against 0.80 peak bf16, 2 cores of an AMD EPYC Zen 5).
@@ -56,14 +56,11 @@ def device_profile(train_cfg, precision: str) -> dict[str, Any]:
     # a preloaded allocator (jemalloc, tcmalloc) keeps memory differently from glibc's
     key = (f"{kind}|{name}|{precision}|torch {torch.__version__}|threads {torch.get_num_threads()}"
            f"|preload {os.environ.get('LD_PRELOAD', '')}|{STAND_IN}")
-    cache = cache_file()
-    saved = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in saved:
-        saved[key] = {"peak_flops": matmul_flops(kind, precision), "runtime_overhead_mb": runtime_overhead_mb(kind),
-                      **allocator_keeping(kind, precision)}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(saved, indent=2))
-    profile = saved[key]
+    profile = read_measurements(PROFILES).get(key)
+    if profile is None:
+        profile = {"peak_flops": matmul_flops(kind, precision), "runtime_overhead_mb": runtime_overhead_mb(kind),
+                   **allocator_keeping(kind, precision)}
+        keep_measurement(PROFILES, key, profile)
     efficiency = GPU_EFFICIENCY if kind == "cuda" else CPU_EFFICIENCY
     return {"kind": kind, "name": name, "present": True, "precision": precision, **profile,
             "efficiency": efficiency, "effective_flops": profile["peak_flops"] * efficiency}
@@ -76,10 +73,6 @@ def absent_gpu_profile(precision: str) -> dict[str, Any]:
     return {"kind": "cuda", "name": "a CUDA device (not on this machine: memory only)", "present": False,
             "precision": precision, "peak_flops": None, "runtime_overhead_mb": 0.0, "allocator_fixed_mb": 0.0,
             "allocator_per_churn_mb": 0.0, "efficiency": GPU_EFFICIENCY, "effective_flops": None}
-
-
-def cache_file() -> Path:
-    return cache_folder() / "device-profiles.json"
 
 
 def matmul_flops(kind: str, precision: str, size: int = 1024, seconds: float = 1.0) -> float:

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..machine import cache_folder, cpu_name
+from ..machine import cpu_name, keep_measurement, read_measurements
 from ..config import TrainConfig
 from .setup import precision_choice
 
 PROBE_STEPS = 2  # timed, after one warm-up; the smallest counts (noise only ever adds time)
 BF16_MARGIN = 0.9  # bf16 is chosen when its step takes under 90 % of fp32's
+CACHE = "precision.json"  # in the machine's cache folder
 
 
 def choose_precision(cfg: TrainConfig, model: nn.Module, batch: dict[str, torch.Tensor], key: str,
@@ -37,7 +35,7 @@ def choose_precision(cfg: TrainConfig, model: nn.Module, batch: dict[str, torch.
         return chosen, reason
     device = batch["input_ids"].device.type
     key = cache_key(key, device, batch)
-    cached = read_cache().get(key)
+    cached = read_measurements(CACHE).get(key)
     if cached:
         return cached["precision"], cached["reason"] + " (measured earlier for the same model, method and batch)"
     if not can_measure:
@@ -49,7 +47,7 @@ def choose_precision(cfg: TrainConfig, model: nn.Module, batch: dict[str, torch.
     reason = (f"auto: measured {PROBE_STEPS} forward+backward steps of a {shape} batch: fp32 {fp32_s * 1e3:.0f} ms, "
               f"bf16 {bf16_s * 1e3:.0f} ms per step")
     if not BF16_MARGIN <= bf16_s / fp32_s <= 1 / BF16_MARGIN:  # a near tie (or a busy machine) is measured again
-        write_cache(key, {"precision": chosen, "reason": reason, "fp32_s": fp32_s, "bf16_s": bf16_s})
+        keep_measurement(CACHE, key, {"precision": chosen, "reason": reason, "fp32_s": fp32_s, "bf16_s": bf16_s})
     return chosen, reason
 
 
@@ -85,25 +83,3 @@ def cache_key(key: str, device: str, batch: dict[str, torch.Tensor]) -> str:
     parts = [key, device, name, str(tuple(batch["input_ids"].shape)), str(torch.get_num_threads()), torch.__version__]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
-
-def cache_path() -> Path:
-    return cache_folder() / "precision.json"
-
-
-def read_cache() -> dict:
-    try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_cache(key: str, entry: dict) -> None:
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        entries = {**read_cache(), key: entry}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1))
-        tmp.replace(path)
-    except OSError:  # a read-only home: measure again next time
-        pass

@@ -25,6 +25,17 @@ def test_elements_are_dropped_with_probability_p_and_the_rest_scaled():
     assert torch.equal(layer.eval()(x), x)
 
 
+def test_both_halves_of_a_mask_keep_one_minus_p():
+    """The first half of a mask is decided by the words' low 16 bits, the second by their high 15 bits: each
+    must keep 1 - p on its own (an uneven half would bias dropout where the halves fall, e.g. early rows)."""
+    torch.manual_seed(0)
+    half = 200_000
+    mask = fast_dropout.keep_mask(torch.Size([2 * half - 1]), 0.25, torch.device("cpu"))
+    # 2·10^5 draws each: 0.005 is over 5 standard deviations (0.001)
+    assert mask[:half].float().mean().item() == pytest.approx(0.75, abs=0.005)
+    assert mask[half:].float().mean().item() == pytest.approx(0.75, abs=0.005)
+
+
 def tiny_models():
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 

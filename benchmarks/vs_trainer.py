@@ -165,7 +165,8 @@ def derive(r: dict, peaks: dict, matmul_params: int, steps: int, bf16_native: bo
     achieved = factor * matmul_params * flop_tokens / t
     r.update(samples_per_s=r["samples"] / t, tokens_per_s=r["tokens"] / t, flops_per_token_factor=factor,
              train_flops=factor * matmul_params * flop_tokens, achieved_flops_per_s=achieved,
-             mfu_pct=100 * achieved / peaks[r["flags"]["precision"]], mfu_vs_bf16_pct=100 * achieved / peaks["bf16"] if bf16_native else None,
+             mfu_pct=100 * achieved / peaks[r["flags"]["precision"]],
+             mfu_vs_bf16_pct=100 * achieved / peaks["bf16"] if bf16_native else None,
              steps_ok=r["steps_done"] == steps)
 
 
@@ -178,7 +179,8 @@ def add_ratios(results: list[dict]) -> dict:
         times = {r["system"]: r.get("train_s") for r in same}
         base = times.get("tunelab")
         ratio = {s: times[s] / base if base and times.get(s) else None for s in times}
-        ratios[f"{method} seed {seed}" + (f" round {repeat + 1}" if repeat else "")] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS if s in ratio and s != "tunelab"}
+        label = f"{method} seed {seed}" + (f" round {repeat + 1}" if repeat else "")
+        ratios[label] = {f"{s}/tunelab": ratio[s] for s in SYSTEMS if s in ratio and s != "tunelab"}
         for r in same:
             r["time_ratio_vs_tunelab"] = ratio[r["system"]]
     return ratios
@@ -195,12 +197,12 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def paired_summary(results: list[dict]) -> list[dict]:
     """Per method and Trainer system, over the seeds where both it and tunelab finished: mean accuracy of
     each, the mean of the per-seed differences (tunelab minus Trainer) with its standard error, and the
-    mean time ratio. Pairing by seed removes the data-split variance the two share."""
+    median time ratio over every seed and round. Pairing by seed removes the data-split variance the two share."""
     rows = []
     for method in dict.fromkeys(r["method"] for r in results):
         # accuracy is the same in every round (seeded), so the first round stands for the seed
         ok = {(r["system"], r["seed"]): r for r in results
-              if r["method"] == method and "error" not in r and r["repeat"] == 0}
+              if r["method"] == method and "error" not in r and round_key(r)[2] == 0}
         for system in (*TRAINERS, "tunelab-2p"):
             seeds = sorted(seed for (s, seed) in ok if s == system and ("tunelab", seed) in ok)
             if not seeds:
@@ -287,11 +289,11 @@ def main(argv=None) -> int:
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; "
           f"encoder matmul params {matmul_params:,}", file=sys.stderr)
     runs = plan(args.methods, args.seeds, args.systems, args.repeats)
-    results = []
+    results, bf16_native = [], args.case != "cpu-no-fast-bf16"
     for i, (method, system, seed, repeat) in enumerate(runs, 1):
         started = time.perf_counter()
         results.append(run_child(args, method, system, seed, repeat))
-        derive(results[-1], peaks, matmul_params, args.steps, bf16_native=args.case != "cpu-no-fast-bf16")
+        derive(results[-1], peaks, matmul_params, args.steps, bf16_native)
         round_text = f" round {repeat + 1}" if args.repeats > 1 else ""
         print(f"[{i}/{len(runs)}] {method} {system} seed {seed}{round_text}: {results[-1].get('error', 'ok')} "
               f"({time.perf_counter() - started:.0f} s with loading and evaluation)", file=sys.stderr)

@@ -15,8 +15,8 @@ import torch
 
 from ..machine import cpu_name, keep_measurement, read_measurements, threads_per_process
 
-# what the allocator calibration trains (calibrate.py); a new version measures afresh instead of using a cache
 PROFILES = "device-profiles.json"  # in the machine's cache folder
+# what the allocator calibration trains (calibrate.py); a new version measures afresh instead of using a cache
 STAND_IN = "stand-in 2: 4-layer BERT, the loop's CPU dropout"
 # Measured training throughput over this device's peak matmul rate, for small transformer steps on CPU
 # (the packaged MiniLM job: 0.41 TFLOP/s achieved against 0.80 peak bf16, 2 cores of an AMD EPYC Zen 5).

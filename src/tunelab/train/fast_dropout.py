@@ -28,6 +28,9 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
 
 
+LOW_HALF = 0 if sys.byteorder == "little" else 1  # where an int32's low 16 bits sit among its two int16s
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """True with probability 1 - p (to within 2^-15), from half as many generator draws as elements.
 
@@ -43,9 +46,6 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     torch.ge(words.view(torch.int16)[LOW_HALF::2], round(p * 2**16) - 2**15, out=from_low)
     torch.ge(words, round(p * 2**15) << 16, out=from_high)  # the high bits reach the threshold iff the word does
     return keep[:count].view(shape)
-
-
-LOW_HALF = 0 if sys.byteorder == "little" else 1  # where an int32's low 16 bits sit among its two int16s
 
 
 class CheaperDropout(nn.Dropout):

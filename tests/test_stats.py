@@ -43,7 +43,7 @@ def test_paired_bootstrap_separates_a_real_gap_from_noise():
     good = np.where(rng.random(400) < 0.9, labels, 1 - labels)
     twin = np.where(rng.random(400) < 0.9, labels, 1 - labels)  # another draw of the same quality
     bad = np.where(rng.random(400) < 0.6, labels, 1 - labels)
-    accuracy = lambda pred, label: float(np.mean(pred == label))  # noqa: E731
+    accuracy = lambda pred, label, axis=-1: np.mean(pred == label, axis=axis)  # noqa: E731
     assert stats.paired_bootstrap(accuracy, [good, labels], [bad, labels])["significant"]
     assert not stats.paired_bootstrap(accuracy, [good, labels], [twin, labels])["significant"]
 
@@ -65,3 +65,26 @@ def test_summary_ranks_by_direction_and_calls_small_differences_ties():
     assert entries["a"]["metrics"]["accuracy"]["n"] == 3 and entries["a"]["metrics"]["accuracy"]["ci95"]
     by_loss = summarize(records, {**JOB, "metric_for_best": "loss"})
     assert by_loss[0]["method"] == "a" and by_loss[-1]["method"] == "c"  # lower loss first
+
+
+@pytest.mark.parametrize("task_name, per_example", [
+    ("classification", {"pred": [0, 2, 1, 1, 0, 2, 2], "label": [0, 2, 2, 1, 1, 2, 0], "loss": [.1, .2, .9, .3, 1.2, .4, 2.]}),
+    ("causal-lm", {"loss_sum": [4.0, 9.5, 2.25, 7.0], "tokens": [3, 5, 2, 4], "exact_match": [1.0, 0.0, 0.0, 1.0],
+                   "token_f1": [1.0, 0.5, 0.2, 1.0]}),
+])
+def test_every_task_statistic_gives_each_resample_what_one_run_gives(task_name, per_example):
+    """The bootstrap hands a task's statistic 2,000 resamples at once: row by row it must be the metric."""
+    from tunelab.tasks.base import registry
+
+    task = registry()[task_name]
+    n = len(next(iter(per_example.values())))
+    resamples = np.random.default_rng(0).integers(0, n, (50, n))
+    for metric in task.metrics:
+        columns, statistic = task.statistic(metric, per_example)
+        together = statistic(*(c[resamples] for c in columns), axis=-1)
+        one_by_one = [statistic(*(c[rows] for c in columns)) for rows in resamples]
+        assert together.shape == (50,) and together == pytest.approx(one_by_one), metric
+    if task_name == "classification":  # by hand: F1 of classes 0, 1, 2 is 2/4, 2/4, 4/6; 4 of 7 right
+        columns, f1 = task.statistic("f1_macro", per_example)
+        assert f1(*columns) == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
+        assert task.statistic("accuracy", per_example)[1](*columns) == pytest.approx(4 / 7)

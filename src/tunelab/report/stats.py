@@ -10,6 +10,13 @@ from scipy import stats
 
 ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 2000
+# resampled values computed at once (resamples × examples): all 2,000 resamples of a few hundred examples in
+# one call, a bounded memory for a test split of millions
+RESAMPLED_VALUES_PER_BATCH = 4_000_000
+
+
+def resamples_per_batch(examples: int) -> int:
+    return max(1, min(BOOTSTRAP_RESAMPLES, RESAMPLED_VALUES_PER_BATCH // max(examples, 1)))
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -26,12 +33,15 @@ def summarize(values: Sequence[float]) -> dict:
 
 def bootstrap_ci(statistic: Callable[..., float], columns: Sequence[np.ndarray], seed: int = 0) -> list[float] | None:
     """95 % percentile-bootstrap interval of `statistic(*columns)` over examples (rows resampled together),
-    so even a single run shows how much its test score depends on which examples were drawn."""
+    so even a single run shows how much its test score depends on which examples were drawn.
+
+    `statistic(*columns, axis=-1)` reduces along `axis` (numpy's convention, as np.mean does): it is given
+    a batch of resamples at once, rows along the last axis."""
     if len(columns[0]) < 2:
         return None
-    result = stats.bootstrap(tuple(np.asarray(c) for c in columns), statistic, paired=True, vectorized=False,
-                             n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=1 - ALPHA, method="percentile",
-                             random_state=np.random.default_rng(seed))
+    result = stats.bootstrap(tuple(np.asarray(c) for c in columns), statistic, paired=True, vectorized=True,
+                             n_resamples=BOOTSTRAP_RESAMPLES, batch=resamples_per_batch(len(columns[0])),
+                             confidence_level=1 - ALPHA, method="percentile", random_state=np.random.default_rng(seed))
     low, high = result.confidence_interval
     return [float(low), float(high)]
 
@@ -55,15 +65,17 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> dict:
 def paired_bootstrap(statistic: Callable[..., float], a_columns: Sequence[np.ndarray],
                      b_columns: Sequence[np.ndarray], seed: int = 0) -> dict:
     """Two-sided paired bootstrap over the same test examples: how often does resampling the examples flip
-    the sign of statistic(a) - statistic(b)? For single runs, where there are no seeds to pair."""
+    the sign of statistic(a) - statistic(b)? For single runs, where there are no seeds to pair. `statistic`
+    reduces along `axis`, as for `bootstrap_ci`."""
     rng = np.random.default_rng(seed)
+    a_columns, b_columns = [np.asarray(c) for c in a_columns], [np.asarray(c) for c in b_columns]
     n = len(a_columns[0])
-    observed = statistic(*a_columns) - statistic(*b_columns)
-    flips = 0
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        rows = rng.integers(0, n, n)
-        delta = statistic(*(c[rows] for c in a_columns)) - statistic(*(c[rows] for c in b_columns))
-        flips += (delta <= 0) if observed > 0 else (delta >= 0)
+    observed = float(statistic(*a_columns, axis=-1) - statistic(*b_columns, axis=-1))
+    flips, batch = 0, resamples_per_batch(n)
+    for start in range(0, BOOTSTRAP_RESAMPLES, batch):
+        rows = rng.integers(0, n, (min(batch, BOOTSTRAP_RESAMPLES - start), n))
+        delta = statistic(*(c[rows] for c in a_columns), axis=-1) - statistic(*(c[rows] for c in b_columns), axis=-1)
+        flips += int(np.sum(delta <= 0 if observed > 0 else delta >= 0))
     p = min(1.0, 2 * (flips + 1) / (BOOTSTRAP_RESAMPLES + 1))
     return {"test": "paired bootstrap over test examples", "p_value": p, "significant": p < ALPHA,
-            "mean_difference": float(observed)}
+            "mean_difference": observed}

@@ -130,7 +130,9 @@ class Task:
 
     def statistic(self, metric: str, per_example: dict[str, list]) -> tuple[list[np.ndarray], Callable] | None:
         """Columns of `per_example` (rows = examples) and a function of them giving `metric`, so the
-        statistics can resample examples; None where the metric cannot be recomputed."""
+        statistics can resample examples; None where the metric cannot be recomputed. The function takes
+        `axis` and reduces along it, as np.mean does: the bootstrap hands it many resamples at once, each a
+        row of a 2-D column, examples along the last axis."""
         return None
 
     def report_lines(self, payload: dict[str, Any]) -> list[str]:

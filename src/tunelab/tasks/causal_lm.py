@@ -113,8 +113,8 @@ class CausalLM(Task):
             return None
         columns = [np.asarray(per_example["loss_sum"]), np.asarray(per_example["tokens"])]
         if metric == "loss":
-            return columns, lambda sums, tokens: sums.sum() / max(tokens.sum(), 1)
-        return columns, lambda sums, tokens: perplexity(sums.sum() / max(tokens.sum(), 1))
+            return columns, token_mean_loss
+        return columns, lambda sums, tokens, axis=-1: perplexity(token_mean_loss(sums, tokens, axis))
 
     def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
         """The untrained model: what fine-tuning has to improve on."""
@@ -285,8 +285,15 @@ def response_losses(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[
     return sums, counts
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))  # capped: an untrained model's loss must not overflow the report
+def perplexity(loss):
+    """exp(loss) of a number or of an array of them, capped: an untrained model's loss must not overflow the
+    report."""
+    return math.exp(min(loss, 50.0)) if np.isscalar(loss) else np.exp(np.minimum(loss, 50.0))
+
+
+def token_mean_loss(sums: np.ndarray, tokens: np.ndarray, axis: int = -1):
+    """The loss per response token of the rows along `axis`: one run's, or each bootstrap resample's."""
+    return np.sum(sums, axis=axis) / np.maximum(np.sum(tokens, axis=axis), 1)
 
 
 def sample_rows(n: int, k: int) -> np.ndarray:

@@ -112,7 +112,7 @@ class Classification(Task):
             return [np.asarray(per_example["loss"])], np.mean
         num_labels = max(max(per_example["label"]), max(per_example["pred"])) + 1
         return ([np.asarray(per_example["pred"]), np.asarray(per_example["label"])],
-                lambda pred, label: classification_metrics(pred, label, num_labels)[metric])
+                lambda pred, label, axis=-1: scores_along(pred, label, num_labels, axis)[metric])
 
     def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
         """Always predicting train's most frequent class, with train's class frequencies as probabilities."""
@@ -220,11 +220,18 @@ def class_probabilities(model: nn.Module, data: Encoded, setup: EvalSetup) -> np
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    if not len(labels):
+        return {"accuracy": math.nan, "f1_macro": math.nan}
+    return {name: float(value) for name, value in scores_along(preds, labels, num_labels).items()}
+
+
+def scores_along(preds: np.ndarray, labels: np.ndarray, num_labels: int, axis: int = -1) -> dict[str, np.ndarray]:
+    """Accuracy and macro F1 reduced along `axis`: of one run's predictions, or of many resamples of them at
+    once (the bootstrap's rows along the last axis)."""
     f1s = []
     for label in range(num_labels):
-        tp = np.sum((preds == label) & (labels == label))
-        fp = np.sum((preds == label) & (labels != label))
-        fn = np.sum((preds != label) & (labels == label))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float(np.mean(preds == labels)) if len(labels) else math.nan,
-            "f1_macro": float(np.mean(f1s))}
+        predicted, actual = preds == label, labels == label
+        tp = np.sum(predicted & actual, axis=axis)
+        wrong = np.sum(predicted != actual, axis=axis)  # false positives and false negatives
+        f1s.append(np.where(tp == 0, 0.0, 2 * tp / np.maximum(2 * tp + wrong, 1)))
+    return {"accuracy": np.mean(preds == labels, axis=axis), "f1_macro": np.mean(f1s, axis=0)}

@@ -1,4 +1,4 @@
-"""The packaged causal-LM job, shrunk: SmolLM2-135M (converted from GGUF) on chatterbot pairs, every method."""
+"""The packaged causal-LM job, shrunk: SmolLM2-135M (converted from GGUF) on chatterbot pairs, the default methods."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,8 @@ SMALL = ["task=causal-lm", "data.max_train_samples=32", "data.max_eval_samples=8
 
 def test_every_method_runs_on_the_packaged_causal_lm(tmp_path):
     out = tmp_path / "exp"
-    assert main(["compare", *SMALL, "--output", str(out), "--no-progress"]) == 0
+    # in one process: a process per method (tested in test_isolation.py) would add a minute of start-ups here
+    assert main(["compare", *SMALL, "--output", str(out), "--no-progress", "--in-process"]) == 0
     payload = json.loads((out / "results.json").read_text())
     assert payload["job"]["task"] == "causal-lm" and payload["job"]["baseline"]["name"] == "untrained model"
     for record in payload["methods"]:

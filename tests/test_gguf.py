@@ -18,16 +18,17 @@ def test_a_missing_package_is_an_input_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_conversion_is_done_once_and_keeps_the_logits(tmp_path):
+def test_conversion_is_done_once_and_keeps_the_logits():
     import importlib.util
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = converted_gguf_model(PACKAGE, FILE, "SmolLM2-135M-Instruct", root=tmp_path)
+    # the session's cache (tests/conftest.py): a packaged-model test that ran before converted it already
+    folder = converted_gguf_model(PACKAGE, FILE, "SmolLM2-135M-Instruct")
     weights = folder / "model.safetensors"
     written = weights.stat().st_mtime_ns
-    assert converted_gguf_model(PACKAGE, FILE, "SmolLM2-135M-Instruct", root=tmp_path) == folder
+    assert converted_gguf_model(PACKAGE, FILE, "SmolLM2-135M-Instruct") == folder
     assert weights.stat().st_mtime_ns == written  # not converted again
 
     plain = AutoModelForCausalLM.from_pretrained(folder)
@@ -40,7 +41,23 @@ def test_conversion_is_done_once_and_keeps_the_logits(tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(**ids).logits, gguf(**ids).logits)
 
+
+def test_a_folder_converted_from_another_version_of_the_package_is_converted_again(tmp_path, monkeypatch):
+    from tunelab.models import gguf
+
+    converted = []
+
+    def stand_in_conversion(source, out):  # the real one takes ~20 s and is tested above
+        converted.append(source.name)
+        out.mkdir()
+        (out / "model.safetensors").write_text("new")
+
+    monkeypatch.setattr(gguf, "convert", stand_in_conversion)
+    folder = converted_gguf_model(PACKAGE, FILE, "X", root=tmp_path)
     marker = json.loads((folder / MARKER).read_text())
+    assert converted == [FILE] and converted_gguf_model(PACKAGE, FILE, "X", root=tmp_path) == folder
+    (folder / "model.safetensors").write_text("old")
     (folder / MARKER).write_text(json.dumps({**marker, "size": 1}))  # as if the package had changed
-    converted_gguf_model(PACKAGE, FILE, "SmolLM2-135M-Instruct", root=tmp_path)
-    assert weights.stat().st_mtime_ns != written
+    assert converted_gguf_model(PACKAGE, FILE, "X", root=tmp_path) == folder
+    assert converted == [FILE, FILE] and (folder / "model.safetensors").read_text() == "new"
+    assert json.loads((folder / MARKER).read_text()) == marker

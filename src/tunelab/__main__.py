@@ -1,6 +1,5 @@
 """`python -m tunelab ...` (and `torchrun -m tunelab ...`, `accelerate launch -m tunelab ...`): the CLI."""
-import sys
-
 from .cli import main
+from .train.distributed import exit_process
 
-sys.exit(main())
+exit_process(main())

@@ -79,10 +79,11 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
                     write_report(out_dir, payload)
                 raise CompareInterrupted(f"interrupted during {run.run_id}; continue with the same launch "
                                          f"command and --resume --output {out_dir}")
-        if not main:
-            return CompareOutcome(out_dir, [], out_dir / "report.md", summary)
-        append_summary(out_dir, payload)
-        return CompareOutcome(out_dir, records, write_report(out_dir, payload), summary)
+        if main:
+            append_summary(out_dir, payload)
+            write_report(out_dir, payload)
+        ranks.barrier()  # the launch ends together: no process leaves the group while the main one still writes
+        return CompareOutcome(out_dir, records if main else [], out_dir / "report.md", summary)
 
 
 def stop_on_failure(record: dict[str, Any], ranks: Ranks) -> None:

@@ -75,4 +75,6 @@ def trial_reporter(info: dict, cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from ..train.distributed import exit_process
+
+    exit_process(main(sys.argv[1:]))

@@ -88,3 +88,26 @@ def test_every_task_statistic_gives_each_resample_what_one_run_gives(task_name, 
         columns, f1 = task.statistic("f1_macro", per_example)
         assert f1(*columns) == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
         assert task.statistic("accuracy", per_example)[1](*columns) == pytest.approx(4 / 7)
+
+
+def test_classification_scores_follow_the_per_class_definition_for_many_classes():
+    from tunelab.tasks.classification import scores_along
+
+    def by_definition(pred, label, classes):
+        f1 = []
+        for c in range(classes):
+            tp, fp = np.sum((pred == c) & (label == c)), np.sum((pred == c) & (label != c))
+            fn = np.sum((pred != c) & (label == c))
+            f1.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+        return np.mean(pred == label), np.mean(f1)
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 50, 300)
+    pred = np.where(rng.random(300) < 0.6, label, rng.integers(0, 50, 300))
+    rows = rng.integers(0, 300, (7, 300))
+    along_rows = scores_along(pred[rows], label[rows], 50)
+    along_columns = scores_along(pred[rows].T, label[rows].T, 50, axis=0)
+    for i, r in enumerate(rows):
+        accuracy, f1 = by_definition(pred[r], label[r], 50)
+        assert along_rows["accuracy"][i] == pytest.approx(accuracy) == along_columns["accuracy"][i]
+        assert along_rows["f1_macro"][i] == pytest.approx(f1) == along_columns["f1_macro"][i]

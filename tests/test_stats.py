@@ -68,7 +68,8 @@ def test_summary_ranks_by_direction_and_calls_small_differences_ties():
 
 
 @pytest.mark.parametrize("task_name, per_example", [
-    ("classification", {"pred": [0, 2, 1, 1, 0, 2, 2], "label": [0, 2, 2, 1, 1, 2, 0], "loss": [.1, .2, .9, .3, 1.2, .4, 2.]}),
+    ("classification", {"pred": [0, 2, 1, 1, 0, 2, 2], "label": [0, 2, 2, 1, 1, 2, 0],
+                        "loss": [.1, .2, .9, .3, 1.2, .4, 2.]}),
     ("causal-lm", {"loss_sum": [4.0, 9.5, 2.25, 7.0], "tokens": [3, 5, 2, 4], "exact_match": [1.0, 0.0, 0.0, 1.0],
                    "token_f1": [1.0, 0.5, 0.2, 1.0]}),
 ])

@@ -74,7 +74,8 @@ def paired_bootstrap(statistic: Callable[..., float], a_columns: Sequence[np.nda
     flips, batch = 0, resamples_per_batch(n)
     for start in range(0, BOOTSTRAP_RESAMPLES, batch):
         rows = rng.integers(0, n, (min(batch, BOOTSTRAP_RESAMPLES - start), n))
-        delta = statistic(*(c[rows] for c in a_columns), axis=-1) - statistic(*(c[rows] for c in b_columns), axis=-1)
+        mine, theirs = ([c[rows] for c in columns] for columns in (a_columns, b_columns))
+        delta = statistic(*mine, axis=-1) - statistic(*theirs, axis=-1)
         flips += int(np.sum(delta <= 0 if observed > 0 else delta >= 0))
     p = min(1.0, 2 * (flips + 1) / (BOOTSTRAP_RESAMPLES + 1))
     return {"test": "paired bootstrap over test examples", "p_value": p, "significant": p < ALPHA,

@@ -106,3 +106,28 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(tiny_overrides, tmp_p
     record = api.compare(None, run, tmp_path / "run", show_progress=False, isolate=False, resume=True).records[0]
     assert record["status"] == "success"
     assert record["precision"] == "bf16" and record["precision_reason"].startswith("resumed")
+
+
+def test_a_bf16_checkpoint_trains_and_is_estimated_in_fp32_weights(tmp_path, tiny_overrides):
+    """Most hub checkpoints are stored in bf16, and transformers 5 keeps a checkpoint's dtype by default: AdamW
+    on bf16 weights would drop every update smaller than a weight's rounding step (and be emulated on an AVX2
+    CPU). The weights train, and are estimated, in fp32 as from an fp32 checkpoint."""
+    from transformers import AutoModel
+
+    from conftest import build_tiny_bert
+    from tunelab.estimate import estimate
+
+    fp32_folder = build_tiny_bert(tmp_path / "fp32")
+    bf16_folder = build_tiny_bert(tmp_path / "bf16")
+    AutoModel.from_pretrained(bf16_folder).to(torch.bfloat16).save_pretrained(bf16_folder)
+    assert '"dtype": "bfloat16"' in (bf16_folder / "config.json").read_text()
+    rest = [o for o in tiny_overrides if not o.startswith("model.name_or_path=")]
+    cfg = load_config(None, [f"model.name_or_path={bf16_folder}", *rest, "methods=full,lora"])
+    job = prepare_job(cfg)
+    for name in ("full", "lora"):
+        model = setup_method(job, name).model
+        assert {p.dtype for p in model.parameters()} == {torch.float32}, name
+    weights = {folder: {m["method"]: m["weights_mb"] for m in estimate(
+        load_config(None, [f"model.name_or_path={folder}", *rest, "methods=full,lora"]), train_rows=160)["methods"]}
+        for folder in (fp32_folder, bf16_folder)}
+    assert weights[bf16_folder] == weights[fp32_folder]

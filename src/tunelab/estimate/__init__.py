@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import ExperimentConfig
 from ..errors import TunelabInputError
+from ..models.loading import TRAINING_DTYPE
 from .device import device_profile, one_process_threads
 from .processes import Layout, micro_batch_rows
 from .memory import Workload, memory_parts, train_flops_per_token
@@ -36,7 +37,7 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     config = read_model_config(model_path)
     for key, value in task.model_kwargs({}).items():
         setattr(config, key, value)
-    build = lambda: task.auto_class().from_config(config)  # noqa: E731
+    build = lambda: task.auto_class().from_config(config, dtype=TRAINING_DTYPE)  # noqa: E731  (as training loads)
     precision = resolve_precision(cfg.train)
     if cfg.train.device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
         precision = "bf16"  # planning for a GPU not here: assume a bf16 one (train.precision=fp32 says otherwise)

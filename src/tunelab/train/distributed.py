@@ -85,6 +85,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def launched_rank() -> int:
+    """This process's place among those the launcher started (known before the group forms)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def launcher_problems(asked: int | None) -> list[str]:
     """Setups that would silently train something else than asked, found before anything runs.
 

@@ -10,6 +10,8 @@ any process count. Helpers here are the identity for a model that is not sharded
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from typing import Any
 
 import torch
@@ -30,20 +32,69 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device, ranks) -> nn.Module:
     """Shard every transformer block, then the rest (embeddings, head, a prompt encoder) as the root group.
 
     One group per block is what bounds memory: a block's weights are whole only while it runs. The parameters
-    move to `device`, one shard each."""
+    move to `device`, one shard each. Only the main process read the weights (the others built the model on
+    the meta device, so no process but one ever holds the whole model): they come from it, tensor by tensor,
+    each process keeping its shard."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (world,))
+    if device.type == "cpu":
+        return_freed_memory_to_the_system()
+    whole_state = model.state_dict() if ranks.is_main else {}
+    mesh = init_device_mesh(device.type, (ranks.world,))
     _, blocks = find_block_list(model)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    _fill_from_main(model, whole_state, device, ranks)
     return model
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_freed_memory_to_the_system(threshold_bytes: int = 1 << 20) -> bool:
+    """Give every allocation from `threshold_bytes` on its own memory mapping, returned to the system when freed.
+
+    Sharded training on a CPU gathers each block's weights and frees them again, every step. glibc serves
+    allocations under its mmap threshold from its heap, raises that threshold (up to 32 MB) after large frees,
+    and did not reuse or return those freed blocks: measured on a 12-block, 150M-parameter BERT over 2 processes,
+    each process grew to the whole model gathered and more (LoRA: 3.8 and 2.9 GB peak after 8 steps against 1.05
+    GB with a fixed threshold; full fine-tuning 5.1 and 4.6 GB against 3.2 and 2.6 GB; step times within the
+    machine's noise). False where the C library is not glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+def _fill_from_main(model: nn.Module, whole_state: dict[str, torch.Tensor], device: torch.device, ranks) -> None:
+    """Weights, buffers and random state of the main process's model on every process, one whole tensor at a
+    time. Buffers go too: the state dict lacks non-persistent ones (rotary frequencies, position ids) that a meta
+    model never computed. The random state goes because the main process drew its new weights (a head,
+    adapters) and the others did not: every process then continues exactly as if each had loaded and prepared
+    the model itself. (torch's set_model_state_dict with broadcast_from_rank0 misses a parameter reachable under
+    two names, as peft's prompt-learning models hold the word embeddings.)"""
+    if not ranks.is_main:
+        model.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a shared parameter once, under its first name
+            full = whole_state[name].to(device) if ranks.is_main else torch.empty(param.shape, dtype=param.dtype,
+                                                                                  device=device)
+            torch.distributed.broadcast(full, src=0)
+            _local(param).copy_(_local(shard_of(full, param)))
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    torch.set_rng_state(ranks.broadcast(torch.get_rng_state()))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, _dtensor()) else tensor
 
 
 def resharded(model: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..models.structure import find_block_list
+from .distributed import Ranks
 
 
 def _dtensor():
@@ -32,11 +33,11 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: nn.Module, device: torch.device, ranks) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
     """Shard every transformer block, then the rest (embeddings, head, a prompt encoder) as the root group.
 
     One group per block is what bounds memory: a block's weights are whole only while it runs. The parameters
-    move to `device`, one shard each. Only the main process read the weights (the others built the model on
+    move to `device`, one shard each. Only the main process has read the weights (the others built the model on
     the meta device, so no process but one ever holds the whole model): they come from it, tensor by tensor,
     each process keeping its shard."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -74,7 +75,8 @@ def return_freed_memory_to_the_system(threshold_bytes: int = 1 << 20) -> bool:
         return False
 
 
-def _fill_from_main(model: nn.Module, whole_state: dict[str, torch.Tensor], device: torch.device, ranks) -> None:
+def _fill_from_main(model: nn.Module, whole_state: dict[str, torch.Tensor], device: torch.device,
+                    ranks: Ranks) -> None:
     """Weights, buffers and random state of the main process's model on every process, one whole tensor at a
     time. Buffers go too: the state dict lacks non-persistent ones (rotary frequencies, position ids) that a meta
     model never computed. The random state goes because the main process drew its new weights (a head,

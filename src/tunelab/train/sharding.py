@@ -45,13 +45,13 @@ def shard_model(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Modu
 
     if device.type == "cpu":
         return_freed_memory_to_the_system()
-    whole_state = model.state_dict() if ranks.is_main else {}
+    whole_params = dict(model.named_parameters()) if ranks.is_main else {}  # kept alive past fully_shard
     mesh = init_device_mesh(device.type, (ranks.world,))
     _, blocks = find_block_list(model)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    _fill_from_main(model, whole_state, device, ranks)
+    _fill_from_main(model, whole_params, device, ranks)
     return model
 
 
@@ -75,10 +75,10 @@ def return_freed_memory_to_the_system(threshold_bytes: int = 1 << 20) -> bool:
         return False
 
 
-def _fill_from_main(model: nn.Module, whole_state: dict[str, torch.Tensor], device: torch.device,
+def _fill_from_main(model: nn.Module, whole_params: dict[str, torch.Tensor], device: torch.device,
                     ranks: Ranks) -> None:
     """Weights, buffers and random state of the main process's model on every process, one whole tensor at a
-    time. Buffers go too: the state dict lacks non-persistent ones (rotary frequencies, position ids) that a meta
+    time. Buffers go too, the non-persistent ones (rotary frequencies, position ids) included, which a meta
     model never computed. The random state goes because the main process drew its new weights (a head,
     adapters) and the others did not: every process then continues exactly as if each had loaded and prepared
     the model itself. (torch's set_model_state_dict with broadcast_from_rank0 misses a parameter reachable under
@@ -87,17 +87,13 @@ def _fill_from_main(model: nn.Module, whole_state: dict[str, torch.Tensor], devi
         model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():  # a shared parameter once, under its first name
-            full = whole_state[name].to(device) if ranks.is_main else torch.empty(param.shape, dtype=param.dtype,
-                                                                                  device=device)
+            full = whole_params[name].to(device) if ranks.is_main else torch.empty(param.shape, dtype=param.dtype,
+                                                                                   device=device)
             torch.distributed.broadcast(full, src=0)
-            _local(param).copy_(_local(shard_of(full, param)))
+            param.copy_(shard_of(full, param))
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
     torch.set_rng_state(ranks.broadcast(torch.get_rng_state()))
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, _dtensor()) else tensor
 
 
 def resharded(model: nn.Module) -> nn.Module:

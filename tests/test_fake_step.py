@@ -91,13 +91,18 @@ def test_frozen_weights_and_checkpointing_shrink_the_step():
     assert recomputed.weights_mb == plain.weights_mb
 
 
-def test_the_allocators_kept_memory_is_a_line_through_two_measurements(monkeypatch):
+def test_the_allocators_kept_memory_is_a_line_through_two_measurements():
+    import json
+
     from tunelab.estimate import device
 
-    points = {8: {"kept_mb": 200.0, "churn_mb": 130.0}, 32: {"kept_mb": 550.0, "churn_mb": 500.0}}
-    monkeypatch.setattr(device, "calibration_point", lambda precision, rows: points[rows])
-    fit = device.allocator_keeping("cpu", "bf16")
+    points = {"8": {"kept_mb": 200.0, "churn_mb": 130.0}, "32": {"kept_mb": 550.0, "churn_mb": 500.0}}
+
+    def run_module(module, args, timeout):  # what the calibration process prints for PRECISION ROWS
+        return 0, "a progress line\n" + json.dumps(points[args[1]]) + "\n", ""
+    fit = device.allocator_keeping("cpu", "bf16", run_module)
     slope = 350.0 / 370.0
     assert fit["allocator_per_churn_mb"] == pytest.approx(slope, abs=1e-3)
     assert fit["allocator_fixed_mb"] == pytest.approx(200 - slope * 130, abs=0.1)
-    assert device.allocator_keeping("cuda", "bf16") == {"allocator_fixed_mb": 0.0, "allocator_per_churn_mb": 0.0}
+    assert device.allocator_keeping("cuda", "bf16", run_module) == {"allocator_fixed_mb": 0.0,
+                                                                    "allocator_per_churn_mb": 0.0}

@@ -150,9 +150,12 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         finally:
             leave_process_group()
     from .experiment.plan import plan_runs
+    from .experiment.forkserver import warm_up
     from .experiment.results import write_results
     from .report import write_report
 
+    if isolate:
+        warm_up()  # the runs' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir()
     flags = run_flag_problems(seeds, tune, isolate, nproc)
     cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite,
@@ -190,11 +193,13 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
           show_progress: bool = True, nproc: int = 1) -> SweepOutcome:
     """Tune each configured method: optuna trials until its study holds `trials` (the study's total, shared
     by every worker on the same storage), each trained in its own process, bad ones pruned early."""
+    from .experiment.forkserver import warm_up
     from .experiment.isolation import share_job
     from .sweep.report import write_sweep
     from .sweep.space import space_problems
     from .sweep.study import default_storage, open_study, run_study, study_summary
 
+    warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))
     trials_problem = ([f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []) + (
@@ -203,6 +208,7 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
         if launched_world_size() > 1 else [])
     cfg, job = checked_job(out_dir, config, overrides, resume, False, overwrite,
                            lambda cfg: space_problems(cfg) + trials_problem + process_problems(cfg, max(nproc, 1)))
+    warm_up(job.model_path)
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume)
         share_job(out_dir, job)
@@ -230,9 +236,11 @@ def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, sh
 
 
 def run_isolated(job: Job, out_dir: Path, nproc: int = 1):
+    from .experiment.forkserver import warm_up
     from .experiment.isolation import run_in_child, share_job
     from .sweep.space import with_values
 
+    warm_up(job.model_path)
     share_job(out_dir, job)
 
     def execute(run, show_progress, resume, values):

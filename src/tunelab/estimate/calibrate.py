@@ -11,8 +11,8 @@ gradients and optimizer state: those are allocated while activations are being f
 space they leave (full fine-tuning of SmolLM2 keeps far less per MB of activations than LoRA does, because
 its 1.3 GB of gradients and AdamW state fill the holes). The fit is cached with the device profile.
 
-Run as `python -m tunelab.estimate.calibrate PRECISION ROWS` in a fresh process (a used heap would hide what a
-fresh one keeps); prints one JSON object.
+Run as `python -m tunelab.estimate.calibrate PRECISION ROWS` (or `overhead`) in a process started as a run's is
+(a used heap would hide what a new one keeps); prints one JSON object.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def predicted(precision: str, rows: int):
     return measure_step(model, inputs, precision, "cpu")
 
 
-def main(precision: str, rows: int) -> dict[str, float]:
+def allocator_point(precision: str, rows: int) -> dict[str, float]:
     growth = resident_growth(precision, rows)
     step = predicted(precision, rows)
     tensors = step.peak_mb - step.weights_mb  # what appears after the weights: state, gradients, activations
@@ -83,5 +83,25 @@ def main(precision: str, rows: int) -> dict[str, float]:
     return {"kept_mb": round(growth - tensors, 1), "churn_mb": round(churn, 1)}
 
 
+def runtime_overhead() -> dict[str, float]:
+    """The resident size of a training process before its model: Python and the libraries a run imports
+    (the current resident set, not ru_maxrss: Linux carries the parent's high-water mark across fork and exec)."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import tunelab.experiment.worker  # noqa: F401
+    import tunelab.experiment.runner  # noqa: F401
+    from tunelab.train.tracking import current_rss_mb
+
+    return {"runtime_overhead_mb": round(current_rss_mb(), 1)}
+
+
+def main(args: list[str]) -> int:
+    """`overhead`, or `PRECISION ROWS`: prints one JSON object."""
+    print(json.dumps(runtime_overhead() if args == ["overhead"] else allocator_point(args[0], int(args[1]))))
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]))))
+    sys.exit(main(sys.argv[1:]))

@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
 import torch
 
+from ..experiment.forkserver import run_captured, start_mode
 from ..machine import cpu_name, keep_measurement, read_measurements, threads_per_process
 
 PROFILES = "device-profiles.json"  # in the machine's cache folder
@@ -22,9 +21,6 @@ STAND_IN = "stand-in 2: 4-layer BERT, the loop's CPU dropout"
 # (the packaged MiniLM job: 0.41 TFLOP/s achieved against 0.80 peak bf16, 2 cores of an AMD EPYC Zen 5).
 CPU_EFFICIENCY = 0.5
 GPU_EFFICIENCY = 0.4
-# the current resident set, not ru_maxrss: Linux carries the parent's high-water mark across fork and exec
-OVERHEAD_PROBE = ("import torch, transformers, peft, accelerate, datasets, tunelab.experiment.runner;"
-                  "from tunelab.train.tracking import current_rss_mb; print(current_rss_mb())")
 
 
 @contextlib.contextmanager
@@ -54,8 +50,9 @@ def device_profile(train_cfg, precision: str) -> dict[str, Any]:
         return absent_gpu_profile(precision)
     name = torch.cuda.get_device_name(0) if kind == "cuda" else cpu_name()
     # a preloaded allocator (jemalloc, tcmalloc) keeps memory differently from glibc's
+    # and a process forked from one that imported the libraries has touched fewer of their pages
     key = (f"{kind}|{name}|{precision}|torch {torch.__version__}|threads {torch.get_num_threads()}"
-           f"|preload {os.environ.get('LD_PRELOAD', '')}|{STAND_IN}")
+           f"|preload {os.environ.get('LD_PRELOAD', '')}|{STAND_IN}|{start_mode()}")
     profile = read_measurements(PROFILES).get(key)
     if profile is None:
         profile = {"peak_flops": matmul_flops(kind, precision), "runtime_overhead_mb": runtime_overhead_mb(kind),
@@ -91,30 +88,32 @@ def matmul_flops(kind: str, precision: str, size: int = 1024, seconds: float = 1
 
 
 def runtime_overhead_mb(kind: str) -> float:
-    """What a fresh training process holds before the model: Python, torch, transformers, peft (on CUDA:
-    the allocator starts empty, so nothing)."""
+    """What a new training process holds before the model: Python, torch, transformers, peft (on CUDA: the
+    allocator starts empty, so nothing)."""
     if kind == "cuda":
         return 0.0
-    out = subprocess.run([sys.executable, "-c", OVERHEAD_PROBE], capture_output=True, text=True, timeout=300)
-    return round(float(out.stdout.strip().splitlines()[-1]), 1)
+    return calibrated(run_captured, ["overhead"], "runtime overhead probe")["runtime_overhead_mb"]
 
 
-def allocator_keeping(kind: str, precision: str) -> dict[str, float]:
+def allocator_keeping(kind: str, precision: str, run_module=run_captured) -> dict[str, float]:
     """What the allocator keeps beyond the tensors alive: a fixed part and a part per MB of churn (heap-sized
     activations less the gradients and optimizer state that settle in their space), fitted through the
     stand-in job at two batch sizes (see calibrate.py). CUDA's measured peak is the caching allocator's own
     count of tensors, so nothing is added there."""
     if kind == "cuda":
         return {"allocator_fixed_mb": 0.0, "allocator_per_churn_mb": 0.0}
-    small, large = (calibration_point(precision, rows) for rows in (8, 32))
+    small, large = (calibration_point(precision, rows, run_module) for rows in (8, 32))
     slope = max(0.0, (large["kept_mb"] - small["kept_mb"]) / (large["churn_mb"] - small["churn_mb"]))
     return {"allocator_fixed_mb": round(max(0.0, small["kept_mb"] - slope * small["churn_mb"]), 1),
             "allocator_per_churn_mb": round(slope, 3)}
 
 
-def calibration_point(precision: str, rows: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-m", "tunelab.estimate.calibrate", precision, str(rows)],
-                         capture_output=True, text=True, timeout=600)
-    if out.returncode:
-        raise RuntimeError(f"allocator calibration failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def calibration_point(precision: str, rows: int, run_module) -> dict[str, float]:
+    return calibrated(run_module, [precision, str(rows)], "allocator calibration")
+
+
+def calibrated(run_module, args: list[str], what: str) -> dict[str, float]:
+    code, out, err = run_module("tunelab.estimate.calibrate", args, 600)
+    if code:
+        raise RuntimeError(f"{what} failed: {err.strip().splitlines()[-1:]}")
+    return json.loads(out.strip().splitlines()[-1])

@@ -2,6 +2,9 @@
 and leaves the encoded data in the experiment folder; each child reads them, trains one run and writes its
 record. A child that dies without writing one (killed, out of memory) is recorded as failed.
 
+The processes are forked from a server that has imported the libraries (forkserver.py), saving each run
+the interpreter's start and end; with `TUNELAB_FORK_SERVER=0`, or without fork, they are fresh interpreters.
+
 With `nproc` > 1 a run is N processes in one DDP group, started with the environment torchrun gives its
 workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...); the main one writes the record. They stay in this process
 group, so a Ctrl-C reaches each of them once and they checkpoint together."""
@@ -19,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ..machine import threads_per_process
+from . import forkserver
 from .job import Job
 from .plan import Run
 
 SHARED_DATA = Path("data") / "job.pkl"
 SPECS, RECORDS = Path("runs"), Path("records")
+WORKER = "tunelab.experiment.worker"
 
 
 def share_job(out_dir: Path, job: Job) -> None:
@@ -59,8 +64,7 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     # the parent waits for that instead of dying first.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        code = run_processes([sys.executable, "-m", "tunelab.experiment.worker", str(out_dir), str(spec_path)],
-                             nproc)
+        code = run_processes([str(out_dir), str(spec_path)], nproc)
     finally:
         signal.signal(signal.SIGINT, previous)
     if record_path.is_file():
@@ -70,14 +74,14 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
             "error": f"the run's process {cause} before writing its result; continue with --resume"}
 
 
-def run_processes(command: list[str], nproc: int) -> int:
-    """Run `command` as `nproc` ranks of one process group; the exit code of the first to fail, else 0.
+def run_processes(args: list[str], nproc: int) -> int:
+    """Run the worker as `nproc` ranks of one process group; the exit code of the first to fail, else 0.
 
     A rank that fails leaves the others waiting in a collective, so the rest are stopped then."""
     if nproc == 1:
-        return subprocess.call(command)
+        return forkserver.start_process(WORKER, args, dict(os.environ)).wait()
     port = free_port()
-    procs = [subprocess.Popen(command, env=rank_environment(rank, nproc, port)) for rank in range(nproc)]
+    procs = [forkserver.start_process(WORKER, args, rank_environment(rank, nproc, port)) for rank in range(nproc)]
     first_failure = 0  # the code of the process that failed first: the others are only stopped because of it
     while any(p.poll() is None for p in procs):
         failed = [p.returncode for p in procs if p.poll() not in (None, 0)]

@@ -35,3 +35,12 @@ for m in ${METHODS:-full lora llrd prompt-tuning}; do
   $PY benchmarks/vs_trainer.py --methods $m ${BENCH_ARGS:-} $COMMON 2>&1 | grep -v -i warn | tee -a "$OUTDIR/log.txt"
   cp benchmarks/results/vs_trainer-*.json "$OUTDIR/" 2>/dev/null
 done
+# Can runs forked from tunelab's fork server use CUDA? By default a machine with a GPU starts fresh interpreters
+# (src/tunelab/experiment/forkserver.py); this forces the server on for one small comparison and says whether
+# every run succeeded, which would allow turning it on there.
+TUNELAB_FORK_SERVER=1 $PY -m tunelab.cli compare --output "$OUTDIR/forked" --overwrite --no-progress \
+  model.name_or_path=$MODEL data.train_file=.gpu/train.parquet data.test_file=.gpu/test.parquet \
+  data.text_column=review data.label_column=score data.max_train_samples=256 train.max_steps=20 \
+  "methods=[lora,full]" > "$OUTDIR/forked.log" 2>&1
+$PY -c "import json; r = json.load(open('$OUTDIR/forked/results.json'))['methods']; print('fork server on CUDA:', [(x['method'], x['status'], x.get('startup_s'), x.get('error')) for x in r])" \
+  | tee -a "$OUTDIR/log.txt" || tail -20 "$OUTDIR/forked.log"

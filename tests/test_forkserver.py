@@ -73,3 +73,14 @@ def test_without_the_server_a_fresh_interpreter_runs_the_module(monkeypatch, cap
     process = forkserver.start_process("forked_probe", ["4"], env)
     assert process.wait(timeout=120) == 4
     assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["threads"] is None  # no torch imported
+
+
+def test_the_server_is_used_on_linux_without_cuda_unless_the_environment_says(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("TUNELAB_FORK_SERVER", raising=False)
+    assert forkserver.wanted() == (sys.platform.startswith("linux") and not torch.cuda.is_available())
+    monkeypatch.setenv("TUNELAB_FORK_SERVER", "0")
+    assert not forkserver.wanted() and forkserver.start_mode() == "fresh interpreter"
+    monkeypatch.setenv("TUNELAB_FORK_SERVER", "1")
+    assert forkserver.wanted() == hasattr(os, "fork")

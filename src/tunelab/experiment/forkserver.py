@@ -11,7 +11,8 @@ folder) carries the parent's current stdin, stdout and stderr (SCM_RIGHTS), so a
 parent writes now (a terminal, a log file, pytest's capture). The server answers with the run's pid, and
 later with its exit code (negative: killed by that signal, as subprocess reports it).
 
-`TUNELAB_FORK_SERVER=0` starts fresh interpreters instead (platforms without fork do too).
+`TUNELAB_FORK_SERVER=0` starts fresh interpreters instead; so do machines with a CUDA device and systems other
+than Linux unless `TUNELAB_FORK_SERVER=1` (see `wanted`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,15 @@ _shared: "ForkServer | None" = None
 
 
 def wanted() -> bool:
-    return hasattr(os, "fork") and os.environ.get("TUNELAB_FORK_SERVER", "1") != "0"
+    """On Linux without a CUDA device, unless TUNELAB_FORK_SERVER says otherwise (0: never, 1: also with one).
+    macOS is left out because forking a process that has loaded its system frameworks is unsafe there; CUDA
+    because its runtime does not survive a fork once touched, and the server is only measured on CPUs."""
+    setting = os.environ.get("TUNELAB_FORK_SERVER", "")
+    if setting in ("0", "1") or not sys.platform.startswith("linux"):
+        return setting == "1" and hasattr(os, "fork")
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def start_mode() -> str:
@@ -238,6 +247,7 @@ def serve(sock: socket.socket) -> None:
     # to report how they ended.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the worker sets it; read once, at import
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() without the runtime
     os.environ.pop("OMP_NUM_THREADS", None)  # torch's own default, for runs whose environment sets none
     import_quietly(PRELOAD)
     import torch

@@ -3,7 +3,7 @@ and leaves the encoded data in the experiment folder; each child reads them, tra
 record. A child that dies without writing one (killed, out of memory) is recorded as failed.
 
 The processes are forked from a server that has imported the libraries (forkserver.py), saving each run
-the interpreter's start and end; with `TUNELAB_FORK_SERVER=0`, or without fork, they are fresh interpreters.
+the interpreter's start and end; where that server is not used (see `forkserver.wanted`), fresh interpreters.
 
 With `nproc` > 1 a run is N processes in one DDP group, started with the environment torchrun gives its
 workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...); the main one writes the record. They stay in this process

@@ -16,7 +16,8 @@ def main(args: list[str]) -> int:
     if "torch" in sys.modules:  # forked from the server: torch is there already, at no cost
         threads = sys.modules["torch"].get_num_threads()
     print(json.dumps({"pid": os.getpid(), "cwd": os.getcwd(), "probe": os.environ.get("TUNELAB_PROBE"),
-                      "threads": threads, "args": args}))
+                      "threads": threads, "args": args,
+                      "ignores_ctrl_c": signal.getsignal(signal.SIGINT) == signal.SIG_IGN}))
     print("to stderr", file=sys.stderr)
     return int(args[0]) if args and args[0].isdigit() else 0
 

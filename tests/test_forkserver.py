@@ -50,6 +50,24 @@ def test_a_killed_or_raising_run_reports_like_a_popen(server, capfd):
     assert sleeper.wait(timeout=120) == -signal.SIGKILL and sleeper.poll() == -signal.SIGKILL
 
 
+def test_a_reply_left_unread_by_an_interrupted_start_is_not_taken_for_the_next(server, capfd):
+    server.requests += 1  # a start interrupted after sending its request: its reply is never read
+    server._send({"id": server.requests, "module": "forked_probe", "args": ["0"], "env": dict(os.environ),
+                  "cwd": os.getcwd(), "path": sys.path, "ignore_sigint": False}, [0, 1, 2])
+    assert server.start("forked_probe", ["7"], dict(os.environ)).wait(timeout=120) == 7
+
+
+def test_a_run_started_while_ctrl_c_is_ignored_ignores_it_too(server, capfd):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as run_in_child does while a run trains
+    try:
+        _, out, _ = probe(server, capfd, [])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert json.loads(out.strip().splitlines()[-1])["ignores_ctrl_c"]
+    _, out, _ = probe(server, capfd, [])
+    assert not json.loads(out.strip().splitlines()[-1])["ignores_ctrl_c"]
+
+
 def test_a_server_that_left_while_idle_is_replaced(monkeypatch, capfd):
     monkeypatch.setenv("TUNELAB_FORK_SERVER_IDLE_S", "1")
     idle = forkserver.ForkServer()
@@ -84,3 +102,15 @@ def test_the_server_is_used_on_linux_without_cuda_unless_the_environment_says(mo
     assert not forkserver.wanted() and forkserver.start_mode() == "fresh interpreter"
     monkeypatch.setenv("TUNELAB_FORK_SERVER", "1")
     assert forkserver.wanted() == hasattr(os, "fork")
+
+
+def test_a_setting_libraries_read_at_import_starts_a_new_server(server, monkeypatch):
+    # last in this file: it sends the module's server away
+    monkeypatch.setattr(forkserver, "_shared", server)
+    same = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "1"}  # a run sets these itself
+    assert forkserver.shared_server(same) is server
+    other = forkserver.shared_server({**os.environ, "MALLOC_ARENA_MAX": "2"})
+    try:
+        assert other is not server and other.frozen["MALLOC_ARENA_MAX"] == "2" and not server.connected
+    finally:
+        other.close()

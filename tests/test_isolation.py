@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from tunelab.experiment import forkserver
+
 RUN = ["train.epochs=1", "train.checkpoint_every_steps=3", "train.eval_every_steps=4", "train.log_every_steps=2"]
 
 
@@ -34,6 +36,7 @@ def test_a_killed_run_is_recorded_the_others_continue_and_resume_finishes_it(tin
     runs = records(tmp_path)
     assert runs["lora"]["status"] == "success" and runs["lora"]["pid"] not in pids
     assert runs["lora"]["steps"] == 20 and runs["lora"]["startup_s"] > 0
+    assert runs["lora"]["process_start"] == forkserver.start_mode()  # this machine: Linux, no CUDA device
 
 
 def test_seeds_give_one_run_each_and_a_summary_over_them(tiny_overrides, tmp_path):

@@ -37,6 +37,7 @@ PRELOAD = ["torch", "transformers", "peft", "accelerate", "torch.utils.tensorboa
 # A server nobody has used for this long leaves (its memory is the user's); the next use starts another.
 IDLE_EXIT_S = 600
 _shared: "ForkServer | None" = None
+forked_run = False  # set in a process the server forked
 
 
 def wanted() -> bool:
@@ -55,13 +56,28 @@ def start_mode() -> str:
     return "fork server" if wanted() else "fresh interpreter"
 
 
-def shared_server() -> "ForkServer | None":
-    """This process's server, started on first use and again after it has left."""
+# Read by libraries once, when they load (thread pools, allocator, hash seed, warnings, library settings): a run
+# forked from a server started under other values would not follow them, so such a change starts a new server.
+# OMP_NUM_THREADS is not among them: each run sets torch's thread count from its own environment.
+FROZEN_AT_IMPORT = ("OMP_", "MKL_", "OPENBLAS_", "GOMP_", "KMP_", "MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD",
+                    "PYTHONHASHSEED", "PYTHONWARNINGS", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "TOKENIZERS_")
+
+
+def frozen_environment(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(FROZEN_AT_IMPORT) and k != "OMP_NUM_THREADS"}
+
+
+def shared_server(env: dict[str, str] | None = None) -> "ForkServer | None":
+    """This process's server, started on first use, and again after it has left or when `env` (default: this
+    process's) differs from its own in what libraries read once at import."""
     global _shared
     if not wanted():
         return None
+    env = dict(os.environ) if env is None else env
+    if _shared is not None and _shared.alive and _shared.frozen != frozen_environment(env):
+        _shared.close(wait=False)  # it leaves once its runs have ended
     if _shared is None or not _shared.alive:
-        _shared = ForkServer()
+        _shared = ForkServer(env)
         atexit.register(_shared.close)
     return _shared
 
@@ -70,7 +86,10 @@ def warm_up(model_path: str | None = None) -> None:
     """Start the server now, so its imports overlap the caller's work, and have it import this model's module."""
     server = shared_server()
     if server is not None and model_path:
-        server.preload(model_modules(model_path))
+        try:
+            server.preload(model_modules(model_path))
+        except ServerLeft:  # it left while idle: the first run starts another
+            pass
 
 
 def model_modules(model_path: str) -> list[str]:
@@ -89,7 +108,7 @@ def start_process(module: str, args: list[str], env: dict[str, str], streams: tu
     """`module`.main(args) in a new process (a Popen, or what behaves as one): forked from the shared server,
     else a fresh interpreter running `python -m module args`."""
     for attempt in range(2):
-        server = shared_server()
+        server = shared_server(env)
         if server is None:
             break
         try:
@@ -124,14 +143,21 @@ class ServerLeft(RuntimeError):
 class ForkServer:
     """The parent's side: `start` a module's main(args) in a forked process, then poll it like a Popen."""
 
-    def __init__(self):
+    def __init__(self, env: dict[str, str] | None = None):
+        env = dict(os.environ) if env is None else env
+        self.frozen = frozen_environment(env)
+        # set before the server's first import (`-m` imports the tunelab package, and torch with it)
+        server_env = {**{k: v for k, v in env.items() if k != "OMP_NUM_THREADS"},  # torch's own default
+                      "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),  # runs never download; the parent did
+                      "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}  # is_available() without CUDA's runtime
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())], env=server_env,
                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self.sock = ours
         self.exit_codes: dict[int, int] = {}
         self.connected = True
+        self.requests = 0
 
     @property
     def alive(self) -> bool:
@@ -146,8 +172,11 @@ class ForkServer:
         """`module`.main(args) in a forked process with `env`, this folder and `streams` as stdin/out/err."""
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # what the parent printed comes before what the run prints
-        self._send({"module": module, "args": args, "env": env, "cwd": os.getcwd(), "path": sys.path},
-                   list(streams))
+        self.requests += 1  # echoed in the reply: one left unread by an interrupted start is not taken for this
+        # a run started while Ctrl-C is ignored here ignores it too, as a fresh interpreter would inherit
+        ignore_sigint = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        self._send({"id": self.requests, "module": module, "args": args, "env": env, "cwd": os.getcwd(),
+                    "path": sys.path, "ignore_sigint": ignore_sigint}, list(streams))
         while True:
             reply = self._receive(timeout=None)
             if reply is None:
@@ -156,25 +185,33 @@ class ForkServer:
                     raise ServerLeft("the fork server had left")
                 raise RuntimeError(f"tunelab's fork server ended (exit code {code}); set TUNELAB_FORK_SERVER=0 "
                                    "to start each run in a fresh interpreter")
-            if "exit" not in reply:
+            if reply.get("id") == self.requests and "error" in reply:
+                raise RuntimeError(f"tunelab's fork server could not start the run: {reply['error']}")
+            if reply.get("id") == self.requests:
+                self.exit_codes.pop(reply["pid"], None)  # a reused pid's earlier run ended before this reply
                 return ForkedProcess(self, reply["pid"])
 
     def _send(self, message: dict, fds: list[int]) -> None:
         try:
             socket.send_fds(self.sock, [json.dumps(message).encode()], fds)
-        except OSError as error:  # EPIPE: it left while idle
+        except (BrokenPipeError, ConnectionResetError) as error:  # it left while idle
             self.connected = False
             raise ServerLeft("the fork server had left") from error
 
     def returncode(self, pid: int, timeout: float | None = 0.0) -> int | None:
         """The run's exit code once it has ended, waiting up to `timeout` seconds (None: until it ends)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while pid not in self.exit_codes and self.connected:
+        while pid not in self.exit_codes:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.connected:  # the server died: its orphaned run can only be watched
+                if not is_running(pid):
+                    self.exit_codes[pid] = 255
+                elif left != 0.0:
+                    time.sleep(0.1 if left is None else min(0.1, left))
+                    continue
+                break
             if self._receive(timeout=left) is None and left == 0.0:
                 break
-        if pid not in self.exit_codes and not self.connected and not is_running(pid):
-            self.exit_codes[pid] = 255  # the server died before it could report this run's end
         return self.exit_codes.get(pid)
 
     def _receive(self, timeout: float | None) -> dict | None:
@@ -190,13 +227,12 @@ class ForkServer:
             self.exit_codes[message["pid"]] = message["exit"]
         return message
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """No more runs: the server leaves once the ones it started have ended."""
-        if self.connected:
-            self.sock.close()
-            self.connected = False
+        self.sock.close()
+        self.connected = False
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=30 if wait else 0)
         except subprocess.TimeoutExpired:
             pass  # still reaping runs that are finishing; it leaves after them
 
@@ -246,9 +282,6 @@ def serve(sock: socket.socket) -> None:
     # Ctrl-C reaches the whole process group: the runs checkpoint on it, and the server must outlive them
     # to report how they ended.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the worker sets it; read once, at import
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() without the runtime
-    os.environ.pop("OMP_NUM_THREADS", None)  # torch's own default, for runs whose environment sets none
     import_quietly(PRELOAD)
     import torch
 
@@ -266,9 +299,13 @@ def serve(sock: socket.socket) -> None:
             if "import" in request:
                 import_quietly(request["import"])
             elif "module" in request:
-                pid = fork_run(request, fds, sock, default_threads)
-                running.add(pid)
-                tell(sock, {"pid": pid})
+                try:
+                    pid = fork_run(request, fds, sock, default_threads)
+                except OSError as error:  # e.g. no memory left to fork: this run fails, the server goes on
+                    tell(sock, {"id": request["id"], "error": str(error)})
+                else:
+                    running.add(pid)
+                    tell(sock, {"id": request["id"], "pid": pid})
             for fd in fds:
                 os.close(fd)
         for pid in list(running):
@@ -296,6 +333,8 @@ def tell(sock: socket.socket, message: dict) -> None:
 
 
 def fork_run(request: dict, fds: list[int], sock: socket.socket, default_threads: int) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # or each run would print what the server left in its buffers
     pid = os.fork()
     if pid:
         return pid
@@ -305,7 +344,13 @@ def fork_run(request: dict, fds: list[int], sock: socket.socket, default_threads
         become_run(request, fds, default_threads)
         code = importlib.import_module(request["module"]).main(request["args"])
     except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
         code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:  # as Python ends on an uncaught one: killed by SIGINT
+        traceback.print_exc()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     except BaseException:  # noqa: BLE001 — reported like an uncaught exception in a fresh interpreter
         traceback.print_exc()
     finally:
@@ -322,9 +367,14 @@ def become_run(request: dict, fds: list[int], default_threads: int) -> None:
     """Give the forked process what a fresh one would have: signals, streams, folder, environment, threads."""
     import torch
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # this file runs as __main__ in the server; the run asks the module by its name
+    importlib.import_module(__spec__.name if __spec__ else __name__).forked_run = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN if request["ignore_sigint"] else signal.default_int_handler)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])

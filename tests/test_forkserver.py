@@ -58,14 +58,16 @@ def test_a_reply_left_unread_by_an_interrupted_start_is_not_taken_for_the_next(s
 
 
 def test_a_run_started_while_ctrl_c_is_ignored_ignores_it_too(server, capfd):
+    # set both ways here: a test run started in the background (`cmd &`) begins with Ctrl-C ignored
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as run_in_child does while a run trains
     try:
         _, out, _ = probe(server, capfd, [])
+        assert json.loads(out.strip().splitlines()[-1])["ignores_ctrl_c"]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _, out, _ = probe(server, capfd, [])
+        assert not json.loads(out.strip().splitlines()[-1])["ignores_ctrl_c"]
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert json.loads(out.strip().splitlines()[-1])["ignores_ctrl_c"]
-    _, out, _ = probe(server, capfd, [])
-    assert not json.loads(out.strip().splitlines()[-1])["ignores_ctrl_c"]
 
 
 def test_a_server_that_left_while_idle_is_replaced(monkeypatch, capfd):

@@ -81,7 +81,13 @@ def run_processes(args: list[str], nproc: int) -> int:
     if nproc == 1:
         return forkserver.start_process(WORKER, args, dict(os.environ)).wait()
     port = free_port()
-    procs = [forkserver.start_process(WORKER, args, rank_environment(rank, nproc, port)) for rank in range(nproc)]
+    procs = []
+    try:
+        for rank in range(nproc):
+            procs.append(forkserver.start_process(WORKER, args, rank_environment(rank, nproc, port)))
+    except BaseException:  # the ranks started would wait for the missing one forever
+        stop_all(procs)
+        raise
     first_failure = 0  # the code of the process that failed first: the others are only stopped because of it
     while any(p.poll() is None for p in procs):
         failed = [p.returncode for p in procs if p.poll() not in (None, 0)]

@@ -3,6 +3,7 @@ alone (a skeleton on the meta device: no weights are read, so it works for model
 machine; a folder holding only config.json is enough)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from ..config import ExperimentConfig
 from ..errors import TunelabInputError
 from ..models.loading import TRAINING_DTYPE
+from .depth import extrapolated_step, shallow_configs
 from .device import device_profile, one_process_threads
 from .processes import Layout, micro_batch_rows
 from .memory import Workload, memory_parts, train_flops_per_token
@@ -37,14 +39,17 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     config = read_model_config(model_path)
     for key, value in task.model_kwargs({}).items():
         setattr(config, key, value)
-    build = lambda: task.auto_class().from_config(config, dtype=TRAINING_DTYPE)  # noqa: E731  (as training loads)
+    build = builder(task, config)
     precision = resolve_precision(cfg.train)
     if cfg.train.device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
         precision = "bf16"  # planning for a GPU not here: assume a bf16 one (train.precision=fp32 says otherwise)
     rows = train_rows or cfg.data.max_train_samples
     with one_process_threads(cfg.train, nproc):
         device = with_peak(device_profile(cfg.train, precision), peak_tflops)
-    common = {"cfg": cfg, "model_path": model_path, "build": build, "shape": skeleton_shape(meta_copy(build)),
+    shape = skeleton_shape(meta_copy(build))
+    shallow = {depth: builder(task, shallow_config)
+               for depth, shallow_config in (shallow_configs(config, shape.layers) or {}).items()}
+    common = {"cfg": cfg, "model_path": model_path, "build": build, "shallow_builds": shallow, "shape": shape,
               "precision": precision, "device": device,
               "steps": math.ceil(rows / cfg.train.batch_size) if rows else None, "processes": nproc}
     methods, skipped = [], {}
@@ -61,8 +66,12 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
             "device": common["device"], "methods": methods, "not_applicable": skipped}
 
 
-def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shape: Shape, precision: str,
-                    device: dict[str, Any], steps: int | None, processes: int = 1) -> dict[str, Any]:
+def builder(task, config):
+    return lambda: task.auto_class().from_config(config, dtype=TRAINING_DTYPE)  # as training loads it
+
+
+def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shallow_builds: dict, shape: Shape,
+                    precision: str, device: dict[str, Any], steps: int | None, processes: int = 1) -> dict[str, Any]:
     from ..methods.base import PrepareContext, get_method
 
     task = cfg.task_spec
@@ -76,8 +85,9 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     work = Workload(micro_batch_rows(cfg, processes), cfg.data.max_length, precision,
                     shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0, frozen_bf16)
     layout = Layout(processes, cfg.train.fsdp)
-    parts = step_memory(method, opts, ctx, build, task, work, device, False, shape, fp, layout)
-    checkpointed = step_memory(method, opts, ctx, build, task, work, device, True, shape, fp, layout)
+    builds = {"full": build, **shallow_builds}
+    parts = step_memory(method, opts, ctx, builds, task, work, device, False, shape, fp, layout)
+    checkpointed = step_memory(method, opts, ctx, builds, task, work, device, True, shape, fp, layout)
     step_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
                   * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
     return {"method": name, "total_params": shape.total_params + fp.added_params,
@@ -130,27 +140,33 @@ def flops_per_token(prepared: nn.Module, fp: MethodFootprint, shape: Shape, seq_
     return train_flops_per_token(shape, fp, matmul, linear_weights(prepared, True), grad_path, seq_len)
 
 
-def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str, Any], checkpointing: bool,
+def step_memory(method, opts, ctx, builds: dict, task, work: Workload, device: dict[str, Any], checkpointing: bool,
                 shape: Shape, fp: MethodFootprint, layout: Layout = Layout()) -> dict[str, Any]:
     """Memory parts of one step on the longest batch: the tensors a fake step keeps alive at its peak, what
     the allocator keeps beside them on this device, and the runtime itself.
 
     Where the model cannot run on fake tensors the structural formula stands in for the plain step; with
     gradient checkpointing a failure is reported instead (some methods cannot checkpoint: prefix tuning's
-    past key values are dropped when transformers turns the cache off for it)."""
-    from .fake_step import measure_step, quiet_fake_tensor_errors
+    past key values are dropped when transformers turns the cache off for it).
+
+    `builds` has the model at full depth ("full") and, for a deep model, at the depths whose fake steps are
+    extrapolated to the full one (see depth.py)."""
+    from . import fake_step
 
     with torch.device("meta"):
         ids = torch.zeros(work.batch_size, work.seq_len, dtype=torch.long)
         labels = ids if task.peft_task_type == "CAUSAL_LM" else torch.zeros(work.batch_size, dtype=torch.long)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    prepared = method.prepare(meta_copy(build), opts, ctx)
+    prepared = method.prepare(meta_copy(builds["full"]), opts, ctx)
     groups = layout.groups(prepared)
+    measure = functools.partial(fake_step.measure_step, inputs=inputs, precision=work.precision,
+                                device=device["kind"] if device["present"] else "cpu", checkpointing=checkpointing,
+                                frozen_matmul_bf16=work.adapter_bf16_weights)
     try:
-        with quiet_fake_tensor_errors():
-            step = measure_step(prepared, inputs, work.precision, device["kind"] if device["present"] else "cpu",
-                                checkpointing, work.adapter_bf16_weights)
-        parts, source = vars(step).copy(), "fake step"
+        with fake_step.quiet_fake_tensor_errors():
+            step, source = fake_step_of(prepared, lambda depth: method.prepare(meta_copy(builds[depth]), opts, ctx),
+                                        measure, [d for d in builds if d != "full"])
+        parts = step.parts()
     except Exception as exc:  # noqa: BLE001 - any failure of the fake run is reported with its reason
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
         if checkpointing:
@@ -169,3 +185,18 @@ def step_memory(method, opts, ctx, build, task, work: Workload, device: dict[str
     parts["peak_memory_mb"] = sum(parts.values())
     return {**{k: round(v, 1) for k, v in parts.items()}, "memory_from": source}
 
+
+def fake_step_of(prepared: nn.Module, prepare_at, measure, depths: list[int]) -> tuple[Any, str]:
+    """The fake step of `prepared`, extrapolated from shallower copies where they are the same model."""
+    if depths:
+        step = extrapolated_step(prepared, prepare_at, functools.partial(measure, segmented=True))
+        if step is not None:
+            return step, (f"fake steps of {' and '.join(map(str, depths))} blocks, extrapolated to "
+                          f"{skeleton_blocks(prepared)} identical ones")
+    return measure(prepared), "fake step"
+
+
+def skeleton_blocks(model: nn.Module) -> int:
+    from ..models.structure import find_block_list
+
+    return len(find_block_list(model)[1])

@@ -13,7 +13,8 @@ import contextlib
 import itertools
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Hashable
 
 import torch
 from torch import nn
@@ -39,6 +40,11 @@ class StepMemory:
     # gradients and optimizer state in heap-sized storages, alive at the peak or not: allocated while a step's
     # activations are being freed, they settle in the space those leave in the allocator's heap
     heap_state_mb: float = 0.0
+    # the same, at each segment's own peak, when the step was measured by segment
+    segments: dict[Hashable, "StepMemory"] = field(default_factory=dict, repr=False)
+
+    def parts(self) -> dict[str, float]:
+        return {k: v for k, v in vars(self).items() if k != "segments"}
 
     @property
     def peak_mb(self) -> float:
@@ -55,6 +61,15 @@ class LiveTensorBytes(TorchDispatchMode):
         self.alive: dict[int, tuple[int, int]] = {}
         self.at_peak: dict[int, int] = {}  # serial → bytes of what was alive when `peak` was reached
         self._serials = itertools.count()
+        # the same per segment of the step, when the step is cut into segments (see `step_segments`)
+        self.segment: Hashable | None = None
+        self.segment_peaks: dict[Hashable, tuple[int, dict[int, int]]] = {}
+
+    def enter(self, segment: Hashable) -> None:
+        """What is alive from now on counts toward `segment`'s peak, from what is alive on entering it."""
+        self.segment = segment
+        if self.live > self.segment_peaks.get(segment, (-1, None))[0]:
+            self.segment_peaks[segment] = (self.live, dict(self.alive.values()))
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -65,6 +80,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live += storage.nbytes()
         if self.live > self.peak:
             self.peak, self.at_peak = self.live, dict(self.alive.values())
+        if self.segment is not None and self.live > self.segment_peaks[self.segment][0]:
+            self.segment_peaks[self.segment] = (self.live, dict(self.alive.values()))
         weakref.finalize(storage, self._release, key)
 
     def serial(self, tensor: torch.Tensor) -> int:
@@ -131,9 +148,11 @@ def create_optimizer_state(optimizer: torch.optim.Optimizer, trainable: list[nn.
 
 
 def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: str, device: str,
-                 checkpointing: bool = False, frozen_matmul_bf16: bool = False) -> StepMemory:
+                 checkpointing: bool = False, frozen_matmul_bf16: bool = False,
+                 segmented: bool = False) -> StepMemory:
     """One AdamW step of `model` (a prepared skeleton on the meta device, changed in place) on `inputs`
-    (meta tensors), with the optimizer state a first step creates, as every later step has."""
+    (meta tensors), with the optimizer state a first step creates, as every later step has. `segmented` also
+    gives the peak of each segment of the step (see `step_segments`) in `StepMemory.segments`."""
     from ..train.fast_dropout import cheaper_cpu_dropout
     from ..train.setup import build_optimizer, enable_checkpointing, store_frozen_matmul_weights
 
@@ -157,7 +176,8 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
 
     for param in trainable:
         param.register_post_accumulate_grad_hook(on_gradient)
-    with mode:
+    segments = step_segments(model, counter) if segmented else contextlib.nullcontext(lambda _: None)
+    with mode, segments as enter:
         batch = {k: mode.fake_tensor_converter.from_meta_and_device(mode, v, torch.device(device))
                  for k, v in inputs.items()}
         optimizer = build_optimizer([{"params": trainable}])
@@ -165,21 +185,73 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
         with counter, cheaper_cpu_dropout(model, torch.device(device)):  # as training runs it
             create_optimizer_state(optimizer, trainable)
             counter.reset_peak()  # the measured step is every later one: the optimizer state exists
+            enter("forward")
             with autocast:
                 loss = model(**batch).loss
+            enter("backward")
             loss.backward()
+            enter("optimizer")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             del loss
             state_tensors = [v for state in optimizer.state.values() for v in state.values()
                              if isinstance(v, torch.Tensor)]
             states = {counter.serial(v) for v in state_tensors}
-    parts = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "large_activations": 0}
-    for serial, size in counter.at_peak.items():
-        kind = ("weights" if serial in weights else "gradients" if serial in grads
-                else "optimizer" if serial in states else "activations")
-        parts[kind] += size
-        parts["large_activations"] += size if kind == "activations" and size >= LARGE else 0
+
+    def classified(at_peak: dict[int, int]) -> dict[str, float]:
+        parts = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "large_activations": 0}
+        for serial, size in at_peak.items():
+            kind = ("weights" if serial in weights else "gradients" if serial in grads
+                    else "optimizer" if serial in states else "activations")
+            parts[kind] += size
+            parts["large_activations"] += size if kind == "activations" and size >= LARGE else 0
+        return {f"{k}_mb": v / MB for k, v in parts.items()}
+
     state_bytes = [*grad_bytes.values(), *(t.untyped_storage().nbytes() for t in state_tensors)]
-    parts["heap_state"] = sum(size for size in state_bytes if size < LARGE)
-    return StepMemory(**{f"{k}_mb": v / MB for k, v in parts.items()})
+    heap_state_mb = sum(size for size in state_bytes if size < LARGE) / MB
+    return StepMemory(**classified(counter.at_peak), heap_state_mb=heap_state_mb,
+                      segments={name: StepMemory(**classified(at_peak), heap_state_mb=heap_state_mb)
+                                for name, (_, at_peak) in counter.segment_peaks.items()})
+
+
+@contextlib.contextmanager
+def step_segments(model: nn.Module, counter: LiveTensorBytes):
+    """Cut the step into segments for `counter`: the forward pass before the blocks, each block's forward, the
+    rest of the forward, the backward pass down to the top block, each block's backward (from the gradient of
+    its output until that of the block below; the lowest one's includes the embeddings'), the optimizer step.
+
+    Yields `enter(name)` for the caller's phases. A block's backward starts when its output's gradient is
+    complete (a hook on that tensor); a block recomputed under gradient checkpointing runs its forward inside
+    its own backward segment."""
+    from ..models.structure import find_block_list
+
+    _, blocks = find_block_list(model)
+    phase = {"name": "forward"}
+
+    def enter(name: str) -> None:
+        phase["name"] = name
+        counter.enter(name)
+
+    def before_block(index: int):
+        return lambda module, args: counter.enter(("forward", index)) if phase["name"] == "forward" else None
+
+    def after_block(index: int):
+        def hook(module, args, output) -> None:
+            if phase["name"] != "forward":  # a recomputation under checkpointing
+                return
+            if index == len(blocks) - 1:
+                counter.enter("forward after the blocks")
+            output_tensor = next((t for t in tree_flatten(output)[0]
+                                  if isinstance(t, torch.Tensor) and t.requires_grad), None)
+            if output_tensor is not None:
+                output_tensor.register_hook(lambda grad: counter.enter(("backward", index)))
+        return hook
+
+    handles = [hook for index, block in enumerate(blocks)
+               for hook in (block.register_forward_pre_hook(before_block(index)),
+                            block.register_forward_hook(after_block(index)))]
+    try:
+        yield enter
+    finally:
+        for handle in handles:
+            handle.remove()

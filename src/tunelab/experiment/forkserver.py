@@ -121,11 +121,13 @@ def start_process(module: str, args: list[str], env: dict[str, str], streams: tu
                             stderr=stderr)
 
 
-def run_captured(module: str, args: list[str], timeout: float) -> tuple[int, str, str]:
+def run_captured(module: str, args: list[str], timeout: float,
+                 env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """`module`.main(args) in a process started as a run's is: (exit code, stdout, stderr). Measurements of
     a process (its resident size, what its allocator keeps) then hold for the runs."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = start_process(module, args, dict(os.environ), (0, out.fileno(), err.fileno()))
+        process = start_process(module, args, dict(os.environ) if env is None else env,
+                                (0, out.fileno(), err.fileno()))
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -100,9 +100,28 @@ def test_the_allocators_kept_memory_is_a_line_through_two_measurements():
 
     def run_module(module, args, timeout):  # what the calibration process prints for PRECISION ROWS
         return 0, "a progress line\n" + json.dumps(points[args[1]]) + "\n", ""
-    fit = device.allocator_keeping("cpu", "bf16", run_module)
+    fit = device.allocator_keeping("cpu", "fp32", run_module)
     slope = 350.0 / 370.0
     assert fit["allocator_per_churn_mb"] == pytest.approx(slope, abs=1e-3)
     assert fit["allocator_fixed_mb"] == pytest.approx(200 - slope * 130, abs=0.1)
     assert device.allocator_keeping("cuda", "bf16", run_module) == {"allocator_fixed_mb": 0.0,
                                                                     "allocator_per_churn_mb": 0.0}
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_bf16_is_calibrated_in_fp32_where_the_cpu_emulates_it(fast_bf16, monkeypatch):
+    import json
+
+    from tunelab.estimate import device
+    from tunelab.train import setup
+
+    calibrated = []
+
+    def run_module(module, args, timeout):
+        calibrated.append(args[0])
+        return 0, json.dumps({"kept_mb": 100.0 * int(args[1]), "churn_mb": 10.0 * int(args[1])}), ""
+
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: fast_bf16)
+    fit = device.allocator_keeping("cpu", "bf16", run_module)
+    assert calibrated == (["bf16", "bf16"] if fast_bf16 else ["fp32", "fp32"])
+    assert ("allocator_note" in fit) == (not fast_bf16) and fit["allocator_per_churn_mb"] == 10.0

@@ -202,6 +202,8 @@ def print_estimate(result: dict) -> None:
     device = result["device"]
     print(f"{result['model']} ({result['task']}), batch {result['batch_size']} × {result['seq_len']} tokens, "
           f"{result['precision']} on {device['name']}")
+    if device.get("allocator_note"):
+        print(f"note: allocator {device['allocator_note']}")
     if result["processes"] > 1 or result["micro_batch_rows"] < result["batch_size"]:
         print(f"memory of one of {result['processes']} processes{' (FSDP shards)' if result['fsdp'] else ''}, "
               f"{result['micro_batch_rows']} rows at a time")

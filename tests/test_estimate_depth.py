@@ -43,8 +43,8 @@ def test_extrapolated_steps_equal_the_whole_depths(task, precision, deep_models,
     compared = []
     extrapolating = estimate_module.fake_step_of
 
-    def compared_with_whole_depth(prepared, prepare_at, measure, depths):
-        step, source = extrapolating(prepared, prepare_at, measure, depths)
+    def compared_with_whole_depth(prepared, prepare_at, measure, depths, layers):
+        step, source = extrapolating(prepared, prepare_at, measure, depths, layers)
         if source != "fake step":  # the whole model is still untouched: measure it too
             whole = measure(prepared)
             assert step.parts() == pytest.approx(whole.parts(), abs=1e-9), source  # MB: to the byte

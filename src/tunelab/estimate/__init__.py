@@ -165,7 +165,7 @@ def step_memory(method, opts, ctx, builds: dict, task, work: Workload, device: d
     try:
         with fake_step.quiet_fake_tensor_errors():
             step, source = fake_step_of(prepared, lambda depth: method.prepare(meta_copy(builds[depth]), opts, ctx),
-                                        measure, [d for d in builds if d != "full"])
+                                        measure, [d for d in builds if d != "full"], shape.layers)
         parts = step.parts()
     except Exception as exc:  # noqa: BLE001 - any failure of the fake run is reported with its reason
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
@@ -186,17 +186,12 @@ def step_memory(method, opts, ctx, builds: dict, task, work: Workload, device: d
     return {**{k: round(v, 1) for k, v in parts.items()}, "memory_from": source}
 
 
-def fake_step_of(prepared: nn.Module, prepare_at, measure, depths: list[int]) -> tuple[Any, str]:
-    """The fake step of `prepared`, extrapolated from shallower copies where they are the same model."""
+def fake_step_of(prepared: nn.Module, prepare_at, measure, depths: list[int], layers: int) -> tuple[Any, str]:
+    """The fake step of `prepared` (`layers` blocks), extrapolated from shallower copies where they are the
+    same model."""
     if depths:
         step = extrapolated_step(prepared, prepare_at, functools.partial(measure, segmented=True))
         if step is not None:
             return step, (f"fake steps of {' and '.join(map(str, depths))} blocks, extrapolated to "
-                          f"{skeleton_blocks(prepared)} identical ones")
+                          f"{layers} identical ones")
     return measure(prepared), "fake step"
-
-
-def skeleton_blocks(model: nn.Module) -> int:
-    from ..models.structure import find_block_list
-
-    return len(find_block_list(model)[1])

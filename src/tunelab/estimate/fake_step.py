@@ -78,10 +78,14 @@ class LiveTensorBytes(TorchDispatchMode):
             return
         self.alive[key] = (next(self._serials), storage.nbytes())
         self.live += storage.nbytes()
-        if self.live > self.peak:
-            self.peak, self.at_peak = self.live, dict(self.alive.values())
-        if self.segment is not None and self.live > self.segment_peaks[self.segment][0]:
-            self.segment_peaks[self.segment] = (self.live, dict(self.alive.values()))
+        new_peak = self.live > self.peak
+        new_segment_peak = self.segment is not None and self.live > self.segment_peaks[self.segment][0]
+        if new_peak or new_segment_peak:
+            snapshot = dict(self.alive.values())  # one copy serves both
+            if new_peak:
+                self.peak, self.at_peak = self.live, snapshot
+            if new_segment_peak:
+                self.segment_peaks[self.segment] = (self.live, snapshot)
         weakref.finalize(storage, self._release, key)
 
     def serial(self, tensor: torch.Tensor) -> int:

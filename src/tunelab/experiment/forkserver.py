@@ -172,8 +172,7 @@ class ForkServer:
     def start(self, module: str, args: list[str], env: dict[str, str],
               streams: tuple[int, int, int] = (0, 1, 2)) -> "ForkedProcess":
         """`module`.main(args) in a forked process with `env`, this folder and `streams` as stdin/out/err."""
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()  # what the parent printed comes before what the run prints
+        flush_standard_streams()  # what the parent printed comes before what the run prints
         self.requests += 1  # echoed in the reply: one left unread by an interrupted start is not taken for this
         # a run started while Ctrl-C is ignored here ignores it too, as a fresh interpreter would inherit
         ignore_sigint = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
@@ -335,8 +334,7 @@ def tell(sock: socket.socket, message: dict) -> None:
 
 
 def fork_run(request: dict, fds: list[int], sock: socket.socket, default_threads: int) -> int:
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()  # or each run would print what the server left in its buffers
+    flush_standard_streams()  # or each run would print what the server left in its buffers
     pid = os.fork()
     if pid:
         return pid
@@ -357,12 +355,16 @@ def fork_run(request: dict, fds: list[int], sock: socket.socket, default_threads
         traceback.print_exc()
     finally:
         # No interpreter teardown (the 1.4 s this module saves on the way out): the run has closed its files.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        flush_standard_streams()
         os._exit(code or 0)
+
+
+def flush_standard_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or its descriptor is gone: nothing left to lose
+            pass
 
 
 def become_run(request: dict, fds: list[int], default_threads: int) -> None:

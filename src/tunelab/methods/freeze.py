@@ -46,6 +46,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch import nn
 
+from ..models.loading import LOAD_OPTIONS
 from ..models.structure import find_block_list
 from ..train.batches import PAD_MULTIPLE
 from .base import Method, MethodOptions, PrepareContext, register
@@ -341,7 +342,7 @@ class Freeze(Method):
         unwrap(model).save_pretrained(directory)
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
-        return type(base_model).from_pretrained(directory, local_files_only=True)
+        return type(base_model).from_pretrained(directory, **LOAD_OPTIONS)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..models.loading import LOAD_OPTIONS
 from .base import Method, MethodOptions, PrepareContext, register
 
 
@@ -24,7 +25,7 @@ class WholeModelMethod(Method):
         return {"lr": {"low": 1e-5, "high": 1e-4, "log": True}}
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
-        return type(base_model).from_pretrained(directory, local_files_only=True)
+        return type(base_model).from_pretrained(directory, **LOAD_OPTIONS)
 
 
 @register

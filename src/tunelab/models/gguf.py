@@ -68,10 +68,10 @@ def read_marker(folder: Path) -> dict | None:
 def convert(source: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import quiet_transformers
+    from .loading import LOAD_OPTIONS, quiet_transformers
 
     quiet_transformers()
-    kwargs = {"gguf_file": source.name, "local_files_only": True}
+    kwargs = {"gguf_file": source.name, **LOAD_OPTIONS}
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, **kwargs)
     config = loaded.config
     for attr in ("quantization_config", "_name_or_path"):  # GGUF-specific: a plain folder must not carry them

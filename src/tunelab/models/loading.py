@@ -15,6 +15,12 @@ from ..errors import TunelabInputError
 # emulated. Frozen weights an adapter method never saves go to bf16 later where that pays (train/setup.py).
 TRAINING_DTYPE = torch.float32
 
+# Every from_pretrained of tunelab's reads local files (hub.py downloads first) and turns off transformers'
+# Hub kernels (on by default since 5.25): they swap layers for code fetched at load time, kernelized for
+# inference before training starts, and they refuse the meta device that `validate` and `estimate` load on.
+# Every method, run and resume must train the same modules.
+LOAD_OPTIONS = {"local_files_only": True, "use_kernels": False}
+
 # Packaged models: an alias → how to find its files. A folder inside an installed PyPI distribution, or a
 # GGUF file there that is converted once into a plain transformers folder in the user's cache.
 PACKAGED_MODELS = {
@@ -128,7 +134,7 @@ def skeleton(model_path: str, task, info: dict) -> tuple[nn.Module, list[str]]:
 def _from_pretrained(model_path: str, task, info: dict, **kwargs) -> tuple[nn.Module, list[str]]:
     quiet_transformers()
     try:
-        model, loading = task.auto_class().from_pretrained(model_path, local_files_only=True,
+        model, loading = task.auto_class().from_pretrained(model_path, **LOAD_OPTIONS,
                                                            output_loading_info=True, dtype=TRAINING_DTYPE,
                                                            **task.model_kwargs(info), **kwargs)
     except Exception as exc:

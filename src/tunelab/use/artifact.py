@@ -78,13 +78,13 @@ def best_method(payload: dict[str, Any], folder: Path) -> str:
 def load_artifact(artifact: Artifact) -> tuple[nn.Module, Any]:
     """The trained model (the method rebuilds it on a fresh base model) and its tokenizer."""
     from ..methods.base import get_method
-    from ..models.loading import load_pretrained, load_tokenizer, quiet_transformers
+    from ..models.loading import LOAD_OPTIONS, load_pretrained, load_tokenizer, quiet_transformers
 
     quiet_transformers()
     tokenizer = load_tokenizer(str(artifact.directory))
     task = artifact.task
     if artifact.manifest.get("format") == "transformers":  # a whole model (full, llrd, freeze, or merged)
-        model = task.auto_class().from_pretrained(artifact.directory, local_files_only=True)
+        model = task.auto_class().from_pretrained(artifact.directory, **LOAD_OPTIONS)
         return task.prepare_model(model, tokenizer).eval(), tokenizer
     base = task.prepare_model(load_pretrained(base_model_path(artifact), task, artifact.info), tokenizer)
     return get_method(artifact.method).load(artifact.directory, base).eval(), tokenizer

@@ -131,3 +131,21 @@ def test_a_bf16_checkpoint_trains_and_is_estimated_in_fp32_weights(tmp_path, tin
         load_config(None, [f"model.name_or_path={folder}", *rest, "methods=full,lora"]), train_rows=160)["methods"]}
         for folder in (fp32_folder, bf16_folder)}
     assert weights[bf16_folder] == weights[fp32_folder]
+
+
+def test_measuring_runs_the_model_as_the_loop_trains_it_and_restores_its_modes(prepared):
+    """A freshly loaded base is in eval mode (dropout off); the probe must time dropout on, as training runs."""
+    model, batch = prepared
+    model.eval()
+    model.training = True  # the mixed state setup hands over: a training wrapper around an eval-mode base
+    before = {name: module.training for name, module in model.named_modules()}
+    seen = []
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m.training, type(m).__name__))) for m in dropouts]
+    precision.step_seconds(model, batch, bf16=False)
+    for hook in hooks:
+        hook.remove()
+    assert dropouts and seen and all(training for training, _ in seen)
+    assert {kind for _, kind in seen} == {"CheaperDropout"}
+    assert before == {name: module.training for name, module in model.named_modules()}
+    assert all(type(m) is torch.nn.Dropout for m in dropouts)

@@ -137,7 +137,9 @@ def method_precision(job: Job, name: str, model: torch.nn.Module) -> tuple[str, 
     typical = sorted(batches, key=lambda rows: int(job.train.lengths[rows].max()))[len(batches) // 2]
     world = launched_world_size()
     micro = typical[:max(1, len(typical) // (world * cfg.gradient_accumulation_steps))]
-    key = json.dumps([job.model_path, job.task.name, name, job.config.to_dict().get(name)], default=str)
+    # checkpointing recomputes blocks in training mode, which the probe runs in: a step of another cost
+    key = json.dumps([job.model_path, job.task.name, name, job.config.to_dict().get(name),
+                      cfg.gradient_checkpointing], default=str)
     return choose_precision(cfg, model, collate(job.train, micro, device), key,
                             can_measure=world == 1 and get_method(name).precision_probe)
 

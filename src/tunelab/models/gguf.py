@@ -71,8 +71,7 @@ def convert(source: Path, out: Path) -> None:
     from .loading import LOAD_OPTIONS, quiet_transformers
 
     quiet_transformers()
-    kwargs = {"gguf_file": source.name, **LOAD_OPTIONS}
-    loaded = AutoModelForCausalLM.from_pretrained(source.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, **LOAD_OPTIONS)
     config = loaded.config
     for attr in ("quantization_config", "_name_or_path"):  # GGUF-specific: a plain folder must not carry them
         if hasattr(config, attr):
@@ -83,4 +82,5 @@ def convert(source: Path, out: Path) -> None:
         plain.tie_weights()
     plain.generation_config = loaded.generation_config
     plain.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source.parent, **kwargs).save_pretrained(out)
+    # a tokenizer keeps unknown keyword arguments in its saved config: only the ones it reads
+    AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True).save_pretrained(out)

@@ -76,9 +76,10 @@ def attention(module, query, key, value, attention_mask, dropout_p: float = 0.0,
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask[..., : key.shape[2]]
-    # in the scores' dtype: torch's CPU softmax accumulates a bf16 row in fp32 and rounds once, as an fp32
-    # softmax and a cast would, without a cast each way in both passes (4 % of a bf16 MiniLM step on AMX)
-    probs = torch.softmax(scores, dim=-1)
+    # in the scores' dtype: torch's CPU softmax accumulates a bf16 row in fp32 and rounds once, so the forward
+    # equals an fp32 softmax and a cast, without a cast each way in both passes (4 % of a bf16 MiniLM step on
+    # AMX); the backward then starts from the rounded probabilities. (An fp32 additive mask makes fp32 scores.)
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
     output = torch.matmul(dropout(probs, dropout_p), value)
     return output.transpose(1, 2).contiguous(), None
 

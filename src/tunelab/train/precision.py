@@ -20,6 +20,7 @@ import hashlib
 import time
 
 import torch
+import transformers
 from torch import nn
 
 from ..machine import cpu_name, keep_measurement, read_measurements
@@ -100,6 +101,6 @@ def sync_time(device: torch.device) -> float:
 def cache_key(key: str, device: str, batch: dict[str, torch.Tensor]) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     parts = [f"probe {PROBE_VERSION}", key, device, name, str(tuple(batch["input_ids"].shape)),
-             str(torch.get_num_threads()), torch.__version__]
+             str(torch.get_num_threads()), torch.__version__, transformers.__version__]  # (its attention paths)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 

@@ -5,13 +5,14 @@ slower than fp32 (measured with benchmarks/vs_trainer.py), so there fp32 is chos
 bf16 is native, a small model's steps can still be slower in bf16 (an H200 trained the packaged MiniLM in
 12.7 s in bf16 against 8.2 s in fp32: the casts and launches outweigh the matmuls). So there a few
 forward+backward passes of the prepared model on a typical batch are timed in both, before training, and
-bf16 must win by a clear margin. They run as the loop trains: every module in training mode (a freshly
-loaded model is in eval mode, and with dropout off there a 2-core AMX Xeon timed LoRA at fp32 296 ms against
-bf16 310 ms, where training in bf16 is 1.5× faster) and with the loop's dropout. An adapter method's frozen
-weights are still fp32 then, so bf16 pays their casts (measured 190 against 184 ms there): the probe leans
-slightly towards fp32 (fp32 is exact and the default when they are close). A clear decision is
-cached per device, model, method, batch shape and thread count, so seeds and repeated runs measure once; a
-near tie is not cached (it may be noise of a busy machine) and is measured again by the next run.
+bf16 must win by a clear margin (fp32 is exact and the default when they are close). The passes run as the
+loop trains: every module in training mode and the loop's dropout. A freshly loaded base is in eval mode, and
+with dropout off there a 2-core AMX Xeon timed LoRA at fp32 296 ms against bf16 310 ms, where training in bf16
+is 1.5× faster. An adapter method's frozen weights are still fp32 then, so bf16 pays their casts (190 against
+184 ms there): the probe leans slightly towards fp32. A clear decision is cached per device, model, method
+options, gradient checkpointing, batch shape, thread count and library versions, so seeds and repeated runs
+measure once; a near tie is not cached (it may be noise of a busy machine) and is measured again by the next
+run.
 """
 from __future__ import annotations
 

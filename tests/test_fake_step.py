@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from tunelab.estimate.fake_step import LiveTensorBytes, measure_step
+from tunelab.train.embedding_grad import KeptEmbeddingGradient
 from tunelab.train.fast_dropout import cheaper_cpu_dropout
 from tunelab.train.setup import build_optimizer
 
@@ -36,14 +37,18 @@ def inputs(causal: bool, device: str) -> dict[str, torch.Tensor]:
 
 
 def real_peak_mb(model: torch.nn.Module, batch: dict, precision: str) -> float:
-    """The same two AdamW steps on real tensors, counted by the same counter, with the dropout training uses."""
+    """The same two AdamW steps on real tensors, counted by the same counter, with the dropout and the kept
+    embedding gradient training uses."""
     counter = LiveTensorBytes()
     for tensor in [*model.parameters(), *model.buffers()]:
         counter.track(tensor)
     optimizer = build_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}])
     model.train()
-    with counter, cheaper_cpu_dropout(model, torch.device("cpu")):
+    kept = KeptEmbeddingGradient.for_model(model, torch.device("cpu"), 1)
+    assert kept.embedding is not None  # every model here trains its input embedding
+    with counter, cheaper_cpu_dropout(model, torch.device("cpu")), kept.active():
         for step in range(2):
+            kept.zero()
             if step:
                 counter.reset_peak()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -70,9 +75,12 @@ def test_a_fake_step_holds_what_the_real_step_holds(build, causal, precision):
     # AdamW keeps two fp32 moments per trained weight (and a step counter)
     assert fake.optimizer_mb == pytest.approx(2 * fake.weights_mb, rel=0.01)
     assert fake.activations_mb > 0
-    # every trained weight's gradient and two moments: all heap-sized in a tiny model
-    trained_mb = sum(p.numel() for p in build().parameters()) * 4 / 2**20
-    assert fake.heap_state_mb == pytest.approx(3 * trained_mb, rel=0.01)
+    # every trained weight's gradient and two moments: all heap-sized in a tiny model, except the input
+    # embedding's gradient, allocated once and kept
+    model = build()
+    trained_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    embedding_mb = model.get_input_embeddings().weight.numel() * 4 / 2**20
+    assert fake.heap_state_mb == pytest.approx(3 * trained_mb - embedding_mb, rel=0.01)
 
 
 def test_frozen_weights_and_checkpointing_shrink_the_step():

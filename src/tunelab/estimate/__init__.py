@@ -161,7 +161,7 @@ def step_memory(method, opts, ctx, builds: dict, task, work: Workload, device: d
     groups = layout.groups(prepared)
     measure = functools.partial(fake_step.measure_step, inputs=inputs, precision=work.precision,
                                 device=device["kind"] if device["present"] else "cpu", checkpointing=checkpointing,
-                                frozen_matmul_bf16=work.adapter_bf16_weights)
+                                frozen_matmul_bf16=work.adapter_bf16_weights, processes=layout.processes)
     try:
         with fake_step.quiet_fake_tensor_errors():
             step, source = fake_step_of(prepared, lambda depth: method.prepare(meta_copy(builds[depth]), opts, ctx),

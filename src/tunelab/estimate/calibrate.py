@@ -43,6 +43,7 @@ def resident_growth(precision: str, rows: int) -> float:
     """MB the resident set grows by over the stand-in's training, from the moment its weights exist."""
     from transformers import BertForSequenceClassification
 
+    from ..train.embedding_grad import KeptEmbeddingGradient
     from ..train.fast_dropout import cheaper_cpu_dropout
     from ..train.setup import build_optimizer
     from ..train.tracking import MemoryMonitor
@@ -52,10 +53,13 @@ def resident_growth(precision: str, rows: int) -> float:
     optimizer = build_optimizer([{"params": list(model.parameters())}])
     lengths = np.random.default_rng(0).permutation(LENGTHS * 2)  # every length twice, the longest included
     # sampled every 2 ms: a stand-in step is short, and its peak is what is measured
-    # with the dropout training uses, whose masks are part of what the allocator churns through
+    # with the dropout training uses, whose masks are part of what the allocator churns through, and its
+    # kept embedding gradient
     cpu = torch.device("cpu")
-    with MemoryMonitor(cpu, interval_s=0.002) as memory, cheaper_cpu_dropout(model, cpu):
+    kept = KeptEmbeddingGradient.for_model(model, cpu, 1)
+    with MemoryMonitor(cpu, interval_s=0.002) as memory, cheaper_cpu_dropout(model, cpu), kept.active():
         for length in lengths:
+            kept.zero()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = model(**batch(rows, int(length))).loss
             loss.backward()

@@ -72,6 +72,10 @@ class LiveTensorBytes(TorchDispatchMode):
             self.segment_peaks[segment] = (self.live, dict(self.alive.values()))
 
     def track(self, tensor: torch.Tensor) -> None:
+        if tensor.layout == torch.sparse_coo:  # a sparse embedding gradient: its two parts hold the bytes
+            self.track(tensor._indices())
+            self.track(tensor._values())
+            return
         storage = tensor.untyped_storage()
         key = storage_key(tensor)
         if key in self.alive:
@@ -151,12 +155,29 @@ def create_optimizer_state(optimizer: torch.optim.Optimizer, trainable: list[nn.
     optimizer.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def padding_row_kept(embedding: nn.Embedding | None):
+    """A sparse embedding gradient drops the padding row's entries through `nonzero`, whose output shape a fake
+    tensor cannot know; keeping them changes the step's bytes by one small index and value row per padding
+    token, and leaves the gradient buffer (the part that matters) as it is."""
+    padding = embedding.padding_idx if embedding is not None else None
+    if padding is not None:
+        embedding.padding_idx = None
+    try:
+        yield
+    finally:
+        if padding is not None:
+            embedding.padding_idx = padding
+
+
 def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: str, device: str,
                  checkpointing: bool = False, frozen_matmul_bf16: bool = False,
-                 segmented: bool = False) -> StepMemory:
+                 segmented: bool = False, processes: int = 1) -> StepMemory:
     """One AdamW step of `model` (a prepared skeleton on the meta device, changed in place) on `inputs`
     (meta tensors), with the optimizer state a first step creates, as every later step has. `segmented` also
-    gives the peak of each segment of the step (see `step_segments`) in `StepMemory.segments`."""
+    gives the peak of each segment of the step (see `step_segments`) in `StepMemory.segments`. `processes`:
+    how many train together (the loop keeps a CPU embedding gradient only in a process of its own)."""
+    from ..train.embedding_grad import KeptEmbeddingGradient
     from ..train.fast_dropout import cheaper_cpu_dropout
     from ..train.setup import build_optimizer, enable_checkpointing, store_frozen_matmul_weights
 
@@ -174,9 +195,12 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
     grads: set[int] = set()
     grad_bytes: dict[int, int] = {}  # per parameter
 
+    kept = KeptEmbeddingGradient.for_model(model, torch.device(device), processes)
+
     def on_gradient(param: torch.Tensor) -> None:
         grads.add(counter.serial(param.grad))
-        grad_bytes[id(param)] = param.grad.untyped_storage().nbytes()
+        if param.grad is not kept.buffer:  # allocated once, it never moves into a step's freed space
+            grad_bytes[id(param)] = param.grad.untyped_storage().nbytes()
 
     for param in trainable:
         param.register_post_accumulate_grad_hook(on_gradient)
@@ -186,8 +210,10 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
                  for k, v in inputs.items()}
         optimizer = build_optimizer([{"params": trainable}])
         autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with counter, cheaper_cpu_dropout(model, torch.device(device)):  # as training runs it
+        with counter, cheaper_cpu_dropout(model, torch.device(device)), kept.active(), \
+                padding_row_kept(kept.embedding):  # as training runs it
             create_optimizer_state(optimizer, trainable)
+            kept.zero()  # a kept gradient exists from the first step on
             counter.reset_peak()  # the measured step is every later one: the optimizer state exists
             enter("forward")
             with autocast:

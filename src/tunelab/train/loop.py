@@ -19,6 +19,7 @@ from ..config import TrainConfig
 from ..data import Encoded
 from .batches import collate, epoch_batches, micro_batches
 from .distributed import Ranks
+from .embedding_grad import KeptEmbeddingGradient
 from .fast_dropout import cheaper_cpu_dropout
 from .faults import fault_point
 from .sharding import gradient_sync, is_sharded, whole
@@ -112,9 +113,11 @@ class TrainingLoop:
         self._segment_start = time.perf_counter()
         self._checkpointed_step: int | None = None
         self.rows_trained = 0  # by this process (its shard), fillers excluded
+        self.embedding_grad = KeptEmbeddingGradient.for_model(self.module, accelerator.device, self.ranks.world)
 
     def run(self, state: TrainState | None = None) -> TrainState:
-        with cheaper_cpu_dropout(self.model, self.accelerator.device):  # same dropout, cheaper masks on a CPU
+        # same dropout with cheaper masks, and the embedding gradient only where it is not zero, on a CPU
+        with cheaper_cpu_dropout(self.model, self.accelerator.device), self.embedding_grad.active():
             return self._run(state or TrainState())
 
     def _run(self, state: TrainState) -> TrainState:
@@ -142,6 +145,7 @@ class TrainingLoop:
         parts = micro_batches(self.train_data, rows, self.ranks.rank, self.ranks.world,
                               self.cfg.gradient_accumulation_steps)
         loss = None
+        self.embedding_grad.zero()
         for i, (part, weight) in enumerate(parts):
             # gradients are reduced once, after the last micro-batch
             with gradient_sync(self.model, self.accelerator, enabled=i == len(parts) - 1):

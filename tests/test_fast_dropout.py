@@ -25,6 +25,22 @@ def test_elements_are_dropped_with_probability_p_and_the_rest_scaled():
     assert torch.equal(layer.eval()(x), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_passes_equal_x_times_mask_times_scale_bit_for_bit(dtype):
+    """The one-pass product rounds where `x * keep * (1 / (1 - p))` rounds, forward and backward."""
+    torch.manual_seed(1)
+    x = torch.randn(8, 40, 24, dtype=dtype, requires_grad=True)
+    grad = torch.randn(8, 40, 24, dtype=dtype)
+    torch.manual_seed(2)
+    out = fast_dropout.dropout(x, 0.3)
+    out.backward(grad)
+    torch.manual_seed(2)
+    keep = fast_dropout.keep_mask(x.shape, 0.3, x.device)
+    assert torch.equal(out, x.detach() * keep * (1 / 0.7))
+    assert torch.equal(x.grad, grad * keep * (1 / 0.7))
+    assert out.dtype == dtype and x.grad.dtype == dtype
+
+
 def test_both_halves_of_a_mask_keep_one_minus_p():
     """The first half of a mask is decided by the words' low 16 bits, the second by their high 15 bits: each
     must keep 1 - p on its own (an uneven half would bias dropout where the halves fall, e.g. early rows)."""

@@ -106,6 +106,12 @@ def test_trainable_count_matches_the_methods_formula(method, task, task_override
     assert actual == setup.expected_trainable > 0
 
 
+def test_a_wrong_formula_is_reported_when_the_run_starts(task_overrides, monkeypatch):
+    monkeypatch.setattr(get_method("bitfit"), "expected_trainable_params", lambda *args: 1)
+    with pytest.warns(RuntimeWarning, match=r"'bitfit': expected_trainable_params gives 1 parameters, but"):
+        setup_method(make_job("bitfit", "classification", task_overrides), "bitfit")
+
+
 def test_lora_formula_by_hand(task_overrides):
     # tiny BERT: 2 layers, hidden 32; query and value are 32→32; head 32*2+2.
     assert setup_method(make_job("lora", "classification", task_overrides), "lora").expected_trainable == \

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
     ctx = job.context(base, steps)
     expected = method.expected_trainable_params(base, opts, ctx)
     model = method.prepare(base, opts, ctx)
+    warn_if_count_differs(name, expected, model)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
     precision, reason = (precision, "resumed in the precision the run started with") if precision \
@@ -125,6 +127,15 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps, reason,
                        round(loaded_mb, 1))
+
+
+def warn_if_count_differs(name: str, expected: int, model: torch.nn.Module) -> None:
+    """A method's own formula and what its `prepare` left trainable must agree: one of them is wrong otherwise,
+    and the author of a new method should hear it when the run starts, not find it in results.json."""
+    actual = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if actual != expected:
+        warnings.warn(f"method {name!r}: expected_trainable_params gives {expected:,} parameters, but prepare "
+                      f"left {actual:,} trainable; one of the two is wrong", RuntimeWarning, stacklevel=3)
 
 
 def method_precision(job: Job, name: str, model: torch.nn.Module) -> tuple[str, str]:

@@ -105,3 +105,16 @@ def test_apply_override_refuses_to_descend_into_a_value():
     problems: list[str] = []
     apply_override(raw, "train.lr=1", problems)
     assert problems and "is a value, not a section" in problems[0]
+
+
+def test_a_tasks_packaged_job_is_optional_but_a_broken_one_is_reported(tmp_path, monkeypatch):
+    from tunelab.tasks.base import get_task
+
+    task = get_task("classification")
+    monkeypatch.setattr(type(task), "packaged_job", lambda self: tmp_path / "missing.yaml")
+    assert load_config(None, ["data.train_file=x.csv"]).data.train_file == "x.csv"  # the config's own defaults
+    broken = tmp_path / "classification.yaml"
+    broken.write_text("model: [unclosed\n")
+    monkeypatch.setattr(type(task), "packaged_job", lambda self: broken)
+    with pytest.raises(TunelabInputError, match="classification.yaml' is not valid YAML"):
+        load_config(None, [])

@@ -156,7 +156,7 @@ class ExperimentConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read YAML (the task's packaged job when `path` is None), apply overrides, validate everything."""
     problems: list[str] = []
-    raw = read_yaml(Path(path), problems) if path else packaged_job(overrides or [])
+    raw = read_yaml(Path(path), problems) if path else packaged_job(overrides or [], problems)
     for item in overrides or []:
         apply_override(raw, item, problems)
     config = from_dict(raw, problems)
@@ -165,12 +165,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-def packaged_job(overrides: list[str]) -> dict:
-    """The packaged offline job of the task named by a `task=` override (classification by default)."""
+def packaged_job(overrides: list[str], problems: list[str]) -> dict:
+    """The packaged offline job of the task named by a `task=` override (classification by default). A task
+    may have none (then the config's own defaults apply); one that is there but broken is a problem."""
     task = next((item.partition("=")[2].strip() for item in overrides if item.partition("=")[0].strip() == "task"),
                 DEFAULT_TASK)
     tasks = task_registry()
-    return read_yaml(tasks[task].packaged_job(), []) if task in tasks else {}
+    if task not in tasks or not tasks[task].packaged_job().is_file():
+        return {}
+    return read_yaml(tasks[task].packaged_job(), problems)
 
 
 def read_yaml(path: Path, problems: list[str]) -> dict:

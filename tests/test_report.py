@@ -15,6 +15,15 @@ def test_results_written_before_tasks_still_rebuild_a_report(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "Task `classification`" in report and "| full | success |" in report
+    assert "Every method: 12 steps (0.096 epochs), batch 16" in report  # train.max_steps=12 beat epochs=1.0
     majority = json.loads(LEGACY.read_text())["job"]["majority_baseline_test"]
     assert f"Baseline (majority class): validation: accuracy 0.650; test: accuracy {majority:.3f}." in report
     assert (tmp_path / "plots" / "tradeoffs.png").stat().st_size > 1000
+
+
+def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere' does not exist: give the --output folder of a compare" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a readable results file" in capsys.readouterr().err

@@ -153,6 +153,16 @@ def task_lines(payload: dict[str, Any], job: dict[str, Any]) -> list[str]:
     return task.report_lines({**payload, "job": job}) if task else []
 
 
+def training_length(train: dict[str, Any], job: dict[str, Any]) -> str:
+    """What every method was given to train: train.max_steps wins over train.epochs, as in the loop."""
+    steps, batch, rows = train.get("max_steps"), train.get("batch_size"), job.get("train_rows")
+    if not steps:
+        return f"{train.get('epochs')} epoch(s)"
+    if batch and rows:  # as the loop counts epochs: steps over batches per epoch
+        return f"{steps} steps ({steps / -(-rows // batch):.3g} epochs)"
+    return f"{steps} steps"
+
+
 def write_report(out_dir: Path, payload: dict) -> Path:
     """report.md and the same as one self-contained report.html, from results.json (and sweep.json when a
     comparison was tuned)."""
@@ -167,7 +177,7 @@ def write_report(out_dir: Path, payload: dict) -> Path:
         "# tunelab comparison", "",
         f"Task `{job['task']}`, model `{job.get('model_path')}`; {job.get('train_rows')} train / "
         f"{job.get('validation_rows')} validation ({job.get('validation_source')}) / {job.get('test_rows')} test "
-        f"rows{labels}. Every method: {train.get('epochs')} epoch(s), batch {train.get('batch_size')}, max length "
+        f"rows{labels}. Every method: {training_length(train, job)}, batch {train.get('batch_size')}, max length "
         f"{cfg.get('data', {}).get('max_length')}, seed {train.get('seed')}.",
         "", *table(records, job), "", *baseline_lines(job),
         f"↑ higher is better, ↓ lower is better. Test numbers are for the checkpoint with the best validation "

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import TunelabInputError
+
 LEADING_COLUMNS = [
     "method", "status", "trainable_params", "total_params", "trainable_percent", "lr", "steps",
     "train_time_s", "train_samples_per_s", "train_tokens_per_s", "peak_memory_mb", "precision",
@@ -47,4 +49,12 @@ def lookup(record: dict[str, Any], dotted: str) -> Any:
 
 
 def read_results(out_dir: Path) -> dict:
-    return json.loads((Path(out_dir) / "results.json").read_text())
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        what = "does not exist" if not Path(out_dir).exists() else "has no results.json"
+        raise TunelabInputError([f"{str(out_dir)!r} {what}: give the --output folder of a compare, which holds "
+                                 "results.json once its first run has finished"])
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TunelabInputError([f"{str(path)!r} is not a readable results file: {exc}"]) from None

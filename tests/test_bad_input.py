@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from tunelab.cli import main
 
@@ -181,3 +182,12 @@ def test_process_exit_code_and_no_traceback_from_the_real_command(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "did you mean 'prompt-tuning'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a CUDA device")
+def test_cuda_asked_for_on_a_machine_without_one(tmp_path, base_args, capsys):
+    assert main(["validate", *base_args, "train.device=cuda"]) == 2
+    assert "error: train.device: 'cuda', but torch finds no CUDA device" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), "--device", "cuda", "--text", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device: 'cuda', but torch finds no CUDA device") and "Traceback" not in err

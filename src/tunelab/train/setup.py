@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..errors import TunelabInputError
 
 
 @lru_cache(maxsize=1)
@@ -52,6 +53,13 @@ def apply_threads(cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
+def device_problems(device: str, field: str) -> list[str]:
+    """Training and prediction need the device here (estimate and recommend may plan for one elsewhere)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return [f"{field}: 'cuda', but torch finds no CUDA device on this machine; allowed here: auto, cpu"]
+    return []
+
+
 def make_accelerator(cfg: TrainConfig, precision: str | None = None):
     """accelerate's Accelerator for `cfg`, in `precision` (default: the device's rule for train.precision)."""
     from accelerate import Accelerator
@@ -59,8 +67,9 @@ def make_accelerator(cfg: TrainConfig, precision: str | None = None):
 
     apply_threads(cfg)
     device = resolve_device(cfg)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    problems = device_problems(device, "train.device")
+    if problems:
+        raise TunelabInputError(problems)
     # train.batch_size is the global batch, split over processes: the schedule advances once per optimizer
     # step (accelerate would otherwise step it once per process, assuming a batch per process)
     precision = precision or resolve_precision(cfg)

@@ -52,8 +52,10 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     """Outputs for every input, from the artifact in `path` (an experiment folder: the best method)."""
     from ..config import TrainConfig
     from ..tasks.base import EvalSetup
-    from ..train.setup import make_accelerator
+    from ..train.setup import device_problems, make_accelerator
 
+    if device_problems(device, "--device"):
+        raise TunelabInputError(device_problems(device, "--device"))
     artifact = find_artifact(path, method)
     inputs = read_inputs(texts, input_file, artifact.task.input_key)
     model, tokenizer = load_artifact(artifact)

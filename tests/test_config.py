@@ -118,3 +118,9 @@ def test_a_tasks_packaged_job_is_optional_but_a_broken_one_is_reported(tmp_path,
     monkeypatch.setattr(type(task), "packaged_job", lambda self: broken)
     with pytest.raises(TunelabInputError, match="classification.yaml' is not valid YAML"):
         load_config(None, [])
+
+
+def test_an_override_without_equals_in_the_config_position_gets_the_hint(tmp_path):
+    assert problems_of([], "train.lr")[0] == ("config: file 'train.lr' does not exist; if it was meant as an "
+                                              "override: expected key=value, e.g. train.lr=3e-5")
+    assert problems_of([], str(tmp_path / "job.yaml"))[0].endswith("job.yaml' does not exist")

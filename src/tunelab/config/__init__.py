@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,11 @@ def packaged_job(overrides: list[str], problems: list[str]) -> dict:
 
 def read_yaml(path: Path, problems: list[str]) -> dict:
     if not path.is_file():
-        problems.append(f"config: file {str(path)!r} does not exist")
+        # `tunelab validate train.lr` (the `=` forgotten) reaches here as a config file's name
+        looks_like_override = re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)+", str(path)) and \
+            path.suffix not in (".yaml", ".yml")
+        hint = "; if it was meant as an override: expected key=value, e.g. train.lr=3e-5" if looks_like_override else ""
+        problems.append(f"config: file {str(path)!r} does not exist{hint}")
         return {}
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

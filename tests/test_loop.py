@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from tunelab.config import load_config
 from tunelab.experiment.job import prepare_job
 from tunelab.experiment.runner import setup_method
@@ -62,3 +64,14 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_overrides):
     assert any(getattr(m, "gradient_checkpointing", False) for m in setup.model.modules())
     for name, value in trained[False].items():
         torch.testing.assert_close(trained[True][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_overrides):
+    """With one warmup step the first update runs at lr 0 (the schedule's start); its log must say 0, not the
+    rate the scheduler has moved on to for the next step."""
+    loop = loop_for(tiny_overrides, ["train.max_steps=4", "train.warmup_ratio=0.25", "train.log_every_steps=1",
+                                     "train.eval_every_steps=0", "lora.lr=1e-3"], [0.5] * 5)
+    logged = []
+    loop.hooks.on_log = lambda state, logs: logged.append(logs["lr"])
+    loop.run()
+    assert logged == pytest.approx([0.0, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])  # linear: warmup to 1e-3 at step 1, then down to 0

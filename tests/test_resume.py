@@ -173,11 +173,12 @@ def test_resume_refuses_a_changed_config_unless_allowed(uninterrupted, tmp_path)
     assert record(tmp_path, "lora")["lr"] == 0.02
     warmup = math.ceil(0.06 * STEPS)
     logged = {e.step: e.value for e in logged_scalars(tmp_path / "tensorboard" / "lora", "train/lr")}
-    assert logged[2] == pytest.approx(1e-2 * 2 / warmup)  # before the failure: lora.lr=1e-2, warming up
+    # step s trains at the schedule's value for s - 1 (step 1 at 0): before the failure lora.lr=1e-2, warming up
+    assert logged[2] == pytest.approx(1e-2 * 1 / warmup)
     resumed = {step: lr for step, lr in logged.items() if step > 3}  # from the step-3 checkpoint on
     assert len(resumed) >= (STEPS - 3) // 2
     for step, lr in resumed.items():
-        assert lr == pytest.approx(0.02 * (STEPS - step) / (STEPS - warmup), rel=1e-6)
+        assert lr == pytest.approx(0.02 * (STEPS - (step - 1)) / (STEPS - warmup), rel=1e-6)
 
 
 def logged_scalars(folder: Path, tag: str):

@@ -112,6 +112,7 @@ class TrainingLoop:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._segment_start = time.perf_counter()
         self._checkpointed_step: int | None = None
+        self._lr_used = scheduler.get_last_lr()[0]
         self.rows_trained = 0  # by this process (its shard), fillers excluded
         self.embedding_grad = KeptEmbeddingGradient.for_model(self.module, accelerator.device, self.ranks.world)
 
@@ -154,6 +155,7 @@ class TrainingLoop:
             self.rows_trained += len(part) if weight else 0
         grad_norm = whole(self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
         self.optimizer.step()
+        self._lr_used = self.scheduler.get_last_lr()[0]  # what this step used; after scheduler.step: the next one's
         self.scheduler.step()
         self.hooks.after_step(state.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,8 +218,7 @@ class TrainingLoop:
                 last = next((x for x in reversed(state.losses) if math.isfinite(x)), None)
                 raise Diverged(first_step + offset, last)
             state.losses.append(value)
-        logs = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
-                "lr": self.scheduler.get_last_lr()[0]}
+        logs = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)), "lr": self._lr_used}
         self.hooks.on_log(state, logs)
 
     def evaluate(self, state: TrainState) -> dict[str, float]:

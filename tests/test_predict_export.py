@@ -56,6 +56,16 @@ def test_predict_defaults_to_the_best_method_and_takes_text_arguments(experiment
     assert f"with {best} " in captured.err
 
 
+def test_predict_runs_in_the_trained_precision_unless_told(experiment):
+    out, _ = experiment  # trained in fp32
+    texts = ["the tea was lovely", "stale box", "great great coffee"]
+    scores = {p: [o["scores"] for o in tunelab.predict(out, texts, method="full", precision=p)[1]]
+              for p in (None, "fp32", "bf16")}
+    assert scores[None] == scores["fp32"]
+    assert scores["bf16"] != scores["fp32"]  # bf16 autocast: other roundings, the same answers within 0.05
+    assert all(abs(a[k] - b[k]) < 0.05 for a, b in zip(scores["bf16"], scores["fp32"]) for k in a)
+
+
 @pytest.mark.parametrize("method", sorted(set(CLASSIFICATION_METHODS) - NOT_MERGEABLE))
 def test_a_merged_export_loads_with_transformers_and_gives_the_same_logits(method, experiment, tmp_path):
     out, _ = experiment

@@ -90,6 +90,9 @@ def add_use_commands(sub, hub: argparse.ArgumentParser) -> None:
     predict.add_argument("--output", "-o", help="write JSON lines here instead of standard output")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    predict.add_argument("--precision", choices=["fp32", "bf16"],
+                         help="default: the precision the run trained in (fp32: the numbers an fp32 load of "
+                              "`export --merge` gives)")
     export = sub.add_parser("export", help="copy an artifact, or merge it into a plain transformers model",
                             parents=[hub])
     export.add_argument("path", metavar="EXPERIMENT_DIR|ARTIFACT_DIR", help=where)
@@ -258,7 +261,8 @@ def run_use_command(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise TunelabInputError([f"--batch-size: {args.batch_size} is not allowed; must be > 0"])
-    artifact, outputs = predict(args.path, args.text, args.input, args.method, args.batch_size, args.device)
+    artifact, outputs = predict(args.path, args.text, args.input, args.method, args.batch_size, args.device,
+                                args.precision)
     write_predictions(outputs, args.output)
     print(f"{len(outputs)} predictions with {artifact.method} ({artifact.directory})", file=sys.stderr)
     return 0

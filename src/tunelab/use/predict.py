@@ -48,8 +48,10 @@ def _file_inputs(path: Path, key: str) -> Iterator[dict[str, Any]]:
 
 
 def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None = None, method: str | None = None,
-            batch_size: int = 32, device: str = "auto") -> tuple[Artifact, list[dict[str, Any]]]:
-    """Outputs for every input, from the artifact in `path` (an experiment folder: the best method)."""
+            batch_size: int = 32, device: str = "auto",
+            precision: str | None = None) -> tuple[Artifact, list[dict[str, Any]]]:
+    """Outputs for every input, from the artifact in `path` (an experiment folder: the best method), in
+    `precision` ("fp32" or "bf16"; default: the one the run trained in)."""
     from ..config import TrainConfig
     from ..tasks.base import EvalSetup
     from ..train.setup import device_problems, make_accelerator
@@ -59,8 +61,9 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     artifact = find_artifact(path, method)
     inputs = read_inputs(texts, input_file, artifact.task.input_key)
     model, tokenizer = load_artifact(artifact)
-    # the precision the run trained in, by the same rule (bf16 only where this device runs it fast)
-    accelerator = make_accelerator(TrainConfig(device=device, precision=artifact.manifest.get("precision", "auto")))
+    # by default the precision the run trained in: the numbers its own test predictions came from
+    precision = precision or artifact.manifest.get("precision", "auto")
+    accelerator = make_accelerator(TrainConfig(device=device, precision=precision))
     model.to(accelerator.device)
     setup = EvalSetup(batch_size, accelerator.device, accelerator.autocast, tokenizer, artifact.task_options())
     max_length = int(artifact.manifest.get("max_length") or 512)

@@ -30,6 +30,18 @@ def ranked(folder, memory, *extra, rows=5000):
 def test_sizes_and_durations_parse():
     assert parse_size_mb("24GB") == 24 * 1024 and parse_size_mb("512MB") == 512 and parse_size_mb("1.5 GiB") == 1536
     assert parse_duration_s("2h") == 7200 and parse_duration_s("90m") == 5400 and parse_duration_s("45min") == 2700
+    assert parse_duration_s("2hours") == 7200 and parse_duration_s("3600s") == 3600
+
+
+@pytest.mark.parametrize("memory,budget", [("2", "2h"), ("24GB", "2"), ("lots", "2h"), ("24GB", "soon"),
+                                           ("0GB", "2h"), ("GB", "2h")])
+def test_a_size_or_duration_without_a_unit_is_refused_naming_the_flag(memory, budget, capsys):
+    from tunelab.cli import main
+
+    assert main(["recommend", "--memory", memory, "--time-budget", budget]) == 2
+    err = capsys.readouterr().err
+    flag = "--memory" if memory in ("2", "lots", "0GB", "GB") else "--time-budget"
+    assert err.startswith(f"error: {flag}: ") and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("memory", ["16GB", "24GB", "80GB"])
@@ -57,13 +69,20 @@ def test_nothing_fits_says_what_would(llama_7b_shape):
     assert any("gradient_accumulation_steps=4" in s for s in result["suggestions"])
     assert any("train.gradient_checkpointing=true" in s for s in result["suggestions"])
     assert any("train.fsdp=true" in s for s in result["suggestions"])
+    needs = [min(m["peak_memory_mb"], m["peak_memory_checkpointing_mb"] or m["peak_memory_mb"])
+             for m in result["methods"]]
+    assert needs == sorted(needs)  # what cannot run goes by the memory it would need, not by measured quality
 
 
 def test_measured_results_from_compare_rank_first(tiny_overrides, tmp_path, monkeypatch):
     monkeypatch.setenv("TUNELAB_RESULTS_DB", str(tmp_path / "results.db"))  # only this test's comparison
-    tunelab.compare(overrides=[*tiny_overrides, "methods=lora,prompt-tuning", "lora.r=4", "lora.lr=1e-2",
-                               "train.max_steps=12"], output_dir=tmp_path, show_progress=False, isolate=False)
+    methods = [*tiny_overrides, "methods=lora,prompt-tuning", "lora.r=4", "lora.lr=1e-2"]
     cfg = load_config(None, [*tiny_overrides, "methods=lora"])
+    total = recommend(cfg, 4096.0, train_examples=160)["total_params"]
+    tunelab.compare(overrides=[*methods, "train.max_steps=12"], output_dir=tmp_path / "smoke", show_progress=False,
+                    isolate=False)
+    assert similar_results("classification", total) == []  # 12 steps, 0.6 epochs: a smoke test is not kept
+    tunelab.compare(overrides=methods, output_dir=tmp_path / "epoch", show_progress=False, isolate=False)
     result = recommend(cfg, 4096.0, train_examples=160)
     stored = similar_results("classification", result["total_params"])
     assert {"lora", "prompt-tuning"} <= {row["method"] for row in stored}

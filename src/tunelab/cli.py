@@ -222,18 +222,26 @@ def print_estimate(result: dict) -> None:
         print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" if m[c] is not None else f"{'—':>13}" for c in columns))
 
 
+def read_flag(problems: list[str], flag: str, parse, text: str):
+    """`parse(text)`, or None with the flag's problem added (so every bad flag is reported at once)."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        problems.append(f"{flag}: {exc}")
+        return None
+
+
 def run_recommend(args: argparse.Namespace, config, overrides) -> int:
     import json
 
     from .api import resolve
     from .estimate.recommend import parse_duration_s, parse_size_mb, recommend
 
-    try:
-        memory = parse_size_mb(args.memory)
-        budget = parse_duration_s(args.time_budget) if args.time_budget else None
-    except ValueError:
-        raise TunelabInputError([f"--memory/--time-budget: could not read {args.memory!r} / {args.time_budget!r} "
-                                 "(e.g. --memory 24GB --time-budget 2h)"]) from None
+    problems: list[str] = []
+    memory = read_flag(problems, "--memory", parse_size_mb, args.memory)
+    budget = read_flag(problems, "--time-budget", parse_duration_s, args.time_budget) if args.time_budget else None
+    if problems:
+        raise TunelabInputError(problems)
     result = recommend(resolve(config, overrides), memory, budget, args.train_examples, args.peak_tflops)
     if args.json:
         print(json.dumps(result, indent=2))

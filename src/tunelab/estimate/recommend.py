@@ -20,23 +20,35 @@ LITTLE_DATA = 1_000           # training rows: below this, prompt methods first
 PLENTY_OF_DATA = 10_000
 
 
+SIZE_UNITS = {"tb": 2**20, "tib": 2**20, "gb": 2**10, "gib": 2**10, "g": 2**10, "mb": 1, "mib": 1, "m": 1}
+TIME_UNITS = {"hours": 3600, "hour": 3600, "hrs": 3600, "hr": 3600, "h": 3600, "minutes": 60, "minute": 60,
+              "mins": 60, "min": 60, "m": 60,
+              "seconds": 1, "second": 1, "secs": 1, "sec": 1, "s": 1}
+
+
 def parse_size_mb(text: str) -> float:
-    """'24GB', '512MB', '1.5 GiB', '2048' (MB) → megabytes."""
-    units = {"tb": 2**20, "tib": 2**20, "gb": 2**10, "gib": 2**10, "g": 2**10, "mb": 1, "mib": 1, "m": 1}
-    value = text.strip().lower().replace(" ", "")
-    for unit in sorted(units, key=len, reverse=True):
-        if value.endswith(unit):
-            return float(value[:-len(unit)]) * units[unit]
-    return float(value)
+    """'24GB', '512MB', '1.5 GiB' → megabytes. A bare number is refused: '2' may mean 2 GB or 2 MB."""
+    return _with_unit(text, SIZE_UNITS, "e.g. 24GB or 512MB")
 
 
 def parse_duration_s(text: str) -> float:
-    """'2h', '90m', '45min', '3600' (seconds) → seconds."""
-    value = text.strip().lower()
-    for unit, factor in (("min", 60), ("h", 3600), ("m", 60), ("s", 1)):
-        if value.endswith(unit):
-            return float(value[:-len(unit)]) * factor
-    return float(value)
+    """'2h', '90m', '45min', '2hours' → seconds. A bare number is refused, as for sizes."""
+    return _with_unit(text, TIME_UNITS, "e.g. 2h, 90min or 3600s")
+
+
+def _with_unit(text: str, units: dict[str, float], example: str) -> float:
+    value = text.strip().lower().replace(" ", "")
+    for unit in sorted(units, key=len, reverse=True):  # 'min' before 'm', 'gib' before 'b'-less 'g'
+        number = value[:-len(unit)]
+        if value.endswith(unit) and number:
+            try:
+                result = float(number) * units[unit]
+            except ValueError:
+                break
+            if result > 0:
+                return result
+            raise ValueError(f"{text!r} must be more than 0")
+    raise ValueError(f"could not read {text!r}: a number and a unit ({', '.join(units)}), {example}")
 
 
 def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | None = None,
@@ -111,7 +123,15 @@ def judge(est: dict, memory_mb: float, budget_s: float | None, train_s: float | 
             "gradient_checkpointing": fits_ckpt and not fits_plain, "peak_memory_mb": peak,
             "peak_memory_checkpointing_mb": peak_ckpt, "train_time_s": train_s,
             "trainable_params": est["trainable_params"], "reasons": reasons,
-            "rank_key": (not fits, -(score if score is not None else -1.0), prior, peak)}
+            "rank_key": rank_key(fits, score, prior, peak, peak_ckpt)}
+
+
+def rank_key(fits: bool, score: float | None, prior: int, peak: float, peak_ckpt: float | None) -> tuple:
+    """Methods that fit first, by measured quality, then the rule of thumb. A method that cannot run has no
+    use for its quality: those that do not fit go by the memory they would need, the closest first."""
+    if fits:
+        return (0, -(score if score is not None else -1.0), prior, peak)
+    return (1, min(peak, peak_ckpt if peak_ckpt is not None else peak), prior)
 
 
 def rule_of_thumb(family: str, rows: int | None, total: int, full_fits: bool) -> tuple[int, str]:

@@ -33,7 +33,7 @@ def append_summary(out_dir: Path, payload: dict[str, Any]) -> int:
     job, summary = payload.get("job") or {}, payload.get("summary") or []
     metric = job.get("metric_for_best")
     records = [r for r in payload.get("methods", []) if r.get("status") == "success"]
-    if not metric or not summary or not records:
+    if not metric or not summary or not records or not trained_enough(records):
         return 0
     rows = []
     for entry in summary:
@@ -48,6 +48,15 @@ def append_summary(out_dir: Path, payload: dict[str, Any]) -> int:
     with connect() as connection:
         connection.executemany(f"INSERT INTO results VALUES ({', '.join('?' * 15)})", rows)
     return len(rows)
+
+
+MIN_STEPS = 200  # or one whole epoch: a smoke test's few steps say nothing about which method is better
+
+
+def trained_enough(records: list[dict]) -> bool:
+    """Whether a comparison's training was long enough to tell `recommend` something."""
+    return all((r.get("steps") or 0) >= MIN_STEPS or (r.get("epochs_completed") or 0) >= 1 or r.get("stopped_early")
+               for r in records)
 
 
 def mean_of(records: list[dict], key: str) -> float | None:

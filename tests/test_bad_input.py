@@ -46,7 +46,11 @@ CASES = {
     "yaml syntax error": case_yaml_syntax,
     "config file missing": case_config_missing,
     "config is a list": case_config_not_mapping,
-    "unknown key": lambda t, b, base: ([*base, "train.learning_rate=1"], ["train.learning_rate: unknown key", "'lr'"]),
+    "unknown key": lambda t, b, base: ([*base, "train.learning_rate=1"],
+                                       ["train.learning_rate: unknown key (did you mean 'lr'?)"]),
+    "peft spelling of a key": lambda t, b, base: ([*base, "lora.rank=8"], ["lora.rank: unknown key (did you mean 'r'?)"]),
+    "method in the wrong case": lambda t, b, base: (
+        [*base, "methods=full,LoRA"], ["unknown method 'LoRA' (did you mean 'lora'?)"]),
     "unknown section": lambda t, b, base: ([*base, "optimiser.lr=1"], ["optimiser: unknown key"]),
     "wrong type": lambda t, b, base: ([*base, "train.epochs=many"], ["train.epochs: expected a number, got 'many'"]),
     "zero epochs": lambda t, b, base: ([*base, "train.epochs=0"], ["train.epochs: 0.0 is not allowed; must be > 0"]),
@@ -73,6 +77,8 @@ CASES = {
         ["not UTF-8"]),
     "missing text column": lambda t, b, base: ([*base, "data.text_column=review"], ["data.text_column: column 'review'", "text, label"]),
     "missing label column": lambda t, b, base: ([*base, "data.label_column=stars"], ["data.label_column: column 'stars'"]),
+    "misspelt column": lambda t, b, base: (
+        [*base, "data.text_column=txt"], ["data.text_column: column 'txt' not in data.train_file (did you mean 'text'?)"]),
     "unseen validation labels": lambda t, b, base: (
         [*base, f"data.validation_file={write(t / 'v.csv', relabel(toy_rows(20), 'meh'))}"], ["data.validation_file", "'meh'"]),
     "one class only": lambda t, b, base: (
@@ -175,6 +181,18 @@ def test_several_problems_are_reported_together(base_args, tmp_path, capsys):
                  "methods=lora", "lora.target_modules=nothing"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("error: ") == 3, err
+
+
+def test_every_missing_column_of_every_file_is_reported_at_once(tmp_path, base_args, capsys):
+    frame = toy_rows(20).rename(columns={"text": "review", "label": "stars"})
+    train, test = write(tmp_path / "train.csv", frame), write(tmp_path / "test.csv", frame)
+    assert main(["validate", *base_args, f"data.train_file={train}", f"data.test_file={test}",
+                 "data.label_column=label"]) == 2
+    err = capsys.readouterr().err
+    for key, column in (("text_column", "text"), ("label_column", "label")):
+        for split in ("train", "test"):
+            assert f"error: data.{key}: column '{column}' not in data.{split}_file; columns are: review, stars" in err
+    assert err.count("error: ") == 4, err
 
 
 def test_process_exit_code_and_no_traceback_from_the_real_command(tmp_path):

@@ -57,6 +57,42 @@ def test_unknown_top_level_section_gets_a_suggestion():
     assert problems_of(["trian.lr=1"])[0].startswith("trian: unknown key (did you mean 'train'?)")
 
 
+@pytest.mark.parametrize("override,hint", [
+    ("train.learning_rate=1", "train.learning_rate: unknown key (did you mean 'lr'?)"),
+    ("train.num_train_epochs=2", "train.num_train_epochs: unknown key (did you mean 'epochs'?)"),
+    ("train.per_device_train_batch_size=8", "train.per_device_train_batch_size: unknown key (did you mean 'batch_size'?)"),
+    ("lora.rank=8", "lora.rank: unknown key (did you mean 'r'?)"),
+    ("lora.lora_alpha=32", "lora.lora_alpha: unknown key (did you mean 'alpha'?)"),
+    ("lora.lora_dropout=0.1", "lora.lora_dropout: unknown key (did you mean 'dropout'?)"),
+    ("adalora.rank=8", "adalora.rank: unknown key (did you mean 'init_r'?)"),
+    ("Train.lr=1", "Train: unknown key (did you mean 'train'?)"),
+])
+def test_hugging_face_spellings_and_case_slips_get_a_suggestion(override, hint):
+    assert any(p.startswith(hint) for p in problems_of([override])), problems_of([override])
+
+
+def test_an_alias_is_only_suggested_where_the_section_has_that_key():
+    problem = next(p for p in problems_of(["llrd.rank=8"]) if p.startswith("llrd.rank"))
+    assert "did you mean" not in problem
+
+
+def test_every_alias_names_a_key_that_exists():
+    import dataclasses
+
+    from tunelab.config import SECTIONS
+    from tunelab.config.schema import ALIASES
+    from tunelab.methods.base import registry
+
+    classes = [*SECTIONS.values(), *(m.Options for m in registry().values())]
+    keys = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    assert {name for names in ALIASES.values() for name in names} <= keys
+
+
+def test_a_method_in_the_wrong_case_is_refused_with_a_suggestion():
+    problems = problems_of(["methods=full,LoRA"])
+    assert problems[0].startswith("methods: unknown method 'LoRA' (did you mean 'lora'?)")
+
+
 def test_duplicated_method_is_an_error():
     assert any("'lora' is listed twice" in p for p in problems_of(["methods=lora,full,lora"]))
 

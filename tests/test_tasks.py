@@ -96,6 +96,11 @@ def test_unusable_rows_are_counted_per_reason(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("case,frame_edit,expected", [
     ("missing columns", lambda f: f.rename(columns={"response": "reply"}), "data.response_column: column 'response'"),
+    ("both columns missing", lambda f: f.rename(columns={"response": "reply", "prompt": "question"}),
+     "data.prompt_column: column 'prompt' not in data.train_file; columns are: question, reply"),
+    ("both columns missing, the second", lambda f: f.rename(columns={"response": "reply", "prompt": "question"}),
+     "data.response_column: column 'response' not in data.train_file; columns are: question, reply"),
+    ("misspelt column", lambda f: f.rename(columns={"response": "responses"}), "(did you mean 'responses'?)"),
     ("nothing usable", lambda f: f.assign(response=""), "no usable rows left"),
 ])
 def test_causal_lm_bad_data_exits_2_before_writing(case, frame_edit, expected, tmp_path, tiny_llama, capsys):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 
 class TunelabInputError(Exception):
@@ -21,10 +21,16 @@ class CompareInterrupted(Exception):
     exit_code = 130
 
 
-def did_you_mean(value: str, allowed: Iterable[str]) -> str:
-    """A ' (did you mean 'x'?)' suffix, or '' when nothing is close."""
-    close = difflib.get_close_matches(str(value), list(allowed), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def did_you_mean(value: str, allowed: Iterable[str], aliases: Mapping[str, Sequence[str]] | None = None) -> str:
+    """A ' (did you mean 'x'?)' suffix, or '' when nothing is close. Case-insensitive, so 'LoRA' points at
+    'lora' (which is still what must be written); `aliases` names what other tools call an allowed value
+    ('rank' for 'r'), too unlike it for string similarity: the first candidate that is allowed wins."""
+    allowed = [str(a) for a in allowed]
+    named = [a for a in (aliases or {}).get(str(value).lower(), ()) if a in allowed]
+    by_lower = {a.lower(): a for a in allowed}
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
+    name = named[0] if named else by_lower[close[0]] if close else None
+    return f" (did you mean '{name}'?)" if name else ""
 
 
 def one_of(allowed: Iterable[str]) -> str:

@@ -13,6 +13,20 @@ from typing import Any
 
 from ..errors import did_you_mean, one_of
 
+# Hugging Face Trainer / peft spellings of tunelab keys, too unlike ours for difflib ('rank' vs 'r'). Each lists
+# candidates; the first one the section has is suggested, so no hint names a key the section lacks.
+ALIASES = {
+    "learning_rate": ("lr",), "num_train_epochs": ("epochs",), "num_epochs": ("epochs",),
+    "per_device_train_batch_size": ("batch_size",), "train_batch_size": ("batch_size",),
+    "per_device_eval_batch_size": ("eval_batch_size",), "logging_steps": ("log_every_steps",),
+    "eval_steps": ("eval_every_steps",), "save_steps": ("checkpoint_every_steps",),
+    "save_total_limit": ("keep_checkpoints",), "metric_for_best_model": ("metric_for_best",),
+    "bf16": ("precision",), "max_seq_length": ("max_length",), "model_max_length": ("max_length",),
+    "model_name_or_path": ("name_or_path",), "dataset_name": ("dataset",),
+    "rank": ("r", "init_r"), "lora_r": ("r", "init_r"), "lora_alpha": ("alpha",), "lora_dropout": ("dropout",),
+    "init_lora_weights": ("init",), "loraplus_lr_ratio": ("ratio",),
+}
+
 
 def build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     """Build dataclass `cls` from `raw`, appending one message per problem to `problems`."""
@@ -27,7 +41,7 @@ def build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     for key, value in raw.items():
         name = str(key)
         if name not in known:
-            problems.append(f"{path}.{name}: unknown key{did_you_mean(name, known)}; "
+            problems.append(f"{path}.{name}: unknown key{did_you_mean(name, known, ALIASES)}; "
                             f"allowed: {one_of(known)}")
             continue
         fld = known[name]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..data import Encoded
+from ..errors import did_you_mean
 
 _REGISTRY: dict[str, "Task"] = {}
 HIGHER, LOWER = "higher", "lower"
@@ -151,6 +152,14 @@ class Task:
         import sys
 
         return Path(sys.modules[type(self).__module__].__file__).with_name(f"{self.name}.yaml")
+
+
+def missing_columns(frame: pd.DataFrame, columns: dict[str, str], source: str, hint: str = "") -> list[str]:
+    """One problem per wanted column (config key → column name) that `frame` lacks, all of them, so a file with
+    several wrong names is fixed in one go; each names the closest real column (a typo, a case slip)."""
+    present = [str(c) for c in frame.columns]
+    return [f"{key}: column {column!r} not in {source}{did_you_mean(column, present)}; columns are: "
+            f"{', '.join(present)}{hint}" for key, column in columns.items() if column not in frame.columns]
 
 
 def register(cls: type[Task]) -> type[Task]:

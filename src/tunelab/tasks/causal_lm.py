@@ -20,7 +20,7 @@ from torch import nn
 from ..data import IGNORE_INDEX, Encoded, pad_rows, pad_token_id, split_frames, where
 from ..errors import TunelabInputError
 from ..train.batches import collate, eval_batches
-from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, TaskOptions, register
+from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, TaskOptions, missing_columns, register
 from ._generation import exact_match, generate, token_f1
 
 LOGITS_BUDGET = 2**26  # logits held at once during evaluation (floats): 256 MB, whatever the vocabulary
@@ -50,15 +50,10 @@ class CausalLM(Task):
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems = []
+        columns = needed_columns(frames["train"], cfg)  # train decides chat or prompt/response for every split
         for split, frame in frames.items():
-            columns = needed_columns(frames["train"], cfg)
-            missing = [(key, col) for key, col in columns.items() if col not in frame.columns]
-            if missing:
-                key, col = missing[0]
-                problems.append(f"{key}: column {col!r} not in {where(cfg.data, split)}; columns are: "
-                                f"{', '.join(map(str, frame.columns))} (set data.prompt_column and "
-                                "data.response_column, or data.messages_column for chat data)")
-            elif len(frame) == 0:
+            problems += missing_columns(frame, columns, where(cfg.data, split), COLUMNS_HINT)
+            if len(frame) == 0:
                 problems.append(f"{where(cfg.data, split)}: has no rows")
         return problems
 
@@ -147,6 +142,9 @@ class CausalLM(Task):
 
     def report_lines(self, payload: dict[str, Any]) -> list[str]:
         return sample_generations_section(payload)
+
+
+COLUMNS_HINT = " (set data.prompt_column and data.response_column, or data.messages_column for chat data)"
 
 
 def needed_columns(train: pd.DataFrame, cfg) -> dict[str, str]:

@@ -12,7 +12,7 @@ from torch import nn
 from ..data import Encoded, pad_rows, pad_token_id, split_frames, where
 from ..errors import TunelabInputError
 from ..train.batches import collate, eval_batches
-from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, register
+from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, missing_columns, register
 
 
 def text_column(cfg) -> str:
@@ -37,10 +37,12 @@ class Classification(Task):
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems: list[str] = []
         for split, frame in frames.items():
-            problems += check_columns(frame, where(cfg.data, split), cfg)
-            if not problems:
-                problems += invalid_row_problems(self.invalid_rows(frame, cfg), where(cfg.data, split))
-        if not problems:
+            source = where(cfg.data, split)
+            missing = missing_columns(frame, wanted_columns(cfg), source)
+            problems += missing + ([f"{source}: has no rows"] if len(frame) == 0 else [])
+            if not missing:  # rows are checked where the columns exist, so every split's problems come at once
+                problems += invalid_row_problems(self.invalid_rows(frame, cfg), source)
+        if not problems:  # the labels of every split, read from columns that must all be there
             problems += check_labels(frames, label_column(cfg), cfg)
         return problems
 
@@ -131,16 +133,12 @@ class Classification(Task):
         return {"labels": data.info["labels"]}
 
 
-def check_columns(frame: pd.DataFrame, source: str, cfg) -> list[str]:
-    columns = {"data.text_column": text_column(cfg), "data.label_column": label_column(cfg)}
+def wanted_columns(cfg) -> dict[str, str]:
+    """Config key → the column it names, for every column classification reads."""
+    columns = {"data.text_column": text_column(cfg)}
     if cfg.data.text_pair_column:
         columns["data.text_pair_column"] = cfg.data.text_pair_column
-    for key, column in columns.items():
-        if column not in frame.columns:
-            return [f"{key}: column {column!r} not in {source}; columns are: {', '.join(map(str, frame.columns))}"]
-    if len(frame) == 0:
-        return [f"{source}: has no rows"]
-    return []
+    return {**columns, "data.label_column": label_column(cfg)}
 
 
 def invalid_row_problems(masks: dict[str, pd.Series], source: str) -> list[str]:

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..data import Encoded, pad_rows, pad_token_id, split_frames, where
-from ..errors import TunelabInputError
 from ..train.batches import collate, eval_batches
 from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, missing_columns, register
 

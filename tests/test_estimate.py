@@ -33,6 +33,9 @@ def test_lora_r8_on_query_and_value_adds_the_lora_papers_294912(roberta_base_con
     assert lora["added_params"] == 12 * 2 * 8 * (768 + 768) == 294_912
     full = estimated(roberta_base_config, "methods=full")["full"]
     assert full["trainable_params"] == full["total_params"] > 124_000_000
+    # every parameter of the prepared model, as compare counts them: peft's trainable copy of the head too
+    head = 768 * 768 + 768 + 768 * 2 + 2  # RoBERTa's classifier: dense and out_proj
+    assert lora["total_params"] == full["total_params"] + 294_912 + head
 
 
 def test_memory_parts_follow_what_trains(roberta_base_config):

@@ -210,16 +210,28 @@ def print_estimate(result: dict) -> None:
     if result["processes"] > 1 or result["micro_batch_rows"] < result["batch_size"]:
         print(f"memory of one of {result['processes']} processes{' (FSDP shards)' if result['fsdp'] else ''}, "
               f"{result['micro_batch_rows']} rows at a time")
-    columns = {"trainable_params": "trainable", "weights_mb": "weights", "gradients_mb": "grads",
-               "optimizer_mb": "optimizer", "activations_mb": "activations", "allocator_kept_mb": "kept",
-               "runtime_overhead_mb": "runtime", "collective_buffers_mb": "collectives", "peak_memory_mb": "peak",
-               "peak_memory_checkpointing_mb": "peak (ckpt)", "step_time_s": "step s"}
+    rows = f"{result['train_rows']:,} train rows an epoch" if result.get("train_rows") else "epoch: rows unknown"
+    print(f"\nparameters and time (every batch at the full length; {rows})")
+    print_table(result["methods"], {"total_params": "total", "trainable_params": "trainable",
+                                    "added_params": "added", "train_tflops_per_step": "TFLOP/step",
+                                    "step_time_s": "step s", "epoch_time_s": "epoch s"})
+    memory = {"weights_mb": "weights", "gradients_mb": "grads", "optimizer_mb": "optimizer",
+              "activations_mb": "activations", "allocator_kept_mb": "kept", "runtime_overhead_mb": "runtime",
+              "collective_buffers_mb": "collectives", "peak_memory_mb": "peak",
+              "peak_memory_checkpointing_mb": "peak (ckpt)"}
     if result["processes"] == 1:
-        del columns["collective_buffers_mb"]
-    print("memory in MB; peak (ckpt): with gradient checkpointing; step s: every batch at the full length")
+        del memory["collective_buffers_mb"]
+    print("\nmemory in MB (peak (ckpt): with gradient checkpointing)")
+    print_table(result["methods"], memory)
+
+
+def print_table(methods: list[dict], columns: dict[str, str]) -> None:
+    rows = [{**m, "train_tflops_per_step": float(f"{m['train_flops_per_step'] / 1e12:.3g}")
+             if m.get("train_flops_per_step") is not None else None} for m in methods]
     print(f"{'method':<15}" + "".join(f"{label:>13}" for label in columns.values()))
-    for m in result["methods"]:
-        print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" if m[c] is not None else f"{'—':>13}" for c in columns))
+    for m in rows:
+        print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" if m.get(c) is not None else f"{'—':>13}"
+                                             for c in columns))
 
 
 def read_flag(problems: list[str], flag: str, parse, text: str):

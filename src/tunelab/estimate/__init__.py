@@ -90,7 +90,7 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     checkpointed = step_memory(method, opts, ctx, builds, task, work, device, True, shape, fp, layout)
     step_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
                   * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
-    return {"method": name, "total_params": shape.total_params + fp.added_params,
+    return {"method": name, "total_params": fp.total_params,
             "trainable_params": expected, "added_params": fp.added_params,
             **parts, "peak_memory_checkpointing_mb": checkpointed.get("peak_memory_mb"),
             "activations_checkpointing_mb": checkpointed.get("activations_mb"),

@@ -36,6 +36,7 @@ class MethodFootprint:
     blocks_with_grad: int          # blocks from the lowest trainable one up: they keep activations
     saved_elements_per_token: float
     virtual_tokens: int
+    total_params: int = 0          # all of the prepared model's, a head's trainable copy included (as compare counts)
 
 
 def skeleton_shape(model: nn.Module) -> Shape:
@@ -59,8 +60,9 @@ def footprint(prepared: nn.Module, shape: Shape, base_total: int, virtual_tokens
                  if isinstance(m, nn.Linear) and not m.weight.requires_grad)
     # peft keeps a trainable copy of the head beside the original (modules_to_save): not an added parameter
     copies = sum(p.numel() for n, p in params if ".modules_to_save." in n)
-    return MethodFootprint(trainable, sum(p.numel() for _, p in params) - base_total - copies, frozen,
-                           len(blocks) - lowest, saved, virtual_tokens)
+    total = sum(p.numel() for _, p in params)
+    return MethodFootprint(trainable, total - base_total - copies, frozen, len(blocks) - lowest, saved,
+                           virtual_tokens, total)
 
 
 def lowest_block_needing_grad(model: nn.Module, stack_name: str, blocks: nn.ModuleList, virtual_tokens: int) -> int:

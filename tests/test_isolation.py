@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import signal
 import sys
+import time
+
+import pytest
 
 from tunelab.experiment import forkserver
 
@@ -65,3 +69,26 @@ def test_a_runs_peak_memory_does_not_depend_on_what_ran_before(tiny_overrides, t
         assert compare([*tiny_overrides, f"methods={order}", "train.max_steps=3"], out).returncode == 0
         peaks[order] = records(out)["lora"]["peak_memory_mb"]
     assert abs(peaks["full,lora"] - peaks["lora,full"]) < 0.05 * peaks["lora,full"], peaks
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_parent_alone_checkpoints_the_run_and_stops(signum, tiny_overrides, tmp_path):
+    """`kill -TERM` from a scheduler preempting the job, or `kill -INT`, reaches only tunelab's own process:
+    it passes the stop on, the run checkpoints after its step, and the experiment stops, resumable."""
+    args = [*tiny_overrides, "methods=lora,full", "train.max_steps=5000", "train.eval_every_steps=0",
+            "train.checkpoint_every_steps=20"]
+    process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "compare", *args, "--output", str(tmp_path),
+                                "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # a group of its own: nothing else gets the signal
+    checkpoints = tmp_path / "checkpoints" / "lora"
+    deadline = time.time() + 300
+    while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and time.time() < deadline:
+        time.sleep(0.05)  # training has begun once the first checkpoint is there
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-2000:]
+    lora = records(tmp_path)["lora"]
+    assert lora["status"] == "interrupted" and "full" not in records(tmp_path)
+    stopped_at = int(lora["error"].split("stopped at step ")[1].split(";")[0])
+    assert 20 <= stopped_at < 5000 and (checkpoints / f"step-{stopped_at:06d}").is_dir()  # the stop's own checkpoint
+    assert "--resume" in err

@@ -7,16 +7,18 @@ the interpreter's start and end; where that server is not used (see `forkserver.
 
 With `nproc` > 1 a run is N processes in one DDP group, started with the environment torchrun gives its
 workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...); the main one writes the record. They stay in this process
-group, so a Ctrl-C reaches each of them once and they checkpoint together."""
+group, so a Ctrl-C reaches each of them once and they checkpoint together. A SIGINT or SIGTERM sent to this
+process alone is passed on to them (`stops_forwarded`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import signal
 import socket
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,26 +62,61 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
     record_path.unlink(missing_ok=True)
-    # Ctrl-C reaches the child too (same process group): it checkpoints and writes an "interrupted" record;
-    # the parent waits for that instead of dying first.
+    # Ctrl-C from the terminal reaches the child too (same process group): it checkpoints and writes an
+    # "interrupted" record; the parent waits for that instead of dying first. It starts the run ignoring Ctrl-C,
+    # as the run does until its loop takes it over.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = StopRequest()
     try:
-        code = run_processes([str(out_dir), str(spec_path)], nproc)
+        code = run_processes([str(out_dir), str(spec_path)], nproc, stop)
     finally:
         signal.signal(signal.SIGINT, previous)
     if record_path.is_file():
         return json.loads(record_path.read_text())
     cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    return {"method": run.method, "run_id": run.run_id, "seed": run.seed, "status": "failed", "config": config,
+    # stopped before its loop could checkpoint (still loading): an interrupted run, and the experiment stops
+    status = "interrupted" if stop.signum else "failed"
+    return {"method": run.method, "run_id": run.run_id, "seed": run.seed, "status": status, "config": config,
             "error": f"the run's process {cause} before writing its result; continue with --resume"}
 
 
-def run_processes(args: list[str], nproc: int) -> int:
+class StopRequest:
+    """The signal (SIGINT or SIGTERM) that asked this process to stop while a run trained, if one did."""
+
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def stops_forwarded(procs: list, stop: StopRequest | None):
+    """While `procs` train: SIGINT or SIGTERM sent to this process alone (`kill`, a scheduler preempting the
+    job) goes on to them as SIGTERM, which a run takes as "checkpoint and stop after this step" however often
+    it comes, so a terminal's Ctrl-C, which reaches the runs directly as well, is not counted twice."""
+    if stop is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        stop.signum = stop.signum or signum
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):  # os.kill: no waiting on a process inside a handler
+                os.kill(p.pid, signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_processes(args: list[str], nproc: int, stop: StopRequest | None = None) -> int:
     """Run the worker as `nproc` ranks of one process group; the exit code of the first to fail, else 0.
 
     A rank that fails leaves the others waiting in a collective, so the rest are stopped then."""
     if nproc == 1:
-        return forkserver.start_process(WORKER, args, dict(os.environ)).wait()
+        process = forkserver.start_process(WORKER, args, dict(os.environ))
+        with stops_forwarded([process], stop):
+            return process.wait()
     port = free_port()
     procs = []
     try:
@@ -88,6 +125,11 @@ def run_processes(args: list[str], nproc: int) -> int:
     except BaseException:  # the ranks started would wait for the missing one forever
         stop_all(procs)
         raise
+    with stops_forwarded(procs, stop):
+        return wait_for_ranks(procs)
+
+
+def wait_for_ranks(procs: list) -> int:
     first_failure = 0  # the code of the process that failed first: the others are only stopped because of it
     while any(p.poll() is None for p in procs):
         failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
@@ -100,16 +142,13 @@ def run_processes(args: list[str], nproc: int) -> int:
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:
+    # SIGKILL: the others wait in a collective for the one that is gone, and SIGTERM would only ask them to
+    # checkpoint after a step they cannot finish
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-    try:
-        for p in procs:
-            p.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        for p in procs:
             p.kill()
-            p.wait()
+    for p in procs:
+        p.wait()
 
 
 def rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:

@@ -278,23 +278,34 @@ def both(first, second):
 
 @contextlib.contextmanager
 def graceful_interrupt():
-    """The first Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    """The first Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts.
+    SIGTERM (a scheduler preempting the job, or tunelab's parent passing a stop on) asks the same, however
+    often it comes: it never aborts, so a checkpoint is written before the scheduler's SIGKILL."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested.is_set
         return
 
-    def handler(signum, frame):
+    def request(how: str) -> None:
+        requested.set()
+        print(f"\nstopping after this step (checkpoint + partial results){how}", file=sys.stderr)
+
+    def on_sigint(signum, frame):
         if requested.is_set():
             raise KeyboardInterrupt
-        requested.set()
-        print("\nstopping after this step (checkpoint + partial results); Ctrl-C again to abort", file=sys.stderr)
+        request("; Ctrl-C again to abort")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def on_sigterm(signum, frame):
+        if not requested.is_set():
+            request(": SIGTERM")
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, on_sigint),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
     try:
         yield requested.is_set
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path,

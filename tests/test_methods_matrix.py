@@ -45,10 +45,18 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {  # (method, task) → why
 PAIRS = [(m, t) for m in sorted(registry()) for t in TASKS if (m, t) not in NOT_APPLICABLE]
 
 
-def intended(method: str, task: str, name: str) -> bool:
-    """The method's own parameters, plus the task's head (trained in full by every method)."""
-    head = ("classifier", "score")  # the test models' heads (BERT, Llama)
-    return MATRIX[method][1](name) or "modules_to_save" in name or name.split(".")[0] in head
+def intended(method: str, heads: tuple[str, ...], name: str) -> bool:
+    """The method's own parameters, plus the task's fresh head (trained in full by every method): peft keeps
+    a trainable copy of it (modules_to_save) beside the frozen original, the other methods train the module
+    itself, under whatever wrapper the method puts around the model."""
+    parts = name.split(".")
+    return MATRIX[method][1](name) or "modules_to_save" in parts or \
+        (bool(set(parts) & set(heads)) and "original_module" not in parts)
+
+
+def task_heads(job) -> tuple[str, ...]:
+    """The modules the task declares as its head (on the unprepared model: a method may wrap it)."""
+    return job.task.head_modules(job.load_base_model())
 
 
 def make_job(method, task, task_overrides, extra=()):
@@ -92,7 +100,8 @@ def test_only_intended_parameters_change(method, task, task_overrides):
     setup = setup_method(job, method)
     before = {n: p.detach().clone() for n, p in setup.model.named_parameters()}
     trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
-    wanted = {n for n in before if intended(method, task, n)}
+    heads = task_heads(job)
+    wanted = {n for n in before if intended(method, heads, n)}
     assert trainable == wanted
     train_steps(setup, job, steps=3)
     changed = {n for n, p in setup.model.named_parameters() if not torch.equal(before[n], p.detach())}

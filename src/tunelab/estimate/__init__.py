@@ -83,7 +83,7 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     # as training does it: sharded weights stay fp32 (see the runner)
     frozen_bf16 = precision == "bf16" and method.saves_adapter and method.bf16_frozen_weights and not cfg.train.fsdp
     work = Workload(micro_batch_rows(cfg, processes), cfg.data.max_length, precision,
-                    shape.vocab if task.peft_task_type == "CAUSAL_LM" else 0, frozen_bf16)
+                    task.logits_per_token(shape.vocab), frozen_bf16)
     layout = Layout(processes, cfg.train.fsdp)
     builds = {"full": build, **shallow_builds}
     parts = step_memory(method, opts, ctx, builds, task, work, device, False, shape, fp, layout)
@@ -155,7 +155,7 @@ def step_memory(method, opts, ctx, builds: dict, task, work: Workload, device: d
 
     with torch.device("meta"):
         ids = torch.zeros(work.batch_size, work.seq_len, dtype=torch.long)
-        labels = ids if task.peft_task_type == "CAUSAL_LM" else torch.zeros(work.batch_size, dtype=torch.long)
+        labels = task.example_labels(ids)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     prepared = method.prepare(meta_copy(builds["full"]), opts, ctx)
     groups = layout.groups(prepared)

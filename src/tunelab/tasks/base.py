@@ -107,6 +107,15 @@ class Task:
         """Top-level modules of `model` that the task creates fresh and every method trains in full."""
         return ()
 
+    def example_labels(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Labels shaped as the task's model takes them for a batch of `input_ids` (the estimate's fake step
+        trains on them): one class per sequence unless the task says otherwise."""
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+
+    def logits_per_token(self, vocab: int) -> int:
+        """How many logits the model's output holds per token (0: one row per sequence), for the memory formula."""
+        return 0
+
     def prompt_init_text(self, info: dict[str, Any]) -> str:
         """Words whose embeddings start a soft prompt (prompt tuning's text init): true of any dataset."""
         return "Read the input and give the answer."

@@ -77,6 +77,12 @@ class CausalLM(Task):
 
         return AutoModelForCausalLM
 
+    def example_labels(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids  # the next token at every position
+
+    def logits_per_token(self, vocab: int) -> int:
+        return vocab
+
     def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id(tokenizer)

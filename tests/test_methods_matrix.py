@@ -196,3 +196,20 @@ def test_not_applicable_pairs_are_refused_by_validate(pair, task_overrides):
     method, task = pair
     with pytest.raises(TunelabInputError):
         make_job(method, task, task_overrides)
+
+
+def test_a_method_missing_part_of_the_protocol_is_refused_when_registered():
+    from tunelab.methods.base import Method, register
+
+    class Unloadable(Method):
+        name, description = "unloadable", "prepares but cannot load what it saved"
+
+        def prepare(self, model, opts, ctx):
+            return model
+
+        def expected_trainable_params(self, base_model, opts, ctx):
+            return 0
+
+    with pytest.raises(TypeError, match="load"):
+        register(Unloadable)
+    assert "unloadable" not in registry()

@@ -6,6 +6,7 @@ the loop, the CLI or the report.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,10 @@ class PrepareContext:
     task_info: dict = dataclasses.field(default_factory=dict)  # what the task learned from the data (labels)
 
 
-class Method:
+class Method(abc.ABC):
+    """Subclasses must define `prepare`, `expected_trainable_params` and `load`: registering one without
+    them fails at once, naming what is missing, instead of when a run or `predict` first calls it."""
+
     name: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
@@ -63,6 +67,7 @@ class Method:
         """Problems with `opts` for this model (a skeleton on the meta device is enough)."""
         return []
 
+    @abc.abstractmethod
     def prepare(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> nn.Module:
         """Freeze parameters or inject adapters; returns the model to train."""
         raise NotImplementedError
@@ -72,6 +77,7 @@ class Method:
         """Optimizer parameter groups, each with a readable `name`."""
         return decay_split(trainable_named(model), lr, weight_decay, prefix="trainable")
 
+    @abc.abstractmethod
     def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions,
                                   ctx: PrepareContext) -> int:
         """The method's own formula for its trainable-parameter count, from the untouched base model."""
@@ -80,6 +86,7 @@ class Method:
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
 
+    @abc.abstractmethod
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         """Rebuild the trained model from `directory`; `base_model` is a fresh copy of the base."""
         raise NotImplementedError

@@ -70,9 +70,9 @@ def record(out: Path, method: str) -> dict:
     return next(r for r in json.loads((out / "results.json").read_text())["methods"] if r["method"] == method)
 
 
-def final_weights(out: Path, method: str) -> dict[str, torch.Tensor]:
+def final_weights(out: Path, method: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
     latest = Checkpointer(out / "checkpoints" / method, "").latest()
-    assert latest is not None and latest.name == f"step-{STEPS:06d}"
+    assert latest is not None and latest.name == f"step-{steps:06d}"
     return torch.load(latest / "trainable.pt", weights_only=True)
 
 
@@ -83,12 +83,12 @@ def artifact_tensors(out: Path, method: str) -> dict[str, torch.Tensor]:
     return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
 
-def assert_same_run(a: Path, b: Path, method: str) -> None:
+def assert_same_run(a: Path, b: Path, method: str, steps: int = STEPS) -> None:
     ra, rb = record(a, method), record(b, method)
     assert ra["status"] == rb["status"] == "success"
-    assert ra["losses"] == rb["losses"] and len(ra["losses"]) == STEPS
+    assert ra["losses"] == rb["losses"] and len(ra["losses"]) == steps
     assert ra["history"] == rb["history"] and ra["best_val"] == rb["best_val"] and ra["test"] == rb["test"]
-    wa, wb = final_weights(a, method), final_weights(b, method)
+    wa, wb = final_weights(a, method, steps), final_weights(b, method, steps)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     xa, xb = artifact_tensors(a, method), artifact_tensors(b, method)
     assert xa.keys() == xb.keys() and all(torch.equal(xa[k], xb[k]) for k in xa)
@@ -119,6 +119,21 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(method, uninterrupted, t
     resumed = inproc(["--resume"], tmp_path)  # no config given: the saved one is used
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(clean[method], tmp_path, method)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_causal_lm_task_resumes_bit_identical_too(method, tiny_causal_overrides, tmp_path):
+    """Response-only labels, token-weighted losses, generated answers in the evaluation: the same exactness."""
+    args = [*tiny_causal_overrides, *RUN, f"methods={method}", *MATRIX[method][0]]
+    steps = 30  # 120 toy Q/A rows / batch 8 × 2 epochs
+    clean = inproc(args, tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    killed = tunelab(args, tmp_path / "killed", fault="kill@step=7")
+    assert killed.returncode == -9
+    resumed = inproc(["--resume"], tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(tmp_path / "clean", tmp_path / "killed", method, steps)
+    assert "exact_match" in record(tmp_path / "killed", method)["test"]
 
 
 def test_ctrl_c_on_the_last_step_of_an_epoch_resumes(uninterrupted, tmp_path):

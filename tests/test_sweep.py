@@ -129,3 +129,12 @@ def test_every_methods_default_space_gives_valid_configs(tiny_overrides):
         assert f"{method}.lr" in values
         tuned = with_values(cfg, values)
         assert tuned.options(method).lr == values[f"{method}.lr"]
+
+
+def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tiny_overrides, tmp_path):
+    stopped = sweep([*tiny_overrides, *SMALL], tmp_path, "--trials", "3", fault="interrupt@step=2")
+    assert stopped.returncode == 130 and "--resume" in stopped.stderr, stopped.stderr[-2000:]
+    assert [t["state"] for t in study(tmp_path)["trials"]] == ["FAIL"]  # the first trial stopped; no other began
+    resumed = sweep([], tmp_path, "--trials", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sum(t["state"] in ("COMPLETE", "PRUNED") for t in study(tmp_path)["trials"]) == 3

@@ -214,10 +214,13 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
         share_job(out_dir, job)
         url, studies = storage or default_storage(out_dir), {}
         for method in cfg.methods:
-            run_study(cfg, job, method, out_dir, trials, url, study_name, show_progress, resume,
-                      seeded=storage is None, nproc=nproc)
-            studies[method] = study_summary(open_study(cfg, method, url, study_name, storage is None))
-        return SweepOutcome(out_dir, studies, write_sweep(out_dir, job.summary(), studies))
+            try:
+                run_study(cfg, job, method, out_dir, trials, url, study_name, show_progress, resume,
+                          seeded=storage is None, nproc=nproc)
+            finally:  # stopped too: sweep.json and the report show the trials so far
+                studies[method] = study_summary(open_study(cfg, method, url, study_name, storage is None))
+                report = write_sweep(out_dir, job.summary(), studies)
+        return SweepOutcome(out_dir, studies, report)
 
 
 def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, show_progress: bool,

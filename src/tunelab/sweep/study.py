@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import CompareInterrupted
 from ..experiment.isolation import run_in_child
 from ..experiment.job import length_problems
 from ..models.loading import read_model_config
@@ -105,7 +106,9 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
                                      "metric": metric}, nproc=nproc)
         record.update(trial=trial.number, hyperparameters=values)
         records.append(record)
-        tell(study, trial, record, metric)
+        tell(study, trial, record, metric)  # an interrupted trial fails, so --resume runs another in its place
+        if record["status"] == "interrupted":  # Ctrl-C or SIGTERM: the whole sweep stops, not just this trial
+            raise CompareInterrupted(f"interrupted during {run.run_id}; continue with --resume --output {out_dir}")
     return records
 
 

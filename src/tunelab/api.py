@@ -213,13 +213,15 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
         start_folder(out_dir, cfg, resume)
         share_job(out_dir, job)
         url, studies = storage or default_storage(out_dir), {}
-        for method in cfg.methods:
-            try:
-                run_study(cfg, job, method, out_dir, trials, url, study_name, show_progress, resume,
-                          seeded=storage is None, nproc=nproc)
-            finally:  # stopped too: sweep.json and the report show the trials so far
-                studies[method] = study_summary(open_study(cfg, method, url, study_name, storage is None))
-                report = write_sweep(out_dir, job.summary(), studies)
+        try:
+            for method in cfg.methods:
+                try:
+                    run_study(cfg, job, method, out_dir, trials, url, study_name, show_progress, resume,
+                              seeded=storage is None, nproc=nproc)
+                finally:  # a stopped method's trials so far count too
+                    studies[method] = study_summary(open_study(cfg, method, url, study_name, storage is None))
+        finally:  # written once, stopped or not: sweep.json and the report
+            report = write_sweep(out_dir, job.summary(), studies)
         return SweepOutcome(out_dir, studies, report)
 
 

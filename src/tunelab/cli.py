@@ -212,7 +212,9 @@ def print_estimate(result: dict) -> None:
               f"{result['micro_batch_rows']} rows at a time")
     rows = f"{result['train_rows']:,} train rows an epoch" if result.get("train_rows") else "epoch: rows unknown"
     print(f"\nparameters and time (every batch at the full length; {rows})")
-    print_table(result["methods"], {"total_params": "total", "trainable_params": "trainable",
+    methods = [{**m, "train_tflops_per_step": float(f"{m['train_flops_per_step'] / 1e12:.3g}")
+                if m.get("train_flops_per_step") is not None else None} for m in result["methods"]]
+    print_table(methods, {"total_params": "total", "trainable_params": "trainable",
                                     "added_params": "added", "train_tflops_per_step": "TFLOP/step",
                                     "step_time_s": "step s", "epoch_time_s": "epoch s"})
     memory = {"weights_mb": "weights", "gradients_mb": "grads", "optimizer_mb": "optimizer",
@@ -226,10 +228,8 @@ def print_estimate(result: dict) -> None:
 
 
 def print_table(methods: list[dict], columns: dict[str, str]) -> None:
-    rows = [{**m, "train_tflops_per_step": float(f"{m['train_flops_per_step'] / 1e12:.3g}")
-             if m.get("train_flops_per_step") is not None else None} for m in methods]
     print(f"{'method':<15}" + "".join(f"{label:>13}" for label in columns.values()))
-    for m in rows:
+    for m in methods:
         print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" if m.get(c) is not None else f"{'—':>13}"
                                              for c in columns))
 

@@ -131,7 +131,7 @@ def rank_key(fits: bool, score: float | None, prior: int, peak: float, peak_ckpt
     use for its quality: those that do not fit go by the memory they would need, the closest first."""
     if fits:
         return (0, -(score if score is not None else -1.0), prior, peak)
-    return (1, min(peak, peak_ckpt if peak_ckpt is not None else peak), prior)
+    return (1, min(peak, peak_ckpt or peak), prior)
 
 
 def rule_of_thumb(family: str, rows: int | None, total: int, full_fits: bool) -> tuple[int, str]:

@@ -36,7 +36,7 @@ class MethodFootprint:
     blocks_with_grad: int          # blocks from the lowest trainable one up: they keep activations
     saved_elements_per_token: float
     virtual_tokens: int
-    total_params: int = 0          # all of the prepared model's, a head's trainable copy included (as compare counts)
+    total_params: int              # all of the prepared model's, a head's trainable copy included (as compare counts)
 
 
 def skeleton_shape(model: nn.Module) -> Shape:

@@ -56,8 +56,9 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     from ..tasks.base import EvalSetup
     from ..train.setup import device_problems, make_accelerator
 
-    if device_problems(device, "--device"):
-        raise TunelabInputError(device_problems(device, "--device"))
+    problems = device_problems(device, "--device")
+    if problems:
+        raise TunelabInputError(problems)
     artifact = find_artifact(path, method)
     inputs = read_inputs(texts, input_file, artifact.task.input_key)
     model, tokenizer = load_artifact(artifact)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tunelab.cli import main
 from tunelab.train.checkpoint import Checkpointer, is_complete
 
+from conftest import PINNED
 from test_methods_matrix import MATRIX, NOT_APPLICABLE
 
 # every method that runs on the tiny classification job (the others are refused there by validate)
@@ -99,7 +100,7 @@ def uninterrupted(tmp_path_factory, tiny_bert, toy_data):
     """One uninterrupted run per method, shared by the tests below."""
     overrides = [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
                  f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
-                 "data.max_length=32", "train.batch_size=8"]
+                 "data.max_length=32", "train.batch_size=8", *PINNED]  # clean and killed runs: one precision
     runs = {}
     for method in RESUMABLE:
         out = tmp_path_factory.mktemp(f"clean-{method}")

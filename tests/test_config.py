@@ -79,11 +79,11 @@ def test_an_alias_is_only_suggested_where_the_section_has_that_key():
 def test_every_alias_names_a_key_that_exists():
     import dataclasses
 
-    from tunelab.config import SECTIONS
+    from tunelab.config import sections
     from tunelab.config.schema import ALIASES
     from tunelab.methods.base import registry
 
-    classes = [*SECTIONS.values(), *(m.Options for m in registry().values())]
+    classes = [*sections().values(), *(m.Options for m in registry().values())]
     keys = {f.name for cls in classes for f in dataclasses.fields(cls)}
     assert {name for names in ALIASES.values() for name in names} <= keys
 
@@ -160,3 +160,64 @@ def test_an_override_without_equals_in_the_config_position_gets_the_hint(tmp_pat
     assert problems_of([], "train.lr")[0] == ("config: file 'train.lr' does not exist; if it was meant as an "
                                               "override: expected key=value, e.g. train.lr=3e-5")
     assert problems_of([], str(tmp_path / "job.yaml"))[0].endswith("job.yaml' does not exist")
+
+
+@pytest.fixture
+def extra_task(monkeypatch):
+    """A task registered from outside tunelab's package, reading one column of its own and sharing one."""
+    from dataclasses import dataclass, field
+
+    from tunelab.tasks import base
+
+    @dataclass
+    class TaggingColumns(base.TaskColumns):
+        tags_column: str | None = field(default=None, metadata={"help": "one tag per word"})
+        text_column: str | None = field(default=None, metadata={"help": "the words"})  # as classification's
+
+    class Tagging(base.Task):
+        name, description, Columns = "tagging", "words → tags", TaggingColumns
+        metrics, default_metric = {"accuracy": base.HIGHER}, "accuracy"
+
+    monkeypatch.setitem(base._REGISTRY, "tagging", Tagging())
+    return Tagging
+
+
+def test_a_new_task_brings_its_own_data_keys(extra_task):
+    config = load_config(None, ["task=tagging", "data.train_file=t.jsonl", "data.tags_column=ner",
+                                "data.text_column=words"])
+    assert (config.data.tags_column, config.data.text_column) == ("ner", "words")
+    assert config.to_dict()["data"]["tags_column"] == "ner"
+    problems = problems_of(["data.train_file=x.csv", "data.tags_column=ner", "data.tag_column=x"])
+    assert "data.tags_column: is for task 'tagging', not 'classification'; remove it or set task" in problems
+    assert any(p.startswith("data.tag_column: unknown key (did you mean 'tags_column'?)") for p in problems)
+
+
+def test_tasks_that_declare_one_data_key_differently_are_refused(extra_task, monkeypatch):
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Clashing(extra_task.Columns):
+        text_column: int | None = field(default=None)
+
+    monkeypatch.setattr(extra_task, "Columns", Clashing)
+    with pytest.raises(TypeError, match="declare data.text_column with different types or defaults"):
+        load_config(None, [])
+
+
+def test_a_config_pickles_although_its_data_section_is_made_at_run_time():
+    import pickle
+
+    config = load_config(None, ["data.text_column=review"])
+    assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_ls_lists_every_registered_task_with_the_data_keys_it_reads(extra_task, capsys):
+    from tunelab.cli import main
+    from tunelab.methods.base import registry
+
+    assert main(["ls", "tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[[l.split()[0] for l in lines].index("tagging") + 1].split() == \
+        ["reads", "data.tags_column,", "data.text_column"]
+    assert main(["ls", "methods"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == sorted(registry())

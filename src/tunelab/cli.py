@@ -142,6 +142,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
         for name, item in sorted((methods() if args.what == "methods" else tasks()).items()):
             print(f"{name:<16}{item.description}")
+            if args.what == "tasks" and item.data_keys:  # the columns it reads, as users set them
+                print(f"{'':<16}reads {', '.join(f'data.{key}' for key in item.data_keys)}")
         return 0
     if args.command == "report":
         from .report import write_report

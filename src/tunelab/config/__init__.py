@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The `data` keys every task shares. Each task's column keys (`data.text_column`, ...) are added to it by
+    `data_config_class`, from the task's own `Columns`."""
+
     dataset: str | None = field(default=None, metadata={
         "help": "packaged dataset, local dataset folder or hub dataset id, used when data.train_file is not set; "
                 "default: the task's packaged dataset"})
@@ -46,13 +51,6 @@ class DataConfig:
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
-    text_column: str | None = field(default=None, metadata={"help": "default: 'text' (or the packaged set's)"})
-    text_pair_column: str | None = field(default=None, metadata={"help": "second text of sentence pairs"})
-    label_column: str | None = field(default=None, metadata={"help": "default: 'label' (or the packaged set's)"})
-    prompt_column: str | None = field(default=None, metadata={"help": "causal-lm; default: 'prompt'"})
-    response_column: str | None = field(default=None, metadata={"help": "causal-lm; default: 'response'"})
-    messages_column: str | None = field(default=None, metadata={
-        "help": "causal-lm chat data, a list of {role, content} turns; default: 'messages' when present"})
     max_length: int = field(default=128, metadata={"gt": 0})
     validation_fraction: float = field(default=0.1, metadata={"gt": 0, "le": 0.5})
     max_train_samples: int | None = field(default=None, metadata={"gt": 0})
@@ -106,14 +104,53 @@ class SweepConfig:
                 "(null removes one); train.* keys apply to every method"})
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sweep": SweepConfig}
+def sections() -> dict[str, type]:
+    """The config's fixed sections (methods and tasks add their own), `data` with every task's columns."""
+    return {"model": ModelConfig, "data": data_config_class(), "train": TrainConfig, "sweep": SweepConfig}
+
+
+def data_config_class() -> type[DataConfig]:
+    """DataConfig plus the column keys of every registered task."""
+    return _with_columns(tuple((name, task.Columns) for name, task in task_registry().items()))
+
+
+@functools.cache
+def _with_columns(columns_by_task: tuple[tuple[str, type], ...]) -> type[DataConfig]:
+    fields: dict[str, tuple[Any, dataclasses.Field]] = {}
+    declared_by: dict[str, str] = {}
+    for task, columns in columns_by_task:
+        hints = typing.get_type_hints(columns)
+        for fld in dataclasses.fields(columns):
+            if fld.default is dataclasses.MISSING:
+                raise TypeError(f"task {task!r}: data.{fld.name} needs a default (a config may leave it out)")
+            if fld.name in fields:
+                hint, first = fields[fld.name]
+                if (hint, first.default) != (hints[fld.name], fld.default):
+                    raise TypeError(f"tasks {declared_by[fld.name]!r} and {task!r} declare data.{fld.name} with "
+                                    "different types or defaults")
+                continue
+            fields[fld.name] = hints[fld.name], field(default=fld.default, metadata=fld.metadata)
+            declared_by[fld.name] = task
+    made = dataclasses.make_dataclass("DataConfig", [(name, hint, fld) for name, (hint, fld) in fields.items()],
+                                      bases=(DataConfig,), namespace={"__reduce__": _reduce_data_config})
+    made.__module__ = __name__
+    return made
+
+
+def _reduce_data_config(data: DataConfig):
+    # the class is made at run time, so pickle rebuilds it rather than look it up by name
+    return _rebuild_data_config, (dataclasses.asdict(data),)
+
+
+def _rebuild_data_config(values: dict) -> DataConfig:
+    return data_config_class()(**values)
 
 
 @dataclass
 class ExperimentConfig:
     task: str = DEFAULT_TASK
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: data_config_class()())
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     methods: list[str] = field(default_factory=lambda: ["full", "llrd", "lora", "prompt-tuning"])
@@ -143,7 +180,7 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task}
-        out.update({name: to_dict(getattr(self, name)) for name in SECTIONS})
+        out.update({name: to_dict(getattr(self, name)) for name in sections()})
         out["methods"] = list(self.methods)
         out.update({name: to_dict(opts) for name, opts in self.method_options.items()})
         if dataclasses.fields(self.task_options):
@@ -230,25 +267,26 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> None:
 def from_dict(raw: dict, problems: list[str]) -> ExperimentConfig:
     methods_by_name, tasks = registry(), task_registry()
     raw = copy.deepcopy(raw)
-    allowed_keys = ["task", *SECTIONS, "methods", *methods_by_name, *tasks]
+    config_sections = sections()
+    allowed_keys = ["task", *config_sections, "methods", *methods_by_name, *tasks]
     for key in raw:
         if key not in allowed_keys:
             problems.append(f"{key}: unknown key{did_you_mean(str(key), allowed_keys)}; allowed: {one_of(allowed_keys)}")
     task = parse_task(raw, tasks, problems)
-    sections = {name: build(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()}
+    built = {name: build(cls, raw.get(name), name, problems) for name, cls in config_sections.items()}
     methods = parse_methods(raw.get("methods", ExperimentConfig().methods), methods_by_name, problems)
     options = {name: build(method.Options, raw.get(name), name, problems)
                for name, method in methods_by_name.items() if name in methods or name in raw}
     for name, opts in options.items():
         check_rule(opts.lr, {"gt": 0}, f"{name}.lr", problems)
-    if sections["train"].fsdp:
+    if built["train"].fsdp:
         problems += [f"train.fsdp: method {name!r} cannot train sharded: {methods_by_name[name].cannot_shard}; "
                      "leave it out of methods or set train.fsdp=false"
                      for name in methods if methods_by_name[name].cannot_shard]
     task_options = build(tasks[task].Options, raw.get(task), task, problems) if task in tasks else TaskOptions()
     if task in tasks:
-        problems += task_problems(tasks, task, raw, sections)
-    return ExperimentConfig(task=task, **sections, methods=methods, method_options=options,
+        problems += task_problems(tasks, task, raw, built)
+    return ExperimentConfig(task=task, **built, methods=methods, method_options=options,
                             task_options=task_options)
 
 

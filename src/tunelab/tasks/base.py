@@ -9,6 +9,7 @@ adds. The loop, the methods, the runner and the report only go through this prot
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -28,6 +29,13 @@ HIGHER, LOWER = "higher", "lower"
 @dataclass
 class TaskOptions:
     """A task's own options (section named after the task); a task with options subclasses this."""
+
+
+@dataclass
+class TaskColumns:
+    """The `data.*` keys a task reads (its column names), each with a default and a help text. A task that
+    reads columns subclasses this; the fields join the `data` section for everyone, so a new task brings its
+    keys along and edits no central config. Two tasks may share a key if they declare it alike."""
 
 
 @dataclass
@@ -67,12 +75,12 @@ class Task:
     name: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type[TaskOptions]] = TaskOptions
+    Columns: ClassVar[type[TaskColumns]] = TaskColumns  # its `data.*` keys
     peft_task_type: ClassVar[str]              # peft.TaskType member name: SEQ_CLS, CAUSAL_LM, ...
     metrics: ClassVar[dict[str, str]]          # metric → HIGHER or LOWER is better
     default_metric: ClassVar[str]              # train.metric_for_best when not set
     default_model: ClassVar[str]               # model.name_or_path when not set
     default_dataset: ClassVar[str]             # data.dataset when neither it nor data.train_file is set
-    data_keys: ClassVar[tuple[str, ...]] = ()  # task-specific `data.*` keys this task reads
     shows_examples: ClassVar[bool] = False     # evaluate() returns examples the report shows
     input_key: ClassVar[str] = "text"          # what one `tunelab predict` input is called (--text, JSON key)
 
@@ -152,6 +160,11 @@ class Task:
     def summary(self, data: TaskData) -> dict[str, Any]:
         """What `validate` prints and results.json keeps about the data."""
         return {}
+
+    @property
+    def data_keys(self) -> tuple[str, ...]:
+        """The task-specific `data.*` keys it reads."""
+        return tuple(f.name for f in dataclasses.fields(self.Columns))
 
     def higher_is_better(self, metric: str) -> bool:
         return self.metrics[metric] == HIGHER

@@ -20,7 +20,8 @@ from torch import nn
 from ..data import IGNORE_INDEX, Encoded, pad_rows, pad_token_id, split_frames, where
 from ..errors import TunelabInputError
 from ..train.batches import collate, eval_batches
-from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, TaskOptions, missing_columns, register
+from .base import (HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskColumns, TaskData, TaskOptions,
+                   missing_columns, register)
 from ._generation import exact_match, generate, token_f1
 
 LOGITS_BUDGET = 2**26  # logits held at once during evaluation (floats): 256 MB, whatever the vocabulary
@@ -34,17 +35,26 @@ class CausalLMOptions(TaskOptions):
     report_examples: int = dataclasses.field(default=4, metadata={"ge": 0, "help": "generations shown in the report"})
 
 
+@dataclass
+class CausalLMColumns(TaskColumns):
+    prompt_column: str | None = dataclasses.field(default=None, metadata={"help": "causal-lm; default: 'prompt'"})
+    response_column: str | None = dataclasses.field(default=None, metadata={
+        "help": "causal-lm; default: 'response'"})
+    messages_column: str | None = dataclasses.field(default=None, metadata={
+        "help": "causal-lm chat data, a list of {role, content} turns; default: 'messages' when present"})
+
+
 @register
 class CausalLM(Task):
     name = "causal-lm"
     description = "Causal-LM instruction tuning: loss on response tokens, perplexity, greedy-answer EM/F1"
     Options = CausalLMOptions
+    Columns = CausalLMColumns
     peft_task_type = "CAUSAL_LM"
     metrics = {"loss": LOWER, "perplexity": LOWER, "exact_match": HIGHER, "token_f1": HIGHER}
     default_metric = "loss"
     default_model = "SmolLM2-135M-Instruct"
     default_dataset = "chatterbot-english"
-    data_keys = ("prompt_column", "response_column", "messages_column")
     shows_examples = True
     input_key = "prompt"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -11,7 +12,8 @@ from torch import nn
 
 from ..data import Encoded, pad_rows, pad_token_id, split_frames, where
 from ..train.batches import collate, eval_batches
-from .base import HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskData, missing_columns, register
+from .base import (HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskColumns, TaskData, missing_columns,
+                   register)
 
 
 def text_column(cfg) -> str:
@@ -20,6 +22,13 @@ def text_column(cfg) -> str:
 
 def label_column(cfg) -> str:
     return cfg.data.label_column or "label"
+
+
+@dataclass
+class ClassificationColumns(TaskColumns):
+    text_column: str | None = field(default=None, metadata={"help": "default: 'text' (or the packaged set's)"})
+    text_pair_column: str | None = field(default=None, metadata={"help": "second text of sentence pairs"})
+    label_column: str | None = field(default=None, metadata={"help": "default: 'label' (or the packaged set's)"})
 
 
 @register
@@ -31,7 +40,7 @@ class Classification(Task):
     default_metric = "accuracy"
     default_model = "all-MiniLM-L6-v2"
     default_dataset = "amazon-fine-food"
-    data_keys = ("text_column", "text_pair_column", "label_column")
+    Columns = ClassificationColumns
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems: list[str] = []

@@ -109,3 +109,40 @@ def test_causal_lm_predict_and_merged_export(tiny_causal_overrides, tmp_path, ca
     ids = tokenizer(["what is opposite of good"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(plain(**ids).logits, adapter(**ids).logits, rtol=1e-4, atol=1e-5)
+
+
+CAUSAL_METHODS = sorted(m for m in registry() if (m, "causal-lm") not in NOT_APPLICABLE)
+
+
+@pytest.fixture(scope="module")
+def causal_experiment(tmp_path_factory, tiny_llama, toy_qa):
+    out = tmp_path_factory.mktemp("causal")
+    options = [o for m in CAUSAL_METHODS for o in MATRIX[m][0]]
+    overrides = ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={toy_qa['train']}",
+                 f"data.validation_file={toy_qa['validation']}", f"data.test_file={toy_qa['test']}",
+                 "data.max_length=32", "train.batch_size=8", "train.max_steps=6", "train.precision=fp32",
+                 "train.eval_every_steps=0", "causal-lm.generation_samples=4", "causal-lm.report_examples=4",
+                 "causal-lm.max_new_tokens=6", f"methods={','.join(CAUSAL_METHODS)}", *options]
+    outcome = tunelab.compare(overrides=overrides, output_dir=out, show_progress=False, isolate=False)
+    assert all(r["status"] == "success" for r in outcome.records)
+    return out, {r["method"]: r for r in outcome.records}
+
+
+@pytest.mark.parametrize("method", CAUSAL_METHODS)
+def test_causal_lm_predict_reproduces_the_runs_own_test_answers(method, causal_experiment):
+    out, records = causal_experiment
+    examples = records[method]["examples"]
+    assert len(examples) == 4
+    _, outputs = tunelab.predict(out, [e["prompt"] for e in examples], method=method)
+    assert [o["output"] for o in outputs] == [e["output"] for e in examples]
+
+
+@pytest.mark.parametrize("method", sorted(set(CAUSAL_METHODS) - NOT_MERGEABLE))
+def test_causal_lm_merged_export_gives_the_same_logits(method, causal_experiment, tmp_path):
+    out, _ = causal_experiment
+    merged = tunelab.export(out, tmp_path / "merged", method=method, merge=True)
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    adapter, tokenizer = load_artifact(find_artifact(out, method))
+    ids = tokenizer(["what is opposite of good", "hi"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**ids).logits, adapter(**ids).logits, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """Greedy answers to held-out prompts, and how close they are to the reference (SQuAD-style scores)."""
 from __future__ import annotations
 
+import inspect
 import re
 import string
 from collections import Counter
@@ -24,7 +25,8 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
     """The new token ids of each row's greedy continuation, up to (without) the end-of-sequence token."""
     tokenizer = setup.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    greedy = greedy_recomputed if adds_virtual_tokens(model) else greedy_cached
+    greedy = {None: greedy_cached, "embeddings": greedy_after_virtual_embeddings,
+              "prefix": greedy_after_prefix}[virtual_tokens(model)]
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = []
@@ -37,47 +39,62 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
     return outputs
 
 
-def adds_virtual_tokens(model: nn.Module) -> bool:
-    """peft's prompt learning (prompt tuning, p-tuning, prefix tuning). Its `generate` is wrong under
-    transformers 5 (peft 0.21): transformers passes the KV cache as `cache`, peft still looks for
-    `past_key_values`, so prefix tuning's prefix is dropped and the other two re-insert their virtual tokens at
-    every step. Those continuations differ from the forward the run trained and was scored with."""
-    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+def virtual_tokens(model: nn.Module) -> str | None:
+    """How a peft prompt-learning model adds its virtual tokens: "embeddings" before the input (prompt tuning,
+    p-tuning) or a key/value "prefix" (prefix tuning); None for other models. peft 0.21's own `generate` is
+    wrong for all three under transformers 5: transformers passes the KV cache as `cache`, peft still looks for
+    `past_key_values`, so the prefix is dropped and the virtual embeddings are inserted again at every step.
+    Those continuations are not what the run trained and was scored with."""
+    config = getattr(model, "active_peft_config", None)
+    if not getattr(config, "is_prompt_learning", False):
+        return None
+    return "prefix" if config.peft_type == "PREFIX_TUNING" else "embeddings"  # peft_type: a str enum
 
 
 def greedy_cached(model, data, rows, device, max_new_tokens, pad, eos) -> list[list[int]]:
     ids, mask = left_padded_prompts(data, rows, pad)
     generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                               pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None, top_k=None)
+                               **greedy_options(max_new_tokens, pad, eos))
     return generated[:, ids.shape[1]:].tolist()  # peft and transformers both return prompt + continuation
 
 
-def greedy_recomputed(model, data, rows, device, max_new_tokens, pad, eos) -> list[list[int]]:
-    """Greedy decoding through the model's plain forward, as in training: prompts right-padded, the whole
-    sequence recomputed for each new token (no KV cache), each row's next token read at its own last position.
-    Padding after a row's tokens cannot reach them (causal attention), so each row gets what it would alone."""
-    lengths = data.prompt_lengths[rows].astype(np.int64)
-    ids = torch.full((len(rows), int(lengths.max()) + max_new_tokens), pad, dtype=torch.long)
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        ids[i, :n] = torch.from_numpy(data.ids[row, :n])
-    lengths, new = torch.from_numpy(lengths), [[] for _ in rows]
-    running = torch.ones(len(rows), dtype=torch.bool)
-    positions = torch.arange(ids.shape[1])
-    for _ in range(max_new_tokens):
-        width = int(lengths.max())
-        batch = ids[:, :width].to(device)
-        logits = model(input_ids=batch, attention_mask=(positions[:width] < lengths[:, None]).long().to(device)).logits
-        virtual = logits.shape[1] - width  # prompt tuning and p-tuning return logits for their tokens first
-        tokens = logits[torch.arange(len(rows)), virtual + lengths - 1].argmax(-1).cpu()
-        for i in torch.nonzero(running).flatten().tolist():
-            new[i].append(int(tokens[i]))
-            ids[i, lengths[i]] = tokens[i]
-        lengths += running.long()
-        running &= tokens != (eos if eos is not None else -1)
-        if not running.any():
-            break
-    return new
+def greedy_after_virtual_embeddings(model, data, rows, device, max_new_tokens, pad, eos) -> list[list[int]]:
+    """The base model's cached generate on the input embeddings training saw: each row's virtual tokens right
+    before its prompt, after its left padding, so they sit next to the prompt as they did in training."""
+    ids, mask = left_padded_prompts(data, rows, pad)
+    base = model.get_base_model()
+    words = base.get_input_embeddings()(ids.to(device))
+    virtual = model.get_prompt(batch_size=len(rows)).to(words.dtype)
+    count, width = virtual.shape[1], ids.shape[1]
+    embeds = words.new_zeros((len(rows), count + width, words.shape[-1]))
+    full_mask = torch.zeros((len(rows), count + width), dtype=torch.long)
+    for i, padding in enumerate((width - mask.sum(1)).tolist()):
+        embeds[i, padding:padding + count] = virtual[i]
+        embeds[i, padding + count:] = words[i, padding:]
+        full_mask[i, padding:] = 1
+    generated = base.generate(inputs_embeds=embeds, attention_mask=full_mask.to(device),
+                              **greedy_options(max_new_tokens, pad, eos))
+    return generated.tolist()  # from embeddings, generate returns only the new tokens
+
+
+def greedy_after_prefix(model, data, rows, device, max_new_tokens, pad, eos) -> list[list[int]]:
+    """The base model's cached generate, its cache starting as the trained prefix (as the forward peft runs in
+    training hands it over), the attention mask extended over the prefix."""
+    ids, mask = left_padded_prompts(data, rows, pad)
+    base = model.get_base_model()
+    prefix = model.get_prompt(batch_size=len(rows))
+    full_mask = torch.cat([mask.new_ones((len(rows), prefix.get_seq_length())), mask], dim=1)
+    # transformers 5 renamed past_key_values to cache (the old name warns, and goes in 6.0)
+    cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    generated = base.generate(input_ids=ids.to(device), attention_mask=full_mask.to(device), **{cache_name: prefix},
+                              **greedy_options(max_new_tokens, pad, eos))
+    return generated[:, ids.shape[1]:].tolist()
+
+
+def greedy_options(max_new_tokens: int, pad: int, eos: int | None) -> dict:
+    # sampling settings a model's generation_config may carry are unset, so greedy decoding does not warn
+    return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "pad_token_id": pad,
+            "eos_token_id": eos, "temperature": None, "top_p": None, "top_k": None}
 
 
 def until_end(tokens: list[int], eos: int | None) -> list[int]:

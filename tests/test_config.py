@@ -192,8 +192,10 @@ def test_a_new_task_brings_its_own_data_keys(extra_task):
     assert any(p.startswith("data.tag_column: unknown key (did you mean 'tags_column'?)") for p in problems)
 
 
-def test_tasks_that_declare_one_data_key_differently_are_refused(extra_task, monkeypatch):
+def test_a_task_key_declared_differently_or_shadowing_a_shared_one_is_refused(extra_task, monkeypatch):
     from dataclasses import dataclass, field
+
+    from tunelab.tasks.base import TaskColumns
 
     @dataclass
     class Clashing(extra_task.Columns):
@@ -201,6 +203,14 @@ def test_tasks_that_declare_one_data_key_differently_are_refused(extra_task, mon
 
     monkeypatch.setattr(extra_task, "Columns", Clashing)
     with pytest.raises(TypeError, match="declare data.text_column with different types or defaults"):
+        load_config(None, [])
+
+    @dataclass
+    class Shadowing(TaskColumns):
+        max_length: int | None = field(default=None)
+
+    monkeypatch.setattr(extra_task, "Columns", Shadowing)
+    with pytest.raises(TypeError, match="data.max_length is a key of every task"):
         load_config(None, [])
 
 

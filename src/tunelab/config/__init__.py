@@ -118,9 +118,12 @@ def data_config_class() -> type[DataConfig]:
 def _with_columns(columns_by_task: tuple[tuple[str, type], ...]) -> type[DataConfig]:
     fields: dict[str, tuple[Any, dataclasses.Field]] = {}
     declared_by: dict[str, str] = {}
+    shared = {fld.name for fld in dataclasses.fields(DataConfig)}
     for task, columns in columns_by_task:
         hints = typing.get_type_hints(columns)
         for fld in dataclasses.fields(columns):
+            if fld.name in shared:
+                raise TypeError(f"task {task!r}: data.{fld.name} is a key of every task; name its column key otherwise")
             if fld.default is dataclasses.MISSING:
                 raise TypeError(f"task {task!r}: data.{fld.name} needs a default (a config may leave it out)")
             if fld.name in fields:

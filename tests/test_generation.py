@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import tunelab.tasks._generation as generation
 from tunelab.data import Encoded, pad_rows
 from tunelab.tasks._generation import greedy_ids
 from tunelab.tasks.base import EvalSetup
@@ -20,32 +21,65 @@ ADAPTERS = {
     "p-tuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
     "prefix-tuning": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
 }
+PROMPTS = [[2, 5, 6], [2, 7, 8, 9, 10, 11], [2, 12, 13, 14, 15]]  # padding differs from row to row
 NEW_TOKENS = 6
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
-def test_greedy_answers_are_the_models_argmax_continuations(adapter, tiny_llama):
+def adapted_model(adapter: str, folder):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(folder)
     if ADAPTERS[adapter] is not None:
         model = get_peft_model(model, ADAPTERS[adapter])
         with torch.no_grad():  # trained-looking virtual tokens: far from where they start, so they matter
             for p in getattr(model, "prompt_encoder", torch.nn.Module()).parameters():
                 p.normal_(0, 3.0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    prompts = [[2, 5, 6], [2, 7, 8, 9, 10, 11], [2, 12, 13, 14, 15]]  # padding differs from row to row
-    ids, lengths = pad_rows(prompts, tokenizer.pad_token_id)
+    return model
+
+
+def answers_of(model, tokenizer) -> list[list[int]]:
+    ids, lengths = pad_rows(PROMPTS, tokenizer.pad_token_id)
     data = Encoded(ids, lengths, ids, prompt_lengths=lengths)
     setup = EvalSetup(batch_size=16, device=torch.device("cpu"), tokenizer=tokenizer)
-    answers = greedy_ids(model, data, np.arange(len(prompts)), setup, NEW_TOKENS)
+    return greedy_ids(model, data, np.arange(len(PROMPTS)), setup, NEW_TOKENS)
+
+
+def assert_argmax_continuations(model, tokenizer, answers):
     model.eval()
-    for prompt, answer in zip(prompts, answers):
+    for prompt, answer in zip(PROMPTS, answers):
         sequence = torch.tensor([prompt + answer])
         with torch.no_grad():
             logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[0]
         logits = logits[logits.shape[0] - sequence.shape[1]:]  # without the virtual tokens' own positions
         for i, token in enumerate(answer):
             position = len(prompt) - 1 + i
-            assert logits[position, token] >= logits[position].max() - 1e-4, (adapter, prompt, answer, i)
+            assert logits[position, token] >= logits[position].max() - 1e-4, (prompt, answer, i)
         if len(answer) < NEW_TOKENS:  # it stopped: the end token was the argmax after the answer
             assert int(logits[-1].argmax()) == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_greedy_answers_are_the_models_argmax_continuations(adapter, tiny_llama):
+    model, tokenizer = adapted_model(adapter, tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    answers = answers_of(model, tokenizer)
+    assert_argmax_continuations(model, tokenizer, answers)
+    # an end token the model does emit: answers stop before it, at different lengths
+    row, position = next((r, i) for r, a in enumerate(answers) for i, t in enumerate(a) if i and t not in a[:i])
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(answers[row][position])
+    stopped = answers_of(model, tokenizer)
+    assert stopped[row] == answers[row][:position] and all(tokenizer.eos_token_id not in a for a in stopped)
+    assert_argmax_continuations(model, tokenizer, stopped)
+
+
+@pytest.mark.parametrize("failure", ["wrong answers", "an error"])
+def test_a_cached_path_that_goes_wrong_falls_back_to_the_plain_forward(failure, tiny_llama, monkeypatch):
+    model, tokenizer = adapted_model("prefix-tuning", tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+
+    def broken(model, *args):
+        if failure == "an error":
+            raise ValueError("this model's generation config sets its own cache")
+        return generation.greedy_cached(model.get_base_model(), *args)  # the prefix dropped, as peft 0.21 does
+
+    monkeypatch.setattr(generation, "greedy_after_prefix", broken)
+    with pytest.warns(UserWarning, match="recomputed per token"):
+        answers = answers_of(model, tokenizer)
+    assert_argmax_continuations(model, tokenizer, answers)

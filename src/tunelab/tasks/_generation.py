@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 import string
 from collections import Counter
 
@@ -33,10 +34,41 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
     with torch.inference_mode(), setup.autocast():
         for start in range(0, len(rows), GENERATION_BATCH):
             chunk = rows[start:start + GENERATION_BATCH]
-            new = greedy(model, data, chunk, setup.device, max_new_tokens, pad, tokenizer.eos_token_id)
+            args = (model, data, chunk, setup.device, max_new_tokens, pad, tokenizer.eos_token_id)
+            new = greedy(*args) if greedy is greedy_cached else checked_against_forward(greedy, *args)
             outputs += [until_end(row, tokenizer.eos_token_id) for row in new]
     model.train(was_training)
     return outputs
+
+
+def checked_against_forward(greedy, model, data, rows, device, *rest) -> list[list[int]]:
+    """`greedy`'s answers if their first tokens are what the plain forward predicts after each prompt, else
+    the answers recomputed through that forward (slower, always right). The cached paths below hand peft's
+    virtual tokens to transformers' `generate` themselves, which other transformers versions or models (a
+    generation config with its own cache implementation) may not take as 5.25 and Llama do."""
+    try:
+        answers = greedy(model, data, rows, device, *rest)
+    except (TypeError, ValueError) as exc:
+        warnings.warn(f"generating through the KV cache failed ({exc}); answers are recomputed per token instead")
+        return greedy_recomputed(model, data, rows, device, *rest)
+    if all(first_tokens_agree(model, data, rows, device, answers)):
+        return answers
+    warnings.warn("the cached generation disagreed with the model's forward; answers are recomputed per token")
+    return greedy_recomputed(model, data, rows, device, *rest)
+
+
+def first_tokens_agree(model, data, rows, device, answers) -> list[bool]:
+    """Whether each answer's first token scores within rounding of the best logit after its prompt, under
+    the forward training ran (right-padded prompts, virtual tokens added by peft). A path that drops the
+    virtual tokens picks tokens far below that; bf16 rounding alone moves logits by a few hundredths."""
+    tolerance = 0.5 if torch.is_autocast_enabled(device.type) else 0.05
+    lengths = torch.from_numpy(data.prompt_lengths[rows].astype(np.int64))
+    width = int(lengths.max())
+    ids = torch.from_numpy(data.ids[rows, :width]).to(device)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long().to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    last = logits[torch.arange(len(rows)), logits.shape[1] - width + lengths - 1]
+    return [not answer or bool(row[answer[0]] >= row.max() - tolerance) for row, answer in zip(last, answers)]
 
 
 def virtual_tokens(model: nn.Module) -> str | None:
@@ -95,6 +127,31 @@ def greedy_options(max_new_tokens: int, pad: int, eos: int | None) -> dict:
     # sampling settings a model's generation_config may carry are unset, so greedy decoding does not warn
     return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "pad_token_id": pad,
             "eos_token_id": eos, "temperature": None, "top_p": None, "top_k": None}
+
+
+def greedy_recomputed(model, data, rows, device, max_new_tokens, pad, eos) -> list[list[int]]:
+    """Greedy decoding through the model's plain forward, as in training: prompts right-padded, the whole
+    sequence recomputed for each new token (no KV cache), each row's next token read at its own last position.
+    Padding after a row's tokens cannot reach them (causal attention), so each row gets what it would alone."""
+    lengths = torch.from_numpy(data.prompt_lengths[rows].astype(np.int64))
+    ids = torch.full((len(rows), int(lengths.max()) + max_new_tokens), pad, dtype=torch.long)
+    for i, (row, n) in enumerate(zip(rows, lengths.tolist())):
+        ids[i, :n] = torch.from_numpy(data.ids[row, :n])
+    new: list[list[int]] = [[] for _ in rows]
+    running = torch.ones(len(rows), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        width = int(lengths.max())
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        logits = model(input_ids=ids[:, :width].to(device), attention_mask=mask.to(device)).logits
+        tokens = logits[torch.arange(len(rows)), logits.shape[1] - width + lengths - 1].argmax(-1).cpu()
+        for i in torch.nonzero(running).flatten().tolist():
+            new[i].append(int(tokens[i]))
+            ids[i, lengths[i]] = tokens[i]
+        lengths += running.long()
+        running &= tokens != (eos if eos is not None else -1)
+        if not running.any():
+            break
+    return new
 
 
 def until_end(tokens: list[int], eos: int | None) -> list[int]:

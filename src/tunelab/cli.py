@@ -217,8 +217,8 @@ def print_estimate(result: dict) -> None:
     methods = [{**m, "train_tflops_per_step": float(f"{m['train_flops_per_step'] / 1e12:.3g}")
                 if m.get("train_flops_per_step") is not None else None} for m in result["methods"]]
     print_table(methods, {"total_params": "total", "trainable_params": "trainable",
-                                    "added_params": "added", "train_tflops_per_step": "TFLOP/step",
-                                    "step_time_s": "step s", "epoch_time_s": "epoch s"})
+                          "added_params": "added", "train_tflops_per_step": "TFLOP/step",
+                          "step_time_s": "step s", "epoch_time_s": "epoch s"})
     memory = {"weights_mb": "weights", "gradients_mb": "grads", "optimizer_mb": "optimizer",
               "activations_mb": "activations", "allocator_kept_mb": "kept", "runtime_overhead_mb": "runtime",
               "collective_buffers_mb": "collectives", "peak_memory_mb": "peak",

@@ -104,9 +104,12 @@ class SweepConfig:
                 "(null removes one); train.* keys apply to every method"})
 
 
+SECTION_NAMES = ("model", "data", "train", "sweep")  # the fixed ones; methods and tasks add their own
+
+
 def sections() -> dict[str, type]:
-    """The config's fixed sections (methods and tasks add their own), `data` with every task's columns."""
-    return {"model": ModelConfig, "data": data_config_class(), "train": TrainConfig, "sweep": SweepConfig}
+    """The fixed sections' classes, `data` with every registered task's columns."""
+    return dict(zip(SECTION_NAMES, (ModelConfig, data_config_class(), TrainConfig, SweepConfig)))
 
 
 def data_config_class() -> type[DataConfig]:
@@ -116,8 +119,7 @@ def data_config_class() -> type[DataConfig]:
 
 @functools.cache
 def _with_columns(columns_by_task: tuple[tuple[str, type], ...]) -> type[DataConfig]:
-    fields: dict[str, tuple[Any, dataclasses.Field]] = {}
-    declared_by: dict[str, str] = {}
+    fields: dict[str, tuple[str, Any, dataclasses.Field]] = {}  # key → (the task declaring it first, type, field)
     shared = {fld.name for fld in dataclasses.fields(DataConfig)}
     for task, columns in columns_by_task:
         hints = typing.get_type_hints(columns)
@@ -127,14 +129,13 @@ def _with_columns(columns_by_task: tuple[tuple[str, type], ...]) -> type[DataCon
             if fld.default is dataclasses.MISSING:
                 raise TypeError(f"task {task!r}: data.{fld.name} needs a default (a config may leave it out)")
             if fld.name in fields:
-                hint, first = fields[fld.name]
+                first_task, hint, first = fields[fld.name]
                 if (hint, first.default) != (hints[fld.name], fld.default):
-                    raise TypeError(f"tasks {declared_by[fld.name]!r} and {task!r} declare data.{fld.name} with "
+                    raise TypeError(f"tasks {first_task!r} and {task!r} declare data.{fld.name} with "
                                     "different types or defaults")
                 continue
-            fields[fld.name] = hints[fld.name], field(default=fld.default, metadata=fld.metadata)
-            declared_by[fld.name] = task
-    made = dataclasses.make_dataclass("DataConfig", [(name, hint, fld) for name, (hint, fld) in fields.items()],
+            fields[fld.name] = task, hints[fld.name], field(default=fld.default, metadata=fld.metadata)
+    made = dataclasses.make_dataclass("DataConfig", [(name, hint, fld) for name, (_, hint, fld) in fields.items()],
                                       bases=(DataConfig,), namespace={"__reduce__": _reduce_data_config})
     made.__module__ = __name__
     return made
@@ -183,7 +184,7 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task}
-        out.update({name: to_dict(getattr(self, name)) for name in sections()})
+        out.update({name: to_dict(getattr(self, name)) for name in SECTION_NAMES})
         out["methods"] = list(self.methods)
         out.update({name: to_dict(opts) for name, opts in self.method_options.items()})
         if dataclasses.fields(self.task_options):
@@ -300,16 +301,16 @@ def parse_task(raw: dict, tasks: dict, problems: list[str]) -> str:
     return task
 
 
-def task_problems(tasks: dict, task: str, raw: dict, sections: dict) -> list[str]:
+def task_problems(tasks: dict, task: str, raw: dict, built: dict) -> list[str]:
     """Settings that belong to another task than the chosen one, and a metric the task does not have."""
     problems = [f"{other}: options for task {other!r}, but task is {task!r}"
                 for other in tasks if other != task and other in raw]
     mine = set(tasks[task].data_keys)
     for other_name, other in tasks.items():
         for key in set(other.data_keys) - mine:
-            if getattr(sections["data"], key) is not None:
+            if getattr(built["data"], key) is not None:
                 problems.append(f"data.{key}: is for task {other_name!r}, not {task!r}; remove it or set task")
-    metric = sections["train"].metric_for_best
+    metric = built["train"].metric_for_best
     if metric is not None and metric not in tasks[task].metrics:
         problems.append(f"train.metric_for_best: {metric!r} is not a metric of task {task!r}"
                         f"{did_you_mean(metric, tasks[task].metrics)}; allowed: {one_of(tasks[task].metrics)}")

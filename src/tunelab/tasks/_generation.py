@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import inspect
 import re
-import warnings
 import string
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -26,8 +26,8 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
     """The new token ids of each row's greedy continuation, up to (without) the end-of-sequence token."""
     tokenizer = setup.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    greedy = {None: greedy_cached, "embeddings": greedy_after_virtual_embeddings,
-              "prefix": greedy_after_prefix}[virtual_tokens(model)]
+    cached_after_virtual = {"embeddings": greedy_after_virtual_embeddings,
+                            "prefix": greedy_after_prefix}.get(virtual_tokens(model))
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = []
@@ -35,7 +35,7 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
         for start in range(0, len(rows), GENERATION_BATCH):
             chunk = rows[start:start + GENERATION_BATCH]
             args = (model, data, chunk, setup.device, max_new_tokens, pad, tokenizer.eos_token_id)
-            new = greedy(*args) if greedy is greedy_cached else checked_against_forward(greedy, *args)
+            new = checked_against_forward(cached_after_virtual, *args) if cached_after_virtual else greedy_cached(*args)
             outputs += [until_end(row, tokenizer.eos_token_id) for row in new]
     model.train(was_training)
     return outputs
@@ -63,12 +63,17 @@ def first_tokens_agree(model, data, rows, device, answers) -> list[bool]:
     virtual tokens picks tokens far below that; bf16 rounding alone moves logits by a few hundredths."""
     tolerance = 0.5 if torch.is_autocast_enabled(device.type) else 0.05
     lengths = torch.from_numpy(data.prompt_lengths[rows].astype(np.int64))
-    width = int(lengths.max())
-    ids = torch.from_numpy(data.ids[rows, :width]).to(device)
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).long().to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    last = logits[torch.arange(len(rows)), logits.shape[1] - width + lengths - 1]
+    last = next_token_logits(model, torch.from_numpy(data.ids[rows]), lengths, device).float()
     return [not answer or bool(row[answer[0]] >= row.max() - tolerance) for row, answer in zip(last, answers)]
+
+
+def next_token_logits(model, ids: torch.Tensor, lengths: torch.Tensor, device) -> torch.Tensor:
+    """The logits after each row's last real token, from one forward over right-padded `ids` as training runs
+    it (peft's virtual tokens, where it adds them, come first and are skipped)."""
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    logits = model(input_ids=ids[:, :width].to(device), attention_mask=mask.to(device)).logits
+    return logits[torch.arange(len(lengths)), logits.shape[1] - width + lengths - 1]
 
 
 def virtual_tokens(model: nn.Module) -> str | None:
@@ -140,10 +145,7 @@ def greedy_recomputed(model, data, rows, device, max_new_tokens, pad, eos) -> li
     new: list[list[int]] = [[] for _ in rows]
     running = torch.ones(len(rows), dtype=torch.bool)
     for _ in range(max_new_tokens):
-        width = int(lengths.max())
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        logits = model(input_ids=ids[:, :width].to(device), attention_mask=mask.to(device)).logits
-        tokens = logits[torch.arange(len(rows)), logits.shape[1] - width + lengths - 1].argmax(-1).cpu()
+        tokens = next_token_logits(model, ids, lengths, device).argmax(-1).cpu()
         for i in torch.nonzero(running).flatten().tolist():
             new[i].append(int(tokens[i]))
             ids[i, lengths[i]] = tokens[i]

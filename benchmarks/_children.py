@@ -43,6 +43,8 @@ def load_job(spec: dict):
     ]
     if spec["threads"]:
         overrides.append(f"train.threads={spec['threads']}")
+    if spec["system"] == "tunelab-compiled":  # CUDA graphs where there are launches to save
+        overrides.append(f"train.compile={'reduce-overhead' if spec['device'] == 'cuda' else 'default'}")
     return tunelab.validate(None, overrides + spec.get("overrides", []))  # --override wins
 
 
@@ -81,6 +83,7 @@ def run_tunelab(job, spec: dict) -> dict:
                             metric, job.task.higher_is_better(metric))
     loop = PeakAtFirstEval(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
                            job.train, validation)
+    loop.hooks.after_step = steady = SteadyClock(spec)
     rss_before = current_rss_mb()
     with MemoryMonitor(torch.device(spec["device"])) as memory:
         state = loop.run()  # evaluates after the last step (eval_every_steps=0) and at each epoch end
@@ -90,9 +93,32 @@ def run_tunelab(job, spec: dict) -> dict:
     return {"train_s": train_s, "steps_done": state.step, "samples": state.samples_seen,
             "tokens": state.tokens_seen, "val": loop.last_metrics, "lr": setup.lr,
             "train_loss_mean": sum(state.losses) / max(len(state.losses), 1), "rss_before_train_mb": rss_before,
-            "train_peak_rss_mb": loop.train_peak_mb,
+            "train_peak_rss_mb": loop.train_peak_mb, "steady_step_s": steady.seconds_per_step(),
             "flags": {"precision": precision, "sampler": f"tunelab buckets of {job.config.train.bucket_size}",
                       "padding": "longest in batch, to a multiple of 8"}}
+
+
+class SteadyClock:
+    """Seconds per step after the first fifth of the steps, where compiling (train.compile) and first-touch
+    allocation are done: what a long run pays per step. One device sync at each end of that span only."""
+
+    def __init__(self, spec: dict):
+        self.device, self.last = spec["device"], spec["steps"]
+        self.first = max(1, self.last // 5)
+        self.started = self.ended = None
+
+    def __call__(self, step: int) -> None:
+        if step in (self.first, self.last):
+            sync(self.device)
+            if step == self.first:
+                self.started = time.perf_counter()
+            if step == self.last:
+                self.ended = time.perf_counter()
+
+    def seconds_per_step(self) -> float | None:
+        if self.started is None or self.ended is None or self.last == self.first:
+            return None
+        return (self.ended - self.started) / (self.last - self.first)
 
 
 # ---------------------------------------------------------------- transformers Trainer (B1, B2)

@@ -6,7 +6,8 @@
 Systems: B1 = Trainer as a plain user writes it (fp32, random order, DataCollatorWithPadding); B1-bf16 = the
 same in bf16; B2 = Trainer with its best flags for this machine (length-grouped sampling, bf16 only where bf16
 is fast); tunelab = tunelab's own loop with its defaults; tunelab-2p = the same as two DDP processes of one
-thread each (torchrun). Which of them run, and the targets checked, follow the hardware case detected
+thread each (torchrun); tunelab-compiled = tunelab with train.compile (reduce-overhead on CUDA, default on a
+CPU), its time including the compiling. Which of them run, and the targets checked, follow the hardware case detected
 (benchmarks/cases.py). Each (method, system) pair runs in a fresh subprocess
 (benchmarks/_children.py) that prints one JSON line; this script measures the machine's matmul peak,
 derives throughput and MFU, prints a table and writes benchmarks/results/vs_trainer-<timestamp>.json.
@@ -233,9 +234,10 @@ def summary_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- output
 
 # (header, width, format): numbers right-aligned, text left-aligned
-COLUMNS = [("method", 13, "<"), ("system", 10, "<"), ("seed", 4, "d"), ("flags", 20, "<"), ("time s", 7, ".1f"),
+# steady ms: per step after the first fifth of the steps (compiling done), tunelab systems only
+COLUMNS = [("method", 13, "<"), ("system", 16, "<"), ("seed", 4, "d"), ("flags", 20, "<"), ("time s", 7, ".1f"),
            ("samples/s", 9, ".2f"), ("tokens/s", 8, ".0f"), ("RSS MB", 6, ".0f"), ("val acc", 7, ".3f"),
-           ("MFU %", 6, ".1f"), ("MFU%bf16", 8, ".1f"), ("t/t(tl)", 7, ".2f")]
+           ("MFU %", 6, ".1f"), ("MFU%bf16", 8, ".1f"), ("t/t(tl)", 7, ".2f"), ("steady ms", 9, ".1f")]
 
 
 def row(r: dict) -> list:
@@ -245,7 +247,7 @@ def row(r: dict) -> list:
     flags = f"{r['flags']['precision']} {r['flags']['sampler'].replace('tunelab buckets of ', 'buckets')}"
     return [r["method"], r["system"], r["seed"], flags, r["train_s"], r["samples_per_s"], r["tokens_per_s"],
             r["train_peak_rss_mb"], r["val"]["accuracy"], r["mfu_pct"], nan_if_none(r["mfu_vs_bf16_pct"]),
-            nan_if_none(ratio)]
+            nan_if_none(ratio), nan_if_none(r.get("steady_step_s") and 1e3 * r["steady_step_s"])]
 
 
 def nan_if_none(value: float | None) -> float:

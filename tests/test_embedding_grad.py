@@ -74,7 +74,7 @@ def test_it_stays_out_where_it_does_not_apply(case):
 def trained_weights(tiny_overrides, keep: bool, monkeypatch) -> dict[str, torch.Tensor]:
     if not keep:
         monkeypatch.setattr(embedding_grad.KeptEmbeddingGradient, "for_model",
-                            classmethod(lambda cls, model, device, processes: cls(None)))
+                            classmethod(lambda cls, model, device, processes, enabled=True: cls(None)))
     job = prepare_job(load_config(None, [*tiny_overrides, "methods=full", "train.max_steps=4",
                                          "train.eval_every_steps=0", "train.gradient_accumulation_steps=2"]))
     setup = setup_method(job, "full")

@@ -93,6 +93,10 @@ class TrainConfig:
         "help": "keep a run's resumable checkpoints after it succeeded (its artifact is what stays by default)"})
     bucket_size: int = field(default=64, metadata={"ge": 1, "help": "batches per length bucket; 1 = no bucketing"})
     threads: int | None = field(default=None, metadata={"gt": 0})
+    compile: str = field(default="none", metadata={
+        "choices": ["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        "help": "torch.compile mode for training steps (none: eager); for launch-bound models on a GPU, where "
+                "reduce-overhead replays CUDA graphs; measured no faster on 2-core CPUs"})
 
 
 @dataclass

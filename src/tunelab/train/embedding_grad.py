@@ -27,9 +27,10 @@ class KeptEmbeddingGradient:
         self.buffer: torch.Tensor | None = None
 
     @classmethod
-    def for_model(cls, model: nn.Module, device: torch.device, processes: int) -> "KeptEmbeddingGradient":
+    def for_model(cls, model: nn.Module, device: torch.device, processes: int,
+                  enabled: bool = True) -> "KeptEmbeddingGradient":
         embedding = input_embedding(model)
-        applies = (device.type == "cpu" and processes == 1 and embedding is not None
+        applies = (enabled and device.type == "cpu" and processes == 1 and embedding is not None
                    and embedding.weight.requires_grad and not embedding.sparse)
         return cls(embedding if applies else None)
 

@@ -115,9 +115,10 @@ def _dropout_keyword(module, query, key, value, attention_mask, dropout: float =
 
 
 @contextlib.contextmanager
-def cheaper_cpu_dropout(model: nn.Module, device: torch.device):
-    """Within the block, `model` trains with the cheaper dropout where it runs on a CPU; restored after."""
-    if device.type != "cpu":
+def cheaper_cpu_dropout(model: nn.Module, device: torch.device, enabled: bool = True):
+    """Within the block, `model` trains with the cheaper dropout where it runs on a CPU; restored after.
+    Not under torch.compile (`enabled=False`): it cannot trace `random_()`, and draws fused masks of its own."""
+    if device.type != "cpu" or not enabled:
         yield
         return
     swapped = [m for m in model.modules() if type(m) is nn.Dropout]

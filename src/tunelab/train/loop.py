@@ -18,6 +18,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data import Encoded
 from .batches import collate, epoch_batches, micro_batches
+from .compiled import TrainingForward
 from .distributed import Ranks
 from .embedding_grad import KeptEmbeddingGradient
 from .fast_dropout import cheaper_cpu_dropout
@@ -106,6 +107,7 @@ class TrainingLoop:
         self.module = accelerator.unwrap_model(model)  # the model without its DDP wrapper: evaluated, saved
         self.sharded = is_sharded(model)  # train.fsdp: forward passes and weight copies involve every process
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.train_forward = TrainingForward(model, cfg.compile)
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.total_steps = total_steps(cfg, len(train_data))
         self.eval_every = eval_interval(cfg, self.total_steps)
@@ -114,11 +116,14 @@ class TrainingLoop:
         self._checkpointed_step: int | None = None
         self._lr_used = scheduler.get_last_lr()[0]
         self.rows_trained = 0  # by this process (its shard), fillers excluded
-        self.embedding_grad = KeptEmbeddingGradient.for_model(self.module, accelerator.device, self.ranks.world)
+        # not under torch.compile: a sparse gradient would split its graph (and it plans memory itself)
+        self.embedding_grad = KeptEmbeddingGradient.for_model(self.module, accelerator.device, self.ranks.world,
+                                                              enabled=not self.train_forward.compiled)
 
     def run(self, state: TrainState | None = None) -> TrainState:
         # same dropout with cheaper masks, and the embedding gradient only where it is not zero, on a CPU
-        with cheaper_cpu_dropout(self.model, self.accelerator.device), self.embedding_grad.active():
+        eager = not self.train_forward.compiled
+        with cheaper_cpu_dropout(self.model, self.accelerator.device, eager), self.embedding_grad.active():
             return self._run(state or TrainState())
 
     def _run(self, state: TrainState) -> TrainState:
@@ -179,12 +184,12 @@ class TrainingLoop:
         """Backpropagate one micro-batch's weighted loss; returns its share of the batch's mean loss."""
         batch = collate(self.train_data, rows, self.accelerator.device)
         with self.accelerator.autocast():
-            loss = self.model(**batch).loss
+            loss = self.train_forward(**batch)
         if self.ranks.world == 1 and weight == 1.0:  # the whole batch at once: plain training
             self.accelerator.backward(loss)
-            return loss.detach()
+            return self.train_forward.detached(loss)
         self.accelerator.backward(loss * weight)
-        return loss.detach() * (weight / self.ranks.world)
+        return self.train_forward.detached(loss) * (weight / self.ranks.world)
 
     def checkpoint(self, state: TrainState) -> None:
         self.flush(state)

@@ -91,12 +91,27 @@ def test_every_task_statistic_gives_each_resample_what_one_run_gives(task_name, 
         assert task.statistic("accuracy", per_example)[1](*columns) == pytest.approx(4 / 7)
 
 
+def test_macro_f1_and_its_interval_ignore_classes_that_never_occur():
+    """A 3-class head whose test split has only classes 0 and 1, never predicted 2: the reported score (from the
+    model's class count) and the bootstrap's statistic (from the classes seen) must be one and the same number."""
+    from tunelab.tasks.classification import Classification, classification_metrics
+
+    pred, label = np.array([0, 1, 1, 1, 0, 1]), np.array([0, 0, 1, 1, 1, 1])
+    reported = classification_metrics(pred, label, num_labels=3)["f1_macro"]
+    columns, f1 = Classification().statistic("f1_macro", {"pred": pred.tolist(), "label": label.tolist(),
+                                                            "loss": [0.0] * 6})
+    f1_0, f1_1 = 2 * 1 / (2 + 1 + 1), 2 * 3 / (6 + 1 + 1)
+    assert reported == pytest.approx((f1_0 + f1_1) / 2) == pytest.approx(float(f1(*columns)))
+    # a class that is predicted but never the label counts, with F1 0
+    assert classification_metrics(np.array([2, 1]), np.array([1, 1]), 3)["f1_macro"] == pytest.approx((0 + 2 / 3) / 2)
+
+
 def test_classification_scores_follow_the_per_class_definition_for_many_classes():
     from tunelab.tasks.classification import scores_along
 
     def by_definition(pred, label, classes):
         f1 = []
-        for c in range(classes):
+        for c in set(pred) | set(label):  # the classes that occur (scikit-learn's macro average)
             tp, fp = np.sum((pred == c) & (label == c)), np.sum((pred == c) & (label != c))
             fn = np.sum((pred != c) & (label == c))
             f1.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))

@@ -248,4 +248,7 @@ def scores_along(preds: np.ndarray, labels: np.ndarray, num_labels: int, axis: i
     # 2·TP + FP + FN = how often the class is predicted + how often it is the label
     both_counts = per_class(offsets + preds) + per_class(offsets + labels)
     f1 = np.divide(2 * true_positives, both_counts, out=np.zeros(both_counts.shape), where=true_positives > 0)
-    return {"accuracy": right.mean(axis=-1), "f1_macro": f1.mean(axis=-1)}
+    # averaged over the classes that occur among the labels or the predictions (scikit-learn's macro average):
+    # a class absent from both has no F1, so the score does not depend on how many classes the head has
+    occurring = np.maximum((both_counts > 0).sum(axis=-1), 1)
+    return {"accuracy": right.mean(axis=-1), "f1_macro": f1.sum(axis=-1) / occurring}

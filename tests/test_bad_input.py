@@ -83,6 +83,8 @@ CASES = {
         [*base, f"data.validation_file={write(t / 'v.csv', relabel(toy_rows(20), 'meh'))}"], ["data.validation_file", "'meh'"]),
     "one class only": lambda t, b, base: (
         [*base, f"data.train_file={write(t / 'o.csv', relabel(toy_rows(20), 'pos'))}"], ["one class only"]),
+    "list labels (multi-label data)": lambda t, b, base: (
+        [*base, f"data.train_file={list_labels(t)}"], ["data.train_file: 20 rows have a list", "one label per row"]),
     "empty texts": lambda t, b, base: (
         [*base, f"data.train_file={write(t / 'x.csv', blank_texts(toy_rows(20)))}"], ["rows have an empty 'text'"]),
     "max_length beyond the model": lambda t, b, base: ([*base, "data.max_length=100"], ["data.max_length: 100", "1..64"]),
@@ -95,6 +97,13 @@ CASES = {
 def relabel(frame, label):
     frame["label"] = label
     return frame
+
+
+def list_labels(tmp: Path) -> Path:
+    frame = toy_rows(20)
+    frame["label"] = [[label] for label in frame["label"]]
+    frame.to_json(tmp / "multi.jsonl", orient="records", lines=True)
+    return tmp / "multi.jsonl"
 
 
 def blank_texts(frame):

@@ -50,6 +50,27 @@ def test_integer_labels_sort_numerically_and_map_consistently(tmp_path, tiny_ber
     assert job.train.labels.tolist() == job.validation.labels.tolist() == [1 if i % 2 else 0 for i in range(40)]
 
 
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_labels_keep_the_names_users_wrote(suffix, tmp_path, tiny_bert):
+    """Leading zeros and a class called "NA" survive; one missing label (dropped on request) does not turn
+    integers into "3.0" in one split and leave "3" in the other."""
+    def write(name, labels, blank_row=None):
+        frame = toy_rows(40).astype({"label": object})
+        frame["label"] = [labels[i % len(labels)] for i in range(40)]
+        if blank_row is not None:
+            frame.loc[blank_row, "label"] = None
+        path = tmp_path / f"{name}.{suffix}"
+        frame.to_csv(path, index=False) if suffix == "csv" else frame.to_json(path, orient="records", lines=True)
+        return path
+
+    for labels, names in ((["01", "02"], ["01", "02"]), (["NA", "YES"], ["NA", "YES"]), ([3, 7], ["3", "7"])):
+        job = validate(None, [f"model.name_or_path={tiny_bert}", "data.max_length=32", "train.batch_size=4",
+                              f"data.train_file={write('t', labels, blank_row=5)}", "data.drop_invalid_rows=true",
+                              f"data.validation_file={write('v', labels)}"])
+        assert job.label_names == names and len(job.train) == 39
+        assert job.validation.labels.tolist() == [i % 2 for i in range(40)]
+
+
 def test_carved_validation_is_stratified_seeded_and_disjoint():
     frame = toy_rows(200)
     frame.loc[:149, "label"] = "neg"  # 175 neg / 25 pos

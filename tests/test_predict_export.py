@@ -88,6 +88,43 @@ def test_virtual_token_methods_say_they_cannot_merge(method, experiment, tmp_pat
     assert (tmp_path / "copy" / "adapter_config.json").is_file()
 
 
+def test_export_overwrite_never_deletes_the_source_nor_an_export_it_cannot_replace(experiment, tmp_path, capsys):
+    out, _ = experiment
+    artifact = find_artifact(out, "lora").directory
+    before = sorted(p.name for p in artifact.iterdir())
+    for target in (artifact, out, artifact / "inside"):  # the artifact itself, its experiment, a folder in it
+        assert main(["export", str(out), "--method", "lora", "--output", str(target), "--overwrite"]) == 2
+        assert "overlaps" in capsys.readouterr().err
+    assert sorted(p.name for p in artifact.iterdir()) == before and (out / "results.json").is_file()
+    earlier = tunelab.export(out, tmp_path / "m", method="lora", merge=True)
+    files = sorted(p.name for p in earlier.iterdir())
+    # a refused merge leaves the earlier export as it was
+    assert main(["export", str(out), "--method", "prompt-tuning", "--merge", "--output", str(earlier),
+                 "--overwrite"]) == 2
+    assert sorted(p.name for p in earlier.iterdir()) == files
+    assert main(["export", str(earlier), "--merge", "--output", str(tmp_path / "again")]) == 0  # merged: a copy
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    assert main(["export", str(out), "--method", "lora", "--output", str(other), "--overwrite"]) == 2
+    assert "not a tunelab export" in capsys.readouterr().err and (other / "mine.txt").is_file()
+    assert main(["export", str(out), "--method", "full", "--output", str(earlier), "--overwrite"]) == 0
+    assert json.loads((earlier / "tunelab.json").read_text())["method"] == "full"
+
+
+@pytest.mark.parametrize("metric, direction, best", [("accuracy", "higher", "lora-seed-2"), ("loss", "lower", "lora-seed-1")])
+def test_with_several_seeds_the_artifact_of_the_best_validation_score_is_used(metric, direction, best, tmp_path):
+    runs = [{"method": "lora", "status": "success", "run_id": f"lora-seed-{i}", "best_val": {"accuracy": acc, "loss": loss}}
+            for i, acc, loss in ((1, 0.6, 0.3), (2, 0.8, 0.5), (3, 0.7, 0.4))]
+    for run in runs:
+        folder = tmp_path / "artifacts" / run["run_id"]
+        folder.mkdir(parents=True)
+        (folder / "tunelab.json").write_text(json.dumps({"method": "lora"}))
+    job = {"metric_for_best": metric, "metrics": {metric: direction}}
+    (tmp_path / "results.json").write_text(json.dumps({"job": job, "methods": runs, "summary": []}))
+    assert find_artifact(tmp_path, "lora").directory.name == best
+
+
 def test_unknown_artifact_and_method_are_refused(experiment, tmp_path):
     out, _ = experiment
     with pytest.raises(TunelabInputError, match="neither an experiment folder"):

@@ -76,16 +76,28 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
             return None
         if builder != "parquet":
             path.read_bytes().decode("utf-8")  # a clear error beats one from deep inside the CSV reader
-        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split", **kwargs)
+        if builder == "csv":
+            return read_csv_as_text(path)
+        loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split")
         return loaded.to_pandas()
     except UnicodeDecodeError as exc:
         problems.append(f"{field}: {path_text!r} is not UTF-8 text (bad byte at offset {exc.start})")
     except Exception as exc:  # the readers raise many kinds; the user needs the cause, not a traceback
-        if "corresponds to no data" in str(exc):  # datasets' way of saying: a header and no rows
+        if "corresponds to no data" in str(exc) or isinstance(exc, pd.errors.EmptyDataError):  # a header, no rows
             problems.append(f"{field}: {path_text!r} has no rows")
             return None
         cause = exc.__cause__ or exc.__context__ or exc
         problems.append(f"{field}: could not read {path_text!r} ({type(cause).__name__}: "
                         f"{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''})")
     return None
+
+
+def read_csv_as_text(path: Path) -> pd.DataFrame:
+    """Every field as the text it is: CSV has no types, and guessing them loses what users wrote (labels "01"
+    and "02" would become 1 and 2, one empty field would turn a column of 3s and 7s into 3.0 and 7.0). Only
+    an empty field is missing; "NA", "None" and "null" are text (a class may be called "NA")."""
+    frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str,
+                        keep_default_na=False, na_values=[""])
+    if frame.empty and not len(frame.columns):
+        raise pd.errors.EmptyDataError("no columns")
+    return frame

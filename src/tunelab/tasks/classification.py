@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +45,8 @@ class Classification(Task):
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems: list[str] = []
+        if all(label_column(cfg) in frame for frame in frames.values()):  # (a missing one is reported below)
+            problems += unhashable_label_problems(frames, label_column(cfg), cfg)
         for split, frame in frames.items():
             source = where(cfg.data, split)
             missing = missing_columns(frame, wanted_columns(cfg), source)
@@ -160,11 +163,37 @@ def invalid_row_problems(masks: dict[str, pd.Series], source: str) -> list[str]:
     return problems
 
 
+def label_text(value: Any) -> str:
+    """A label as its name. A whole float is the integer it stands for, as a number or written "3.0": integers
+    in a column with a missing value become floats (JSON readers do it, and pandas writes such a column to CSV
+    as 3.0), and the same class must get the same name in every split. Other text stays as written ("01")."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    text = str(value)
+    return text.split(".")[0] if WHOLE_FLOAT.fullmatch(text) else text
+
+
 def label_names(values: pd.Series) -> list[str]:
-    """Label names from train, sorted (numbers numerically); every split maps through the same list."""
-    unique = values.unique().tolist()
-    numeric = all(isinstance(v, (int, np.integer)) for v in unique)
-    return [str(v) for v in sorted(unique)] if numeric else sorted(str(v) for v in unique)
+    """Label names from train, sorted (integers numerically: 2 before 10); every split maps through the list."""
+    names = set(map(label_text, values.dropna()))
+    integers = all(INTEGER.fullmatch(name) for name in names)
+    return sorted(names, key=lambda name: (int(name), name)) if integers else sorted(names)
+
+
+INTEGER = re.compile(r"[+-]?\d+")
+WHOLE_FLOAT = re.compile(r"[+-]?\d+\.0+")
+
+
+def unhashable_label_problems(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]:
+    """A list or mapping in the label column (multi-label data) is not one class per row."""
+    problems = []
+    for split, frame in frames.items():
+        bad = frame[column].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
+        if bad.any():
+            problems.append(f"{where(cfg.data, split)}: {int(bad.sum())} rows have a list or mapping in label column "
+                            f"{column!r} (e.g. {frame[column][bad].iloc[0]!r}); classification needs one label per "
+                            "row (multi-label data is not supported)")
+    return problems
 
 
 def check_labels(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]:
@@ -175,7 +204,7 @@ def check_labels(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]
                         f"({names[0] if names else 'none'}); classification needs at least two")
     for split in ("validation", "test"):
         if split in frames:
-            unseen = sorted(set(frames[split][column].astype(str)) - set(names))
+            unseen = sorted(set(map(label_text, frames[split][column].dropna())) - set(names))
             if unseen:
                 problems.append(f"data.{split}_file: labels {unseen[:5]} do not occur in train; "
                                 f"train labels are {names}")
@@ -190,7 +219,7 @@ def encode_rows(frame: pd.DataFrame, names: list[str], tokenizer, cfg) -> Encode
     ids, lengths = pad_rows(tokens["input_ids"], pad_token_id(tokenizer))
     type_ids = pad_rows(tokens["token_type_ids"], 0)[0] if pairs and "token_type_ids" in tokens else None
     index = {name: i for i, name in enumerate(names)}
-    labels = np.array([index[str(v)] for v in frame[label_column(cfg)].tolist()], dtype=np.int64)
+    labels = np.array([index[label_text(v)] for v in frame[label_column(cfg)].tolist()], dtype=np.int64)
     return Encoded(ids, lengths, labels, type_ids=type_ids)
 
 

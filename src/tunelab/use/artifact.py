@@ -54,14 +54,24 @@ def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
                                  f"artifact folder (no {MANIFEST})"])
     payload = read_results(folder)
     method = method or best_method(payload, folder)
-    runs = [r for r in payload.get("methods", []) if r["method"] == method and r.get("status") == "success"]
-    saved = [folder / "artifacts" / r.get("run_id", method) for r in runs]
-    saved = [d for d in saved if (d / MANIFEST).is_file()]
-    if not saved:
+    runs = [r for r in payload.get("methods", []) if r["method"] == method and r.get("status") == "success"
+            and (folder / "artifacts" / r.get("run_id", method) / MANIFEST).is_file()]
+    if not runs:
         finished = sorted({r["method"] for r in payload.get("methods", []) if r.get("status") == "success"})
         raise TunelabInputError([f"--method: {str(folder)!r} has no saved artifact of {method!r}; methods with "
                                  f"one: {', '.join(finished) or 'none'}"])
-    return read_artifact(saved[0])
+    best = max(runs, key=lambda r: validation_score(r, payload.get("job") or {}))
+    return read_artifact(folder / "artifacts" / best.get("run_id", method))
+
+
+def validation_score(record: dict[str, Any], job: dict[str, Any]) -> float:
+    """With several seeds of a method, the artifact of its best validation score (chosen on validation, as
+    the best checkpoint within a run is; the test split stays unseen by the choice)."""
+    metric = job.get("metric_for_best")
+    value = (record.get("best_val") or {}).get(metric)
+    if value is None:
+        return float("-inf")
+    return value if (job.get("metrics") or {}).get(metric, "higher") == "higher" else -value
 
 
 def read_artifact(folder: Path) -> Artifact:

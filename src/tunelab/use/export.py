@@ -3,32 +3,67 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from ..errors import TunelabInputError
-from .artifact import MANIFEST, find_artifact, load_artifact
+from .artifact import MANIFEST, Artifact, find_artifact, load_artifact
 
 
 def export(path: str | Path, output: str | Path, method: str | None = None, merge: bool = False,
            overwrite: bool = False) -> Path:
     """Write `method`'s artifact (default: the best) to `output`; with `merge`, a folder that
-    `AutoModelFor...from_pretrained` loads with the same predictions, with tokenizer and label names."""
+    `AutoModelFor...from_pretrained` loads with the same predictions, with tokenizer and label names.
+
+    Nothing is deleted until the new folder is complete: it is written next to `output` and swapped in, so a
+    refused merge or a crash leaves an earlier export as it was."""
+    artifact = find_artifact(path, method)
+    out = Path(output).expanduser().resolve()
+    problems = output_problems(out, artifact, Path(path).expanduser().resolve(), overwrite)
+    if problems:
+        raise TunelabInputError(problems)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_export(artifact, staging / "export", merge)
+        if out.exists():
+            shutil.rmtree(out)
+        (staging / "export").rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def output_problems(out: Path, artifact: Artifact, source: Path, overwrite: bool) -> list[str]:
+    """--overwrite replaces an earlier export or an empty folder; never the source, nor a folder of other files."""
+    for protected in {artifact.directory.resolve(), source}:
+        if out == protected or out in protected.parents or protected in out.parents:
+            return [f"--output: {str(out)!r} overlaps {str(protected)!r}, which is being exported from; "
+                    "choose a folder outside it"]
+    if out.exists() and not out.is_dir():
+        return [f"--output: {str(out)!r} is a file, not a folder"]
+    if not out.exists() or not any(out.iterdir()):
+        return []
+    if not overwrite:
+        return [f"--output: {str(out)!r} is not empty; pass --overwrite to replace it"]
+    if not (out / MANIFEST).is_file():
+        return [f"--output: {str(out)!r} is not a tunelab export (no {MANIFEST}); --overwrite replaces only "
+                "an earlier export, so move its files away or choose another folder"]
+    return []
+
+
+def write_export(artifact: Artifact, out: Path, merge: bool) -> None:
     from ..methods.base import get_method
 
-    artifact = find_artifact(path, method)
-    out = Path(output).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TunelabInputError([f"--output: {str(out)!r} is not empty; pass --overwrite to replace it"])
-    if out.exists():
-        shutil.rmtree(out)
-    if not merge:
+    if not merge or artifact.manifest.get("format") == "transformers":  # a whole model: nothing to merge
         shutil.copytree(artifact.directory, out)
-        return out
+        return
     model, tokenizer = load_artifact(artifact)
     merged = get_method(artifact.method).merged(model)
     out.mkdir(parents=True)
     merged.save_pretrained(out)
+    if artifact.manifest.get("max_length"):  # plain `tokenizer(..., truncation=True)` then cuts where training did
+        tokenizer.model_max_length = int(artifact.manifest["max_length"])
     tokenizer.save_pretrained(out)
     manifest = {**artifact.manifest, "format": "transformers", "merged_from": artifact.method}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out

@@ -197,6 +197,24 @@ def test_resume_refuses_a_changed_config_unless_allowed(uninterrupted, tmp_path)
         assert lr == pytest.approx(0.02 * (STEPS - (step - 1)) / (STEPS - warmup), rel=1e-6)
 
 
+def test_resume_continues_the_seeds_and_config_the_experiment_was_started_with(uninterrupted, tmp_path):
+    """`--resume` alone (as the interruption message says) resumes every seed; a key=value override changes the
+    saved config (not the packaged job) and is named; another --seeds is refused, not silently applied."""
+    overrides, _ = uninterrupted
+    args = [*args_for("lora", overrides), "train.max_steps=4", "train.epochs=1"]
+    assert inproc([*args, "--seeds", "2"], tmp_path, fault="lora/raise@step=2").returncode == 1
+    assert [r["status"] for r in json.loads((tmp_path / "results.json").read_text())["methods"]] == ["failed"] * 2
+    refused = inproc(["train.lr=0.5", "--resume"], tmp_path)
+    assert refused.returncode == 2 and "train.lr: 5e-05 → 0.5" in refused.stderr
+    assert "model" not in refused.stderr.split("started with")[1]  # only what the override changed
+    refused = inproc(["--resume", "--seeds", "3"], tmp_path)
+    assert refused.returncode == 2 and "was started with --seeds 2" in refused.stderr
+    resumed = inproc(["--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert [(r["seed"], r["status"]) for r in records] == [(42, "success"), (43, "success")]
+
+
 def logged_scalars(folder: Path, tag: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from .config import ExperimentConfig, load_config
 from .errors import CompareInterrupted, TunelabInputError
-from .experiment.folder import RUN_FILE, ExperimentLock, finished_records, saved_config, write_run_file
+from .experiment.folder import (RUN_FILE, ExperimentLock, finished_records, resumed_flags, saved_config,
+                                write_run_file)
 from .experiment.job import Job, prepare_job
 from .train.distributed import launched_world_size, launcher_problems, leave_process_group
 
@@ -57,15 +58,42 @@ def default_output_dir() -> Path:
 
 
 def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change: bool) -> ExperimentConfig:
+    """The saved config; with a config file, that file's; key=value overrides change whichever it is (without
+    a file, the saved config: not the packaged job the same overrides would start from)."""
     saved, saved_hash = saved_config(out_dir)
     if config is None and not overrides:
         return saved
-    cfg = resolve(config, overrides)
+    cfg = resolve(config, overrides) if config is not None else overridden(saved, overrides)
     if cfg.fingerprint() != saved_hash and not allow_change:
-        changed = sorted(k for k, v in cfg.to_dict().items() if saved.to_dict().get(k) != v)
+        changed = changed_keys(saved.to_dict(), cfg.to_dict())
         raise TunelabInputError([f"--resume: the config differs from the one {str(out_dir)!r} was started with "
-                                 f"(sections: {', '.join(changed)}); pass --allow-config-change to continue anyway"])
+                                 f"({'; '.join(changed[:8])}); pass --allow-config-change to continue anyway"])
     return cfg
+
+
+def overridden(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    from .config import apply_override, from_dict
+
+    problems: list[str] = []
+    raw = cfg.to_dict()
+    for item in overrides:
+        apply_override(raw, item, problems)
+    changed = from_dict(raw, problems)
+    if problems:
+        raise TunelabInputError(problems)
+    return changed
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """'train.epochs: 1.0 → 2.0' for every leaf that differs."""
+    out = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += changed_keys(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} → {new!r}")
+    return out
 
 
 def clear_outputs(out_dir: Path) -> None:
@@ -93,10 +121,21 @@ def checked_job(out_dir: Path, config, overrides, resume: bool, allow_change: bo
     return cfg, job
 
 
-def start_folder(out_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
+def start_folder(out_dir: Path, cfg: ExperimentConfig, resume: bool, flags: dict[str, Any] | None = None) -> None:
     if not resume:
         clear_outputs(out_dir)
-    write_run_file(out_dir, cfg)
+    write_run_file(out_dir, cfg, flags)
+
+
+RUN_DEFAULTS = {"seeds": 1, "tune": 0}
+
+
+def run_flags(out_dir: Path, resume: bool, seeds: int | None, tune: int | None) -> tuple[dict[str, int], list[str]]:
+    """--seeds and --tune: as given, else 1 and 0, and on --resume as the experiment was started."""
+    given = {"seeds": seeds, "tune": tune}
+    if resume:
+        return resumed_flags(out_dir, given, RUN_DEFAULTS)
+    return {name: default if given[name] is None else given[name] for name, default in RUN_DEFAULTS.items()}, []
 
 
 def run_flag_problems(seeds: int, tune: int, isolate: bool, nproc: int | None) -> list[str]:
@@ -124,20 +163,24 @@ def process_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
 
 def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
             output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
-            resume: bool = False, allow_config_change: bool = False, seeds: int = 1,
-            isolate: bool = True, tune: int = 0, nproc: int | None = None) -> CompareOutcome:
+            resume: bool = False, allow_config_change: bool = False, seeds: int | None = None,
+            isolate: bool = True, tune: int | None = None, nproc: int | None = None) -> CompareOutcome:
     """Train every configured method (with `seeds` seeds each) on the same data, evaluate, and write results
     and report. Each run trains in a fresh process unless `isolate` is False (then peak memory and failures
     of one run can leak into the next).
 
     With `resume`, runs finished in `output_dir` are kept and unfinished ones continue from their latest
-    complete checkpoint. With `tune` N, each method first gets N optuna trials on the validation split (the
+    complete checkpoint, with the `seeds` and `tune` the experiment was started with (None: as saved; 1 and 0
+    for a new one). With `tune` N, each method first gets N optuna trials on the validation split (the
     same budget for every method; the test split is never looked at), and its runs use the best of them.
 
     With `nproc` N, each run trains as N data-parallel processes (DDP) with the same global batch. Started
     by torchrun or accelerate launch instead, every process runs this function: runs train in it, and only
     the main process writes (see `launched_compare`).
     """
+    out_dir = Path(output_dir) if output_dir else default_output_dir()
+    flags, flag_problems = run_flags(out_dir, resume, seeds, tune)
+    seeds, tune = flags["seeds"], flags["tune"]
     if launched_world_size() > 1:
         from .experiment.launched import launched_compare
 
@@ -146,7 +189,7 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
                                      "launch); use `tunelab compare --nproc N --tune K`"])
         try:
             return launched_compare(config, overrides, output_dir, overwrite, resume, allow_config_change, seeds,
-                                    nproc, show_progress)
+                                    nproc, show_progress, flag_problems)
         finally:
             leave_process_group()
     from .experiment.plan import plan_runs
@@ -156,12 +199,11 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
 
     if isolate:
         warm_up()  # the runs' process server imports the libraries while the job is prepared
-    out_dir = Path(output_dir) if output_dir else default_output_dir()
-    flags = run_flag_problems(seeds, tune, isolate, nproc)
+    early = flag_problems + run_flag_problems(seeds, tune, isolate, nproc)
     cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite,
-                           lambda cfg: flags + process_problems(cfg, nproc or 1))
+                           lambda cfg: early + process_problems(cfg, nproc or 1))
     with ExperimentLock(out_dir):
-        start_folder(out_dir, cfg, resume)
+        start_folder(out_dir, cfg, resume, flags)
         done = finished_records(out_dir) if resume else {}
         summary = {**job.summary(), "baseline": job.baseline()}
         execute = run_isolated(job, out_dir, nproc or 1) if isolate else run_here(job, out_dir)

@@ -33,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "unfinished ones continue from their latest checkpoint")
             cmd.add_argument("--allow-config-change", action="store_true",
                              help="with --resume: accept a config that differs from the saved one")
-            cmd.add_argument("--seeds", type=int, default=1, metavar="K",
+            cmd.add_argument("--seeds", type=int, default=None, metavar="K",
                              help="train every method with K seeds (train.seed, +1, ...): intervals and "
                                   "paired tests over seeds")
-            cmd.add_argument("--tune", type=int, default=0, metavar="N",
+            cmd.add_argument("--tune", type=int, default=None, metavar="N",
                              help="first give every method N optuna trials on the validation split, then train "
                                   "its best configuration (with --seeds K seeds)")
             cmd.add_argument("--nproc", type=int, metavar="N",

@@ -65,9 +65,25 @@ class ExperimentLock:
         self.path.unlink(missing_ok=True)
 
 
-def write_run_file(folder: Path, cfg: ExperimentConfig) -> None:
-    payload = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict()}
+def write_run_file(folder: Path, cfg: ExperimentConfig, flags: dict[str, Any] | None = None) -> None:
+    """The config and the run flags (--seeds, --tune) an experiment was started with: --resume continues it."""
+    payload = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "flags": flags or {}}
     (folder / RUN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def resumed_flags(folder: Path, given: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The run flags of a resumed experiment: what it was started with, unless given (None: not given). A
+    flag given with another value is a problem: resuming a 3-seed comparison as a 1-seed one would rewrite
+    its results without the other seeds."""
+    saved = json.loads((folder / RUN_FILE).read_text()).get("flags", {}) if (folder / RUN_FILE).is_file() else {}
+    flags, problems = {}, []
+    for name, default in defaults.items():
+        started = saved.get(name, default)
+        flags[name] = started if given.get(name) is None else given[name]
+        if flags[name] != started:
+            problems.append(f"--{name}: {flags[name]}, but {str(folder)!r} was started with --{name} {started}; "
+                            f"resume it with --{name} {started} (or leave --{name} out)")
+    return flags, problems
 
 
 def saved_config(folder: Path) -> tuple[ExperimentConfig, str]:

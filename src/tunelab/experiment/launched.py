@@ -31,7 +31,7 @@ def process_group(cfg) -> Ranks:
 
 
 def launched_compare(config, overrides, output_dir, overwrite: bool, resume: bool, allow_change: bool,
-                     seeds: int, nproc: int | None, show_progress: bool):
+                     seeds: int, nproc: int | None, show_progress: bool, flag_problems: list[str]):
     from ..api import CompareOutcome, output_problems, process_problems, resolve, resume_config, start_folder
     from ..estimate.store import append_summary
     from ..report import write_report
@@ -45,7 +45,7 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
     out_dir = Path(output_dir)
     cfg = resume_config(out_dir, config, overrides, allow_change) if resume else resolve(config, overrides)
     ranks = process_group(cfg)
-    job, problems = None, [] if resume or not ranks.is_main else output_problems(out_dir, overwrite)
+    job, problems = None, flag_problems + ([] if resume or not ranks.is_main else output_problems(out_dir, overwrite))
     if seeds < 1:
         problems.append(f"--seeds: {seeds} is not allowed; must be >= 1")
     problems += process_problems(cfg, ranks.world)
@@ -61,7 +61,7 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
         out_dir.mkdir(parents=True, exist_ok=True)
     with ExperimentLock(out_dir) if main else contextlib.nullcontext():
         if main:
-            start_folder(out_dir, cfg, resume)
+            start_folder(out_dir, cfg, resume, {"seeds": seeds, "tune": 0})
         done = ranks.broadcast(finished_records(out_dir) if resume and main else {})
         summary = {**job.summary(), "baseline": job.baseline()} if main else job.summary()
         records: list[dict[str, Any]] = []

@@ -91,6 +91,9 @@ CASES = {
     "virtual tokens beyond the model": lambda t, b, base: (
         [*base, "data.max_length=60", "methods=prompt-tuning", "prompt-tuning.num_virtual_tokens=10"], ["lower data.max_length to 54"]),
     "batch larger than data": lambda t, b, base: ([*base, "train.batch_size=1000"], ["train.batch_size: 1000 is larger"]),
+    "accumulation steps beyond the batch": lambda t, b, base: (
+        [*base, "train.batch_size=2", "train.gradient_accumulation_steps=4"], ["train.batch_size: 2 rows cannot fill"]),
+    "fsdp in one process": lambda t, b, base: ([*base, "train.fsdp=true"], ["train.fsdp: needs several processes"]),
 }
 
 
@@ -160,6 +163,10 @@ def test_bad_input_exits_2_with_a_clear_message(case, tmp_path, tiny_bert, base_
         assert fragment in err, f"{fragment!r} not in:\n{err}"
     assert all(line.startswith("error: ") for line in err.strip().splitlines())
     assert not out_dir.exists()
+    # `validate` is the check before a long run: it must find the same problem
+    assert main(["validate", *items]) == 2
+    validated = capsys.readouterr().err
+    assert all(fragment in validated for fragment in fragments), validated
 
 
 def test_csv_with_embedded_newlines_and_quotes_loads(tmp_path, tiny_bert):

@@ -40,9 +40,19 @@ def resolve(config: str | Path | ExperimentConfig | None, overrides: Sequence[st
     return load_config(config, list(overrides))
 
 
-def validate(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = ()) -> Job:
-    """Check config, model and data without training; raises TunelabInputError listing every problem."""
-    return prepare_job(resolve(config, overrides))
+def validate(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
+             nproc: int = 1) -> Job:
+    """Check config, model and data without training, for a run of `nproc` processes (what compare checks
+    besides); raises TunelabInputError listing every problem."""
+    cfg = resolve(config, overrides)
+    problems = process_problems(cfg, nproc) if nproc >= 1 else [f"--nproc: {nproc} is not allowed; must be >= 1"]
+    try:
+        job = prepare_job(cfg)
+    except TunelabInputError as exc:
+        raise TunelabInputError(problems + exc.problems) from None
+    if problems:
+        raise TunelabInputError(problems)
+    return job
 
 
 def output_problems(out_dir: Path, overwrite: bool) -> list[str]:

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("validate", "check config, model and data without training")):
         cmd = sub.add_parser(name, help=text, epilog=EPILOG, parents=[hub])
         cmd.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+        if name == "validate":
+            cmd.add_argument("--nproc", type=int, default=1, metavar="N",
+                             help="check for a run of N data-parallel processes (as compare --nproc N)")
         if name == "compare":
             cmd.add_argument("--output", "-o", help="experiment folder (default: runs/compare-<time>)")
             cmd.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
@@ -163,7 +166,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from .api import validate
 
-        summary = validate(config, overrides).summary()
+        summary = validate(config, overrides, args.nproc).summary()
         print("config, model and data are valid:")
         for key, value in summary.items():
             print(f"  {key}: {value}")

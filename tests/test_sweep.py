@@ -138,3 +138,30 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tiny_overrides, tmp
     resumed = sweep([], tmp_path, "--trials", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert sum(t["state"] in ("COMPLETE", "PRUNED") for t in study(tmp_path)["trials"]) == 3
+
+
+def test_resuming_fails_only_this_workers_interrupted_trials_and_draws_new_points(tiny_overrides, tmp_path):
+    """Another worker's running trial on the same storage is left to it; a resumed seeded sampler does not
+    draw the points of the first trials again."""
+    import optuna
+
+    from tunelab.config import load_config
+    from tunelab.sweep.study import fail_interrupted, open_study, worker_name
+
+    cfg = load_config(None, [*tiny_overrides, "methods=lora"])
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = open_study(cfg, "lora", storage, None, seeded=True)
+    first = []
+    for _ in range(3):
+        trial = study.ask()
+        first.append(trial.suggest_float("x", 0, 1))
+        study.tell(trial, first[-1])
+    ours, theirs = study.ask(), study.ask()
+    ours.set_user_attr("worker", worker_name(tmp_path / "a"))
+    theirs.set_user_attr("worker", worker_name(tmp_path / "b"))
+    resumed = open_study(cfg, "lora", storage, None, seeded=True)
+    assert fail_interrupted(resumed, worker_name(tmp_path / "a")) == 1
+    states = {t.number: t.state for t in resumed.get_trials(deepcopy=False)}
+    assert states[ours.number] == optuna.trial.TrialState.FAIL and states[theirs.number] == optuna.trial.TrialState.RUNNING
+    again = [resumed.ask().suggest_float("x", 0, 1) for _ in range(3)]
+    assert not set(again) & set(first)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +49,11 @@ def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
     sampler = optuna.samplers.TPESampler(seed=cfg.train.seed if seeded else None)
     for attempt in range(5):
         try:
-            return optuna.create_study(study_name=study_name(cfg, method, name), storage=storage,
-                                       direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
+            study = optuna.create_study(study_name=study_name(cfg, method, name), storage=storage,
+                                        direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
+            if seeded and study.trials:  # resumed: a sampler seeded as at the start would draw its first points again
+                study.sampler = optuna.samplers.TPESampler(seed=cfg.train.seed + len(study.trials))
+            return study
         except Exception as exc:  # workers starting together race to create the storage's tables
             text = type(exc).__name__ + str(exc)  # a duplicate row, a table the other created first, a lock
             if not any(sign in text for sign in RACE_SIGNS) or attempt == 4:
@@ -63,12 +68,18 @@ def counted(study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def fail_interrupted(study) -> int:
-    """Trials left RUNNING by a killed sweep of this experiment (the caller holds its lock) are failed, so
-    they are run again rather than counted."""
+def worker_name(out_dir: Path) -> str:
+    """Who runs a trial: the experiment folder of the worker (one sweep at a time holds its lock)."""
+    return f"{socket.gethostname()}:{out_dir.resolve()}"
+
+
+def fail_interrupted(study, worker: str) -> int:
+    """Trials this worker's folder left RUNNING when its sweep was killed (the caller holds its lock now) are
+    failed, so they are run again rather than counted. Other workers' running trials are theirs to finish."""
     import optuna
 
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    stale = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+             if t.user_attrs.get("worker") == worker]
     for trial in stale:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(stale)
@@ -80,8 +91,9 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
     import optuna
 
     study = open_study(cfg, method, storage, name, seeded)
+    worker = worker_name(out_dir)
     if resume:
-        fail_interrupted(study)
+        fail_interrupted(study, worker)
     metric = cfg.sweep.metric or cfg.metric_for_best
     space = method_space(cfg, method)
     records = []
@@ -89,6 +101,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         if sum(r["status"] not in ("success", "pruned") for r in records) >= trials:
             raise SweepFailed(f"{method}: every trial failed ({records[-1].get('error')}); see {out_dir}/records")
         trial = study.ask()
+        trial.set_user_attr("worker", worker)
         if counted(study) > trials and trial.number == max(t.number for t in running(study)):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)  # lost a race with another worker: surplus
             break
@@ -122,6 +135,12 @@ def tell(study, trial, record: dict, metric: str) -> None:
     import optuna
 
     value = (record.get("best_val") or {}).get(metric)
+    now = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    if now.state.is_finished():
+        # someone else ended it (an older tunelab resuming on the same storage failed every running trial):
+        # the result stays in this worker's records, the study keeps what it has
+        warnings.warn(f"trial {trial.number} was already ended in the study; its result is not recorded there")
+        return
     if record["status"] == "pruned":
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     elif record["status"] == "success" and value is not None and math.isfinite(value):

@@ -319,7 +319,8 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path,
         "method": name, "task": job.task.name, "base_model": job.model_path, "base_model_name": cfg.model_name,
         "revision": cfg.model.revision, "labels": job.label_names, "max_length": cfg.data.max_length,
         "format": artifact_format(method), "precision": precision, "options": cfg.to_dict().get(name),
-        "task_options": cfg.to_dict().get(job.task.name)})
+        "task_options": cfg.to_dict().get(job.task.name),
+        "columns": {key: getattr(cfg.data, key) for key in job.task.data_keys}})
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return {"artifact_dir": str(directory), "artifact_size_mb": round(size / 2**20, 3),
             "artifact_format": artifact_format(method)}

@@ -83,6 +83,9 @@ class Task:
     default_dataset: ClassVar[str]             # data.dataset when neither it nor data.train_file is set
     shows_examples: ClassVar[bool] = False     # evaluate() returns examples the report shows
     input_key: ClassVar[str] = "text"          # what one `tunelab predict` input is called (--text, JSON key)
+    predict_keys: ClassVar[tuple[str, ...]] = ("text",)  # a predict input needs one of these, not empty
+    output_keys: ClassVar[tuple[str, ...]] = ()  # what predict adds to an input (an input field so named is kept
+    # under "input_<name>": a labelled test file keeps its labels next to the predictions)
 
     # --- data -------------------------------------------------------------------------------------
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:

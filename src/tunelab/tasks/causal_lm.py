@@ -57,6 +57,8 @@ class CausalLM(Task):
     default_dataset = "chatterbot-english"
     shows_examples = True
     input_key = "prompt"
+    predict_keys = ("prompt", "messages")
+    output_keys = ("output",)
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems = []
@@ -205,6 +207,24 @@ def text_or_empty(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def content_text(content) -> str | None:
+    """A turn's content as text: a string, or the text parts of a list of parts ({"type": "text", "text": ...},
+    the format of chat APIs and multimodal datasets); None where a part is not text (an image), which a
+    text model cannot take: such rows are dropped as not {role, content} turns."""
+    if isinstance(content, str) or content is None or isinstance(content, float):
+        return text_or_empty(content)
+    parts = [content] if isinstance(content, dict) else list(content)
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            return None
+    return "".join(texts)
+
+
 def as_turns(value) -> list[dict] | None:
     if isinstance(value, str):
         try:
@@ -212,8 +232,10 @@ def as_turns(value) -> list[dict] | None:
         except ValueError:
             return None
     try:
-        turns = [{"role": str(t["role"]), "content": text_or_empty(t["content"])} for t in list(value)]
+        turns = [{"role": str(t["role"]), "content": content_text(t["content"])} for t in list(value)]
     except (TypeError, KeyError):
+        return None
+    if any(t["content"] is None for t in turns):
         return None
     return turns if len(turns) >= 2 and turns[-1]["role"] == "assistant" else None
 
@@ -242,11 +264,16 @@ def plain_prompt(turns: list[dict]) -> str:
 
 
 def as_prompt_turns(item: dict[str, Any]) -> list[dict]:
-    """A predict input as chat turns: {"prompt": text} or {"messages": [{role, content}, ...]} (no answer)."""
+    """A predict input as chat turns: {"prompt": text} or {"messages": [{role, content}, ...]}. Chat rows as
+    training and evaluation read them end with the reference answer: those final assistant turns are left
+    out, as evaluation leaves them out, so the model never sees the answer it is asked for."""
     if "messages" in item:
         value = item["messages"]
         value = json.loads(value) if isinstance(value, str) else value
-        return [{"role": str(t["role"]), "content": text_or_empty(t["content"])} for t in value]
+        turns = [{"role": str(t["role"]), "content": content_text(t["content"]) or ""} for t in value]
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        return turns
     return [{"role": "user", "content": str(item["prompt"])}]
 
 

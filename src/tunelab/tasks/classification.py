@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..data import Encoded, pad_rows, pad_token_id, split_frames, where
+from ..errors import TunelabInputError
 from ..train.batches import collate, eval_batches
 from .base import (HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskColumns, TaskData, missing_columns,
                    register)
@@ -42,6 +43,7 @@ class Classification(Task):
     default_model = "all-MiniLM-L6-v2"
     default_dataset = "amazon-fine-food"
     Columns = ClassificationColumns
+    output_keys = ("label", "scores")
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems: list[str] = []
@@ -109,6 +111,12 @@ class Classification(Task):
     def predict(self, model: nn.Module, inputs: list[dict[str, Any]], setup: EvalSetup, info: dict[str, Any],
                 max_length: int) -> list[dict[str, Any]]:
         texts = [str(item["text"]) for item in inputs]
+        pair_column = (info.get("columns") or {}).get("text_pair_column")
+        unpaired = [i for i, item in enumerate(inputs, 1) if pair_column and not str(item.get("text_pair") or "")]
+        if unpaired:  # scored without its second text, a pair model's answer means nothing
+            raise TunelabInputError([f"predict: the model was trained on text pairs ({pair_column!r} as the second "
+                                     f"text); inputs {unpaired[:5]} have no 'text_pair'; give --input with "
+                                     "'text' and 'text_pair' columns or keys"])
         pairs = [str(item.get("text_pair", "")) for item in inputs] if any("text_pair" in i for i in inputs) else None
         tokens = setup.tokenizer(texts, pairs, truncation=True, max_length=max_length)
         ids, lengths = pad_rows(tokens["input_ids"], pad_token_id(setup.tokenizer))

@@ -32,7 +32,7 @@ class Artifact:
 
     @property
     def info(self) -> dict[str, Any]:
-        return {"labels": self.manifest.get("labels")}
+        return {"labels": self.manifest.get("labels"), "columns": self.manifest.get("columns") or {}}
 
     def task_options(self):
         from ..config.schema import build

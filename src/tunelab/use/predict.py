@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -9,42 +10,82 @@ from ..errors import TunelabInputError
 from .artifact import Artifact, find_artifact, load_artifact
 
 
-def read_inputs(texts: Sequence[str], input_file: str | None, key: str) -> list[dict[str, Any]]:
-    """--text values and the lines of --input: JSON Lines (objects, or plain strings), CSV/TSV with a column
-    named like the task's input, or plain text (one input per line)."""
+def read_inputs(texts: Sequence[str], input_file: str | None, task) -> list[dict[str, Any]]:
+    """--text values and the rows of --input: JSON Lines (objects, or plain strings), a JSON array, CSV/TSV or
+    Parquet with a column named like the task's input, or plain text (one input per line). An input field
+    named like one the prediction adds (`label`, `output`, ...) is kept as `input_<name>`."""
+    key = task.input_key
     inputs = [{key: text} for text in texts]
     if input_file:
-        inputs += list(_file_inputs(Path(input_file).expanduser(), key))
+        inputs += list(_file_inputs(Path(input_file).expanduser(), key, task.predict_keys))
     if not inputs:
         raise TunelabInputError([f"predict: no inputs; give --text or --input FILE (one {key} per line)"])
-    return inputs
+    empty = [n for n, item in enumerate(inputs, 1) if not any(present(item.get(k)) for k in task.predict_keys)]
+    if empty:
+        raise TunelabInputError([f"predict: inputs {empty[:5]}{' ...' if len(empty) > 5 else ''} have an empty or "
+                                 f"missing {' or '.join(map(repr, task.predict_keys))}"])
+    return [{(f"input_{k}" if k in task.output_keys else k): v for k, v in item.items()} for item in inputs]
 
 
-def _file_inputs(path: Path, key: str) -> Iterator[dict[str, Any]]:
+def present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _file_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    if path.is_dir():
+        raise TunelabInputError([f"--input: {str(path)!r} is a folder; give a .jsonl, .json, .csv, .tsv, .parquet "
+                                 "or text file"])
     if not path.is_file():
         raise TunelabInputError([f"--input: {str(path)!r} does not exist"])
-    if path.suffix.lower() in (".csv", ".tsv"):
-        import pandas as pd
-
-        frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
-        if key not in frame.columns:
-            raise TunelabInputError([f"--input: {str(path)!r} has no column {key!r}; columns are: "
-                                     f"{', '.join(map(str, frame.columns))}"])
-        yield from frame.to_dict("records")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".parquet"):
+        yield from _table_inputs(path, key, keys)
         return
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first input
+    except UnicodeDecodeError as exc:
+        raise TunelabInputError([f"--input: {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"]) from None
+    if suffix == ".json" and text.lstrip().startswith("["):
+        yield from (_json_input(value, key, keys, path, number) for number, value in enumerate(_json(text, path, 1), 1))
+        return
+    # split on newlines only: str.splitlines would also cut at form feeds and U+2028 inside a line
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
-        if path.suffix.lower() in (".jsonl", ".json"):
-            try:
-                value = json.loads(line)
-            except ValueError as exc:
-                raise TunelabInputError([f"--input: line {number} of {str(path)!r} is not JSON ({exc})"]) from None
-            if isinstance(value, dict) and key not in value and "messages" not in value:
-                raise TunelabInputError([f"--input: line {number} of {str(path)!r} has no {key!r} key"])
-            yield value if isinstance(value, dict) else {key: str(value)}
-        else:
-            yield {key: line}
+        yield _json_input(_json(line, path, number), key, keys, path, number) if suffix in (".jsonl", ".json") \
+            else {key: line}
+
+
+def _json(text: str, path: Path, number: int) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise TunelabInputError([f"--input: line {number} of {str(path)!r} is not JSON ({exc})"]) from None
+
+
+def _json_input(value: Any, key: str, keys: tuple[str, ...], path: Path, number: int) -> dict[str, Any]:
+    if isinstance(value, dict) and not any(k in value for k in keys):
+        raise TunelabInputError([f"--input: item {number} of {str(path)!r} has no {' or '.join(map(repr, keys))} key"])
+    return value if isinstance(value, dict) else {key: None if value is None else str(value)}
+
+
+def _table_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    import pandas as pd
+
+    from ..data.io import read_csv_as_text
+
+    try:
+        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else read_csv_as_text(path)
+    except UnicodeDecodeError as exc:
+        raise TunelabInputError([f"--input: {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"]) from None
+    except Exception as exc:  # the readers raise many kinds; the user needs the cause, not a traceback
+        raise TunelabInputError([f"--input: could not read {str(path)!r} ({type(exc).__name__}: {exc})"]) from None
+    if not any(k in frame.columns for k in keys):
+        raise TunelabInputError([f"--input: {str(path)!r} has no column {key!r}; columns are: "
+                                 f"{', '.join(map(str, frame.columns))}"])
+    # missing cells as null (JSON has no NaN), so the output lines stay valid JSON
+    yield from frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None = None, method: str | None = None,
@@ -60,7 +101,7 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     if problems:
         raise TunelabInputError(problems)
     artifact = find_artifact(path, method)
-    inputs = read_inputs(texts, input_file, artifact.task.input_key)
+    inputs = read_inputs(texts, input_file, artifact.task)
     model, tokenizer = load_artifact(artifact)
     # by default the precision the run trained in: the numbers its own test predictions came from
     precision = precision or artifact.manifest.get("precision", "auto")
@@ -72,8 +113,23 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
 
 
 def write_predictions(outputs: list[dict[str, Any]], output_file: str | None) -> None:
-    lines = "".join(json.dumps(o, ensure_ascii=False, default=str) + "\n" for o in outputs)
+    lines = "".join(json.dumps(json_safe(o), ensure_ascii=False, default=str, allow_nan=False) + "\n"
+                    for o in outputs)
     if output_file:
-        Path(output_file).expanduser().write_text(lines, encoding="utf-8")
+        try:
+            Path(output_file).expanduser().write_text(lines, encoding="utf-8")
+        except OSError as exc:
+            raise TunelabInputError([f"--output: cannot write {output_file!r} ({exc.strerror})"]) from None
     else:
         print(lines, end="")
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers, and strict readers (jq, most languages) refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

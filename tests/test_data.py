@@ -91,3 +91,17 @@ def test_packaged_dialogue_pairs_are_whole_turns():
     # a bare-string conversation (trivia.yml has one) must not become pairs of single characters
     # (answers may be one character, e.g. "7"; no question is)
     assert rows.prompt.str.len().min() > 1
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 6, 7, 11, 12, 13, 50])
+def test_max_samples_gives_exactly_that_many_rows_with_every_class_it_can(size):
+    from tunelab.data.splits import stratified_sample
+
+    frame = toy_rows(60)
+    frame["label"] = ["a"] * 40 + ["b"] * 15 + ["c"] * 5  # 40 / 15 / 5
+    sample = stratified_sample(frame, "label", size, seed=3)
+    assert len(sample) == size and sample.index.is_unique
+    assert sample["label"].nunique() == min(size, 3)
+    if size >= 12:  # in proportion, to within one row
+        for label, share in (("a", 40 / 60), ("b", 15 / 60), ("c", 5 / 60)):
+            assert abs((sample["label"] == label).sum() - share * size) <= 1

@@ -21,10 +21,29 @@ def stratified_split(frame: pd.DataFrame, by: str | None, fraction: float,
 
 
 def stratified_sample(frame: pd.DataFrame, by: str | None, size: int, seed: int) -> pd.DataFrame:
+    """Exactly `size` rows (data.max_*_samples is a maximum, and users size batches by it), each group of
+    column `by` in proportion, every group kept while `size` allows."""
     if size >= len(frame):
         return frame
-    _, sample = stratified_split(frame, by, size / len(frame), seed)
-    return sample
+    rng = np.random.default_rng(seed)
+    groups = list(frame.groupby(frame[by].astype(str), sort=True)) if by else [("", frame)]
+    quotas = exact_quotas(np.array([len(rows) for _, rows in groups]), size)
+    chosen = [rng.choice(rows.index.to_numpy(), size=int(q), replace=False) for (_, rows), q in zip(groups, quotas)]
+    return frame[frame.index.isin(np.concatenate(chosen))]
+
+
+def exact_quotas(counts: np.ndarray, size: int) -> np.ndarray:
+    """Rows per group summing to `size` (< counts.sum()): in proportion, rounded by largest remainder (ties to
+    the earlier group); then a group left without a row takes one from the largest, while size allows."""
+    share = counts * size / counts.sum()
+    quotas = np.floor(share).astype(int)
+    order = np.argsort(-(share - quotas), kind="stable")
+    quotas[order[:size - int(quotas.sum())]] += 1
+    if size >= len(counts):
+        for empty in np.flatnonzero(quotas == 0):
+            quotas[np.argmax(quotas)] -= 1
+            quotas[empty] = 1
+    return quotas
 
 
 def split_frames(frames: dict[str, pd.DataFrame], data_cfg, by: str | None,

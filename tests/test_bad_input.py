@@ -225,3 +225,16 @@ def test_cuda_asked_for_on_a_machine_without_one(tmp_path, base_args, capsys):
     assert main(["predict", str(tmp_path), "--device", "cuda", "--text", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device: 'cuda', but torch finds no CUDA device") and "Traceback" not in err
+
+
+def test_answers_that_would_run_past_the_models_positions_are_refused_before_training(tiny_causal_overrides, capsys):
+    """The tiny Llama has 64 positions; prompts reach 31 tokens at data.max_length=32: 33 new tokens fit, 40 do
+    not (a model with learned absolute positions would fail with an IndexError mid-run)."""
+    lora = [*tiny_causal_overrides, "methods=lora"]
+    assert main(["validate", *lora, "causal-lm.max_new_tokens=40"]) == 2
+    assert ("causal-lm.max_new_tokens: a prompt of up to 31 tokens + 40 generated tokens exceeds the model's 64 "
+            "positions; lower causal-lm.max_new_tokens to 33 or data.max_length to 25") in capsys.readouterr().err
+    assert main(["validate", *lora, "causal-lm.max_new_tokens=33"]) == 0
+    # prompt tuning's virtual tokens come before the prompt in generation too
+    assert main(["validate", *tiny_causal_overrides, "methods=prompt-tuning", "causal-lm.max_new_tokens=33"]) == 2
+    assert "+ 20 virtual tokens (prompt-tuning) + 33 generated tokens" in capsys.readouterr().err

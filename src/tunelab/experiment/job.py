@@ -174,12 +174,19 @@ def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
     if cfg.data.max_length > limit:
         problems.append(f"data.max_length: {cfg.data.max_length} is more than the model supports; "
                         f"allowed: 1..{limit}")
+    new = cfg.task_spec.generated_positions(cfg.task_options)
     for name in cfg.methods:
         extra = get_method(name).extra_positions(cfg.options(name))
         if extra and cfg.data.max_length <= limit < cfg.data.max_length + extra:
             problems.append(f"{name}: data.max_length {cfg.data.max_length} + {extra} virtual tokens exceeds "
                             f"the model's {limit} positions; lower data.max_length to {limit - extra}")
-    return problems
+        # a prompt keeps at least one token free of max_length (for its answer); generation then adds up to `new`
+        elif new and cfg.data.max_length + extra <= limit < cfg.data.max_length - 1 + extra + new:
+            problems.append(f"{cfg.task}.max_new_tokens: a prompt of up to {cfg.data.max_length - 1} tokens"
+                            f"{f' + {extra} virtual tokens ({name})' if extra else ''} + {new} generated tokens "
+                            f"exceeds the model's {limit} positions; lower {cfg.task}.max_new_tokens to "
+                            f"{limit - cfg.data.max_length + 1 - extra} or data.max_length to {limit - new + 1 - extra}")
+    return sorted(set(problems), key=problems.index)
 
 
 def method_problems(cfg: ExperimentConfig, model_path: str, task: Task) -> list[str]:

@@ -164,6 +164,10 @@ class Task:
         """What `validate` prints and results.json keeps about the data."""
         return {}
 
+    def generated_positions(self, options) -> int:
+        """Positions generation adds after a prompt (answers of up to N tokens), for the max_length check."""
+        return 0
+
     @property
     def data_keys(self) -> tuple[str, ...]:
         """The task-specific `data.*` keys it reads."""

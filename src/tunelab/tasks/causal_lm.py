@@ -154,6 +154,9 @@ class CausalLM(Task):
         outputs = generate(model, data, np.arange(len(inputs)), setup, setup.options.max_new_tokens)
         return [{**item, "output": output} for item, output in zip(inputs, outputs)]
 
+    def generated_positions(self, options) -> int:
+        return options.max_new_tokens
+
     def summary(self, data: TaskData) -> dict[str, Any]:
         return {"mean_response_tokens":
                 float(np.mean(data.train.lengths - data.train.prompt_lengths)) if len(data.train) else 0.0}

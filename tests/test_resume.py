@@ -175,6 +175,14 @@ def test_ctrl_c_checkpoints_writes_partial_results_and_resumes(uninterrupted, tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert record(tmp_path, "full") == full_before  # finished methods are kept, not retrained
     assert_same_run(clean["lora"], tmp_path, "lora")
+    # TensorBoard: the evaluations are the uninterrupted run's, none lost at the checkpoint step, none doubled;
+    # every logged train step is there once (the stop adds one log point, at the step it stopped)
+    def logged(folder, tag):
+        return [(e.step, round(e.value, 5)) for e in logged_scalars(folder / "tensorboard" / "lora", tag)]
+    assert logged(tmp_path, "eval/accuracy") == logged(clean["lora"], "eval/accuracy")
+    resumed_steps = [step for step, _ in logged(tmp_path, "train/loss")]
+    assert len(set(resumed_steps)) == len(resumed_steps)
+    assert set(resumed_steps) - {step for step, _ in logged(clean["lora"], "train/loss")} == {5}
 
 
 def test_resume_refuses_a_changed_config_unless_allowed(uninterrupted, tmp_path):

@@ -107,7 +107,8 @@ def changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = ""
 
 
 def clear_outputs(out_dir: Path) -> None:
-    for name in ("results.json", "results.csv", "report.md", "sweep.json", "sweep.md", "sweep.db", RUN_FILE):
+    for name in ("results.json", "results.csv", "report.md", "report.html", "sweep.json", "sweep.md", "sweep.html",
+                 "sweep.db", RUN_FILE):
         (out_dir / name).unlink(missing_ok=True)
     for name in ("checkpoints", "artifacts", "tensorboard", "plots", "data", "runs", "records"):
         shutil.rmtree(out_dir / name, ignore_errors=True)

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import TunelabInputError
 
 LEADING_COLUMNS = [
-    "method", "status", "trainable_params", "total_params", "trainable_percent", "lr", "steps",
+    "method", "run_id", "seed", "status", "trainable_params", "total_params", "trainable_percent", "lr", "steps",
     "train_time_s", "train_samples_per_s", "train_tokens_per_s", "peak_memory_mb", "precision",
 ]
 TRAILING_COLUMNS = ["artifact_size_mb", "artifact_dir", "error"]

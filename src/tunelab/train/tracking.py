@@ -70,8 +70,9 @@ class Tracker:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        # On resume, purge_step drops events logged after the checkpoint by the run that crashed.
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step or None)
+        # On resume, purge_step drops events logged after the checkpoint by the run that crashed (those of the
+        # checkpoint's own step were logged before it was written: kept; from step 0, everything goes).
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=f"{method:>14}", unit="step",
                         disable=not show_progress, dynamic_ncols=True, leave=True)
         self.batch_size = batch_size

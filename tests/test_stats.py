@@ -25,8 +25,30 @@ def test_paired_t_matches_scipy_and_handles_degenerate_pairs():
     a, b = [0.80, 0.82, 0.85], [0.78, 0.81, 0.80]
     assert stats.paired_t(a, b)["p_value"] == pytest.approx(sp.ttest_rel(a, b).pvalue)
     assert stats.paired_t(a, a)["p_value"] == 1.0 and not stats.paired_t(a, a)["significant"]
-    shifted = stats.paired_t([0.9, 0.8, 0.7], [0.8, 0.7, 0.6])  # the same difference every seed
-    assert shifted["significant"] and shifted["mean_difference"] == pytest.approx(0.1)
+    shifted = stats.paired_t([0.9, 0.8, 0.7], [0.8, 0.7, 0.6])  # the same difference every seed: t undefined
+    assert shifted["p_value"] is None and not shifted["significant"] and shifted["mean_difference"] == pytest.approx(0.1)
+
+
+def test_the_same_difference_on_every_seed_is_tested_over_the_test_examples():
+    """b gets one more of 20 test examples wrong than a, on both seeds: the seeds cannot say whether that is
+    chance (p = 0 would claim it is not); the examples can, and one example of 20 is a tie."""
+    labels = [0, 1] * 10
+    right = labels[:]
+    one_wrong = [1 - labels[0]] + labels[1:]
+
+    def run(method, seed, pred):
+        accuracy = sum(p == y for p, y in zip(pred, labels)) / 20
+        return {"method": method, "status": "success", "seed": seed, "lr": 1e-3,
+                "test": {"accuracy": accuracy, "f1_macro": accuracy, "loss": 1 - accuracy},
+                "test_per_example": {"pred": pred, "label": labels, "loss": [0.1] * 20}}
+    records = [run("a", s, right) for s in (1, 2)] + [run("b", s, one_wrong) for s in (1, 2)]
+    verdict = {e["method"]: e for e in summarize(records, JOB)}["b"]["verdict"]
+    assert verdict["test"] == "paired bootstrap over test examples" and verdict["p_value"] > 0.05
+    assert verdict["result"] == "tie"
+    single = [run("a", 1, right[:1]), run("b", 1, one_wrong[:1])]  # one test example: no test at all
+    single[0]["test_per_example"] = {"pred": right[:1], "label": labels[:1], "loss": [0.1]}
+    single[1]["test_per_example"] = {"pred": one_wrong[:1], "label": labels[:1], "loss": [0.1]}
+    assert {e["method"]: e for e in summarize(single, JOB)}["b"]["verdict"]["p_value"] is None
 
 
 def test_bootstrap_interval_covers_the_known_proportion():

@@ -47,15 +47,19 @@ def bootstrap_ci(statistic: Callable[..., float], columns: Sequence[np.ndarray],
 
 
 def paired_t(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Paired t-test of a against b over the same seeds; with identical pairs there is no difference to test."""
+    """Paired t-test of a against b over the same seeds; with identical pairs there is no difference to test.
+    The same non-zero difference on every seed leaves the t statistic undefined (p None): it says nothing of
+    how much that difference depends on the test examples (one example of 20, say), so the caller tests that."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     diff = a - b
     if len(diff) < 2:
         return {"test": "paired t-test over seeds", "p_value": None, "significant": False,
                 "mean_difference": float(diff.mean()) if len(diff) else None}
     if np.allclose(diff, diff[0], rtol=0, atol=1e-12):
-        # the same difference on every seed: the t statistic is undefined; no difference, or a certain one
-        p = 1.0 if abs(diff[0]) <= 1e-12 else 0.0
+        if abs(diff[0]) > 1e-12:
+            return {"test": "paired t-test over seeds (undefined: the same difference on every seed)",
+                    "p_value": None, "significant": False, "mean_difference": float(diff.mean())}
+        p = 1.0
     else:
         p = float(stats.ttest_rel(a, b).pvalue)
     return {"test": "paired t-test over seeds", "p_value": p, "significant": p < ALPHA,
@@ -71,6 +75,9 @@ def paired_bootstrap(statistic: Callable[..., float], a_columns: Sequence[np.nda
     a_columns, b_columns = [np.asarray(c) for c in a_columns], [np.asarray(c) for c in b_columns]
     n = len(a_columns[0])
     observed = float(statistic(*a_columns, axis=-1) - statistic(*b_columns, axis=-1))
+    if n < 2:  # every resample is the same example: nothing to learn about chance
+        return {"test": "paired bootstrap over test examples (too few examples)", "p_value": None,
+                "significant": False, "mean_difference": observed}
     flips, batch = 0, resamples_per_batch(n)
     for start in range(0, BOOTSTRAP_RESAMPLES, batch):
         rows = rng.integers(0, n, (min(batch, BOOTSTRAP_RESAMPLES - start), n))

@@ -54,14 +54,25 @@ def verdict(entry: dict, best: dict, by_method: dict, split: str, metric: str, h
         return {"against": None, "result": "best"}
     mine, theirs = by_method[entry["method"]], by_method[best["method"]]
     paired_seeds = sorted({r.get("seed") for r in mine} & {r.get("seed") for r in theirs})
+    test = None
     if len(paired_seeds) >= 2:
         value = {s: r[split][metric] for s, r in ((r.get("seed"), r) for r in mine)}
         other = {s: r[split][metric] for s, r in ((r.get("seed"), r) for r in theirs)}
         test = stats.paired_t([value[s] for s in paired_seeds], [other[s] for s in paired_seeds])
-    else:
-        test = bootstrap_verdict(mine[0], theirs[0], metric, split, task)
+    if test is None or test["p_value"] is None:  # one shared seed, or seeds that all differ alike
+        test = same_seed_bootstrap(mine, theirs, paired_seeds, metric, split, task)
     worse = test["significant"] and (test["mean_difference"] < 0) == higher
     return {"against": best["method"], **test, "result": "worse" if worse else "tie"}
+
+
+def same_seed_bootstrap(mine: list[dict], theirs: list[dict], shared: list, metric: str, split: str, task) -> dict:
+    """The paired bootstrap over the test examples of two runs of one seed (the first shared one); runs of
+    different seeds where none is shared, and then the test says so."""
+    if shared:
+        a, b = (next(r for r in runs if r.get("seed") == shared[0]) for runs in (mine, theirs))
+        return bootstrap_verdict(a, b, metric, split, task)
+    test = bootstrap_verdict(mine[0], theirs[0], metric, split, task)
+    return {**test, "test": test["test"] + f" (seeds {mine[0].get('seed')} and {theirs[0].get('seed')})"}
 
 
 def bootstrap_verdict(mine: dict, theirs: dict, metric: str, split: str, task) -> dict:

@@ -105,3 +105,17 @@ def test_max_samples_gives_exactly_that_many_rows_with_every_class_it_can(size):
     if size >= 12:  # in proportion, to within one row
         for label, share in (("a", 40 / 60), ("b", 15 / 60), ("c", 5 / 60)):
             assert abs((sample["label"] == label).sum() - share * size) <= 1
+
+
+def test_a_saved_dataset_folder_keeps_its_class_names_and_refuses_several_splits(tmp_path, tiny_bert):
+    import datasets
+
+    frame = toy_rows(40)
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    one = datasets.Dataset.from_pandas(frame, features=features, preserve_index=False)
+    one.save_to_disk(str(tmp_path / "one"))
+    args = [f"model.name_or_path={tiny_bert}", "data.max_length=32", "train.batch_size=4"]
+    assert validate(None, [*args, f"data.train_file={tmp_path / 'one'}"]).label_names == ["neg", "pos"]
+    datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(Exception, match="holds splits \\['train', 'test'\\]; point at one split's folder"):
+        validate(None, [*args, f"data.train_file={tmp_path / 'two'}"])

@@ -33,6 +33,8 @@ class CompareOutcome:
 
 
 def resolve(config: str | Path | ExperimentConfig | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    if isinstance(overrides, str):  # one override; iterated as a sequence it would be one per character
+        overrides = [overrides]
     if isinstance(config, ExperimentConfig):
         if overrides:
             raise ValueError("overrides apply to a YAML config, not to an ExperimentConfig object")

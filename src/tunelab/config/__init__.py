@@ -47,7 +47,8 @@ class DataConfig:
         "help": "data.dataset's validation split; default: validation/valid/dev/val if present, else carved"})
     test_split: str | None = field(default=None, metadata={"help": "data.dataset's test split; default: test"})
     drop_invalid_rows: bool = field(default=False, metadata={
-        "help": "drop rows with an empty text or a missing label (counted in the report) instead of refusing"})
+        "help": "classification: drop rows with an empty text or a missing label (counted in the report) instead "
+                "of refusing them; causal-lm always drops and counts the rows it cannot use"})
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..errors import TunelabInputError
 from .packaged import PACKAGED_DATASETS, load_packaged
-from .sources import read_dataset_source
+from .sources import frame_with_label_names, read_dataset_source
 
 if TYPE_CHECKING:  # the config imports tasks, which import this module
     from ..config import DataConfig
@@ -61,11 +61,12 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
-                if "train" not in loaded and len(loaded) != 1:
-                    problems.append(f"{field}: {path_text!r} holds splits {list(loaded)}; point at one split")
+                if len(loaded) != 1:  # taking one of them would leave the others unused without a word
+                    problems.append(f"{field}: {path_text!r} holds splits {list(loaded)}; point at one split's "
+                                    "folder, or pass the folder as data.dataset to use its splits")
                     return None
-                loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-            return loaded.to_pandas()
+                loaded = next(iter(loaded.values()))
+            return frame_with_label_names(loaded)  # ClassLabel ids as their names, as data.dataset reads them
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             problems.append(f"{field}: {path_text!r} has extension {path.suffix!r}; allowed: "

@@ -96,7 +96,7 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
     metric = ordered_metrics(job)[0]
     higher = job["metrics"].get(metric) == "higher"
     best = entries[0]
-    split = "test" if best["split"] == "test" else "best validation"
+    split = "test" if best["split"] == "test" else "validation (best checkpoint)"
     notes.append(f"- Best {split} {metric} ({'higher' if higher else 'lower'} is better): **{best['method']}**, "
                  f"{interval_text(best['metrics'][metric])}.")
     ties = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "tie"]

@@ -64,6 +64,8 @@ def write_export(artifact: Artifact, out: Path, merge: bool) -> None:
     merged.save_pretrained(out)
     if artifact.manifest.get("max_length"):  # plain `tokenizer(..., truncation=True)` then cuts where training did
         tokenizer.model_max_length = int(artifact.manifest["max_length"])
+    if artifact.task.generated_positions(artifact.task_options()):  # batched generate needs prompts left-padded
+        tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
     manifest = {**artifact.manifest, "format": "transformers", "merged_from": artifact.method}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

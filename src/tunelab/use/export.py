@@ -57,15 +57,26 @@ def write_export(artifact: Artifact, out: Path, merge: bool) -> None:
 
     if not merge or artifact.manifest.get("format") == "transformers":  # a whole model: nothing to merge
         shutil.copytree(artifact.directory, out)
-        return
-    model, tokenizer = load_artifact(artifact)
-    merged = get_method(artifact.method).merged(model)
-    out.mkdir(parents=True)
-    merged.save_pretrained(out)
-    if artifact.manifest.get("max_length"):  # plain `tokenizer(..., truncation=True)` then cuts where training did
+    else:
+        model, tokenizer = load_artifact(artifact)
+        merged = get_method(artifact.method).merged(model)
+        out.mkdir(parents=True)
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        manifest = {**artifact.manifest, "format": "transformers", "merged_from": artifact.method}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    usable_tokenizer(out, artifact)
+
+
+def usable_tokenizer(out: Path, artifact: Artifact) -> None:
+    """The exported tokenizer as the model needs it outside tunelab: plain `tokenizer(..., truncation=True)`
+    cuts where training did, and a generating task's prompts are left-padded, as batched `generate` needs."""
+    from ..models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(out))
+    if artifact.manifest.get("max_length"):
         tokenizer.model_max_length = int(artifact.manifest["max_length"])
-    if artifact.task.generated_positions(artifact.task_options()):  # batched generate needs prompts left-padded
+    if artifact.task.generated_positions(artifact.task_options()):
         tokenizer.padding_side = "left"
+        tokenizer.init_kwargs["padding_side"] = "left"  # transformers 5.25 saves init_kwargs, not the attribute
     tokenizer.save_pretrained(out)
-    manifest = {**artifact.manifest, "format": "transformers", "merged_from": artifact.method}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -48,6 +48,11 @@ def validate(config: str | Path | ExperimentConfig | None = None, overrides: Seq
     besides); raises TunelabInputError listing every problem."""
     cfg = resolve(config, overrides)
     problems = process_problems(cfg, nproc) if nproc >= 1 else [f"--nproc: {nproc} is not allowed; must be >= 1"]
+    return prepared(cfg, problems)
+
+
+def prepared(cfg: ExperimentConfig, problems: list[str]) -> Job:
+    """The prepared job, or `problems` and the job's own problems together."""
     try:
         job = prepare_job(cfg)
     except TunelabInputError as exc:
@@ -123,13 +128,7 @@ def checked_job(out_dir: Path, config, overrides, resume: bool, allow_change: bo
         cfg, problems = resume_config(out_dir, config, overrides, allow_change), []
     else:
         cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
-    problems += more_problems(cfg)
-    try:
-        job = prepare_job(cfg)
-    except TunelabInputError as exc:
-        raise TunelabInputError(problems + exc.problems) from None
-    if problems:
-        raise TunelabInputError(problems)
+    job = prepared(cfg, problems + more_problems(cfg))
     out_dir.mkdir(parents=True, exist_ok=True)
     return cfg, job
 

@@ -227,14 +227,29 @@ def test_cuda_asked_for_on_a_machine_without_one(tmp_path, base_args, capsys):
     assert err.startswith("error: --device: 'cuda', but torch finds no CUDA device") and "Traceback" not in err
 
 
-def test_answers_that_would_run_past_the_models_positions_are_refused_before_training(tiny_causal_overrides, capsys):
-    """The tiny Llama has 64 positions; prompts reach 31 tokens at data.max_length=32: 33 new tokens fit, 40 do
-    not (a model with learned absolute positions would fail with an IndexError mid-run)."""
-    lora = [*tiny_causal_overrides, "methods=lora"]
-    assert main(["validate", *lora, "causal-lm.max_new_tokens=40"]) == 2
+def tiny_gpt2(tmp: Path, llama: Path) -> Path:
+    """A causal LM whose positions are a learned table of 64 (GPT-2), with the tiny Llama's tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp / "gpt2")
+    tokenizer.save_pretrained(tmp / "gpt2")
+    return tmp / "gpt2"
+
+
+def test_answers_that_would_run_past_a_position_table_are_refused_before_training(tiny_causal_overrides, tiny_llama,
+                                                                                  tmp_path, capsys):
+    """64 learned positions; prompts reach 31 tokens at data.max_length=32: 33 new tokens fit, 40 would fail with
+    an IndexError mid-run. A rotary model (the tiny Llama, also 64) only runs past its nominal length: allowed."""
+    gpt2 = [*tiny_causal_overrides, f"model.name_or_path={tiny_gpt2(tmp_path, tiny_llama)}", "methods=lora"]
+    assert main(["validate", *gpt2, "causal-lm.max_new_tokens=40"]) == 2
     assert ("causal-lm.max_new_tokens: a prompt of up to 31 tokens + 40 generated tokens exceeds the model's 64 "
             "positions; lower causal-lm.max_new_tokens to 33 or data.max_length to 25") in capsys.readouterr().err
-    assert main(["validate", *lora, "causal-lm.max_new_tokens=33"]) == 0
+    assert main(["validate", *gpt2, "causal-lm.max_new_tokens=33"]) == 0
     # prompt tuning's virtual tokens come before the prompt in generation too
-    assert main(["validate", *tiny_causal_overrides, "methods=prompt-tuning", "causal-lm.max_new_tokens=33"]) == 2
+    assert main(["validate", *gpt2, "methods=prompt-tuning", "causal-lm.max_new_tokens=33"]) == 2
     assert "+ 20 virtual tokens (prompt-tuning) + 33 generated tokens" in capsys.readouterr().err
+    assert main(["validate", *tiny_causal_overrides, "methods=lora", "causal-lm.max_new_tokens=40"]) == 0

@@ -66,3 +66,16 @@ def test_lora_says_when_peft_has_no_default_targets(tiny_distilbert, toy_data):
 
     with pytest.raises(TunelabInputError, match="no default for model type 'distilbert'.*q_lin"):
         validate(overrides=overrides(tiny_distilbert, toy_data, "lora")[:-1])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "ia3"])
+def test_gpt2s_conv1d_layers_are_linear_layers_for_the_adapters(method, tmp_path, tiny_llama, tiny_causal_overrides):
+    """GPT-2 keeps its linear layers as transformers' Conv1D (weight stored in × out): peft adapts them, so the
+    adapters must find them (they were refused: "'c_attn' matches no linear layer") and count them right."""
+    from test_bad_input import tiny_gpt2
+
+    overrides = [*tiny_causal_overrides, f"model.name_or_path={tiny_gpt2(tmp_path, tiny_llama)}", f"methods={method}"]
+    job = prepare_job(load_config(None, overrides))
+    setup = setup_method(job, method)
+    trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
+    assert trainable == setup.expected_trainable > 0

@@ -20,7 +20,7 @@ from ..errors import TunelabInputError
 from ..methods.base import PrepareContext, get_method
 from ..models.loading import (load_pretrained, load_tokenizer, missing_weights_message, read_model_config,
                               resolve_model_path, skeleton)
-from ..models.structure import max_positions
+from ..models.structure import max_positions, positions_are_a_table
 from ..tasks.base import EvalSetup, Task, TaskData
 from ..train.setup import device_problems
 
@@ -174,7 +174,8 @@ def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
     if cfg.data.max_length > limit:
         problems.append(f"data.max_length: {cfg.data.max_length} is more than the model supports; "
                         f"allowed: 1..{limit}")
-    new = cfg.task_spec.generated_positions(cfg.task_options)
+    # answers past a learned position table fail; rotary models only run past their nominal length
+    new = cfg.task_spec.generated_positions(cfg.task_options) if positions_are_a_table(model_config) else 0
     for name in cfg.methods:
         extra = get_method(name).extra_positions(cfg.options(name))
         if extra and cfg.data.max_length <= limit < cfg.data.max_length + extra:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
-from .lora import default_targets, linear_layers, matches, target_problems
+from .lora import default_targets, features, linear_layers, matches, target_problems
 
 # all three: peft resets the averages of a parameter missing from ipt
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
@@ -107,7 +107,7 @@ class AdaLora(PeftMethod):
         targets = self.targets(base_model, opts)
         hit = [m for n, m in linear_layers(base_model, ctx.head_modules).items()
                if any(matches(n, t) for t in targets)]
-        return sum(opts.init_r * (m.in_features + m.out_features + 1) for m in hit)
+        return sum(opts.init_r * (sum(features(m)) + 1) for m in hit)
 
     def after_step(self, model: nn.Module, opts: AdaLoraOptions, step: int) -> None:
         tuner(model).update_and_allocate(step)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import PrepareContext, register
-from .lora import Lora, LoraOptions, linear_layers, matches
+from .lora import Lora, LoraOptions, features, linear_layers, matches
 
 
 @register
@@ -30,4 +30,4 @@ class Dora(Lora):
         targets = self.targets(base_model, opts)
         hit = [m for n, m in linear_layers(base_model, ctx.head_modules).items()
                if any(matches(n, t) for t in targets)]
-        return super().method_params(base_model, opts, ctx) + sum(m.out_features for m in hit)
+        return super().method_params(base_model, opts, ctx) + sum(features(m)[1] for m in hit)

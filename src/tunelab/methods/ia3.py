@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import did_you_mean
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
-from .lora import linear_layers, matches
+from .lora import features, linear_layers, matches
 
 
 @dataclass
@@ -78,4 +78,4 @@ class IA3(PeftMethod):
         targets, feedforward = self.modules(base_model, opts)
         hit = {n: m for n, m in linear_layers(base_model, ctx.head_modules).items()
                if any(matches(n, t) for t in targets)}
-        return sum(m.in_features if is_feedforward(n, feedforward) else m.out_features for n, m in hit.items())
+        return sum(features(m)[0] if is_feedforward(n, feedforward) else features(m)[1] for n, m in hit.items())

@@ -31,11 +31,20 @@ class LoraOptions(MethodOptions):
         "choices": list(INITS), "help": "adapter initialisation (peft init_lora_weights); default: B = 0"})
 
 
-def linear_layers(model: nn.Module, head_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """Linear layers LoRA may adapt: not the task's head, which trains in full; not the output embedding."""
+def linear_layers(model: nn.Module, head_modules: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Linear layers LoRA may adapt: nn.Linear, and transformers' Conv1D (GPT-2's linear layers, weight stored
+    transposed; peft adapts both); not the task's head, which trains in full; not the output embedding."""
+    from transformers.pytorch_utils import Conv1D
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.split(".")[0] not in head_modules and m is not output}
+            if isinstance(m, (nn.Linear, Conv1D)) and name.split(".")[0] not in head_modules and m is not output}
+
+
+def features(layer: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a linear layer: nn.Linear's weight is out × in, Conv1D's in × out."""
+    rows, columns = layer.weight.shape
+    return (rows, columns) if not isinstance(layer, nn.Linear) else (columns, rows)
 
 
 def matches(module_name: str, target: str) -> bool:
@@ -97,7 +106,7 @@ class Lora(PeftMethod):
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
         targets = self.targets(base_model, opts)
         hit = {n: m for n, m in linear_layers(base_model, ctx.head_modules).items() if any(matches(n, t) for t in targets)}
-        count = sum(opts.r * (m.in_features + m.out_features) for m in hit.values())
+        count = sum(opts.r * sum(features(m)) for m in hit.values())
         if opts.bias == "lora_only":
             count += sum(m.bias.numel() for m in hit.values() if m.bias is not None)
         elif opts.bias == "all":

@@ -13,6 +13,15 @@ def max_positions(config) -> int | None:
     return None
 
 
+ROTARY_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base")
+
+
+def positions_are_a_table(config) -> bool:
+    """Whether positions are looked up in a learned table (GPT-2, OPT, BERT), so a sequence longer than it fails
+    with an index error; rotary models (Llama, Mistral, GPT-NeoX, Phi) run past their nominal length."""
+    return not any(getattr(config, key, None) is not None for key in ROTARY_KEYS)
+
+
 def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The stack of transformer blocks: the longest ModuleList whose children share one class.
 

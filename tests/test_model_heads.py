@@ -79,3 +79,33 @@ def test_gpt2s_conv1d_layers_are_linear_layers_for_the_adapters(method, tmp_path
     setup = setup_method(job, method)
     trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
     assert trainable == setup.expected_trainable > 0
+
+
+def build_tiny_xlm_roberta(folder: Path) -> Path:
+    """XLM-RoBERTa's classifier is registered before its backbone: what sits above the blocks is not what
+    comes after them in registration order."""
+    from transformers import BertTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
+    config = XLMRobertaConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=66, pad_token_id=0,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("extra", [["freeze.k=0"], ["freeze.k=1"], []])
+def test_a_head_registered_before_the_backbone_trains_with_freeze_and_llrd(extra, tmp_path, toy_data):
+    model = build_tiny_xlm_roberta(tmp_path / "xlmr")
+    for method in ("freeze", "llrd"):
+        job = prepare_job(load_config(None, [*overrides(model, toy_data, method), *(extra if method == "freeze" else [])]))
+        setup = setup_method(job, method)
+        trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
+        assert any("classifier" in n for n in trainable), method
+        assert sum(p.numel() for p in setup.model.parameters() if p.requires_grad) == setup.expected_trainable
+        if method == "llrd":  # the head trains at the base rate, not the embeddings' most decayed one
+            head = setup.model.classifier.dense.weight
+            group = next(g for g in setup.optimizer.param_groups if any(p is head for p in g["params"]))
+            assert group["name"] == "head" and group["lr"] == max(g["lr"] for g in setup.optimizer.param_groups)

@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch import nn
 
 from ..models.loading import LOAD_OPTIONS
-from ..models.structure import find_block_list
+from ..models.structure import find_block_list, in_head
 from ..train.batches import PAD_MULTIPLE
 from .base import Method, MethodOptions, PrepareContext, register
 
@@ -78,7 +78,7 @@ def after_stack(model: nn.Module, stack_name: str) -> list[tuple[str, nn.Paramet
     for name, param in model.named_parameters():
         if name.startswith(prefix):
             seen = True
-        elif seen:
+        elif seen or in_head(model, stack_name, name):  # a head registered before the backbone is above it too
             out.append((name, param))
     return out
 
@@ -90,7 +90,7 @@ def bottom_modules(model: nn.Module, stack_name: str, blocks: nn.ModuleList, spl
     for name, module in model.named_modules():
         if name == stack_name:
             break
-        if name and not stack_name.startswith(name + "."):
+        if name and not stack_name.startswith(name + ".") and not in_head(model, stack_name, name):
             before.append(module)
     return before + list(blocks[:split])
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..models.structure import find_block_list
+from ..models.structure import find_block_list, in_head
 from .base import MethodOptions, decay_split, register
 from .full import WholeModelMethod
 
@@ -25,7 +25,7 @@ def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     """Each parameter's depth: 0 = embeddings, 1..L = blocks bottom-up, L+1 = everything after (head).
 
     Parameters registered before the block stack are the embeddings; after it come final norms,
-    poolers and heads, which all train at the base rate.
+    poolers and heads, which all train at the base rate (the head wherever it is registered).
     """
     stack_name, blocks = find_block_list(model)
     num_blocks = len(blocks)
@@ -37,7 +37,7 @@ def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
             depths[name] = int(name[len(prefix):].split(".")[0]) + 1
             seen_blocks = True
         else:
-            depths[name] = num_blocks + 1 if seen_blocks else 0
+            depths[name] = num_blocks + 1 if seen_blocks or in_head(model, stack_name, name) else 0
     return depths, num_blocks
 
 

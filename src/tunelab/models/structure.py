@@ -13,6 +13,16 @@ def max_positions(config) -> int | None:
     return None
 
 
+def in_head(model: nn.Module, stack_name: str, name: str) -> bool:
+    """Whether parameter or module `name` belongs to the task's head: outside the backbone
+    (`base_model_prefix`) that holds the block stack. Decided by name, not by registration order: XLM-RoBERTa
+    and CamemBERT create their `classifier` before the backbone."""
+    backbone = getattr(model, "base_model_prefix", "")
+    if not backbone or not stack_name.startswith(backbone + "."):
+        return False
+    return name != backbone and not name.startswith(backbone + ".")
+
+
 ROTARY_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base")
 
 

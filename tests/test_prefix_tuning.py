@@ -1,23 +1,36 @@
-"""Prefix tuning on an encoder classifier: peft's prefix reaches BERT's attention through transformers 5's `cache`."""
+"""Prefix tuning on classifiers: peft's prefix reaches the attention of an encoder (BERT) and of a decoder
+classifier (Llama) through transformers 5's `cache`."""
+import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from tunelab.methods.prefix_tuning import accept_prefix_as_cache
 
 
-def prefixed_bert():
+def prefixed(model):
     from peft import PrefixTuningConfig, get_peft_model
 
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, num_labels=2)
-    model = BertForSequenceClassification(config)
     accept_prefix_as_cache(model)
     return get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5)).eval()
 
 
-def test_the_prefix_changes_the_logits():
-    model = prefixed_bert()
+def prefixed_bert():
+    torch.manual_seed(0)
+    return prefixed(BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        num_labels=2)))
+
+
+def prefixed_llama():
+    torch.manual_seed(0)
+    return prefixed(LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=37, num_labels=2, pad_token_id=0)))
+
+
+@pytest.mark.parametrize("build", [prefixed_bert, prefixed_llama])
+def test_the_prefix_changes_the_logits(build):
+    model = build()
     ids = torch.randint(0, 100, (3, 7))
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -26,23 +39,27 @@ def test_the_prefix_changes_the_logits():
     assert not torch.allclose(before, after)
 
 
-def test_padding_is_masked_behind_the_prefix():
-    # peft extends the attention mask by the prefix: padded positions must not change the logits
-    model = prefixed_bert()
+@pytest.mark.parametrize("build", [prefixed_bert, prefixed_llama])
+def test_padding_is_masked_behind_the_prefix(build):
+    # peft extends the attention mask by the prefix: padded positions must not change the logits (a decoder
+    # classifier reads the last token that is not the pad id, so its padding is pad ids)
+    model = build()
     ids = torch.randint(1, 100, (1, 7))
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
-    other_padding = ids.clone()
-    other_padding[0, 5:] = 0
+    padded = ids.clone()
+    padded[0, 5:] = 0
     with torch.no_grad():
         short = model(input_ids=ids[:, :5], attention_mask=mask[:, :5]).logits
-        padded = model(input_ids=ids, attention_mask=mask).logits
-        repadded = model(input_ids=other_padding, attention_mask=mask).logits
-    torch.testing.assert_close(padded, short)
-    assert torch.equal(padded, repadded)
+        torch.testing.assert_close(model(input_ids=padded, attention_mask=mask).logits, short)
+        if build is prefixed_bert:  # an encoder ignores whatever sits under the mask
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=padded, attention_mask=mask).logits)
 
 
-def test_a_model_that_takes_the_cache_is_left_alone():
-    model = BertForSequenceClassification(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=8))
-    accept_prefix_as_cache(model.bert)  # BertModel's forward has `cache` already
-    assert "forward" not in vars(model.bert)
+def test_a_causal_lm_is_left_alone():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=8))
+    accept_prefix_as_cache(model)  # peft's causal-LM path passes past_key_values=, which it still takes
+    assert "forward" not in vars(model)

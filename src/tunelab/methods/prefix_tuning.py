@@ -38,7 +38,7 @@ def reaches_model(model: nn.Module, task_type: str) -> bool:
 
 
 def accept_prefix_as_cache(model: nn.Module) -> None:
-    """Let peft hand the prefix to a transformers-5 encoder classifier (e.g. BERT).
+    """Let peft hand the prefix to a transformers-5 classifier (BERT; a decoder classifier such as Llama's).
 
     peft (0.21) passes the prefix only if the model's forward has a parameter named past_key_values, and
     transformers 5 renamed it `cache` (the old name still works as a keyword until 5.40). The classifier's
@@ -46,7 +46,10 @@ def accept_prefix_as_cache(model: nn.Module) -> None:
     extends the attention mask by the prefix. This wrapper only renames the argument, so the model computes
     exactly what it would with a cache. Tested: the prefix gets gradients, padding leaves logits unchanged.
     """
-    if "past_key_values" in _forward_params(model) or "cache" in _forward_params(model):
+    params = _forward_params(model)
+    if "past_key_values" in params or ("cache" in params and model.can_generate()):
+        # peft's causal-LM path passes past_key_values=, which those forwards still take as a keyword; its
+        # classification path looks for the parameter by name, on the classifier and then its backbone only
         return
     original = model.forward
 

@@ -109,3 +109,28 @@ def test_a_head_registered_before_the_backbone_trains_with_freeze_and_llrd(extra
             head = setup.model.classifier.dense.weight
             group = next(g for g in setup.optimizer.param_groups if any(p is head for p in g["params"]))
             assert group["name"] == "head" and group["lr"] == max(g["lr"] for g in setup.optimizer.param_groups)
+
+
+def build_tiny_albert(folder: Path) -> Path:
+    """ALBERT's embeddings (16 wide) are narrower than its hidden size (32), as ELECTRA's can be."""
+    from transformers import AlbertConfig, AlbertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
+    config = AlbertConfig(vocab_size=len(VOCAB), embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+    torch.manual_seed(0)
+    AlbertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method, extra", [("prompt-tuning", []), ("prompt-tuning", ["prompt-tuning.init=random"]),
+                                           ("p-tuning", [])])
+def test_virtual_tokens_are_as_wide_as_the_input_embeddings(method, extra, tmp_path, toy_data):
+    model = build_tiny_albert(tmp_path / "albert")
+    job = prepare_job(load_config(None, [*overrides(model, toy_data, method), *extra, "train.max_steps=2"]))
+    setup = setup_method(job, method)
+    assert sum(p.numel() for p in setup.model.parameters() if p.requires_grad) == setup.expected_trainable
+    # the virtual tokens join 16-wide embeddings (sized by the hidden size, random-init ones failed here)
+    setup.model(input_ids=torch.tensor([[2, 5, 3]]), labels=torch.tensor([1])).loss.backward()

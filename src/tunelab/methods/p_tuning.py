@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..models.structure import hidden_size, prompt_learning_dims
+from ..models.structure import embedding_width, prompt_learning_dims
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
@@ -46,5 +46,5 @@ class PTuning(PeftMethod):
 
     def method_params(self, base_model: nn.Module, opts: PTuningOptions, ctx: PrepareContext) -> int:
         # the input embeddings of the virtual tokens, then peft's MLP d → h → h → d (weights and biases)
-        d, h = hidden_size(base_model.config), opts.encoder_hidden_size
+        d, h = embedding_width(base_model), opts.encoder_hidden_size
         return opts.num_virtual_tokens * d + (d * h + h) + (h * h + h) + (h * d + d)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..models.structure import hidden_size, prompt_learning_dims
+from ..models.structure import embedding_width, prompt_learning_dims
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
@@ -49,4 +49,4 @@ class PromptTuning(PeftMethod):
             base_model_name_or_path=ctx.model_path)
 
     def method_params(self, base_model: nn.Module, opts: PromptTuningOptions, ctx: PrepareContext) -> int:
-        return opts.num_virtual_tokens * hidden_size(base_model.config)
+        return opts.num_virtual_tokens * embedding_width(base_model)

@@ -70,5 +70,13 @@ def attention_heads(config) -> int:
 def prompt_learning_dims(model: nn.Module) -> dict[str, int]:
     """The sizes peft's prompt-learning configs need, read generically: peft looks for a few config names only
     (hidden_size/d_model/n_embd, ...) and refuses models that call them otherwise (DistilBERT: dim, n_heads)."""
-    return {"token_dim": hidden_size(model.config), "num_layers": len(find_block_list(model)[1]),
+    return {"token_dim": embedding_width(model), "num_layers": len(find_block_list(model)[1]),
             "num_attention_heads": attention_heads(model.config)}
+
+
+def embedding_width(model: nn.Module) -> int:
+    """The width of the input embeddings, which virtual tokens join: the hidden size in most models, narrower
+    in ALBERT and ELECTRA (their embeddings are projected up to the hidden size)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if getter is not None else None
+    return int(embedding.weight.shape[1]) if isinstance(embedding, nn.Embedding) else hidden_size(model.config)

@@ -134,3 +134,37 @@ def test_virtual_tokens_are_as_wide_as_the_input_embeddings(method, extra, tmp_p
     assert sum(p.numel() for p in setup.model.parameters() if p.requires_grad) == setup.expected_trainable
     # the virtual tokens join 16-wide embeddings (sized by the hidden size, random-init ones failed here)
     setup.model(input_ids=torch.tensor([[2, 5, 3]]), labels=torch.tensor([1])).loss.backward()
+
+
+def build_tiny_roberta(folder: Path) -> Path:
+    from transformers import BertTokenizerFast, RobertaConfig, RobertaModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
+    config = RobertaConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=66, pad_token_id=0,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["ia3", "lora"])
+def test_a_head_of_several_layers_merges(method, tmp_path, toy_data):
+    """RoBERTa's head is a module of two layers (RobertaClassificationHead): peft's IA3 unload failed on it
+    ("has no attribute 'weight'"); merged, plain transformers gives the adapter's logits."""
+    import tunelab
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunelab.use.artifact import find_artifact, load_artifact
+
+    out = tmp_path / "run"
+    args = [*overrides(build_tiny_roberta(tmp_path / "roberta"), toy_data, method)[:-1], "train.max_steps=3",
+            "train.eval_every_steps=0", "train.precision=fp32"]
+    assert tunelab.compare(overrides=args, output_dir=out, show_progress=False, isolate=False).exit_code == 0
+    merged = tunelab.export(out, tmp_path / "merged", merge=True)
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    adapter, _ = load_artifact(find_artifact(out))
+    batch = AutoTokenizer.from_pretrained(merged)(["the tea was lovely", "stale box"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, adapter(**batch).logits, rtol=1e-4, atol=1e-5)

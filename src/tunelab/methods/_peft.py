@@ -44,9 +44,24 @@ class PeftMethod(Method):
             raise TunelabInputError([f"export --merge: {self.name} cannot be merged: its virtual tokens are inputs "
                                      "to the model, not changes to its weights; export without --merge and load "
                                      "it with peft (PeftModel.from_pretrained)"])
-        return model.merge_and_unload()  # peft folds the adapter into the weights and unwraps the head
+        settle_trained_heads(model)
+        return model.merge_and_unload()  # peft folds the adapter into the weights
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base_model, directory)
+
+
+def settle_trained_heads(model: nn.Module) -> None:
+    """Put each trained head module (peft's modules_to_save copy) in place of its wrapper. peft 0.21's IA3
+    unload copies a `weight` from every wrapper it replaces and fails on a head that is a module of several
+    layers (RoBERTa's RobertaClassificationHead, DeBERTa's pooler); with the heads settled first, every
+    method's merge sees only its own adapter layers."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    for name, wrapper in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrapper.modules_to_save[wrapper.active_adapters[0]])

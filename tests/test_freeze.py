@@ -167,3 +167,28 @@ def test_a_failed_first_step_check_switches_the_cache_off(task_overrides, monkey
         losses, _ = train(job, broken, epochs=1)
     assert broken.model.cache_status.startswith("off: the cached forward does not reproduce")
     assert losses == plain_losses
+
+
+def test_a_trainable_parameter_feeding_the_bottom_switches_the_cache_off(tmp_path, toy_data):
+    """MPNet's relative attention bias sits after the stack, so it trains, but every block reads it: the
+    bottom's output changes as it trains, and a cache would go stale after the first step (where warmup's
+    lr 0 made the step check agree). Cached and uncached training must give the same losses."""
+    from transformers import BertTokenizerFast, MPNetConfig, MPNetModel
+
+    from conftest import VOCAB
+
+    folder = tmp_path / "mpnet"
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    MPNetModel(MPNetConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=66, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0), add_pooling_layer=False).save_pretrained(folder)
+    overrides = [f"model.name_or_path={folder}", f"data.train_file={toy_data['train']}", "data.max_length=32",
+                 "train.batch_size=8", "freeze.k=1", "train.precision=fp32", "train.warmup_ratio=0.1"]
+    job, plain = make_setup(overrides, "freeze.cache=false")
+    plain_losses, _ = train(job, plain, epochs=1)
+    job, cached = make_setup(overrides)
+    with pytest.warns(RuntimeWarning, match="trainable parameters feed the frozen bottom"):
+        losses, _ = train(job, cached, epochs=1)
+    assert "relative_attention_bias" in cached.model.cache_status
+    assert losses == plain_losses

@@ -27,6 +27,8 @@ the rotary position embeddings (Llama) and the head/loss, so the top runs exactl
   same dropout masks; if they disagree (an architecture whose blocks do more than map hidden states to
   hidden states, e.g. one passing a position bias from block to block), caching is switched off with a
   warning and the reason in `FrozenBottomModel.cache_status`, and training computes normally.
+- Before that, caching is switched off if a trainable parameter feeds the bottom (MPNet's relative attention
+  bias and DeBERTa's relative embeddings sit after the stack, so they train, but every block reads them).
 - Caching is also off when k equals the number of blocks (only the embeddings are frozen) or for a batch
   that is not right-padded or carries inputs other than input_ids/attention_mask/token_type_ids/labels.
 
@@ -235,6 +237,32 @@ class FrozenBottomModel(nn.Module):
             raise _Unsupported(f"a block returns {type(output).__name__}, not a (batch, tokens, hidden) tensor")
         return output[0, :length].detach().clone()
 
+    def _trainable_feeding_bottom(self, kwargs: dict[str, Any], length: int) -> list[str]:
+        """Trainable parameters the frozen bottom's output depends on: one shared by every block (MPNet's
+        relative attention bias, DeBERTa's relative embeddings) trains above the stack but feeds the bottom
+        too, so no output of the bottom stays valid once it has been cached."""
+        trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        captured: dict[str, Any] = {}
+
+        def stop(module, inputs, output):
+            captured["output"] = output[0] if isinstance(output, (tuple, list)) else output
+            raise _BottomDone
+
+        handle = self._blocks[self.split - 1].register_forward_hook(stop)
+        types = kwargs.get("token_type_ids")
+        try:
+            self.model(input_ids=kwargs["input_ids"][:1, :length],
+                       **({} if types is None else {"token_type_ids": types[:1, :length]}))
+        except _BottomDone:
+            pass
+        finally:
+            handle.remove()
+        output = captured.get("output")
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return []
+        grads = torch.autograd.grad(output.float().sum(), [p for _, p in trainable], allow_unused=True)
+        return [name for (name, _), grad in zip(trainable, grads) if grad is not None]
+
     @contextlib.contextmanager
     def _stubbed_bottom(self, hidden: torch.Tensor):
         blocks = self._blocks
@@ -252,6 +280,13 @@ class FrozenBottomModel(nn.Module):
         masks (the frozen bottom draws no random numbers, so both draw the same ones in the same order)."""
         device = kwargs["input_ids"].device
         cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            feeding = self._trainable_feeding_bottom(kwargs, lengths[0])
+        if feeding:  # the first step would agree (warmup starts at lr 0), the later ones not
+            self._checked = True
+            self.disable_cache(f"trainable parameters feed the frozen bottom of {type(self.model).__name__} "
+                               f"({', '.join(feeding[:3])}): its output changes as they train")
+            return self.model(**kwargs)
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             plain = self.model(**kwargs)
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None)

@@ -91,6 +91,8 @@ CASES = {
     "virtual tokens beyond the model": lambda t, b, base: (
         [*base, "data.max_length=60", "methods=prompt-tuning", "prompt-tuning.num_virtual_tokens=10"], ["lower data.max_length to 54"]),
     "batch larger than data": lambda t, b, base: ([*base, "train.batch_size=1000"], ["train.batch_size: 1000 is larger"]),
+    "tokenizer that yields no tokens": lambda t, b, base: (
+        [*base, f"model.name_or_path={tokenless(t, b)}"], ["rows become no tokens at all with the tokenizer"]),
     "accumulation steps beyond the batch": lambda t, b, base: (
         [*base, "train.batch_size=2", "train.gradient_accumulation_steps=4"], ["train.batch_size: 2 rows cannot fill"]),
     "fsdp in one process": lambda t, b, base: ([*base, "train.fsdp=true"], ["train.fsdp: needs several processes"]),
@@ -119,6 +121,23 @@ def no_tokenizer(tmp: Path, bert: Path) -> Path:
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(bert / name, folder / name)
+    return folder
+
+
+def tokenless(tmp: Path, bert: Path) -> Path:
+    """The model with a tokenizer that turns every text into nothing (as a wrong tokenizer without special
+    tokens can): training would crash on empty rows, or learn from virtual tokens alone."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp / "tokenless"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(bert / name, folder / name)
+    tokenizer = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
     return folder
 
 

@@ -102,6 +102,12 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
     if problems:
         raise TunelabInputError(problems)
     data = task.encode(frames, tokenizer, cfg)
+    empty = {split: int((encoded.lengths == 0).sum()) for split, encoded in
+             (("train", data.train), ("validation", data.validation), ("test", data.test)) if encoded is not None}
+    if any(empty.values()):  # e.g. a tokenizer that knows none of the words and adds no special tokens
+        raise TunelabInputError([f"{where(cfg.data, split)}: {count} rows become no tokens at all with the "
+                                 f"tokenizer of {model_path!r}; check that it is the model's own tokenizer"
+                                 for split, count in empty.items() if count])
     data.validation_source, data.frames = source, frames
     data.dropped = {**dropped, **data.dropped}
     return Job(cfg, task, model_path, tokenizer, data)

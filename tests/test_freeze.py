@@ -173,16 +173,11 @@ def test_a_trainable_parameter_feeding_the_bottom_switches_the_cache_off(tmp_pat
     """MPNet's relative attention bias sits after the stack, so it trains, but every block reads it: the
     bottom's output changes as it trains, and a cache would go stale after the first step (where warmup's
     lr 0 made the step check agree). Cached and uncached training must give the same losses."""
-    from transformers import BertTokenizerFast, MPNetConfig, MPNetModel
+    from transformers import MPNetConfig, MPNetModel
 
-    from conftest import VOCAB
+    from test_model_heads import ROBERTA_SIZES, build_tiny_encoder
 
-    folder = tmp_path / "mpnet"
-    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    MPNetModel(MPNetConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=66, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0), add_pooling_layer=False).save_pretrained(folder)
+    folder = build_tiny_encoder(tmp_path / "mpnet", MPNetConfig, MPNetModel, **ROBERTA_SIZES)
     overrides = [f"model.name_or_path={folder}", f"data.train_file={toy_data['train']}", "data.max_length=32",
                  "train.batch_size=8", "freeze.k=1", "train.precision=fp32", "train.warmup_ratio=0.1"]
     job, plain = make_setup(overrides, "freeze.cache=false")

@@ -81,19 +81,30 @@ def test_gpt2s_conv1d_layers_are_linear_layers_for_the_adapters(method, tmp_path
     assert trainable == setup.expected_trainable > 0
 
 
-def build_tiny_xlm_roberta(folder: Path) -> Path:
-    """XLM-RoBERTa's classifier is registered before its backbone: what sits above the blocks is not what
-    comes after them in registration order."""
-    from transformers import BertTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+ROBERTA_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=66, pad_token_id=0, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+
+
+def build_tiny_encoder(folder: Path, config_class, model_class, pooler: bool = False, **sizes) -> Path:
+    """A tiny random backbone of another architecture, with the toy word-level tokenizer; without its pooler
+    unless its classifier reads one (ALBERT's does)."""
+    from transformers import BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
-    config = XLMRobertaConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, max_position_embeddings=66, pad_token_id=0,
-                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    model_class(config_class(vocab_size=len(VOCAB), **sizes), **({} if pooler else {"add_pooling_layer": False})
+                ).save_pretrained(folder)
     return folder
+
+
+def build_tiny_xlm_roberta(folder: Path) -> Path:
+    """XLM-RoBERTa's classifier is registered before its backbone: what sits above the blocks is not what
+    comes after them in registration order."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    return build_tiny_encoder(folder, XLMRobertaConfig, XLMRobertaModel, **ROBERTA_SIZES)
 
 
 @pytest.mark.parametrize("extra", [["freeze.k=0"], ["freeze.k=1"], []])
@@ -113,16 +124,12 @@ def test_a_head_registered_before_the_backbone_trains_with_freeze_and_llrd(extra
 
 def build_tiny_albert(folder: Path) -> Path:
     """ALBERT's embeddings (16 wide) are narrower than its hidden size (32), as ELECTRA's can be."""
-    from transformers import AlbertConfig, AlbertModel, BertTokenizerFast
+    from transformers import AlbertConfig, AlbertModel
 
-    folder.mkdir(parents=True, exist_ok=True)
-    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
-    config = AlbertConfig(vocab_size=len(VOCAB), embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
-    torch.manual_seed(0)
-    AlbertModel(config).save_pretrained(folder)
-    return folder
+    return build_tiny_encoder(folder, AlbertConfig, AlbertModel, pooler=True, embedding_size=16, hidden_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                              classifier_dropout_prob=0.0)
 
 
 @pytest.mark.parametrize("method, extra", [("prompt-tuning", []), ("prompt-tuning", ["prompt-tuning.init=random"]),
@@ -137,16 +144,9 @@ def test_virtual_tokens_are_as_wide_as_the_input_embeddings(method, extra, tmp_p
 
 
 def build_tiny_roberta(folder: Path) -> Path:
-    from transformers import BertTokenizerFast, RobertaConfig, RobertaModel
+    from transformers import RobertaConfig, RobertaModel
 
-    folder.mkdir(parents=True, exist_ok=True)
-    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
-    config = RobertaConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=66, pad_token_id=0,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
-    return folder
+    return build_tiny_encoder(folder, RobertaConfig, RobertaModel, **ROBERTA_SIZES)
 
 
 @pytest.mark.parametrize("method", ["ia3", "lora"])

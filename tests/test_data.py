@@ -119,3 +119,18 @@ def test_a_saved_dataset_folder_keeps_its_class_names_and_refuses_several_splits
     datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(tmp_path / "two"))
     with pytest.raises(Exception, match="holds splits \\['train', 'test'\\]; point at one split's folder"):
         validate(None, [*args, f"data.train_file={tmp_path / 'two'}"])
+
+
+def test_a_classlabel_keeps_its_class_order_so_ids_match_the_dataset(tmp_path, tiny_bert):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["positive", "negative"])})
+    frame = toy_rows(40)
+    frame["label"] = [i % 2 for i in range(40)]
+    datasets.Dataset.from_pandas(frame, features=features, preserve_index=False).save_to_disk(str(tmp_path / "d"))
+    job = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={tmp_path / 'd'}",
+                          "data.max_length=32", "train.batch_size=4"])
+    assert job.label_names == ["positive", "negative"]  # not sorted: class 0 of the dataset is class 0 here
+    rows = job.data.frames["train"].index
+    assert job.train.labels.tolist() == [i % 2 for i in rows]

@@ -85,14 +85,16 @@ def pick_splits(loaded, cfg: "DataConfig") -> dict:
 
 
 def frame_with_label_names(dataset) -> pd.DataFrame:
-    """The split as a frame, ClassLabel columns as their names; -1 (datasets' "no label", e.g. GLUE test sets)
-    becomes missing."""
+    """The split as a frame, ClassLabel columns as their names, in the ClassLabel's order (a pandas
+    categorical: the class ids of the dataset stay the model's ids); -1 (datasets' "no label", e.g. GLUE test
+    sets) becomes missing."""
     import datasets
 
     frame = dataset.to_pandas()
     for column, feature in dataset.features.items():
         if isinstance(feature, datasets.ClassLabel):
-            frame[column] = [feature.names[i] if i >= 0 else None for i in frame[column]]
+            frame[column] = pd.Categorical([feature.names[i] if i >= 0 else None for i in frame[column]],
+                                           categories=feature.names)
     return frame
 
 

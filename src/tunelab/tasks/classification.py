@@ -182,7 +182,10 @@ def label_text(value: Any) -> str:
 
 
 def label_names(values: pd.Series) -> list[str]:
-    """Label names from train, sorted (integers numerically: 2 before 10); every split maps through the list."""
+    """Label names from train, sorted (integers numerically: 2 before 10); every split maps through the list.
+    A ClassLabel column keeps its own classes and order, so class i of the dataset is class i of the model."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        return [label_text(name) for name in values.cat.categories]
     names = set(map(label_text, values.dropna()))
     integers = all(INTEGER.fullmatch(name) for name in names)
     return sorted(names, key=lambda name: (int(name), name)) if integers else sorted(names)

@@ -27,3 +27,16 @@ def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{not json")
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a readable results file" in capsys.readouterr().err
+
+
+def test_the_report_ranks_the_records_as_they_are_now(tmp_path):
+    """A results.json whose records were edited (a method's runs removed) still reports, ranked from the
+    records, not from the summary stored when they were written (that crashed with a KeyError)."""
+    payload = json.loads(LEGACY.read_text())
+    kept = payload["methods"][:1]
+    payload["methods"] = kept
+    payload["summary"] = [{"method": "gone", "rank": 1}]  # stale: names a method that has no records any more
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    assert main(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "gone" not in report and f"| {kept[0]['method']} | success |" in report

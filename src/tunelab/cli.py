@@ -152,7 +152,9 @@ def dispatch(args: argparse.Namespace) -> int:
         from .report import write_report
         from .experiment.results import read_results
 
-        print(write_report(Path(args.folder), read_results(Path(args.folder))))
+        payload = read_results(Path(args.folder))
+        payload.pop("summary", None)  # ranked again from the records, which may have been edited since
+        print(write_report(Path(args.folder), payload))
         return 0
     if args.command in ("predict", "export"):
         return run_use_command(args)

@@ -181,7 +181,8 @@ def test_a_run_failing_in_its_processes_is_recorded_and_the_next_one_trains(sing
 def test_torchrun_launch_trains_in_its_processes(single, tmp_path):
     overrides, want = single
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = cli([*overrides, "methods=lora"], tmp_path / "tr", launcher=torchrun)
+    # --processes: torchrun would take an --nproc on its command line for its own --nproc-per-node
+    result = cli([*overrides, "methods=lora", "--processes", "2"], tmp_path / "tr", launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
     got = methods(tmp_path / "tr")["lora"]
     assert_same_training(got, want["lora"])

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, epilog=EPILOG, parents=[hub])
         cmd.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
         if name == "validate":
-            cmd.add_argument("--nproc", type=int, default=1, metavar="N",
+            cmd.add_argument("--nproc", "--processes", type=int, default=1, metavar="N",
                              help="check for a run of N data-parallel processes (as compare --nproc N)")
         if name == "compare":
             cmd.add_argument("--output", "-o", help="experiment folder (default: runs/compare-<time>)")
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--tune", type=int, default=None, metavar="N",
                              help="first give every method N optuna trials on the validation split, then train "
                                   "its best configuration (with --seeds K seeds)")
-            cmd.add_argument("--nproc", type=int, metavar="N",
+            cmd.add_argument("--nproc", "--processes", type=int, metavar="N",
                              help="train each run as N data-parallel processes on this machine (DDP, same global "
                                   "batch); under torchrun/accelerate launch: the process count to expect")
             cmd.add_argument("--in-process", action="store_true",

@@ -59,7 +59,7 @@ def run_method(job: Job, name: str, out_dir: Path, show_progress: bool = True,
     except Pruned as exc:
         record.update(status="pruned", error=str(exc))
     except Interrupted as exc:
-        record.update(status="interrupted", error=f"{exc}; continue with --resume")
+        record.update(status="interrupted", error=f"{exc}; continue with --resume", steps=exc.step)
     except Diverged as exc:
         record.update(status="diverged", error=str(exc), diverged_at_step=exc.step,
                       last_finite_loss=exc.last_finite_loss)

@@ -28,7 +28,11 @@ from .weights import load_weights, trainable_state
 
 
 class Interrupted(Exception):
-    """Training stopped on request (Ctrl-C) after a checkpoint was written."""
+    """Training stopped on request (Ctrl-C) after a checkpoint was written, at step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"stopped at step {step}")
 
 
 class Pruned(Exception):
@@ -178,7 +182,7 @@ class TrainingLoop:
         fault_point(f"step={state.step}")
         if self.ranks.any(self.hooks.stop_requested()):  # all stop at the same step, or the rest would hang
             self.checkpoint(state)
-            raise Interrupted(f"stopped at step {state.step}")
+            raise Interrupted(state.step)
 
     def forward_backward(self, rows: np.ndarray, weight: float) -> torch.Tensor:
         """Backpropagate one micro-batch's weighted loss; returns its share of the batch's mean loss."""

@@ -101,3 +101,30 @@ def test_a_given_peak_rate_times_a_gpu_that_is_not_here(llama_7b_shape):
     assert next(m for m in result["methods"] if m["method"] == "lora")["train_time_s"] is None
     assert 60 < lora["train_time_s"] < 4 * 3600
     assert any("min" in r for r in lora["reasons"])
+
+
+def test_time_follows_max_steps_and_checkpointing(llama_7b_shape):
+    """train.max_steps wins over epochs for the time budget too; a method that fits only with gradient
+    checkpointing is timed with the recomputed forwards (4/3 of the compute)."""
+    def timed(memory_gb, *extra):
+        cfg = load_config(None, ["task=causal-lm", f"model.name_or_path={llama_7b_shape}", "train.batch_size=4",
+                                 "data.max_length=512", "prompt-tuning.init=random", "train.device=cuda", *extra])
+        methods = recommend(cfg, memory_gb * 1024, 3600, 5000, peak_tflops=989)["methods"]
+        return {m["method"]: m for m in methods}
+
+    epoch, ten_steps = timed(80)["lora"], timed(80, "train.max_steps=10")["lora"]
+    assert ten_steps["train_time_s"] == pytest.approx(epoch["train_time_s"] * 10 / 1250)  # 5,000 rows / 4
+    assert "10 steps" in " ".join(ten_steps["reasons"])
+    tight = timed(18)["lora"]  # fits only with checkpointing at 18 GB
+    assert tight["gradient_checkpointing"] and tight["train_time_s"] == pytest.approx(epoch["train_time_s"] * 4 / 3)
+
+
+@pytest.mark.parametrize("command", ["estimate", "recommend"])
+@pytest.mark.parametrize("flag, value", [("--peak-tflops", "0"), ("--peak-tflops", "nan"), ("--peak-tflops", "-5"),
+                                         ("--train-examples", "0"), ("--train-examples", "-5")])
+def test_rates_and_row_counts_must_be_above_zero(command, flag, value, capsys):
+    from tunelab.cli import main
+
+    with pytest.raises(SystemExit) as stop:  # 0 and NaN silently meant "not given" or gave NaN times
+        main([command, flag, value, *(["--memory", "4GB"] if command == "recommend" else [])])
+    assert stop.value.code == 2 and f"argument {flag}: '{value}' is not allowed" in capsys.readouterr().err

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "model's config alone", epilog=EPILOG, parents=[hub])
     estimate.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     estimate.add_argument("--json", action="store_true", help="one JSON object with a `methods` list")
-    estimate.add_argument("--train-examples", type=int, help="training rows per epoch (default: data caps)")
-    estimate.add_argument("--peak-tflops", type=float, help=PEAK_HELP)
+    estimate.add_argument("--train-examples", type=positive(int), help="training rows per epoch (default: data caps)")
+    estimate.add_argument("--peak-tflops", type=positive(float), help=PEAK_HELP)
     estimate.add_argument("--nproc", type=int, default=1, metavar="N",
                           help="memory of one of N processes (DDP; its shards under train.fsdp)")
     recommend = sub.add_parser("recommend", help="rank the methods that fit a memory (and time) budget, with "
@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     recommend.add_argument("--memory", required=True, help="memory budget, e.g. 24GB, 512MB")
     recommend.add_argument("--time-budget", help="training time budget, e.g. 2h, 90m")
-    recommend.add_argument("--train-examples", type=int, help="training rows per epoch (default: data caps)")
-    recommend.add_argument("--peak-tflops", type=float, help=PEAK_HELP)
+    recommend.add_argument("--train-examples", type=positive(int), help="training rows per epoch (default: data caps)")
+    recommend.add_argument("--peak-tflops", type=positive(float), help=PEAK_HELP)
     recommend.add_argument("--json", action="store_true", help="one JSON object")
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods", "tasks"])
@@ -248,6 +248,19 @@ def read_flag(problems: list[str], flag: str, parse, text: str):
     except ValueError as exc:
         problems.append(f"{flag}: {exc}")
         return None
+
+
+def positive(kind):
+    """An argparse type: a finite number above zero (0 or NaN would silently mean 'not given' or give NaN times)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; must be a number above 0")
+        return value
+    return parse
 
 
 def run_recommend(args: argparse.Namespace, config, overrides) -> int:

@@ -66,6 +66,11 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
             "device": common["device"], "methods": methods, "not_applicable": skipped}
 
 
+# a forward is about a third of a full fine-tuning step's compute (2 of 6 FLOPs per parameter and token);
+# gradient checkpointing runs it twice (adapters, with no weight gradients, pay a little more)
+CHECKPOINTING_COMPUTE = 4 / 3
+
+
 def builder(task, config):
     return lambda: task.auto_class().from_config(config, dtype=TRAINING_DTYPE)  # as training loads it
 
@@ -90,6 +95,8 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     checkpointed = step_memory(method, opts, ctx, builds, task, work, device, True, shape, fp, layout)
     step_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
                   * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
+    if cfg.train.gradient_checkpointing:  # every block's forward runs again in the backward pass
+        step_flops *= CHECKPOINTING_COMPUTE
     return {"method": name, "total_params": fp.total_params,
             "trainable_params": expected, "added_params": fp.added_params,
             **parts, "peak_memory_checkpointing_mb": checkpointed.get("peak_memory_mb"),

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 from ..config import ExperimentConfig
 from ..errors import TunelabInputError
-from . import estimate, with_peak
+from ..train.loop import total_steps
+from . import CHECKPOINTING_COMPUTE, estimate, with_peak
 from .store import similar_results
 
 LARGE_MODEL = 1_000_000_000   # parameters: above this, adapters before full fine-tuning
@@ -63,9 +63,13 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     total = candidates[0]["total_params"]
     measured = measured_quality(cfg.task, total)
     device = with_peak(estimated["device"], peak_tflops)
-    steps = math.ceil(cfg.train.epochs * math.ceil(rows / cfg.train.batch_size)) if rows else None
-    ranked = sorted((judge(c, memory_mb, time_budget_s, training_seconds(c, steps, device), cfg.train.epochs,
-                           rows, total, measured)
+    # train.max_steps wins over epochs, as in training
+    steps = total_steps(cfg.train, rows) if rows or cfg.train.max_steps else None
+    # the rule of thumb asks whether full fine-tuning fits, the same answer for every method
+    full = next((c for c in candidates if c["method"] == "full"), None)
+    full_fits = full is not None and full["peak_memory_mb"] <= memory_mb
+    ranked = sorted((judge(c, memory_mb, time_budget_s, training_seconds(c, steps, device), steps,
+                           rows, total, measured, full_fits)
                      for c in candidates), key=lambda r: r["rank_key"])
     for position, entry in enumerate(ranked, 1):
         entry["rank"] = position
@@ -95,13 +99,15 @@ def training_seconds(est: dict, steps: int | None, device: dict[str, Any]) -> fl
     return est["train_flops_per_step"] * steps / device["effective_flops"]
 
 
-def judge(est: dict, memory_mb: float, budget_s: float | None, train_s: float | None, epochs: float,
-          rows: int | None, total: int, measured: dict[str, dict]) -> dict[str, Any]:
+def judge(est: dict, memory_mb: float, budget_s: float | None, train_s: float | None, steps: int | None,
+          rows: int | None, total: int, measured: dict[str, dict], full_fits: bool) -> dict[str, Any]:
     from ..methods.base import get_method
 
     family = get_method(est["method"]).family
     peak, peak_ckpt = est["peak_memory_mb"], est["peak_memory_checkpointing_mb"]
     fits_plain, fits_ckpt = peak <= memory_mb, peak_ckpt is not None and peak_ckpt <= memory_mb
+    if train_s is not None and fits_ckpt and not fits_plain:  # it would recompute each block's forward
+        train_s *= CHECKPOINTING_COMPUTE
     in_time = budget_s is None or train_s is None or train_s <= budget_s
     with_ckpt = f"{peak_ckpt:,.0f} MB with gradient checkpointing" if peak_ckpt is not None else \
         "gradient checkpointing does not apply"
@@ -109,13 +115,14 @@ def judge(est: dict, memory_mb: float, budget_s: float | None, train_s: float | 
                f"{memory_mb:,.0f} MB: " + ("fits" if fits_plain else "fits only with gradient checkpointing"
                                            if fits_ckpt else "does not fit")]
     if train_s is not None:
-        reasons.append(f"training ≈ {train_s / 60:,.1f} min ({epochs:g} epoch(s), every batch at full length)"
+        reasons.append(f"training ≈ {train_s / 60:,.1f} min ({steps:,} steps, every batch at full length"
+                       f"{', recomputing for checkpointing' if fits_ckpt and not fits_plain else ''})"
                        + ("" if in_time else ": over the time budget"))
     quality = measured.get(est["method"])
     if quality:
         reasons.append(f"measured here on similar models: {quality['metric']} {quality['mean']:.3f} "
                        f"(best of {quality['experiments']} stored comparison(s))")
-    prior, why = rule_of_thumb(family, rows, total, fits_plain)
+    prior, why = rule_of_thumb(family, rows, total, full_fits)
     reasons.append(why)
     fits = (fits_plain or fits_ckpt) and in_time
     score = quality["score"] if quality else None

@@ -40,8 +40,8 @@ def hub_model_path(repo_id: str, revision: str | None) -> str:
         raise TunelabInputError([
             f"model.name_or_path: {where} is not in the local Hugging Face cache and hub access is off "
             "(HF_HUB_OFFLINE=1 or --offline); on a connected machine fetch it once with "
-            f"`hf download {repo_id}`" + (f" --revision {revision}" if revision else "") +
-            " (or run tunelab there without --offline), then run again"])
+            f"`hf download {repo_id}" + (f" --revision {revision}" if revision else "") +
+            "` (or run tunelab there without --offline), then run again"])
     return download(repo_id, revision, where)
 
 

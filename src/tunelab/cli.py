@@ -235,9 +235,10 @@ def print_estimate(result: dict) -> None:
 
 
 def print_table(methods: list[dict], columns: dict[str, str]) -> None:
-    print(f"{'method':<15}" + "".join(f"{label:>13}" for label in columns.values()))
+    # a space before each column: a 7B model's 6,738,415,616 parameters fill 13 characters
+    print(f"{'method':<15}" + "".join(f" {label:>13}" for label in columns.values()))
     for m in methods:
-        print(f"{m['method']:<15}" + "".join(f"{m[c]:>13,}" if m.get(c) is not None else f"{'—':>13}"
+        print(f"{m['method']:<15}" + "".join(f" {m[c]:>13,}" if m.get(c) is not None else f" {'—':>13}"
                                              for c in columns))
 
 

@@ -44,6 +44,9 @@ def case_config_not_mapping(tmp, bert, base):
 
 CASES = {
     "yaml syntax error": case_yaml_syntax,
+    "a section written twice": lambda t, b, base: (
+        [str(write(t / "c.yaml", "train:\n  lr: 0.001\ntrain:\n  epochs: 2\n")), *base],
+        ["not valid YAML at line 3, column 1: 'train' is written twice in one mapping"]),
     "config file missing": case_config_missing,
     "config is a list": case_config_not_mapping,
     "unknown key": lambda t, b, base: ([*base, "train.learning_rate=1"],

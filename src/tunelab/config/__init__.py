@@ -223,6 +223,23 @@ def packaged_job(overrides: list[str], problems: list[str]) -> dict:
     return read_yaml(tasks[task].packaged_job(), problems)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping: PyYAML keeps the last one, so a second
+    `train:` section would silently drop everything the first one set."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, YAML's own way of combining
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is written twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path, problems: list[str]) -> dict:
     if not path.is_file():
         # `tunelab validate train.lr` (the `=` forgotten) reaches here as a config file's name
@@ -232,7 +249,7 @@ def read_yaml(path: Path, problems: list[str]) -> dict:
         problems.append(f"config: file {str(path)!r} does not exist{hint}")
         return {}
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -128,3 +128,10 @@ def test_rates_and_row_counts_must_be_above_zero(command, flag, value, capsys):
     with pytest.raises(SystemExit) as stop:  # 0 and NaN silently meant "not given" or gave NaN times
         main([command, flag, value, *(["--memory", "4GB"] if command == "recommend" else [])])
     assert stop.value.code == 2 and f"argument {flag}: '{value}' is not allowed" in capsys.readouterr().err
+
+
+def test_under_fsdp_a_method_that_cannot_shard_is_not_recommended(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "train.fsdp=true"])
+    result = recommend(cfg, 2048, train_examples=160)
+    assert "adalora" not in {m["method"] for m in result["methods"]}
+    assert "cannot train sharded" in result["not_applicable"]["adalora"]

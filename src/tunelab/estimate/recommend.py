@@ -56,8 +56,12 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     from ..methods.base import registry
 
     rows = train_examples or cfg.data.max_train_samples
-    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(registry())))
-    candidates, skipped = estimated["methods"], estimated["not_applicable"]
+    # what the config check refuses for the configured methods applies to every candidate: under train.fsdp,
+    # the methods that cannot train sharded
+    unshardable = {name: f"train.fsdp: cannot train sharded: {method.cannot_shard}"
+                   for name, method in registry().items() if cfg.train.fsdp and method.cannot_shard}
+    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(set(registry()) - set(unshardable))))
+    candidates, skipped = estimated["methods"], {**estimated["not_applicable"], **unshardable}
     if not candidates:
         raise TunelabInputError(["recommend: no method applies to this model"])
     total = candidates[0]["total_params"]

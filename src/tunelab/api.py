@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ExperimentConfig, load_config
+from .config import ExperimentConfig, load_config, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import (RUN_FILE, ExperimentLock, finished_records, resumed_flags, saved_config,
                                 write_run_file)
@@ -80,25 +80,12 @@ def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change:
     saved, saved_hash = saved_config(out_dir)
     if config is None and not overrides:
         return saved
-    cfg = resolve(config, overrides) if config is not None else overridden(saved, overrides)
+    cfg = resolve(config, overrides) if config is not None else with_overrides(saved.to_dict(), list(overrides))
     if cfg.fingerprint() != saved_hash and not allow_change:
         changed = changed_keys(saved.to_dict(), cfg.to_dict())
         raise TunelabInputError([f"--resume: the config differs from the one {str(out_dir)!r} was started with "
                                  f"({'; '.join(changed[:8])}); pass --allow-config-change to continue anyway"])
     return cfg
-
-
-def overridden(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
-    from .config import apply_override, from_dict
-
-    problems: list[str] = []
-    raw = cfg.to_dict()
-    for item in overrides:
-        apply_override(raw, item, problems)
-    changed = from_dict(raw, problems)
-    if problems:
-        raise TunelabInputError(problems)
-    return changed
 
 
 def changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:

@@ -204,7 +204,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read YAML (the task's packaged job when `path` is None), apply overrides, validate everything."""
     problems: list[str] = []
     raw = read_yaml(Path(path), problems) if path else packaged_job(overrides or [], problems)
-    for item in overrides or []:
+    return with_overrides(raw, overrides or [], problems)
+
+
+def with_overrides(raw: dict, overrides: list[str], problems: list[str] | None = None) -> ExperimentConfig:
+    """`raw` (a config file's sections, or a saved config's to_dict()) with overrides applied, validated."""
+    problems = [] if problems is None else problems
+    for item in overrides:
         apply_override(raw, item, problems)
     config = from_dict(raw, problems)
     if problems:

@@ -210,23 +210,10 @@ class FrozenBottomModel(nn.Module):
     def _bottom_output(self, ids: torch.Tensor, types: torch.Tensor | None, length: int) -> torch.Tensor:
         """One row's hidden states entering the first trainable block (its `length` real tokens), computed
         alone: a function of the row only (its padding is masked, whatever it holds)."""
-        captured: dict[str, Any] = {}
-
-        def stop(module, inputs, output):
-            captured["output"] = output
-            raise _BottomDone
-
-        handle = self._blocks[self.split - 1].register_forward_hook(stop)
-        extra = {} if types is None else {"token_type_ids": types}
-        try:
-            with torch.no_grad():
-                mask = (torch.arange(ids.shape[1], device=ids.device) < length).long()[None, :]
-                self.model(input_ids=ids, attention_mask=mask, **extra)
-        except _BottomDone:
-            pass
-        finally:
-            handle.remove()
-        output = captured["output"]
+        with torch.no_grad():
+            mask = (torch.arange(ids.shape[1], device=ids.device) < length).long()[None, :]
+            output = self._through_the_bottom(input_ids=ids, attention_mask=mask,
+                                         **({} if types is None else {"token_type_ids": types}))
         if self._as_tuple is None:
             self._as_tuple = isinstance(output, (tuple, list))
         if isinstance(output, (tuple, list)):
@@ -242,26 +229,31 @@ class FrozenBottomModel(nn.Module):
         relative attention bias, DeBERTa's relative embeddings) trains above the stack but feeds the bottom
         too, so no output of the bottom stays valid once it has been cached."""
         trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        captured: dict[str, Any] = {}
-
-        def stop(module, inputs, output):
-            captured["output"] = output[0] if isinstance(output, (tuple, list)) else output
-            raise _BottomDone
-
-        handle = self._blocks[self.split - 1].register_forward_hook(stop)
         types = kwargs.get("token_type_ids")
-        try:
-            self.model(input_ids=kwargs["input_ids"][:1, :length],
-                       **({} if types is None else {"token_type_ids": types[:1, :length]}))
-        except _BottomDone:
-            pass
-        finally:
-            handle.remove()
-        output = captured.get("output")
+        output = self._through_the_bottom(input_ids=kwargs["input_ids"][:1, :length],
+                                     **({} if types is None else {"token_type_ids": types[:1, :length]}))
+        output = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return []
         grads = torch.autograd.grad(output.float().sum(), [p for _, p in trainable], allow_unused=True)
         return [name for (name, _), grad in zip(trainable, grads) if grad is not None]
+
+    def _through_the_bottom(self, **inputs):
+        """The model's forward on `inputs`, stopped where the last frozen block returns; its output."""
+        captured: dict[str, Any] = {}
+
+        def stop(module, args, output):
+            captured["output"] = output
+            raise _BottomDone
+
+        handle = self._blocks[self.split - 1].register_forward_hook(stop)
+        try:
+            self.model(**inputs)
+        except _BottomDone:
+            pass
+        finally:
+            handle.remove()
+        return captured.get("output")
 
     @contextlib.contextmanager
     def _stubbed_bottom(self, hidden: torch.Tensor):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -20,7 +21,7 @@ import yaml
 from ..errors import TunelabInputError, did_you_mean, one_of
 from ..methods.base import MethodOptions, registry
 from ..tasks.base import TaskOptions, registry as task_registry
-from .schema import build, check_rule, coerce, to_dict
+from .schema import OverrideText, build, check_rule, coerce, to_dict
 
 DEFAULT_TASK = "classification"
 
@@ -273,7 +274,8 @@ def read_yaml(path: Path, problems: list[str]) -> dict:
 
 
 def apply_override(raw: dict, item: str, problems: list[str]) -> None:
-    """Apply one `dotted.key=value`; the value is read as YAML (so 3, 1.5, true, [a, b] work)."""
+    """Apply one `dotted.key=value`; the value is read as YAML (so 3, 1.5, true, [a, b] work), and a scalar keeps
+    its text for the fields that want text (see OverrideText)."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -283,6 +285,8 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if value is None and text.strip() or isinstance(value, (int, float, bool, datetime.date)):
+        value = OverrideText(text.strip(), value)
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

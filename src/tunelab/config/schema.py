@@ -54,7 +54,52 @@ def build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     return cls(**values)
 
 
+class OverrideText(str):
+    """A `key=value` override's text, with what YAML read from it. A string field takes the text as written
+    (`model.revision=1.10` stays "1.10", where YAML reads the float 1.1), a number the text too when it parses
+    (`train.seed=0123` is 123, where YAML 1.1 reads octal 83), every other field what YAML read."""
+
+    def __new__(cls, text: str, parsed: Any):
+        self = super().__new__(cls, text)
+        self.parsed = parsed
+        return self
+
+    def __reduce__(self):
+        return OverrideText, (str(self), self.parsed)
+
+    def __repr__(self) -> str:
+        return repr(self.parsed)
+
+    def for_hint(self, hint: Any) -> Any:
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(hint) if a is not type(None)]
+            if self.parsed is None and len(inner) < len(typing.get_args(hint)):
+                return None
+            hint = inner[0]
+        if hint is str:
+            return str(self)
+        if hint in (int, float):
+            try:
+                return hint(str(self).strip().replace("_", ""))
+            except ValueError:
+                return self.parsed
+        return self.parsed
+
+
+def plain(value: Any) -> Any:
+    """`value` with every override text inside replaced by what YAML read from it (for untyped fields)."""
+    if isinstance(value, OverrideText):
+        return value.parsed
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
 def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(value, OverrideText):
+        value = value.for_hint(hint)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -76,7 +121,7 @@ def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             return str(value)
         problems.append(f"{path}: expected a string, got {value!r}")
         return None
-    return value
+    return plain(value)
 
 
 def _coerce_list(value: Any, item: Any, path: str, problems: list[str]) -> list:

@@ -66,19 +66,51 @@ def test_other_input_formats_and_their_errors(single, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_a_pair_model_refuses_inputs_without_their_second_text(tmp_path, tiny_bert, capsys):
-    frame = toy_rows(40)
-    frame["second"] = frame["text"].str.split().str[::-1].str.join(" ")
+def test_a_pair_model_refuses_inputs_without_their_second_text_and_reads_its_own_columns(tmp_path, tiny_bert,
+                                                                                         capsys):
+    frame = toy_rows(40).rename(columns={"text": "review"})
+    frame["second"] = frame["review"].str.split().str[::-1].str.join(" ")
     frame.to_csv(tmp_path / "pairs.csv", index=False)
     out = tmp_path / "pairs"
     overrides = [f"model.name_or_path={tiny_bert}", f"data.train_file={tmp_path / 'pairs.csv'}",
-                 "data.text_pair_column=second", "data.max_length=32", "train.batch_size=8",
-                 "train.precision=fp32", *QUICK]
+                 "data.text_column=review", "data.text_pair_column=second", "data.max_length=32",
+                 "train.batch_size=8", "train.precision=fp32", *QUICK]
     assert tunelab.compare(overrides=overrides, output_dir=out, show_progress=False, isolate=False).exit_code == 0
     assert main(["predict", str(out), "--text", "good food"]) == 2
     assert "trained on text pairs ('second'" in capsys.readouterr().err
-    (tmp_path / "in.jsonl").write_text('{"text": "good food", "text_pair": "food good"}\n')
+    (tmp_path / "in.jsonl").write_text('{"text": "good food", "text_pair": "food good"}\n'
+                                       '{"text": "stale box", "text_pair": "box"}\n')
     assert main(["predict", str(out), "--input", str(tmp_path / "in.jsonl")]) == 0
+    by_task_keys = strict_json_lines(capsys.readouterr().out)
+    # a file shaped like the training data: the run's column names, answered under those names
+    (tmp_path / "own.csv").write_text("review,second,label\ngood food,food good,pos\nstale box,box,neg\n")
+    assert main(["predict", str(out), "--input", str(tmp_path / "own.csv")]) == 0
+    by_own_columns = strict_json_lines(capsys.readouterr().out)
+    assert [line["scores"] for line in by_own_columns] == [line["scores"] for line in by_task_keys]
+    assert set(by_own_columns[0]) == {"review", "second", "input_label", "label", "scores"}
+    (tmp_path / "other.csv").write_text("body\ngood\n")
+    assert main(["predict", str(out), "--input", str(tmp_path / "other.csv")]) == 2
+    assert "has no column 'text' or 'review'; columns are: body" in capsys.readouterr().err
+
+
+def test_predict_takes_task_options_and_keeps_answers_inside_a_position_table(tiny_causal_overrides, tiny_llama,
+                                                                              tmp_path, capsys):
+    from test_bad_input import tiny_gpt2
+
+    out = tmp_path / "gpt2-run"  # 64 learned positions, data.max_length=32, trained with 4 new tokens
+    overrides = [*tiny_causal_overrides, f"model.name_or_path={tiny_gpt2(tmp_path, tiny_llama)}",
+                 "train.precision=fp32", *QUICK]
+    assert tunelab.compare(overrides=overrides, output_dir=out, show_progress=False, isolate=False).exit_code == 0
+    long_prompt = " ".join(["what is opposite of good"] * 12)  # 60 tokens: cut to its end
+    _, short = tunelab.predict(out, [long_prompt, "hi"], overrides=["causal-lm.max_new_tokens=2"])
+    _, longer = tunelab.predict(out, [long_prompt, "hi"], overrides=["causal-lm.max_new_tokens=40"])
+    assert all(b.startswith(a) for a, b in zip((s["output"] for s in short), (s["output"] for s in longer)))
+    assert main(["predict", str(out), "--text", "hi", "causal-lm.max_new_tokens=64"]) == 2
+    assert "64 generated tokens leave no room for a prompt in the model's 64 positions" in capsys.readouterr().err
+    assert main(["predict", str(out), "--text", "hi", "causal-lm.max_new_tokens=0", "train.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "causal-lm.max_new_tokens: 0 is not allowed; must be > 0" in err
+    assert "override 'train.lr=1': predict takes the task's options only, as causal-lm.KEY=VALUE" in err
 
 
 def test_chat_inputs_leave_out_the_reference_answer_and_read_text_parts():

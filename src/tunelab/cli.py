@@ -87,6 +87,8 @@ def add_use_commands(sub, hub: argparse.ArgumentParser) -> None:
     predict = sub.add_parser("predict", help="predict with a saved artifact, one JSON line per input",
                              parents=[hub])
     predict.add_argument("path", metavar="EXPERIMENT_DIR|ARTIFACT_DIR", help=where)
+    predict.add_argument("overrides", nargs="*", metavar="TASK.KEY=VALUE",
+                         help="change a task option for prediction, e.g. causal-lm.max_new_tokens=128")
     predict.add_argument("--method", help="the method whose artifact to use (default: the experiment's best)")
     predict.add_argument("--text", action="append", default=[], help="an input (repeatable)")
     predict.add_argument("--input", help="a file of inputs: .jsonl, .csv/.tsv, or plain text (one per line)")
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (`--memory 24GB lora.r=4`): argparse stops at the option
-    if extra and hasattr(args, "items") and all("=" in item and not item.startswith("-") for item in extra):
-        args.items += extra
+    trailing = "items" if hasattr(args, "items") else "overrides"
+    if extra and hasattr(args, trailing) and all("=" in item and not item.startswith("-") for item in extra):
+        setattr(args, trailing, getattr(args, trailing) + extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "offline", False):
@@ -303,7 +306,7 @@ def run_use_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise TunelabInputError([f"--batch-size: {args.batch_size} is not allowed; must be > 0"])
     artifact, outputs = predict(args.path, args.text, args.input, args.method, args.batch_size, args.device,
-                                args.precision)
+                                args.precision, args.overrides)
     write_predictions(outputs, args.output)
     print(f"{len(outputs)} predictions with {artifact.method} ({artifact.directory})", file=sys.stderr)
     return 0

@@ -86,6 +86,8 @@ class Task:
     predict_keys: ClassVar[tuple[str, ...]] = ("text",)  # a predict input needs one of these, not empty
     output_keys: ClassVar[tuple[str, ...]] = ()  # what predict adds to an input (an input field so named is kept
     # under "input_<name>": a labelled test file keeps its labels next to the predictions)
+    input_columns: ClassVar[tuple[str, ...]] = ()  # data keys whose column a predict input may carry under the
+    # run's column name (data.text_column=review: an input's "review" is its "text")
 
     # --- data -------------------------------------------------------------------------------------
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:

@@ -59,6 +59,7 @@ class CausalLM(Task):
     input_key = "prompt"
     predict_keys = ("prompt", "messages")
     output_keys = ("output",)
+    input_columns = ("prompt_column", "messages_column")
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems = []

@@ -44,6 +44,7 @@ class Classification(Task):
     default_dataset = "amazon-fine-food"
     Columns = ClassificationColumns
     output_keys = ("label", "scores")
+    input_columns = ("text_column", "text_pair_column")
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems: list[str] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -34,10 +34,22 @@ class Artifact:
     def info(self) -> dict[str, Any]:
         return {"labels": self.manifest.get("labels"), "columns": self.manifest.get("columns") or {}}
 
-    def task_options(self):
+    def task_options(self, overrides: Sequence[str] = ()):
+        """The task's options as the run had them, with `overrides` (`causal-lm.max_new_tokens=128`) applied."""
+        from ..config import apply_override
         from ..config.schema import build
 
-        return build(self.task.Options, self.manifest.get("task_options") or {}, self.task.name, [])
+        raw, problems = {self.task.name: dict(self.manifest.get("task_options") or {})}, []
+        for item in overrides:
+            if item.partition("=")[0].strip().split(".")[0] != self.task.name:
+                problems.append(f"override {item!r}: predict takes the task's options only, as "
+                                f"{self.task.name}.KEY=VALUE")
+            else:
+                apply_override(raw, item, problems)
+        options = build(self.task.Options, raw[self.task.name], self.task.name, problems)
+        if problems:
+            raise TunelabInputError(problems)
+        return options
 
 
 def find_artifact(path: str | Path, method: str | None = None) -> Artifact:

@@ -10,21 +10,40 @@ from ..errors import TunelabInputError
 from .artifact import Artifact, find_artifact, load_artifact
 
 
-def read_inputs(texts: Sequence[str], input_file: str | None, task) -> list[dict[str, Any]]:
+def read_inputs(texts: Sequence[str], input_file: str | None, task,
+                aliases: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """--text values and the rows of --input: JSON Lines (objects, or plain strings), a JSON array, CSV/TSV or
-    Parquet with a column named like the task's input, or plain text (one input per line). An input field
-    named like one the prediction adds (`label`, `output`, ...) is kept as `input_<name>`."""
-    key = task.input_key
+    Parquet with a column named like the task's input (or like the run's own column: `aliases`), or plain text
+    (one input per line). An input field named like one the prediction adds (`label`, `output`, ...) is kept as
+    `input_<name>`."""
+    key, aliases = task.input_key, aliases or {}
+    keys = (*task.predict_keys, *(name for name, canonical in aliases.items() if canonical in task.predict_keys))
     inputs = [{key: text} for text in texts]
     if input_file:
-        inputs += list(_file_inputs(Path(input_file).expanduser(), key, task.predict_keys))
+        inputs += list(_file_inputs(Path(input_file).expanduser(), key, keys))
     if not inputs:
         raise TunelabInputError([f"predict: no inputs; give --text or --input FILE (one {key} per line)"])
-    empty = [n for n, item in enumerate(inputs, 1) if not any(present(item.get(k)) for k in task.predict_keys)]
+    inputs = [{(f"input_{k}" if k in task.output_keys else k): v for k, v in item.items()} for item in inputs]
+    empty = [n for n, item in enumerate(inputs, 1)
+             if not any(present(item.get(k)) for k in task.predict_keys)
+             and not any(present(item.get(name)) for name in keys[len(task.predict_keys):])]
     if empty:
         raise TunelabInputError([f"predict: inputs {empty[:5]}{' ...' if len(empty) > 5 else ''} have an empty or "
-                                 f"missing {' or '.join(map(repr, task.predict_keys))}"])
-    return [{(f"input_{k}" if k in task.output_keys else k): v for k, v in item.items()} for item in inputs]
+                                 f"missing {' or '.join(map(repr, keys))}"])
+    return inputs
+
+
+def column_aliases(task, columns: dict[str, Any]) -> dict[str, str]:
+    """The run's own column name → the key the task's predict reads, where they differ (data.text_column=review:
+    "review" → "text"), so a file shaped like the training data predicts as it is."""
+    return {columns[key]: key.removesuffix("_column") for key in task.input_columns
+            if columns.get(key) and columns[key] != key.removesuffix("_column")}
+
+
+def as_task_keys(item: dict[str, Any], aliases: dict[str, str]) -> tuple[dict[str, Any], set[str]]:
+    """`item` with each run column also under the task's key (unless the item has that key), and the keys added."""
+    added = {canonical for name, canonical in aliases.items() if name in item and canonical not in item}
+    return {**item, **{canonical: item[name] for name, canonical in aliases.items() if canonical in added}}, added
 
 
 def present(value: Any) -> bool:
@@ -82,17 +101,18 @@ def _table_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[
     except Exception as exc:  # the readers raise many kinds; the user needs the cause, not a traceback
         raise TunelabInputError([f"--input: could not read {str(path)!r} ({type(exc).__name__}: {exc})"]) from None
     if not any(k in frame.columns for k in keys):
-        raise TunelabInputError([f"--input: {str(path)!r} has no column {key!r}; columns are: "
+        raise TunelabInputError([f"--input: {str(path)!r} has no column {' or '.join(map(repr, keys))}; columns are: "
                                  f"{', '.join(map(str, frame.columns))}"])
     # missing cells as null (JSON has no NaN), so the output lines stay valid JSON
     yield from frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None = None, method: str | None = None,
-            batch_size: int = 32, device: str = "auto",
-            precision: str | None = None) -> tuple[Artifact, list[dict[str, Any]]]:
+            batch_size: int = 32, device: str = "auto", precision: str | None = None,
+            overrides: Sequence[str] = ()) -> tuple[Artifact, list[dict[str, Any]]]:
     """Outputs for every input, from the artifact in `path` (an experiment folder: the best method), in
-    `precision` ("fp32" or "bf16"; default: the one the run trained in)."""
+    `precision` ("fp32" or "bf16"; default: the one the run trained in), with the task's options as the run had
+    them unless `overrides` change them (`causal-lm.max_new_tokens=128`)."""
     from ..config import TrainConfig
     from ..tasks.base import EvalSetup
     from ..train.setup import device_problems, make_accelerator
@@ -101,15 +121,47 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     if problems:
         raise TunelabInputError(problems)
     artifact = find_artifact(path, method)
-    inputs = read_inputs(texts, input_file, artifact.task)
+    options = artifact.task_options(overrides)
+    aliases = column_aliases(artifact.task, artifact.info["columns"])
+    inputs, added = zip(*(as_task_keys(item, aliases) for item in read_inputs(texts, input_file, artifact.task,
+                                                                             aliases)))
     model, tokenizer = load_artifact(artifact)
+    max_length = prompt_room(artifact, model.config, options)
     # by default the precision the run trained in: the numbers its own test predictions came from
     precision = precision or artifact.manifest.get("precision", "auto")
     accelerator = make_accelerator(TrainConfig(device=device, precision=precision))
     model.to(accelerator.device)
-    setup = EvalSetup(batch_size, accelerator.device, accelerator.autocast, tokenizer, artifact.task_options())
+    setup = EvalSetup(batch_size, accelerator.device, accelerator.autocast, tokenizer, options)
+    outputs = artifact.task.predict(model, list(inputs), setup, artifact.info, max_length)
+    return artifact, [{k: v for k, v in out.items() if k not in keys} for out, keys in zip(outputs, added)]
+
+
+def prompt_room(artifact: Artifact, model_config, options) -> int:
+    """The run's max_length, less what generation needs where positions are a learned table (GPT-2, OPT): a
+    prompt keeps its end, and the answer must still fit (`causal-lm.max_new_tokens` may be raised here)."""
+    from ..methods.base import get_method
+    from ..models.structure import max_positions, positions_are_a_table
+
     max_length = int(artifact.manifest.get("max_length") or 512)
-    return artifact, artifact.task.predict(model, inputs, setup, artifact.info, max_length)
+    new = artifact.task.generated_positions(options)
+    limit = max_positions(model_config)
+    if not new or limit is None or not positions_are_a_table(model_config):
+        return max_length
+    method = get_method(artifact.method)
+    extra = method.extra_positions(method_options(artifact))
+    room = limit - extra - new
+    if room < 1:
+        raise TunelabInputError([f"{artifact.task.name}.max_new_tokens: {new} generated tokens"
+                                 f"{f' + {extra} virtual tokens' if extra else ''} leave no room for a prompt in the "
+                                 f"model's {limit} positions; allowed: up to {limit - extra - 1}"])
+    return min(max_length, room)
+
+
+def method_options(artifact: Artifact):
+    from ..config.schema import build
+    from ..methods.base import get_method
+
+    return build(get_method(artifact.method).Options, artifact.manifest.get("options") or {}, artifact.method, [])
 
 
 def write_predictions(outputs: list[dict[str, Any]], output_file: str | None) -> None:

@@ -135,3 +135,22 @@ def test_under_fsdp_a_method_that_cannot_shard_is_not_recommended(tiny_overrides
     result = recommend(cfg, 2048, train_examples=160)
     assert "adalora" not in {m["method"] for m in result["methods"]}
     assert "cannot train sharded" in result["not_applicable"]["adalora"]
+
+
+def test_an_epoch_is_the_rows_a_run_would_train_on_counted_in_local_data(tiny_bert, toy_data, tmp_path, capsys):
+    from tunelab.cli import main
+    from tunelab.estimate import estimate
+
+    base = [f"model.name_or_path={tiny_bert}", "data.max_length=32", "train.batch_size=8", "methods=lora"]
+    with_validation = load_config(None, [*base, f"data.train_file={toy_data['train']}",
+                                         f"data.validation_file={toy_data['validation']}"])
+    assert estimate(with_validation)["train_rows"] == 160  # the file's rows, not an unknown epoch
+    carved = [*base, f"data.train_file={toy_data['train']}"]  # a tenth held out for validation, as compare does
+    assert recommend(load_config(None, carved), 4096.0)["train_examples"] == 144
+    assert recommend(load_config(None, [*carved, "data.max_train_samples=100"]), 4096.0)["train_examples"] == 100
+    assert recommend(load_config(None, carved), 4096.0, train_examples=7)["train_examples"] == 7
+    assert main(["recommend", *carved, "--memory", "4GB"]) == 0
+    assert "144 train rows an epoch (counted in data.train_file)" in capsys.readouterr().out
+    missing = load_config(None, [*base, f"data.train_file={tmp_path / 'gone.csv'}", "data.max_train_samples=50"])
+    result = estimate(missing)
+    assert result["train_rows"] == 50 and "could not be counted" in result["train_rows_source"]

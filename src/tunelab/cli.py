@@ -12,6 +12,7 @@ EPILOG = "Overrides are key=value with dotted keys, e.g. methods=full,lora train
 PEAK_HELP = ("the training device's peak TFLOP/s in the training precision (e.g. 989 for an H100's dense bf16): "
              "times from it instead of this machine's measured rate; with train.device=cuda on a machine "
              "without a GPU, the only way to get times")
+ROWS_HELP = "training rows per epoch (default: counted in local data, else data.max_train_samples)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "model's config alone", epilog=EPILOG, parents=[hub])
     estimate.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     estimate.add_argument("--json", action="store_true", help="one JSON object with a `methods` list")
-    estimate.add_argument("--train-examples", type=positive(int), help="training rows per epoch (default: data caps)")
+    estimate.add_argument("--train-examples", type=positive(int), help=ROWS_HELP)
     estimate.add_argument("--peak-tflops", type=positive(float), help=PEAK_HELP)
     estimate.add_argument("--nproc", type=int, default=1, metavar="N",
                           help="memory of one of N processes (DDP; its shards under train.fsdp)")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     recommend.add_argument("--memory", required=True, help="memory budget, e.g. 24GB, 512MB")
     recommend.add_argument("--time-budget", help="training time budget, e.g. 2h, 90m")
-    recommend.add_argument("--train-examples", type=positive(int), help="training rows per epoch (default: data caps)")
+    recommend.add_argument("--train-examples", type=positive(int), help=ROWS_HELP)
     recommend.add_argument("--peak-tflops", type=positive(float), help=PEAK_HELP)
     recommend.add_argument("--json", action="store_true", help="one JSON object")
     ls = sub.add_parser("ls", help="list registered things")
@@ -220,7 +221,8 @@ def print_estimate(result: dict) -> None:
     if result["processes"] > 1 or result["micro_batch_rows"] < result["batch_size"]:
         print(f"memory of one of {result['processes']} processes{' (FSDP shards)' if result['fsdp'] else ''}, "
               f"{result['micro_batch_rows']} rows at a time")
-    rows = f"{result['train_rows']:,} train rows an epoch" if result.get("train_rows") else "epoch: rows unknown"
+    rows = (f"{result['train_rows']:,} train rows an epoch, {result['train_rows_source']}" if result.get("train_rows")
+            else "epoch: rows unknown; --train-examples gives them")
     print(f"\nparameters and time (every batch at the full length; {rows})")
     methods = [{**m, "train_tflops_per_step": float(f"{m['train_flops_per_step'] / 1e12:.3g}")
                 if m.get("train_flops_per_step") is not None else None} for m in result["methods"]]
@@ -282,6 +284,8 @@ def run_recommend(args: argparse.Namespace, config, overrides) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    if result["train_examples"]:
+        print(f"{result['train_examples']:,} train rows an epoch ({result['train_examples_source']})")
     for entry in result["methods"]:
         verdict = "fits" if entry["fits"] else "does not fit"
         print(f"{entry['rank']:>2}. {entry['method']:<14} {verdict}")

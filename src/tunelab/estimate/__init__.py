@@ -16,6 +16,7 @@ from ..models.loading import TRAINING_DTYPE
 from .depth import extrapolated_step, shallow_configs
 from .device import device_profile, one_process_threads
 from .processes import Layout, micro_batch_rows
+from .rows import epoch_rows
 from .memory import Workload, memory_parts, train_flops_per_token
 from .structure import MethodFootprint, Shape, footprint, meta_copy, skeleton_shape
 
@@ -43,7 +44,7 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     precision = resolve_precision(cfg.train)
     if cfg.train.device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
         precision = "bf16"  # planning for a GPU not here: assume a bf16 one (train.precision=fp32 says otherwise)
-    rows = train_rows or cfg.data.max_train_samples
+    rows, rows_source = epoch_rows(cfg, train_rows)
     with one_process_threads(cfg.train, nproc):
         device = with_peak(device_profile(cfg.train, precision), peak_tflops)
     shape = skeleton_shape(meta_copy(build))
@@ -62,6 +63,7 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
             skipped[name] = exc.problems[0]
     return {"model": cfg.model_name, "model_path": model_path, "task": task.name, "precision": precision,
             "batch_size": cfg.train.batch_size, "seq_len": cfg.data.max_length, "train_rows": rows,
+            "train_rows_source": rows_source,
             "processes": nproc, "micro_batch_rows": micro_batch_rows(cfg, nproc), "fsdp": cfg.train.fsdp,
             "device": common["device"], "methods": methods, "not_applicable": skipped}
 

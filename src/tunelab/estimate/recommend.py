@@ -55,13 +55,15 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
               train_examples: int | None = None, peak_tflops: float | None = None) -> dict[str, Any]:
     from ..methods.base import registry
 
-    rows = train_examples or cfg.data.max_train_samples
     # what the config check refuses for the configured methods applies to every candidate: under train.fsdp,
     # the methods that cannot train sharded
     unshardable = {name: f"train.fsdp: cannot train sharded: {method.cannot_shard}"
                    for name, method in registry().items() if cfg.train.fsdp and method.cannot_shard}
     estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(set(registry()) - set(unshardable))))
     candidates, skipped = estimated["methods"], {**estimated["not_applicable"], **unshardable}
+    # the rows a run would train on, counted from local data by the estimate, unless the user says
+    rows, rows_source = (train_examples, "--train-examples") if train_examples else \
+        (estimated["train_rows"], estimated["train_rows_source"])
     if not candidates:
         raise TunelabInputError(["recommend: no method applies to this model"])
     total = candidates[0]["total_params"]
@@ -80,6 +82,7 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
         del entry["rank_key"]
     fits = [r for r in ranked if r["fits"]]
     return {"memory_mb": memory_mb, "time_budget_s": time_budget_s, "train_examples": rows,
+            "train_examples_source": rows_source,
             "total_params": total, "methods": ranked, "not_applicable": skipped,
             "suggestions": [] if fits else suggestions(ranked, memory_mb, cfg)}
 

@@ -120,3 +120,16 @@ def test_chat_inputs_leave_out_the_reference_answer_and_read_text_parts():
     assert as_turns(row["messages"])[0]["content"] == "what is up"  # training reads the parts' text too
     image = [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, {"role": "assistant", "content": "a cat"}]
     assert as_turns(image) is None  # a text model cannot take it: dropped and counted, never trained as a repr
+
+
+def test_a_run_given_a_relative_model_path_predicts_from_another_folder(tiny_bert, toy_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_bert.parent)
+    out = tmp_path / "relative"
+    overrides = [f"model.name_or_path={tiny_bert.name}", f"data.train_file={toy_data['train']}",
+                 "data.max_length=32", "train.batch_size=8", "train.precision=fp32", *QUICK]
+    assert tunelab.compare(overrides=overrides, output_dir=out, show_progress=False, isolate=False).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    _, outputs = tunelab.predict(out, ["good food"])
+    assert outputs[0]["label"] in ("neg", "pos")
+    adapter_config = json.loads(next(out.glob("artifacts/*/adapter_config.json")).read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_bert.resolve())  # plain peft finds it too

@@ -58,7 +58,7 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
         if not (path / "config.json").is_file():
             raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is a folder without config.json, "
                                      "not a transformers model"])
-        return str(path)
+        return str(path.resolve())  # absolute: artifacts and peft's base_model_name_or_path work from anywhere
     if path.exists():
         raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is a file; expected a model folder"])
     if not is_hub_id(name_or_path):

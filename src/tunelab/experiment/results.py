@@ -55,6 +55,12 @@ def read_results(out_dir: Path) -> dict:
         raise TunelabInputError([f"{str(out_dir)!r} {what}: give the --output folder of a compare, which holds "
                                  "results.json once its first run has finished"])
     try:
-        return json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TunelabInputError([f"{str(path)!r} is not a readable results file: {exc}"]) from None
+    methods = payload.get("methods") if isinstance(payload, dict) else None
+    if not isinstance(methods, list) or not all(isinstance(r, dict) and isinstance(r.get("method"), str)
+                                                and isinstance(r.get("status"), str) for r in methods):
+        raise TunelabInputError([f"{str(path)!r} is not a results file: expected an object whose \"methods\" is a "
+                                 "list of records, each with a \"method\" and a \"status\""])
+    return payload

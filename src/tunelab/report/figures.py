@@ -98,6 +98,8 @@ def train_loss_curves(folder: Path, groups: dict[str, list[dict]], colors: dict[
 
 
 def smoothed(losses: list[float]) -> dict[int, float]:
+    if not losses:
+        return {}
     window = max(1, len(losses) // 10)
     kernel = np.ones(window) / window
     values = np.convolve(np.asarray(losses, dtype=float), kernel, mode="valid")
@@ -108,7 +110,8 @@ def tradeoffs(folder: Path, groups: dict[str, list[dict]], job: dict, entries: l
               colors: dict[str, Any]) -> Path | None:
     import matplotlib.pyplot as plt
 
-    points = [(e["method"], e["metrics"][metric]) for e in entries if metric in e["metrics"]]
+    points = [(e["method"], e["metrics"][metric]) for e in entries
+              if metric in e["metrics"] and e["metrics"][metric]["mean"] is not None]
     if not points:
         return None
     higher = job["metrics"].get(metric) == "higher"

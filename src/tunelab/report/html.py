@@ -23,7 +23,12 @@ def write_html(out_dir: Path, markdown_text: str, title: str = "tunelab comparis
                name: str = "report.html") -> Path:
     import markdown
 
-    body = markdown.markdown(markdown_text, extensions=["tables"])
+    converter = markdown.Markdown(extensions=["tables"])
+    # HTML written in the Markdown is shown as text, never rendered: report.md quotes data (prompts, answers,
+    # labels, errors), and a page that ran a `<script>` from a training file could not be mailed around
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert(markdown_text)
     body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"', lambda m: embedded_image(out_dir, m), body)
     page = (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
@@ -33,8 +38,12 @@ def write_html(out_dir: Path, markdown_text: str, title: str = "tunelab comparis
 
 
 def embedded_image(out_dir: Path, match: re.Match) -> str:
+    """The report's own plots only (a PNG under plots/): an image reference from anywhere else is not read."""
     alt, source = match.group(1), match.group(2)
-    file = out_dir / source
+    plots = (out_dir / "plots").resolve()
+    file = (out_dir / source).resolve()
+    if file.suffix != ".png" or plots not in file.parents:
+        return f'<img alt="{alt} (not embedded: {html.escape(source)} is not one of the report\'s plots)" src="data:,"'
     if not file.is_file():  # never a broken reference: say what is missing instead
         return f'<img alt="{alt} (missing: {html.escape(source)})" src="data:,"'
     data = base64.b64encode(file.read_bytes()).decode("ascii")

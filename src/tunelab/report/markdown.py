@@ -7,7 +7,7 @@ from typing import Any
 from .figures import write_figures
 from .html import write_html
 from .summary import interval_text, summarize
-from .view import arrow, baseline_value, job_view, ordered_metrics
+from .view import arrow, baseline_value, job_view, md_text, ordered_metrics
 
 CLEAR_MARGIN = 0.02  # over the baseline: absolute for scores in [0, 1], relative for losses
 
@@ -36,7 +36,7 @@ def table(records: list[dict], job: dict[str, Any]) -> list[str]:
     for r in records:
         val, test = r.get("best_val") or {}, r.get("test") or {}
         lines.append(" | ".join([
-            f"| {r.get('run_id', r['method'])}", r["status"], human_count(r.get("trainable_params")),
+            f"| {md_text(r.get('run_id', r['method']))}", md_text(r["status"]), human_count(r.get("trainable_params")),
             fmt(r.get("trainable_percent"), ".3f"), fmt(r.get("peak_memory_mb"), ".0f"),
             fmt(r.get("train_time_s"), ".1f"), fmt(r.get("train_samples_per_s"), ".1f"),
             fmt(r.get("train_tokens_per_s"), ".0f"), fmt(val.get(metrics[0]), ".3f"),
@@ -56,7 +56,7 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
              "| rank | method | runs | " + " | ".join(f"{m} {arrow(job, m)} (95 % CI)" for m in metrics) +
              " | against the best |", "|---:|---|---:|" + "---|" * (len(metrics) + 1)]
     for e in entries:
-        lines.append(f"| {e['rank']} | {e['method']} | {e['n']} | " +
+        lines.append(f"| {e['rank']} | {md_text(e['method'])} | {e['n']} | " +
                      " | ".join(interval_text(e["metrics"][m]) for m in metrics) + f" | {verdict_text(e['verdict'])} |")
     methods_used = sorted({e["metrics"][metrics[0]]["ci_method"] for e in entries if e["metrics"][metrics[0]]["ci95"]})
     tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")})
@@ -69,6 +69,8 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
 def verdict_text(verdict: dict) -> str:
     if verdict["result"] == "best":
         return "best"
+    if verdict["result"] == "unranked":
+        return "unranked (no finite value)"
     p = f", p = {verdict['p_value']:.3f}" if verdict.get("p_value") is not None else ""
     return f"{verdict['result']} ({verdict['mean_difference']:+.3f}{p})"
 
@@ -83,57 +85,113 @@ def baseline_lines(job: dict[str, Any]) -> list[str]:
         shown = ", ".join(f"{m} {fmt(values.get(m), '.3f')}" for m in ordered_metrics(job) if m in values)
         if shown:
             parts.append(f"{split}: {shown}")
-    return [f"Baseline ({baseline.get('name', 'reference')}): {'; '.join(parts)}."]
+    return [f"Baseline ({md_text(baseline.get('name', 'reference'))}): {'; '.join(parts)}."]
 
 
 def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> list[str]:
     """Plain sentences drawn from the summary: only what its intervals and verdicts support."""
     ok = [r for r in records if r["status"] == "success"]
-    notes = [f"- **{r.get('run_id', r['method'])}** did not finish ({r['status']}): {r.get('error')}"
-             for r in records if r["status"] != "success"]
+    notes = [f"- **{md_text(r.get('run_id', r['method']))}** did not finish ({md_text(r['status'])}): "
+             f"{md_text(r.get('error'))}" for r in records if r["status"] != "success"]
+    notes += not_run_yet(records)
     if not entries:
         return notes or ["- No method finished."]
     metric = ordered_metrics(job)[0]
     higher = job["metrics"].get(metric) == "higher"
     best = entries[0]
     split = "test" if best["split"] == "test" else "validation (best checkpoint)"
-    notes.append(f"- Best {split} {metric} ({'higher' if higher else 'lower'} is better): **{best['method']}**, "
-                 f"{interval_text(best['metrics'][metric])}.")
-    ties = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "tie"]
-    worse = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "worse"]
-    if ties:
-        notes.append(f"- Not distinguishable from the best at this sample size (ties): {', '.join(ties)}.")
-    if worse:
-        notes.append(f"- Worse than the best beyond chance: {', '.join(worse)}.")
+    notes.append(f"- Best {split} {metric} ({'higher' if higher else 'lower'} is better): "
+                 f"**{md_text(best['method'])}**, {interval_text(best['metrics'][metric])}.")
+    named = {result: [md_text(e["method"]) for e in entries[1:] if e["verdict"]["result"] == result]
+             for result in ("tie", "worse", "unranked")}
+    if named["tie"]:
+        notes.append(f"- Not distinguishable from the best at this sample size (ties): {', '.join(named['tie'])}.")
+    if named["worse"]:
+        notes.append(f"- Worse than the best beyond chance: {', '.join(named['worse'])}.")
+    if named["unranked"]:
+        notes.append(f"- No finite {metric} (a run diverged, or gave none): {', '.join(named['unranked'])}; "
+                     "ranked last.")
     reference = baseline_value(job, "test" if best["split"] == "test" else "validation", metric)
     if reference is not None:
-        weak = [e["method"] for e in entries if not clearly_beats(e["metrics"][metric], reference, higher)]
+        weak = [md_text(e["method"]) for e in entries if e["metrics"][metric]["mean"] is not None
+                and not clearly_beats(e["metrics"][metric], reference, higher)]
         if weak:
             notes.append(f"- Not clearly better than the baseline ({reference:.3f}; its interval reaches it, or "
                          f"no interval): {', '.join(weak)}. These need more steps, a tuned learning rate, or more "
                          "data before they say anything.")
-    first = {r["method"]: r for r in reversed(ok)}
-    lean = min((first[m] for m in [best["method"], *ties]), key=lambda r: r["trainable_params"])
-    if lean["method"] != best["method"]:
-        notes.append(f"- **{lean['method']}** ties with the best while training {human_count(lean['trainable_params'])} "
-                     f"parameters ({lean['trainable_percent']:.2f} % of the model), and saves a "
-                     f"{lean['artifact_size_mb']:.1f} MB artifact.")
-    speed, memory = per_method_mean(ok, "train_samples_per_s"), per_method_mean(ok, "peak_memory_mb")
-    fastest, slowest = max(speed, key=speed.get), min(speed, key=speed.get)
-    if fastest != slowest:
-        notes.append(f"- Fastest to train: **{fastest}** ({speed[fastest]:.1f} samples/s, "
-                     f"{speed[fastest] / speed[slowest]:.2f}× {slowest}).")
-    low = min(memory, key=memory.get)
-    own = ", each run in its own process" if all(r.get("pid") for r in ok) else ""
-    notes.append(f"- Lowest peak memory: **{low}** ({memory[low]:.0f} MB{own}).")
+    ties = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "tie"]
+    return notes + lean_note(ok, best["method"], ties) + cost_notes(ok)
+
+
+def not_run_yet(records: list[dict]) -> list[str]:
+    """Methods the config asked for that have no record (an interrupted comparison's report)."""
+    asked = next((r["config"].get("methods") for r in records if isinstance(r.get("config"), dict)), None) or []
+    missing = [m for m in asked if m not in {r["method"] for r in records}]
+    return [f"- Not run (the comparison stopped before them): {', '.join(map(md_text, missing))}."] if missing else []
+
+
+def lean_note(ok: list[dict], best: str, ties: list[str]) -> list[str]:
+    first = {r["method"]: r for r in reversed(ok) if r.get("trainable_params") is not None}
+    candidates = [first[m] for m in [best, *ties] if m in first]
+    if not candidates:
+        return []
+    lean = min(candidates, key=lambda r: r["trainable_params"])
+    if lean["method"] == best:
+        return []
+    share = f" ({lean['trainable_percent']:.2f} % of the model)" if lean.get("trainable_percent") is not None else ""
+    size = (f", and saves a {lean['artifact_size_mb']:.1f} MB artifact" if lean.get("artifact_size_mb") is not None
+            else "")
+    return [f"- **{md_text(lean['method'])}** ties with the best while training "
+            f"{human_count(lean['trainable_params'])} parameters{share}{size}."]
+
+
+def cost_notes(ok: list[dict]) -> list[str]:
+    """Fastest and leanest in memory, claimed only where every run of one method beats every run of the others
+    by more than run-to-run variation could (COST_MARGIN): timings on a shared machine vary by several %."""
+    notes = []
+    speed = runs_of(ok, "train_samples_per_s")
+    fastest = clear_extreme(speed, higher=True)
+    if fastest:
+        slowest = min(speed, key=lambda m: max(speed[m]))
+        notes.append(f"- Fastest to train: **{md_text(fastest)}** ({mean(speed[fastest]):.1f} samples/s, "
+                     f"{mean(speed[fastest]) / mean(speed[slowest]):.2f}× {md_text(slowest)}).")
+    elif len(speed) > 1:
+        notes.append("- Training speed: no method is faster than the others beyond run-to-run variation.")
+    memory = runs_of(ok, "peak_memory_mb")
+    low = clear_extreme(memory, higher=False)
+    own = ", each run in its own process" if ok and all(r.get("pid") for r in ok) else ""
+    if low:
+        notes.append(f"- Lowest peak memory: **{md_text(low)}** ({mean(memory[low]):.0f} MB{own}).")
+    elif len(memory) > 1:
+        notes.append("- Peak memory: no method needs clearly less than the others.")
     return notes
 
 
-def per_method_mean(records: list[dict], key: str) -> dict[str, float]:
+COST_MARGIN = 0.05
+
+
+def clear_extreme(values: dict[str, list[float]], higher: bool) -> str | None:
+    if len(values) < 2:
+        return None
+    pick = max if higher else min
+    leader = pick(values, key=lambda m: mean(values[m]))
+    worst_of_leader = min(values[leader]) if higher else max(values[leader])
+    others = [v for m, runs in values.items() if m != leader for v in runs]
+    if higher:
+        return leader if worst_of_leader > max(others) * (1 + COST_MARGIN) else None
+    return leader if worst_of_leader < min(others) * (1 - COST_MARGIN) else None
+
+
+def runs_of(records: list[dict], key: str) -> dict[str, list[float]]:
     values: dict[str, list[float]] = {}
     for r in records:
-        values.setdefault(r["method"], []).append(r[key])
-    return {m: sum(v) / len(v) for m, v in values.items()}
+        if isinstance(r.get(key), (int, float)):
+            values.setdefault(r["method"], []).append(float(r[key]))
+    return values
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def clearly_beats(summary: dict, reference: float, higher: bool) -> bool:
@@ -172,10 +230,11 @@ def write_report(out_dir: Path, payload: dict) -> Path:
     plots = write_figures(out_dir, records, job, entries, studies)
     cfg = next((r["config"] for r in records if r.get("config")), {})
     train = cfg.get("train", {})
-    labels = f"; labels {', '.join(map(str, job['labels']))}" if job.get("labels") else ""
+    labels = f"; labels {', '.join(map(md_text, job['labels']))}" if job.get("labels") else ""
+    model = " ".join(str(job.get("model_path")).split()).replace("`", "'")  # shown in a code span, as written
     lines = [
         "# tunelab comparison", "",
-        f"Task `{job['task']}`, model `{job.get('model_path')}`; {job.get('train_rows')} train / "
+        f"Task `{job['task']}`, model `{model}`; {job.get('train_rows')} train / "
         f"{job.get('validation_rows')} validation ({job.get('validation_source')}) / {job.get('test_rows')} test "
         f"rows{labels}. Every method: {training_length(train, job)}, batch {train.get('batch_size')}, max length "
         f"{cfg.get('data', {}).get('max_length')}, seed {train.get('seed')}.",
@@ -186,7 +245,8 @@ def write_report(out_dir: Path, payload: dict) -> Path:
         "", *ranking(entries, job), "## Reading", "", *reading(records, job, entries), "", *task_lines(payload, job),
     ]
     if job.get("dropped_rows"):
-        lines += ["Rows left out of the data: " + "; ".join(f"{k}: {v}" for k, v in job["dropped_rows"].items()), ""]
+        dropped = "; ".join(f"{md_text(k)}: {v}" for k, v in job["dropped_rows"].items())
+        lines += [f"Rows left out of the data: {dropped}", ""]
     if studies:
         lines += tuning_lines(studies)
     if plots:
@@ -212,7 +272,7 @@ def tuning_lines(studies: dict[str, dict]) -> list[str]:
         done = sum(t["state"] == "COMPLETE" for t in study["trials"])
         pruned = sum(t["state"] == "PRUNED" for t in study["trials"])
         best = study.get("best")
-        chosen = ", ".join(f"`{k}` = {v:.3g}" if isinstance(v, float) else f"`{k}` = {v}"
+        chosen = ", ".join(f"`{k}` = {v:.3g}" if isinstance(v, float) else f"`{k}` = {md_text(v)}"
                            for k, v in (best or {}).get("params", {}).items()) or "none finished"
-        lines.append(f"- **{method}**: {done} trials completed, {pruned} pruned; chosen: {chosen}.")
+        lines.append(f"- **{md_text(method)}**: {done} trials completed, {pruned} pruned; chosen: {chosen}.")
     return lines + [""]

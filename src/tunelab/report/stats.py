@@ -20,10 +20,15 @@ def resamples_per_batch(examples: int) -> int:
 
 
 def summarize(values: Sequence[float]) -> dict:
-    """Mean, sample standard deviation and a 95 % Student-t interval over runs (seeds); no interval for one run."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    out = {"n": int(len(x)), "mean": float(x.mean()) if len(x) else None, "std": None, "ci95": None,
+    """Mean, sample standard deviation and a 95 % Student-t interval over runs (seeds); no interval for one run.
+    A NaN or infinite value (a diverged run) leaves the mean undefined, counted in `non_finite`: dropping it
+    would rank a method by its surviving seeds alone."""
+    present = [float(v) for v in values if v is not None]
+    x = np.asarray([v for v in present if math.isfinite(v)], dtype=float)
+    out = {"n": int(len(present)), "mean": float(x.mean()) if len(x) else None, "std": None, "ci95": None,
            "ci_method": "t-interval over seeds"}
+    if len(x) < len(present):
+        return {**out, "mean": None, "non_finite": len(present) - len(x)}
     if len(x) >= 2:
         out["std"] = float(x.std(ddof=1))
         half = stats.t.ppf(1 - ALPHA / 2, len(x) - 1) * out["std"] / math.sqrt(len(x))

@@ -26,7 +26,9 @@ def summarize(records: list[dict], job: dict[str, Any]) -> list[dict[str, Any]]:
     entries = [method_entry(method, runs, split, job, task) for method, runs in by_method.items()]
     primary = ordered_metrics(job)[0]
     higher = job["metrics"].get(primary) == "higher"
-    entries.sort(key=lambda e: e["metrics"][primary]["mean"], reverse=higher)
+    # a method without a value (every run failed to give one, or one diverged) ranks last
+    entries.sort(key=lambda e: (e["metrics"][primary]["mean"] is None,
+                                (-1 if higher else 1) * (e["metrics"][primary]["mean"] or 0.0)))
     best = entries[0]
     for rank, entry in enumerate(entries, start=1):
         entry["rank"] = rank
@@ -37,8 +39,9 @@ def summarize(records: list[dict], job: dict[str, Any]) -> list[dict[str, Any]]:
 def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> dict[str, Any]:
     metrics = {}
     for metric in ordered_metrics(job):
-        summary = stats.summarize([r[split].get(metric) for r in runs])
-        if summary["n"] == 1 and split == "test" and task is not None:
+        summary = stats.summarize([(r.get(split) or {}).get(metric) for r in runs])
+        # one run: its interval over test examples (of that run, not of another seed whose value was missing)
+        if len(runs) == 1 and summary["mean"] is not None and split == "test" and task is not None:
             recomputable = task.statistic(metric, runs[0].get("test_per_example") or {})
             if recomputable:
                 summary["ci95"] = stats.bootstrap_ci(recomputable[1], recomputable[0])
@@ -52,6 +55,9 @@ def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> 
 def verdict(entry: dict, best: dict, by_method: dict, split: str, metric: str, higher: bool, task) -> dict:
     if entry is best:
         return {"against": None, "result": "best"}
+    if entry["metrics"][metric]["mean"] is None or best["metrics"][metric]["mean"] is None:
+        return {"against": best["method"], "test": None, "p_value": None, "significant": False,
+                "mean_difference": None, "result": "unranked"}
     mine, theirs = by_method[entry["method"]], by_method[best["method"]]
     paired_seeds = sorted({r.get("seed") for r in mine} & {r.get("seed") for r in theirs})
     test = None
@@ -92,6 +98,8 @@ def task_for(job: dict):
 
 
 def interval_text(summary: dict) -> str:
+    if summary.get("non_finite"):
+        return f"non-finite ({summary['non_finite']} of {summary['n']} runs)"
     if summary.get("mean") is None:
         return "–"
     if not summary.get("ci95"):

@@ -1,6 +1,7 @@
 """What the report needs from a results.json, also from files written before tasks existed."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 # results.json files from before the task layer: classification only, majority baseline in two fields.
@@ -32,3 +33,13 @@ def arrow(job: dict[str, Any], metric: str) -> str:
 
 def baseline_value(job: dict[str, Any], split: str, metric: str) -> float | None:
     return ((job.get("baseline") or {}).get(split) or {}).get(metric)
+
+
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|])")
+
+
+def md_text(value: Any) -> str:
+    """Text from the data or a record (labels, prompts, answers, errors, names), shown as itself: on one line,
+    with Markdown's special characters escaped (a `|` would split a table row, `[..](..)` make a link) and `<`
+    as an entity, so report.md shows no markup from data; report.html renders none either (html.py)."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).split())).replace("<", "&lt;")

@@ -353,7 +353,8 @@ def decode(tokenizer, ids) -> str:
 def sample_generations_section(payload: dict[str, Any]) -> list[str]:
     baseline = (payload.get("job") or {}).get("baseline") or {}
     untrained = baseline.get("examples") or []
-    trained = [(r["method"], r.get("examples") or []) for r in payload.get("methods", []) if r.get("examples")]
+    trained = [(r.get("run_id", r["method"]), r.get("examples") or []) for r in payload.get("methods", [])
+               if r.get("examples")]  # by run: with several seeds, which seed answered
     if not untrained and not trained:
         return []
     lines = ["## Sample generations (test split, greedy)", ""]
@@ -362,11 +363,14 @@ def sample_generations_section(payload: dict[str, Any]) -> list[str]:
                   f"- reference: {one_line(example['reference'])}"]
         if untrained:
             lines.append(f"- untrained model: {one_line(example['output'])}")
-        lines += [f"- {method}: {one_line(items[i]['output'])}" for method, items in trained if i < len(items)]
+        lines += [f"- {one_line(run)}: {one_line(items[i]['output'])}" for run, items in trained if i < len(items)]
         lines.append("")
     return lines
 
 
 def one_line(text: str, limit: int = 300) -> str:
+    """A prompt or answer on one report line, shown as written (no Markdown or HTML from the data)."""
+    from ..report.view import md_text
+
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + " …"
+    return md_text(text if len(text) <= limit else text[:limit] + " …")

@@ -1,0 +1,110 @@
+"""The report on records as they may be: edited by hand, from diverged runs, with data that looks like markup.
+It must show such text as text, rank what has no value last, and claim nothing that run-to-run noise explains."""
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tunelab.cli import main
+
+LEGACY = Path(__file__).parent / "data" / "results-v0.1-classification.json"
+
+
+def seeded(payload: dict, seeds=(42, 43, 44)) -> dict:
+    """Each record of the one-seed file as three seeds, the test accuracy nudged per seed."""
+    records = []
+    for r in payload["methods"]:
+        for i, seed in enumerate(seeds):
+            run = {**copy.deepcopy(r), "seed": seed, "run_id": f"{r['method']}/seed-{seed}"}
+            run["test"]["accuracy"] += 0.01 * i
+            records.append(run)
+    return {**payload, "methods": records}
+
+
+def report_of(tmp_path: Path, payload: dict) -> str:
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    assert main(["report", str(tmp_path)]) == 0
+    return (tmp_path / "report.md").read_text()
+
+
+def test_markup_in_data_and_records_is_shown_as_text_and_only_own_plots_are_embedded(tmp_path):
+    (tmp_path.parent / "secret.txt").write_text("SECRET-TOKEN")
+    payload = json.loads(LEGACY.read_text())
+    payload["job"]["labels"] = ["<script>alert('label')</script>", "a|b"]
+    failed = {**payload["methods"][1], "status": "failed", "method": "bit|fit",
+              "error": "<img alt=\"x\" src=\"../secret.txt\"> ![y](../secret.txt) [link](javascript:alert(1))"}
+    payload["methods"].append(failed)
+    report = report_of(tmp_path, payload)
+    page = (tmp_path / "report.html").read_text()
+    assert "<script" not in page and "javascript:" not in page.replace("javascript:alert(1))", "")
+    assert "&lt;script&gt;alert('label')&lt;/script&gt;" in page  # shown, as written
+    embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert embedded and all(b"SECRET-TOKEN" not in data for data in embedded)
+    # and should an image reference reach the Markdown, only the report's own plots are read
+    from tunelab.report.html import write_html
+
+    other = write_html(tmp_path, "![y](../secret.txt) ![z](plots/../../secret.txt)", name="other.html").read_text()
+    assert "SECRET" not in other and other.count("is not one of the report's plots") == 2
+    row = next(line for line in report.splitlines() if line.startswith("| bit"))
+    assert row.count(" | ") == next(line for line in report.splitlines() if line.startswith("| full")).count(" | ")
+
+
+def test_a_method_with_a_diverged_seed_ranks_last_and_never_as_a_tie(tmp_path):
+    payload = seeded(json.loads(LEGACY.read_text()))
+    for r in payload["methods"]:
+        if r["method"] == "lora" and r["seed"] != 44:
+            r["test"]["accuracy"] = float("nan")
+        if r["method"] == "llrd":
+            r["test"]["accuracy"] = float("nan")  # every seed
+    report = report_of(tmp_path, payload)
+    ranking = [line for line in report.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [line.split(" | ")[1] for line in ranking][-2:] in (["lora", "llrd"], ["llrd", "lora"])
+    lora = next(line for line in ranking if " lora " in line)
+    assert "non-finite (2 of 3 runs)" in lora and "unranked" in lora and "tie" not in lora
+    assert "No finite accuracy (a run diverged, or gave none): " in report
+
+
+def test_records_missing_optional_fields_still_report(tmp_path):
+    payload = json.loads(LEGACY.read_text())
+    for r in payload["methods"]:
+        for key in ("artifact_size_mb", "trainable_params", "train_samples_per_s", "peak_memory_mb",
+                    "trainable_percent"):
+            r.pop(key)
+    payload["methods"][0]["losses"] = []
+    report = report_of(tmp_path, payload)
+    assert "| full | success | – |" in report
+
+
+@pytest.mark.parametrize("content", ['{"methods": 5}', "[1, 2]", '{"methods": [{"status": "success"}]}'])
+def test_a_file_that_is_not_a_results_file_is_refused(tmp_path, capsys, content):
+    (tmp_path / "results.json").write_text(content)
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a results file" in capsys.readouterr().err
+
+
+def test_speed_and_memory_are_claimed_only_beyond_run_to_run_variation(tmp_path):
+    payload = seeded(json.loads(LEGACY.read_text()), seeds=(42, 43))
+    for r in payload["methods"]:
+        r["train_samples_per_s"] = {"full": 19.2, "lora": 16.5}.get(r["method"], 15.1) + (r["seed"] - 42) * 10
+        r["peak_memory_mb"] = 382.0 + (r["seed"] - 42)
+    (tmp_path / "overlap").mkdir()
+    report = report_of(tmp_path / "overlap", payload)
+    assert "no method is faster than the others beyond run-to-run variation" in report
+    assert "Peak memory: no method needs clearly less than the others" in report
+    for r in payload["methods"]:
+        r["train_samples_per_s"] = 100.0 + r["seed"] % 2 if r["method"] == "lora" else 40.0 + r["seed"] % 2
+    (tmp_path / "clear").mkdir()
+    assert "Fastest to train: **lora** (100.5 samples/s, 2.48× full)." in report_of(tmp_path / "clear", payload)
+
+
+def test_an_interrupted_comparison_names_the_methods_it_did_not_reach(tmp_path):
+    payload = json.loads(LEGACY.read_text())
+    payload["methods"] = [r for r in payload["methods"] if r["method"] in ("full", "lora")]
+    for r in payload["methods"]:
+        r["config"]["methods"] = ["full", "lora", "bitfit"]
+    assert "- Not run (the comparison stopped before them): bitfit." in report_of(tmp_path, payload)

@@ -83,3 +83,49 @@ def test_a_cached_path_that_goes_wrong_falls_back_to_the_plain_forward(failure, 
     with pytest.warns(UserWarning, match="recomputed per token"):
         answers = answers_of(model, tokenizer)
     assert_argmax_continuations(model, tokenizer, answers)
+
+
+def test_an_answer_ends_at_any_end_marker_the_tokenizer_model_or_template_uses(tiny_llama):
+    """A tokenizer whose eos is not the token its chat template ends a turn with (Gemma's and Llama 3's
+    base tokenizers): training puts the template's marker after each answer, so generation stops there too."""
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer.eos_token = "<unk>"  # id 1; the template still ends turns with </s> (id 3)
+    model.generation_config.eos_token_id = None
+    assert generation.stop_ids(model, tokenizer) == [1, 3]
+    model.generation_config.eos_token_id = [3, 7]  # a list, as Gemma's generation config has
+    assert generation.stop_ids(model, tokenizer) == [1, 3, 7]
+    assert generation.until_end([5, 6, 7, 3], [1, 3, 7]) == [5, 6]
+
+
+MISTRAL_LIKE = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+                "{% set rest = messages[1:] %}{% else %}{% set rest = messages %}{% endif %}"
+                "{% for m in rest %}{% if m['role'] == 'user' %}[INST] {% if loop.last and system is defined %}"
+                "{{ system }} {% endif %}{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}</s>{% endif %}"
+                "{% endfor %}")
+
+
+def test_a_template_that_moves_the_system_turn_trains_on_the_prompt_generation_sees(tiny_llama):
+    """Mistral's template writes the system message into the last user turn only while that turn is last:
+    rendered with its answer, the prompt differs. Training must still use the prompt predict will send."""
+    from tunelab.tasks.causal_lm import prompt_and_response, prompt_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = MISTRAL_LIKE
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "is it good"},
+             {"role": "assistant", "content": "yes"}]
+    prompt, response = prompt_and_response(turns, tokenizer)
+    assert prompt == prompt_text(turns[:-1], tokenizer) == "[INST] be brief is it good [/INST]"
+    assert response == "yes</s>"
+
+
+def test_chat_rows_without_any_prompt_text_are_dropped_and_counted():
+    import pandas as pd
+
+    from tunelab.config import load_config
+    from tunelab.tasks.causal_lm import conversations
+
+    frame = pd.DataFrame({"messages": [
+        [{"role": "user", "content": "  "}, {"role": "assistant", "content": "yes"}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]})
+    chats, dropped = conversations(frame, load_config(None, ["task=causal-lm"]))
+    assert len(chats) == 1 and dropped["empty prompt"] == 1

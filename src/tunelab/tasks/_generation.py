@@ -26,6 +26,7 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
     """The new token ids of each row's greedy continuation, up to (without) the end-of-sequence token."""
     tokenizer = setup.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
     cached_after_virtual = {"embeddings": greedy_after_virtual_embeddings,
                             "prefix": greedy_after_prefix}.get(virtual_tokens(model))
     was_training = model.training
@@ -34,11 +35,37 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
     with torch.inference_mode(), setup.autocast():
         for start in range(0, len(rows), GENERATION_BATCH):
             chunk = rows[start:start + GENERATION_BATCH]
-            args = (model, data, chunk, setup.device, max_new_tokens, pad, tokenizer.eos_token_id)
+            args = (model, data, chunk, setup.device, max_new_tokens, pad, stops)
             new = checked_against_forward(cached_after_virtual, *args) if cached_after_virtual else greedy_cached(*args)
-            outputs += [until_end(row, tokenizer.eos_token_id) for row in new]
+            outputs += [until_end(row, stops) for row in new]
     model.train(was_training)
     return outputs
+
+
+def stop_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's end of sequence, the model's own (its generation config
+    may list several: Gemma, Llama 3 Instruct), and the chat template's end of turn, which training puts after
+    every answer (`<|im_end|>` where the tokenizer's eos is `<|endoftext|>`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured]),
+           end_of_turn_id(tokenizer)]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant's answer, if it writes one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        full = tokenizer.apply_chat_template([{"role": "user", "content": "ping"},
+                                              {"role": "assistant", "content": "pong"}], tokenize=False)
+    except Exception:  # a template that wants other turns (a system prompt, say): nothing more to learn here
+        return None
+    suffix = full[full.rfind("pong") + len("pong"):] if "pong" in full else ""
+    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    return ids[0] if ids and ids[0] in special else None
 
 
 def checked_against_forward(greedy, model, data, rows, device, *rest) -> list[list[int]]:
@@ -128,10 +155,10 @@ def greedy_after_prefix(model, data, rows, device, max_new_tokens, pad, eos) -> 
     return generated[:, ids.shape[1]:].tolist()
 
 
-def greedy_options(max_new_tokens: int, pad: int, eos: int | None) -> dict:
+def greedy_options(max_new_tokens: int, pad: int, eos: list[int]) -> dict:
     # sampling settings a model's generation_config may carry are unset, so greedy decoding does not warn
     return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "pad_token_id": pad,
-            "eos_token_id": eos, "temperature": None, "top_p": None, "top_k": None}
+            "eos_token_id": eos or None, "temperature": None, "top_p": None, "top_k": None}
 
 
 def greedy_recomputed(model, data, rows, device, max_new_tokens, pad, eos) -> list[list[int]]:
@@ -150,14 +177,16 @@ def greedy_recomputed(model, data, rows, device, max_new_tokens, pad, eos) -> li
             new[i].append(int(tokens[i]))
             ids[i, lengths[i]] = tokens[i]
         lengths += running.long()
-        running &= tokens != (eos if eos is not None else -1)
+        running &= ~torch.isin(tokens, torch.tensor(eos, dtype=tokens.dtype))
         if not running.any():
             break
     return new
 
 
-def until_end(tokens: list[int], eos: int | None) -> list[int]:
-    return tokens[:tokens.index(eos)] if eos is not None and eos in tokens else tokens
+def until_end(tokens: list[int], stops: list[int]) -> list[int]:
+    """The tokens before the first one that ends an answer."""
+    ends = [i for i, token in enumerate(tokens) if token in stops]
+    return tokens[:ends[0]] if ends else tokens
 
 
 def left_padded_prompts(data: Encoded, rows: np.ndarray, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

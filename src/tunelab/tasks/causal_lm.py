@@ -191,6 +191,8 @@ def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str,
                 dropped["messages not a list of {role, content} ending with an assistant turn"] += 1
             elif not turns[-1]["content"].strip():
                 dropped["empty response"] += 1
+            elif not any(t["content"].strip() for t in turns[:-1]):
+                dropped["empty prompt"] += 1
             else:
                 chats.append(turns)
         return chats, dropped
@@ -247,12 +249,18 @@ def as_turns(value) -> list[dict] | None:
 def prompt_and_response(turns: list[dict], tokenizer) -> tuple[str, str]:
     """The prompt text (up to where the answer starts) and the response text, end marker included."""
     prompt = prompt_text(turns[:-1], tokenizer)
+    answer = turns[-1]["content"]
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template(turns, tokenize=False)
         if full.startswith(prompt):
             return prompt, full[len(prompt):]
-        prompt = plain_prompt(turns[:-1])  # a template that rewrites earlier turns: frame it plainly
-    return prompt, turns[-1]["content"] + (tokenizer.eos_token or "")
+        # A template that renders earlier turns differently once an answer follows (Mistral's puts the system
+        # message into the last user turn only while that turn is the last): train on the prompt as
+        # generation will frame it, then the answer and the end marker the template writes after it.
+        end = full.rfind(answer) if answer else -1
+        if end >= 0:
+            return prompt, answer + full[end + len(answer):]
+    return prompt, answer + (tokenizer.eos_token or "")
 
 
 def prompt_text(turns: list[dict], tokenizer) -> str:

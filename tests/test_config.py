@@ -35,12 +35,9 @@ def test_overrides_are_typed_and_reach_every_section():
 def test_an_override_keeps_its_text_where_the_field_wants_text():
     # YAML reads 1.10 as the float 1.1, 0123 as octal 83 and 2024-01-01 as a date; fields decide instead.
     cfg = load_config(None, ["model.revision=1.10", "data.dataset_revision=2024-01-01", "train.seed=0123",
-                             "train.fsdp=yes", "data.max_train_samples=null", "sweep.space.lora.r=[4, 8]",
-                             "sweep.space.lora.alpha=16"])
+                             "train.fsdp=yes", "data.max_train_samples=null"])
     assert cfg.model.revision == "1.10" and cfg.data.dataset_revision == "2024-01-01"
     assert cfg.train.seed == 123 and cfg.train.fsdp is True and cfg.data.max_train_samples is None
-    assert cfg.sweep.space == {"lora": {"r": [4, 8], "alpha": 16}}
-    assert type(cfg.sweep.space["lora"]["alpha"]) is int
     assert "train: expected a mapping of options, got 5" in problems_of(["train=5"])
 
 

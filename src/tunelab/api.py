@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +33,35 @@ class CompareOutcome:
         return 0 if all(r["status"] == "success" for r in self.records) else 1
 
 
-def resolve(config: str | Path | ExperimentConfig | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def resolve(config: str | Path | ExperimentConfig | None, overrides: Sequence[str] | None = ()) -> ExperimentConfig:
+    """The validated config: a YAML file's (or the packaged job's) with `overrides`, or an ExperimentConfig
+    checked again, since its fields may have been set by hand (`cfg.train.lr = -1`)."""
     if isinstance(overrides, str):  # one override; iterated as a sequence it would be one per character
         overrides = [overrides]
+    overrides = list(overrides or [])
     if isinstance(config, ExperimentConfig):
         if overrides:
             raise ValueError("overrides apply to a YAML config, not to an ExperimentConfig object")
-        return config
-    return load_config(config, list(overrides))
+        return with_overrides(config.to_dict(), [])
+    return load_config(config, overrides)
 
 
+def keeps_torch_threads(function):
+    """train.threads sets this process's torch thread count while a command works (preparing, training in
+    process); the caller, a notebook say, gets its own back."""
+    @functools.wraps(function)
+    def kept(*args, **kwargs):
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return kept
+
+
+@keeps_torch_threads
 def validate(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
              nproc: int = 1) -> Job:
     """Check config, model and data without training, for a run of `nproc` processes (what compare checks
@@ -160,6 +180,7 @@ def process_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
     return problems
 
 
+@keeps_torch_threads
 def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
             output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
             resume: bool = False, allow_config_change: bool = False, seeds: int | None = None,
@@ -177,6 +198,8 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     by torchrun or accelerate launch instead, every process runs this function: runs train in it, and only
     the main process writes (see `launched_compare`).
     """
+    if resume and not output_dir:
+        raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
     out_dir = Path(output_dir) if output_dir else default_output_dir()
     flags, flag_problems = run_flags(out_dir, resume, seeds, tune)
     seeds, tune = flags["seeds"], flags["tune"]
@@ -228,6 +251,7 @@ class SweepOutcome:
     report_path: Path
 
 
+@keeps_torch_threads
 def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
           output_dir: str | Path | None = None, trials: int = 20, storage: str | None = None,
           study_name: str | None = None, resume: bool = False, overwrite: bool = False,
@@ -240,6 +264,8 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
     from .sweep.space import space_problems
     from .sweep.study import default_storage, open_study, run_study, study_summary
 
+    if resume and not output_dir:
+        raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
     warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))

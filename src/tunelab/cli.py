@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from .errors import CompareInterrupted, TunelabInputError
 
@@ -153,12 +152,9 @@ def dispatch(args: argparse.Namespace) -> int:
                 print(f"{'':<16}reads {', '.join(f'data.{key}' for key in item.data_keys)}")
         return 0
     if args.command == "report":
-        from .report import write_report
-        from .experiment.results import read_results
+        from .api_plan import report
 
-        payload = read_results(Path(args.folder))
-        payload.pop("summary", None)  # ranked again from the records, which may have been edited since
-        print(write_report(Path(args.folder), payload))
+        print(report(args.folder))
         return 0
     if args.command in ("predict", "export"):
         return run_use_command(args)
@@ -181,8 +177,6 @@ def dispatch(args: argparse.Namespace) -> int:
     from .report import table
     from .report.view import job_view
 
-    if args.resume and not args.output:
-        raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
     outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress,
                       resume=args.resume, allow_config_change=args.allow_config_change, seeds=args.seeds,
                       isolate=not args.in_process, tune=args.tune, nproc=args.nproc)
@@ -196,15 +190,9 @@ def dispatch(args: argparse.Namespace) -> int:
 def run_estimate(args: argparse.Namespace, config, overrides) -> int:
     import json
 
-    from .api import process_problems, resolve
-    from .estimate import estimate
+    from .api_plan import estimate
 
-    cfg = resolve(config, overrides)
-    problems = process_problems(cfg, args.nproc) if args.nproc >= 1 else [
-        f"--nproc: {args.nproc} is not allowed; must be >= 1"]
-    if problems:
-        raise TunelabInputError(problems)
-    result = estimate(cfg, args.train_examples, peak_tflops=args.peak_tflops, nproc=args.nproc)
+    result = estimate(config, overrides, args.train_examples, args.peak_tflops, args.nproc)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -247,15 +235,6 @@ def print_table(methods: list[dict], columns: dict[str, str]) -> None:
                                              for c in columns))
 
 
-def read_flag(problems: list[str], flag: str, parse, text: str):
-    """`parse(text)`, or None with the flag's problem added (so every bad flag is reported at once)."""
-    try:
-        return parse(text)
-    except ValueError as exc:
-        problems.append(f"{flag}: {exc}")
-        return None
-
-
 def positive(kind):
     """An argparse type: a finite number above zero (0 or NaN would silently mean 'not given' or give NaN times)."""
     def parse(text: str):
@@ -272,15 +251,9 @@ def positive(kind):
 def run_recommend(args: argparse.Namespace, config, overrides) -> int:
     import json
 
-    from .api import resolve
-    from .estimate.recommend import parse_duration_s, parse_size_mb, recommend
+    from .api_plan import recommend
 
-    problems: list[str] = []
-    memory = read_flag(problems, "--memory", parse_size_mb, args.memory)
-    budget = read_flag(problems, "--time-budget", parse_duration_s, args.time_budget) if args.time_budget else None
-    if problems:
-        raise TunelabInputError(problems)
-    result = recommend(resolve(config, overrides), memory, budget, args.train_examples, args.peak_tflops)
+    result = recommend(config, overrides, args.memory, args.time_budget, args.train_examples, args.peak_tflops)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -307,8 +280,6 @@ def run_use_command(args: argparse.Namespace) -> int:
         return 0
     from .use.predict import predict, write_predictions
 
-    if args.batch_size < 1:
-        raise TunelabInputError([f"--batch-size: {args.batch_size} is not allowed; must be > 0"])
     artifact, outputs = predict(args.path, args.text, args.input, args.method, args.batch_size, args.device,
                                 args.precision, args.overrides)
     write_predictions(outputs, args.output)
@@ -319,8 +290,6 @@ def run_use_command(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace, config, overrides) -> int:
     from .api import sweep
 
-    if args.resume and not args.output:
-        raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
     from .sweep.study import SweepFailed
 
     try:

@@ -21,7 +21,7 @@ import yaml
 from ..errors import TunelabInputError, did_you_mean, one_of
 from ..methods.base import MethodOptions, registry
 from ..tasks.base import TaskOptions, registry as task_registry
-from .schema import OverrideText, build, check_rule, coerce, to_dict
+from .schema import ScalarText, build, check_rule, coerce, to_dict
 
 DEFAULT_TASK = "classification"
 
@@ -78,7 +78,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata={"ge": 0})
     warmup_ratio: float = field(default=0.06, metadata={"ge": 0, "le": 1})
     max_grad_norm: float = field(default=1.0, metadata={"gt": 0})
-    seed: int = 42
+    seed: int = field(default=42, metadata={"ge": 0, "le": 2**32 - 1, "help": "numpy's seed range"})
     eval_every_steps: int | None = field(default=None, metadata={
         "ge": 0, "help": "0: only at epoch end; default: train.evals_per_run evenly spaced evaluations"})
     evals_per_run: int = field(default=10, metadata={"gt": 0, "help": "used when eval_every_steps is not set"})
@@ -222,8 +222,11 @@ def with_overrides(raw: dict, overrides: list[str], problems: list[str] | None =
 def packaged_job(overrides: list[str], problems: list[str]) -> dict:
     """The packaged offline job of the task named by a `task=` override (classification by default). A task
     may have none (then the config's own defaults apply); one that is there but broken is a problem."""
-    task = next((item.partition("=")[2].strip() for item in overrides if item.partition("=")[0].strip() == "task"),
-                DEFAULT_TASK)
+    scratch: dict = {}
+    for item in overrides:  # read as apply_override reads it: the last one wins, quotes are YAML's
+        if item.partition("=")[0].strip() == "task":
+            apply_override(scratch, item, [])
+    task = str(scratch.get("task") or DEFAULT_TASK)
     tasks = task_registry()
     if task not in tasks or not tasks[task].packaged_job().is_file():
         return {}
@@ -245,6 +248,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# numbers, booleans and dates keep their text (ScalarText), as overrides do: `revision: 1.10` is "1.10"
+for _tag in ("int", "float", "bool", "timestamp"):
+    UniqueKeyLoader.add_constructor(
+        f"tag:yaml.org,2002:{_tag}",
+        lambda loader, node, read=yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{_tag}"]:
+            ScalarText(node.value, read(loader, node)))
 
 
 def read_yaml(path: Path, problems: list[str]) -> dict:
@@ -275,7 +286,7 @@ def read_yaml(path: Path, problems: list[str]) -> dict:
 
 def apply_override(raw: dict, item: str, problems: list[str]) -> None:
     """Apply one `dotted.key=value`; the value is read as YAML (so 3, 1.5, true, [a, b] work), and a scalar keeps
-    its text for the fields that want text (see OverrideText)."""
+    its text for the fields that want text (see ScalarText)."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -286,7 +297,7 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> None:
     except yaml.YAMLError:
         value = text
     if value is None and text.strip() or isinstance(value, (int, float, bool, datetime.date)):
-        value = OverrideText(text.strip(), value)
+        value = ScalarText(text.strip(), value)
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -322,8 +333,11 @@ def from_dict(raw: dict, problems: list[str]) -> ExperimentConfig:
     task_options = build(tasks[task].Options, raw.get(task), task, problems) if task in tasks else TaskOptions()
     if task in tasks:
         problems += task_problems(tasks, task, raw, built)
-    return ExperimentConfig(task=task, **built, methods=methods, method_options=options,
-                            task_options=task_options)
+    config = ExperimentConfig(task=task, **built, methods=methods, method_options=options, task_options=task_options)
+    from ..sweep.space import space_problems  # a bad range fails `validate`, not trial 1 of `compare --tune`
+
+    problems += space_problems(config)
+    return config
 
 
 def parse_task(raw: dict, tasks: dict, problems: list[str]) -> str:
@@ -342,10 +356,11 @@ def task_problems(tasks: dict, task: str, raw: dict, built: dict) -> list[str]:
         for key in set(other.data_keys) - mine:
             if getattr(built["data"], key) is not None:
                 problems.append(f"data.{key}: is for task {other_name!r}, not {task!r}; remove it or set task")
-    metric = built["train"].metric_for_best
-    if metric is not None and metric not in tasks[task].metrics:
-        problems.append(f"train.metric_for_best: {metric!r} is not a metric of task {task!r}"
-                        f"{did_you_mean(metric, tasks[task].metrics)}; allowed: {one_of(tasks[task].metrics)}")
+    chosen = {"train.metric_for_best": built["train"].metric_for_best, "sweep.metric": built["sweep"].metric}
+    for key, metric in chosen.items():
+        if metric is not None and metric not in tasks[task].metrics:
+            problems.append(f"{key}: {metric!r} is not a metric of task {task!r}"
+                            f"{did_you_mean(metric, tasks[task].metrics)}; allowed: {one_of(tasks[task].metrics)}")
     return problems
 
 

@@ -54,10 +54,11 @@ def build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     return cls(**values)
 
 
-class OverrideText(str):
-    """A `key=value` override's text, with what YAML read from it. A string field takes the text as written
-    (`model.revision=1.10` stays "1.10", where YAML reads the float 1.1), a number the text too when it parses
-    (`train.seed=0123` is 123, where YAML 1.1 reads octal 83), every other field what YAML read."""
+class ScalarText(str):
+    """A YAML scalar's text (a config file's number, boolean or date, or a `key=value` override's), with what
+    YAML read from it. A string field takes the text as written (`model.revision=1.10` stays "1.10", where
+    YAML reads the float 1.1), a number the text too when it parses (`train.seed=0123` is 123, where YAML 1.1
+    reads octal 83), every other field what YAML read."""
 
     def __new__(cls, text: str, parsed: Any):
         self = super().__new__(cls, text)
@@ -65,7 +66,7 @@ class OverrideText(str):
         return self
 
     def __reduce__(self):
-        return OverrideText, (str(self), self.parsed)
+        return ScalarText, (str(self), self.parsed)
 
     def __repr__(self) -> str:
         return repr(self.parsed)
@@ -88,7 +89,7 @@ class OverrideText(str):
 
 def plain(value: Any) -> Any:
     """`value` with every override text inside replaced by what YAML read from it (for untyped fields)."""
-    if isinstance(value, OverrideText):
+    if isinstance(value, ScalarText):
         return value.parsed
     if isinstance(value, dict):
         return {key: plain(item) for key, item in value.items()}
@@ -98,7 +99,7 @@ def plain(value: Any) -> Any:
 
 
 def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
-    if isinstance(value, OverrideText):
+    if isinstance(value, ScalarText):
         value = value.for_hint(hint)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -110,6 +111,9 @@ def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         return coerce(value, inner[0], path, problems)
     if origin is list:
         return _coerce_list(value, args[0] if args else str, path, problems)
+    if (hint is dict or origin is dict) and not isinstance(value, dict):
+        problems.append(f"{path}: expected a mapping, got {plain(value)!r}")
+        return None
     if hint is bool:
         return _coerce_bool(value, path, problems)
     if hint is int:

@@ -65,12 +65,16 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     # Ctrl-C from the terminal reaches the child too (same process group): it checkpoints and writes an
     # "interrupted" record; the parent waits for that instead of dying first. It starts the run ignoring Ctrl-C,
     # as the run does until its loop takes it over.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (Signal handlers belong to the main thread: called from another, e.g. a web app's worker, the parent
+    # leaves them alone, as stops_forwarded does.)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     stop = StopRequest()
     try:
         code = run_processes([str(out_dir), str(spec_path)], nproc, stop)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     if record_path.is_file():
         return json.loads(record_path.read_text())
     cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"

@@ -23,18 +23,49 @@ def method_space(cfg, method: str) -> dict[str, dict[str, Any]]:
 
 
 def space_problems(cfg) -> list[str]:
+    """Each `sweep.space` entry: a range or choices, for an option that exists, of train or a selected method."""
     problems = []
     for key, spec in (cfg.sweep.space or {}).items():
         if spec is None:
             continue
         if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
             problems.append(f"sweep.space.{key}: expected {{low, high[, log]}} or {{choices: [...]}}, got {spec!r}")
-        elif "low" in spec and not spec["low"] < spec["high"]:
+        elif "low" in spec and None in (number(spec["low"]), number(spec["high"])):
+            problems.append(f"sweep.space.{key}: low and high must be numbers, "
+                            f"got {spec['low']!r} and {spec['high']!r}")
+        elif "low" in spec and not number(spec["low"]) < number(spec["high"]):  # '1e-5' is text to PyYAML
             problems.append(f"sweep.space.{key}: low {spec['low']!r} must be below high {spec['high']!r}")
         elif str(key).split(".")[0] not in ("train", *cfg.methods):
             problems.append(f"sweep.space.{key}: names neither train.* nor a selected method "
                             f"({', '.join(cfg.methods)})")
+        else:
+            problems += option_problems(str(key))
     return problems
+
+
+def number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def option_problems(key: str) -> list[str]:
+    """A dotted key that names no option of its section (`lora.rnk`), with a suggestion."""
+    import dataclasses
+
+    from ..config import TrainConfig
+    from ..errors import did_you_mean, one_of
+    from ..methods.base import get_method
+
+    section, _, name = key.partition(".")
+    options = TrainConfig if section == "train" else get_method(section).Options
+    known = [f.name for f in dataclasses.fields(options) if f.name != "task_info"]
+    if name in known:
+        return []
+    return [f"sweep.space.{key}: {section} has no option {name!r}{did_you_mean(name, known)}; allowed: {one_of(known)}"]
 
 
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -117,7 +117,9 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     from ..tasks.base import EvalSetup
     from ..train.setup import device_problems, make_accelerator
 
-    problems = device_problems(device, "--device")
+    texts = [texts] if isinstance(texts, str) else list(texts)  # one text, not one per character
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    problems = argument_problems(batch_size, device, precision) or device_problems(device, "--device")
     if problems:
         raise TunelabInputError(problems)
     artifact = find_artifact(path, method)
@@ -134,6 +136,18 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     setup = EvalSetup(batch_size, accelerator.device, accelerator.autocast, tokenizer, options)
     outputs = artifact.task.predict(model, list(inputs), setup, artifact.info, max_length)
     return artifact, [{k: v for k, v in out.items() if k not in keys} for out, keys in zip(outputs, added)]
+
+
+def argument_problems(batch_size: int, device: str, precision: str | None) -> list[str]:
+    """What the CLI's argparse choices check, for callers of the Python API."""
+    problems = []
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"--batch-size: {batch_size!r} is not allowed; must be > 0")
+    if device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device: {device!r} is not allowed; allowed: auto, cpu, cuda")
+    if precision not in (None, "fp32", "bf16"):
+        problems.append(f"--precision: {precision!r} is not allowed; allowed: fp32, bf16")
+    return problems
 
 
 def prompt_room(artifact: Artifact, model_config, options) -> int:

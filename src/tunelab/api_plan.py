@@ -1,0 +1,80 @@
+"""The Python API of the commands that plan and read (estimate, recommend, report), beside api.py's that
+train: the same checks and messages as their CLI commands, raised as TunelabInputError.
+
+    import tunelab
+    tunelab.recommend("my.yaml", memory="24GB", time_budget="2h")["methods"][0]["method"]
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from .api import process_problems, resolve
+from .config import ExperimentConfig
+from .errors import TunelabInputError
+
+Config = str | Path | ExperimentConfig | None
+
+
+def estimate(config: Config = None, overrides: Sequence[str] = (), train_examples: int | None = None,
+             peak_tflops: float | None = None, nproc: int = 1) -> dict[str, Any]:
+    """Parameters, peak memory, FLOPs and time per method, from the model's config alone (`tunelab estimate`)."""
+    from .estimate import estimate as estimate_config
+
+    cfg = resolve(config, overrides)
+    problems = flag_problems(train_examples, peak_tflops)
+    problems += process_problems(cfg, nproc) if nproc >= 1 else [f"--nproc: {nproc} is not allowed; must be >= 1"]
+    if problems:
+        raise TunelabInputError(problems)
+    return estimate_config(cfg, train_examples, peak_tflops=peak_tflops, nproc=nproc)
+
+
+def recommend(config: Config = None, overrides: Sequence[str] = (), memory: str | float = "",
+              time_budget: str | float | None = None, train_examples: int | None = None,
+              peak_tflops: float | None = None) -> dict[str, Any]:
+    """Methods ranked for a memory budget ("24GB", or MB as a number) and an optional time budget ("2h", or
+    seconds), each with its reasons (`tunelab recommend`)."""
+    from .estimate.recommend import parse_duration_s, parse_size_mb, recommend as recommend_config
+
+    problems = flag_problems(train_examples, peak_tflops)
+    memory_mb = budget(problems, "--memory", memory, parse_size_mb)
+    budget_s = None if time_budget is None else budget(problems, "--time-budget", time_budget, parse_duration_s)
+    cfg = resolve(config, overrides)
+    if problems:
+        raise TunelabInputError(problems)
+    return recommend_config(cfg, memory_mb, budget_s, train_examples, peak_tflops)
+
+
+def report(folder: str | Path) -> Path:
+    """report.md (and report.html) rebuilt from `folder`'s results.json, ranked from its records as they are
+    now (`tunelab report`)."""
+    from .experiment.results import read_results
+    from .report import write_report
+
+    payload = read_results(Path(folder))
+    payload.pop("summary", None)  # ranked again from the records, which may have been edited since
+    return write_report(Path(folder), payload)
+
+
+def budget(problems: list[str], flag: str, value: str | float, parse) -> float | None:
+    """A size or duration as text with a unit, or as a plain number of MB / seconds; None with a problem."""
+    try:
+        number = parse(value) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{flag}: {exc}")
+        return None
+    if not (math.isfinite(number) and number > 0):
+        problems.append(f"{flag}: {value!r} is not allowed; must be more than 0")
+        return None
+    return number
+
+
+def flag_problems(train_examples: int | None, peak_tflops: float | None) -> list[str]:
+    problems = []
+    if train_examples is not None and not (isinstance(train_examples, int) and train_examples > 0):
+        problems.append(f"--train-examples: {train_examples!r} is not allowed; must be a whole number above 0")
+    if peak_tflops is not None and not (isinstance(peak_tflops, (int, float)) and math.isfinite(peak_tflops)
+                                        and peak_tflops > 0):
+        problems.append(f"--peak-tflops: {peak_tflops!r} is not allowed; must be a number above 0")
+    return problems

@@ -1,0 +1,88 @@
+"""The Python API as a notebook or a service uses it: every command a function, with the CLI's checks and
+messages, nothing left changed in the caller's process, and callable from any thread."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.config import load_config
+from tunelab.errors import TunelabInputError
+
+QUICK = ["train.max_steps=2", "train.eval_every_steps=0", "methods=lora", "train.precision=fp32"]
+
+
+def problems_of(call, *args, **kwargs) -> str:
+    with pytest.raises(TunelabInputError) as info:
+        call(*args, **kwargs)
+    return "\n".join(info.value.problems)
+
+
+def test_every_command_is_a_function_even_after_its_subpackage_is_imported():
+    import tunelab.estimate.recommend  # noqa: F401  (the commands import these lazily)
+    import tunelab.report.markdown  # noqa: F401
+    import tunelab.sweep.space  # noqa: F401
+
+    for name in ("compare", "validate", "sweep", "predict", "export", "estimate", "recommend", "report"):
+        assert callable(getattr(tunelab, name)), name
+
+
+def test_plan_commands_check_their_arguments_as_the_cli_does(tiny_overrides):
+    assert "--nproc: 0 is not allowed" in problems_of(tunelab.estimate, None, tiny_overrides, nproc=0)
+    assert "--peak-tflops: 0 is not allowed" in problems_of(tunelab.estimate, None, tiny_overrides, peak_tflops=0)
+    assert "--memory: '0GB' must be more than 0" in problems_of(tunelab.recommend, None, tiny_overrides, memory="0GB")
+    assert "--memory: -1 is not allowed" in problems_of(tunelab.recommend, None, tiny_overrides, memory=-1)
+    result = tunelab.recommend(None, [*tiny_overrides, "methods=lora"], memory="4GB", time_budget=3600)
+    assert result["memory_mb"] == 4096 and result["time_budget_s"] == 3600 and result["methods"]
+
+
+def test_predict_checks_its_arguments_and_takes_one_text(tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    assert tunelab.compare(None, [*tiny_overrides, *QUICK], output_dir=out, show_progress=False,
+                           isolate=False).exit_code == 0
+    problems = problems_of(tunelab.predict, out, ["good"], batch_size=-1, device="gpu", precision="fp16")
+    assert "--batch-size: -1 is not allowed; must be > 0" in problems
+    assert "--device: 'gpu' is not allowed; allowed: auto, cpu, cuda" in problems
+    assert "--precision: 'fp16' is not allowed; allowed: fp32, bf16" in problems
+    _, outputs = tunelab.predict(out, "good food")
+    assert [o["text"] for o in outputs] == ["good food"]  # one input, not one per character
+    assert tunelab.report(out).name == "report.md"
+
+
+def test_a_config_object_is_checked_again_and_settings_of_sweeps_fail_validate(tiny_overrides):
+    cfg = load_config(None, tiny_overrides)
+    cfg.train.lr = -1.0
+    assert "train.lr: -1.0 is not allowed; must be > 0" in problems_of(tunelab.validate, cfg)
+    problems = problems_of(load_config, None, [*tiny_overrides, "sweep.metric=bogus", "train.seed=-5",
+                                               "sweep.space={lora.rnk: {low: 1, high: 4}, lora.r: {low: 4}}"])
+    assert "sweep.metric: 'bogus' is not a metric of task 'classification'" in problems
+    assert "train.seed: -5 is not allowed; must be >= 0" in problems
+    assert "sweep.space.lora.rnk: lora has no option 'rnk'" in problems
+    assert "sweep.space.lora.r: expected {low, high[, log]} or {choices: [...]}" in problems
+    assert "sweep.space: expected a mapping, got 5" in problems_of(load_config, None, ["sweep.space=5"])
+    # PyYAML reads 1e-5 as text: the range is still a range of numbers, compared as numbers
+    space = load_config(None, ["sweep.space={train.lr: {low: 1e-5, high: 1e-3, log: true}}"]).sweep.space
+    assert space["train.lr"]["low"] == "1e-5"
+    assert "needs --output DIR" in problems_of(tunelab.compare, None, tiny_overrides, resume=True)
+
+
+def test_a_config_file_keeps_the_text_of_its_values_as_overrides_do(tmp_path):
+    (tmp_path / "job.yaml").write_text("model:\n  revision: 1.10\ntrain:\n  seed: 0123\n  fsdp: no\n")
+    cfg = load_config(tmp_path / "job.yaml")
+    assert cfg.model.revision == "1.10" and cfg.train.seed == 123 and cfg.train.fsdp is False
+    assert load_config(None, ["task=classification", "task=causal-lm"]).data.dataset == "chatterbot-english"
+
+
+def test_compare_leaves_the_callers_threads_alone_and_runs_from_another_thread(tiny_overrides, tmp_path):
+    before = torch.get_num_threads()
+    tunelab.compare(None, [*tiny_overrides, *QUICK, "train.threads=1"], output_dir=tmp_path / "here",
+                    show_progress=False, isolate=False)
+    assert torch.get_num_threads() == before
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=tunelab.compare(
+        None, [*tiny_overrides, *QUICK], output_dir=tmp_path / "thread", show_progress=False)))
+    worker.start()
+    worker.join()
+    assert outcome["result"].exit_code == 0

@@ -168,3 +168,27 @@ def test_a_head_of_several_layers_merges(method, tmp_path, toy_data):
     batch = AutoTokenizer.from_pretrained(merged)(["the tea was lovely", "stale box"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, adapter(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ["prompt-tuning", "p-tuning", "lora"])
+def test_a_decoder_classifier_answers_a_row_the_same_alone_or_in_a_padded_batch(adapter, tiny_llama):
+    """Decoder classifiers pool their last real token, found in input_ids; prompt tuning and p-tuning pass
+    embeddings instead, and the classifier read a padding position of every shorter row."""
+    from peft import LoraConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import LlamaForSequenceClassification
+
+    from tunelab.methods._peft import pooled_at_last_real_token
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification.from_pretrained(tiny_llama, num_labels=2)
+    config = {"prompt-tuning": PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+              "p-tuning": PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=3, encoder_hidden_size=16),
+              "lora": LoraConfig(task_type="SEQ_CLS", r=2)}[adapter]
+    model = pooled_at_last_real_token(get_peft_model(base, config)).eval()
+    short, long = [2, 8, 9], [2, 8, 9, 10, 11, 12, 13]
+    batch = torch.tensor([short + [0] * 4, long])
+    mask = torch.tensor([[1] * 3 + [0] * 4, [1] * 7])
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, 3, dtype=torch.long)).logits
+        together = model(input_ids=batch, attention_mask=mask).logits
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-5)

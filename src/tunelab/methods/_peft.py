@@ -28,7 +28,7 @@ class PeftMethod(Method):
         config = self.peft_config(model, opts, ctx)
         if ctx.head_modules:
             config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(ctx.head_modules))
-        return get_peft_model(model, config)
+        return pooled_at_last_real_token(get_peft_model(model, config))
 
     def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions,
                                   ctx: PrepareContext) -> int:
@@ -50,7 +50,39 @@ class PeftMethod(Method):
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, directory)
+        return pooled_at_last_real_token(PeftModel.from_pretrained(base_model, directory))
+
+
+def pooled_at_last_real_token(model: nn.Module) -> nn.Module:
+    """A decoder classifier (Llama, GPT-2, OPT: a `score` head over every position) classifies from its last
+    real token, which it finds in `input_ids`. Prompt tuning and p-tuning hand it `inputs_embeds` instead
+    (peft puts the virtual tokens in front), so it would read the last position, a padding token in every row
+    shorter than its batch's longest: answers that change with the batch. Here the attention mask says where
+    each row's last real token is, and that position's logits are the ones the classifier pools."""
+    config = getattr(model, "active_peft_config", None)
+    base = model.get_base_model()
+    if not getattr(config, "is_prompt_learning", False) or config.task_type != "SEQ_CLS" \
+            or not isinstance(getattr(base, "score", None), nn.Module):
+        return model
+    seen: dict = {}
+
+    def remember_inputs(module, args, kwargs):
+        seen["mask"] = kwargs.get("attention_mask") if kwargs.get("input_ids") is None else None
+
+    def last_real_token_last(module, args, logits):
+        mask = seen.get("mask")
+        if mask is None or logits.dim() != 3 or mask.shape[1] != logits.shape[1]:
+            return logits
+        import torch
+
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * (mask != 0)).argmax(-1).to(logits.device)
+        chosen = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        return torch.cat([logits[:, :-1], chosen[:, None]], dim=1)
+
+    base.register_forward_pre_hook(remember_inputs, with_kwargs=True)
+    base.score.register_forward_hook(last_real_token_last)
+    return model
 
 
 def settle_trained_heads(model: nn.Module) -> None:

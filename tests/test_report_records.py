@@ -108,3 +108,13 @@ def test_an_interrupted_comparison_names_the_methods_it_did_not_reach(tmp_path):
     for r in payload["methods"]:
         r["config"]["methods"] = ["full", "lora", "bitfit"]
     assert "- Not run (the comparison stopped before them): bitfit." in report_of(tmp_path, payload)
+
+
+def test_small_and_huge_numbers_keep_their_digits():
+    from tunelab.report.markdown import human_count, verdict_text
+    from tunelab.report.summary import interval_text
+
+    assert interval_text({"mean": 4.2e-4, "ci95": [3.1e-4, 5.3e-4]}) == "0.00042 [0.00031, 0.00053]"
+    assert interval_text({"mean": 1e300}) == "1e+300" and interval_text({"mean": 0.8375}) == "0.838"
+    assert verdict_text({"result": "worse", "mean_difference": 2.5e-4, "p_value": 0.0004}) == "worse (+0.00025, p < 0.001)"
+    assert human_count(6_738_415_616) == "6.74 B"

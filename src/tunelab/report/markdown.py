@@ -7,7 +7,7 @@ from typing import Any
 from .figures import write_figures
 from .html import write_html
 from .summary import interval_text, summarize
-from .view import arrow, baseline_value, job_view, md_text, ordered_metrics
+from .view import arrow, baseline_value, job_view, md_text, metric_text, ordered_metrics
 
 CLEAR_MARGIN = 0.02  # over the baseline: absolute for scores in [0, 1], relative for losses
 
@@ -21,7 +21,7 @@ def fmt(value: Any, spec: str = "") -> str:
 def human_count(n: int | None) -> str:
     if n is None:
         return "–"
-    for unit, size in (("M", 1e6), ("k", 1e3)):
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return str(n)
@@ -39,8 +39,8 @@ def table(records: list[dict], job: dict[str, Any]) -> list[str]:
             f"| {md_text(r.get('run_id', r['method']))}", md_text(r["status"]), human_count(r.get("trainable_params")),
             fmt(r.get("trainable_percent"), ".3f"), fmt(r.get("peak_memory_mb"), ".0f"),
             fmt(r.get("train_time_s"), ".1f"), fmt(r.get("train_samples_per_s"), ".1f"),
-            fmt(r.get("train_tokens_per_s"), ".0f"), fmt(val.get(metrics[0]), ".3f"),
-            *[fmt(test.get(m), ".3f") for m in metrics]]) + " |")
+            fmt(r.get("train_tokens_per_s"), ".0f"), metric_text(val.get(metrics[0])),
+            *[metric_text(test.get(m)) for m in metrics]]) + " |")
     return lines
 
 
@@ -71,8 +71,9 @@ def verdict_text(verdict: dict) -> str:
         return "best"
     if verdict["result"] == "unranked":
         return "unranked (no finite value)"
-    p = f", p = {verdict['p_value']:.3f}" if verdict.get("p_value") is not None else ""
-    return f"{verdict['result']} ({verdict['mean_difference']:+.3f}{p})"
+    p_value = verdict.get("p_value")
+    p = "" if p_value is None else ", p < 0.001" if p_value < 0.001 else f", p = {p_value:.3f}"
+    return f"{verdict['result']} ({metric_text(verdict['mean_difference'], signed=True)}{p})"
 
 
 def baseline_lines(job: dict[str, Any]) -> list[str]:
@@ -82,7 +83,7 @@ def baseline_lines(job: dict[str, Any]) -> list[str]:
     parts = []
     for split in ("validation", "test"):
         values = baseline.get(split) or {}
-        shown = ", ".join(f"{m} {fmt(values.get(m), '.3f')}" for m in ordered_metrics(job) if m in values)
+        shown = ", ".join(f"{m} {metric_text(values.get(m))}" for m in ordered_metrics(job) if m in values)
         if shown:
             parts.append(f"{split}: {shown}")
     return [f"Baseline ({md_text(baseline.get('name', 'reference'))}): {'; '.join(parts)}."]
@@ -116,8 +117,8 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
         weak = [md_text(e["method"]) for e in entries if e["metrics"][metric]["mean"] is not None
                 and not clearly_beats(e["metrics"][metric], reference, higher)]
         if weak:
-            notes.append(f"- Not clearly better than the baseline ({reference:.3f}; its interval reaches it, or "
-                         f"no interval): {', '.join(weak)}. These need more steps, a tuned learning rate, or more "
+            notes.append(f"- Not clearly better than the baseline ({metric_text(reference)}; its interval reaches "
+                         f"it, or no interval): {', '.join(weak)}. These need more steps, a tuned learning rate, or more "
                          "data before they say anything.")
     ties = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "tie"]
     return notes + lean_note(ok, best["method"], ties) + cost_notes(ok)

@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from . import stats
-from .view import ordered_metrics
+from .view import metric_text, ordered_metrics
 
 
 def split_of(records: list[dict]) -> str:
@@ -103,6 +103,6 @@ def interval_text(summary: dict) -> str:
     if summary.get("mean") is None:
         return "–"
     if not summary.get("ci95"):
-        return f"{summary['mean']:.3f}"
+        return metric_text(summary["mean"])
     low, high = summary["ci95"]
-    return f"{summary['mean']:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{metric_text(summary['mean'])} [{metric_text(low)}, {metric_text(high)}]"

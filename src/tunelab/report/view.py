@@ -1,6 +1,7 @@
 """What the report needs from a results.json, also from files written before tasks existed."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -43,3 +44,16 @@ def md_text(value: Any) -> str:
     with Markdown's special characters escaped (a `|` would split a table row, `[..](..)` make a link) and `<`
     as an entity, so report.md shows no markup from data; report.html renders none either (html.py)."""
     return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).split())).replace("<", "&lt;")
+
+
+def metric_text(value: float | None, signed: bool = False) -> str:
+    """A metric at three decimals, or three significant digits where three decimals would show 0.000 for a
+    value that is not zero (a loss of 4e-4) or a long run of digits (a perplexity of 1e300)."""
+    if value is None:
+        return "–"
+    if not math.isfinite(value):
+        return str(value)
+    sign = "+" if signed else ""
+    if value != 0 and (abs(value) < 0.0095 or abs(value) >= 1e6):
+        return format(value, f"{sign}.3g")
+    return format(value, f"{sign}.3f")

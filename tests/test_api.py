@@ -2,7 +2,9 @@
 messages, nothing left changed in the caller's process, and callable from any thread."""
 from __future__ import annotations
 
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +23,13 @@ def problems_of(call, *args, **kwargs) -> str:
 
 
 def test_every_command_is_a_function_even_after_its_subpackage_is_imported():
-    import tunelab.estimate.recommend  # noqa: F401  (the commands import these lazily)
+    import tunelab.estimate as estimate_package  # the commands import these lazily; users may too
     import tunelab.report.markdown  # noqa: F401
-    import tunelab.sweep.space  # noqa: F401
+    import tunelab.sweep.space as space
 
     for name in ("compare", "validate", "sweep", "predict", "export", "estimate", "recommend", "report"):
         assert callable(getattr(tunelab, name)), name
+    assert hasattr(estimate_package, "fake_step_of") and space.__name__ == "tunelab.sweep.space"
 
 
 def test_plan_commands_check_their_arguments_as_the_cli_does(tiny_overrides):
@@ -53,6 +56,8 @@ def test_predict_checks_its_arguments_and_takes_one_text(tiny_overrides, tmp_pat
 
 def test_a_config_object_is_checked_again_and_settings_of_sweeps_fail_validate(tiny_overrides):
     cfg = load_config(None, tiny_overrides)
+    cfg.data.train_file = Path(cfg.data.train_file)  # a path object is a path
+    assert tunelab.validate(cfg).config.data.train_file == str(cfg.data.train_file)
     cfg.train.lr = -1.0
     assert "train.lr: -1.0 is not allowed; must be > 0" in problems_of(tunelab.validate, cfg)
     problems = problems_of(load_config, None, [*tiny_overrides, "sweep.metric=bogus", "train.seed=-5",
@@ -62,6 +67,11 @@ def test_a_config_object_is_checked_again_and_settings_of_sweeps_fail_validate(t
     assert "sweep.space.lora.rnk: lora has no option 'rnk'" in problems
     assert "sweep.space.lora.r: expected {low, high[, log]} or {choices: [...]}" in problems
     assert "sweep.space: expected a mapping, got 5" in problems_of(load_config, None, ["sweep.space=5"])
+    # a shared file's ranges for methods a run leaves out are fine until a sweep would search them
+    narrowed = load_config(None, ["methods=lora", "sweep.space={full.lr: {low: 1e-5, high: 1e-4}}"])
+    assert "names neither train.* nor a selected method (lora)" in problems_of(
+        tunelab.compare, narrowed, output_dir=Path(tempfile.mkdtemp()) / "x", tune=1)
+    assert "data.train_split: expected a string, got None" in problems_of(load_config, None, ["data.train_split=null"])
     # PyYAML reads 1e-5 as text: the range is still a range of numbers, compared as numbers
     space = load_config(None, ["sweep.space={train.lr: {low: 1e-5, high: 1e-3, log: true}}"]).sweep.space
     assert space["train.lr"]["low"] == "1e-5"

@@ -21,8 +21,8 @@ FP32 = ["train.precision=fp32", "train.epochs=2", "train.log_every_steps=1", "tr
 STEPS = 40  # 160 toy rows / batch 8 × 2 epochs
 
 
-def cli(args: list[str], out: Path, fault: str = "", launcher: list[str] | None = None):
-    env = {**os.environ, "TUNELAB_FAULT": fault}
+def cli(args: list[str], out: Path, fault: str = "", launcher: list[str] | None = None, fault_rank: str = ""):
+    env = {**os.environ, "TUNELAB_FAULT": fault, **({"TUNELAB_FAULT_RANK": fault_rank} if fault_rank else {})}
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
     command = [*(launcher or [sys.executable]), "-m", "tunelab", "compare", *args, "--output", str(out),
@@ -176,6 +176,17 @@ def test_a_run_failing_in_its_processes_is_recorded_and_the_next_one_trains(sing
     got = methods(tmp_path / "f")
     assert got["full"]["status"] == "failed" and "injected fault at step=2" in got["full"]["error"]
     assert got["lora"]["status"] == "success"
+
+
+def test_a_killed_rank_is_named_as_the_cause(single, tmp_path):
+    """Rank 1 dies; rank 0, waiting for it in a collective, fails with gloo's "connection reset" and writes the
+    record: the record must say which rank failed first."""
+    overrides, _ = single
+    result = cli([*overrides, "train.epochs=1", "methods=full", "--nproc", "2"], tmp_path / "k",
+                 fault="kill@step=2", fault_rank="1")
+    assert result.returncode == 1
+    error = methods(tmp_path / "k")["full"]["error"]
+    assert "rank 1 of 2 killed by SIGKILL" in error, error
 
 
 def test_torchrun_launch_trains_in_its_processes(single, tmp_path):

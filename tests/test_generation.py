@@ -116,6 +116,9 @@ def test_a_template_that_moves_the_system_turn_trains_on_the_prompt_generation_s
     prompt, response = prompt_and_response(turns, tokenizer)
     assert prompt == prompt_text(turns[:-1], tokenizer) == "[INST] be brief is it good [/INST]"
     assert response == "yes</s>"
+    for answer in ("<", ">", "s"):  # answers that occur inside the end marker itself
+        assert prompt_and_response([*turns[:-1], {"role": "assistant", "content": answer}], tokenizer)[1] == \
+            answer + "</s>"
 
 
 def test_chat_rows_without_any_prompt_text_are_dropped_and_counted():
@@ -126,6 +129,7 @@ def test_chat_rows_without_any_prompt_text_are_dropped_and_counted():
 
     frame = pd.DataFrame({"messages": [
         [{"role": "user", "content": "  "}, {"role": "assistant", "content": "yes"}],
-        [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]})
+        [{"role": "system", "content": ""}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "yo"}]]})
     chats, dropped = conversations(frame, load_config(None, ["task=causal-lm"]))
     assert len(chats) == 1 and dropped["empty prompt"] == 1

@@ -141,7 +141,8 @@ def test_an_epoch_is_the_rows_a_run_would_train_on_counted_in_local_data(tiny_be
     from tunelab.cli import main
     from tunelab.estimate import estimate
 
-    base = [f"model.name_or_path={tiny_bert}", "data.max_length=32", "train.batch_size=8", "methods=lora"]
+    base = [f"model.name_or_path={tiny_bert}", "data.max_length=32", "train.batch_size=8", "methods=lora",
+            "train.precision=fp32"]
     with_validation = load_config(None, [*base, f"data.train_file={toy_data['train']}",
                                          f"data.validation_file={toy_data['validation']}"])
     assert estimate(with_validation)["train_rows"] == 160  # the file's rows, not an unknown epoch

@@ -35,7 +35,7 @@ def report_of(tmp_path: Path, payload: dict) -> str:
 def test_markup_in_data_and_records_is_shown_as_text_and_only_own_plots_are_embedded(tmp_path):
     (tmp_path.parent / "secret.txt").write_text("SECRET-TOKEN")
     payload = json.loads(LEGACY.read_text())
-    payload["job"]["labels"] = ["<script>alert('label')</script>", "a|b"]
+    payload["job"]["labels"] = ["<script>alert('label')</script>", "a|b", "&lt;b&gt;"]
     failed = {**payload["methods"][1], "status": "failed", "method": "bit|fit",
               "error": "<img alt=\"x\" src=\"../secret.txt\"> ![y](../secret.txt) [link](javascript:alert(1))"}
     payload["methods"].append(failed)
@@ -43,6 +43,7 @@ def test_markup_in_data_and_records_is_shown_as_text_and_only_own_plots_are_embe
     page = (tmp_path / "report.html").read_text()
     assert "<script" not in page and "javascript:" not in page.replace("javascript:alert(1))", "")
     assert "&lt;script&gt;alert('label')&lt;/script&gt;" in page  # shown, as written
+    assert "&amp;lt;b&amp;gt;" in page  # an entity in the data is shown as the entity, not the character
     embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
     assert embedded and all(b"SECRET-TOKEN" not in data for data in embedded)
     # and should an image reference reach the Markdown, only the report's own plots are read
@@ -67,6 +68,11 @@ def test_a_method_with_a_diverged_seed_ranks_last_and_never_as_a_tie(tmp_path):
     lora = next(line for line in ranking if " lora " in line)
     assert "non-finite (2 of 3 runs)" in lora and "unranked" in lora and "tie" not in lora
     assert "No finite accuracy (a run diverged, or gave none): " in report
+    for r in payload["methods"]:
+        r["test"]["accuracy"] = float("nan")
+    (tmp_path / "all").mkdir()
+    report = report_of(tmp_path / "all", payload)
+    assert "| best |" not in report and "- No method has a finite accuracy" in report
 
 
 def test_records_missing_optional_fields_still_report(tmp_path):
@@ -116,5 +122,6 @@ def test_small_and_huge_numbers_keep_their_digits():
 
     assert interval_text({"mean": 4.2e-4, "ci95": [3.1e-4, 5.3e-4]}) == "0.00042 [0.00031, 0.00053]"
     assert interval_text({"mean": 1e300}) == "1e+300" and interval_text({"mean": 0.8375}) == "0.838"
-    assert verdict_text({"result": "worse", "mean_difference": 2.5e-4, "p_value": 0.0004}) == "worse (+0.00025, p < 0.001)"
+    worse = {"result": "worse", "mean_difference": 2.5e-4, "p_value": 0.0004}
+    assert verdict_text(worse) == "worse (+0.00025, p < 0.001)"
     assert human_count(6_738_415_616) == "6.74 B"

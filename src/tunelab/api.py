@@ -168,6 +168,15 @@ def run_flag_problems(seeds: int, tune: int, isolate: bool, nproc: int | None) -
     return problems + launcher_problems(nproc)
 
 
+def tuning_problems(cfg: ExperimentConfig, tune: int | None) -> list[str]:
+    """`compare --tune` searches sweep.space as a sweep does: its entries must name selected methods."""
+    if not tune:
+        return []
+    from .sweep.space import space_problems
+
+    return space_problems(cfg)
+
+
 def process_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
     """Every process needs at least one row of each micro-batch of a full global batch; sharding needs processes."""
     problems = ["train.fsdp: needs several processes to shard over (--nproc N, torchrun or accelerate launch); "
@@ -223,7 +232,7 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         warm_up()  # the runs' process server imports the libraries while the job is prepared
     early = flag_problems + run_flag_problems(seeds, tune, isolate, nproc)
     cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite,
-                           lambda cfg: early + process_problems(cfg, nproc or 1))
+                           lambda cfg: early + process_problems(cfg, nproc or 1) + tuning_problems(cfg, tune))
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume, flags)
         done = finished_records(out_dir) if resume else {}

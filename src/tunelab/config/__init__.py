@@ -336,7 +336,7 @@ def from_dict(raw: dict, problems: list[str]) -> ExperimentConfig:
     config = ExperimentConfig(task=task, **built, methods=methods, method_options=options, task_options=task_options)
     from ..sweep.space import space_problems  # a bad range fails `validate`, not trial 1 of `compare --tune`
 
-    problems += space_problems(config)
+    problems += space_problems(config, tuning=False)
     return config
 
 

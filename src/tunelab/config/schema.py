@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from typing import Any
@@ -72,11 +73,10 @@ class ScalarText(str):
         return repr(self.parsed)
 
     def for_hint(self, hint: Any) -> Any:
+        if self.parsed is None:  # `null`, `~`: no value, for every field (as in a config file)
+            return None
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            inner = [a for a in typing.get_args(hint) if a is not type(None)]
-            if self.parsed is None and len(inner) < len(typing.get_args(hint)):
-                return None
-            hint = inner[0]
+            hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
         if hint is str:
             return str(self)
         if hint in (int, float):
@@ -121,8 +121,8 @@ def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     if hint is float:
         return _coerce_float(value, path, problems)
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, (str, int, float, os.PathLike)) and not isinstance(value, bool):
+            return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
         problems.append(f"{path}: expected a string, got {value!r}")
         return None
     return plain(value)

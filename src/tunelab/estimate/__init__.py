@@ -204,3 +204,9 @@ def fake_step_of(prepared: nn.Module, prepare_at, measure, depths: list[int], la
             return step, (f"fake steps of {' and '.join(map(str, depths))} blocks, extrapolated to "
                           f"{layers} identical ones")
     return measure(prepared), "fake step"
+
+
+# `tunelab.estimate(...)` runs the estimate command (`tunelab.api_plan.estimate`), this package being that name too
+from .._commands import make_callable  # noqa: E402
+
+make_callable(__name__, "tunelab.api_plan", "estimate")

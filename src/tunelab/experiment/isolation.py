@@ -71,17 +71,21 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     stop = StopRequest()
     try:
-        code = run_processes([str(out_dir), str(spec_path)], nproc, stop)
+        code, failed_rank = run_processes([str(out_dir), str(spec_path)], nproc, stop)
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
     cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    process = f"rank {failed_rank} of {nproc}" if failed_rank is not None else "process"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if failed_rank and record.get("status") == "failed":  # rank 0 wrote it, about losing the rank that failed
+            record["error"] = f"{process} {cause} first; rank 0 then: {record.get('error')}"
+        return record
     # stopped before its loop could checkpoint (still loading): an interrupted run, and the experiment stops
     status = "interrupted" if stop.signum else "failed"
     return {"method": run.method, "run_id": run.run_id, "seed": run.seed, "status": status, "config": config,
-            "error": f"the run's process {cause} before writing its result; continue with --resume"}
+            "error": f"the run's {process} {cause} before writing its result; continue with --resume"}
 
 
 class StopRequest:
@@ -113,14 +117,15 @@ def stops_forwarded(procs: list, stop: StopRequest | None):
             signal.signal(signum, handler)
 
 
-def run_processes(args: list[str], nproc: int, stop: StopRequest | None = None) -> int:
-    """Run the worker as `nproc` ranks of one process group; the exit code of the first to fail, else 0.
+def run_processes(args: list[str], nproc: int, stop: StopRequest | None = None) -> tuple[int, int | None]:
+    """Run the worker as `nproc` ranks of one process group; the exit code of the first to fail (else 0), and
+    that rank (None for one process).
 
     A rank that fails leaves the others waiting in a collective, so the rest are stopped then."""
     if nproc == 1:
         process = forkserver.start_process(WORKER, args, dict(os.environ))
         with stops_forwarded([process], stop):
-            return process.wait()
+            return process.wait(), None
     port = free_port()
     procs = []
     try:
@@ -133,16 +138,18 @@ def run_processes(args: list[str], nproc: int, stop: StopRequest | None = None) 
         return wait_for_ranks(procs)
 
 
-def wait_for_ranks(procs: list) -> int:
-    first_failure = 0  # the code of the process that failed first: the others are only stopped because of it
+def wait_for_ranks(procs: list) -> tuple[int, int | None]:
+    """The exit code and rank of the process that failed first: the others are only stopped because of it.
+    Where several are found failed at once, one killed by a signal is the cause (the others then lost their
+    connection to it: gloo's "connection reset")."""
     while any(p.poll() is None for p in procs):
-        failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
+        failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.poll() not in (None, 0)]
         if failed:
-            first_failure = failed[0]
+            rank, code = min(failed, key=lambda item: (item[1] >= 0, item[0]))
             stop_all(procs)
-            break
+            return code, rank
         time.sleep(0.1)
-    return first_failure or next((p.returncode for p in procs if p.returncode != 0), 0)
+    return next(((p.returncode, rank) for rank, p in enumerate(procs) if p.returncode != 0), (0, None))
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:

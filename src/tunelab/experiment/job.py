@@ -22,7 +22,7 @@ from ..models.loading import (load_pretrained, load_tokenizer, missing_weights_m
                               resolve_model_path, skeleton)
 from ..models.structure import max_positions, positions_are_a_table
 from ..tasks.base import EvalSetup, Task, TaskData
-from ..train.setup import device_problems
+from ..train.setup import device_problems, thread_problems
 
 
 @dataclass
@@ -95,7 +95,7 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
     if model_config is not None:
         problems += length_problems(cfg, model_config)
         problems += method_problems(cfg, model_path, task)
-    problems += device_problems(cfg.train.device, "train.device")
+    problems += device_problems(cfg.train.device, "train.device") + thread_problems(cfg.train.threads)
     if frames is not None and cfg.train.batch_size > len(frames["train"]):
         problems.append(f"train.batch_size: {cfg.train.batch_size} is larger than the "
                         f"{len(frames['train'])} training rows; use at most {len(frames['train'])}")

@@ -100,6 +100,8 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
     metric = ordered_metrics(job)[0]
     higher = job["metrics"].get(metric) == "higher"
     best = entries[0]
+    if best["verdict"]["result"] == "unranked":  # ranked last are those without a value: here, every method
+        return notes + [f"- No method has a finite {metric} (each diverged, or gave none): nothing is ranked."]
     split = "test" if best["split"] == "test" else "validation (best checkpoint)"
     notes.append(f"- Best {split} {metric} ({'higher' if higher else 'lower'} is better): "
                  f"**{md_text(best['method'])}**, {interval_text(best['metrics'][metric])}.")
@@ -118,8 +120,8 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
                 and not clearly_beats(e["metrics"][metric], reference, higher)]
         if weak:
             notes.append(f"- Not clearly better than the baseline ({metric_text(reference)}; its interval reaches "
-                         f"it, or no interval): {', '.join(weak)}. These need more steps, a tuned learning rate, or more "
-                         "data before they say anything.")
+                         f"it, or no interval): {', '.join(weak)}. These need more steps, a tuned learning rate, "
+                         "or more data before they say anything.")
     ties = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "tie"]
     return notes + lean_note(ok, best["method"], ties) + cost_notes(ok)
 

@@ -53,7 +53,7 @@ def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> 
 
 
 def verdict(entry: dict, best: dict, by_method: dict, split: str, metric: str, higher: bool, task) -> dict:
-    if entry is best:
+    if entry is best and best["metrics"][metric]["mean"] is not None:
         return {"against": None, "result": "best"}
     if entry["metrics"][metric]["mean"] is None or best["metrics"][metric]["mean"] is None:
         return {"against": best["method"], "test": None, "p_value": None, "significant": False,

@@ -41,9 +41,9 @@ MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|])")
 
 def md_text(value: Any) -> str:
     """Text from the data or a record (labels, prompts, answers, errors, names), shown as itself: on one line,
-    with Markdown's special characters escaped (a `|` would split a table row, `[..](..)` make a link) and `<`
-    as an entity, so report.md shows no markup from data; report.html renders none either (html.py)."""
-    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).split())).replace("<", "&lt;")
+    with Markdown's special characters escaped (a `|` would split a table row, `[..](..)` make a link) and `&`
+    and `<` as entities, so report.md shows no markup from data; report.html renders none either (html.py)."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).split())).replace("&", "&amp;").replace("<", "&lt;")
 
 
 def metric_text(value: float | None, signed: bool = False) -> str:

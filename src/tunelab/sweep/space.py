@@ -22,8 +22,13 @@ def method_space(cfg, method: str) -> dict[str, dict[str, Any]]:
     return space
 
 
-def space_problems(cfg) -> list[str]:
-    """Each `sweep.space` entry: a range or choices, for an option that exists, of train or a selected method."""
+def space_problems(cfg, tuning: bool = True) -> list[str]:
+    """Each `sweep.space` entry: a range or choices, for an option that exists, of train or of a method that
+    is selected (`tuning`: what a sweep or `compare --tune` will search) or registered (any config, which may
+    narrow `methods` of a shared file without searching)."""
+    from ..methods.base import registry
+
+    sections = ("train", *(cfg.methods if tuning else registry()))
     problems = []
     for key, spec in (cfg.sweep.space or {}).items():
         if spec is None:
@@ -35,9 +40,9 @@ def space_problems(cfg) -> list[str]:
                             f"got {spec['low']!r} and {spec['high']!r}")
         elif "low" in spec and not number(spec["low"]) < number(spec["high"]):  # '1e-5' is text to PyYAML
             problems.append(f"sweep.space.{key}: low {spec['low']!r} must be below high {spec['high']!r}")
-        elif str(key).split(".")[0] not in ("train", *cfg.methods):
-            problems.append(f"sweep.space.{key}: names neither train.* nor a selected method "
-                            f"({', '.join(cfg.methods)})")
+        elif str(key).split(".")[0] not in sections:
+            problems.append(f"sweep.space.{key}: names neither train.* nor a {'selected' if tuning else 'known'} "
+                            f"method ({', '.join(sections[1:])})")
         else:
             problems += option_problems(str(key))
     return problems

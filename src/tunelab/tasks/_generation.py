@@ -13,8 +13,6 @@ from torch import nn
 
 from ..data import Encoded
 
-GENERATION_BATCH = 16
-
 
 def generate(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new_tokens: int) -> list[str]:
     """Greedy continuations of each row's prompt, decoded without special tokens."""
@@ -33,8 +31,8 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
     model.eval()
     outputs: list[list[int]] = []
     with torch.inference_mode(), setup.autocast():
-        for start in range(0, len(rows), GENERATION_BATCH):
-            chunk = rows[start:start + GENERATION_BATCH]
+        for start in range(0, len(rows), setup.batch_size):  # train.eval_batch_size, predict's --batch-size
+            chunk = rows[start:start + setup.batch_size]
             args = (model, data, chunk, setup.device, max_new_tokens, pad, stops)
             new = checked_against_forward(cached_after_virtual, *args) if cached_after_virtual else greedy_cached(*args)
             outputs += [until_end(row, stops) for row in new]

@@ -256,11 +256,16 @@ def prompt_and_response(turns: list[dict], tokenizer) -> tuple[str, str]:
             return prompt, full[len(prompt):]
         # A template that renders earlier turns differently once an answer follows (Mistral's puts the system
         # message into the last user turn only while that turn is the last): train on the prompt as
-        # generation will frame it, then the answer and the end marker the template writes after it.
-        end = full.rfind(answer) if answer else -1
-        if end >= 0:
-            return prompt, answer + full[end + len(answer):]
+        # generation will frame it, then the answer and the end marker the template writes after an answer
+        # (found after a stand-in answer: the real one may occur in the marker, `<` in `</s>`).
+        marked = tokenizer.apply_chat_template([*turns[:-1], {**turns[-1], "content": STAND_IN_ANSWER}],
+                                               tokenize=False)
+        if STAND_IN_ANSWER in marked:
+            return prompt, answer + marked[marked.rfind(STAND_IN_ANSWER) + len(STAND_IN_ANSWER):]
     return prompt, answer + (tokenizer.eos_token or "")
+
+
+STAND_IN_ANSWER = "tunelab-answer-7f3c9"
 
 
 def prompt_text(turns: list[dict], tokenizer) -> str:

@@ -6,6 +6,8 @@ die, raise or be interrupted at a named point, so tests can prove that resume is
     TUNELAB_FAULT="kill@checkpoint"      SIGKILL in the middle of writing a checkpoint
     TUNELAB_FAULT="interrupt@step=3"     the same as Ctrl-C after step 3
 
+With TUNELAB_FAULT_RANK=N only process rank N of a multi-process run (its RANK variable) takes the fault.
+
 Unset (always, outside tests) it costs one dictionary lookup per call.
 """
 from __future__ import annotations
@@ -27,6 +29,9 @@ def fault_point(point: str) -> None:
     target, _, rest = spec.rpartition("/")
     action, _, where = rest.partition("@")
     if where != point or (target and target != current_method):
+        return
+    rank = os.environ.get("TUNELAB_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

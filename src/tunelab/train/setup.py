@@ -60,6 +60,14 @@ def device_problems(device: str, field: str) -> list[str]:
     return []
 
 
+def thread_problems(threads: int | None) -> list[str]:
+    """More torch threads than cores only slows a step down (and many thousands fail to start at all)."""
+    cores = os.cpu_count() or 1
+    if threads and threads > cores:
+        return [f"train.threads: {threads} is more than this machine's {cores} CPU cores; allowed: 1..{cores}"]
+    return []
+
+
 def make_accelerator(cfg: TrainConfig, precision: str | None = None):
     """accelerate's Accelerator for `cfg`, in `precision` (default: the device's rule for train.precision)."""
     from accelerate import Accelerator

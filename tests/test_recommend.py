@@ -155,3 +155,17 @@ def test_an_epoch_is_the_rows_a_run_would_train_on_counted_in_local_data(tiny_be
     missing = load_config(None, [*base, f"data.train_file={tmp_path / 'gone.csv'}", "data.max_train_samples=50"])
     result = estimate(missing)
     assert result["train_rows"] == 50 and "could not be counted" in result["train_rows_source"]
+
+
+def test_a_resumed_experiment_is_stored_once(tmp_path, monkeypatch):
+    from tunelab.estimate.store import append_summary
+
+    monkeypatch.setenv("TUNELAB_RESULTS_DB", str(tmp_path / "results.db"))
+    record = {"method": "lora", "status": "success", "steps": 500, "total_params": 1000, "peak_memory_mb": 1.0,
+              "train_time_s": 2.0}
+    payload = {"job": {"task": "classification", "metric_for_best": "accuracy", "metrics": {"accuracy": "higher"}},
+               "methods": [record],
+               "summary": [{"method": "lora", "n": 1, "metrics": {"accuracy": {"mean": 0.8, "ci95": None}}}]}
+    for _ in range(2):  # finished, then --resume'd (which writes the summary again)
+        assert append_summary(tmp_path / "exp", payload) == 1
+    assert len(similar_results("classification", 1000)) == 1

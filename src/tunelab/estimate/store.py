@@ -29,7 +29,8 @@ def connect() -> sqlite3.Connection:
 
 
 def append_summary(out_dir: Path, payload: dict[str, Any]) -> int:
-    """One row per summarised method of a finished comparison; rows written."""
+    """One row per summarised method of a finished comparison, replacing what the same experiment folder
+    wrote before (a resumed comparison is one experiment, not two); rows written."""
     job, summary = payload.get("job") or {}, payload.get("summary") or []
     metric = job.get("metric_for_best")
     records = [r for r in payload.get("methods", []) if r.get("status") == "success"]
@@ -44,8 +45,10 @@ def append_summary(out_dir: Path, payload: dict[str, Any]) -> int:
                      job.get("model_path"), mine[0].get("total_params") if mine else None, job.get("train_rows"),
                      entry["method"], metric, int(job["metrics"].get(metric) == "higher"), stats.get("mean"),
                      ci[0], ci[1], entry.get("n"), mean_of(mine, "peak_memory_mb"), mean_of(mine, "train_time_s"),
-                     str(out_dir)))
+                     str(Path(out_dir).resolve())))
     with connect() as connection:
+        earlier = (str(out_dir), str(Path(out_dir).resolve()))  # rows written before paths were resolved too
+        connection.execute("DELETE FROM results WHERE experiment IN (?, ?)", earlier)
         connection.executemany(f"INSERT INTO results VALUES ({', '.join('?' * 15)})", rows)
     return len(rows)
 

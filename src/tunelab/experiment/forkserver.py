@@ -153,7 +153,10 @@ class ForkServer:
                       "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),  # runs never download; the parent did
                       "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}  # is_available() without CUDA's runtime
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())], env=server_env,
+        # imported by name, not run with -m: `import tunelab` has imported this module already (runpy warned
+        # that it "may result in unpredictable behaviour" on every compare)
+        serve_here = f"import socket, sys; from {__name__} import serve; serve(socket.socket(fileno=int(sys.argv[1])))"
+        self.process = subprocess.Popen([sys.executable, "-c", serve_here, str(theirs.fileno())], env=server_env,
                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self.sock = ours
@@ -371,7 +374,7 @@ def become_run(request: dict, fds: list[int], default_threads: int) -> None:
     """Give the forked process what a fresh one would have: signals, streams, folder, environment, threads."""
     import torch
 
-    # this file runs as __main__ in the server; the run asks the module by its name
+    # (run as __main__ by hand, this file is also imported by name: the run asks the module by its name)
     importlib.import_module(__spec__.name if __spec__ else __name__).forked_run = True
     signal.signal(signal.SIGINT, signal.SIG_IGN if request["ignore_sigint"] else signal.default_int_handler)
     for target, fd in enumerate(fds):

@@ -143,13 +143,26 @@ def wait_for_ranks(procs: list) -> tuple[int, int | None]:
     Where several are found failed at once, one killed by a signal is the cause (the others then lost their
     connection to it: gloo's "connection reset")."""
     while any(p.poll() is None for p in procs):
-        failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.poll() not in (None, 0)]
-        if failed:
-            rank, code = min(failed, key=lambda item: (item[1] >= 0, item[0]))
+        if any(p.poll() not in (None, 0) for p in procs):
+            # a rank that lost its peer may exit before the peer's death is reported: wait a moment for it
+            settle = time.monotonic() + 2.0
+            while time.monotonic() < settle and not any((p.poll() or 0) < 0 for p in procs) \
+                    and any(p.poll() is None for p in procs):
+                time.sleep(0.05)
+            code, rank = first_failure(procs)
             stop_all(procs)
             return code, rank
         time.sleep(0.1)
-    return next(((p.returncode, rank) for rank, p in enumerate(procs) if p.returncode != 0), (0, None))
+    return first_failure(procs)  # all ended between two looks
+
+
+def first_failure(procs: list) -> tuple[int, int | None]:
+    """(code, rank) of the failed rank to blame, one killed by a signal first; (0, None) if none failed."""
+    failed = [(rank, p.poll()) for rank, p in enumerate(procs) if p.poll() not in (None, 0)]
+    if not failed:
+        return 0, None
+    rank, code = min(failed, key=lambda item: (item[1] >= 0, item[0]))
+    return code, rank
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:

@@ -96,3 +96,13 @@ def test_compare_leaves_the_callers_threads_alone_and_runs_from_another_thread(t
     worker.start()
     worker.join()
     assert outcome["result"].exit_code == 0
+
+
+def test_config_problems_come_with_the_data_and_model_problems_they_do_not_hide(tiny_overrides, tmp_path):
+    missing = f"data.test_file={tmp_path / 'nope.csv'}"
+    problems = problems_of(tunelab.validate, None, [*tiny_overrides, missing, "lora.r=0", "train.batch_size=abc"])
+    assert "lora.r: 0 is not allowed; must be > 0" in problems and "nope.csv' does not exist" in problems
+    assert problems.count("train.batch_size") == 1  # its default is not checked again against the data
+    # a refused data setting would check the data against a value the user did not mean: only the config's
+    problems = problems_of(tunelab.validate, None, [*tiny_overrides, missing, "data.max_length=abc"])
+    assert "data.max_length: expected an integer" in problems and "nope.csv" not in problems

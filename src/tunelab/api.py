@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ExperimentConfig, load_config, with_overrides
+from .config import ExperimentConfig, config_and_problems, load_config, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import (RUN_FILE, ExperimentLock, finished_records, resumed_flags, saved_config,
                                 write_run_file)
@@ -66,20 +66,40 @@ def validate(config: str | Path | ExperimentConfig | None = None, overrides: Seq
              nproc: int = 1) -> Job:
     """Check config, model and data without training, for a run of `nproc` processes (what compare checks
     besides); raises TunelabInputError listing every problem."""
-    cfg = resolve(config, overrides)
-    problems = process_problems(cfg, nproc) if nproc >= 1 else [f"--nproc: {nproc} is not allowed; must be >= 1"]
+    cfg, problems = resolve_with_problems(config, overrides)
+    problems += process_problems(cfg, nproc) if nproc >= 1 else [f"--nproc: {nproc} is not allowed; must be >= 1"]
     return prepared(cfg, problems)
 
 
+def resolve_with_problems(config: str | Path | ExperimentConfig | None,
+                          overrides: Sequence[str] | None = ()) -> tuple[ExperimentConfig, list[str]]:
+    """As `resolve`, with the config's problems returned instead of raised (see `prepared`)."""
+    if isinstance(config, ExperimentConfig) or isinstance(overrides, str):
+        return resolve(config, overrides), []
+    return config_and_problems(config, list(overrides or []))
+
+
 def prepared(cfg: ExperimentConfig, problems: list[str]) -> Job:
-    """The prepared job, or `problems` and the job's own problems together."""
+    """The prepared job, or `problems` and the job's own problems together: all at once, the model's and the
+    data's too, unless a problem is in what reading them depends on (task, model, data, the config file)."""
+    if any(blocks_reading(p) for p in problems):
+        raise TunelabInputError(problems)
     try:
         job = prepare_job(cfg)
     except TunelabInputError as exc:
-        raise TunelabInputError(problems + exc.problems) from None
+        reported = {p.split(":", 1)[0] for p in problems}  # a refused value's default may be refused again
+        raise TunelabInputError(problems + [p for p in exc.problems if p.split(":", 1)[0] not in reported]) from None
     if problems:
         raise TunelabInputError(problems)
     return job
+
+
+def blocks_reading(problem: str) -> bool:
+    """Whether a config problem leaves the model or data unreadable as the user meant them."""
+    from .tasks.base import registry as task_registry
+
+    section = problem.split(":", 1)[0].split(".")[0].split("[")[0].strip()
+    return section in ("task", "model", "data", "config", *task_registry()) or section.startswith("override")
 
 
 def output_problems(out_dir: Path, overwrite: bool) -> list[str]:
@@ -134,7 +154,8 @@ def checked_job(out_dir: Path, config, overrides, resume: bool, allow_change: bo
     if resume:
         cfg, problems = resume_config(out_dir, config, overrides, allow_change), []
     else:
-        cfg, problems = resolve(config, overrides), output_problems(out_dir, overwrite)
+        cfg, problems = resolve_with_problems(config, overrides)
+        problems += output_problems(out_dir, overwrite)
     job = prepared(cfg, problems + more_problems(cfg))
     out_dir.mkdir(parents=True, exist_ok=True)
     return cfg, job

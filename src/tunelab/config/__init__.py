@@ -203,9 +203,21 @@ class ExperimentConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read YAML (the task's packaged job when `path` is None), apply overrides, validate everything."""
+    config, problems = config_and_problems(path, overrides)
+    if problems:
+        raise TunelabInputError(problems)
+    return config
+
+
+def config_and_problems(path: str | Path | None = None,
+                        overrides: list[str] | None = None) -> tuple[ExperimentConfig, list[str]]:
+    """load_config without raising: the config (a refused value left at its default) and every problem, so a
+    caller can go on to check the model and data and report those problems with the config's."""
     problems: list[str] = []
     raw = read_yaml(Path(path), problems) if path else packaged_job(overrides or [], problems)
-    return with_overrides(raw, overrides or [], problems)
+    for item in overrides or []:
+        apply_override(raw, item, problems)
+    return from_dict(raw, problems), problems
 
 
 def with_overrides(raw: dict, overrides: list[str], problems: list[str] | None = None) -> ExperimentConfig:

@@ -99,6 +99,8 @@ CASES = {
     "accumulation steps beyond the batch": lambda t, b, base: (
         [*base, "train.batch_size=2", "train.gradient_accumulation_steps=4"], ["train.batch_size: 2 rows cannot fill"]),
     "fsdp in one process": lambda t, b, base: ([*base, "train.fsdp=true"], ["train.fsdp: needs several processes"]),
+    "empty lora targets": lambda t, b, base: ([*base, "methods=lora", "lora.target_modules=[]"],
+                                              ["lora.target_modules: [] is not allowed; name at least 1"]),
     "more threads than cores": lambda t, b, base: ([*base, "train.threads=100000"], ["train.threads: 100000 is more"]),
     "seed outside numpy's range": lambda t, b, base: ([*base, "train.seed=-5"], ["train.seed: -5 is not allowed"]),
     "sweep range of an option that does not exist": lambda t, b, base: (

@@ -189,6 +189,10 @@ def check_rule(value: Any, meta: typing.Mapping, path: str, problems: list[str])
     if choices and value not in choices:
         problems.append(f"{path}: {value!r} is not allowed{did_you_mean(value, choices)}; "
                         f"allowed: {one_of(choices)}")
+    if meta.get("min_items") is not None and isinstance(value, list) and len(value) < meta["min_items"]:
+        problems.append(f"{path}: {value!r} is not allowed; name at least {meta['min_items']}, or leave it unset "
+                        "for the default")
+        return
     if meta.get("gt") is not None and not value > meta["gt"]:
         problems.append(f"{path}: {value!r} is not allowed; must be > {meta['gt']}")
     if meta.get("ge") is not None and not value >= meta["ge"]:

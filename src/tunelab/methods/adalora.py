@@ -34,7 +34,7 @@ class AdaLoraOptions(MethodOptions):
     # 0.1: the AdaLoRA authors' GLUE scripts (peft's default is 0.5)
     orth_reg_weight: float = dataclasses.field(default=0.1, metadata={"ge": 0})
     target_modules: list[str] | None = dataclasses.field(
-        default=None, metadata={"help": "module name suffixes; default: the lora method's choice"})
+        default=None, metadata={"min_items": 1, "help": "module name suffixes; default: the lora method's choice"})
 
 
 def schedule(total_steps: int) -> dict[str, int]:

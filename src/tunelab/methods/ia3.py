@@ -17,7 +17,8 @@ from .lora import features, linear_layers, matches
 @dataclass
 class IA3Options(MethodOptions):
     target_modules: list[str] | None = dataclasses.field(
-        default=None, metadata={"help": "module name suffixes; default: peft's per-architecture choice"})
+        default=None,
+        metadata={"min_items": 1, "help": "module name suffixes; default: peft's per-architecture choice"})
     feedforward_modules: list[str] | None = dataclasses.field(default=None, metadata={
         "help": "those of target_modules scaled at their input; default: peft's per-architecture choice"})
 

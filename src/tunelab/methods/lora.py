@@ -19,7 +19,8 @@ class LoraOptions(MethodOptions):
     alpha: float = dataclasses.field(default=16.0, metadata={"gt": 0})
     dropout: float = dataclasses.field(default=0.1, metadata={"ge": 0, "le": 1})
     target_modules: list[str] | None = dataclasses.field(
-        default=None, metadata={"help": "module name suffixes; default: peft's per-architecture choice"})
+        default=None,
+        metadata={"min_items": 1, "help": "module name suffixes; default: peft's per-architecture choice"})
     bias: str = dataclasses.field(default="none", metadata={"choices": ["none", "all", "lora_only"]})
     use_rslora: bool = dataclasses.field(
         default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (rsLoRA)"})

@@ -134,3 +134,40 @@ def test_a_classlabel_keeps_its_class_order_so_ids_match_the_dataset(tmp_path, t
     assert job.label_names == ["positive", "negative"]  # not sorted: class 0 of the dataset is class 0 here
     rows = job.data.frames["train"].index
     assert job.train.labels.tolist() == [i % 2 for i in rows]
+
+
+def problems_of(overrides) -> str:
+    from tunelab.errors import TunelabInputError
+
+    with pytest.raises(TunelabInputError) as info:
+        validate(None, overrides)
+    return "\n".join(info.value.problems)
+
+
+def test_messy_user_data_gets_clear_answers(tmp_path, tiny_bert):
+    import datasets
+    import pandas as pd
+
+    args = [f"model.name_or_path={tiny_bert}", "data.max_length=32", "train.batch_size=1", "methods=lora"]
+    pd.DataFrame({"text": ["good food", "bad tea", "the box"], "label": ["a", "b", "c"]}).to_csv(
+        tmp_path / "three.csv", index=False)  # every class a single row: nothing to carve a validation split from
+    assert "carved no validation rows" in problems_of([*args, f"data.train_file={tmp_path / 'three.csv'}"])
+    many = pd.DataFrame({"text": [f"text {i} good" for i in range(1000)],
+                         "label": [f"c{i % 500}" for i in range(1000)]})
+    many.to_csv(tmp_path / "many.csv", index=False)
+    capped = [*args, f"data.train_file={tmp_path / 'many.csv'}", "data.max_train_samples=7", "data.max_eval_samples=10"]
+    kept = [set(validate(None, [*capped, f"train.seed={seed}"]).data.frames["train"]["label"]) for seed in (1, 2)]
+    assert len(kept[0]) == 7 and kept[0] != kept[1]  # the seed picks the classes a tiny sample keeps
+    blank = pd.DataFrame({"text": [f"row {i}" for i in range(40)], "label": ["a", "b", "  ", ""] * 10})
+    blank.to_json(tmp_path / "blank.jsonl", orient="records", lines=True)
+    assert "20 rows have no 'label' label" in problems_of([*args, f"data.train_file={tmp_path / 'blank.jsonl'}"])
+    assert "is a file; a data file is data.train_file" in problems_of([*args, f"data.dataset={tmp_path / 'many.csv'}"])
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos", "neutral"])})
+    rows = pd.DataFrame({"text": [f"row {i}" for i in range(20)], "label": [1] * 20})
+    one = datasets.Dataset.from_pandas(rows, features=features, preserve_index=False)
+    datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(tmp_path / "oneclass"))
+    problems = problems_of([*args, f"data.dataset={tmp_path / 'oneclass'}"])
+    assert "data.dataset (train): train has one class only (pos)" in problems
+    assert "split 'test' would also be the validation split" in problems_of(
+        [*args, f"data.dataset={tmp_path / 'oneclass'}", "data.train_split=test", "data.validation_split=test"])

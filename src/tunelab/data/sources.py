@@ -31,6 +31,9 @@ def read_dataset_source(name: str, cfg: "DataConfig", allowed: str) -> dict[str,
     path = Path(name).expanduser()
     if path.is_dir():
         loaded = _load_folder(path, cfg)
+    elif path.is_file():
+        raise TunelabInputError([f"data.dataset: {name!r} is a file; a data file is data.train_file (and "
+                                 "data.validation_file, data.test_file), data.dataset a folder or a hub id"])
     elif is_hub_id(name):
         loaded = _load_hub(name, cfg)
     else:
@@ -77,8 +80,15 @@ def pick_splits(loaded, cfg: "DataConfig") -> dict:
     wanted = {"train": cfg.train_split,
               "validation": cfg.validation_split or next((n for n in VALIDATION_NAMES if n in loaded), None),
               "test": cfg.test_split or ("test" if "test" in loaded else None)}
+    if cfg.test_split is None and wanted["test"] in (wanted["train"], wanted["validation"]):
+        wanted["test"] = None  # the default test split is already used for training or validation: none
     problems = [f"data.{split}_split: the dataset has no split {name!r}; its splits are: {', '.join(available)}"
                 for split, name in wanted.items() if name is not None and name not in loaded]
+    # training on the rows that choose or score the model is refused; validation = test stays the user's call
+    # (GLUE's test splits are unlabelled, and its validation split is then both, as papers report it)
+    problems += [f"data.train_split: split {wanted['train']!r} would also be the {role} split (a model chosen or "
+                 "scored on rows it trained on); name a different split for each"
+                 for role in ("validation", "test") if wanted[role] is not None and wanted[role] == wanted["train"]]
     if problems:
         raise TunelabInputError(problems)
     return {split: loaded[name] for split, name in wanted.items() if name is not None}

@@ -27,17 +27,22 @@ def stratified_sample(frame: pd.DataFrame, by: str | None, size: int, seed: int)
         return frame
     rng = np.random.default_rng(seed)
     groups = list(frame.groupby(frame[by].astype(str), sort=True)) if by else [("", frame)]
-    quotas = exact_quotas(np.array([len(rows) for _, rows in groups]), size)
+    # fewer rows than groups: which groups keep a row is the seed's choice (its own stream: the rows drawn
+    # below, and every larger sample, stay as they were)
+    picker = np.random.default_rng([seed, len(groups)]) if size < len(groups) else None
+    quotas = exact_quotas(np.array([len(rows) for _, rows in groups]), size, picker)
     chosen = [rng.choice(rows.index.to_numpy(), size=int(q), replace=False) for (_, rows), q in zip(groups, quotas)]
     return frame[frame.index.isin(np.concatenate(chosen))]
 
 
-def exact_quotas(counts: np.ndarray, size: int) -> np.ndarray:
-    """Rows per group summing to `size` (< counts.sum()): in proportion, rounded by largest remainder (ties to
-    the earlier group); then a group left without a row takes one from the largest, while size allows."""
+def exact_quotas(counts: np.ndarray, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Rows per group summing to `size` (< counts.sum()): in proportion, rounded by largest remainder (ties
+    broken by `rng`, else to the earlier group: fewer rows than groups keep groups the seed picks, not the
+    first in sort order); then a group left without a row takes one from the largest, while size allows."""
     share = counts * size / counts.sum()
     quotas = np.floor(share).astype(int)
-    order = np.argsort(-(share - quotas), kind="stable")
+    tiebreak = rng.permutation(len(counts)) if rng is not None else np.arange(len(counts))
+    order = np.lexsort((tiebreak, -(share - quotas)))
     quotas[order[:size - int(quotas.sum())]] += 1
     if size >= len(counts):
         for empty in np.flatnonzero(quotas == 0):

@@ -96,6 +96,11 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
         problems += length_problems(cfg, model_config)
         problems += method_problems(cfg, model_path, task)
     problems += device_problems(cfg.train.device, "train.device") + thread_problems(cfg.train.threads)
+    if frames is not None and len(frames["validation"]) == 0:
+        problems.append(
+            f"data.validation_fraction: {cfg.data.validation_fraction} of train carved no validation rows (a class "
+            "with one row stays in train); give data.validation_file, or more rows" if source == "carved from train"
+            else f"{where(cfg.data, 'validation')}: has no rows")
     if frames is not None and cfg.train.batch_size > len(frames["train"]):
         problems.append(f"train.batch_size: {cfg.train.batch_size} is larger than the "
                         f"{len(frames['train'])} training rows; use at most {len(frames['train'])}")

@@ -64,14 +64,21 @@ class Classification(Task):
         masks = {}
         for column in filter(None, (text_column(cfg), cfg.data.text_pair_column)):
             masks[f"an empty {column!r}"] = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
-        masks[f"no {label_column(cfg)!r} label"] = frame[label_column(cfg)].isna()
+        label = frame[label_column(cfg)]
+        blank = label.map(lambda value: isinstance(value, str) and not value.strip())  # "" or "  ": no class
+        masks[f"no {label_column(cfg)!r} label"] = label.isna() | blank.astype(bool)
         return masks
 
     def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
         return split_frames(frames, cfg.data, label_column(cfg), cfg.train.seed)
 
     def encode(self, frames: dict[str, pd.DataFrame], tokenizer, cfg) -> TaskData:
-        names = label_names(frames["train"][label_column(cfg)])
+        # every class of the data read (checked to occur in train before data.max_train_samples capped it: a cap
+        # below the number of classes leaves some with no training row, not without a name)
+        column = label_column(cfg)
+        train = frames["train"][column]
+        names = label_names(train if isinstance(train.dtype, pd.CategoricalDtype)
+                            else pd.concat([frame[column].astype(object) for frame in frames.values()]))
         encoded = {split: encode_rows(frame, names, tokenizer, cfg) for split, frame in frames.items()}
         return TaskData(encoded["train"], encoded["validation"], encoded.get("test"), info={"labels": names})
 
@@ -210,15 +217,16 @@ def unhashable_label_problems(frames: dict[str, pd.DataFrame], column: str, cfg)
 
 def check_labels(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]:
     names = label_names(frames["train"][column])
+    occurring = sorted(set(map(label_text, frames["train"][column].dropna())))  # a ClassLabel names all classes
     problems = []
-    if len(names) < 2:
-        problems.append(f"data.{'train_file' if cfg.data.train_file else 'dataset'}: train has one class only "
-                        f"({names[0] if names else 'none'}); classification needs at least two")
+    if len(occurring) < 2:
+        problems.append(f"{where(cfg.data, 'train')}: train has one class only "
+                        f"({occurring[0] if occurring else 'none'}); classification needs at least two")
     for split in ("validation", "test"):
         if split in frames:
             unseen = sorted(set(map(label_text, frames[split][column].dropna())) - set(names))
             if unseen:
-                problems.append(f"data.{split}_file: labels {unseen[:5]} do not occur in train; "
+                problems.append(f"{where(cfg.data, split)}: labels {unseen[:5]} do not occur in train; "
                                 f"train labels are {names}")
     return problems
 

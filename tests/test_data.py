@@ -171,3 +171,14 @@ def test_messy_user_data_gets_clear_answers(tmp_path, tiny_bert):
     assert "data.dataset (train): train has one class only (pos)" in problems
     assert "split 'test' would also be the validation split" in problems_of(
         [*args, f"data.dataset={tmp_path / 'oneclass'}", "data.train_split=test", "data.validation_split=test"])
+
+
+def test_a_row_with_two_faults_is_dropped_and_counted_once(tmp_path, tiny_bert):
+    rows = toy_rows(40)
+    rows.loc[[3, 5], "text"] = " "
+    rows.loc[[3, 7], "label"] = None  # row 3 has both faults
+    rows.to_csv(tmp_path / "train.csv", index=False)
+    job = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={tmp_path / 'train.csv'}",
+                          "data.max_length=32", "train.batch_size=4", "data.drop_invalid_rows=true"])
+    assert sum(job.data.dropped.values()) == 3
+    assert len(job.train) + len(job.validation) == 37

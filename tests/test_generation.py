@@ -133,3 +133,16 @@ def test_chat_rows_without_any_prompt_text_are_dropped_and_counted():
          {"role": "assistant", "content": "yo"}]]})
     chats, dropped = conversations(frame, load_config(None, ["task=causal-lm"]))
     assert len(chats) == 1 and dropped["empty prompt"] == 1
+
+
+def test_numeric_answers_are_trained_as_written_and_list_cells_are_dropped():
+    import pandas as pd
+
+    from tunelab.config import load_config
+    from tunelab.tasks.causal_lm import conversations
+
+    frame = pd.DataFrame({"prompt": ["six times seven", "one", "two", "list"],
+                          "response": [42, None, 7, ["bad", "stale"]]})  # a missing value makes the column float
+    chats, dropped = conversations(frame, load_config(None, ["task=causal-lm"]))
+    assert [c[-1]["content"] for c in chats] == ["42", "7"]  # not "42.0": the answer the model would learn
+    assert dropped["empty response"] == 1 and dropped["prompt or response not text (a list or mapping)"] == 1

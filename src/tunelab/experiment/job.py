@@ -139,10 +139,11 @@ def drop_invalid_rows(frames: dict[str, pd.DataFrame], task: Task, cfg: Experime
         except KeyError:  # a column is missing: check_frames says which
             masks = {}
         invalid = np.zeros(len(frame), dtype=bool)
-        for reason, mask in masks.items():
-            invalid |= mask.to_numpy()
-            if mask.any():
-                dropped[f"{split}: {reason}"] = int(mask.sum())
+        for reason, mask in masks.items():  # a row with two faults is counted once, under its first
+            newly = mask.to_numpy() & ~invalid
+            invalid |= newly
+            if newly.any():
+                dropped[f"{split}: {reason}"] = int(newly.sum())
         kept[split] = frame[~invalid].reset_index(drop=True)
         if len(frame) and invalid.all():
             reasons = ", ".join(reason for reason, mask in masks.items() if mask.any())

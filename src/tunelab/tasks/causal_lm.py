@@ -199,6 +199,10 @@ def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str,
     prompts = frame[columns["data.prompt_column"]].tolist()
     responses = frame[columns["data.response_column"]].tolist()
     for prompt, response in zip(prompts, responses):
+        if not all(is_scalar(value) for value in (prompt, response)):
+            dropped["prompt or response not text (a list or mapping)"] = \
+                dropped.get("prompt or response not text (a list or mapping)", 0) + 1
+            continue
         prompt, response = text_or_empty(prompt), text_or_empty(response)
         if not response.strip():
             dropped["empty response"] += 1
@@ -210,7 +214,17 @@ def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str,
 
 
 def text_or_empty(value) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+    """A cell as text; a whole number read as a float (a numeric column with a missing value) as written: 42, not
+    42.0, which is what the model would learn to answer."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def is_scalar(value) -> bool:
+    return not isinstance(value, (list, tuple, dict, np.ndarray))
 
 
 def content_text(content) -> str | None:

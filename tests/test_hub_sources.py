@@ -32,6 +32,16 @@ def test_a_folder_of_csv_files_is_a_dataset(tmp_path, model_args):
     assert summary["validation_source"] == "carved from train"
 
 
+def test_a_folder_of_csv_files_reads_fields_as_text_as_a_train_file_does(tmp_path, model_args):
+    folder = tmp_path / "coded"
+    folder.mkdir()
+    rows = toy_rows(60, 1)
+    rows["label"] = ["01", "02", "NA"] * 20  # "01" is not 1, and a class may be called NA
+    rows.to_csv(folder / "train.csv", index=False)
+    job = validate(overrides=[*model_args, f"data.dataset={folder}"])
+    assert job.label_names == ["01", "02", "NA"]
+
+
 def class_label_dataset() -> datasets.DatasetDict:
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["neg", "pos"])})

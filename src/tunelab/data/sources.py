@@ -48,12 +48,30 @@ def _load_folder(path: Path, cfg: "DataConfig"):
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
         else:
-            loaded = datasets.load_dataset(str(path), cfg.dataset_config)
+            loaded = datasets.load_dataset(str(path), cfg.dataset_config, **csv_as_text(path))
     except Exception as exc:
         raise TunelabInputError([f"data.dataset: could not read the folder {str(path)!r} with "
                                  f"datasets.load_dataset ({_cause(exc)}); it needs data files such as "
                                  "train.csv and test.csv (or train.jsonl, data/train-*.parquet)"]) from None
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+
+
+def csv_as_text(folder: Path) -> dict:
+    """For a folder of CSV (or TSV) files: datasets' csv builder options that read every field as the text it
+    is, as data.train_file reads a CSV ("01" stays "01", a class "NA" is not missing); nothing for other files."""
+    import datasets
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+    tables = [f for f in files if f.suffix.lower() in (".csv", ".tsv")]
+    if not tables or any(f.suffix.lower() in (".json", ".jsonl", ".parquet", ".arrow") for f in files):
+        return {}
+    sep = "\t" if tables[0].suffix.lower() == ".tsv" else ","
+    try:
+        columns = pd.read_csv(tables[0], sep=sep, nrows=0).columns
+    except Exception:  # unreadable: load_dataset says why
+        return {}
+    return {"sep": sep, "keep_default_na": False, "na_values": [""],
+            "features": datasets.Features({str(c): datasets.Value("string") for c in columns})}
 
 
 def _load_hub(repo_id: str, cfg: "DataConfig"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ExperimentConfig, config_and_problems, load_config, with_overrides
+from .config import ExperimentConfig, config_and_problems, from_dict, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import (RUN_FILE, ExperimentLock, finished_records, resumed_flags, saved_config,
                                 write_run_file)
@@ -34,16 +34,11 @@ class CompareOutcome:
 
 
 def resolve(config: str | Path | ExperimentConfig | None, overrides: Sequence[str] | None = ()) -> ExperimentConfig:
-    """The validated config: a YAML file's (or the packaged job's) with `overrides`, or an ExperimentConfig
-    checked again, since its fields may have been set by hand (`cfg.train.lr = -1`)."""
-    if isinstance(overrides, str):  # one override; iterated as a sequence it would be one per character
-        overrides = [overrides]
-    overrides = list(overrides or [])
-    if isinstance(config, ExperimentConfig):
-        if overrides:
-            raise ValueError("overrides apply to a YAML config, not to an ExperimentConfig object")
-        return with_overrides(config.to_dict(), [])
-    return load_config(config, overrides)
+    """The validated config (see `resolve_with_problems`), or TunelabInputError with every problem."""
+    cfg, problems = resolve_with_problems(config, overrides)
+    if problems:
+        raise TunelabInputError(problems)
+    return cfg
 
 
 def keeps_torch_threads(function):
@@ -67,16 +62,20 @@ def validate(config: str | Path | ExperimentConfig | None = None, overrides: Seq
     """Check config, model and data without training, for a run of `nproc` processes (what compare checks
     besides); raises TunelabInputError listing every problem."""
     cfg, problems = resolve_with_problems(config, overrides)
-    problems += process_problems(cfg, nproc) if nproc >= 1 else [f"--nproc: {nproc} is not allowed; must be >= 1"]
-    return prepared(cfg, problems)
+    return prepared(cfg, problems + process_problems(cfg, nproc))
 
 
 def resolve_with_problems(config: str | Path | ExperimentConfig | None,
                           overrides: Sequence[str] | None = ()) -> tuple[ExperimentConfig, list[str]]:
-    """As `resolve`, with the config's problems returned instead of raised (see `prepared`)."""
-    if isinstance(config, ExperimentConfig) or isinstance(overrides, str):
-        return resolve(config, overrides), []
-    return config_and_problems(config, list(overrides or []))
+    """The config and its problems, not raised (see `prepared`): a YAML file's (or the packaged job's) with
+    `overrides`, or an ExperimentConfig checked again, since its fields may have been set by hand."""
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides or [])  # not one per character
+    if not isinstance(config, ExperimentConfig):
+        return config_and_problems(config, overrides)
+    if overrides:
+        raise ValueError("overrides apply to a YAML config, not to an ExperimentConfig object")
+    problems: list[str] = []
+    return from_dict(config.to_dict(), problems), problems
 
 
 def prepared(cfg: ExperimentConfig, problems: list[str]) -> Job:
@@ -182,9 +181,7 @@ def run_flag_problems(seeds: int, tune: int, isolate: bool, nproc: int | None) -
     problems = [f"--seeds: {seeds} is not allowed; must be >= 1"] if seeds < 1 else []
     if tune < 0 or (tune and not isolate):
         problems.append(f"--tune: {tune} is not allowed; must be >= 0, with every run in its own process")
-    if nproc is not None and nproc < 1:
-        problems.append(f"--nproc: {nproc} is not allowed; must be >= 1")
-    elif nproc and nproc > 1 and not isolate:
+    if nproc and nproc > 1 and not isolate:
         problems.append("--nproc: needs every run in its own processes; drop --in-process")
     return problems + launcher_problems(nproc)
 
@@ -200,6 +197,8 @@ def tuning_problems(cfg: ExperimentConfig, tune: int | None) -> list[str]:
 
 def process_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
     """Every process needs at least one row of each micro-batch of a full global batch; sharding needs processes."""
+    if nproc < 1:
+        return [f"--nproc: {nproc} is not allowed; must be >= 1"]
     problems = ["train.fsdp: needs several processes to shard over (--nproc N, torchrun or accelerate launch); "
                 "with one process set it to false"] if cfg.train.fsdp and nproc == 1 else []
     parts = nproc * cfg.train.gradient_accumulation_steps
@@ -253,7 +252,8 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         warm_up()  # the runs' process server imports the libraries while the job is prepared
     early = flag_problems + run_flag_problems(seeds, tune, isolate, nproc)
     cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite,
-                           lambda cfg: early + process_problems(cfg, nproc or 1) + tuning_problems(cfg, tune))
+                           lambda cfg: early + process_problems(cfg, 1 if nproc is None else nproc)
+                           + tuning_problems(cfg, tune))
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume, flags)
         done = finished_records(out_dir) if resume else {}
@@ -299,12 +299,12 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
     warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))
-    trials_problem = ([f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []) + (
-        [f"--nproc: {nproc} is not allowed; must be >= 1"] if nproc < 1 else []) + launcher_problems(None) + (
-        ["sweep: not under torchrun/accelerate launch (each trial is its own launch); use --nproc N"]
-        if launched_world_size() > 1 else [])
+    run_problems = [f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []
+    run_problems += launcher_problems(None)
+    if launched_world_size() > 1:
+        run_problems.append("sweep: not under torchrun/accelerate launch (each trial is its own launch); use --nproc N")
     cfg, job = checked_job(out_dir, config, overrides, resume, False, overwrite,
-                           lambda cfg: space_problems(cfg) + trials_problem + process_problems(cfg, max(nproc, 1)))
+                           lambda cfg: space_problems(cfg) + run_problems + process_problems(cfg, nproc))
     warm_up(job.model_path)
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume)

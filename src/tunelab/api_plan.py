@@ -23,8 +23,7 @@ def estimate(config: Config = None, overrides: Sequence[str] = (), train_example
     from .estimate import estimate as estimate_config
 
     cfg = resolve(config, overrides)
-    problems = flag_problems(train_examples, peak_tflops)
-    problems += process_problems(cfg, nproc) if nproc >= 1 else [f"--nproc: {nproc} is not allowed; must be >= 1"]
+    problems = flag_problems(train_examples, peak_tflops) + process_problems(cfg, nproc)
     if problems:
         raise TunelabInputError(problems)
     return estimate_config(cfg, train_examples, peak_tflops=peak_tflops, nproc=nproc)

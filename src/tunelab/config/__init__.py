@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import functools
 import hashlib
 import json
@@ -215,20 +214,22 @@ def config_and_problems(path: str | Path | None = None,
     caller can go on to check the model and data and report those problems with the config's."""
     problems: list[str] = []
     raw = read_yaml(Path(path), problems) if path else packaged_job(overrides or [], problems)
-    for item in overrides or []:
-        apply_override(raw, item, problems)
-    return from_dict(raw, problems), problems
+    return overridden(raw, overrides or [], problems), problems
 
 
-def with_overrides(raw: dict, overrides: list[str], problems: list[str] | None = None) -> ExperimentConfig:
+def with_overrides(raw: dict, overrides: list[str]) -> ExperimentConfig:
     """`raw` (a config file's sections, or a saved config's to_dict()) with overrides applied, validated."""
-    problems = [] if problems is None else problems
-    for item in overrides:
-        apply_override(raw, item, problems)
-    config = from_dict(raw, problems)
+    problems: list[str] = []
+    config = overridden(raw, overrides, problems)
     if problems:
         raise TunelabInputError(problems)
     return config
+
+
+def overridden(raw: dict, overrides: list[str], problems: list[str]) -> ExperimentConfig:
+    for item in overrides:
+        apply_override(raw, item, problems)
+    return from_dict(raw, problems)
 
 
 def packaged_job(overrides: list[str], problems: list[str]) -> dict:
@@ -297,19 +298,16 @@ def read_yaml(path: Path, problems: list[str]) -> dict:
 
 
 def apply_override(raw: dict, item: str, problems: list[str]) -> None:
-    """Apply one `dotted.key=value`; the value is read as YAML (so 3, 1.5, true, [a, b] work), and a scalar keeps
-    its text for the fields that want text (see ScalarText)."""
+    """Apply one `dotted.key=value`; the value is read as YAML (so 3, 1.5, true, [a, b] work)."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         problems.append(f"override {item!r}: expected key=value, e.g. train.lr=3e-5")
         return
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
+    try:  # read as a config file's value is: numbers, booleans and dates keep their text (ScalarText)
+        value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    if value is None and text.strip() or isinstance(value, (int, float, bool, datetime.date)):
-        value = ScalarText(text.strip(), value)
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

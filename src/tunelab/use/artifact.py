@@ -34,6 +34,13 @@ class Artifact:
     def info(self) -> dict[str, Any]:
         return {"labels": self.manifest.get("labels"), "columns": self.manifest.get("columns") or {}}
 
+    def method_options(self):
+        """The method's options as the run had them."""
+        from ..config.schema import build
+        from ..methods.base import get_method
+
+        return build(get_method(self.method).Options, self.manifest.get("options") or {}, self.method, [])
+
     def task_options(self, overrides: Sequence[str] = ()):
         """The task's options as the run had them, with `overrides` (`causal-lm.max_new_tokens=128`) applied."""
         from ..config import apply_override

@@ -11,11 +11,11 @@ from .artifact import Artifact, find_artifact, load_artifact
 
 
 def read_inputs(texts: Sequence[str], input_file: str | None, task,
-                aliases: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                aliases: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], list[set[str]]]:
     """--text values and the rows of --input: JSON Lines (objects, or plain strings), a JSON array, CSV/TSV or
     Parquet with a column named like the task's input (or like the run's own column: `aliases`), or plain text
     (one input per line). An input field named like one the prediction adds (`label`, `output`, ...) is kept as
-    `input_<name>`."""
+    `input_<name>`. Returns the inputs, a run column also under the task's key, and the keys so added."""
     key, aliases = task.input_key, aliases or {}
     keys = (*task.predict_keys, *(name for name, canonical in aliases.items() if canonical in task.predict_keys))
     inputs = [{key: text} for text in texts]
@@ -24,13 +24,12 @@ def read_inputs(texts: Sequence[str], input_file: str | None, task,
     if not inputs:
         raise TunelabInputError([f"predict: no inputs; give --text or --input FILE (one {key} per line)"])
     inputs = [{(f"input_{k}" if k in task.output_keys else k): v for k, v in item.items()} for item in inputs]
-    empty = [n for n, item in enumerate(inputs, 1)
-             if not any(present(item.get(k)) for k in task.predict_keys)
-             and not any(present(item.get(name)) for name in keys[len(task.predict_keys):])]
+    inputs, added = zip(*(as_task_keys(item, aliases) for item in inputs))
+    empty = [n for n, item in enumerate(inputs, 1) if not any(present(item.get(k)) for k in task.predict_keys)]
     if empty:
         raise TunelabInputError([f"predict: inputs {empty[:5]}{' ...' if len(empty) > 5 else ''} have an empty or "
                                  f"missing {' or '.join(map(repr, keys))}"])
-    return inputs
+    return list(inputs), list(added)
 
 
 def column_aliases(task, columns: dict[str, Any]) -> dict[str, str]:
@@ -125,8 +124,7 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     artifact = find_artifact(path, method)
     options = artifact.task_options(overrides)
     aliases = column_aliases(artifact.task, artifact.info["columns"])
-    inputs, added = zip(*(as_task_keys(item, aliases) for item in read_inputs(texts, input_file, artifact.task,
-                                                                             aliases)))
+    inputs, added = read_inputs(texts, input_file, artifact.task, aliases)
     model, tokenizer = load_artifact(artifact)
     max_length = prompt_room(artifact, model.config, options)
     # by default the precision the run trained in: the numbers its own test predictions came from
@@ -134,7 +132,7 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     accelerator = make_accelerator(TrainConfig(device=device, precision=precision))
     model.to(accelerator.device)
     setup = EvalSetup(batch_size, accelerator.device, accelerator.autocast, tokenizer, options)
-    outputs = artifact.task.predict(model, list(inputs), setup, artifact.info, max_length)
+    outputs = artifact.task.predict(model, inputs, setup, artifact.info, max_length)
     return artifact, [{k: v for k, v in out.items() if k not in keys} for out, keys in zip(outputs, added)]
 
 
@@ -162,20 +160,13 @@ def prompt_room(artifact: Artifact, model_config, options) -> int:
     if not new or limit is None or not positions_are_a_table(model_config):
         return max_length
     method = get_method(artifact.method)
-    extra = method.extra_positions(method_options(artifact))
+    extra = method.extra_positions(artifact.method_options())
     room = limit - extra - new
     if room < 1:
         raise TunelabInputError([f"{artifact.task.name}.max_new_tokens: {new} generated tokens"
                                  f"{f' + {extra} virtual tokens' if extra else ''} leave no room for a prompt in the "
                                  f"model's {limit} positions; allowed: up to {limit - extra - 1}"])
     return min(max_length, room)
-
-
-def method_options(artifact: Artifact):
-    from ..config.schema import build
-    from ..methods.base import get_method
-
-    return build(get_method(artifact.method).Options, artifact.manifest.get("options") or {}, artifact.method, [])
 
 
 def write_predictions(outputs: list[dict[str, Any]], output_file: str | None) -> None:

@@ -142,18 +142,16 @@ def wait_for_ranks(procs: list) -> tuple[int, int | None]:
     """The exit code and rank of the process that failed first: the others are only stopped because of it.
     Where several are found failed at once, one killed by a signal is the cause (the others then lost their
     connection to it: gloo's "connection reset")."""
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):
-            # a rank that lost its peer may exit before the peer's death is reported: wait a moment for it
-            settle = time.monotonic() + 2.0
-            while time.monotonic() < settle and not any((p.poll() or 0) < 0 for p in procs) \
-                    and any(p.poll() is None for p in procs):
-                time.sleep(0.05)
-            code, rank = first_failure(procs)
-            stop_all(procs)
-            return code, rank
+    while any(p.poll() is None for p in procs) and not any(p.poll() not in (None, 0) for p in procs):
         time.sleep(0.1)
-    return first_failure(procs)  # all ended between two looks
+    # a rank that lost its peer may exit before the peer's death is reported: a moment for the cause to show
+    settle = time.monotonic() + 2.0
+    while time.monotonic() < settle and any(p.poll() is None for p in procs) and \
+            not any((p.poll() or 0) < 0 for p in procs):
+        time.sleep(0.05)
+    failure = first_failure(procs)
+    stop_all(procs)
+    return failure
 
 
 def first_failure(procs: list) -> tuple[int, int | None]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
-from .lora import default_targets, features, linear_layers, matches, target_problems
+from .lora import default_targets, features, target_problems, targeted_layers
 
 # all three: peft resets the averages of a parameter missing from ipt
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
@@ -105,8 +105,7 @@ class AdaLora(PeftMethod):
     def method_params(self, base_model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext) -> int:
         # before any pruning: A (init_r × in), B (out × init_r) and the singular values E (init_r) per layer
         targets = self.targets(base_model, opts)
-        hit = [m for n, m in linear_layers(base_model, ctx.head_modules).items()
-               if any(matches(n, t) for t in targets)]
+        hit = targeted_layers(base_model, ctx.head_modules, targets).values()
         return sum(opts.init_r * (sum(features(m)) + 1) for m in hit)
 
     def after_step(self, model: nn.Module, opts: AdaLoraOptions, step: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import PrepareContext, register
-from .lora import Lora, LoraOptions, features, linear_layers, matches
+from .lora import Lora, LoraOptions, features, targeted_layers
 
 
 @register
@@ -28,6 +28,5 @@ class Dora(Lora):
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
         # LoRA's A and B (and any trained biases), plus the magnitude vector: one entry per output feature
         targets = self.targets(base_model, opts)
-        hit = [m for n, m in linear_layers(base_model, ctx.head_modules).items()
-               if any(matches(n, t) for t in targets)]
+        hit = targeted_layers(base_model, ctx.head_modules, targets).values()
         return super().method_params(base_model, opts, ctx) + sum(features(m)[1] for m in hit)

@@ -213,7 +213,7 @@ class FrozenBottomModel(nn.Module):
         with torch.no_grad():
             mask = (torch.arange(ids.shape[1], device=ids.device) < length).long()[None, :]
             output = self._through_the_bottom(input_ids=ids, attention_mask=mask,
-                                         **({} if types is None else {"token_type_ids": types}))
+                                              **({} if types is None else {"token_type_ids": types}))
         if self._as_tuple is None:
             self._as_tuple = isinstance(output, (tuple, list))
         if isinstance(output, (tuple, list)):
@@ -231,7 +231,7 @@ class FrozenBottomModel(nn.Module):
         trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         types = kwargs.get("token_type_ids")
         output = self._through_the_bottom(input_ids=kwargs["input_ids"][:1, :length],
-                                     **({} if types is None else {"token_type_ids": types[:1, :length]}))
+                                          **({} if types is None else {"token_type_ids": types[:1, :length]}))
         output = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return []

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import did_you_mean
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
-from .lora import features, linear_layers, matches
+from .lora import features, linear_layers, matches, targeted_layers
 
 
 @dataclass
@@ -77,6 +77,5 @@ class IA3(PeftMethod):
     def method_params(self, base_model: nn.Module, opts: IA3Options, ctx: PrepareContext) -> int:
         # one vector per adapted layer: over its inputs for a feedforward layer, else over its outputs
         targets, feedforward = self.modules(base_model, opts)
-        hit = {n: m for n, m in linear_layers(base_model, ctx.head_modules).items()
-               if any(matches(n, t) for t in targets)}
+        hit = targeted_layers(base_model, ctx.head_modules, targets)
         return sum(features(m)[0] if is_feedforward(n, feedforward) else features(m)[1] for n, m in hit.items())

@@ -42,6 +42,11 @@ def linear_layers(model: nn.Module, head_modules: tuple[str, ...]) -> dict[str, 
             if isinstance(m, (nn.Linear, Conv1D)) and name.split(".")[0] not in head_modules and m is not output}
 
 
+def targeted_layers(model: nn.Module, head_modules: tuple[str, ...], targets: list[str]) -> dict[str, nn.Module]:
+    """The linear layers an adapter with `targets` (module name suffixes) attaches to."""
+    return {name: m for name, m in linear_layers(model, head_modules).items() if any(matches(name, t) for t in targets)}
+
+
 def features(layer: nn.Module) -> tuple[int, int]:
     """(inputs, outputs) of a linear layer: nn.Linear's weight is out × in, Conv1D's in × out."""
     rows, columns = layer.weight.shape
@@ -106,7 +111,7 @@ class Lora(PeftMethod):
 
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
         targets = self.targets(base_model, opts)
-        hit = {n: m for n, m in linear_layers(base_model, ctx.head_modules).items() if any(matches(n, t) for t in targets)}
+        hit = targeted_layers(base_model, ctx.head_modules, targets)
         count = sum(opts.r * sum(features(m)) for m in hit.values())
         if opts.bias == "lora_only":
             count += sum(m.bias.numel() for m in hit.values() if m.bias is not None)

@@ -180,8 +180,9 @@ def needed_columns(train: pd.DataFrame, cfg) -> dict[str, str]:
 
 def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str, int]]:
     """Each row as chat turns (the last one the assistant's), plus rows dropped per reason."""
+    not_text = "prompt or response not text (a list or mapping)"
     dropped = {"empty response": 0, "empty prompt": 0, "messages not a list of {role, content} ending "
-               "with an assistant turn": 0}
+               "with an assistant turn": 0, not_text: 0}
     chats = []
     columns = needed_columns(frame, cfg)
     if "data.messages_column" in columns:
@@ -199,9 +200,8 @@ def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str,
     prompts = frame[columns["data.prompt_column"]].tolist()
     responses = frame[columns["data.response_column"]].tolist()
     for prompt, response in zip(prompts, responses):
-        if not all(is_scalar(value) for value in (prompt, response)):
-            dropped["prompt or response not text (a list or mapping)"] = \
-                dropped.get("prompt or response not text (a list or mapping)", 0) + 1
+        if not (is_scalar(prompt) and is_scalar(response)):
+            dropped[not_text] += 1
             continue
         prompt, response = text_or_empty(prompt), text_or_empty(response)
         if not response.strip():

@@ -98,3 +98,33 @@ def test_the_swap_is_undone_and_skips_other_devices():
     assert type(model[1]) is nn.Dropout
     with cheaper_cpu_dropout(model, torch.device("meta")):
         assert type(model[1]) is nn.Dropout
+
+
+@pytest.mark.parametrize("precision, length, path", [("bf16", 12, "math"), ("bf16", 300, "sdpa"),
+                                                     ("fp32", 12, "sdpa")])
+def test_attention_without_dropout_trains_through_math_only_where_that_is_faster(precision, length, path,
+                                                                                 monkeypatch):
+    """Short bf16 attention without dropout (Llama's default) trains through the math path, where torch's SDPA
+    kernel is several times slower on a CPU; long or fp32 attention stays with transformers' SDPA. Both give
+    the model's own output."""
+    from transformers.integrations import sdpa_attention
+
+    model = tiny_models()["llama"]
+    model.config.attention_dropout = 0.0
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.0
+    ids = torch.randint(1, 50, (2, length))
+    mask = torch.ones_like(ids)
+    mask[0, : length // 3] = 0
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        reference = model.eval()(input_ids=ids, attention_mask=mask).logits.float()
+    through_sdpa = []
+    original = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda *a, **k: through_sdpa.append(1) or original(*a, **k))
+    with cheaper_cpu_dropout(model, torch.device("cpu")), autocast:
+        got = model.train()(input_ids=ids, attention_mask=mask).logits.float()
+    assert len(through_sdpa) == (2 if path == "sdpa" else 0)
+    tolerance = 1e-5 if precision == "fp32" else 3e-2
+    assert torch.allclose(got[mask.bool()], reference[mask.bool()], atol=tolerance)

@@ -41,6 +41,49 @@ def test_both_passes_equal_x_times_mask_times_scale_bit_for_bit(dtype):
     assert out.dtype == dtype and x.grad.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropping_positions_equals_x_times_mask_times_scale(dtype):
+    """At small p the dropped positions are drawn instead of a mask; values and gradient are still those of
+    `x * keep * scale`, in the input's dtype, also for a transposed (non-contiguous) input."""
+    torch.manual_seed(1)
+    x = torch.randn(8, 40, 24, dtype=dtype).transpose(0, 1).requires_grad_()
+    grad = torch.randn(40, 8, 24, dtype=dtype)
+    torch.manual_seed(2)
+    out = fast_dropout.dropout(x, 0.1)
+    out.backward(grad)
+    torch.manual_seed(2)
+    keep = torch.ones(x.numel(), dtype=torch.bool)
+    keep[fast_dropout.drop_positions(x.numel(), 0.1, x.device)] = False
+    keep = keep.view(x.shape)
+    assert 0 < (~keep).sum() < x.numel()
+    assert torch.equal(out, x.detach() * keep * (1 / 0.9))
+    assert torch.equal(x.grad, grad * keep * (1 / 0.9))
+    assert out.dtype == dtype and x.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("first_draws", [None, 3])
+def test_every_position_is_dropped_with_probability_p_independently(first_draws, monkeypatch):
+    """Geometric gaps give each position, the last ones included, probability p, and neighbours independent;
+    also where the first draws run out before the end and are topped up (forced here with 3 draws)."""
+    if first_draws:
+        gap_ends = fast_dropout._gap_ends
+        calls = []
+        monkeypatch.setattr(fast_dropout, "_gap_ends",
+                            lambda n, p, d: calls.append(n) or gap_ends(first_draws if len(calls) == 1 else n, p, d))
+    torch.manual_seed(0)
+    trials, count, p = 20_000, 40, 0.2
+    dropped = torch.zeros(trials, count, dtype=torch.bool)
+    for trial in range(trials):
+        dropped[trial, fast_dropout.drop_positions(count, p, torch.device("cpu"))] = True
+    rate = dropped.float().mean(0)
+    # 2·10^4 trials a position: one standard deviation is 0.0028, so 0.015 is over 5
+    assert rate.sub(p).abs().max().item() < 0.015
+    both = (dropped[:, :-1] & dropped[:, 1:]).float().mean().item()
+    assert both == pytest.approx(p * p, abs=0.003)  # 7.8·10^5 pairs: 0.003 is over 6 standard deviations
+    if first_draws:
+        assert len(calls) > trials  # the top-up ran
+
+
 def test_both_halves_of_a_mask_keep_one_minus_p():
     """The first half of a mask is decided by the words' low 16 bits, the second by their high 15 bits: each
     must keep 1 - p on its own (an uneven half would bias dropout where the halves fall, e.g. early rows)."""

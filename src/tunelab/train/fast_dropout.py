@@ -181,8 +181,9 @@ def math_is_faster(query: torch.Tensor, key: torch.Tensor) -> bool:
 
     Measured on CPUs with AMX (fwd + bwd, torch 2.13): SDPA's bf16 kernel took 5.0x the time at 72 keys
     (head size 32), 2.2x at 128, 1.1-1.5x at 256, and 0.9x at 320-384; from 512 keys on it is 2x faster.
-    In fp32 they are even up to 128 keys and SDPA wins beyond, so fp32 keeps SDPA. Scores of a short
-    sequence are small (16 x 12 heads x 128^2 in bf16 is 6 MB a layer), so the saved memory hardly differs."""
+    In fp32 they are even up to 128 keys and SDPA wins beyond, so fp32 keeps SDPA. The math path keeps the
+    probabilities for backward, batch x heads x keys^2 in bf16 a layer (16 x 12 x 128^2: 6 MB); `estimate`
+    traces this path, so it counts them."""
     device = query.device.type
     # under autocast both paths multiply in its dtype, even where RoPE made the query fp32 (Llama)
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype

@@ -71,6 +71,19 @@ def test_labels_keep_the_names_users_wrote(suffix, tmp_path, tiny_bert):
         assert job.validation.labels.tolist() == [i % 2 for i in range(40)]
 
 
+def test_float32_labels_are_named_as_written_and_match_a_float64_split(tmp_path, tiny_bert):
+    """A float32 label column (parquet, a datasets Value("float32")) names 0.1 "0.1", as the float64 CSV of
+    validation does; widened to a Python float it was "0.10000000149011612", a class validation lacked."""
+    frame = toy_rows(40)
+    frame["label"] = [0.1 if i % 2 else 0.5 for i in range(40)]
+    frame.astype({"label": "float32"}).to_parquet(tmp_path / "t.parquet")
+    frame.to_csv(tmp_path / "v.csv", index=False)
+    job = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={tmp_path}/t.parquet",
+                          f"data.validation_file={tmp_path}/v.csv", "data.max_length=32", "train.batch_size=4"])
+    assert job.label_names == ["0.1", "0.5"]
+    assert job.train.labels.tolist() == job.validation.labels.tolist() == [0 if i % 2 else 1 for i in range(40)]
+
+
 def test_carved_validation_is_stratified_seeded_and_disjoint():
     frame = toy_rows(200)
     frame.loc[:149, "label"] = "neg"  # 175 neg / 25 pos

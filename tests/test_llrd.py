@@ -51,3 +51,19 @@ def test_layer_discovery_is_generic_for_decoder_models():
     assert depths["model.embed_tokens.weight"] == 0
     assert depths["model.layers.2.mlp.up_proj.weight"] == 3
     assert depths["model.norm.weight"] == 4 and depths["score.weight"] == 4
+
+
+def test_a_relative_position_table_after_the_blocks_is_an_embedding():
+    """DeBERTa registers its relative-position table (used by every block) after the block stack: it trains at
+    the embeddings' rate, not the head's; the pooler and classifier stay at the head's."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    model = DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        relative_attention=True, position_buckets=8, max_relative_positions=16, num_labels=2))
+    depths, blocks = layer_depths(model)
+    assert blocks == 2
+    assert depths["deberta.embeddings.word_embeddings.weight"] == 0
+    assert depths["deberta.encoder.rel_embeddings.weight"] == 0
+    assert depths["deberta.encoder.layer.1.output.dense.weight"] == 2
+    assert depths["pooler.dense.weight"] == 3 and depths["classifier.weight"] == 3

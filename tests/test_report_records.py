@@ -125,3 +125,14 @@ def test_small_and_huge_numbers_keep_their_digits():
     worse = {"result": "worse", "mean_difference": 2.5e-4, "p_value": 0.0004}
     assert verdict_text(worse) == "worse (+0.00025, p < 0.001)"
     assert human_count(6_738_415_616) == "6.74 B"
+
+
+def test_the_terminal_table_shows_names_as_written_and_report_md_escapes_them():
+    from tunelab.report import table
+    from tunelab.report.view import job_view, plain_text
+
+    payload = json.loads(LEGACY.read_text())
+    payload["methods"][0]["run_id"] = "lora_r8*"
+    view = job_view(payload)
+    assert "| lora\\_r8\\* |" in "\n".join(table(payload["methods"], view))
+    assert "| lora_r8* |" in "\n".join(table(payload["methods"], view, text=plain_text))

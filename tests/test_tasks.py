@@ -94,6 +94,19 @@ def test_unusable_rows_are_counted_per_reason(tmp_path, tiny_llama):
     assert len(job.train) + len(job.validation) == 27
 
 
+def test_unusable_rows_go_before_validation_is_carved_and_train_capped(tmp_path, tiny_llama):
+    """A cap of 16 train rows trains 16 rows, and validation holds only usable rows, however many are empty."""
+    frame = toy_qa_rows(40)
+    frame.loc[:9, "response"] = ""
+    frame.to_csv(tmp_path / "qa.csv", index=False)
+    job = validate(None, ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={tmp_path / 'qa.csv'}",
+                          "data.max_length=32", "data.validation_fraction=0.25", "data.max_train_samples=16",
+                          "train.batch_size=4"])
+    assert len(job.train) == 16
+    assert len(job.validation) == round(0.25 * 30)  # carved from the 30 usable rows
+    assert job.summary()["dropped_rows"] == {"train: empty response": 10}
+
+
 @pytest.mark.parametrize("case,frame_edit,expected", [
     ("missing columns", lambda f: f.rename(columns={"response": "reply"}), "data.response_column: column 'response'"),
     ("both columns missing", lambda f: f.rename(columns={"response": "reply", "prompt": "question"}),
@@ -101,7 +114,7 @@ def test_unusable_rows_are_counted_per_reason(tmp_path, tiny_llama):
     ("both columns missing, the second", lambda f: f.rename(columns={"response": "reply", "prompt": "question"}),
      "data.response_column: column 'response' not in data.train_file; columns are: question, reply"),
     ("misspelt column", lambda f: f.rename(columns={"response": "responses"}), "(did you mean 'responses'?)"),
-    ("nothing usable", lambda f: f.assign(response=""), "no usable rows left"),
+    ("nothing usable", lambda f: f.assign(response=""), "no rows left after the causal-lm task dropped all 20"),
 ])
 def test_causal_lm_bad_data_exits_2_before_writing(case, frame_edit, expected, tmp_path, tiny_llama, capsys):
     frame_edit(toy_qa_rows(20)).to_csv(tmp_path / "qa.csv", index=False)

@@ -175,14 +175,15 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     from .api import compare
     from .report import table
-    from .report.view import job_view
+    from .report.view import job_view, plain_text
 
     outcome = compare(config, overrides, args.output, args.overwrite, show_progress=not args.no_progress,
                       resume=args.resume, allow_config_change=args.allow_config_change, seeds=args.seeds,
                       isolate=not args.in_process, tune=args.tune, nproc=args.nproc)
     if not outcome.records:  # a process other than the main one of a torchrun/accelerate launch
         return 0
-    print("\n".join(table(outcome.records, job_view({"job": outcome.job, "methods": outcome.records}))))
+    view = job_view({"job": outcome.job, "methods": outcome.records})
+    print("\n".join(table(outcome.records, view, text=plain_text)))
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code
 

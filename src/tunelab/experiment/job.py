@@ -122,7 +122,7 @@ def load_frames(cfg: ExperimentConfig, task: Task) -> tuple[dict[str, pd.DataFra
     """Read the data, drop invalid rows if asked, let the task check the rest, then carve and cap the splits."""
     frames = read_frames(cfg.data, task.default_dataset)
     dropped: dict[str, int] = {}
-    if cfg.data.drop_invalid_rows:
+    if cfg.data.drop_invalid_rows or task.always_drops_invalid_rows:
         frames, dropped = drop_invalid_rows(frames, task, cfg)
     problems = task.check_frames(frames, cfg)
     if problems:
@@ -147,8 +147,8 @@ def drop_invalid_rows(frames: dict[str, pd.DataFrame], task: Task, cfg: Experime
         kept[split] = frame[~invalid].reset_index(drop=True)
         if len(frame) and invalid.all():
             reasons = ", ".join(reason for reason, mask in masks.items() if mask.any())
-            problems.append(f"{where(cfg.data, split)}: no rows left after data.drop_invalid_rows dropped all "
-                            f"{len(frame)} ({reasons})")
+            by = "data.drop_invalid_rows" if cfg.data.drop_invalid_rows else f"the {task.name} task"
+            problems.append(f"{where(cfg.data, split)}: no rows left after {by} dropped all {len(frame)} ({reasons})")
     if problems:
         raise TunelabInputError(problems)
     return kept, dropped

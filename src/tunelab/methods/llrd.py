@@ -25,19 +25,25 @@ def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     """Each parameter's depth: 0 = embeddings, 1..L = blocks bottom-up, L+1 = everything after (head).
 
     Parameters registered before the block stack are the embeddings; after it come final norms,
-    poolers and heads, which all train at the base rate (the head wherever it is registered).
+    poolers and heads, which all train at the base rate (the head wherever it is registered). An embedding
+    table outside the stack and the head is an input to every block wherever it is registered (DeBERTa's
+    relative positions, `encoder.rel_embeddings`, come after its blocks), so it is an embedding.
     """
     stack_name, blocks = find_block_list(model)
     num_blocks = len(blocks)
     prefix = f"{stack_name}."
+    tables = {f"{module_name}.{name}" for module_name, module in model.named_modules()
+              if isinstance(module, nn.Embedding) for name, _ in module.named_parameters(recurse=False)}
     depths: dict[str, int] = {}
     seen_blocks = False
     for name, _ in model.named_parameters():
         if name.startswith(prefix):
             depths[name] = int(name[len(prefix):].split(".")[0]) + 1
             seen_blocks = True
+        elif in_head(model, stack_name, name):
+            depths[name] = num_blocks + 1
         else:
-            depths[name] = num_blocks + 1 if seen_blocks or in_head(model, stack_name, name) else 0
+            depths[name] = 0 if name in tables or not seen_blocks else num_blocks + 1
     return depths, num_blocks
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .figures import write_figures
 from .html import write_html
@@ -27,7 +27,8 @@ def human_count(n: int | None) -> str:
     return str(n)
 
 
-def table(records: list[dict], job: dict[str, Any]) -> list[str]:
+def table(records: list[dict], job: dict[str, Any], text: Callable[[Any], str] = md_text) -> list[str]:
+    """The results table in Markdown; `text` writes names and statuses (plain_text for a terminal)."""
     metrics = ordered_metrics(job)
     headers = ["method", "status", "trainable params", "% of total", "peak memory (MB)", "train time (s)",
                "samples/s", "tokens/s", f"best val {metrics[0]} {arrow(job, metrics[0])}",
@@ -36,7 +37,7 @@ def table(records: list[dict], job: dict[str, Any]) -> list[str]:
     for r in records:
         val, test = r.get("best_val") or {}, r.get("test") or {}
         lines.append(" | ".join([
-            f"| {md_text(r.get('run_id', r['method']))}", md_text(r["status"]), human_count(r.get("trainable_params")),
+            f"| {text(r.get('run_id', r['method']))}", text(r["status"]), human_count(r.get("trainable_params")),
             fmt(r.get("trainable_percent"), ".3f"), fmt(r.get("peak_memory_mb"), ".0f"),
             fmt(r.get("train_time_s"), ".1f"), fmt(r.get("train_samples_per_s"), ".1f"),
             fmt(r.get("train_tokens_per_s"), ".0f"), metric_text(val.get(metrics[0])),

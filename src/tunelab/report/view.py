@@ -46,6 +46,11 @@ def md_text(value: Any) -> str:
     return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).split())).replace("&", "&amp;").replace("<", "&lt;")
 
 
+def plain_text(value: Any) -> str:
+    """Text for a terminal: on one line, with no escapes (md_text's `\\_` would show as written there)."""
+    return " ".join(str(value).split())
+
+
 def metric_text(value: float | None, signed: bool = False) -> str:
     """A metric at three decimals, or three significant digits where three decimals would show 0.000 for a
     value that is not zero (a loss of 4e-4) or a long run of digits (a perplexity of 1e300)."""

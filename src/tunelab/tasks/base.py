@@ -88,6 +88,8 @@ class Task:
     # under "input_<name>": a labelled test file keeps its labels next to the predictions)
     input_columns: ClassVar[tuple[str, ...]] = ()  # data keys whose column a predict input may carry under the
     # run's column name (data.text_column=review: an input's "review" is its "text")
+    always_drops_invalid_rows: ClassVar[bool] = False  # invalid_rows are dropped and counted, as with
+    # data.drop_invalid_rows, even where it is off (a chat without an answer: chat data has such rows)
 
     # --- data -------------------------------------------------------------------------------------
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
@@ -96,7 +98,8 @@ class Task:
 
     def invalid_rows(self, frame: pd.DataFrame, cfg) -> dict[str, pd.Series]:
         """Rows the task cannot use, as a boolean mask per reason (e.g. "an empty 'text'"): refused by
-        check_frames, or dropped and counted with data.drop_invalid_rows. Called once the columns exist."""
+        check_frames, or dropped and counted with data.drop_invalid_rows (or always_drops_invalid_rows), before
+        validation is carved and sizes capped. Called once the columns exist."""
         return {}
 
     def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:

@@ -60,6 +60,7 @@ class CausalLM(Task):
     predict_keys = ("prompt", "messages")
     output_keys = ("output",)
     input_columns = ("prompt_column", "messages_column")
+    always_drops_invalid_rows = True
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         problems = []
@@ -69,6 +70,10 @@ class CausalLM(Task):
             if len(frame) == 0:
                 problems.append(f"{where(cfg.data, split)}: has no rows")
         return problems
+
+    def invalid_rows(self, frame: pd.DataFrame, cfg) -> dict[str, pd.Series]:
+        problems = pd.Series([problem for _, problem in row_turns(frame, cfg)], index=frame.index, dtype=object)
+        return {reason: problems == reason for reason in problems.dropna().unique()}
 
     def split(self, frames, cfg):
         return split_frames(frames, cfg.data, None, cfg.train.seed)
@@ -178,39 +183,50 @@ def needed_columns(train: pd.DataFrame, cfg) -> dict[str, str]:
             "data.response_column": data.response_column or "response"}
 
 
+NOT_TURNS = "messages not a list of {role, content} ending with an assistant turn"
+NOT_TEXT = "prompt or response not text (a list or mapping)"
+
+
 def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str, int]]:
-    """Each row as chat turns (the last one the assistant's), plus rows dropped per reason."""
-    not_text = "prompt or response not text (a list or mapping)"
-    dropped = {"empty response": 0, "empty prompt": 0, "messages not a list of {role, content} ending "
-               "with an assistant turn": 0, not_text: 0}
-    chats = []
+    """Each usable row as chat turns (the last one the assistant's), plus rows dropped per reason."""
+    chats, dropped = [], {}
+    for turns, problem in row_turns(frame, cfg):
+        if problem:
+            dropped[problem] = dropped.get(problem, 0) + 1
+        else:
+            chats.append(turns)
+    return chats, dropped
+
+
+def row_turns(frame: pd.DataFrame, cfg) -> list[tuple[list[dict] | None, str | None]]:
+    """Each row's chat turns, or None and why the row cannot be trained on."""
     columns = needed_columns(frame, cfg)
     if "data.messages_column" in columns:
-        for value in frame[columns["data.messages_column"]].tolist():
-            turns = as_turns(value)
-            if turns is None:
-                dropped["messages not a list of {role, content} ending with an assistant turn"] += 1
-            elif not turns[-1]["content"].strip():
-                dropped["empty response"] += 1
-            elif not any(t["content"].strip() for t in turns[:-1]):
-                dropped["empty prompt"] += 1
-            else:
-                chats.append(turns)
-        return chats, dropped
-    prompts = frame[columns["data.prompt_column"]].tolist()
-    responses = frame[columns["data.response_column"]].tolist()
-    for prompt, response in zip(prompts, responses):
-        if not (is_scalar(prompt) and is_scalar(response)):
-            dropped[not_text] += 1
-            continue
-        prompt, response = text_or_empty(prompt), text_or_empty(response)
-        if not response.strip():
-            dropped["empty response"] += 1
-        elif not prompt.strip():
-            dropped["empty prompt"] += 1
-        else:
-            chats.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
-    return chats, dropped
+        return [chat_turns(value) for value in frame[columns["data.messages_column"]].tolist()]
+    return [prompt_response_turns(prompt, response) for prompt, response in
+            zip(frame[columns["data.prompt_column"]].tolist(), frame[columns["data.response_column"]].tolist())]
+
+
+def chat_turns(value) -> tuple[list[dict] | None, str | None]:
+    turns = as_turns(value)
+    if turns is None:
+        return None, NOT_TURNS
+    return checked_turns(turns)
+
+
+def prompt_response_turns(prompt, response) -> tuple[list[dict] | None, str | None]:
+    if not (is_scalar(prompt) and is_scalar(response)):
+        return None, NOT_TEXT
+    return checked_turns([{"role": "user", "content": text_or_empty(prompt)},
+                          {"role": "assistant", "content": text_or_empty(response)}])
+
+
+def checked_turns(turns: list[dict]) -> tuple[list[dict] | None, str | None]:
+    if not turns[-1]["content"].strip():
+        return None, "empty response"
+    if not any(t["content"].strip() for t in turns[:-1]):
+        return None, "empty prompt"
+    return turns, None
 
 
 def text_or_empty(value) -> str:

@@ -77,8 +77,8 @@ class Classification(Task):
         # below the number of classes leaves some with no training row, not without a name)
         column = label_column(cfg)
         train = frames["train"][column]
-        names = label_names(train if isinstance(train.dtype, pd.CategoricalDtype)
-                            else pd.concat([frame[column].astype(object) for frame in frames.values()]))
+        names = label_names(train if isinstance(train.dtype, pd.CategoricalDtype) else pd.Series(
+            [name for frame in frames.values() for name in label_texts(frame[column].dropna())], dtype=object))
         encoded = {split: encode_rows(frame, names, tokenizer, cfg) for split, frame in frames.items()}
         return TaskData(encoded["train"], encoded["validation"], encoded.get("test"), info={"labels": names})
 
@@ -189,12 +189,18 @@ def label_text(value: Any) -> str:
     return text.split(".")[0] if WHOLE_FLOAT.fullmatch(text) else text
 
 
+def label_texts(values: pd.Series) -> list[str]:
+    """label_text of each value, read at the column's own precision: a float32 0.1 is "0.1", as in a float64
+    split, not the "0.10000000149011612" of the Python float it widens to."""
+    return [label_text(value) for value in values.to_numpy()]
+
+
 def label_names(values: pd.Series) -> list[str]:
     """Label names from train, sorted (integers numerically: 2 before 10); every split maps through the list.
     A ClassLabel column keeps its own classes and order, so class i of the dataset is class i of the model."""
     if isinstance(values.dtype, pd.CategoricalDtype):
         return [label_text(name) for name in values.cat.categories]
-    names = set(map(label_text, values.dropna()))
+    names = set(label_texts(values.dropna()))
     integers = all(INTEGER.fullmatch(name) for name in names)
     return sorted(names, key=lambda name: (int(name), name)) if integers else sorted(names)
 
@@ -217,14 +223,14 @@ def unhashable_label_problems(frames: dict[str, pd.DataFrame], column: str, cfg)
 
 def check_labels(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]:
     names = label_names(frames["train"][column])
-    occurring = sorted(set(map(label_text, frames["train"][column].dropna())))  # a ClassLabel names all classes
+    occurring = sorted(set(label_texts(frames["train"][column].dropna())))  # a ClassLabel names all classes
     problems = []
     if len(occurring) < 2:
         problems.append(f"{where(cfg.data, 'train')}: train has one class only "
                         f"({occurring[0] if occurring else 'none'}); classification needs at least two")
     for split in ("validation", "test"):
         if split in frames:
-            unseen = sorted(set(map(label_text, frames[split][column].dropna())) - set(names))
+            unseen = sorted(set(label_texts(frames[split][column].dropna())) - set(names))
             if unseen:
                 problems.append(f"{where(cfg.data, split)}: labels {unseen[:5]} do not occur in train; "
                                 f"train labels are {names}")
@@ -239,7 +245,7 @@ def encode_rows(frame: pd.DataFrame, names: list[str], tokenizer, cfg) -> Encode
     ids, lengths = pad_rows(tokens["input_ids"], pad_token_id(tokenizer))
     type_ids = pad_rows(tokens["token_type_ids"], 0)[0] if pairs and "token_type_ids" in tokens else None
     index = {name: i for i, name in enumerate(names)}
-    labels = np.array([index[label_text(v)] for v in frame[label_column(cfg)].tolist()], dtype=np.int64)
+    labels = np.array([index[name] for name in label_texts(frame[label_column(cfg)])], dtype=np.int64)
     return Encoded(ids, lengths, labels, type_ids=type_ids)
 
 

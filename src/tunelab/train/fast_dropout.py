@@ -33,8 +33,8 @@ SPARSE_UP_TO = 0.2  # drop probabilities drawn as positions (below); measured 1.
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     if p <= SPARSE_UP_TO:
-        return _ZeroAt.apply(x, drop_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
-    return _KeepAndScale.apply(x, keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
+        return _Dropout.apply(x, drop_positions(x.numel(), p, x.device), 1.0 / (1.0 - p), _zeroed)
+    return _Dropout.apply(x, keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p), _scaled)
 
 
 def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
@@ -67,51 +67,36 @@ def _is_fake(tensor: torch.Tensor) -> bool:
     return is_fake(tensor)
 
 
-class _ZeroAt(torch.autograd.Function):
-    """x · scale with the elements at `positions` zeroed, both ways: one pass over x, and scattered writes to a
-    p-th of it; backward keeps only the positions. x · scale rounds once, as `x * keep * scale` does where
-    keep is 1, so the values equal it."""
+class _Dropout(torch.autograd.Function):
+    """Dropout through `product(x, drop, scale)` both ways: it is linear in x, so its gradient is dropped and
+    scaled alike, and backward keeps only `drop` (the positions or the boolean mask), not x."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(positions)
-        ctx.scale = scale
-        return _zeroed(x, positions, scale)
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float, product) -> torch.Tensor:
+        ctx.save_for_backward(drop)
+        ctx.scale, ctx.product = scale, product
+        return product(x, drop, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (positions,) = ctx.saved_tensors
-        return _zeroed(grad, positions, ctx.scale), None, None
+        (drop,) = ctx.saved_tensors
+        return ctx.product(grad, drop, ctx.scale), None, None, None
 
 
 def _zeroed(x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """x · scale with the elements at `positions` zeroed: one pass over x, and scattered writes to a p-th of it.
+    x · scale rounds once, as `x * keep * scale` does where keep is 1, so the values equal it."""
     out = x.mul(scale).contiguous()  # positions count in row-major order
     out.view(-1).index_fill_(0, positions, 0)
     return out
 
 
-class _KeepAndScale(torch.autograd.Function):
-    """x · keep · scale with one pass over x each way, keeping only the boolean mask for backward.
-
-    `x * keep * scale` makes two passes over x, the first through torch's slow mixed bool × float path, and
-    autograd repeats both in backward. Here the mask is converted first (read as uint8, a fast cast of one byte
-    per element), then `addcmul` computes 0 + scale · x · keep in float and rounds once: x · keep is exact (keep
-    is 0 or 1), so the values are those of `x * keep * scale`, bit for bit, in both passes; a dropout's forward
-    and backward take 1.3–1.6× less time (bf16, 16 × 64 × 384)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return _scaled(x, keep, scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return _scaled(grad, keep, ctx.scale), None, None
-
-
 def _scaled(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x · keep · scale in one pass over x. `x * keep * scale` makes two, the first through torch's slow mixed
+    bool × float path. Here the mask is converted first (read as uint8, a fast cast of one byte per element),
+    then `addcmul` computes 0 + scale · x · keep in float and rounds once: x · keep is exact (keep is 0 or 1),
+    so the values are those of `x * keep * scale`, bit for bit; a dropout's forward and backward take
+    1.3–1.6× less time (bf16, 16 × 64 × 384)."""
     keep_as_x = keep.view(torch.uint8).to(x.dtype)  # read as uint8: a vectorised conversion, unlike bool's
     return torch.addcmul(x.new_zeros(()), x, keep_as_x, value=scale)
 

@@ -20,6 +20,7 @@ import torch
 
 import tunelab
 from tunelab.experiment.runner import setup_method
+from tunelab.train import fast_dropout
 from tunelab.train.batches import collate, epoch_batches
 from tunelab.train.setup import build_optimizer
 
@@ -141,6 +142,26 @@ def lever_dropout(setup, job, args, bucketed, plain):
                                           "on": Variant(bucketed)}, setup, job, args)
 
 
+@contextlib.contextmanager
+def cheaper_dropout(model: torch.nn.Module, device, positions: bool = True):
+    """The training loop's CPU dropout; with positions=False every mask is the mask of 32-bit words."""
+    before = fast_dropout.SPARSE_UP_TO
+    fast_dropout.SPARSE_UP_TO = before if positions else -1.0
+    try:
+        with fast_dropout.cheaper_cpu_dropout(model, device):
+            yield
+    finally:
+        fast_dropout.SPARSE_UP_TO = before
+
+
+def lever_masks(setup, job, args, bucketed, plain):
+    model, device = setup.model, setup.accelerator.device
+    compare("dropout positions vs word masks",
+            {"positions": Variant(bucketed, setting=lambda: cheaper_dropout(model, device)),
+             "words": Variant(bucketed, setting=lambda: cheaper_dropout(model, device, positions=False))},
+            setup, job, args)
+
+
 def lever_attention(setup, job, args, bucketed, plain):
     model = setup.model
     compare("SDPA vs eager attention", {"sdpa": Variant(bucketed, setting=lambda: attention(model, "sdpa")),
@@ -193,7 +214,8 @@ def lever_eval(setup, job, args, bucketed, plain):
 
 
 LEVERS = {"buckets": lever_buckets, "padding": lever_padding, "adamw": lever_adamw, "threads": lever_threads,
-          "dropout": lever_dropout, "attention": lever_attention, "eval": lever_eval, "compile": lever_compile}
+          "dropout": lever_dropout, "masks": lever_masks, "attention": lever_attention, "eval": lever_eval,
+          "compile": lever_compile}
 
 
 def main() -> None:

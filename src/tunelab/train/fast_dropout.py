@@ -164,7 +164,7 @@ MATH_FASTER_UP_TO = 256  # keys; see math_is_faster
 def math_is_faster(query: torch.Tensor, key: torch.Tensor) -> bool:
     """Whether plain matmul-softmax-matmul trains faster than torch's SDPA kernel for this bf16 attention.
 
-    Measured on CPUs with AMX (fwd + bwd, torch 2.13): SDPA's bf16 kernel took 5.0x the time at 72 keys
+    Measured on a 2-core Xeon with AMX (fwd + bwd, torch 2.13): SDPA's bf16 kernel took 5.0x the time at 72 keys
     (head size 32), 2.2x at 128, 1.1-1.5x at 256, and 0.9x at 320-384; from 512 keys on it is 2x faster.
     In fp32 they are even up to 128 keys and SDPA wins beyond, so fp32 keeps SDPA. The math path keeps the
     probabilities for backward, batch x heads x keys^2 in bf16 a layer (16 x 12 x 128^2: 6 MB); `estimate`

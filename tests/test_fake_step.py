@@ -60,6 +60,25 @@ def real_peak_mb(model: torch.nn.Module, batch: dict, precision: str) -> float:
     return counter.peak / 2**20
 
 
+def test_a_gpu_planned_on_cpu_fake_tensors_trains_without_the_loops_cpu_only_ways(monkeypatch):
+    """Planning a GPU run here traces the step on the CPU's fake tensors, but the loop's CPU dropout and kept
+    embedding gradient apply to CPU training only: a GPU run drops with torch's own masks (a byte an element),
+    which the drawn positions (less at p = 0.1) must not stand in for."""
+    from tunelab.train import fast_dropout
+
+    used = []
+    monkeypatch.setattr(fast_dropout, "dropout", lambda x, p: used.append(p) or x)
+    zero = KeptEmbeddingGradient.zero
+    monkeypatch.setattr(KeptEmbeddingGradient, "zero",
+                        lambda self: (self.embedding is not None and used.append("kept")) or zero(self))
+    for target in ("cuda", "cpu"):
+        with torch.device("meta"):
+            skeleton = tiny_bert()
+        measure_step(skeleton, inputs(False, "meta"), "fp32", "cpu", target=target)
+        assert bool(used) == (target == "cpu"), target
+        used.clear()
+
+
 @pytest.mark.parametrize("build,causal", [(tiny_bert, False), (tiny_llama, True), (tiny_tied_llama, True)],
                          ids=["encoder", "causal-lm", "tied-embeddings"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -169,7 +169,8 @@ def step_memory(method, opts, ctx, builds: dict, task, work: Workload, device: d
     prepared = method.prepare(meta_copy(builds["full"]), opts, ctx)
     groups = layout.groups(prepared)
     measure = functools.partial(fake_step.measure_step, inputs=inputs, precision=work.precision,
-                                device=device["kind"] if device["present"] else "cpu", checkpointing=checkpointing,
+                                device=device["kind"] if device["present"] else "cpu", target=device["kind"],
+                                checkpointing=checkpointing,
                                 frozen_matmul_bf16=work.adapter_bf16_weights, processes=layout.processes)
     try:
         with fake_step.quiet_fake_tensor_errors():

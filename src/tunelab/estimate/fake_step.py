@@ -172,11 +172,14 @@ def padding_row_kept(embedding: nn.Embedding | None):
 
 def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: str, device: str,
                  checkpointing: bool = False, frozen_matmul_bf16: bool = False,
-                 segmented: bool = False, processes: int = 1) -> StepMemory:
+                 segmented: bool = False, processes: int = 1, target: str | None = None) -> StepMemory:
     """One AdamW step of `model` (a prepared skeleton on the meta device, changed in place) on `inputs`
     (meta tensors), with the optimizer state a first step creates, as every later step has. `segmented` also
     gives the peak of each segment of the step (see `step_segments`) in `StepMemory.segments`. `processes`:
-    how many train together (the loop keeps a CPU embedding gradient only in a process of its own)."""
+    how many train together (the loop keeps a CPU embedding gradient only in a process of its own). `target`:
+    the device training will run on, where it is not `device` (a GPU planned on a CPU's fake tensors): the
+    loop's CPU-only ways (its dropout, the kept embedding gradient) apply only where training is on a CPU."""
+    target_device = torch.device(target or device)
     from ..train.embedding_grad import KeptEmbeddingGradient
     from ..train.fast_dropout import cheaper_cpu_dropout
     from ..train.setup import build_optimizer, enable_checkpointing, store_frozen_matmul_weights
@@ -195,7 +198,7 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
     grads: set[int] = set()
     grad_bytes: dict[int, int] = {}  # per parameter
 
-    kept = KeptEmbeddingGradient.for_model(model, torch.device(device), processes)
+    kept = KeptEmbeddingGradient.for_model(model, target_device, processes)
 
     def on_gradient(param: torch.Tensor) -> None:
         grads.add(counter.serial(param.grad))
@@ -210,7 +213,7 @@ def measure_step(model: nn.Module, inputs: dict[str, torch.Tensor], precision: s
                  for k, v in inputs.items()}
         optimizer = build_optimizer([{"params": trainable}])
         autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with counter, cheaper_cpu_dropout(model, torch.device(device)), kept.active(), \
+        with counter, cheaper_cpu_dropout(model, target_device), kept.active(), \
                 padding_row_kept(kept.embedding):  # as training runs it
             create_optimizer_state(optimizer, trainable)
             kept.zero()  # a kept gradient exists from the first step on

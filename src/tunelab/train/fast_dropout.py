@@ -24,6 +24,7 @@ import sys
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 ATTENTION = "tunelab_cpu_sdpa"
 
@@ -46,7 +47,7 @@ def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
     Draws are topped up in the rare case that those drawn end before `count`."""
     expected = count * p
     draws = [_gap_ends(int(expected + 6 * math.sqrt(expected) + 16), p, device)]  # short: under 1e-9 a mask
-    if _is_fake(draws[0]):  # estimating memory on fake tensors: no values to look at, the size is what counts
+    if is_fake(draws[0]):  # estimating memory on fake tensors: no values to look at, the size is what counts
         return draws[0]
     while int(draws[-1][-1]) < count:
         draws.append(_gap_ends(int(expected) // 8 + 16, p, device).add_(int(draws[-1][-1]) + 1))
@@ -59,12 +60,6 @@ def _gap_ends(draws: int, p: float, device: torch.device) -> torch.Tensor:
     uniform = torch.empty(draws, device=device).uniform_()
     failures = torch.log1p(uniform.neg_()).div_(math.log1p(-p)).to(torch.int64)  # before each drop
     return torch.cumsum(failures.add_(1), 0).sub_(1)
-
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
 
 
 class _Dropout(torch.autograd.Function):

@@ -39,6 +39,33 @@ def test_every_format_loads_the_same_rows(suffix, tmp_path, tiny_bert):
     assert sorted(texts) == sorted(frame.text)
 
 
+TSV_ROWS = ['" the tea was good', 'a 5" box of tea', '"Hi," he said', *(f"plain row {i}" for i in range(37))]
+
+
+@pytest.mark.parametrize("source", ["train_file", "dataset"])
+def test_a_tsv_with_literal_quotes_keeps_every_row_as_written(source, tmp_path, tiny_bert):
+    """A stray quote read as CSV quoting would swallow every row up to the next quote into one text."""
+    (tmp_path / "data").mkdir()
+    lines = ["text\tlabel", *(f"{text}\t{'pos' if i % 2 else 'neg'}" for i, text in enumerate(TSV_ROWS))]
+    (tmp_path / "data" / "train.tsv").write_text("\n".join(lines) + "\n")
+    data = (f"data.train_file={tmp_path}/data/train.tsv" if source == "train_file"
+            else f"data.dataset={tmp_path}/data")
+    job = validate(None, [f"model.name_or_path={tiny_bert}", data, "data.max_length=32", "train.batch_size=4"])
+    texts = list(job.data.frames["train"].text) + list(job.data.frames["validation"].text)
+    assert sorted(texts) == sorted(TSV_ROWS)
+
+
+def test_a_tsv_written_with_csv_quoting_reads_back_exactly(tmp_path):
+    from tunelab.data.delimited import read_csv_as_text
+
+    frame = toy_rows(6)
+    frame["text"] = ['he said "hi"', "two\nlines", "a\ttab", '"all quoted"', "plain", "x"]
+    frame.to_csv(tmp_path / "t.tsv", sep="\t", index=False)
+    assert read_csv_as_text(tmp_path / "t.tsv").text.tolist() == frame.text.tolist()
+    frame[["text"]].iloc[[0, 3, 4]].to_csv(tmp_path / "one.tsv", sep="\t", index=False)  # no tab or line break
+    assert read_csv_as_text(tmp_path / "one.tsv").text.tolist() == ['he said "hi"', '"all quoted"', "plain"]
+
+
 def test_integer_labels_sort_numerically_and_map_consistently(tmp_path, tiny_bert):
     frame = toy_rows(40)
     frame["label"] = [10 if i % 2 else 9 for i in range(40)]

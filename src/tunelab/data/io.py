@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ..errors import TunelabInputError
+from .delimited import read_csv_as_text
 from .packaged import PACKAGED_DATASETS, load_packaged
 from .sources import frame_with_label_names, read_dataset_source
 
@@ -91,14 +92,3 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         problems.append(f"{field}: could not read {path_text!r} ({type(cause).__name__}: "
                         f"{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''})")
     return None
-
-
-def read_csv_as_text(path: Path) -> pd.DataFrame:
-    """Every field as the text it is: CSV has no types, and guessing them loses what users wrote (labels "01"
-    and "02" would become 1 and 2, one empty field would turn a column of 3s and 7s into 3.0 and 7.0). Only
-    an empty field is missing; "NA", "None" and "null" are text (a class may be called "NA")."""
-    frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str,
-                        keep_default_na=False, na_values=[""])
-    if frame.empty and not len(frame.columns):
-        raise pd.errors.EmptyDataError("no columns")
-    return frame

@@ -8,6 +8,7 @@ missing, which the task refuses or drops).
 """
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import pandas as pd
 
 from ..errors import TunelabInputError
 from ..models.hub import is_hub_id, is_offline
+from .delimited import separator, tsv_quoting
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -65,12 +67,16 @@ def csv_as_text(folder: Path) -> dict:
     tables = [f for f in files if f.suffix.lower() in (".csv", ".tsv")]
     if not tables or any(f.suffix.lower() in (".json", ".jsonl", ".parquet", ".arrow") for f in files):
         return {}
-    sep = "\t" if tables[0].suffix.lower() == ".tsv" else ","
+    sep = separator(tables[0])
     try:
         columns = pd.read_csv(tables[0], sep=sep, nrows=0).columns
+        # literal quotes in any of the files: none is read with CSV quoting (see delimited.py)
+        literal = sep == "\t" and any(tsv_quoting(t.read_text(encoding="utf-8-sig")) == csv.QUOTE_NONE
+                                      for t in tables)
     except Exception:  # unreadable: load_dataset says why
         return {}
     return {"sep": sep, "keep_default_na": False, "na_values": [""],
+            "quoting": csv.QUOTE_NONE if literal else csv.QUOTE_MINIMAL,
             "features": datasets.Features({str(c): datasets.Value("string") for c in columns})}
 
 

@@ -1,0 +1,47 @@
+"""CSV and TSV files read as the text their writers meant.
+
+TSV has two conventions for double quotes: GLUE-style files and most hand-written ones take them literally
+(`a 5" box`, `"Hi," he said`), while pandas, R and spreadsheets wrap a field in quotes and double the quotes
+inside it. Read with CSV quoting, a literal quote at the start of a field opens a quoted field that runs to the
+next quote, silently merging every row in between into one text. So a TSV is read with CSV quoting only where
+its quotes are CSV quoting, or where it needs it (a quoted field holding a tab or a line break)."""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import pandas as pd
+
+# a whole field in quotes, with any quote inside it doubled: what a CSV writer makes of a field
+CSV_QUOTED_FIELD = re.compile(r'"(?:[^"]|"")*"')
+
+
+def read_csv_as_text(path: Path) -> pd.DataFrame:
+    """Every field as the text it is: CSV has no types, and guessing them loses what users wrote (labels "01"
+    and "02" would become 1 and 2, one empty field would turn a column of 3s and 7s into 3.0 and 7.0). Only
+    an empty field is missing; "NA", "None" and "null" are text (a class may be called "NA")."""
+    sep = separator(path)
+    quoting = tsv_quoting(path.read_text(encoding="utf-8-sig")) if sep == "\t" else csv.QUOTE_MINIMAL
+    frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], quoting=quoting)
+    if frame.empty and not len(frame.columns):
+        raise pd.errors.EmptyDataError("no columns")
+    return frame
+
+
+def separator(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def tsv_quoting(text: str) -> int:
+    """csv.QUOTE_NONE where the file's quotes are literal text, csv.QUOTE_MINIMAL where they are CSV quoting:
+    split at tabs alone, every line has the header's number of fields (no quoted field holds a tab or a line
+    break) and some field with a quote is not one whole CSV-quoted field."""
+    if '"' not in text:
+        return csv.QUOTE_MINIMAL  # nothing to decide
+    rows = [row for row in csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+    if len({len(row) for row in rows}) > 1:
+        return csv.QUOTE_MINIMAL
+    literal = any('"' in field and not CSV_QUOTED_FIELD.fullmatch(field) for row in rows for field in row)
+    return csv.QUOTE_NONE if literal else csv.QUOTE_MINIMAL

@@ -107,7 +107,7 @@ MISTRAL_LIKE = ("{% if messages[0]['role'] == 'system' %}{% set system = message
 def test_a_template_that_moves_the_system_turn_trains_on_the_prompt_generation_sees(tiny_llama):
     """Mistral's template writes the system message into the last user turn only while that turn is last:
     rendered with its answer, the prompt differs. Training must still use the prompt predict will send."""
-    from tunelab.tasks.causal_lm import prompt_and_response, prompt_text
+    from tunelab.tasks._chat import prompt_and_response, prompt_text
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     tokenizer.chat_template = MISTRAL_LIKE
@@ -125,7 +125,7 @@ def test_chat_rows_without_any_prompt_text_are_dropped_and_counted():
     import pandas as pd
 
     from tunelab.config import load_config
-    from tunelab.tasks.causal_lm import conversations
+    from tunelab.tasks._chat import conversations
 
     frame = pd.DataFrame({"messages": [
         [{"role": "user", "content": "  "}, {"role": "assistant", "content": "yes"}],
@@ -139,7 +139,7 @@ def test_numeric_answers_are_trained_as_written_and_list_cells_are_dropped():
     import pandas as pd
 
     from tunelab.config import load_config
-    from tunelab.tasks.causal_lm import conversations
+    from tunelab.tasks._chat import conversations
 
     frame = pd.DataFrame({"prompt": ["six times seven", "one", "two", "list"],
                           "response": [42, None, 7, ["bad", "stale"]]})  # a missing value makes the column float

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -140,6 +141,19 @@ def test_causal_lm_predict_and_merged_export(tiny_causal_overrides, tmp_path, ca
     assert main(["predict", str(out), "--text", "what is opposite of good"]) == 0
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert line["prompt"] == "what is opposite of good" and isinstance(line["output"], str)
+    chats = tmp_path / "chats.jsonl"  # malformed chats: named input errors, not tracebacks
+    chats.write_text('{"messages": []}\n{"messages": [{"role": "assistant", "content": "hi"}]}\n'
+                     '{"messages": "hello"}\n{"messages": [{"content": "hi"}]}\n'
+                     '{"messages": {"role": "user", "content": "hi"}}\n'
+                     '{"messages": [{"role": "user", "content": "what is opposite of good"}]}\n')
+    assert main(["predict", str(out), "--input", str(chats)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("nothing to answer") == 2 and err.count("is not a list of {role, content} turns") == 3
+    assert "input 6" not in err
+    chat = [{"role": "user", "content": "what is opposite of good"}, {"role": "assistant", "content": "bad"}]
+    pd.DataFrame({"messages": [chat]}).to_parquet(tmp_path / "chats.parquet")  # list cells come back as arrays
+    assert main(["predict", str(out), "--input", str(tmp_path / "chats.parquet")]) == 0
+    assert json.loads(capsys.readouterr().out)["messages"] == chat  # as JSON, not numpy's repr in a string
     merged = tunelab.export(out, tmp_path / "merged", merge=True)
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()
     adapter, tokenizer = load_artifact(find_artifact(out))

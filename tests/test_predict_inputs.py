@@ -9,7 +9,7 @@ import pytest
 
 import tunelab
 from tunelab.cli import main
-from tunelab.tasks.causal_lm import as_prompt_turns, as_turns
+from tunelab.tasks._chat import as_prompt_turns, as_turns
 
 from conftest import toy_rows
 
@@ -39,6 +39,17 @@ def test_a_labelled_file_keeps_its_labels_and_missing_cells_become_null(single, 
     assert [line["input_label"] for line in lines] == ["neg", "pos"]  # the gold labels, next to the predictions
     assert all(line["label"] in ("neg", "pos") and set(line["scores"]) == {"neg", "pos"} for line in lines)
     assert lines[0]["score"] is None and lines[1]["score"] == "2" and lines[1]["text"] == "NA"  # "NA" is text
+
+
+def test_a_single_text_model_refuses_a_second_text_that_would_change_every_row(single, tmp_path, capsys):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"text": "good food", "text_pair": "stale box"}\n{"text": "good food"}\n')
+    assert main(["predict", str(single), "--input", str(path)]) == 2
+    assert "trained on single texts, without a second text; inputs [1] have a 'text_pair'" in capsys.readouterr().err
+    path.write_text('{"text": "good food", "text_pair": ""}\n{"text": "good food"}\n')  # an empty one is no pair
+    assert main(["predict", str(single), "--input", str(path)]) == 0
+    first, second = strict_json_lines(capsys.readouterr().out)
+    assert first["scores"] == second["scores"]
 
 
 def test_empty_inputs_are_refused_not_scored_as_text(single, tmp_path, capsys):
@@ -116,10 +127,11 @@ def test_predict_takes_task_options_and_keeps_answers_inside_a_position_table(ti
 def test_chat_inputs_leave_out_the_reference_answer_and_read_text_parts():
     row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is "}, "up"]},
                         {"role": "assistant", "content": "the sky"}]}
-    assert as_prompt_turns(row) == [{"role": "user", "content": "what is up"}]
+    assert as_prompt_turns(row) == ([{"role": "user", "content": "what is up"}], None)
     assert as_turns(row["messages"])[0]["content"] == "what is up"  # training reads the parts' text too
     image = [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, {"role": "assistant", "content": "a cat"}]
     assert as_turns(image) is None  # a text model cannot take it: dropped and counted, never trained as a repr
+    assert as_prompt_turns({"messages": image})[0] is None  # nor answered as an empty prompt
 
 
 def test_a_run_given_a_relative_model_path_predicts_from_another_folder(tiny_bert, toy_data, tmp_path, monkeypatch):

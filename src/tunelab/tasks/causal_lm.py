@@ -7,7 +7,6 @@ without one the prompt is followed by a newline and the response by the end-of-s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from ..errors import TunelabInputError
 from ..train.batches import collate, eval_batches
 from .base import (HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskColumns, TaskData, TaskOptions,
                    missing_columns, register)
+from ._chat import as_prompt_turns, conversations, needed_columns, prompt_and_response, prompt_text, row_turns
 from ._generation import exact_match, generate, token_f1
 
 LOGITS_BUDGET = 2**26  # logits held at once during evaluation (floats): 256 MB, whatever the vocabulary
@@ -151,7 +151,10 @@ class CausalLM(Task):
                 max_length: int) -> list[dict[str, Any]]:
         """Greedy answers, framed as in training (the chat template, or the prompt and a newline)."""
         tokenizer = setup.tokenizer
-        turns = [as_prompt_turns(item) for item in inputs]
+        turns, problems = zip(*(as_prompt_turns(item) for item in inputs))
+        refused = [f"predict: input {n}: {problem}" for n, problem in enumerate(problems, 1) if problem]
+        if refused:  # the first ten name the pattern; a file of thousands of bad rows needs no more lines
+            raise TunelabInputError(refused[:10] + [f"... {len(refused) - 10} more"] * (len(refused) > 10))
         templated = bool(getattr(tokenizer, "chat_template", None))
         prompts = tokenizer([prompt_text(t, tokenizer) for t in turns], add_special_tokens=not templated)["input_ids"]
         prompts = [p[-max_length:] for p in prompts]  # the end of a long prompt is what the answer follows
@@ -172,156 +175,6 @@ class CausalLM(Task):
 
 
 COLUMNS_HINT = " (set data.prompt_column and data.response_column, or data.messages_column for chat data)"
-
-
-def needed_columns(train: pd.DataFrame, cfg) -> dict[str, str]:
-    data = cfg.data
-    messages = data.messages_column or "messages"
-    if data.messages_column or (not (data.prompt_column or data.response_column) and messages in train.columns):
-        return {"data.messages_column": messages}
-    return {"data.prompt_column": data.prompt_column or "prompt",
-            "data.response_column": data.response_column or "response"}
-
-
-NOT_TURNS = "messages not a list of {role, content} ending with an assistant turn"
-NOT_TEXT = "prompt or response not text (a list or mapping)"
-
-
-def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str, int]]:
-    """Each usable row as chat turns (the last one the assistant's), plus rows dropped per reason."""
-    chats, dropped = [], {}
-    for turns, problem in row_turns(frame, cfg):
-        if problem:
-            dropped[problem] = dropped.get(problem, 0) + 1
-        else:
-            chats.append(turns)
-    return chats, dropped
-
-
-def row_turns(frame: pd.DataFrame, cfg) -> list[tuple[list[dict] | None, str | None]]:
-    """Each row's chat turns, or None and why the row cannot be trained on."""
-    columns = needed_columns(frame, cfg)
-    if "data.messages_column" in columns:
-        return [chat_turns(value) for value in frame[columns["data.messages_column"]].tolist()]
-    return [prompt_response_turns(prompt, response) for prompt, response in
-            zip(frame[columns["data.prompt_column"]].tolist(), frame[columns["data.response_column"]].tolist())]
-
-
-def chat_turns(value) -> tuple[list[dict] | None, str | None]:
-    turns = as_turns(value)
-    if turns is None:
-        return None, NOT_TURNS
-    return checked_turns(turns)
-
-
-def prompt_response_turns(prompt, response) -> tuple[list[dict] | None, str | None]:
-    if not (is_scalar(prompt) and is_scalar(response)):
-        return None, NOT_TEXT
-    return checked_turns([{"role": "user", "content": text_or_empty(prompt)},
-                          {"role": "assistant", "content": text_or_empty(response)}])
-
-
-def checked_turns(turns: list[dict]) -> tuple[list[dict] | None, str | None]:
-    if not turns[-1]["content"].strip():
-        return None, "empty response"
-    if not any(t["content"].strip() for t in turns[:-1]):
-        return None, "empty prompt"
-    return turns, None
-
-
-def text_or_empty(value) -> str:
-    """A cell as text; a whole number read as a float (a numeric column with a missing value) as written: 42, not
-    42.0, which is what the model would learn to answer."""
-    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
-        return ""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def is_scalar(value) -> bool:
-    return not isinstance(value, (list, tuple, dict, np.ndarray))
-
-
-def content_text(content) -> str | None:
-    """A turn's content as text: a string, or the text parts of a list of parts ({"type": "text", "text": ...},
-    the format of chat APIs and multimodal datasets); None where a part is not text (an image), which a
-    text model cannot take: such rows are dropped as not {role, content} turns."""
-    if isinstance(content, str) or content is None or isinstance(content, float):
-        return text_or_empty(content)
-    parts = [content] if isinstance(content, dict) else list(content)
-    texts = []
-    for part in parts:
-        if isinstance(part, str):
-            texts.append(part)
-        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        else:
-            return None
-    return "".join(texts)
-
-
-def as_turns(value) -> list[dict] | None:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return None
-    try:
-        turns = [{"role": str(t["role"]), "content": content_text(t["content"])} for t in list(value)]
-    except (TypeError, KeyError):
-        return None
-    if any(t["content"] is None for t in turns):
-        return None
-    return turns if len(turns) >= 2 and turns[-1]["role"] == "assistant" else None
-
-
-def prompt_and_response(turns: list[dict], tokenizer) -> tuple[str, str]:
-    """The prompt text (up to where the answer starts) and the response text, end marker included."""
-    prompt = prompt_text(turns[:-1], tokenizer)
-    answer = turns[-1]["content"]
-    if getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(turns, tokenize=False)
-        if full.startswith(prompt):
-            return prompt, full[len(prompt):]
-        # A template that renders earlier turns differently once an answer follows (Mistral's puts the system
-        # message into the last user turn only while that turn is the last): train on the prompt as
-        # generation will frame it, then the answer and the end marker the template writes after an answer
-        # (found after a stand-in answer: the real one may occur in the marker, `<` in `</s>`).
-        marked = tokenizer.apply_chat_template([*turns[:-1], {**turns[-1], "content": STAND_IN_ANSWER}],
-                                               tokenize=False)
-        if STAND_IN_ANSWER in marked:
-            return prompt, answer + marked[marked.rfind(STAND_IN_ANSWER) + len(STAND_IN_ANSWER):]
-    return prompt, answer + (tokenizer.eos_token or "")
-
-
-STAND_IN_ANSWER = "tunelab-answer-7f3c9"
-
-
-def prompt_text(turns: list[dict], tokenizer) -> str:
-    """The turns before an answer, framed so the model's next tokens are the answer."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    return plain_prompt(turns)
-
-
-def plain_prompt(turns: list[dict]) -> str:
-    """Without a chat template: the turns' texts, one per line, and a newline before the answer."""
-    return "\n".join(t["content"] for t in turns) + "\n"
-
-
-def as_prompt_turns(item: dict[str, Any]) -> list[dict]:
-    """A predict input as chat turns: {"prompt": text} or {"messages": [{role, content}, ...]}. Chat rows as
-    training and evaluation read them end with the reference answer: those final assistant turns are left
-    out, as evaluation leaves them out, so the model never sees the answer it is asked for."""
-    if "messages" in item:
-        value = item["messages"]
-        value = json.loads(value) if isinstance(value, str) else value
-        turns = [{"role": str(t["role"]), "content": content_text(t["content"]) or ""} for t in value]
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
-        return turns
-    return [{"role": "user", "content": str(item["prompt"])}]
 
 
 def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str, int]]:

@@ -120,12 +120,8 @@ class Classification(Task):
                 max_length: int) -> list[dict[str, Any]]:
         texts = [str(item["text"]) for item in inputs]
         pair_column = (info.get("columns") or {}).get("text_pair_column")
-        unpaired = [i for i, item in enumerate(inputs, 1) if pair_column and not str(item.get("text_pair") or "")]
-        if unpaired:  # scored without its second text, a pair model's answer means nothing
-            raise TunelabInputError([f"predict: the model was trained on text pairs ({pair_column!r} as the second "
-                                     f"text); inputs {unpaired[:5]} have no 'text_pair'; give --input with "
-                                     "'text' and 'text_pair' columns or keys"])
-        pairs = [str(item.get("text_pair", "")) for item in inputs] if any("text_pair" in i for i in inputs) else None
+        pair_problems(inputs, pair_column)
+        pairs = [str(item["text_pair"]) for item in inputs] if pair_column else None
         tokens = setup.tokenizer(texts, pairs, truncation=True, max_length=max_length)
         ids, lengths = pad_rows(tokens["input_ids"], pad_token_id(setup.tokenizer))
         type_ids = pad_rows(tokens["token_type_ids"], 0)[0] if pairs and "token_type_ids" in tokens else None
@@ -235,6 +231,21 @@ def check_labels(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]
                 problems.append(f"{where(cfg.data, split)}: labels {unseen[:5]} do not occur in train; "
                                 f"train labels are {names}")
     return problems
+
+
+def pair_problems(inputs: list[dict[str, Any]], pair_column: str | None) -> None:
+    """A pair model scored without its second text, or a single-text model given one, answers something that
+    means nothing (and a pair in one row would reshape every row of the call): both are refused."""
+    if pair_column:
+        wrong = [i for i, item in enumerate(inputs, 1) if not str(item.get("text_pair") or "")]
+        problem = (f"the model was trained on text pairs ({pair_column!r} as the second text); inputs {wrong[:5]} "
+                   "have no 'text_pair'; give --input with 'text' and 'text_pair' columns or keys")
+    else:
+        wrong = [i for i, item in enumerate(inputs, 1) if str(item.get("text_pair") or "")]
+        problem = (f"the model was trained on single texts, without a second text; inputs {wrong[:5]} have a "
+                   "'text_pair'; leave it out (or train with data.text_pair_column to score pairs)")
+    if wrong:
+        raise TunelabInputError([f"predict: {problem}"])
 
 
 def encode_rows(frame: pd.DataFrame, names: list[str], tokenizer, cfg) -> Encoded:

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from ..errors import TunelabInputError
 from .artifact import Artifact, find_artifact, load_artifact
 
@@ -91,7 +93,7 @@ def _json_input(value: Any, key: str, keys: tuple[str, ...], path: Path, number:
 def _table_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[str, Any]]:
     import pandas as pd
 
-    from ..data.io import read_csv_as_text
+    from ..data.delimited import read_csv_as_text
 
     try:
         frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else read_csv_as_text(path)
@@ -182,7 +184,10 @@ def write_predictions(outputs: list[dict[str, Any]], output_file: str | None) ->
 
 
 def json_safe(value: Any) -> Any:
-    """NaN and infinities as null: JSON has no such numbers, and strict readers (jq, most languages) refuse them."""
+    """NaN and infinities as null: JSON has no such numbers, and strict readers (jq, most languages) refuse them.
+    numpy values (Parquet's list cells arrive as arrays) as the Python values they hold, not their repr."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -40,6 +41,31 @@ def test_default_space_and_user_ranges(tiny_overrides):
 def test_a_bad_space_is_refused(tiny_overrides, tmp_path):
     result = sweep([*tiny_overrides, *SMALL, "sweep.space={lora.lr: {low: 1, high: 0.1}}"], tmp_path)
     assert result.returncode == 2 and "sweep.space.lora.lr: low 1 must be below high 0.1" in result.stderr
+
+
+@pytest.mark.parametrize("space, problem", [
+    ("{train.lr: {low: 0, high: 1, log: true}}", "sweep.space.train.lr: a log range needs low > 0, got 0"),
+    ("{lora.r: {choices: []}}", "sweep.space.lora.r: choices must be a non-empty list"),
+    ("{lora.r: {choices: [8, 0]}}", "sweep.space.lora.r: 0 is not allowed; must be > 0"),
+    ("{train.precision: {choices: [fp16]}}", "sweep.space.train.precision: 'fp16' is not allowed"),
+    ("{lora.r: {low: 2.5, high: 8}}", "lora.r takes whole numbers; low and high must be whole"),
+    ("{lora.dropout: {low: 0, high: 2}}", "sweep.space.lora.dropout: 2.0 is not allowed; must be <= 1"),
+])
+def test_a_space_no_trial_could_use_fails_validate_before_anything_is_written(space, problem, tiny_overrides):
+    from tunelab import TunelabInputError
+
+    with pytest.raises(TunelabInputError, match=re.escape(problem)):
+        load_config(None, [*tiny_overrides, "methods=lora", f"sweep.space={space}"])
+
+
+def test_a_decimal_option_draws_decimals_even_between_whole_bounds(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "methods=lora",
+                             "sweep.space={train.weight_decay: {low: 0, high: 1}, lora.r: {low: 2, high: 64, log: true}}"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [suggest(study.ask(), method_space(cfg, "lora")) for _ in range(5)]
+    assert all(0 <= d["train.weight_decay"] <= 1 for d in drawn)
+    assert any(0 < d["train.weight_decay"] < 1 for d in drawn)  # not only 0 and 1
+    assert all(isinstance(d["lora.r"], int) and 2 <= d["lora.r"] <= 64 for d in drawn)
 
 
 def test_a_killed_sweep_resumes_without_repeating_finished_trials(tiny_overrides, tmp_path):
@@ -132,12 +158,36 @@ def test_every_methods_default_space_gives_valid_configs(tiny_overrides):
 
 
 def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tiny_overrides, tmp_path):
-    stopped = sweep([*tiny_overrides, *SMALL], tmp_path, "--trials", "3", fault="interrupt@step=2")
+    import tunelab
+
+    out, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    stopped = sweep([*tiny_overrides, *SMALL], out, "--trials", "3", "--study-name", "mine", "--storage", storage,
+                    fault="interrupt@step=2")
     assert stopped.returncode == 130 and "--resume" in stopped.stderr, stopped.stderr[-2000:]
-    assert [t["state"] for t in study(tmp_path)["trials"]] == ["FAIL"]  # the first trial stopped; no other began
-    resumed = sweep([], tmp_path, "--trials", "3", "--resume")
+    assert [t["state"] for t in study(out)["trials"]] == ["FAIL"]  # the first trial stopped; no other began
+    resumed = sweep([], out, "--trials", "3", "--resume")  # the study it was started with, not a new one
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert sum(t["state"] in ("COMPLETE", "PRUNED") for t in study(tmp_path)["trials"]) == 3
+    assert study(out)["study"] == "mine-lora" and not (out / "sweep.db").exists()
+    assert sum(t["state"] in ("COMPLETE", "PRUNED") for t in study(out)["trials"]) == 3
+    with pytest.raises(tunelab.TunelabInputError, match="holds a `tunelab sweep` experiment, not a compare"):
+        tunelab.compare(output_dir=out, resume=True, isolate=False, show_progress=False)
+    renamed = sweep([], out, "--trials", "4", "--resume", "--study-name", "other")
+    assert renamed.returncode == 2 and "--study-name: other, but" in renamed.stderr
+
+
+def test_a_resumed_sweep_needs_the_storage_password_it_did_not_save(tmp_path):
+    from tunelab.experiment.folder import RUN_FILE
+    from tunelab.sweep.study import storage_record, sweep_flags
+
+    url = "postgresql://tuner:s3cret@db:5432/optuna"
+    assert storage_record(url) == "postgresql://tuner:***@db:5432/optuna"
+    (tmp_path / RUN_FILE).write_text(json.dumps({"flags": {"command": "sweep", "storage": storage_record(url),
+                                                           "study_name": None}}))
+    _, problems = sweep_flags(tmp_path, True, None, None)
+    assert problems and "its password is not saved, so give --storage with it" in problems[0]
+    assert sweep_flags(tmp_path, True, url, None) == ({"storage": url, "study_name": None}, [])
+    _, problems = sweep_flags(tmp_path, True, "postgresql://tuner:s3cret@otherhost/optuna", None)
+    assert "was started with postgresql://tuner:***@db:5432/optuna" in problems[0]
 
 
 def test_resuming_fails_only_this_workers_interrupted_trials_and_draws_new_points(tiny_overrides, tmp_path):

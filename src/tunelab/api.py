@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from .config import ExperimentConfig, config_and_problems, from_dict, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
-from .experiment.folder import (RUN_FILE, ExperimentLock, finished_records, resumed_flags, saved_config,
-                                write_run_file)
+from .experiment.folder import (RUN_FILE, ExperimentLock, command_problems, finished_records, resumed_flags,
+                                saved_config, write_run_file)
 from .experiment.job import Job, prepare_job
 from .train.distributed import launched_world_size, launcher_problems, leave_process_group
 
@@ -173,8 +173,10 @@ def run_flags(out_dir: Path, resume: bool, seeds: int | None, tune: int | None) 
     """--seeds and --tune: as given, else 1 and 0, and on --resume as the experiment was started."""
     given = {"seeds": seeds, "tune": tune}
     if resume:
-        return resumed_flags(out_dir, given, RUN_DEFAULTS)
-    return {name: default if given[name] is None else given[name] for name, default in RUN_DEFAULTS.items()}, []
+        flags, problems = resumed_flags(out_dir, given, RUN_DEFAULTS)
+        return {**flags, "command": "compare"}, problems + command_problems(out_dir, "compare")
+    return {"command": "compare",
+            **{name: default if given[name] is None else given[name] for name, default in RUN_DEFAULTS.items()}}, []
 
 
 def run_flag_problems(seeds: int, tune: int, isolate: bool, nproc: int | None) -> list[str]:
@@ -292,14 +294,16 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
     from .experiment.isolation import share_job
     from .sweep.report import write_sweep
     from .sweep.space import space_problems
-    from .sweep.study import default_storage, open_study, run_study, study_summary
+    from .sweep.study import default_storage, open_study, run_study, storage_record, study_summary, sweep_flags
 
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
     warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))
-    run_problems = [f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []
+    flags, run_problems = sweep_flags(out_dir, resume, storage, study_name)
+    storage, study_name = flags["storage"], flags["study_name"]
+    run_problems += [f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []
     run_problems += launcher_problems(None)
     if launched_world_size() > 1:
         run_problems.append("sweep: not under torchrun/accelerate launch (each trial is its own launch); use --nproc N")
@@ -307,7 +311,7 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
                            lambda cfg: space_problems(cfg) + run_problems + process_problems(cfg, nproc))
     warm_up(job.model_path)
     with ExperimentLock(out_dir):
-        start_folder(out_dir, cfg, resume)
+        start_folder(out_dir, cfg, resume, {**flags, "storage": storage_record(storage), "command": "sweep"})
         share_job(out_dir, job)
         url, studies = storage or default_storage(out_dir), {}
         try:

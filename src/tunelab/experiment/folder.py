@@ -75,7 +75,7 @@ def resumed_flags(folder: Path, given: dict[str, Any], defaults: dict[str, Any])
     """The run flags of a resumed experiment: what it was started with, unless given (None: not given). A
     flag given with another value is a problem: resuming a 3-seed comparison as a 1-seed one would rewrite
     its results without the other seeds."""
-    saved = json.loads((folder / RUN_FILE).read_text()).get("flags", {}) if (folder / RUN_FILE).is_file() else {}
+    saved = saved_flags(folder)
     flags, problems = {}, []
     for name, default in defaults.items():
         started = saved.get(name, default)
@@ -84,6 +84,20 @@ def resumed_flags(folder: Path, given: dict[str, Any], defaults: dict[str, Any])
             problems.append(f"--{name}: {flags[name]}, but {str(folder)!r} was started with --{name} {started}; "
                             f"resume it with --{name} {started} (or leave --{name} out)")
     return flags, problems
+
+
+def saved_flags(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / RUN_FILE).read_text()).get("flags", {}) if (folder / RUN_FILE).is_file() else {}
+
+
+def command_problems(folder: Path, command: str) -> list[str]:
+    """--resume continues what the folder holds: a sweep resumed by `compare` (or the reverse) would mix a new
+    experiment's files into it."""
+    started = saved_flags(folder).get("command", command)  # folders of earlier versions did not record it
+    if started == command:
+        return []
+    return [f"--resume: {str(folder)!r} holds a `tunelab {started}` experiment, not a {command}; continue it with "
+            f"`tunelab {started} --resume --output {folder}`"]
 
 
 def saved_config(folder: Path) -> tuple[ExperimentConfig, str]:

@@ -44,7 +44,7 @@ def space_problems(cfg, tuning: bool = True) -> list[str]:
             problems.append(f"sweep.space.{key}: names neither train.* nor a {'selected' if tuning else 'known'} "
                             f"method ({', '.join(sections[1:])})")
         else:
-            problems += option_problems(str(key))
+            problems += option_problems(str(key)) or value_problems(str(key), spec)
     return problems
 
 
@@ -57,32 +57,72 @@ def number(value: Any) -> float | None:
         return None
 
 
+def option_class(section: str) -> type:
+    from ..config import TrainConfig
+    from ..methods.base import get_method
+
+    return TrainConfig if section == "train" else get_method(section).Options
+
+
 def option_problems(key: str) -> list[str]:
     """A dotted key that names no option of its section (`lora.rnk`), with a suggestion."""
     import dataclasses
 
-    from ..config import TrainConfig
     from ..errors import did_you_mean, one_of
-    from ..methods.base import get_method
 
     section, _, name = key.partition(".")
-    options = TrainConfig if section == "train" else get_method(section).Options
-    known = [f.name for f in dataclasses.fields(options) if f.name != "task_info"]
+    known = [f.name for f in dataclasses.fields(option_class(section)) if f.name != "task_info"]
     if name in known:
         return []
     return [f"sweep.space.{key}: {section} has no option {name!r}{did_you_mean(name, known)}; allowed: {one_of(known)}"]
+
+
+def is_whole(key: str) -> bool:
+    """Whether the option takes whole numbers (lora.r), so a range draws integers; decimals (weight decay,
+    dropout, rates) draw from the whole interval even where its bounds are written 0 and 1."""
+    import typing
+
+    section, _, name = key.partition(".")
+    hint = typing.get_type_hints(option_class(section))[name]
+    return int in (hint, *typing.get_args(hint))
+
+
+def value_problems(key: str, spec: dict[str, Any]) -> list[str]:
+    """What a trial would be refused for, found before any is drawn: no choices, a log range that reaches 0,
+    a fractional bound of a whole-number option, and any choice or bound the option does not allow."""
+    from ..config.schema import build
+
+    path = f"sweep.space.{key}"
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            return [f"{path}: choices must be a non-empty list, got {spec['choices']!r}"]
+        candidates = spec["choices"]
+    else:
+        low, high = number(spec["low"]), number(spec["high"])
+        if spec.get("log") and low <= 0:
+            return [f"{path}: a log range needs low > 0, got {spec['low']!r}"]
+        if is_whole(key) and not (low.is_integer() and high.is_integer()):
+            return [f"{path}: {key} takes whole numbers; low and high must be whole, got {spec['low']!r} and "
+                    f"{spec['high']!r}"]
+        candidates = [spec["low"], spec["high"]]
+    section, _, name = key.partition(".")
+    problems: list[str] = []
+    for value in candidates:  # checked as the option itself is: "sweep.space.lora.r: 0 is not allowed; ..."
+        build(option_class(section), {name: value}, f"sweep.space.{section}", problems)
+    return list(dict.fromkeys(problems))
 
 
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One value per key, drawn by the trial (so the sampler and the importances see each by name)."""
     values = {}
     for key, spec in space.items():
+        log = bool(spec.get("log"))
         if "choices" in spec:
             values[key] = trial.suggest_categorical(key, list(spec["choices"]))
-        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
-            values[key] = trial.suggest_int(key, spec["low"], spec["high"])
+        elif is_whole(key):
+            values[key] = trial.suggest_int(key, int(float(spec["low"])), int(float(spec["high"])), log=log)
         else:
-            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=log)
     return values
 
 

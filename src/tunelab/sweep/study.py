@@ -28,6 +28,40 @@ def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'sweep.db').resolve()}"
 
 
+def storage_record(url: str | None) -> str | None:
+    """The storage as run.json keeps it: without its password (an output folder is no place for one)."""
+    from sqlalchemy.engine import make_url  # optuna's RDB storage is built on it
+
+    if url is None:
+        return None
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: optuna says what is wrong with it
+        return url
+
+
+def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | None) -> tuple[dict, list[str]]:
+    """--storage and --study-name: as given, or on --resume as the sweep was started (a new study in another
+    storage would start from trial 0 and overwrite the earlier trials' files). A password is not saved, so a
+    sweep on a database with one is resumed with --storage given again."""
+    from ..experiment.folder import command_problems, saved_flags
+
+    if not resume:
+        return {"storage": storage, "study_name": name}, []
+    saved, problems = saved_flags(out_dir), command_problems(out_dir, "sweep")
+    started = {"storage": saved.get("storage"), "study_name": saved.get("study_name")}
+    given = {"storage": storage_record(storage), "study_name": name}
+    for flag, value in given.items():
+        if value is not None and value != started[flag]:
+            problems.append(f"--{flag.replace('_', '-')}: {value}, but {str(out_dir)!r} was started with "
+                            f"{started[flag] or 'none (its own sweep.db, the default study name)'}; resume it "
+                            f"with that (or leave --{flag.replace('_', '-')} out)")
+    if storage is None and started["storage"] and "***" in started["storage"]:
+        problems.append(f"--storage: {str(out_dir)!r} sweeps in {started['storage']}; its password is not saved, "
+                        "so give --storage with it to resume")
+    return {"storage": storage or started["storage"], "study_name": name or started["study_name"]}, problems
+
+
 def study_name(cfg, method: str, name: str | None) -> str:
     # derived from the config, so workers started with the same config and storage join the same study
     return f"{name or 'tunelab-' + cfg.fingerprint()}-{method}"

@@ -110,3 +110,15 @@ def test_a_model_that_cannot_run_on_fake_tensors_falls_back_to_the_formula(rober
     assert lora["memory_from"].startswith("formula (the fake step failed: NotImplementedError")
     assert lora["activations_mb"] > 0 and lora["peak_memory_mb"] > lora["weights_mb"]
     assert lora["peak_memory_checkpointing_mb"] is None and "did not run" in lora["checkpointing_note"]
+
+
+def test_a_text_initialised_prompt_is_estimated_without_a_tokenizer(tmp_path):
+    """A config-only decoder folder: peft would load a tokenizer to embed the init text; the skeleton needs
+    only the prompt's shape, which is the same for a random start."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(tmp_path)
+    methods = estimated(tmp_path, "methods=prompt-tuning,lora", "prompt-tuning.init=text",
+                        "prompt-tuning.num_virtual_tokens=5", "data.max_length=32")
+    assert methods["prompt-tuning"]["added_params"] == 5 * 32

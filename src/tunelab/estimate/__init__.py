@@ -82,7 +82,8 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     from ..methods.base import PrepareContext, get_method
 
     task = cfg.task_spec
-    method, opts = get_method(name), cfg.options(name)
+    method = get_method(name)
+    opts = method.skeleton_options(cfg.options(name))
     model = meta_copy(build)
     ctx = PrepareContext(model_path, model_path, task, task.head_modules(model), steps or 1000, {})
     expected = method.expected_trainable_params(model, opts, ctx)

@@ -106,6 +106,11 @@ class Method(abc.ABC):
     def load_extra_state(self, model: nn.Module, state: dict[str, Any]) -> None:
         """Restore what `extra_state` returned."""
 
+    def skeleton_options(self, opts: MethodOptions) -> MethodOptions:
+        """The options an estimate applies to a weightless skeleton: the same shapes, without what needs the
+        model's files beyond its config (a tokenizer for a text-initialised prompt)."""
+        return opts
+
     def extra_positions(self, opts: MethodOptions) -> int:
         """Positions the method adds to every sequence (virtual tokens), for the max_length check."""
         return 0

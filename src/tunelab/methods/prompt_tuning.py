@@ -32,6 +32,9 @@ class PromptTuning(PeftMethod):
         # soft prompts want rates up to ~0.3 (Lester et al. 2021 used 0.3 with Adafactor)
         return {"lr": {"low": 3e-3, "high": 3e-1, "log": True}, "num_virtual_tokens": {"choices": [10, 20, 50]}}
 
+    def skeleton_options(self, opts: PromptTuningOptions) -> PromptTuningOptions:
+        return dataclasses.replace(opts, init="random")  # the same table of virtual tokens, no tokenizer needed
+
     def extra_positions(self, opts: PromptTuningOptions) -> int:
         return opts.num_virtual_tokens
 

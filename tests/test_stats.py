@@ -51,6 +51,25 @@ def test_the_same_difference_on_every_seed_is_tested_over_the_test_examples():
     assert {e["method"]: e for e in summarize(single, JOB)}["b"]["verdict"]["p_value"] is None
 
 
+def test_seeds_that_agree_still_show_how_much_the_test_examples_decide():
+    """22 of 40 right on both seeds: a t-interval over seeds alone has zero width and would call 0.55 clearly
+    above a 0.5 baseline; which 40 examples were drawn moves it by about +-0.15."""
+    labels = [0, 1] * 20
+    pred = labels[:22] + [1 - y for y in labels[22:]]
+
+    def run(seed):
+        return {"method": "m", "status": "success", "seed": seed, "lr": 1e-3,
+                "test": {"accuracy": 0.55, "f1_macro": 0.55, "loss": 0.45},
+                "test_per_example": {"pred": pred, "label": labels, "loss": [0.1] * 40}}
+    accuracy = summarize([run(1), run(2)], JOB)[0]["metrics"]["accuracy"]
+    one_run = stats.bootstrap_ci(np.mean, [np.asarray(pred) == np.asarray(labels)])
+    low, high = accuracy["ci95"]
+    assert low < 0.5 < high and (high - low) == pytest.approx(one_run[1] - one_run[0], rel=0.05)
+    assert accuracy["ci_method"] == "t-interval over seeds and bootstrap over test examples, combined"
+    spread = stats.with_test_sampling({"mean": 0.5, "ci95": [0.47, 0.53]}, [0.46, 0.54])  # 0.03 and 0.04 → 0.05
+    assert spread["ci95"] == pytest.approx([0.45, 0.55])
+
+
 def test_bootstrap_interval_covers_the_known_proportion():
     rng = np.random.default_rng(0)
     correct = (rng.random(2000) < 0.7).astype(float)

@@ -61,10 +61,16 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
                      " | ".join(interval_text(e["metrics"][m]) for m in metrics) + f" | {verdict_text(e['verdict'])} |")
     methods_used = sorted({e["metrics"][metrics[0]]["ci_method"] for e in entries if e["metrics"][metrics[0]]["ci95"]})
     tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")})
-    lines += ["", f"Intervals: {', '.join(methods_used) or 'none (one run, no per-example results)'}. "
-              f"Verdicts: {', '.join(tests_used) or '–'} at the 5 % level; \"tie\" means the difference is within "
-              "what chance explains, not that the methods are equal.", ""]
+    verdicts = (f"Verdicts: {', '.join(tests_used)} at the 5 % level; \"tie\" means the difference is within what "
+                "chance explains, not that the methods are equal." if tests_used else
+                "No method was tested against the best (no two finished methods with results to compare).")
+    lines += ["", f"Intervals: {', '.join(methods_used) or 'none (one run, no per-example results)'}. {verdicts}", ""]
     return lines
+
+
+def seeds_text(records: list[dict], train: dict) -> str:
+    seeds = sorted({r["seed"] for r in records if r.get("seed") is not None}) or [train.get("seed")]
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
 
 
 def verdict_text(verdict: dict) -> str:
@@ -241,7 +247,7 @@ def write_report(out_dir: Path, payload: dict) -> Path:
         f"Task `{job['task']}`, model `{model}`; {job.get('train_rows')} train / "
         f"{job.get('validation_rows')} validation ({job.get('validation_source')}) / {job.get('test_rows')} test "
         f"rows{labels}. Every method: {training_length(train, job)}, batch {train.get('batch_size')}, max length "
-        f"{cfg.get('data', {}).get('max_length')}, seed {train.get('seed')}.",
+        f"{cfg.get('data', {}).get('max_length')}, {seeds_text(records, train)}.",
         "", *table(records, job), "", *baseline_lines(job),
         f"↑ higher is better, ↓ lower is better. Test numbers are for the checkpoint with the best validation "
         f"{job['metric_for_best']}; time and throughput count training steps only (evaluation excluded); peak "

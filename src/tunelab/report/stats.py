@@ -51,6 +51,33 @@ def bootstrap_ci(statistic: Callable[..., float], columns: Sequence[np.ndarray],
     return [float(low), float(high)]
 
 
+def seed_mean_bootstrap_ci(per_seed: Sequence[tuple[Sequence[np.ndarray], Callable[..., float]]],
+                           seed: int = 0) -> list[float] | None:
+    """95 % bootstrap interval, over the test examples, of the mean over seeds of each seed's statistic: every
+    resample draws the same examples for all seeds (they share the test split). None where the seeds' example
+    columns differ in length (not the same examples)."""
+    widths = [len(columns) for columns, _ in per_seed]
+    flat = [np.asarray(c) for columns, _ in per_seed for c in columns]
+    if len({len(c) for c in flat}) != 1:
+        return None
+    bounds = np.cumsum([0, *widths])
+
+    def mean_over_seeds(*columns, axis=-1):
+        return np.mean([fn(*columns[lo:hi], axis=axis) for (_, fn), lo, hi in zip(per_seed, bounds, bounds[1:])],
+                       axis=0)
+    return bootstrap_ci(mean_over_seeds, flat, seed)
+
+
+def with_test_sampling(summary: dict, test_ci: list[float]) -> dict:
+    """The t-interval over seeds widened by how much the seeds' mean depends on the test examples drawn: the
+    seeds share one test split, so their spread says nothing of that. Half-widths add in quadrature (training
+    noise and test sampling are independent); seeds that agree exactly no longer give a zero-width interval."""
+    low, high = summary["ci95"]
+    half = math.hypot((high - low) / 2, (test_ci[1] - test_ci[0]) / 2)
+    return {**summary, "ci95": [summary["mean"] - half, summary["mean"] + half],
+            "ci_method": "t-interval over seeds and bootstrap over test examples, combined"}
+
+
 def paired_t(a: Sequence[float], b: Sequence[float]) -> dict:
     """Paired t-test of a against b over the same seeds; with identical pairs there is no difference to test.
     The same non-zero difference on every seed leaves the t statistic undefined (p None): it says nothing of

@@ -40,16 +40,23 @@ def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> 
     metrics = {}
     for metric in ordered_metrics(job):
         summary = stats.summarize([(r.get(split) or {}).get(metric) for r in runs])
-        # one run: its interval over test examples (of that run, not of another seed whose value was missing)
-        if len(runs) == 1 and summary["mean"] is not None and split == "test" and task is not None:
-            recomputable = task.statistic(metric, runs[0].get("test_per_example") or {})
-            if recomputable:
-                summary["ci95"] = stats.bootstrap_ci(recomputable[1], recomputable[0])
-                summary["ci_method"] = "bootstrap over test examples"
+        per_seed = [task.statistic(metric, r.get("test_per_example") or {}) for r in runs] if task else [None]
+        if summary["mean"] is not None and split == "test" and all(per_seed):
+            summary = with_test_examples(summary, per_seed)
         metrics[metric] = summary
     hyper = {k: runs[0].get(k) for k in ("lr",) if runs[0].get(k) is not None}
     return {"method": method, "n": len(runs), "split": split, "seeds": [r.get("seed") for r in runs],
             "hyperparameters": {**hyper, **(runs[0].get("hyperparameters") or {})}, "metrics": metrics}
+
+
+def with_test_examples(summary: dict, per_seed: list) -> dict:
+    """One run: its interval over test examples. Several: the interval over seeds, widened by the test
+    examples' part (see stats.with_test_sampling)."""
+    if len(per_seed) == 1:
+        columns, statistic = per_seed[0]
+        return {**summary, "ci95": stats.bootstrap_ci(statistic, columns), "ci_method": "bootstrap over test examples"}
+    test_ci = stats.seed_mean_bootstrap_ci(per_seed)
+    return stats.with_test_sampling(summary, test_ci) if test_ci and summary["ci95"] else summary
 
 
 def verdict(entry: dict, best: dict, by_method: dict, split: str, metric: str, higher: bool, task) -> dict:

@@ -68,11 +68,13 @@ def test_a_method_with_a_diverged_seed_ranks_last_and_never_as_a_tie(tmp_path):
     lora = next(line for line in ranking if " lora " in line)
     assert "non-finite (2 of 3 runs)" in lora and "unranked" in lora and "tie" not in lora
     assert "No finite accuracy (a run diverged, or gave none): " in report
+    assert ", seeds 42, 43, 44." in report  # the header names every seed the runs used
     for r in payload["methods"]:
         r["test"]["accuracy"] = float("nan")
     (tmp_path / "all").mkdir()
     report = report_of(tmp_path / "all", payload)
     assert "| best |" not in report and "- No method has a finite accuracy" in report
+    assert "Verdicts:" not in report and "No method was tested against the best" in report
 
 
 def test_records_missing_optional_fields_still_report(tmp_path):

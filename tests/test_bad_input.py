@@ -105,6 +105,11 @@ CASES = {
     "seed outside numpy's range": lambda t, b, base: ([*base, "train.seed=-5"], ["train.seed: -5 is not allowed"]),
     "sweep range of an option that does not exist": lambda t, b, base: (
         [*base, "sweep.space={lora.rnk: {low: 1, high: 4}}", "methods=lora"], ["sweep.space.lora.rnk: lora has no"]),
+    "a sweep choice the option refuses": lambda t, b, base: (
+        [*base, "sweep.space={lora.r: {choices: [8, 0]}}", "methods=lora"], ["sweep.space.lora.r: 0 is not allowed"]),
+    "json of columns (pandas' default to_json)": lambda t, b, base: (
+        [*base, f"data.train_file={toy_rows(40).to_json(t / 'cols.json') or t / 'cols.json'}"],
+        ["holds one object of columns", "to_json(orient='records')"]),
 }
 
 

@@ -80,6 +80,11 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
             path.read_bytes().decode("utf-8")  # a clear error beats one from deep inside the CSV reader
         if builder == "csv":
             return read_csv_as_text(path)
+        if path.suffix.lower() == ".json" and column_oriented(path):
+            problems.append(f"{field}: {path_text!r} holds one object of columns ({{column: {{row: value}}}}, "
+                            "what pandas' to_json writes by default); write rows: to_json(orient='records') for a "
+                            "JSON array, or lines=True for JSON Lines")
+            return None
         loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split")
         return loaded.to_pandas()
     except UnicodeDecodeError as exc:
@@ -92,3 +97,17 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         problems.append(f"{field}: could not read {path_text!r} ({type(cause).__name__}: "
                         f"{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''})")
     return None
+
+
+def column_oriented(path: Path) -> bool:
+    """A JSON file that is one object whose values are all objects: columns of rows, not rows."""
+    import json
+
+    with path.open("rb") as fh:
+        if fh.read(64).lstrip()[:1] != b"{":
+            return False
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return False  # JSON Lines in a .json file, or broken: the reader says which
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict) for v in value.values())

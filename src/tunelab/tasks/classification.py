@@ -212,9 +212,14 @@ def unhashable_label_problems(frames: dict[str, pd.DataFrame], column: str, cfg)
         bad = frame[column].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
         if bad.any():
             problems.append(f"{where(cfg.data, split)}: {int(bad.sum())} rows have a list or mapping in label column "
-                            f"{column!r} (e.g. {frame[column][bad].iloc[0]!r}); classification needs one label per "
+                            f"{column!r} (e.g. {short_repr(frame[column][bad].iloc[0])}); classification needs one label per "
                             "row (multi-label data is not supported)")
     return problems
+
+
+def short_repr(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
 def check_labels(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]:

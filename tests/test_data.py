@@ -147,6 +147,18 @@ def test_max_samples_gives_exactly_that_many_rows_with_every_class_it_can(size):
             assert abs((sample["label"] == label).sum() - share * size) <= 1
 
 
+def test_a_cap_below_the_number_of_classes_keeps_every_class_named(tmp_path, tiny_bert):
+    frame = toy_rows(60)
+    frame["label"] = [f"c{i % 12}" for i in range(60)]
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    job = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={tmp_path}/t.csv",
+                          "data.max_train_samples=8", "data.max_eval_samples=5", "data.max_length=32",
+                          "train.batch_size=4"])
+    assert job.label_names == sorted(f"c{i}" for i in range(12)) and len(job.train) == 8
+    names = job.data.frames["train"].label.astype(str)
+    assert [job.label_names[i] for i in job.train.labels] == names.tolist()
+
+
 def test_a_saved_dataset_folder_keeps_its_class_names_and_refuses_several_splits(tmp_path, tiny_bert):
     import datasets
 

@@ -70,15 +70,10 @@ class Classification(Task):
         return masks
 
     def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
-        return split_frames(frames, cfg.data, label_column(cfg), cfg.train.seed)
+        return split_frames(named_classes(frames, label_column(cfg)), cfg.data, label_column(cfg), cfg.train.seed)
 
     def encode(self, frames: dict[str, pd.DataFrame], tokenizer, cfg) -> TaskData:
-        # every class of the data read (checked to occur in train before data.max_train_samples capped it: a cap
-        # below the number of classes leaves some with no training row, not without a name)
-        column = label_column(cfg)
-        train = frames["train"][column]
-        names = label_names(train if isinstance(train.dtype, pd.CategoricalDtype) else pd.Series(
-            [name for frame in frames.values() for name in label_texts(frame[column].dropna())], dtype=object))
+        names = label_names(frames["train"][label_column(cfg)])  # the categories `split` gave every split
         encoded = {split: encode_rows(frame, names, tokenizer, cfg) for split, frame in frames.items()}
         return TaskData(encoded["train"], encoded["validation"], encoded.get("test"), info={"labels": names})
 
@@ -183,6 +178,19 @@ def label_text(value: Any) -> str:
         return str(int(value))
     text = str(value)
     return text.split(".")[0] if WHOLE_FLOAT.fullmatch(text) else text
+
+
+def named_classes(frames: dict[str, pd.DataFrame], column: str) -> dict[str, pd.DataFrame]:
+    """The label column as categories of every class the data read holds, before splits are carved and
+    capped: a data.max_train_samples below the number of classes leaves some class without a training row,
+    never without its name (the model's head, the report and predict keep all of them). A ClassLabel's own
+    categories stand as they are."""
+    if isinstance(frames["train"][column].dtype, pd.CategoricalDtype):
+        return frames
+    texts = {split: label_texts(frame[column]) for split, frame in frames.items()}
+    names = label_names(pd.Series([name for split in texts.values() for name in split], dtype=object))
+    return {split: frame.assign(**{column: pd.Categorical(texts[split], categories=names)})
+            for split, frame in frames.items()}
 
 
 def label_texts(values: pd.Series) -> list[str]:

@@ -57,7 +57,8 @@ def test_seeds_give_one_run_each_and_a_summary_over_them(tiny_overrides, tmp_pat
     assert {e["method"] for e in summary} == {"lora", "prompt-tuning"}
     for entry in summary:
         assert entry["n"] == 2 and entry["seeds"] == [42, 43]
-        assert entry["metrics"]["accuracy"]["ci_method"] == "t-interval over seeds"
+        ci_method = entry["metrics"]["accuracy"]["ci_method"]
+        assert ci_method == "t-interval over seeds and bootstrap over test examples, combined"
         assert entry["verdict"]["result"] in ("best", "tie", "worse")
     assert "## Ranking" in (tmp_path / "report.md").read_text()
 

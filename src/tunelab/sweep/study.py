@@ -51,11 +51,12 @@ def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | No
     saved, problems = saved_flags(out_dir), command_problems(out_dir, "sweep")
     started = {"storage": saved.get("storage"), "study_name": saved.get("study_name")}
     given = {"storage": storage_record(storage), "study_name": name}
+    defaults = {"storage": "its own sweep.db", "study_name": "the study name derived from its config"}
     for flag, value in given.items():
         if value is not None and value != started[flag]:
-            problems.append(f"--{flag.replace('_', '-')}: {value}, but {str(out_dir)!r} was started with "
-                            f"{started[flag] or 'none (its own sweep.db, the default study name)'}; resume it "
-                            f"with that (or leave --{flag.replace('_', '-')} out)")
+            option = f"--{flag.replace('_', '-')}"
+            problems.append(f"{option}: {value}, but {str(out_dir)!r} was started with "
+                            f"{started[flag] or defaults[flag]}; resume it with that (or leave {option} out)")
     if storage is None and started["storage"] and "***" in started["storage"]:
         problems.append(f"--storage: {str(out_dir)!r} sweeps in {started['storage']}; its password is not saved, "
                         "so give --storage with it to resume")

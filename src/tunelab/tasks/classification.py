@@ -219,9 +219,10 @@ def unhashable_label_problems(frames: dict[str, pd.DataFrame], column: str, cfg)
     for split, frame in frames.items():
         bad = frame[column].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
         if bad.any():
+            example = short_repr(frame[column][bad].iloc[0])
             problems.append(f"{where(cfg.data, split)}: {int(bad.sum())} rows have a list or mapping in label column "
-                            f"{column!r} (e.g. {short_repr(frame[column][bad].iloc[0])}); classification needs one label per "
-                            "row (multi-label data is not supported)")
+                            f"{column!r} (e.g. {example}); classification needs one label per row (multi-label "
+                            "data is not supported)")
     return problems
 
 

@@ -115,7 +115,7 @@ class Classification(Task):
                 max_length: int) -> list[dict[str, Any]]:
         texts = [str(item["text"]) for item in inputs]
         pair_column = (info.get("columns") or {}).get("text_pair_column")
-        pair_problems(inputs, pair_column)
+        refuse_mismatched_pairs(inputs, pair_column)
         pairs = [str(item["text_pair"]) for item in inputs] if pair_column else None
         tokens = setup.tokenizer(texts, pairs, truncation=True, max_length=max_length)
         ids, lengths = pad_rows(tokens["input_ids"], pad_token_id(setup.tokenizer))
@@ -247,7 +247,7 @@ def check_labels(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]
     return problems
 
 
-def pair_problems(inputs: list[dict[str, Any]], pair_column: str | None) -> None:
+def refuse_mismatched_pairs(inputs: list[dict[str, Any]], pair_column: str | None) -> None:
     """A pair model scored without its second text, or a single-text model given one, answers something that
     means nothing (and a pair in one row would reshape every row of the call): both are refused."""
     if pair_column:

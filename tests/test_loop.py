@@ -33,6 +33,9 @@ def test_early_stopping_counts_evaluations_without_improvement(tiny_overrides):
     state = loop_for(tiny_overrides, extra, [0.5, 0.6, 0.6, 0.55, 0.9]).run()
     assert state.stopped_early and state.step == 8  # best at step 4, then two evaluations without a gain
     assert not loop_for(tiny_overrides, ["train.max_steps=20", "train.eval_every_steps=2"], [0.5] * 20).run().stopped_early
+    # patience runs out at the last evaluation, the last step: the run was not stopped, it finished
+    ran_out_at_the_end = loop_for(tiny_overrides, [*extra[1:], "train.max_steps=6"], [0.9, 0.8, 0.7]).run()
+    assert ran_out_at_the_end.step == 6 and not ran_out_at_the_end.stopped_early
 
 
 def test_auto_precision_says_why_and_never_picks_emulated_bf16(monkeypatch, tiny_overrides):

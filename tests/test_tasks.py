@@ -84,14 +84,16 @@ def test_unusable_rows_are_counted_per_reason(tmp_path, tiny_llama):
     frame.loc[0, "response"] = "  "
     frame.loc[1, "prompt"] = ""
     frame.loc[2, "prompt"] = " ".join(["good"] * 40)  # fills max_length: no room for a response
+    frame.loc[3, "response"] = "zzz qqq"  # words the tokenizer has no tokens for: <unk>s and the end marker
     frame.to_csv(tmp_path / "qa.csv", index=False)
     job = validate(None, ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={tmp_path / 'qa.csv'}",
                           "data.max_length=32", "data.validation_fraction=0.2", "train.batch_size=4"])
     dropped = job.summary()["dropped_rows"]
-    assert sum(dropped.values()) == 3
+    assert sum(dropped.values()) == 4
     assert {k.split(": ", 1)[1] for k in dropped} == {"empty response", "empty prompt",
-                                                      "prompt fills data.max_length=32"}
-    assert len(job.train) + len(job.validation) == 27
+                                                      "prompt fills data.max_length=32",
+                                                      "response has no text after tokenizing"}
+    assert len(job.train) + len(job.validation) == 26
 
 
 def test_unusable_rows_go_before_validation_is_carved_and_train_capped(tmp_path, tiny_llama):

@@ -186,13 +186,17 @@ def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str,
     responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"] if texts else []
     rows, labels, prompt_lengths, prompt_texts = [], [], [], []
     too_long = f"prompt fills data.max_length={cfg.data.max_length}"
-    dropped[too_long] = 0
-    for turns, prompt, response in zip(chats, prompts, responses):
-        room = cfg.data.max_length - len(prompt)
-        if room <= 0:
-            dropped[too_long] += 1
+    fitting = [(turns, prompt, response[:cfg.data.max_length - len(prompt)])
+               for turns, prompt, response in zip(chats, prompts, responses) if len(prompt) < cfg.data.max_length]
+    dropped[too_long] = len(chats) - len(fitting)
+    # the reference an answer is scored against is the response's text: one with none (a tokenizer that has no
+    # tokens for its words, an end marker alone) would train on nothing and score every answer as exact
+    visible = tokenizer.batch_decode([response for _, _, response in fitting], skip_special_tokens=True)
+    no_text = "response has no text after tokenizing"
+    dropped[no_text] = sum(not text.strip() for text in visible)
+    for (turns, prompt, response), text in zip(fitting, visible):
+        if not text.strip():
             continue
-        response = response[:room]
         rows.append(prompt + response)
         labels.append([IGNORE_INDEX] * len(prompt) + response)
         prompt_lengths.append(len(prompt))

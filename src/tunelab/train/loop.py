@@ -249,7 +249,9 @@ class TrainingLoop:
         else:
             state.evals_without_improvement += 1
             patience = self.cfg.early_stopping_patience
-            state.stopped_early = bool(patience) and state.evals_without_improvement >= patience
+            # early: patience ran out before the planned steps did (an evaluation at the last step stops nothing)
+            state.stopped_early = (bool(patience) and state.evals_without_improvement >= patience
+                                   and state.step < self.total_steps)
         self.report_eval(state, metrics, improved)
         self._segment_start = time.perf_counter()  # evaluation is not training time
         return metrics

@@ -22,9 +22,11 @@ def read_csv_as_text(path: Path) -> pd.DataFrame:
     """Every field as the text it is: CSV has no types, and guessing them loses what users wrote (labels "01"
     and "02" would become 1 and 2, one empty field would turn a column of 3s and 7s into 3.0 and 7.0). Only
     an empty field is missing; "NA", "None" and "null" are text (a class may be called "NA")."""
-    sep = separator(path)
-    quoting = tsv_quoting(path.read_text(encoding="utf-8-sig")) if sep == "\t" else csv.QUOTE_MINIMAL
-    frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], quoting=quoting)
+    sep, source, quoting = separator(path), path, csv.QUOTE_MINIMAL
+    if sep == "\t":  # read once: its text decides the quoting and is what is parsed
+        text = path.read_text(encoding="utf-8-sig")
+        source, quoting = io.StringIO(text), tsv_quoting(text)
+    frame = pd.read_csv(source, sep=sep, dtype=str, keep_default_na=False, na_values=[""], quoting=quoting)
     if frame.empty and not len(frame.columns):
         raise pd.errors.EmptyDataError("no columns")
     return frame

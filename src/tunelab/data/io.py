@@ -76,11 +76,11 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         if path.stat().st_size == 0:
             problems.append(f"{field}: {path_text!r} is empty")
             return None
-        if builder != "parquet":
-            path.read_bytes().decode("utf-8")  # a clear error beats one from deep inside the CSV reader
+        # decoded first: a bad byte gets a clear error, not one from deep inside a reader
+        text = path.read_bytes().decode("utf-8") if builder != "parquet" else ""
         if builder == "csv":
             return read_csv_as_text(path)
-        if path.suffix.lower() == ".json" and column_oriented(path):
+        if path.suffix.lower() == ".json" and column_oriented(text):
             problems.append(f"{field}: {path_text!r} holds one object of columns ({{column: {{row: value}}}}, "
                             "what pandas' to_json writes by default); write rows: to_json(orient='records') for a "
                             "JSON array, or lines=True for JSON Lines")
@@ -99,15 +99,14 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
     return None
 
 
-def column_oriented(path: Path) -> bool:
-    """A JSON file that is one object whose values are all objects: columns of rows, not rows."""
+def column_oriented(text: str) -> bool:
+    """A JSON file's text that is one object whose values are all objects: columns of rows, not rows."""
     import json
 
-    with path.open("rb") as fh:
-        if fh.read(64).lstrip()[:1] != b"{":
-            return False
+    if not text.lstrip().startswith("{"):
+        return False
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(text)
     except ValueError:
         return False  # JSON Lines in a .json file, or broken: the reader says which
     return isinstance(value, dict) and bool(value) and all(isinstance(v, dict) for v in value.values())

@@ -40,9 +40,9 @@ def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> 
     metrics = {}
     for metric in ordered_metrics(job):
         summary = stats.summarize([(r.get(split) or {}).get(metric) for r in runs])
-        per_seed = [task.statistic(metric, r.get("test_per_example") or {}) for r in runs] if task else [None]
-        if summary["mean"] is not None and split == "test" and all(per_seed):
-            summary = with_test_examples(summary, per_seed)
+        if summary["mean"] is not None and split == "test" and task is not None:
+            summary = with_test_examples(summary, [task.statistic(metric, r.get("test_per_example") or {})
+                                                   for r in runs])
         metrics[metric] = summary
     hyper = {k: runs[0].get(k) for k in ("lr",) if runs[0].get(k) is not None}
     return {"method": method, "n": len(runs), "split": split, "seeds": [r.get("seed") for r in runs],
@@ -51,7 +51,9 @@ def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> 
 
 def with_test_examples(summary: dict, per_seed: list) -> dict:
     """One run: its interval over test examples. Several: the interval over seeds, widened by the test
-    examples' part (see stats.with_test_sampling)."""
+    examples' part (see stats.with_test_sampling). As it was where a run has no per-example results."""
+    if not all(per_seed):
+        return summary
     if len(per_seed) == 1:
         columns, statistic = per_seed[0]
         return {**summary, "ci95": stats.bootstrap_ci(statistic, columns), "ci_method": "bootstrap over test examples"}

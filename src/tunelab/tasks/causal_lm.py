@@ -192,11 +192,9 @@ def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str,
     # the reference an answer is scored against is the response's text: one with none (a tokenizer that has no
     # tokens for its words, an end marker alone) would train on nothing and score every answer as exact
     visible = tokenizer.batch_decode([response for _, _, response in fitting], skip_special_tokens=True)
-    no_text = "response has no text after tokenizing"
-    dropped[no_text] = sum(not text.strip() for text in visible)
-    for (turns, prompt, response), text in zip(fitting, visible):
-        if not text.strip():
-            continue
+    scorable = [(turns, prompt, response) for (turns, prompt, response), text in zip(fitting, visible) if text.strip()]
+    dropped["response has no text after tokenizing"] = len(fitting) - len(scorable)
+    for turns, prompt, response in scorable:
         rows.append(prompt + response)
         labels.append([IGNORE_INDEX] * len(prompt) + response)
         prompt_lengths.append(len(prompt))

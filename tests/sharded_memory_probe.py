@@ -8,7 +8,7 @@ import torch.distributed as dist
 from transformers import BertConfig, BertForSequenceClassification
 
 from tunelab.train import sharding
-from tunelab.train.distributed import Ranks
+from tunelab.train.distributed import Ranks, exit_process, leave_process_group
 from tunelab.train.tracking import current_rss_mb
 
 if sys.argv[1:] == ["off"]:
@@ -28,4 +28,8 @@ for _ in range(4):
 model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 with open(f"rank{dist.get_rank()}.txt", "w") as out:  # (one file each: lines printed together interleave)
     out.write(f"{current_rss_mb() - start:.1f} {model_mb:.1f}")
-dist.destroy_process_group()
+# Ended as tunelab's own launched processes end (train/distributed.py): together, the group left, and no
+# interpreter teardown, whose C++ destructors of gloo's threads aborted a finished probe once in CI.
+dist.barrier()
+leave_process_group()
+exit_process(0)

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tunelab.cli import main
@@ -138,3 +139,54 @@ def test_the_terminal_table_shows_names_as_written_and_report_md_escapes_them():
     view = job_view(payload)
     assert "| lora\\_r8\\* |" in "\n".join(table(payload["methods"], view))
     assert "| lora_r8* |" in "\n".join(table(payload["methods"], view, text=plain_text))
+
+
+def scored_run(method: str, seed: int, correct: int, examples: int = 200) -> dict:
+    """A finished run whose test predictions get the first `correct` of `examples` right."""
+    labels = [i % 2 for i in range(examples)]
+    preds = [label if i < correct else 1 - label for i, label in enumerate(labels)]
+    losses = [0.1 if i < correct else 2.0 for i in range(examples)]
+    return {"method": method, "seed": seed, "run_id": f"{method}/seed-{seed}", "status": "success",
+            "test": {"accuracy": correct / examples, "f1_macro": correct / examples, "loss": float(np.mean(losses))},
+            "test_per_example": {"pred": preds, "label": labels, "loss": losses}}
+
+
+CLASSIFICATION_JOB = {"task": "classification", "metric_for_best": "accuracy",
+                      "metrics": {"accuracy": "higher", "f1_macro": "higher", "loss": "lower"}}
+
+
+def test_intervals_stay_within_what_the_metric_can_take():
+    from tunelab.report.summary import summarize
+
+    # two seeds far apart: the t-interval (t = 12.7 for one degree of freedom) reaches far past [0, 1]
+    entry, = summarize([scored_run("full", 42, 30), scored_run("full", 43, 190)], CLASSIFICATION_JOB)
+    for metric in ("accuracy", "f1_macro"):
+        low, high = entry["metrics"][metric]["ci95"]
+        assert low == 0.0 and high == 1.0, (metric, low, high)
+    assert entry["metrics"]["loss"]["ci95"][0] == 0.0  # a loss is never negative
+
+
+def test_a_verdict_on_fewer_seeds_than_the_ranking_says_so_and_is_not_called_a_tie_when_it_disagrees(tmp_path):
+    from tunelab.report.markdown import ranking, verdict_text
+    from tunelab.report.summary import summarize
+
+    # full: seeds 42 and 43 (mean 0.8); lora: seed 43 failed, seed 42 clearly better than full's seed 42
+    records = [scored_run("full", 42, 120), scored_run("full", 43, 200), scored_run("lora", 42, 150)]
+    best, lora = summarize(records, CLASSIFICATION_JOB)
+    assert (best["method"], lora["method"]) == ("full", "lora")
+    assert lora["verdict"]["on_seeds"] == [42] and lora["verdict"]["result"] == "mixed"
+    assert lora["verdict"]["mean_difference"] == pytest.approx(0.15)
+    assert verdict_text(lora["verdict"]).startswith("mixed (+0.150 on seed 42 only, p ")
+    # the same seeds on both sides: no such note
+    even, = [e for e in summarize(records[:2] + [scored_run("lora", 42, 118), scored_run("lora", 43, 196)],
+                                  CLASSIFICATION_JOB) if e["method"] == "lora"]
+    assert "on_seeds" not in even["verdict"] and even["verdict"]["result"] == "tie"
+    assert "| mixed (+0.150 on seed 42 only, p < 0.001) |" in "\n".join(ranking([best, lora], CLASSIFICATION_JOB))
+
+
+def test_results_files_are_strict_json(tmp_path):
+    from tunelab.experiment.results import strict_json
+
+    text = strict_json({"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "NaN"})
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard {name}")) == \
+        {"a": None, "b": [1.0, None, {"c": None}], "d": "NaN"}

@@ -243,6 +243,20 @@ def test_diverged_and_failed_methods_are_recorded_and_others_continue(uninterrup
     assert "| full | diverged |" in (tmp_path / "report.md").read_text()
 
 
+def test_weights_that_blow_up_in_the_last_update_are_a_divergence_not_the_best_result(uninterrupted, tmp_path):
+    """The last update's NaN shows in no training loss, only in the evaluation after it: that evaluation must
+    not become the best state of a "successful" run, ranked first, with NaN written into results.json."""
+    overrides, _ = uninterrupted
+    result = inproc([*overrides, "methods=full,lora", "full.lr=1e30", "train.max_steps=2",
+                     "train.eval_every_steps=1", "train.warmup_ratio=0"], tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]  # as for any run that did not finish
+    text = (tmp_path / "results.json").read_text()
+    payload = json.loads(text, parse_constant=lambda name: pytest.fail(f"results.json holds {name}"))
+    full = next(r for r in payload["methods"] if r["method"] == "full")
+    assert full["status"] == "diverged" and "validation loss became non-finite" in full["error"], full["error"]
+    assert [e["method"] for e in payload["summary"]] == ["lora"]
+
+
 def test_a_second_run_on_a_locked_folder_is_refused_and_a_stale_lock_is_taken(uninterrupted, tmp_path):
     overrides, _ = uninterrupted
     args = [*overrides, "methods=lora", "train.max_steps=2"]

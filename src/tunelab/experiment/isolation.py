@@ -83,9 +83,12 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
             record["error"] = f"{process} {cause} first; rank 0 then: {record.get('error')}"
         return record
     # stopped before its loop could checkpoint (still loading): an interrupted run, and the experiment stops
-    status = "interrupted" if stop.signum else "failed"
+    if stop.signum:  # the stop asked for (Ctrl-C, a scheduler), not the signal it was passed on as
+        status, what = "interrupted", f"stopped by {signal.Signals(stop.signum).name} while starting"
+    else:
+        status, what = "failed", f"the run's {process} {cause}"
     return {"method": run.method, "run_id": run.run_id, "seed": run.seed, "status": status, "config": config,
-            "error": f"the run's {process} {cause} before writing its result; continue with --resume"}
+            "error": f"{what}, before writing its result; continue with --resume"}
 
 
 class StopRequest:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def write_results(out_dir: Path, records: list[dict[str, Any]], job_summary: dic
                "job": job_summary, "methods": records}
     payload["summary"] = summarize(records, job_view(payload))
     tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.write_text(strict_json(payload) + "\n")
     tmp.replace(out_dir / "results.json")  # readers never see a half-written file
     with open(out_dir / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -39,6 +40,25 @@ def write_results(out_dir: Path, records: list[dict[str, Any]], job_summary: dic
         for record in records:
             writer.writerow([lookup(record, column) for column in columns])
     return payload
+
+
+def strict_json(payload: Any) -> str:
+    """JSON that any parser reads: a NaN or infinity that got into a record (Python writes them as bare NaN and
+    Infinity, which JavaScript, jq and most other readers reject) is written as null."""
+    try:
+        return json.dumps(payload, indent=2, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(without_non_finite(payload), indent=2, default=str)
+
+
+def without_non_finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: without_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_non_finite(v) for v in value]
+    return value
 
 
 def lookup(record: dict[str, Any], dotted: str) -> Any:

@@ -25,7 +25,7 @@ from ..train import faults
 from ..train.checkpoint import Checkpointer, started_with
 from ..train.distributed import Ranks, check_world, launched_rank, launched_world_size
 from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
-                          total_steps)
+                          stop_if_non_finite, total_steps)
 from ..train.batches import collate, epoch_batches
 from ..train.precision import choose_precision
 from ..train.sharding import make_plain, shard_model
@@ -192,6 +192,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
         return {"rank": ranks.rank}
     trainer.restore_best()  # under sharding every process evaluates and gathers (collectives) ...
     test = job.task.evaluate(model, job.test, eval_setup) if job.test is not None else None
+    if test is not None:
+        stop_if_non_finite(test.metrics, (state.best or {}).get("step", state.step), state.losses, "test")
     examples = test.examples if test else []
     if test is None and job.task.shows_examples:  # then the report's examples come from validation
         examples = job.task.evaluate(model, job.validation, eval_setup).examples

@@ -64,7 +64,7 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
     verdicts = (f"Verdicts: {', '.join(tests_used)} at the 5 % level; \"tie\" means the difference is within what "
                 "chance explains, not that the methods are equal." if tests_used else
                 "No method was tested against the best (no two finished methods with results to compare).")
-    lines += ["", f"Intervals: {', '.join(methods_used) or 'none (one run, no per-example results)'}. {verdicts}", ""]
+    lines += ["", f"Intervals: {', '.join(methods_used) or 'none (one run per method, and no per-example test results of two or more examples to bootstrap)'}. {verdicts}", ""]
     return lines
 
 
@@ -80,7 +80,9 @@ def verdict_text(verdict: dict) -> str:
         return "unranked (no finite value)"
     p_value = verdict.get("p_value")
     p = "" if p_value is None else ", p < 0.001" if p_value < 0.001 else f", p = {p_value:.3f}"
-    return f"{verdict['result']} ({metric_text(verdict['mean_difference'], signed=True)}{p})"
+    seeds = verdict.get("on_seeds") or []
+    on = f" on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} only" if seeds else ""
+    return f"{verdict['result']} ({metric_text(verdict['mean_difference'], signed=True)}{on}{p})"
 
 
 def baseline_lines(job: dict[str, Any]) -> list[str]:
@@ -113,11 +115,14 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
     notes.append(f"- Best {split} {metric} ({'higher' if higher else 'lower'} is better): "
                  f"**{md_text(best['method'])}**, {interval_text(best['metrics'][metric])}.")
     named = {result: [md_text(e["method"]) for e in entries[1:] if e["verdict"]["result"] == result]
-             for result in ("tie", "worse", "unranked")}
+             for result in ("tie", "worse", "mixed", "unranked")}
     if named["tie"]:
         notes.append(f"- Not distinguishable from the best at this sample size (ties): {', '.join(named['tie'])}.")
     if named["worse"]:
         notes.append(f"- Worse than the best beyond chance: {', '.join(named['worse'])}.")
+    if named["mixed"]:
+        notes.append(f"- Ranked below the best by the mean over its seeds, but better than it beyond chance on the "
+                     f"seeds both ran (another seed failed or is missing): {', '.join(named['mixed'])}.")
     if named["unranked"]:
         notes.append(f"- No finite {metric} (a run diverged, or gave none): {', '.join(named['unranked'])}; "
                      "ranked last.")
@@ -149,10 +154,15 @@ def lean_note(ok: list[dict], best: str, ties: list[str]) -> list[str]:
     if lean["method"] == best:
         return []
     share = f" ({lean['trainable_percent']:.2f} % of the model)" if lean.get("trainable_percent") is not None else ""
-    size = (f", and saves a {lean['artifact_size_mb']:.1f} MB artifact" if lean.get("artifact_size_mb") is not None
+    size = (f", and saves a {size_text(lean['artifact_size_mb'])} artifact" if lean.get("artifact_size_mb") is not None
             else "")
     return [f"- **{md_text(lean['method'])}** ties with the best while training "
             f"{human_count(lean['trainable_params'])} parameters{share}{size}."]
+
+
+def size_text(mb: float) -> str:
+    """A small adapter's size in KB: 0.019 MB is not "0.0 MB"."""
+    return f"{mb:.1f} MB" if mb >= 1 else f"{mb * 1024:.0f} KB"
 
 
 def cost_notes(ok: list[dict]) -> list[str]:

@@ -78,6 +78,15 @@ def with_test_sampling(summary: dict, test_ci: list[float]) -> dict:
             "ci_method": "t-interval over seeds and bootstrap over test examples, combined"}
 
 
+def within(summary: dict, low: float | None, high: float | None) -> dict:
+    """The interval cut to the values the metric can take (accuracy in [0, 1], a loss from 0): a t-interval
+    over a few seeds, symmetric about the mean, reaches past them."""
+    if not summary.get("ci95"):
+        return summary
+    lo, hi = summary["ci95"]
+    return {**summary, "ci95": [lo if low is None else max(lo, low), hi if high is None else min(hi, high)]}
+
+
 def paired_t(a: Sequence[float], b: Sequence[float]) -> dict:
     """Paired t-test of a against b over the same seeds; with identical pairs there is no difference to test.
     The same non-zero difference on every seed leaves the t statistic undefined (p None): it says nothing of

@@ -43,7 +43,8 @@ def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> 
         if summary["mean"] is not None and split == "test" and task is not None:
             summary = with_test_examples(summary, [task.statistic(metric, r.get("test_per_example") or {})
                                                    for r in runs])
-        metrics[metric] = summary
+        metrics[metric] = stats.within(summary, *(task.metric_ranges.get(metric, (None, None)) if task
+                                                  else (None, None)))
     hyper = {k: runs[0].get(k) for k in ("lr",) if runs[0].get(k) is not None}
     return {"method": method, "n": len(runs), "split": split, "seeds": [r.get("seed") for r in runs],
             "hyperparameters": {**hyper, **(runs[0].get("hyperparameters") or {})}, "metrics": metrics}
@@ -76,8 +77,18 @@ def verdict(entry: dict, best: dict, by_method: dict, split: str, metric: str, h
         test = stats.paired_t([value[s] for s in paired_seeds], [other[s] for s in paired_seeds])
     if test is None or test["p_value"] is None:  # one shared seed, or seeds that all differ alike
         test = same_seed_bootstrap(mine, theirs, paired_seeds, metric, split, task)
-    worse = test["significant"] and (test["mean_difference"] < 0) == higher
-    return {"against": best["method"], **test, "result": "worse" if worse else "tie"}
+    if paired_seeds and not len(mine) == len(theirs) == len(paired_seeds):
+        # the test saw only the seeds both ran: its difference is not that of the means ranked above
+        test = {**test, "on_seeds": paired_seeds}
+    return {"against": best["method"], **test, "result": verdict_result(test, higher)}
+
+
+def verdict_result(test: dict, higher: bool) -> str:
+    """worse, tie, or mixed: the test, on the seeds both methods ran, finds the lower-ranked method better
+    beyond chance although the mean over all its seeds ranks it lower (a failed or missing seed)."""
+    if not test["significant"]:
+        return "tie"
+    return "worse" if (test["mean_difference"] < 0) == higher else "mixed"
 
 
 def same_seed_bootstrap(mine: list[dict], theirs: list[dict], shared: list, metric: str, split: str, task) -> dict:

@@ -2,16 +2,16 @@
 metric and optuna's parameter importances. Built from the study summaries alone."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ..experiment.results import strict_json
 from ..report.figures import sweep_importances, sweep_learning_rates
 from ..report.html import write_html
 
 
 def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) -> Path:
-    (out_dir / "sweep.json").write_text(json.dumps({"job": job, "studies": studies}, indent=2, default=str) + "\n")
+    (out_dir / "sweep.json").write_text(strict_json({"job": job, "studies": studies}) + "\n")
     lines = ["# tunelab sweep", ""]
     for method, study in studies.items():
         states = [t["state"] for t in study["trials"]]

@@ -78,6 +78,8 @@ class Task:
     Columns: ClassVar[type[TaskColumns]] = TaskColumns  # its `data.*` keys
     peft_task_type: ClassVar[str]              # peft.TaskType member name: SEQ_CLS, CAUSAL_LM, ...
     metrics: ClassVar[dict[str, str]]          # metric → HIGHER or LOWER is better
+    metric_ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}  # the values a metric can take
+    # (None: unbounded); the report cuts intervals there (a t-interval over two seeds reaches past them)
     default_metric: ClassVar[str]              # train.metric_for_best when not set
     default_model: ClassVar[str]               # model.name_or_path when not set
     default_dataset: ClassVar[str]             # data.dataset when neither it nor data.train_file is set

@@ -52,6 +52,8 @@ class CausalLM(Task):
     Columns = CausalLMColumns
     peft_task_type = "CAUSAL_LM"
     metrics = {"loss": LOWER, "perplexity": LOWER, "exact_match": HIGHER, "token_f1": HIGHER}
+    metric_ranges = {"loss": (0.0, None), "perplexity": (1.0, None), "exact_match": (0.0, 1.0),
+                     "token_f1": (0.0, 1.0)}
     default_metric = "loss"
     default_model = "SmolLM2-135M-Instruct"
     default_dataset = "chatterbot-english"

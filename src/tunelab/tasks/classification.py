@@ -39,6 +39,7 @@ class Classification(Task):
     description = "Sequence classification (single text or sentence pair) with a fresh classification head"
     peft_task_type = "SEQ_CLS"
     metrics = {"accuracy": HIGHER, "f1_macro": HIGHER, "loss": LOWER}
+    metric_ranges = {"accuracy": (0.0, 1.0), "f1_macro": (0.0, 1.0), "loss": (0.0, None)}
     default_metric = "accuracy"
     default_model = "all-MiniLM-L6-v2"
     default_dataset = "amazon-fine-food"

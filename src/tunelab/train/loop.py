@@ -40,9 +40,18 @@ class Pruned(Exception):
 
 
 class Diverged(RuntimeError):
-    def __init__(self, step: int, last_finite_loss: float | None):
+    def __init__(self, step: int, last_finite_loss: float | None, what: str = "loss"):
         self.step, self.last_finite_loss = step, last_finite_loss
-        super().__init__(f"loss became non-finite at step {step} (last finite loss: {last_finite_loss})")
+        super().__init__(f"{what} became non-finite at step {step} (last finite training loss: {last_finite_loss})")
+
+
+def stop_if_non_finite(metrics: dict[str, float], step: int, losses: list[float], split: str) -> None:
+    """A model whose evaluation gives NaN or infinity (weights blown up by the last updates, before any training
+    loss could show it) has diverged: it must not become the best state, nor a result, nor be ranked."""
+    bad = [name for name, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        last = next((x for x in reversed(losses) if math.isfinite(x)), None)
+        raise Diverged(step, last, f"{split} {', '.join(bad)}")
 
 
 @dataclass
@@ -223,9 +232,7 @@ class TrainingLoop:
         self._pending.clear()
         first_step = state.step - len(losses) + 1
         for offset, value in enumerate(losses):
-            if not math.isfinite(value):
-                last = next((x for x in reversed(state.losses) if math.isfinite(x)), None)
-                raise Diverged(first_step + offset, last)
+            stop_if_non_finite({"loss": value}, first_step + offset, state.losses, "training")
             state.losses.append(value)
         logs = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)), "lr": self._lr_used}
         self.hooks.on_log(state, logs)
@@ -236,6 +243,7 @@ class TrainingLoop:
         # A sharded model's forward is a collective, so there every process evaluates (alike).
         evaluates = self.ranks.is_main or self.sharded
         metrics = self.ranks.broadcast(self.validation.evaluate(self.module) if evaluates else None)
+        stop_if_non_finite(metrics, state.step, state.losses, "validation")
         recent = state.losses[-self.cfg.log_every_steps:]
         entry = {"step": state.step, "epoch": round(state.step / max(self.steps_per_epoch(), 1), 4),
                  "train_loss": float(np.mean(recent)) if recent else None,

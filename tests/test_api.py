@@ -41,6 +41,24 @@ def test_plan_commands_check_their_arguments_as_the_cli_does(tiny_overrides):
     assert result["memory_mb"] == 4096 and result["time_budget_s"] == 3600 and result["methods"]
 
 
+@pytest.mark.parametrize("command, arguments, problem", [
+    ("validate", {"nproc": "2"}, "--nproc: '2' is not allowed; must be a whole number >= 1"),
+    ("validate", {"nproc": 2.5}, "--nproc: 2.5 is not allowed"),
+    ("compare", {"seeds": 1.5}, "--seeds: 1.5 is not allowed; must be a whole number >= 1"),
+    ("compare", {"tune": True}, "--tune: True is not allowed"),
+    ("sweep", {"trials": "3"}, "--trials: '3' is not allowed"),
+    ("estimate", {"train_examples": True}, "--train-examples: True is not allowed"),
+])
+def test_numbers_given_from_python_are_checked_before_anything_is_written(command, arguments, problem,
+                                                                          tiny_overrides, tmp_path):
+    """The command line parses these; from Python a string, a fraction or a bool raised TypeError, one after
+    writing the output folder."""
+    output = {"output_dir": tmp_path / "out"} if command in ("compare", "sweep") else {}
+    assert problem in problems_of(getattr(tunelab, command), None, tiny_overrides, **output, **arguments)
+    assert not (tmp_path / "out").exists()
+    assert "override 1: expected key=value text" in problems_of(tunelab.validate, None, [1])
+
+
 def test_predict_checks_its_arguments_and_takes_one_text(tiny_overrides, tmp_path):
     out = tmp_path / "run"
     assert tunelab.compare(None, [*tiny_overrides, *QUICK], output_dir=out, show_progress=False,

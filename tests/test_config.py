@@ -41,6 +41,25 @@ def test_an_override_keeps_its_text_where_the_field_wants_text():
     assert "train: expected a mapping of options, got 5" in problems_of(["train=5"])
 
 
+def test_an_override_is_text_where_yaml_would_read_it_as_something_else():
+    """`#` starts a YAML comment, `&` an anchor, `|` a block, `a: b` a mapping: in a key=value they are text."""
+    cfg = load_config(None, ["data.train_file=#train.csv", "data.text_column=note #1", "data.label_column=&a",
+                             "data.test_file=Review: text", "data.validation_file=|"])
+    assert (cfg.data.train_file, cfg.data.text_column, cfg.data.label_column) == ("#train.csv", "note #1", "&a")
+    assert (cfg.data.test_file, cfg.data.validation_file) == ("Review: text", "|")
+    cfg = load_config(None, ["data.test_file=null", "data.max_train_samples=~", "methods=[full, lora]",
+                             "data.text_column='quoted text'"])
+    assert cfg.data.test_file is None and cfg.data.max_train_samples is None and cfg.methods == ["full", "lora"]
+    assert cfg.data.text_column == "quoted text"
+
+
+def test_a_config_whose_key_is_a_list_or_which_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "job.yaml").write_text("[a, b]: 1\n")
+    assert problems_of([], str(tmp_path / "job.yaml")) == [
+        f"config: '{tmp_path / 'job.yaml'}' is not valid YAML at line 1, column 1: a key must be a name, not a list"]
+    assert problems_of([], str(tmp_path)) == [f"config: '{tmp_path}' is a folder; give a YAML file"]
+
+
 def test_method_lr_resolution_prefers_explicit_then_method_default_then_train_lr():
     from tunelab.methods.base import get_method
 
@@ -240,3 +259,29 @@ def test_ls_lists_every_registered_task_with_the_data_keys_it_reads(extra_task, 
         ["reads", "data.tags_column,", "data.text_column"]
     assert main(["ls", "methods"]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == sorted(registry())
+
+
+def test_a_config_path_holding_an_equals_sign_is_the_config_not_an_override(tmp_path, monkeypatch):
+    from tunelab.cli import split_items
+
+    folder = tmp_path / "outputs" / "lr=3e-5"  # Hydra-style run folders
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("train: {lr: 3.0e-5}\n")
+    path = str(folder / "config.yaml")
+    assert split_items([path, "lora.r=4"]) == (path, ["lora.r=4"])
+    monkeypatch.chdir(tmp_path / "outputs")
+    assert split_items(["lr=3e-5/config.yaml"]) == ("lr=3e-5/config.yaml", [])
+    assert split_items(["train.lr=3e-5", "lora.r=4"]) == (None, ["train.lr=3e-5", "lora.r=4"])
+
+
+def test_settings_every_run_would_fail_with_are_refused_by_validate():
+    """prefix tuning cannot checkpoint (its prefix is the cache checkpointing turns off); a metric scored on
+    generated answers cannot pick the best checkpoint when no answers are generated."""
+    problems = problems_of(["methods=prefix-tuning,lora", "train.gradient_checkpointing=true"])
+    assert problems == [problem for problem in problems if problem.startswith("train.gradient_checkpointing: ")]
+    assert "method 'prefix-tuning' cannot train with it: transformers turns the key/value cache off" in problems[0]
+    problems = problems_of(["task=causal-lm", "train.metric_for_best=exact_match", "sweep.metric=token_f1",
+                            "causal-lm.generation_samples=0"])
+    assert problems == [f"{key}: {metric!r} is scored on generated answers, and causal-lm.generation_samples is 0; "
+                        "set it above 0 or pick loss"
+                        for key, metric in (("train.metric_for_best", "exact_match"), ("sweep.metric", "token_f1"))]

@@ -58,6 +58,46 @@ def test_a_space_no_trial_could_use_fails_validate_before_anything_is_written(sp
         load_config(None, [*tiny_overrides, "methods=lora", f"sweep.space={space}"])
 
 
+@pytest.mark.parametrize("method, space, problem", [
+    ("freeze", "{freeze.k: {choices: [1, 5]}}", "sweep.space.freeze.k: 5: freeze.k: 5 is more than the 2 "),
+    ("adalora", "{adalora.target_r: {low: 2, high: 16}}",
+     "sweep.space.adalora.target_r: 16: adalora.target_r: 16 must be below adalora.init_r (12)"),
+])
+def test_a_space_value_the_model_refuses_fails_validate(method, space, problem, tiny_overrides):
+    """Checked against the model as the option itself is: otherwise every trial drawing it failed mid-sweep."""
+    from tunelab import TunelabInputError, api
+
+    with pytest.raises(TunelabInputError, match=re.escape(problem)):
+        api.validate(None, [*tiny_overrides, f"methods={method}", f"sweep.space={space}"])
+
+
+def test_a_trial_whose_drawn_values_combine_badly_is_refused_by_the_methods_own_check(tiny_overrides):
+    """Each edge alone is valid (target_r 8 < init_r 10; target_r 4 < init_r 12), a draw of both may not be."""
+    from tunelab.experiment.job import method_checker
+    from tunelab.sweep.space import with_values
+
+    cfg = load_config(None, [*tiny_overrides, "methods=adalora",
+                             "sweep.space={adalora.init_r: {low: 10, high: 12}, adalora.target_r: {low: 4, high: 8}}"])
+    check = method_checker(str(cfg.model.name_or_path), cfg.task_spec)
+    assert check(with_values(cfg, {"adalora.init_r": 12, "adalora.target_r": 8}), "adalora") == []
+    assert check(with_values(cfg, {"adalora.init_r": 8, "adalora.target_r": 8}), "adalora") == [
+        "adalora.target_r: 8 must be below adalora.init_r (8)"]
+
+
+@pytest.mark.parametrize("storage, problem", [
+    ("sweep.db", "--storage: 'sweep.db' is not a database URL; e.g. sqlite:///sweep.db"),
+    ("bogus://x", "--storage: 'bogus://x': Can't load plugin: sqlalchemy.dialects:bogus"),
+    ("sqlite:////no/such/folder/x.db", "--storage: cannot open 'sqlite:////no/such/folder/x.db': "),
+])
+def test_a_storage_optuna_cannot_open_is_refused_before_anything_is_written(storage, problem, tiny_overrides,
+                                                                              tmp_path):
+    from tunelab import TunelabInputError, api
+
+    with pytest.raises(TunelabInputError, match=re.escape(problem)):
+        api.sweep(None, [*tiny_overrides, *SMALL], tmp_path / "out", trials=1, storage=storage, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_decimal_option_draws_decimals_even_between_whole_bounds(tiny_overrides):
     cfg = load_config(None, [*tiny_overrides, "methods=lora",
                              "sweep.space={train.weight_decay: {low: 0, high: 1}, lora.r: {low: 2, high: 64, log: true}}"])

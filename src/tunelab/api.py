@@ -179,10 +179,23 @@ def run_flags(out_dir: Path, resume: bool, seeds: int | None, tune: int | None) 
             **{name: default if given[name] is None else given[name] for name, default in RUN_DEFAULTS.items()}}, []
 
 
-def run_flag_problems(seeds: int, tune: int, isolate: bool, nproc: int | None) -> list[str]:
-    problems = [f"--seeds: {seeds} is not allowed; must be >= 1"] if seeds < 1 else []
-    if tune < 0 or (tune and not isolate):
-        problems.append(f"--tune: {tune} is not allowed; must be >= 0, with every run in its own process")
+def count_problems(**counts: tuple[Any, int]) -> list[str]:
+    """Whole-number arguments (None: not given) at or above their minimum. The command line parses them; from
+    Python a 2.5, "2" or True would fail deep inside with a TypeError, or after the output folder is written."""
+    return [f"--{name}: {value!r} is not allowed; must be a whole number >= {low}"
+            for name, (value, low) in counts.items()
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low)]
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise TunelabInputError(problems)
+
+
+def run_flag_problems(tune: int, isolate: bool, nproc: int | None) -> list[str]:
+    problems = []
+    if tune and not isolate:
+        problems.append(f"--tune: {tune} is not allowed with --in-process; every trial runs in its own process")
     if nproc and nproc > 1 and not isolate:
         problems.append("--nproc: needs every run in its own processes; drop --in-process")
     return problems + launcher_problems(nproc)
@@ -199,8 +212,8 @@ def tuning_problems(cfg: ExperimentConfig, tune: int | None) -> list[str]:
 
 def process_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
     """Every process needs at least one row of each micro-batch of a full global batch; sharding needs processes."""
-    if nproc < 1:
-        return [f"--nproc: {nproc} is not allowed; must be >= 1"]
+    if count_problems(nproc=(nproc, 1)):
+        return count_problems(nproc=(nproc, 1))
     problems = ["train.fsdp: needs several processes to shard over (--nproc N, torchrun or accelerate launch); "
                 "with one process set it to false"] if cfg.train.fsdp and nproc == 1 else []
     parts = nproc * cfg.train.gradient_accumulation_steps
@@ -231,6 +244,7 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     """
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
+    raise_problems(count_problems(seeds=(seeds, 1), tune=(tune, 0), nproc=(nproc, 1)))
     out_dir = Path(output_dir) if output_dir else default_output_dir()
     flags, flag_problems = run_flags(out_dir, resume, seeds, tune)
     seeds, tune = flags["seeds"], flags["tune"]
@@ -252,7 +266,7 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
 
     if isolate:
         warm_up()  # the runs' process server imports the libraries while the job is prepared
-    early = flag_problems + run_flag_problems(seeds, tune, isolate, nproc)
+    early = flag_problems + run_flag_problems(tune, isolate, nproc)
     cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite,
                            lambda cfg: early + process_problems(cfg, 1 if nproc is None else nproc)
                            + tuning_problems(cfg, tune))
@@ -294,16 +308,18 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
     from .experiment.isolation import share_job
     from .sweep.report import write_sweep
     from .sweep.space import space_problems
-    from .sweep.study import default_storage, open_study, run_study, storage_record, study_summary, sweep_flags
+    from .sweep.study import (default_storage, open_study, run_study, storage_problems, storage_record, study_summary,
+                              sweep_flags)
 
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
+    raise_problems(count_problems(trials=(trials, 1), nproc=(nproc, 1)))
     warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))
     flags, run_problems = sweep_flags(out_dir, resume, storage, study_name)
     storage, study_name = flags["storage"], flags["study_name"]
-    run_problems += [f"--trials: {trials} is not allowed; must be >= 1"] if trials < 1 else []
+    run_problems += storage_problems(storage)
     run_problems += launcher_problems(None)
     if launched_world_size() > 1:
         run_problems.append("sweep: not under torchrun/accelerate launch (each trial is its own launch); use --nproc N")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from pathlib import Path
 
 from .errors import CompareInterrupted, TunelabInputError
 
@@ -110,9 +112,15 @@ def add_use_commands(sub, hub: argparse.ArgumentParser) -> None:
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:
     """The first item is the config file unless it looks like an override."""
-    if items and "=" not in items[0]:
+    if items and not looks_like_override(items[0]):
         return items[0], items[1:]
     return None, items
+
+
+def looks_like_override(item: str) -> bool:
+    """key=value with a dotted key; a path may hold an = too (Hydra-style folders: outputs/lr=3e-5/config.yaml)."""
+    key, equals, _ = item.partition("=")
+    return bool(equals) and re.fullmatch(r"[\w.\-]+", key) is not None and not Path(item).is_file()
 
 
 def main(argv: list[str] | None = None) -> int:

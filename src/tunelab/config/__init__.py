@@ -237,7 +237,7 @@ def packaged_job(overrides: list[str], problems: list[str]) -> dict:
     may have none (then the config's own defaults apply); one that is there but broken is a problem."""
     scratch: dict = {}
     for item in overrides:  # read as apply_override reads it: the last one wins, quotes are YAML's
-        if item.partition("=")[0].strip() == "task":
+        if isinstance(item, str) and item.partition("=")[0].strip() == "task":
             apply_override(scratch, item, [])
     task = str(scratch.get("task") or DEFAULT_TASK)
     tasks = task_registry()
@@ -256,6 +256,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, YAML's own way of combining
                 continue
             key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (list, dict)):  # `[a, b]: 1`: YAML allows it, no config key is one
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not a {type(key).__name__}",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is written twice in one mapping",
                                                         key_node.start_mark)
@@ -272,6 +275,9 @@ for _tag in ("int", "float", "bool", "timestamp"):
 
 
 def read_yaml(path: Path, problems: list[str]) -> dict:
+    if path.is_dir():
+        problems.append(f"config: {str(path)!r} is a folder; give a YAML file")
+        return {}
     if not path.is_file():
         # `tunelab validate train.lr` (the `=` forgotten) reaches here as a config file's name
         looks_like_override = re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)+", str(path)) and \
@@ -297,17 +303,34 @@ def read_yaml(path: Path, problems: list[str]) -> dict:
     return raw
 
 
+def override_value(text: str) -> Any:
+    """An override's value, read as a config file's value is (numbers, booleans and dates keep their text, as
+    ScalarText; `[a, b]` and `{k: v}` are a list and a mapping; null, ~ or nothing is null). Text that YAML
+    would read as something else than itself is kept as written: `#train.csv` is a file name, not a comment
+    (null), `note #1` keeps its `#1`, `&a`, `|` and `Review: text` are text, not an anchor, a block or a mapping."""
+    stripped = text.strip()
+    try:
+        value = yaml.load(text, Loader=UniqueKeyLoader) if stripped else None
+    except yaml.YAMLError:
+        return text
+    if stripped[:1] in ("[", "{", "'", '"') or isinstance(value, ScalarText):
+        return value
+    if value is None:
+        return None if stripped.lower() in ("", "null", "~") else text
+    return value if value == stripped else text
+
+
 def apply_override(raw: dict, item: str, problems: list[str]) -> None:
     """Apply one `dotted.key=value`; the value is read as YAML (so 3, 1.5, true, [a, b] work)."""
+    if not isinstance(item, str):
+        problems.append(f"override {item!r}: expected key=value text, e.g. train.lr=3e-5")
+        return
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         problems.append(f"override {item!r}: expected key=value, e.g. train.lr=3e-5")
         return
-    try:  # read as a config file's value is: numbers, booleans and dates keep their text (ScalarText)
-        value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
+    value = override_value(text)
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -340,9 +363,13 @@ def from_dict(raw: dict, problems: list[str]) -> ExperimentConfig:
         problems += [f"train.fsdp: method {name!r} cannot train sharded: {methods_by_name[name].cannot_shard}; "
                      "leave it out of methods or set train.fsdp=false"
                      for name in methods if methods_by_name[name].cannot_shard]
+    if built["train"].gradient_checkpointing:
+        problems += [f"train.gradient_checkpointing: method {name!r} cannot train with it: "
+                     f"{methods_by_name[name].cannot_checkpoint}; leave it out of methods or set "
+                     "train.gradient_checkpointing=false" for name in methods if methods_by_name[name].cannot_checkpoint]
     task_options = build(tasks[task].Options, raw.get(task), task, problems) if task in tasks else TaskOptions()
     if task in tasks:
-        problems += task_problems(tasks, task, raw, built)
+        problems += task_problems(tasks, task, raw, built, task_options)
     config = ExperimentConfig(task=task, **built, methods=methods, method_options=options, task_options=task_options)
     from ..sweep.space import space_problems  # a bad range fails `validate`, not trial 1 of `compare --tune`
 
@@ -357,8 +384,9 @@ def parse_task(raw: dict, tasks: dict, problems: list[str]) -> str:
     return task
 
 
-def task_problems(tasks: dict, task: str, raw: dict, built: dict) -> list[str]:
-    """Settings that belong to another task than the chosen one, and a metric the task does not have."""
+def task_problems(tasks: dict, task: str, raw: dict, built: dict, options: TaskOptions) -> list[str]:
+    """Settings that belong to another task than the chosen one, and a metric the task does not have or will
+    not compute with these options."""
     problems = [f"{other}: options for task {other!r}, but task is {task!r}"
                 for other in tasks if other != task and other in raw]
     mine = set(tasks[task].data_keys)
@@ -371,6 +399,8 @@ def task_problems(tasks: dict, task: str, raw: dict, built: dict) -> list[str]:
         if metric is not None and metric not in tasks[task].metrics:
             problems.append(f"{key}: {metric!r} is not a metric of task {task!r}"
                             f"{did_you_mean(metric, tasks[task].metrics)}; allowed: {one_of(tasks[task].metrics)}")
+        elif metric in tasks[task].metrics_not_computed(options):
+            problems.append(f"{key}: {metric!r} {tasks[task].metrics_not_computed(options)[metric]}")
     return problems
 
 

@@ -94,7 +94,7 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
     frames, source, dropped = _attempt(problems, load_frames, cfg, task) or (None, None, {})
     if model_config is not None:
         problems += length_problems(cfg, model_config)
-        problems += method_problems(cfg, model_path, task)
+        problems += method_problems(cfg, model_path, task, model_config)
     problems += device_problems(cfg.train.device, "train.device") + thread_problems(cfg.train.threads)
     if frames is not None and len(frames["validation"]) == 0:
         problems.append(
@@ -202,15 +202,41 @@ def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
     return sorted(set(problems), key=problems.index)
 
 
-def method_problems(cfg: ExperimentConfig, model_path: str, task: Task) -> list[str]:
+def method_problems(cfg: ExperimentConfig, model_path: str, task: Task, model_config=None) -> list[str]:
+    """Each selected method's checks against the model, then the same checks (and the position limits) for
+    each value `sweep.space` lets a trial take (every choice, both ends of a range): a sweep whose trials
+    would all fail (`freeze.k: [5]` on a 2-block model) is refused here, not after its output is written."""
     try:
-        structure, missing = skeleton(model_path, task, {})
+        check = method_checker(model_path, task)
     except TunelabInputError as exc:
         return exc.problems
-    if missing:
-        return [missing_weights_message(model_path, missing)]
-    ctx = PrepareContext(model_path, model_path, task, task.head_modules(structure))
-    problems = []
-    for name in cfg.methods:
-        problems += get_method(name).check(structure, cfg.options(name), ctx)
+    problems = [p for name in cfg.methods for p in check(cfg, name)]
+    for key, value, edge in sweep_edges(cfg):
+        found = check(edge, key.split(".")[0]) + (length_problems(edge, model_config) if model_config else [])
+        problems += [f"sweep.space.{key}: {value!r}: {p}" for p in found if p not in problems]
     return problems
+
+
+def method_checker(model_path: str, task: Task):
+    """`check(cfg, method)`: that method's problems with the model under `cfg`'s options (the model is built
+    once, on the meta device)."""
+    structure, missing = skeleton(model_path, task, {})
+    if missing:
+        raise TunelabInputError([missing_weights_message(model_path, missing)])
+    ctx = PrepareContext(model_path, model_path, task, task.head_modules(structure))
+    return lambda cfg, name: get_method(name).check(structure, cfg.options(name), ctx)
+
+
+def sweep_edges(cfg: ExperimentConfig):
+    """(key, value, config with that value) for each value `sweep.space` gives a selected method's options at
+    its edges. Values the option itself refuses are reported by the config check already."""
+    from ..sweep.space import edge_values, with_values
+
+    for key, spec in (cfg.sweep.space or {}).items():
+        if spec is None or str(key).split(".")[0] not in cfg.methods:
+            continue
+        for value in edge_values(spec):
+            try:
+                yield key, value, with_values(cfg, {key: value})
+            except TunelabInputError:
+                continue

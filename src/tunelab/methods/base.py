@@ -58,6 +58,8 @@ class Method(abc.ABC):
     precision_probe: ClassVar[bool] = True
     # why the method cannot train under train.fsdp (its parameters are then shards of the whole); '' where it can
     cannot_shard: ClassVar[str] = ""
+    # why the method cannot train with train.gradient_checkpointing; '' where it can
+    cannot_checkpoint: ClassVar[str] = ""
     artifact_format: ClassVar[str | None] = None  # default: "peft" for adapters, else "transformers"
     # for `recommend`'s rules of thumb: "full" (every weight), "adapter" (added low-rank/scaling weights),
     # "prompt" (virtual tokens), "selective" (a chosen subset of the model's own weights)

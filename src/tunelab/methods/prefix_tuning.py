@@ -77,6 +77,8 @@ class PrefixTuning(PeftMethod):
     # 5e-3: the rate of most of peft's method-comparison prefix-tuning runs (MetaMathQA experiments/prefixtuning/
     # llama-3.2-3B-lr_0.005_zero_init, -tokens3-sos_prefix-lr_0.005, -tokens50-init_prefix-lr_0.005; one at 1e-3)
     default_lr = 5e-3
+    cannot_checkpoint = ("transformers turns the key/value cache off under gradient checkpointing, and the prefix "
+                         "is that cache (the shapes then disagree)")
 
     def extra_positions(self, opts: PrefixTuningOptions) -> int:
         # the prefix is a cache of that many earlier positions: the input's positions start after it

@@ -104,12 +104,17 @@ def value_problems(key: str, spec: dict[str, Any]) -> list[str]:
         if is_whole(key) and not (low.is_integer() and high.is_integer()):
             return [f"{path}: {key} takes whole numbers; low and high must be whole, got {spec['low']!r} and "
                     f"{spec['high']!r}"]
-        candidates = [spec["low"], spec["high"]]
+        candidates = edge_values(spec)
     section, _, name = key.partition(".")
     problems: list[str] = []
     for value in candidates:  # checked as the option itself is: "sweep.space.lora.r: 0 is not allowed; ..."
         build(option_class(section), {name: value}, f"sweep.space.{section}", problems)
     return list(dict.fromkeys(problems))
+
+
+def edge_values(spec: dict[str, Any]) -> list[Any]:
+    """What a trial can be given at the extremes: every choice, or both ends of the range."""
+    return list(spec["choices"]) if "choices" in spec else [spec["low"], spec["high"]]
 
 
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:

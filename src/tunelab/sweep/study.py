@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import CompareInterrupted
 from ..experiment.isolation import run_in_child
-from ..experiment.job import length_problems
+from ..experiment.job import length_problems, method_checker
 from ..models.loading import read_model_config
 from ..experiment.plan import Run
 from .space import method_space, suggest, with_values
@@ -38,6 +38,32 @@ def storage_record(url: str | None) -> str | None:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a database URL: optuna says what is wrong with it
         return url
+
+
+def storage_problems(url: str | None) -> list[str]:
+    """A --storage optuna could not open, found before the output folder is written: not a database URL, an
+    unknown database or driver, a server or file that cannot be reached."""
+    if url is None:
+        return []
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    example = "e.g. sqlite:///sweep.db or postgresql://user:password@host/database"
+    try:
+        make_url(url).get_dialect()
+    except (sqlalchemy.exc.NoSuchModuleError, ImportError) as exc:  # (NoSuchModuleError is an ArgumentError)
+        return [f"--storage: {storage_record(url)!r}: {exc}; {example}"]
+    except sqlalchemy.exc.ArgumentError:
+        return [f"--storage: {url!r} is not a database URL; {example}"]
+    try:
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - the driver's own words say what is wrong (host, file, password)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [f"--storage: cannot open {storage_record(url)!r}: {first_line}"]
+    return []
 
 
 def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | None) -> tuple[dict, list[str]]:
@@ -131,6 +157,8 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         fail_interrupted(study, worker)
     metric = cfg.sweep.metric or cfg.metric_for_best
     space = method_space(cfg, method)
+    # trials drawn from several ranges may still combine badly (adalora.target_r above a drawn init_r)
+    check, model_config = method_checker(job.model_path, job.task), read_model_config(job.model_path)
     records = []
     while counted(study) < trials:
         if sum(r["status"] not in ("success", "pruned") for r in records) >= trials:
@@ -143,7 +171,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         values = suggest(trial, space)
         run_cfg = with_values(job.config, values)
         run = Run(method, cfg.train.seed, f"{method}/trial-{trial.number:03d}")
-        unfit = length_problems(run_cfg, read_model_config(job.model_path))
+        unfit = length_problems(run_cfg, model_config) + check(run_cfg, method)
         if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
             records.append({"method": method, "run_id": run.run_id, "status": "pruned", "error": "; ".join(unfit),
                             "trial": trial.number, "hyperparameters": values})

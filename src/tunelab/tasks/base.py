@@ -180,6 +180,10 @@ class Task:
         """The task-specific `data.*` keys it reads."""
         return tuple(f.name for f in dataclasses.fields(self.Columns))
 
+    def metrics_not_computed(self, options) -> dict[str, str]:
+        """Metrics these task options turn off, each with why: one of them cannot pick the best checkpoint."""
+        return {}
+
     def higher_is_better(self, metric: str) -> bool:
         return self.metrics[metric] == HIGHER
 

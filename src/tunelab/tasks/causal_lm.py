@@ -108,6 +108,12 @@ class CausalLM(Task):
             model.config.pad_token_id = pad_token_id(tokenizer)
         return model
 
+    def metrics_not_computed(self, options: CausalLMOptions) -> dict[str, str]:
+        if options.generation_samples:
+            return {}
+        why = "is scored on generated answers, and causal-lm.generation_samples is 0; set it above 0 or pick loss"
+        return {"exact_match": why, "token_f1": why}
+
     def evaluate(self, model: nn.Module, data: Encoded, setup: EvalSetup) -> Evaluation:
         sums, counts = response_losses(model, data, setup)
         loss = float(sums.sum() / max(counts.sum(), 1))

@@ -110,6 +110,11 @@ CASES = {
     "json of columns (pandas' default to_json)": lambda t, b, base: (
         [*base, f"data.train_file={toy_rows(40).to_json(t / 'cols.json') or t / 'cols.json'}"],
         ["holds one object of columns", "to_json(orient='records')"]),
+    "the label column as the text": lambda t, b, base: (
+        [*base, "data.text_column=label"], ["data.text_column: 'label' is also data.label_column"]),
+    "a sweep value the model refuses": lambda t, b, base: (
+        [*base, "sweep.space={freeze.k: {choices: [1, 9]}}", "methods=freeze"],
+        ["sweep.space.freeze.k: 9: freeze.k: 9 is more than the 2 transformer blocks"]),
 }
 
 

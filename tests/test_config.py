@@ -285,3 +285,8 @@ def test_settings_every_run_would_fail_with_are_refused_by_validate():
     assert problems == [f"{key}: {metric!r} is scored on generated answers, and causal-lm.generation_samples is 0; "
                         "set it above 0 or pick loss"
                         for key, metric in (("train.metric_for_best", "exact_match"), ("sweep.metric", "token_f1"))]
+
+
+def test_messages_for_a_task_without_options_and_a_list_inside_methods_say_one_thing_each():
+    assert problems_of(["classification.foo=1"]) == ["classification.foo: unknown key; classification has no options"]
+    assert problems_of(["methods=[full, [lora]]"]) == ["methods[1]: expected a string, got ['lora']"]

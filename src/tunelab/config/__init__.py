@@ -366,7 +366,8 @@ def from_dict(raw: dict, problems: list[str]) -> ExperimentConfig:
     if built["train"].gradient_checkpointing:
         problems += [f"train.gradient_checkpointing: method {name!r} cannot train with it: "
                      f"{methods_by_name[name].cannot_checkpoint}; leave it out of methods or set "
-                     "train.gradient_checkpointing=false" for name in methods if methods_by_name[name].cannot_checkpoint]
+                     "train.gradient_checkpointing=false"
+                     for name in methods if methods_by_name[name].cannot_checkpoint]
     task_options = build(tasks[task].Options, raw.get(task), task, problems) if task in tasks else TaskOptions()
     if task in tasks:
         problems += task_problems(tasks, task, raw, built, task_options)
@@ -405,7 +406,10 @@ def task_problems(tasks: dict, task: str, raw: dict, built: dict, options: TaskO
 
 
 def parse_methods(value: Any, known: dict, problems: list[str]) -> list[str]:
+    before = len(problems)
     names = coerce(value, list[str], "methods", problems) or []
+    if len(problems) > before:  # already said what is wrong with the list
+        return [n for n in dict.fromkeys(names) if n in known]
     if not names:
         problems.append(f"methods: at least one method is needed; allowed: {one_of(known)}")
     seen: set[str] = set()

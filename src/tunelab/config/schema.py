@@ -42,8 +42,8 @@ def build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     for key, value in raw.items():
         name = str(key)
         if name not in known:
-            problems.append(f"{path}.{name}: unknown key{did_you_mean(name, known, ALIASES)}; "
-                            f"allowed: {one_of(known)}")
+            allowed = f"allowed: {one_of(known)}" if known else f"{path} has no options"
+            problems.append(f"{path}.{name}: unknown key{did_you_mean(name, known, ALIASES)}; {allowed}")
             continue
         fld = known[name]
         before = len(problems)

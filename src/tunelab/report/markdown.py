@@ -64,7 +64,8 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
     verdicts = (f"Verdicts: {', '.join(tests_used)} at the 5 % level; \"tie\" means the difference is within what "
                 "chance explains, not that the methods are equal." if tests_used else
                 "No method was tested against the best (no two finished methods with results to compare).")
-    lines += ["", f"Intervals: {', '.join(methods_used) or 'none (one run per method, and no per-example test results of two or more examples to bootstrap)'}. {verdicts}", ""]
+    no_interval = "none (one run per method, and no per-example test results of two or more examples to bootstrap)"
+    lines += ["", f"Intervals: {', '.join(methods_used) or no_interval}. {verdicts}", ""]
     return lines
 
 

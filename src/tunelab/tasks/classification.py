@@ -48,7 +48,10 @@ class Classification(Task):
     input_columns = ("text_column", "text_pair_column")
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
-        problems: list[str] = []
+        # a model fed its own labels scores perfectly and learns nothing: a slip in the column names
+        inputs = {"text_column": text_column(cfg), "text_pair_column": cfg.data.text_pair_column}
+        problems = [f"data.{key}: {column!r} is also data.label_column; the model would read the answer"
+                    for key, column in inputs.items() if column is not None and column == label_column(cfg)]
         if all(label_column(cfg) in frame for frame in frames.values()):  # (a missing one is reported below)
             problems += unhashable_label_problems(frames, label_column(cfg), cfg)
         for split, frame in frames.items():

@@ -111,6 +111,31 @@ def test_a_hub_dataset_id_goes_through_datasets_with_its_config(monkeypatch, mod
     assert job.label_names == ["neg", "pos"] and len(job.test) == 20
 
 
+def test_a_config_name_for_a_saved_dataset_is_refused_not_ignored(tmp_path, model_args):
+    folder = tmp_path / "saved"
+    class_label_dataset().save_to_disk(str(folder))
+    with pytest.raises(TunelabInputError, match="data.dataset_config: 'mnli' names a config, but .* is a saved "):
+        validate(overrides=[*model_args, f"data.dataset={folder}", "data.dataset_config=mnli"])
+
+
+@pytest.mark.parametrize("failure, config, hint", [
+    (ConnectionError("Max retries exceeded with url"), "mnli", "check the network connection"),
+    (ValueError("Config name is missing. Please pick one among the available configs"), None,
+     "for a dataset with several configs set data.dataset_config"),
+])
+def test_an_online_hub_dataset_failure_says_what_to_do_about_it(monkeypatch, model_args, failure, config, hint):
+    def load_dataset(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("tunelab.data.sources.is_offline", lambda: False)
+    overrides = [*model_args, "data.dataset=nyu-mll/glue", *([f"data.dataset_config={config}"] if config else [])]
+    with pytest.raises(TunelabInputError) as info:
+        validate(overrides=overrides)
+    message = next(p for p in info.value.problems if p.startswith("data.dataset:"))
+    assert hint in message and ("set data.dataset_config" in message) == (config is None)
+
+
 def test_offline_hub_ids_exit_2_saying_so(tmp_path, capsys):
     code = main(["validate", "--offline", "model.name_or_path=nobody/no-such-model",
                  "data.dataset=nobody/no-such-data"])

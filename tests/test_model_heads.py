@@ -192,3 +192,19 @@ def test_a_decoder_classifier_answers_a_row_the_same_alone_or_in_a_padded_batch(
         alone = model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, 3, dtype=torch.long)).logits
         together = model(input_ids=batch, attention_mask=mask).logits
     torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_classifier_checkpoint_with_other_labels_gets_a_fresh_head_and_keeps_its_backbone(tiny_bert, tmp_path):
+    """A fine-tuned 5-class classifier as the start of a 3-class task: transformers refuses the head's shapes
+    unless told to replace it; the backbone must still come from the checkpoint, never at random."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.models.loading import load_pretrained, skeleton
+
+    five = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=5)
+    five.save_pretrained(tmp_path / "five")
+    task = task_registry()["classification"]
+    three = load_pretrained(str(tmp_path / "five"), task, {"labels": ["a", "b", "c"]})
+    assert three.classifier.weight.shape[0] == 3 and three.config.num_labels == 3
+    torch.testing.assert_close(three.bert.embeddings.word_embeddings.weight, five.bert.embeddings.word_embeddings.weight)
+    assert skeleton(str(tmp_path / "five"), task, {"labels": ["a", "b", "c"]})[1] == []

@@ -46,8 +46,12 @@ def read_dataset_source(name: str, cfg: "DataConfig", allowed: str) -> dict[str,
 def _load_folder(path: Path, cfg: "DataConfig"):
     import datasets
 
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    if saved and cfg.dataset_config:  # it would be ignored: the user would think another subset was read
+        raise TunelabInputError([f"data.dataset_config: {cfg.dataset_config!r} names a config, but {str(path)!r} "
+                                 "is a saved dataset (save_to_disk), which has none; remove data.dataset_config"])
     try:
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if saved:
             loaded = datasets.load_from_disk(str(path))
         else:
             loaded = datasets.load_dataset(str(path), cfg.dataset_config, **csv_as_text(path))
@@ -94,8 +98,18 @@ def _load_hub(repo_id: str, cfg: "DataConfig"):
                 f"without --offline, or `python -c \"import datasets; datasets.load_dataset('{repo_id}'"
                 + (f", '{cfg.dataset_config}'" if cfg.dataset_config else "") + ")\"`), then run again "
                 f"({_cause(exc)})"]) from None
-        raise TunelabInputError([f"data.dataset: could not load {where!r} from the Hub ({_cause(exc)}); for a "
-                                 "dataset with several configs set data.dataset_config"]) from None
+        raise TunelabInputError([f"data.dataset: could not load {where!r} from the Hub ({_cause(exc)})"
+                                 f"{hub_hint(exc, cfg)}"]) from None
+
+
+def hub_hint(exc: Exception, cfg: "DataConfig") -> str:
+    """What to do about a Hub dataset that would not load: name a config, or fix the connection."""
+    text = f"{type(exc).__name__} {exc}".lower()
+    if any(sign in text for sign in ("connection", "timeout", "timed out", "name resolution", "max retries")):
+        return "; check the network connection, or with the dataset already in the local cache pass --offline"
+    if not cfg.dataset_config and "config" in text:
+        return "; for a dataset with several configs set data.dataset_config"
+    return ""
 
 
 def pick_splits(loaded, cfg: "DataConfig") -> dict:

@@ -134,14 +134,17 @@ def skeleton(model_path: str, task, info: dict) -> tuple[nn.Module, list[str]]:
 def _from_pretrained(model_path: str, task, info: dict, **kwargs) -> tuple[nn.Module, list[str]]:
     quiet_transformers()
     try:
-        model, loading = task.auto_class().from_pretrained(model_path, **LOAD_OPTIONS,
+        # a classifier checkpoint with another number of labels: its head is replaced by a fresh one of the
+        # task's size (ignore_mismatched_sizes); a mismatch anywhere else is refused below, as a missing tensor
+        model, loading = task.auto_class().from_pretrained(model_path, **LOAD_OPTIONS, ignore_mismatched_sizes=True,
                                                            output_loading_info=True, dtype=TRAINING_DTYPE,
                                                            **task.model_kwargs(info), **kwargs)
     except Exception as exc:
         raise TunelabInputError([f"model.name_or_path: could not load a model from {model_path!r} for task "
                                  f"{task.name!r} ({type(exc).__name__}: {_first_line(exc)})"]) from None
     head = task.head_modules(model)
-    return model, sorted(k for k in loading.get("missing_keys", []) if k.split(".")[0] not in head)
+    lacking = [*loading.get("missing_keys", []), *(key for key, *_ in loading.get("mismatched_keys", []))]
+    return model, sorted(k for k in lacking if k.split(".")[0] not in head)
 
 
 def missing_weights_message(model_path: str, missing: list[str]) -> str:

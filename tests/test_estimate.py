@@ -115,10 +115,76 @@ def test_a_model_that_cannot_run_on_fake_tensors_falls_back_to_the_formula(rober
 def test_a_text_initialised_prompt_is_estimated_without_a_tokenizer(tmp_path):
     """A config-only decoder folder: peft would load a tokenizer to embed the init text; the skeleton needs
     only the prompt's shape, which is the same for a random start."""
-    from transformers import LlamaConfig
-
-    LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(tmp_path)
+    tiny_llama_config(tmp_path)
     methods = estimated(tmp_path, "methods=prompt-tuning,lora", "prompt-tuning.init=text",
                         "prompt-tuning.num_virtual_tokens=5", "data.max_length=32")
     assert methods["prompt-tuning"]["added_params"] == 5 * 32
+
+
+def tiny_llama_config(folder):
+    """A folder with a tiny decoder's config.json alone."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(folder)
+    return folder
+
+
+def fake_hub(monkeypatch, snapshot, fetched: list):
+    """huggingface_hub online without a network: a cached snapshot is looked up as usual, a download is recorded
+    (repository, revision, patterns) and answered with `snapshot`."""
+    import huggingface_hub
+
+    real = huggingface_hub.snapshot_download
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None):
+        if local_files_only:
+            return real(repo_id, revision=revision, local_files_only=True)
+        fetched.append((repo_id, revision, allow_patterns))
+        return str(snapshot)
+
+    class Api:
+        def list_repo_files(self, repo_id, revision=None):
+            return ["config.json", "model.safetensors", "tokenizer.json"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+
+
+def test_a_hub_model_is_fetched_as_its_config_json_alone(tmp_path, monkeypatch):
+    """An estimate reads the config alone: a 7B model's 13 GB of weights (or its tokenizer) are not fetched."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    fetched = []
+    fake_hub(monkeypatch, tiny_llama_config(tmp_path / "snapshot"), fetched)
+    methods = estimated("someone/llama", "methods=lora", "data.max_length=32")
+    assert fetched == [("someone/llama", None, ["config.json"])]
+    assert methods["lora"]["added_params"] > 0
+
+
+def test_a_snapshot_holding_only_the_config_serves_estimates_not_runs(tmp_path, monkeypatch):
+    """What an estimate fetched stays in the Hugging Face cache: offline, another estimate uses it; a run
+    needs the weights, so it is told they are missing offline, and online fetches them."""
+    import huggingface_hub
+
+    from tunelab.errors import TunelabInputError
+    from tunelab.models import hub
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--llama"
+    snapshot = tiny_llama_config(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert estimate(load_config(None, ["model.name_or_path=someone/llama", "methods=lora", "data.max_length=32",
+                                       "train.batch_size=4"]), train_rows=100)["model_path"] == str(snapshot.resolve())
+    with pytest.raises(TunelabInputError, match="is in the local Hugging Face cache without its weights"):
+        hub.hub_model_path("someone/llama", None)
+    fetched = []
+    fake_hub(monkeypatch, snapshot, fetched)
+    hub.hub_model_path("someone/llama", None)
+    (_, _, patterns), = fetched
+    assert "*.safetensors" in patterns and "*.json" in patterns

@@ -169,3 +169,94 @@ def test_a_resumed_experiment_is_stored_once(tmp_path, monkeypatch):
     for _ in range(2):  # finished, then --resume'd (which writes the summary again)
         assert append_summary(tmp_path / "exp", payload) == 1
     assert len(similar_results("classification", 1000)) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny decoder's config.json alone: every method's estimate takes seconds."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                max_position_embeddings=128).save_pretrained(folder)
+    return folder
+
+
+def tiny_gpu_job(folder, *extra):
+    return load_config(None, ["task=causal-lm", f"model.name_or_path={folder}", "train.batch_size=4",
+                              "data.max_length=128", "prompt-tuning.init=random", "train.device=cuda", *extra])
+
+
+def lora_of(result) -> dict:
+    return next(m for m in result["methods"] if m["method"] == "lora")
+
+
+def test_a_time_budget_that_cannot_be_checked_is_refused_naming_what_would_allow_it(tiny_llama):
+    from tunelab.errors import TunelabInputError
+
+    with pytest.raises(TunelabInputError, match="--time-budget: .* give its peak rate .* with --peak-tflops"):
+        recommend(tiny_gpu_job(tiny_llama), 1024, 3600, 5000)  # a GPU not here: nothing to time it on
+    hub_data = tiny_gpu_job(tiny_llama, "data.dataset=someone/stories", "data.max_train_samples=null")
+    with pytest.raises(TunelabInputError, match="--time-budget: .*rows are unknown.* give --train-examples N"):
+        recommend(hub_data, 1024, 3600, peak_tflops=100)  # a hub dataset's rows are not counted
+    assert lora_of(recommend(hub_data, 1024))["fits"]  # without a budget, memory alone ranks
+
+
+def test_checkpointing_is_timed_once_whether_configured_or_needed_to_fit(tiny_llama):
+    def lora(memory_mb, *extra):
+        return lora_of(recommend(tiny_gpu_job(tiny_llama, *extra), memory_mb, None, 5000, peak_tflops=100))
+
+    plain = lora(1024)
+    configured = lora(1024, "train.gradient_checkpointing=true")
+    between = (configured["peak_memory_mb"] + configured["peak_memory_checkpointing_mb"]) / 2
+    needed = lora(between, "train.gradient_checkpointing=true")  # fits only with it
+    assert not configured["gradient_checkpointing"] and needed["gradient_checkpointing"]
+    assert configured["train_time_s"] == needed["train_time_s"] == pytest.approx(plain["train_time_s"] * 4 / 3)
+    assert all("recomputing for checkpointing" in " ".join(m["reasons"]) for m in (configured, needed))
+
+
+def test_short_times_read_in_seconds_beside_the_budget(tiny_llama):
+    took = lora_of(recommend(tiny_gpu_job(tiny_llama), 1024, None, 5000, peak_tflops=100))["train_time_s"]
+    assert took < 1  # 1,250 steps of a tiny model: '0.0 min' said nothing
+    over = lora_of(recommend(tiny_gpu_job(tiny_llama), 1024, took / 2, 5000, peak_tflops=100))
+    assert not over["fits"]
+    assert f"training ≈ {took:.3g} s (1,250 steps" in over["reasons"][1]
+    assert over["reasons"][1].endswith(f": over the time budget of {took / 2:.3g} s")
+    within = lora_of(recommend(tiny_gpu_job(tiny_llama), 1024, 5400, 5000, peak_tflops=100))
+    assert within["fits"] and within["reasons"][1].endswith(": within the time budget of 90.0 min")
+
+
+def test_measured_results_are_compared_on_the_jobs_metric_only(tiny_overrides, tmp_path, monkeypatch):
+    """Stored accuracies and losses are not one scale: a job ranked by accuracy reads the accuracies alone."""
+    from tunelab.estimate.store import append_summary
+
+    monkeypatch.setenv("TUNELAB_RESULTS_DB", str(tmp_path / "results.db"))
+    cfg = load_config(None, [*tiny_overrides, "methods=lora"])
+    total = recommend(cfg, 4096.0, train_examples=160)["total_params"]
+
+    def stored(experiment, metric, direction, means):
+        records = [{"method": m, "status": "success", "steps": 500, "total_params": total} for m in means]
+        summary = [{"method": m, "n": 1, "metrics": {metric: {"mean": v}}} for m, v in means.items()]
+        job = {"task": "classification", "metric_for_best": metric, "metrics": {metric: direction}}
+        append_summary(tmp_path / experiment, {"job": job, "methods": records, "summary": summary})
+
+    stored("by-accuracy", "accuracy", "higher", {"lora": 0.70, "prompt-tuning": 0.90})
+    stored("by-loss", "loss", "lower", {"full": 0.05, "lora": 0.01})
+    methods = {m["method"]: m for m in recommend(cfg, 4096.0, train_examples=160)["methods"]}
+    measured = {name for name, m in methods.items() if any("measured here" in r for r in m["reasons"])}
+    assert measured == {"lora", "prompt-tuning"}
+    assert any("by accuracy (the job's metric_for_best): 0.700" in r for r in methods["lora"]["reasons"])
+    assert methods["prompt-tuning"]["rank"] < methods["lora"]["rank"] < methods["full"]["rank"]
+
+
+def test_nothing_fits_suggests_only_what_would_change_the_job(tiny_llama):
+    settled = tiny_gpu_job(tiny_llama, "train.gradient_accumulation_steps=4", "train.gradient_checkpointing=true",
+                           "lora.r=1")  # one row per forward, checkpointing on, the lowest rank; auto: bf16
+    ideas = " ".join(recommend(settled, 0.1)["suggestions"])
+    for in_effect in ("gradient_accumulation_steps", "train.precision=bf16", "gradient_checkpointing=true",
+                      "lora.r="):
+        assert in_effect not in ideas, ideas
+    ideas = " ".join(recommend(tiny_gpu_job(tiny_llama, "train.gradient_accumulation_steps=2",
+                                            "train.precision=fp32"), 0.1)["suggestions"])
+    assert "train.gradient_accumulation_steps=4" in ideas and "1 row(s) each instead of 2" in ideas
+    assert "train.precision=bf16" in ideas and "lora.r=4" in ideas

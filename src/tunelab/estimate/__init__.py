@@ -36,7 +36,7 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
 
     quiet_transformers()
     task = cfg.task_spec
-    model_path = resolve_model_path(cfg.model_name, cfg.model.revision)
+    model_path = resolve_model_path(cfg.model_name, cfg.model.revision, config_only=True)  # weights unread
     config = read_model_config(model_path)
     for key, value in task.model_kwargs({}).items():
         setattr(config, key, value)
@@ -96,16 +96,18 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     builds = {"full": build, **shallow_builds}
     parts = step_memory(method, opts, ctx, builds, task, work, device, False, shape, fp, layout)
     checkpointed = step_memory(method, opts, ctx, builds, task, work, device, True, shape, fp, layout)
-    step_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
-                  * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
-    if cfg.train.gradient_checkpointing:  # every block's forward runs again in the backward pass
-        step_flops *= CHECKPOINTING_COMPUTE
+    plain_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
+                   * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
+    # with checkpointing every block's forward runs again in the backward pass; the configured step is timed
+    checkpointed_flops = plain_flops * CHECKPOINTING_COMPUTE
+    step_flops = checkpointed_flops if cfg.train.gradient_checkpointing else plain_flops
     return {"method": name, "total_params": fp.total_params,
             "trainable_params": expected, "added_params": fp.added_params,
             **parts, "peak_memory_checkpointing_mb": checkpointed.get("peak_memory_mb"),
             "activations_checkpointing_mb": checkpointed.get("activations_mb"),
             **({"checkpointing_note": checkpointed["note"]} if "note" in checkpointed else {}),
-            "train_flops_per_step": step_flops, "train_flops_per_epoch": step_flops * steps if steps else None,
+            "train_flops_per_step": step_flops, "train_flops_per_step_checkpointing": checkpointed_flops,
+            "train_flops_per_epoch": step_flops * steps if steps else None,
             **step_times(step_flops, steps, device["effective_flops"] and device["effective_flops"] * processes)}
 
 

@@ -12,7 +12,8 @@ from typing import Any
 from ..config import ExperimentConfig
 from ..errors import TunelabInputError
 from ..train.loop import total_steps
-from . import CHECKPOINTING_COMPUTE, estimate, with_peak
+from . import estimate, with_peak
+from .processes import micro_batch_rows
 from .store import similar_results
 
 LARGE_MODEL = 1_000_000_000   # parameters: above this, adapters before full fine-tuning
@@ -66,17 +67,20 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
         (estimated["train_rows"], estimated["train_rows_source"])
     if not candidates:
         raise TunelabInputError(["recommend: no method applies to this model"])
-    total = candidates[0]["total_params"]
-    measured = measured_quality(cfg.task, total)
     device = with_peak(estimated["device"], peak_tflops)
     # train.max_steps wins over epochs, as in training
     steps = total_steps(cfg.train, rows) if rows or cfg.train.max_steps else None
+    untimed = untimed_reason(steps, device, rows_source)
+    if time_budget_s is not None and untimed:  # a budget that was given is checked or refused, never skipped
+        raise TunelabInputError([f"--time-budget: the training time cannot be estimated, so the budget cannot "
+                                 f"be checked: {untimed}; or leave --time-budget out to rank by memory alone"])
+    total = candidates[0]["total_params"]
     # the rule of thumb asks whether full fine-tuning fits, the same answer for every method
     full = next((c for c in candidates if c["method"] == "full"), None)
-    full_fits = full is not None and full["peak_memory_mb"] <= memory_mb
-    ranked = sorted((judge(c, memory_mb, time_budget_s, training_seconds(c, steps, device), steps,
-                           rows, total, measured, full_fits)
-                     for c in candidates), key=lambda r: r["rank_key"])
+    plan = Plan(memory_mb, time_budget_s, steps, device["effective_flops"], cfg.train.gradient_checkpointing,
+                rows, total, measured_quality(cfg.task, total, cfg.metric_for_best),
+                full is not None and full["peak_memory_mb"] <= memory_mb)
+    ranked = sorted((judge(c, plan) for c in candidates), key=lambda r: r["rank_key"])
     for position, entry in enumerate(ranked, 1):
         entry["rank"] = position
         del entry["rank_key"]
@@ -84,7 +88,17 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     return {"memory_mb": memory_mb, "time_budget_s": time_budget_s, "train_examples": rows,
             "train_examples_source": rows_source,
             "total_params": total, "methods": ranked, "not_applicable": skipped,
-            "suggestions": [] if fits else suggestions(ranked, memory_mb, cfg)}
+            "suggestions": [] if fits else suggestions(ranked, memory_mb, cfg, estimated["precision"])}
+
+
+def untimed_reason(steps: int | None, device: dict[str, Any], rows_source: str) -> str | None:
+    """Why no training time can be estimated, naming what would give one; None where it can."""
+    if not device["effective_flops"]:  # a GPU planned from a machine without one
+        return ("the training device is not on this machine to measure: give its peak rate in the training "
+                "precision with --peak-tflops (e.g. 989 for an H100 in bf16)")
+    if not steps:
+        return f"the epoch's rows are {rows_source}: give --train-examples N, or set train.max_steps"
+    return None
 
 
 _ESTIMATES: dict[str, dict[str, Any]] = {}
@@ -99,45 +113,74 @@ def all_methods_estimate(cfg: ExperimentConfig) -> dict[str, Any]:
     return _ESTIMATES[key]
 
 
-def training_seconds(est: dict, steps: int | None, device: dict[str, Any]) -> float | None:
-    """Every step at the full length, at the device's effective rate (none for a device not measured)."""
-    if not steps or not device["effective_flops"]:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What every method is judged against: the budgets, the job's size and speed, and what was measured."""
+
+    memory_mb: float
+    budget_s: float | None
+    steps: int | None
+    flops_per_s: float | None  # the device's effective rate; None for one not measured
+    checkpointing: bool        # train.gradient_checkpointing: every method's run recomputes
+    rows: int | None
+    total: int
+    measured: dict[str, dict]
+    full_fits: bool
+
+
+def training_seconds(est: dict, plan: Plan, recomputes: bool) -> float | None:
+    """Every step at the full length, at the device's effective rate; with checkpointing's recomputed
+    forwards where the run checkpoints (configured, or needed to fit), counted once."""
+    if not plan.steps or not plan.flops_per_s:
         return None
-    return est["train_flops_per_step"] * steps / device["effective_flops"]
+    flops = est["train_flops_per_step_checkpointing" if recomputes else "train_flops_per_step"]
+    return flops * plan.steps / plan.flops_per_s
 
 
-def judge(est: dict, memory_mb: float, budget_s: float | None, train_s: float | None, steps: int | None,
-          rows: int | None, total: int, measured: dict[str, dict], full_fits: bool) -> dict[str, Any]:
+def duration(seconds: float) -> str:
+    """Seconds under a minute (a short run is not '0.0 min'), else minutes."""
+    return f"{seconds:.3g} s" if seconds < 60 else f"{seconds / 60:,.1f} min"
+
+
+def judge(est: dict, plan: Plan) -> dict[str, Any]:
     from ..methods.base import get_method
 
     family = get_method(est["method"]).family
     peak, peak_ckpt = est["peak_memory_mb"], est["peak_memory_checkpointing_mb"]
-    fits_plain, fits_ckpt = peak <= memory_mb, peak_ckpt is not None and peak_ckpt <= memory_mb
-    if train_s is not None and fits_ckpt and not fits_plain:  # it would recompute each block's forward
-        train_s *= CHECKPOINTING_COMPUTE
-    in_time = budget_s is None or train_s is None or train_s <= budget_s
+    fits_plain, fits_ckpt = peak <= plan.memory_mb, peak_ckpt is not None and peak_ckpt <= plan.memory_mb
+    needs_ckpt = fits_ckpt and not fits_plain
+    recomputes = plan.checkpointing or needs_ckpt  # the run checkpoints: configured, or to fit
+    train_s = training_seconds(est, plan, recomputes)
+    # an unknown time never passes a budget (recommend refuses a budget it cannot check)
+    in_time = plan.budget_s is None or (train_s is not None and train_s <= plan.budget_s)
     with_ckpt = f"{peak_ckpt:,.0f} MB with gradient checkpointing" if peak_ckpt is not None else \
         "gradient checkpointing does not apply"
     reasons = [f"peak memory ≈ {peak:,.0f} MB ({with_ckpt}) against "
-               f"{memory_mb:,.0f} MB: " + ("fits" if fits_plain else "fits only with gradient checkpointing"
-                                           if fits_ckpt else "does not fit")]
+               f"{plan.memory_mb:,.0f} MB: " + ("fits" if fits_plain else "fits only with gradient checkpointing"
+                                                if fits_ckpt else "does not fit")]
     if train_s is not None:
-        reasons.append(f"training ≈ {train_s / 60:,.1f} min ({steps:,} steps, every batch at full length"
-                       f"{', recomputing for checkpointing' if fits_ckpt and not fits_plain else ''})"
-                       + ("" if in_time else ": over the time budget"))
-    quality = measured.get(est["method"])
+        reasons.append(time_reason(train_s, plan, recomputes, in_time))
+    quality = plan.measured.get(est["method"])
     if quality:
-        reasons.append(f"measured here on similar models: {quality['metric']} {quality['mean']:.3f} "
-                       f"(best of {quality['experiments']} stored comparison(s))")
-    prior, why = rule_of_thumb(family, rows, total, full_fits)
+        reasons.append(f"measured here on similar models by {quality['metric']} (the job's metric_for_best): "
+                       f"{quality['mean']:.3f} (best of {quality['experiments']} stored comparison(s))")
+    prior, why = rule_of_thumb(family, plan.rows, plan.total, plan.full_fits)
     reasons.append(why)
     fits = (fits_plain or fits_ckpt) and in_time
     score = quality["score"] if quality else None
     return {"method": est["method"], "family": family, "fits": fits,
-            "gradient_checkpointing": fits_ckpt and not fits_plain, "peak_memory_mb": peak,
+            "gradient_checkpointing": needs_ckpt, "peak_memory_mb": peak,
             "peak_memory_checkpointing_mb": peak_ckpt, "train_time_s": train_s,
             "trainable_params": est["trainable_params"], "reasons": reasons,
             "rank_key": rank_key(fits, score, prior, peak, peak_ckpt)}
+
+
+def time_reason(train_s: float, plan: Plan, recomputes: bool, in_time: bool) -> str:
+    """The time and, where a budget was given, the budget itself: 'over the time budget' alone says too little."""
+    recomputing = ", recomputing for checkpointing" if recomputes else ""
+    verdict = "" if plan.budget_s is None else \
+        f": {'within' if in_time else 'over'} the time budget of {duration(plan.budget_s)}"
+    return f"training ≈ {duration(train_s)} ({plan.steps:,} steps, every batch at full length{recomputing}){verdict}"
 
 
 def rank_key(fits: bool, score: float | None, prior: int, peak: float, peak_ckpt: float | None) -> tuple:
@@ -161,9 +204,10 @@ def rule_of_thumb(family: str, rows: int | None, total: int, full_fits: bool) ->
     return order.index(family), f"rule of thumb: {why}"
 
 
-def measured_quality(task: str, total_params: int) -> dict[str, dict]:
-    """Per method, its best stored result on similar models, as a 0–1 score relative to the others there."""
-    rows = similar_results(task, total_params)
+def measured_quality(task: str, total_params: int, metric: str) -> dict[str, dict]:
+    """Per method, its best stored result on similar models in `metric` (the job's metric_for_best: an
+    accuracy and a loss are not one scale), as a 0–1 score relative to the others there."""
+    rows = similar_results(task, total_params, metric)
     best: dict[str, dict] = {}
     for row in rows:
         if row["mean"] is None:
@@ -180,23 +224,34 @@ def measured_quality(task: str, total_params: int) -> dict[str, dict]:
     return best
 
 
-def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig) -> list[str]:
-    """What would fit when nothing does."""
+def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig, precision: str) -> list[str]:
+    """What would fit when nothing does: only changes to what the job does now (`precision` as resolved)."""
     lightest = min(ranked, key=lambda r: r["peak_memory_mb"])
     checkpointed = [r for r in ranked if r["peak_memory_checkpointing_mb"] is not None]
     ideas = [f"the lightest method, {lightest['method']}, needs ≈ {lightest['peak_memory_mb']:,.0f} MB against "
              f"{memory_mb:,.0f} MB"]
     if checkpointed:
         least = min(checkpointed, key=lambda r: r["peak_memory_checkpointing_mb"])
-        ideas.append(f"with gradient checkpointing (train.gradient_checkpointing=true) {least['method']} needs "
+        switch = "" if cfg.train.gradient_checkpointing else " (train.gradient_checkpointing=true)"
+        ideas.append(f"with gradient checkpointing{switch} {least['method']} needs "
                      f"≈ {least['peak_memory_checkpointing_mb']:,.0f} MB")
-    if cfg.train.batch_size > 1:
-        steps = min(4, cfg.train.batch_size)
-        ideas.append(f"a smaller batch per forward shrinks activations: train.gradient_accumulation_steps={steps} "
-                     f"keeps the global batch of {cfg.train.batch_size} and runs it {steps} parts at a time")
-    if cfg.train.precision != "bf16":
+    ideas += accumulation_idea(cfg)
+    if precision != "bf16":
         ideas.append("bf16 (train.precision=bf16 where the device runs it fast) halves activations and frozen weights")
-    ideas.append("a lower LoRA rank (lora.r=4) or fewer target modules trims an adapter's share")
+    rank = cfg.options("lora").r
+    ideas.append(f"a lower LoRA rank (lora.r={rank // 2}) or fewer target modules trims an adapter's share"
+                 if rank > 1 else "fewer LoRA target modules trim an adapter's share")
     ideas.append("several devices can share the weights, gradients and optimizer state: train.fsdp=true with "
                  "--nproc N or torchrun; `tunelab estimate --nproc N train.fsdp=true` gives one device's share")
     return ideas
+
+
+def accumulation_idea(cfg: ExperimentConfig) -> list[str]:
+    """More accumulation steps, where the rows of one forward can still be split."""
+    batch, more = cfg.train.batch_size, min(cfg.train.batch_size, cfg.train.gradient_accumulation_steps * 4)
+    split = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_accumulation_steps=more))
+    rows_now, rows_then = micro_batch_rows(cfg, 1), micro_batch_rows(split, 1)
+    if rows_then >= rows_now:  # one row per forward already
+        return []
+    return [f"a smaller batch per forward shrinks activations: train.gradient_accumulation_steps={more} keeps "
+            f"the global batch of {batch} and runs it in {more} parts, {rows_then} row(s) each instead of {rows_now}"]

@@ -67,12 +67,16 @@ def mean_of(records: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def similar_results(task: str, total_params: int, factor: float = 4.0) -> list[dict[str, Any]]:
-    """Stored rows of the same task for models within `factor`× the size, newest first."""
+def similar_results(task: str, total_params: int, metric: str | None = None,
+                    factor: float = 4.0) -> list[dict[str, Any]]:
+    """Stored rows of the same task for models within `factor`× the size, newest first; only those scored
+    by `metric` where given (each row holds its comparison's metric_for_best)."""
     if not store_path().is_file():
         return []
+    query = "SELECT * FROM results WHERE task = ? AND total_params BETWEEN ? AND ?"
+    args: list[Any] = [task, total_params / factor, total_params * factor]
+    if metric is not None:
+        query, args = query + " AND metric = ?", [*args, metric]
     with connect() as connection:
         connection.row_factory = sqlite3.Row
-        rows = connection.execute("SELECT * FROM results WHERE task = ? AND total_params BETWEEN ? AND ? "
-                                  "ORDER BY created DESC", (task, total_params / factor, total_params * factor))
-        return [dict(r) for r in rows]
+        return [dict(r) for r in connection.execute(query + " ORDER BY created DESC", args)]

@@ -5,6 +5,7 @@ login`, HF_ENDPOINT); tunelab never reads, stores or logs a token.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..errors import TunelabInputError
 
@@ -30,19 +31,24 @@ def is_hub_id(name: str) -> bool:
     return True
 
 
-def hub_model_path(repo_id: str, revision: str | None) -> str:
-    """A local snapshot folder of `repo_id` at `revision`: from the cache, else downloaded (online only)."""
+def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False) -> str:
+    """A local snapshot folder of `repo_id` at `revision`: from the cache, else downloaded (online only).
+    `config_only`: its config.json is all the caller reads (`estimate`, `recommend`: a 7B model's 13 GB of
+    weights are not theirs to fetch)."""
     cached = cached_snapshot(repo_id, revision)
-    if cached:
+    if cached and holds_what_is_read(cached, config_only):
         return cached
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     if is_offline():
+        # a snapshot an estimate fetched holds the config alone: a run cannot train from it
+        state = "is in the local Hugging Face cache without its weights" if cached else \
+            "is not in the local Hugging Face cache"
         raise TunelabInputError([
-            f"model.name_or_path: {where} is not in the local Hugging Face cache and hub access is off "
+            f"model.name_or_path: {where} {state} and hub access is off "
             "(HF_HUB_OFFLINE=1 or --offline); on a connected machine fetch it once with "
             f"`hf download {repo_id}" + (f" --revision {revision}" if revision else "") +
             "` (or run tunelab there without --offline), then run again"])
-    return download(repo_id, revision, where)
+    return download(repo_id, revision, where, config_only)
 
 
 def cached_snapshot(repo_id: str, revision: str | None) -> str | None:
@@ -54,14 +60,30 @@ def cached_snapshot(repo_id: str, revision: str | None) -> str | None:
         return None
 
 
-def download(repo_id: str, revision: str | None, where: str) -> str:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import errors
+def holds_what_is_read(folder: str, config_only: bool) -> bool:
+    """Whether a cached snapshot has the files the caller reads: the config, and for a run one weight format
+    too (the cache keeps whatever was fetched, an estimate's lone config.json included)."""
+    path = Path(folder)
+    weights = config_only or any(any(path.glob(p[0])) for p in WEIGHT_FORMATS)
+    return (path / "config.json").is_file() and weights
+
+
+def wanted_patterns(repo_id: str, revision: str | None, config_only: bool) -> list[str]:
+    """The files to fetch: the config alone for an estimate; configs, tokenizer and one weight format for a run."""
+    from huggingface_hub import HfApi
+
+    if config_only:
+        return ["config.json"]
+    files = HfApi().list_repo_files(repo_id, revision=revision)
+    return CONFIG_PATTERNS + next((p for p in WEIGHT_FORMATS if any(f.endswith(p[0][1:]) for f in files)), [])
+
+
+def download(repo_id: str, revision: str | None, where: str, config_only: bool = False) -> str:
+    from huggingface_hub import errors, snapshot_download
 
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision)
-        weights = next((p for p in WEIGHT_FORMATS if any(f.endswith(p[0][1:]) for f in files)), [])
-        return snapshot_download(repo_id, revision=revision, allow_patterns=CONFIG_PATTERNS + weights)
+        patterns = wanted_patterns(repo_id, revision, config_only)
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except errors.GatedRepoError:
         problem = "is gated: accept its terms on the Hub and log in (`hf auth login` or HF_TOKEN)"
     except errors.RepositoryNotFoundError:

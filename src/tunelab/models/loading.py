@@ -46,8 +46,9 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
-    """A local folder with the model's files (packaged, a folder, or a hub snapshot), or a TunelabInputError."""
+def resolve_model_path(name_or_path: str, revision: str | None = None, config_only: bool = False) -> str:
+    """A local folder with the model's files (packaged, a folder, or a hub snapshot), or a TunelabInputError.
+    `config_only`: the caller reads config.json alone, so a hub model is fetched as that file only."""
     from .hub import hub_model_path, is_hub_id
 
     alias = PACKAGED_ALIASES.get(name_or_path, name_or_path)
@@ -64,7 +65,7 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
     if not is_hub_id(name_or_path):
         raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is not a local model folder, a "
                                  f"packaged model ({', '.join(PACKAGED_MODELS)}) or a hub id"])
-    return hub_model_path(name_or_path, revision)
+    return hub_model_path(name_or_path, revision, config_only)
 
 
 def read_model_config(model_path: str):

@@ -70,13 +70,15 @@ def test_greedy_answers_are_the_models_argmax_continuations(adapter, tiny_llama)
     assert_argmax_continuations(model, tokenizer, stopped)
 
 
-@pytest.mark.parametrize("failure", ["wrong answers", "an error"])
+@pytest.mark.parametrize("failure", ["wrong answers", "an error", "a cache of the wrong shape"])
 def test_a_cached_path_that_goes_wrong_falls_back_to_the_plain_forward(failure, tiny_llama, monkeypatch):
     model, tokenizer = adapted_model("prefix-tuning", tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
 
     def broken(model, *args):
         if failure == "an error":
             raise ValueError("this model's generation config sets its own cache")
+        if failure == "a cache of the wrong shape":  # MPT: its ALiBi bias stops at max_seq_len without the prefix
+            raise RuntimeError("The size of tensor a (74) must match the size of tensor b (64)")
         return generation.greedy_cached(model.get_base_model(), *args)  # the prefix dropped, as peft 0.21 does
 
     monkeypatch.setattr(generation, "greedy_after_prefix", broken)

@@ -67,3 +67,38 @@ def test_a_relative_position_table_after_the_blocks_is_an_embedding():
     assert depths["deberta.encoder.rel_embeddings.weight"] == 0
     assert depths["deberta.encoder.layer.1.output.dense.weight"] == 2
     assert depths["pooler.dense.weight"] == 3 and depths["classifier.weight"] == 3
+
+
+def test_a_final_norm_registered_before_the_blocks_is_still_after_them():
+    """OPT registers `final_layer_norm` before its layers: where the forward runs it decides, so it trains at
+    the head's rate (and with freeze's top), not at the embeddings'."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from tunelab.methods.freeze import after_stack
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=8))
+    depths, blocks = layer_depths(model)
+    assert depths["model.decoder.final_layer_norm.weight"] == blocks + 1
+    assert depths["model.decoder.project_out.weight"] == blocks + 1  # runs after the blocks too
+    assert depths["model.decoder.project_in.weight"] == 0 and depths["model.decoder.embed_tokens.weight"] == 0
+    assert {name for name, _ in after_stack(model, "model.decoder.layers")} == {
+        "model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias",
+        "model.decoder.project_out.weight"}
+    assert model.training  # the trace ran in eval mode and left the modes as they were
+
+
+def test_blocks_in_nested_lists_are_refused_by_the_methods_that_order_them():
+    """Funnel keeps its blocks as lists of lists: the longest list is a part of them."""
+    from transformers import FunnelConfig, FunnelForSequenceClassification
+
+    from tunelab.methods.base import get_method
+
+    model = FunnelForSequenceClassification(FunnelConfig(vocab_size=50, block_sizes=[3, 3], d_model=16, n_head=2,
+                                                         d_head=8, d_inner=32, num_labels=2))
+    for name in ("llrd", "freeze"):
+        method = get_method(name)
+        problems = method.check(model, method.Options(), None)
+        assert problems == [f"{name}: the transformer blocks of FunnelForSequenceClassification are nested lists "
+                            f"(funnel.encoder.blocks.N.M), whose order by depth {name} cannot tell; use full or "
+                            "an adapter method"]

@@ -63,3 +63,34 @@ def test_a_causal_lm_is_left_alone():
                                          intermediate_size=8))
     accept_prefix_as_cache(model)  # peft's causal-LM path passes past_key_values=, which it still takes
     assert "forward" not in vars(model)
+
+
+def test_the_prefix_sizes_are_read_from_any_config_naming(tmp_path):
+    """peft reads a model's layers, heads and width from a few config names only; MPT's n_layers, n_heads and
+    d_model are not among them, and peft refused to build the prefix."""
+    from peft import get_peft_model
+    from transformers import MptConfig, MptForCausalLM
+
+    from tunelab.methods.base import PrepareContext, get_method
+    from tunelab.tasks.base import registry
+
+    model = MptForCausalLM(MptConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, max_seq_len=32))
+    method, task = get_method("prefix-tuning"), registry()["causal-lm"]
+    options = method.Options(num_virtual_tokens=3)
+    config = method.peft_config(model, options, PrepareContext(str(tmp_path), str(tmp_path), task, ()))
+    adapted = get_peft_model(model, config)
+    ids = torch.randint(0, 50, (2, 5))
+    adapted(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    assert adapted.prompt_encoder["default"].embedding.weight.grad is not None
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == method.method_params(model, options, None)
+
+
+@pytest.mark.parametrize("model_type, positions, pad, usable", [
+    ("roberta", 514, 1, 512), ("camembert", 514, 1, 512), ("mpnet", 32, 0, 31), ("bert", 512, 0, 512)])
+def test_models_whose_positions_start_after_the_padding_index_hold_fewer_tokens(model_type, positions, pad, usable):
+    from transformers import AutoConfig
+
+    from tunelab.models.structure import max_positions
+
+    config = AutoConfig.for_model(model_type, max_position_embeddings=positions, pad_token_id=pad)
+    assert max_positions(config) == usable

@@ -49,7 +49,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch import nn
 
 from ..models.loading import LOAD_OPTIONS
-from ..models.structure import find_block_list, in_head
+from ..models.structure import find_block_list, in_head, modules_run_after, nested_stack_problem
 from ..train.batches import PAD_MULTIPLE
 from .base import Method, MethodOptions, PrepareContext, register
 
@@ -74,25 +74,29 @@ def split_model(model: nn.Module, k: int) -> tuple[str, nn.ModuleList, int]:
 
 
 def after_stack(model: nn.Module, stack_name: str) -> list[tuple[str, nn.Parameter]]:
-    """Parameters registered after the block stack: final norm, pooler, head (a tied output layer is not
-    among them: named_parameters lists a shared tensor once, under its first name, the input embedding)."""
+    """Parameters after the block stack: final norm, pooler, head (a tied output layer is not among them:
+    named_parameters lists a shared tensor once, under its first name, the input embedding). After where a
+    forward runs them (OPT registers its final norm before its blocks), else where they are registered."""
     prefix, seen, out = f"{stack_name}.", False, []
+    run_after = modules_run_after(model, stack_name)
     for name, param in model.named_parameters():
         if name.startswith(prefix):
             seen = True
-        elif seen or in_head(model, stack_name, name):  # a head registered before the backbone is above it too
+        # a head registered before the backbone is above it too
+        elif seen or in_head(model, stack_name, name) or name.rpartition(".")[0] in run_after:
             out.append((name, param))
     return out
 
 
 def bottom_modules(model: nn.Module, stack_name: str, blocks: nn.ModuleList, split: int) -> list[nn.Module]:
     """Modules below the first trainable block: those registered before the stack (embeddings; not the
-    stack's ancestors) and the bottom blocks."""
-    before = []
+    stack's ancestors, nor what a forward runs after the stack) and the bottom blocks."""
+    before, run_after = [], modules_run_after(model, stack_name)
     for name, module in model.named_modules():
         if name == stack_name:
             break
-        if name and not stack_name.startswith(name + ".") and not in_head(model, stack_name, name):
+        if name and not stack_name.startswith(name + ".") and not in_head(model, stack_name, name) \
+                and name not in run_after:
             before.append(module)
     return before + list(blocks[:split])
 
@@ -341,13 +345,17 @@ class Freeze(Method):
 
     def check(self, model: nn.Module, opts: FreezeOptions, ctx: PrepareContext) -> list[str]:
         try:
-            _, blocks = find_block_list(model)
+            stack_name, blocks = find_block_list(model)
         except ValueError as exc:
             return [f"freeze: {exc}"]
         if opts.k > len(blocks):
             return [f"freeze.k: {opts.k} is more than the {len(blocks)} transformer blocks of "
                     f"{type(model).__name__}; allowed: 0..{len(blocks)}"]
-        return []
+        nested = nested_stack_problem(model, stack_name, self.name)
+        if not nested and self.expected_trainable_params(model, opts, ctx) == 0:
+            return [f"freeze.k: 0 leaves nothing to train in {type(model).__name__} (no head of its own, no norm "
+                    "after the blocks); use k >= 1"]
+        return nested
 
     def prepare(self, model: nn.Module, opts: FreezeOptions, ctx: PrepareContext) -> nn.Module:
         stack_name, blocks, split = split_model(model, opts.k)

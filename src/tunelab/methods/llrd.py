@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..models.structure import find_block_list, in_head
+from ..models.structure import find_block_list, in_head, modules_run_after, nested_stack_problem
 from .base import MethodOptions, decay_split, register
 from .full import WholeModelMethod
 
@@ -24,13 +24,15 @@ class LLRDOptions(MethodOptions):
 def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     """Each parameter's depth: 0 = embeddings, 1..L = blocks bottom-up, L+1 = everything after (head).
 
-    Parameters registered before the block stack are the embeddings; after it come final norms,
-    poolers and heads, which all train at the base rate (the head wherever it is registered). An embedding
+    Parameters before the block stack are the embeddings; after it come final norms, poolers and heads,
+    which all train at the base rate (the head wherever it is registered). "After" is where a forward runs
+    them (OPT registers its final norm before its blocks), else where they are registered. An embedding
     table outside the stack and the head is an input to every block wherever it is registered (DeBERTa's
     relative positions, `encoder.rel_embeddings`, come after its blocks), so it is an embedding.
     """
     stack_name, blocks = find_block_list(model)
     num_blocks = len(blocks)
+    run_after = modules_run_after(model, stack_name)
     prefix = f"{stack_name}."
     tables = {f"{module_name}.{name}" for module_name, module in model.named_modules()
               if isinstance(module, nn.Embedding) for name, _ in module.named_parameters(recurse=False)}
@@ -40,7 +42,7 @@ def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
         if name.startswith(prefix):
             depths[name] = int(name[len(prefix):].split(".")[0]) + 1
             seen_blocks = True
-        elif in_head(model, stack_name, name):
+        elif in_head(model, stack_name, name) or name.rpartition(".")[0] in run_after:
             depths[name] = num_blocks + 1
         else:
             depths[name] = 0 if name in tables or not seen_blocks else num_blocks + 1
@@ -64,6 +66,13 @@ class LayerwiseLRDecay(WholeModelMethod):
 
     def search_space(self) -> dict:
         return {**super().search_space(), "decay": {"low": 0.7, "high": 1.0}}
+
+    def check(self, model: nn.Module, opts: LLRDOptions, ctx) -> list[str]:
+        try:
+            stack_name, _ = find_block_list(model)
+        except ValueError as exc:
+            return [f"llrd: {exc}"]
+        return super().check(model, opts, ctx) + nested_stack_problem(model, stack_name, self.name)
 
     def param_groups(self, model: nn.Module, opts: LLRDOptions, lr: float,
                      weight_decay: float) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..models.structure import hidden_size
+from ..models.structure import hidden_size, prompt_learning_dims
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
@@ -106,8 +106,9 @@ class PrefixTuning(PeftMethod):
     def peft_config(self, model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext):
         from peft import PrefixTuningConfig
 
+        # the sizes read generically: peft reads them from a few config names only, which MPT's are not
         return PrefixTuningConfig(task_type=ctx.task.peft_task_type, num_virtual_tokens=opts.num_virtual_tokens,
-                                  base_model_name_or_path=ctx.model_path)
+                                  **prompt_learning_dims(model), base_model_name_or_path=ctx.model_path)
 
     def method_params(self, base_model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext) -> int:
         # one key and one value vector per virtual token and layer (no reparameterisation MLP)

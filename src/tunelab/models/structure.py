@@ -4,12 +4,21 @@ from __future__ import annotations
 from torch import nn
 
 
+# Models whose position ids start after the padding index (RoBERTa's embeddings and their copies): a row of n
+# tokens uses positions up to pad_token_id + n, so pad_token_id + 1 entries of the table are never a row's.
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                            "roberta-prelayernorm", "longformer", "ibert", "mpnet", "luke", "markuplm", "layoutlmv3",
+                            "xmod", "esm"}
+
+
 def max_positions(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
-            # RoBERTa-style models reserve two positions for padding offsets.
-            return value - 2 if getattr(config, "model_type", "") in ("roberta", "xlm-roberta") else value
+            if getattr(config, "model_type", "") not in PADDING_OFFSET_POSITIONS:
+                return value
+            pad = getattr(config, "pad_token_id", None)
+            return value - ((pad if isinstance(pad, int) else 1) + 1)
     return None
 
 
@@ -46,6 +55,48 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise ValueError(f"no stack of transformer blocks found in {type(model).__name__}")
     return best
+
+
+def nested_stack_problem(model: nn.Module, stack_name: str, method: str) -> list[str]:
+    """A block stack that is one of several lists (Funnel's `encoder.blocks.N.M`): the longest list is then a
+    part of the blocks, and a method that orders them by depth would order a third of the model."""
+    parent = stack_name.rpartition(".")[0]
+    if not parent or not isinstance(model.get_submodule(parent), nn.ModuleList):
+        return []
+    return [f"{method}: the transformer blocks of {type(model).__name__} are nested lists ({parent}.N.M), whose "
+            f"order by depth {method} cannot tell; use full or an adapter method"]
+
+
+def modules_run_after(model: nn.Module, stack_name: str) -> set[str]:
+    """Modules a forward first enters after the stack's last block returns (final norms, poolers, heads),
+    whatever order they were registered in: OPT registers its `final_layer_norm` before its layers. Found by
+    one forward of a few tokens (in eval mode: no dropout draws; on meta tensors for a skeleton); where that
+    forward does not run, the set is empty and the callers fall back to registration order."""
+    import torch
+
+    blocks = model.get_submodule(stack_name)
+    clock, entered, last_block_done = [0], {}, []
+
+    def entering(name):
+        def hook(*_):
+            clock[0] += 1
+            entered.setdefault(name, clock[0])
+        return hook
+    hooks = [module.register_forward_pre_hook(entering(name)) for name, module in model.named_modules()]
+    hooks.append(blocks[-1].register_forward_hook(lambda *_: last_block_done.append(clock[0])))
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 4, dtype=torch.long, device=next(model.parameters()).device))
+    except Exception:  # noqa: BLE001 - a model this forward cannot drive (other inputs needed): no trace
+        return set()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    return {name for name, at in entered.items() if last_block_done and at > last_block_done[-1]}
 
 
 def head_param_count(model: nn.Module, head_modules: tuple[str, ...]) -> int:

@@ -212,8 +212,9 @@ def tuning_problems(cfg: ExperimentConfig, tune: int | None) -> list[str]:
 
 def process_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
     """Every process needs at least one row of each micro-batch of a full global batch; sharding needs processes."""
-    if count_problems(nproc=(nproc, 1)):
-        return count_problems(nproc=(nproc, 1))
+    problems = count_problems(nproc=(nproc, 1))
+    if problems:
+        return problems
     problems = ["train.fsdp: needs several processes to shard over (--nproc N, torchrun or accelerate launch); "
                 "with one process set it to false"] if cfg.train.fsdp and nproc == 1 else []
     parts = nproc * cfg.train.gradient_accumulation_steps

@@ -396,12 +396,13 @@ def task_problems(tasks: dict, task: str, raw: dict, built: dict, options: TaskO
             if getattr(built["data"], key) is not None:
                 problems.append(f"data.{key}: is for task {other_name!r}, not {task!r}; remove it or set task")
     chosen = {"train.metric_for_best": built["train"].metric_for_best, "sweep.metric": built["sweep"].metric}
+    not_computed = tasks[task].metrics_not_computed(options)
     for key, metric in chosen.items():
         if metric is not None and metric not in tasks[task].metrics:
             problems.append(f"{key}: {metric!r} is not a metric of task {task!r}"
                             f"{did_you_mean(metric, tasks[task].metrics)}; allowed: {one_of(tasks[task].metrics)}")
-        elif metric in tasks[task].metrics_not_computed(options):
-            problems.append(f"{key}: {metric!r} {tasks[task].metrics_not_computed(options)[metric]}")
+        elif metric in not_computed:
+            problems.append(f"{key}: {metric!r} {not_computed[metric]}")
     return problems
 
 

@@ -43,8 +43,8 @@ def method_entry(method: str, runs: list[dict], split: str, job: dict, task) -> 
         if summary["mean"] is not None and split == "test" and task is not None:
             summary = with_test_examples(summary, [task.statistic(metric, r.get("test_per_example") or {})
                                                    for r in runs])
-        metrics[metric] = stats.within(summary, *(task.metric_ranges.get(metric, (None, None)) if task
-                                                  else (None, None)))
+        low, high = task.metric_ranges.get(metric, (None, None)) if task else (None, None)
+        metrics[metric] = stats.within(summary, low, high)
     hyper = {k: runs[0].get(k) for k in ("lr",) if runs[0].get(k) is not None}
     return {"method": method, "n": len(runs), "split": split, "seeds": [r.get("seed") for r in runs],
             "hyperparameters": {**hyper, **(runs[0].get("hyperparameters") or {})}, "metrics": metrics}

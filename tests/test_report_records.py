@@ -108,7 +108,12 @@ def test_speed_and_memory_are_claimed_only_beyond_run_to_run_variation(tmp_path)
     for r in payload["methods"]:
         r["train_samples_per_s"] = 100.0 + r["seed"] % 2 if r["method"] == "lora" else 40.0 + r["seed"] % 2
     (tmp_path / "clear").mkdir()
-    assert "Fastest to train: **lora** (100.5 samples/s, 2.48× full)." in report_of(tmp_path / "clear", payload)
+    clear = report_of(tmp_path / "clear", payload)
+    assert "Fastest to train: **lora** (100.5 samples/s, 2.48× full).\n" in clear  # two runs each: no caveat
+    payload["methods"] = [r for r in payload["methods"] if r["seed"] == 42]
+    (tmp_path / "single").mkdir()
+    assert ("Fastest to train: **lora** (100.0 samples/s, 2.50× full). One run each: how much these timings vary "
+            "between runs was not measured.") in report_of(tmp_path / "single", payload)
 
 
 def test_an_interrupted_comparison_names_the_methods_it_did_not_reach(tmp_path):

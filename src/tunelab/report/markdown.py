@@ -174,8 +174,11 @@ def cost_notes(ok: list[dict]) -> list[str]:
     fastest = clear_extreme(speed, higher=True)
     if fastest:
         slowest = min(speed, key=lambda m: max(speed[m]))
+        # one run of a method says nothing of its timing's own variation (other work on the machine, a short run)
+        single = " One run each: how much these timings vary between runs was not measured." \
+            if min(len(v) for v in speed.values()) == 1 else ""
         notes.append(f"- Fastest to train: **{md_text(fastest)}** ({mean(speed[fastest]):.1f} samples/s, "
-                     f"{mean(speed[fastest]) / mean(speed[slowest]):.2f}× {md_text(slowest)}).")
+                     f"{mean(speed[fastest]) / mean(speed[slowest]):.2f}× {md_text(slowest)}).{single}")
     elif len(speed) > 1:
         notes.append("- Training speed: no method is faster than the others beyond run-to-run variation.")
     memory = runs_of(ok, "peak_memory_mb")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from tunelab.config import load_config
@@ -78,3 +79,17 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_overrides):
     loop.hooks.on_log = lambda state, logs: logged.append(logs["lr"])
     loop.run()
     assert logged == pytest.approx([0.0, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])  # linear: warmup to 1e-3 at step 1, then down to 0
+
+
+def test_training_losses_are_logged_every_log_every_steps_whatever_else_flushes(tiny_overrides):
+    """Evaluations (every 3 steps) and checkpoints also move losses to the host; logging at each of them gave
+    TensorBoard points at 3, 4, 6, 8, 9, ..., each a mean over another stretch. The points are at the multiples
+    of log_every_steps and the last step, each the mean of the losses since the one before."""
+    loop = loop_for(tiny_overrides, ["train.max_steps=11", "train.log_every_steps=4", "train.eval_every_steps=3"],
+                    [0.5] * 10)
+    logged = []
+    loop.hooks.on_log = lambda state, logs: logged.append((state.step, logs["loss"]))
+    state = loop.run()
+    assert [step for step, _ in logged] == [4, 8, 11]
+    for (step, loss), since in zip(logged, (0, 4, 8)):
+        assert loss == pytest.approx(np.mean(state.losses[since:step]))

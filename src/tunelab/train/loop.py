@@ -125,6 +125,7 @@ class TrainingLoop:
         self.total_steps = total_steps(cfg, len(train_data))
         self.eval_every = eval_interval(cfg, self.total_steps)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._unlogged_norms: list[float] = []  # grad norms of the steps since the last log point
         self._segment_start = time.perf_counter()
         self._checkpointed_step: int | None = None
         self._lr_used = scheduler.get_last_lr()[0]
@@ -190,6 +191,7 @@ class TrainingLoop:
             self.checkpoint(state)
         fault_point(f"step={state.step}")
         if self.ranks.any(self.hooks.stop_requested()):  # all stop at the same step, or the rest would hang
+            self.flush(state, log_now=True)  # the steps since the last log point are logged, not lost
             self.checkpoint(state)
             raise Interrupted(state.step)
 
@@ -221,21 +223,27 @@ class TrainingLoop:
         state.train_time_s += now - self._segment_start
         self._segment_start = now
 
-    def flush(self, state: TrainState) -> None:
-        """Move pending losses to the host, stop on a non-finite one, report the mean."""
+    def flush(self, state: TrainState, log_now: bool = False) -> None:
+        """Move pending losses to the host and stop on a non-finite one. The mean since the last log point is
+        reported every log_every_steps steps (evaluations and checkpoints flush in between: logging there too
+        spaced the points unevenly, each a mean over another stretch), at the end, and when told (a stop)."""
         self.clock(state)
-        if not self._pending:
-            return
-        # each process holds its micro-batches' share of the batch loss: the sum is the batch's mean loss
-        losses = self.ranks.sum(torch.stack([l for l, _ in self._pending]).float()).cpu().tolist()
-        norms = torch.stack([g for _, g in self._pending]).float().cpu().tolist()
-        self._pending.clear()
-        first_step = state.step - len(losses) + 1
-        for offset, value in enumerate(losses):
-            stop_if_non_finite({"loss": value}, first_step + offset, state.losses, "training")
-            state.losses.append(value)
-        logs = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)), "lr": self._lr_used}
-        self.hooks.on_log(state, logs)
+        if self._pending:
+            # each process holds its micro-batches' share of the batch loss: the sum is the batch's mean loss
+            losses = self.ranks.sum(torch.stack([l for l, _ in self._pending]).float()).cpu().tolist()
+            self._unlogged_norms += torch.stack([g for _, g in self._pending]).float().cpu().tolist()
+            self._pending.clear()
+            first_step = state.step - len(losses) + 1
+            for offset, value in enumerate(losses):
+                stop_if_non_finite({"loss": value}, first_step + offset, state.losses, "training")
+                state.losses.append(value)
+        at_log_point = log_now or state.step % self.cfg.log_every_steps == 0 or self.finished(state)
+        if self._unlogged_norms and at_log_point:
+            recent = state.losses[-len(self._unlogged_norms):]
+            logs = {"loss": float(np.mean(recent)), "grad_norm": float(np.mean(self._unlogged_norms)),
+                    "lr": self._lr_used}
+            self._unlogged_norms.clear()
+            self.hooks.on_log(state, logs)
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         self.flush(state)

@@ -62,6 +62,8 @@ def test_a_space_no_trial_could_use_fails_validate_before_anything_is_written(sp
     ("freeze", "{freeze.k: {choices: [1, 5]}}", "sweep.space.freeze.k: 5: freeze.k: 5 is more than the 2 "),
     ("adalora", "{adalora.target_r: {low: 2, high: 16}}",
      "sweep.space.adalora.target_r: 16: adalora.target_r: 16 must be below adalora.init_r (12)"),
+    ("adalora", "{adalora.init_r: {low: 9, high: 10}, adalora.target_r: {choices: [11]}}",  # every draw clashes
+     "sweep.space.adalora.target_r: 11: adalora.target_r: 11 must be below adalora.init_r (9)"),
 ])
 def test_a_space_value_the_model_refuses_fails_validate(method, space, problem, tiny_overrides):
     """Checked against the model as the option itself is: otherwise every trial drawing it failed mid-sweep."""
@@ -69,6 +71,14 @@ def test_a_space_value_the_model_refuses_fails_validate(method, space, problem, 
 
     with pytest.raises(TunelabInputError, match=re.escape(problem)):
         api.validate(None, [*tiny_overrides, f"methods={method}", f"sweep.space={space}"])
+
+
+def test_a_space_whose_ranges_clash_only_in_some_draws_passes_validate(tiny_overrides):
+    """init_r 6 with the default target_r 8 clashes, but a trial draws target_r from 4..10 beside it."""
+    from tunelab import api
+
+    api.validate(None, [*tiny_overrides, "methods=adalora",
+                        "sweep.space={adalora.init_r: {low: 6, high: 12}, adalora.target_r: {low: 4, high: 10}}"])
 
 
 def test_a_trial_whose_drawn_values_combine_badly_is_refused_by_the_methods_own_check(tiny_overrides):
@@ -87,7 +97,9 @@ def test_a_trial_whose_drawn_values_combine_badly_is_refused_by_the_methods_own_
 @pytest.mark.parametrize("storage, problem", [
     ("sweep.db", "--storage: 'sweep.db' is not a database URL; e.g. sqlite:///sweep.db"),
     ("bogus://x", "--storage: 'bogus://x': Can't load plugin: sqlalchemy.dialects:bogus"),
-    ("sqlite:////no/such/folder/x.db", "--storage: cannot open 'sqlite:////no/such/folder/x.db': "),
+    ("sqlite:////no/such/folder/x.db",
+     "--storage: cannot open 'sqlite:////no/such/folder/x.db': the folder '/no/such/folder' does not exist"),
+    ("sqlite://", "--storage: 'sqlite://' is an in-memory database, which the trials' own processes do not see"),
 ])
 def test_a_storage_optuna_cannot_open_is_refused_before_anything_is_written(storage, problem, tiny_overrides,
                                                                               tmp_path):
@@ -255,3 +267,30 @@ def test_resuming_fails_only_this_workers_interrupted_trials_and_draws_new_point
     assert states[ours.number] == optuna.trial.TrialState.FAIL and states[theirs.number] == optuna.trial.TrialState.RUNNING
     again = [resumed.ask().suggest_float("x", 0, 1) for _ in range(3)]
     assert not set(again) & set(first)
+
+
+def test_a_relative_sqlite_storage_is_kept_as_the_file_it_named(tmp_path, monkeypatch):
+    """run.json keeps the storage: a relative path resumed from another folder opened a new, empty study there
+    and retrained (and overwrote) the earlier trials."""
+    from tunelab.sweep.study import absolute_storage, sweep_flags
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_storage("sqlite:///runs/s.db") == f"sqlite:///{tmp_path}/runs/s.db"
+    assert absolute_storage("sqlite:////abs/s.db") == "sqlite:////abs/s.db"
+    assert absolute_storage("postgresql://u:p@h/db") == "postgresql://u:p@h/db"
+    assert sweep_flags(tmp_path, False, "sqlite:///s.db", None)[0]["storage"] == f"sqlite:///{tmp_path}/s.db"
+
+
+def test_the_reason_a_trial_was_pruned_without_training_is_kept_with_it(tmp_path):
+    from tunelab.sweep.report import write_sweep
+    from tunelab.sweep.study import UNFIT, study_summary
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
+    trial = study.ask()
+    trial.set_user_attr(UNFIT, "adalora.target_r: 11 must be below adalora.init_r (9)")
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    summary = study_summary(study)
+    assert summary["trials"][0]["not_trained"] == "adalora.target_r: 11 must be below adalora.init_r (9)"
+    write_sweep(tmp_path, {"metrics": {"accuracy": "higher"}, "metric_for_best": "accuracy"}, {"adalora": summary})
+    assert ("Pruned without training, their drawn values refused: trial 0 (adalora.target_r: 11 must be below "
+            "adalora.init_r (9)).") in (tmp_path / "sweep.md").read_text()

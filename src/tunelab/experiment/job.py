@@ -211,9 +211,11 @@ def method_problems(cfg: ExperimentConfig, model_path: str, task: Task, model_co
     except TunelabInputError as exc:
         return exc.problems
     problems = [p for name in cfg.methods for p in check(cfg, name)]
-    for key, value, edge in sweep_edges(cfg):
-        found = check(edge, key.split(".")[0]) + (length_problems(edge, model_config) if model_config else [])
-        problems += [f"sweep.space.{key}: {value!r}: {p}" for p in found if p not in problems]
+    for key, value, draws in sweep_edges(cfg):
+        found = [check(draw, key.split(".")[0]) + (length_problems(draw, model_config) if model_config else [])
+                 for draw in draws]
+        if all(found):  # refused whatever the method's other ranges draw beside it
+            problems += [f"sweep.space.{key}: {value!r}: {p}" for p in found[0] if p not in problems]
     return problems
 
 
@@ -228,15 +230,24 @@ def method_checker(model_path: str, task: Task):
 
 
 def sweep_edges(cfg: ExperimentConfig):
-    """(key, value, config with that value) for each value `sweep.space` gives a selected method's options at
-    its edges. Values the option itself refuses are reported by the config check already."""
+    """(key, value, configs) for each value `sweep.space` gives a selected method's option at its edges: the
+    config with that value beside each combination of the edges of the method's other swept options (a
+    trial draws them together: `adalora.init_r` 6 is fine where `target_r` may be 4). Values the option itself
+    refuses are reported by the config check already."""
+    import itertools
+
     from ..sweep.space import edge_values, with_values
 
-    for key, spec in (cfg.sweep.space or {}).items():
-        if spec is None or str(key).split(".")[0] not in cfg.methods:
-            continue
+    space = {str(key): spec for key, spec in (cfg.sweep.space or {}).items()
+             if spec is not None and str(key).split(".")[0] in cfg.methods}
+    for key, spec in space.items():
+        others = [k for k in space if k != key and k.split(".")[0] == key.split(".")[0]]
         for value in edge_values(spec):
-            try:
-                yield key, value, with_values(cfg, {key: value})
-            except TunelabInputError:
-                continue
+            draws = []
+            for combination in itertools.product(*(edge_values(space[k]) for k in others)):
+                try:
+                    draws.append(with_values(cfg, {key: value, **dict(zip(others, combination))}))
+                except TunelabInputError:
+                    continue
+            if draws:
+                yield key, value, draws

@@ -21,6 +21,9 @@ def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) ->
         if best:
             params = ", ".join(f"`{k}` = {fmt(v)}" for k, v in best["params"].items())
             lines += [f"Best: trial {best['number']}, {best['value']:.4f} with {params}.", ""]
+        unfit = [f"trial {t['number']} ({t['not_trained']})" for t in study["trials"] if t.get("not_trained")]
+        if unfit:
+            lines += ["Pruned without training, their drawn values refused: " + "; ".join(unfit) + ".", ""]
         if study["importances"]:
             lines += ["Parameter importances (optuna): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in study["importances"].items()), ""]

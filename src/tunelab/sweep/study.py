@@ -28,6 +28,9 @@ def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'sweep.db').resolve()}"
 
 
+UNFIT = "not_trained"  # a trial's user attribute: why its drawn values were pruned without training
+
+
 def storage_record(url: str | None) -> str | None:
     """The storage as run.json keeps it: without its password (an output folder is no place for one)."""
     from sqlalchemy.engine import make_url  # optuna's RDB storage is built on it
@@ -55,6 +58,14 @@ def storage_problems(url: str | None) -> list[str]:
         return [f"--storage: {storage_record(url)!r}: {exc}; {example}"]
     except sqlalchemy.exc.ArgumentError:
         return [f"--storage: {url!r} is not a database URL; {example}"]
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":  # checked without connecting, which would create the file
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            return [f"--storage: {url!r} is an in-memory database, which the trials' own processes do not see; "
+                    "give a file, e.g. sqlite:///sweep.db"]
+        folder = Path(database).expanduser().parent
+        return [] if folder.is_dir() else [f"--storage: cannot open {url!r}: the folder {str(folder)!r} does not exist"]
     try:
         engine = sqlalchemy.create_engine(url)
         with engine.connect():
@@ -66,12 +77,28 @@ def storage_problems(url: str | None) -> list[str]:
     return []
 
 
+def absolute_storage(url: str | None) -> str | None:
+    """A SQLite path relative to where the sweep started, made absolute: run.json keeps it, and a --resume
+    from another folder must open the same file, not start a new study beside it."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url) if url else None
+    except Exception:  # noqa: BLE001 - not a URL: storage_problems says so
+        return url
+    if parsed is None or parsed.get_backend_name() != "sqlite" or not parsed.database \
+            or parsed.database == ":memory:" or Path(parsed.database).is_absolute():
+        return url
+    return parsed.set(database=str(Path(parsed.database).expanduser().resolve())).render_as_string(hide_password=False)
+
+
 def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | None) -> tuple[dict, list[str]]:
     """--storage and --study-name: as given, or on --resume as the sweep was started (a new study in another
     storage would start from trial 0 and overwrite the earlier trials' files). A password is not saved, so a
     sweep on a database with one is resumed with --storage given again."""
     from ..experiment.folder import command_problems, saved_flags
 
+    storage = absolute_storage(storage)
     if not resume:
         return {"storage": storage, "study_name": name}, []
     saved, problems = saved_flags(out_dir), command_problems(out_dir, "sweep")
@@ -175,6 +202,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
             records.append({"method": method, "run_id": run.run_id, "status": "pruned", "error": "; ".join(unfit),
                             "trial": trial.number, "hyperparameters": values})
+            trial.set_user_attr(UNFIT, "; ".join(unfit))  # kept with the trial: told apart from the pruner's stops
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
         record = run_in_child(out_dir, run, run_cfg.to_dict(), show_progress, resume=False,
@@ -217,7 +245,8 @@ def study_summary(study) -> dict[str, Any]:
     import optuna
 
     trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-               "intermediate": {str(k): v for k, v in t.intermediate_values.items()}}
+               "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+               **({"not_trained": t.user_attrs[UNFIT]} if UNFIT in t.user_attrs else {})}
               for t in study.get_trials(deepcopy=False)]
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params} \

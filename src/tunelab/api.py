@@ -187,11 +187,6 @@ def count_problems(**counts: tuple[Any, int]) -> list[str]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low)]
 
 
-def raise_problems(problems: list[str]) -> None:
-    if problems:
-        raise TunelabInputError(problems)
-
-
 def run_flag_problems(tune: int, isolate: bool, nproc: int | None) -> list[str]:
     problems = []
     if tune and not isolate:
@@ -245,7 +240,9 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     """
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
-    raise_problems(count_problems(seeds=(seeds, 1), tune=(tune, 0), nproc=(nproc, 1)))
+    bad_numbers = count_problems(seeds=(seeds, 1), tune=(tune, 0), nproc=(nproc, 1))
+    if bad_numbers:
+        raise TunelabInputError(bad_numbers)
     out_dir = Path(output_dir) if output_dir else default_output_dir()
     flags, flag_problems = run_flags(out_dir, resume, seeds, tune)
     seeds, tune = flags["seeds"], flags["tune"]
@@ -314,7 +311,9 @@ def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequen
 
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
-    raise_problems(count_problems(trials=(trials, 1), nproc=(nproc, 1)))
+    bad_numbers = count_problems(trials=(trials, 1), nproc=(nproc, 1))
+    if bad_numbers:
+        raise TunelabInputError(bad_numbers)
     warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .api import process_problems, resolve
+from .api import count_problems, process_problems, resolve
 from .config import ExperimentConfig
 from .errors import TunelabInputError
 
@@ -70,10 +70,7 @@ def budget(problems: list[str], flag: str, value: str | float, parse) -> float |
 
 
 def flag_problems(train_examples: int | None, peak_tflops: float | None) -> list[str]:
-    problems = []
-    if train_examples is not None and (isinstance(train_examples, bool) or not isinstance(train_examples, int)
-                                       or train_examples < 1):
-        problems.append(f"--train-examples: {train_examples!r} is not allowed; must be a whole number above 0")
+    problems = count_problems(**{"train-examples": (train_examples, 1)})
     if peak_tflops is not None and (isinstance(peak_tflops, bool) or not isinstance(peak_tflops, (int, float))
                                     or not math.isfinite(peak_tflops) or peak_tflops <= 0):
         problems.append(f"--peak-tflops: {peak_tflops!r} is not allowed; must be a number above 0")

@@ -238,16 +238,18 @@ def sweep_edges(cfg: ExperimentConfig):
 
     from ..sweep.space import edge_values, with_values
 
+    def valid(values: dict):
+        try:
+            return with_values(cfg, values)
+        except TunelabInputError:
+            return None
+
     space = {str(key): spec for key, spec in (cfg.sweep.space or {}).items()
              if spec is not None and str(key).split(".")[0] in cfg.methods}
     for key, spec in space.items():
         others = [k for k in space if k != key and k.split(".")[0] == key.split(".")[0]]
+        besides = [dict(zip(others, ends)) for ends in itertools.product(*(edge_values(space[k]) for k in others))]
         for value in edge_values(spec):
-            draws = []
-            for combination in itertools.product(*(edge_values(space[k]) for k in others)):
-                try:
-                    draws.append(with_values(cfg, {key: value, **dict(zip(others, combination))}))
-                except TunelabInputError:
-                    continue
+            draws = [draw for beside in besides if (draw := valid({key: value, **beside})) is not None]
             if draws:
                 yield key, value, draws

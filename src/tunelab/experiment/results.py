@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import TunelabInputError
 
 LEADING_COLUMNS = [
@@ -48,16 +50,20 @@ def strict_json(payload: Any) -> str:
     try:
         return json.dumps(payload, indent=2, default=str, allow_nan=False)
     except ValueError:
-        return json.dumps(without_non_finite(payload), indent=2, default=str)
+        return json.dumps(json_safe(payload), indent=2, default=str)
 
 
-def without_non_finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers, and strict readers (jq, most languages) refuse them.
+    numpy values (Parquet's list cells arrive as arrays) as the Python values they hold, not their repr."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, dict):
-        return {k: without_non_finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [without_non_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

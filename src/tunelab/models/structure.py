@@ -1,6 +1,8 @@
 """Reading a model's structure generically: block stack, head size, hidden size, position limit."""
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 
@@ -72,6 +74,17 @@ def modules_run_after(model: nn.Module, stack_name: str) -> set[str]:
     whatever order they were registered in: OPT registers its `final_layer_norm` before its layers. Found by
     one forward of a few tokens (in eval mode: no dropout draws; on meta tensors for a skeleton); where that
     forward does not run, the set is empty and the callers fall back to registration order."""
+    cached = _RUN_AFTER.get(model)
+    if cached is None or cached[0] != stack_name:
+        cached = _RUN_AFTER[model] = (stack_name, _trace_run_after(model, stack_name))
+    return cached[1]
+
+
+# per model: freeze asks at its check, its prepare and its frozen bottom's set-up; one forward answers all
+_RUN_AFTER: "weakref.WeakKeyDictionary[nn.Module, tuple[str, set[str]]]" = weakref.WeakKeyDictionary()
+
+
+def _trace_run_after(model: nn.Module, stack_name: str) -> set[str]:
     import torch
 
     blocks = model.get_submodule(stack_name)

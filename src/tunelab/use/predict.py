@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
-
 from ..errors import TunelabInputError
+from ..experiment.results import json_safe
 from .artifact import Artifact, find_artifact, load_artifact
 
 
@@ -181,17 +179,3 @@ def write_predictions(outputs: list[dict[str, Any]], output_file: str | None) ->
             raise TunelabInputError([f"--output: cannot write {output_file!r} ({exc.strerror})"]) from None
     else:
         print(lines, end="")
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities as null: JSON has no such numbers, and strict readers (jq, most languages) refuse them.
-    numpy values (Parquet's list cells arrive as arrays) as the Python values they hold, not their repr."""
-    if isinstance(value, (np.ndarray, np.generic)):
-        value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

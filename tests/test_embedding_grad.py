@@ -71,12 +71,13 @@ def test_it_stays_out_where_it_does_not_apply(case):
     assert model.bert.embeddings.word_embeddings.weight.grad is None
 
 
-def trained_weights(tiny_overrides, keep: bool, monkeypatch) -> dict[str, torch.Tensor]:
+def trained_weights(tiny_overrides, keep: bool, monkeypatch, micro_batches: int) -> dict[str, torch.Tensor]:
     if not keep:
         monkeypatch.setattr(embedding_grad.KeptEmbeddingGradient, "for_model",
                             classmethod(lambda cls, model, device, processes, enabled=True: cls(None)))
     job = prepare_job(load_config(None, [*tiny_overrides, "methods=full", "train.max_steps=4",
-                                         "train.eval_every_steps=0", "train.gradient_accumulation_steps=2"]))
+                                         "train.eval_every_steps=0",
+                                         f"train.gradient_accumulation_steps={micro_batches}"]))
     setup = setup_method(job, "full")
     loop = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
                         job.train, Validation(lambda model: {"accuracy": 0.5}, "accuracy", True))
@@ -86,9 +87,15 @@ def trained_weights(tiny_overrides, keep: bool, monkeypatch) -> dict[str, torch.
     return {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
 
 
-def test_the_loop_trains_the_same_weights_with_it(tiny_overrides, monkeypatch):
-    """Full fine-tuning with micro-batches (each adds into the buffer): the same weights, bit for bit."""
-    dense = trained_weights(tiny_overrides, False, monkeypatch)
-    kept = trained_weights(tiny_overrides, True, monkeypatch)
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_loop_trains_the_same_weights_with_it(tiny_overrides, monkeypatch, micro_batches):
+    """Whole batches: the same weights, bit for bit. With micro-batches a later one's rows are added into the
+    running sum one by one, where the dense path sums them first: the same up to rounding (2e-10 on an AMD
+    EPYC Zen 4; bit for bit on an AMX Xeon)."""
+    dense = trained_weights(tiny_overrides, False, monkeypatch, micro_batches)
+    kept = trained_weights(tiny_overrides, True, monkeypatch, micro_batches)
     for name, value in dense.items():
-        assert torch.equal(kept[name], value), name
+        if micro_batches == 1:
+            assert torch.equal(kept[name], value), name
+        else:
+            assert torch.allclose(kept[name], value, rtol=1e-6, atol=1e-8), name

@@ -23,6 +23,7 @@ from .distributed import Ranks
 from .embedding_grad import KeptEmbeddingGradient
 from .fast_dropout import cheaper_cpu_dropout
 from .faults import fault_point
+from .head_row import HeadRowOnly
 from .sharding import gradient_sync, is_sharded, whole
 from .weights import load_weights, trainable_state
 
@@ -133,11 +134,16 @@ class TrainingLoop:
         # not under torch.compile: a sparse gradient would split its graph (and it plans memory itself)
         self.embedding_grad = KeptEmbeddingGradient.for_model(self.module, accelerator.device, self.ranks.world,
                                                               enabled=not self.train_forward.compiled)
+        with accelerator.autocast():  # the check runs the model as training will (bf16-stored frozen weights)
+            self.head_row = HeadRowOnly.for_model(self.module,
+                                                  enabled=not self.train_forward.compiled and not self.sharded)
 
     def run(self, state: TrainState | None = None) -> TrainState:
-        # same dropout with cheaper masks, and the embedding gradient only where it is not zero, on a CPU
+        # same dropout with cheaper masks, and the embedding gradient only where it is not zero, on a CPU;
+        # the last block only for the row the head reads, anywhere
         eager = not self.train_forward.compiled
-        with cheaper_cpu_dropout(self.model, self.accelerator.device, eager), self.embedding_grad.active():
+        with cheaper_cpu_dropout(self.model, self.accelerator.device, eager), self.embedding_grad.active(), \
+                self.head_row.active():
             return self._run(state or TrainState())
 
     def _run(self, state: TrainState) -> TrainState:

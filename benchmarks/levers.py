@@ -1,6 +1,6 @@
 """Measure single speed levers of tunelab's training step, A against B, on the packaged model.
 
-    python benchmarks/levers.py [--steps 10] [--rounds 3] [--method full] [--only threads,dropout] [--compile]
+    python benchmarks/levers.py [--steps 10] [--rounds 3] [--method full] [--only threads,dropout,head_row] [--compile]
 
 Each lever is timed as the median step time over the same batches, alternating A and B in rounds so that
 machine drift hits both; it prints one ratio per lever. Model loading and warm-up steps are not timed.
@@ -22,6 +22,7 @@ import tunelab
 from tunelab.experiment.runner import setup_method
 from tunelab.train import fast_dropout
 from tunelab.train.batches import collate, epoch_batches
+from tunelab.train.head_row import HeadRowOnly
 from tunelab.train.setup import build_optimizer
 
 
@@ -169,6 +170,13 @@ def lever_attention(setup, job, args, bucketed, plain):
             setup, job, args)
 
 
+def lever_head_row(setup, job, args, bucketed, plain):
+    head_row = HeadRowOnly.for_model(setup.accelerator.unwrap_model(setup.model))
+    print(f"{'':<34} the last block is cut at: {head_row.cut_name or 'nowhere (not applicable)'}", flush=True)
+    compare("last block on the head's row vs whole", {"cut": Variant(bucketed, setting=head_row.active),
+                                                      "whole": Variant(bucketed)}, setup, job, args)
+
+
 def lever_compile(setup, job, args, bucketed, plain):
     compiled = torch.compile(setup.model, dynamic=True)
     started = time.perf_counter()
@@ -214,7 +222,8 @@ def lever_eval(setup, job, args, bucketed, plain):
 
 
 LEVERS = {"buckets": lever_buckets, "padding": lever_padding, "adamw": lever_adamw, "threads": lever_threads,
-          "dropout": lever_dropout, "masks": lever_masks, "attention": lever_attention, "eval": lever_eval,
+          "dropout": lever_dropout, "masks": lever_masks, "head_row": lever_head_row,
+          "attention": lever_attention, "eval": lever_eval,
           "compile": lever_compile}
 
 
@@ -229,6 +238,7 @@ def main() -> None:
     chosen = args.only.split(",") if args.only else [k for k in LEVERS if k != "compile" or args.compile]
     job = tunelab.validate(None, [f"methods={args.method}", "data.max_train_samples=2000"])
     setup = setup_method(job, args.method)
+    setup.model.train()  # as the loop trains: a loaded model starts in eval mode (no dropout)
     cfg = job.config.train
     bucketed = epoch_batches(job.train.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_size)
     plain = epoch_batches(job.train.lengths, cfg.batch_size, cfg.seed, 0, 1)

@@ -25,8 +25,9 @@ run: setup
 run-causal-lm: setup
 	$(BIN)/tunelab compare task=causal-lm --output runs/causal-lm --overwrite
 
+# --durations: the slowest tests at the end of every run, to keep the suite's time in view
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"

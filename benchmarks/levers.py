@@ -173,8 +173,15 @@ def lever_attention(setup, job, args, bucketed, plain):
 def lever_head_row(setup, job, args, bucketed, plain):
     head_row = HeadRowOnly.for_model(setup.accelerator.unwrap_model(setup.model))
     print(f"{'':<34} the last block is cut at: {head_row.cut_name or 'nowhere (not applicable)'}", flush=True)
-    compare("last block on the head's row vs whole", {"cut": Variant(bucketed, setting=head_row.active),
-                                                      "whole": Variant(bucketed)}, setup, job, args)
+    model, device = setup.model, setup.accelerator.device
+
+    @contextlib.contextmanager
+    def cut():
+        with cheaper_dropout(model, device), head_row.active():
+            yield
+    # both with the loop's CPU dropout, as training runs
+    compare("last block on the head's row vs whole", {"cut": Variant(bucketed, setting=cut),
+             "whole": Variant(bucketed, setting=lambda: cheaper_dropout(model, device))}, setup, job, args)
 
 
 def lever_compile(setup, job, args, bucketed, plain):

@@ -115,8 +115,7 @@ def _trial_forward(model: nn.Module, last: nn.Module) -> dict | None:
         trial["block_calls"] = trial.get("block_calls", 0) + 1
 
     def block_out(_module, _args, _kwargs, output):
-        hidden = output if torch.is_tensor(output) else output[0]
-        leaf = hidden.detach().requires_grad_()
+        leaf = _first_output(output).detach().requires_grad_()
         trial["block_output"] = leaf
         return leaf if torch.is_tensor(output) else (leaf, *output[1:])
     hooks = [module.register_forward_pre_hook(entering) for module in names]

@@ -53,19 +53,20 @@ def storage_problems(url: str | None) -> list[str]:
 
     example = "e.g. sqlite:///sweep.db or postgresql://user:password@host/database"
     try:
-        make_url(url).get_dialect()
+        parsed = make_url(url)
+        parsed.get_dialect()
     except (sqlalchemy.exc.NoSuchModuleError, ImportError) as exc:  # (NoSuchModuleError is an ArgumentError)
         return [f"--storage: {storage_record(url)!r}: {exc}; {example}"]
     except sqlalchemy.exc.ArgumentError:
         return [f"--storage: {url!r} is not a database URL; {example}"]
-    parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":  # checked without connecting, which would create the file
-        database = parsed.database or ""
-        if database in ("", ":memory:"):
+        database = sqlite_file(parsed)
+        if database is None:
             return [f"--storage: {url!r} is an in-memory database, which the trials' own processes do not see; "
                     "give a file, e.g. sqlite:///sweep.db"]
         folder = Path(database).expanduser().parent
-        return [] if folder.is_dir() else [f"--storage: cannot open {url!r}: the folder {str(folder)!r} does not exist"]
+        return [] if folder.is_dir() else [f"--storage: cannot open {url!r}: the folder {str(folder)!r} "
+                                           "does not exist"]
     try:
         engine = sqlalchemy.create_engine(url)
         with engine.connect():
@@ -86,10 +87,15 @@ def absolute_storage(url: str | None) -> str | None:
         parsed = make_url(url) if url else None
     except Exception:  # noqa: BLE001 - not a URL: storage_problems says so
         return url
-    if parsed is None or parsed.get_backend_name() != "sqlite" or not parsed.database \
-            or parsed.database == ":memory:" or Path(parsed.database).is_absolute():
+    database = sqlite_file(parsed) if parsed is not None and parsed.get_backend_name() == "sqlite" else None
+    if database is None or Path(database).is_absolute():
         return url
-    return parsed.set(database=str(Path(parsed.database).expanduser().resolve())).render_as_string(hide_password=False)
+    return parsed.set(database=str(Path(database).expanduser().resolve())).render_as_string(hide_password=False)
+
+
+def sqlite_file(parsed) -> str | None:
+    """The file a SQLite URL names; None for an in-memory database (no path, or ':memory:')."""
+    return parsed.database if parsed.database not in (None, "", ":memory:") else None
 
 
 def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | None) -> tuple[dict, list[str]]:
@@ -200,9 +206,10 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         run = Run(method, cfg.train.seed, f"{method}/trial-{trial.number:03d}")
         unfit = length_problems(run_cfg, model_config) + check(run_cfg, method)
         if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
-            records.append({"method": method, "run_id": run.run_id, "status": "pruned", "error": "; ".join(unfit),
+            reason = "; ".join(unfit)
+            records.append({"method": method, "run_id": run.run_id, "status": "pruned", "error": reason,
                             "trial": trial.number, "hyperparameters": values})
-            trial.set_user_attr(UNFIT, "; ".join(unfit))  # kept with the trial: told apart from the pruner's stops
+            trial.set_user_attr(UNFIT, reason)  # kept with the trial: told apart from the pruner's stops
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
         record = run_in_child(out_dir, run, run_cfg.to_dict(), show_progress, resume=False,

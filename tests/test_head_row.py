@@ -124,6 +124,10 @@ def test_the_loop_trains_on_the_cut_and_evaluates_whole(tiny_overrides, method, 
     loop = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
                         job.train, Validation(evaluate, "accuracy", True))
     assert loop.head_row.cut_name == "attention.output"
+    shortcuts = loop.shortcuts()  # what the result record says
+    assert loop.module.get_submodule(shortcuts["head_row_only_from"]) is loop.head_row.cut_at
+    assert shortcuts["embedding_gradient_rows_only"] == (method == "full")
+    assert shortcuts["dropout_positions"]
     rows_seen = {True: set(), False: set()}
     intermediate = last_block(loop.module).get_submodule("intermediate")
     intermediate.register_forward_pre_hook(lambda m, a: rows_seen[m.training].add(a[0].shape[1]))

@@ -205,7 +205,7 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     if not cfg.train.keep_checkpoints_after_success:
         artifact["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
     result = {**measured, **process_memory(processes),
-              "precision_reason": setup.precision_reason,
+              "precision_reason": setup.precision_reason, "step_shortcuts": trainer.shortcuts(),
               "history": state.history, "losses": state.losses, "best_val": state.best,
               "test": test.metrics if test else None, "examples": examples,
               "test_per_example": test.per_example if test else {}, **artifact}

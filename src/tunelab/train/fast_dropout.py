@@ -178,7 +178,7 @@ def _dropout_keyword(module, query, key, value, attention_mask, dropout: float =
 def cheaper_cpu_dropout(model: nn.Module, device: torch.device, enabled: bool = True):
     """Within the block, `model` trains with the cheaper dropout where it runs on a CPU; restored after.
     Not under torch.compile (`enabled=False`): it cannot trace `random_()`, and draws fused masks of its own."""
-    if device.type != "cpu" or not enabled:
+    if not cheaper_dropout_applies(model, device, enabled):
         yield
         return
     swapped = [m for m in model.modules() if type(m) is nn.Dropout]
@@ -195,6 +195,12 @@ def cheaper_cpu_dropout(model: nn.Module, device: torch.device, enabled: bool = 
             module.__class__ = nn.Dropout
         if transformer is not None:
             transformer.set_attn_implementation("sdpa")
+
+
+def cheaper_dropout_applies(model: nn.Module, device: torch.device, enabled: bool = True) -> bool:
+    """Whether `cheaper_cpu_dropout` changes anything: a CPU, and dropout modules or SDPA attention to swap."""
+    return enabled and device.type == "cpu" and (any(type(m) is nn.Dropout for m in model.modules())
+                                                 or _sdpa_model(model) is not None)
 
 
 def _sdpa_model(model: nn.Module):

@@ -21,7 +21,7 @@ from .batches import collate, epoch_batches, micro_batches
 from .compiled import TrainingForward
 from .distributed import Ranks
 from .embedding_grad import KeptEmbeddingGradient
-from .fast_dropout import cheaper_cpu_dropout
+from .fast_dropout import cheaper_cpu_dropout, cheaper_dropout_applies
 from .faults import fault_point
 from .head_row import HeadRowOnly
 from .sharding import gradient_sync, is_sharded, whole
@@ -145,6 +145,14 @@ class TrainingLoop:
         with cheaper_cpu_dropout(self.model, self.accelerator.device, eager), self.embedding_grad.active(), \
                 self.head_row.active():
             return self._run(state or TrainState())
+
+    def shortcuts(self) -> dict[str, Any]:
+        """Which of run()'s exact shortcuts this model and device take (for the result record)."""
+        cut = self.head_row.cut_at
+        return {"head_row_only_from": next((n for n, m in self.module.named_modules() if m is cut), None),
+                "embedding_gradient_rows_only": self.embedding_grad.embedding is not None,
+                "dropout_positions": cheaper_dropout_applies(self.model, self.accelerator.device,
+                                                             not self.train_forward.compiled)}
 
     def _run(self, state: TrainState) -> TrainState:
         if state.step:  # resumed from the checkpoint of this very step: an epoch end right here must not rewrite it

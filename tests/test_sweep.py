@@ -196,6 +196,26 @@ def test_compare_tune_then_seeds_uses_each_methods_best_trial(tiny_overrides, tm
         assert record["lr"] == studies[record["method"]]["best"]["params"][f"{record['method']}.lr"]
 
 
+def test_compare_tune_says_when_no_trial_finished_and_trains_the_configured_values(tiny_overrides, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Every trial pruned (a pruner, or drawn values refused): the method trains as configured, and says so."""
+    import tunelab.sweep.study as studies
+    from tunelab.api import tune_methods
+    from tunelab.experiment.job import prepare_job
+    from tunelab.report.markdown import read_studies, tuning_lines
+
+    def every_trial_pruned(cfg, job, method, out_dir, trials, storage, name, *args, **kwargs):
+        pruned = studies.open_study(cfg, method, storage, name, True)
+        for _ in range(trials):
+            pruned.tell(pruned.ask(), state=optuna.trial.TrialState.PRUNED)
+    monkeypatch.setattr(studies, "run_study", every_trial_pruned)
+    cfg = load_config(None, [*tiny_overrides, "methods=lora"])
+    assert tune_methods(cfg, prepare_job(cfg), tmp_path, 2, False, False) == {"lora": {}}
+    assert "no tuning trial of lora finished (all pruned or failed" in capsys.readouterr().err
+    assert ("- **lora**: 0 trials completed, 2 pruned; chosen: none, no trial finished: it trained with the "
+            "configured values.") in tuning_lines(read_studies(tmp_path))
+
+
 def test_every_methods_default_space_gives_valid_configs(tiny_overrides):
     from tunelab.methods.base import registry
     from tunelab.sweep.space import with_values

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -354,6 +355,9 @@ def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, sh
                   nproc=nproc)
         studies[method] = study_summary(open_study(cfg, method, storage, "tune", True))
     write_sweep(out_dir, job.summary(), studies)
+    for method in [m for m, s in studies.items() if not s["best"]]:
+        print(f"tunelab: no tuning trial of {method} finished (all pruned or failed, see sweep.md); "
+              "it trains with the configured values", file=sys.stderr)
     return {m: (s["best"] or {}).get("params", {}) for m, s in studies.items()}
 
 

@@ -297,6 +297,7 @@ def tuning_lines(studies: dict[str, dict]) -> list[str]:
         pruned = sum(t["state"] == "PRUNED" for t in study["trials"])
         best = study.get("best")
         chosen = ", ".join(f"`{k}` = {v:.3g}" if isinstance(v, float) else f"`{k}` = {md_text(v)}"
-                           for k, v in (best or {}).get("params", {}).items()) or "none finished"
+                           for k, v in (best or {}).get("params", {}).items()) \
+            or "none, no trial finished: it trained with the configured values"
         lines.append(f"- **{md_text(method)}**: {done} trials completed, {pruned} pruned; chosen: {chosen}.")
     return lines + [""]

@@ -53,6 +53,15 @@ def test_an_override_is_text_where_yaml_would_read_it_as_something_else():
     assert cfg.data.text_column == "quoted text"
 
 
+def test_none_spelled_out_is_no_value_except_where_a_field_takes_text(tmp_path):
+    """A column or split may be called "none"; a number field has no such value, so there it means null."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  label_column: none\n")
+    cfg = load_config(config, ["data.text_column=None", "data.max_train_samples=None", "train.eval_every_steps=none"])
+    assert (cfg.data.label_column, cfg.data.text_column) == ("none", "None")
+    assert cfg.data.max_train_samples is None and cfg.train.eval_every_steps is None
+
+
 def test_a_config_whose_key_is_a_list_or_which_is_a_folder_is_refused(tmp_path):
     (tmp_path / "job.yaml").write_text("[a, b]: 1\n")
     assert problems_of([], str(tmp_path / "job.yaml")) == [

@@ -104,10 +104,9 @@ def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            if type(None) in args:
-                return None
         inner = [a for a in args if a is not type(None)]
+        if type(None) in args and (value is None or _spells_null(value, inner[0])):
+            return None
         return coerce(value, inner[0], path, problems)
     if origin is list:
         return _coerce_list(value, args[0] if args else str, path, problems)
@@ -126,6 +125,14 @@ def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: expected a string, got {value!r}")
         return None
     return plain(value)
+
+
+def _spells_null(value: Any, hint: Any) -> bool:
+    """`null` and `~` (YAML's own) mean no value; so does Python's `None` spelled out, except where the field
+    takes text: there "none" is a value (a column, a split or a revision may well be called that)."""
+    if not isinstance(value, str):
+        return False
+    return value.lower() in ("null", "~") or (value.lower() == "none" and hint is not str)
 
 
 def _coerce_list(value: Any, item: Any, path: str, problems: list[str]) -> list:

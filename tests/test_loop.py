@@ -39,6 +39,17 @@ def test_early_stopping_counts_evaluations_without_improvement(tiny_overrides):
     assert ran_out_at_the_end.step == 6 and not ran_out_at_the_end.stopped_early
 
 
+def test_a_tie_on_the_metric_goes_to_the_lower_validation_loss():
+    accuracy = Validation(lambda model: {}, "accuracy", True)
+    best = {"accuracy": 0.65, "loss": 0.70, "step": 2}
+    assert accuracy.improved({"accuracy": 0.65, "loss": 0.60}, best)
+    assert not accuracy.improved({"accuracy": 0.65, "loss": 0.70}, best)  # a full tie: the earlier state stays
+    assert not accuracy.improved({"accuracy": 0.60, "loss": 0.10}, best)  # the metric decides first
+    assert not accuracy.improved({"accuracy": 0.65}, best)  # no loss reported: no tie-break
+    loss = Validation(lambda model: {}, "loss", False)
+    assert loss.improved({"loss": 0.69}, best) and not loss.improved({"loss": 0.70}, best)
+
+
 def test_auto_precision_says_why_and_never_picks_emulated_bf16(monkeypatch, tiny_overrides):
     import tunelab.train.setup as setup
 

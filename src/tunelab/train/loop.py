@@ -105,6 +105,10 @@ class Validation:
     def improved(self, new: dict[str, float], best: dict[str, Any] | None) -> bool:
         if best is None:
             return True
+        if new[self.metric] == best[self.metric]:
+            # a tie, common for accuracy on a small validation split (e.g. the majority class at several
+            # evaluations): the lower validation loss wins, else the earlier state stays
+            return self.metric != "loss" and new.get("loss", math.inf) < best.get("loss", math.inf)
         return new[self.metric] > best[self.metric] if self.higher_is_better else new[self.metric] < best[self.metric]
 
 

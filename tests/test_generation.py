@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab.tasks._generation as generation
 from tunelab.data import Encoded, pad_rows
+from tunelab.methods.prefix_tuning import accept_prefix_as_cache
 from tunelab.tasks._generation import greedy_ids
 from tunelab.tasks.base import EvalSetup
 
@@ -28,6 +29,8 @@ NEW_TOKENS = 6
 def adapted_model(adapter: str, folder):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder)
+    if adapter == "prefix-tuning":
+        accept_prefix_as_cache(model)  # as the method prepares a model
     if ADAPTERS[adapter] is not None:
         model = get_peft_model(model, ADAPTERS[adapter])
         with torch.no_grad():  # trained-looking virtual tokens: far from where they start, so they matter

@@ -56,13 +56,28 @@ def test_padding_is_masked_behind_the_prefix(build):
                                model(input_ids=padded, attention_mask=mask).logits)
 
 
-def test_a_causal_lm_is_left_alone():
+def test_a_causal_lm_gets_the_prefix_as_its_cache_without_the_deprecated_name():
+    """transformers 5 still reads past_key_values= (peft's keyword) with a FutureWarning at every step, until
+    5.40 removes it; the prefix now arrives as `cache`, and changes the logits as before."""
+    import inspect
+    import warnings
+
+    from peft import PrefixTuningConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=8))
-    accept_prefix_as_cache(model)  # peft's causal-LM path passes past_key_values=, which it still takes
-    assert "forward" not in vars(model)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=8))
+    accept_prefix_as_cache(base)
+    assert {"cache", "past_key_values", "logits_to_keep"} <= set(inspect.signature(base.forward).parameters)
+    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    ids = torch.randint(0, 10, (2, 5))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the deprecation warning would fail here
+        before = model(input_ids=ids).logits
+        model.prompt_encoder["default"].embedding.weight.add_(1.0)
+        after = model(input_ids=ids).logits
+    assert before.shape == (2, 5, 10) and not torch.allclose(before, after)
 
 
 def test_the_prefix_sizes_are_read_from_any_config_naming(tmp_path):
@@ -78,6 +93,7 @@ def test_the_prefix_sizes_are_read_from_any_config_naming(tmp_path):
     method, task = get_method("prefix-tuning"), registry()["causal-lm"]
     options = method.Options(num_virtual_tokens=3)
     config = method.peft_config(model, options, PrepareContext(str(tmp_path), str(tmp_path), task, ()))
+    accept_prefix_as_cache(model)  # as prepare does
     adapted = get_peft_model(model, config)
     ids = torch.randint(0, 50, (2, 5))
     adapted(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()

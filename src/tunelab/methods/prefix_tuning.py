@@ -38,25 +38,38 @@ def reaches_model(model: nn.Module, task_type: str) -> bool:
 
 
 def accept_prefix_as_cache(model: nn.Module) -> None:
-    """Let peft hand the prefix to a transformers-5 classifier (BERT; a decoder classifier such as Llama's).
+    """Let peft hand the prefix to a transformers-5 model as its `cache` (BERT; a decoder classifier such as
+    Llama's; a causal LM).
 
-    peft (0.21) passes the prefix only if the model's forward has a parameter named past_key_values, and
-    transformers 5 renamed it `cache` (the old name still works as a keyword until 5.40). The classifier's
-    forward passes extra keywords on to its backbone, whose attention prepends the cached keys/values; peft
-    extends the attention mask by the prefix. This wrapper only renames the argument, so the model computes
-    exactly what it would with a cache. Tested: the prefix gets gradients, padding leaves logits unchanged.
+    peft (0.21) passes the prefix as a keyword named past_key_values, and its classification path only does so
+    if the model's forward has a parameter of that name; transformers 5 renamed it `cache`. A causal LM's forward
+    still takes the old name, with a FutureWarning at every step, until transformers 5.40 removes it (then the
+    prefix would go unread). A classifier's forward passes extra keywords on to its backbone, whose attention
+    prepends the cached keys/values; peft extends the attention mask by the prefix. This wrapper only renames
+    the argument, so the model computes exactly what it would with a cache. Tested: the prefix gets gradients,
+    padding leaves logits unchanged.
     """
-    params = _forward_params(model)
-    if "past_key_values" in params or ("cache" in params and model.can_generate()):
-        # peft's causal-LM path passes past_key_values=, which those forwards still take as a keyword; its
-        # classification path looks for the parameter by name, on the classifier and then its backbone only
-        return
+    signature = inspect.signature(model.forward)
+    if "past_key_values" in signature.parameters and "cache" not in signature.parameters:
+        return  # a forward of the old naming: peft's argument reaches it as it is
     original = model.forward
 
     def forward(*args, past_key_values=None, **kwargs):
-        return original(*args, cache=past_key_values, **kwargs)
-
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return original(*args, **kwargs)
+    # what peft and transformers (generate) read of it: the model's own parameters, and past_key_values
+    forward.__signature__ = with_keyword(signature, "past_key_values")
     model.forward = forward
+
+
+def with_keyword(signature: inspect.Signature, name: str) -> inspect.Signature:
+    if name in signature.parameters:
+        return signature
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
+    return signature.replace(parameters=params)
 
 
 def kv_width(config) -> int:
@@ -96,7 +109,7 @@ class PrefixTuning(PeftMethod):
                 f"{transformers.__version__}; use p-tuning or prompt-tuning"]
 
     def prepare(self, model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext) -> nn.Module:
-        accept_prefix_as_cache(model)  # a no-op for models that take the cache already (causal LMs)
+        accept_prefix_as_cache(model)
         return super().prepare(model, opts, ctx)
 
     def load(self, directory: Path, base_model: nn.Module) -> nn.Module:

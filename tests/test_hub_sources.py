@@ -170,6 +170,40 @@ def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(mon
     assert "*.safetensors" in patterns and "*.json" in patterns and "*.bin" not in patterns
 
 
+def test_a_cached_snapshot_without_tokenizer_files_is_completed_online_and_named_offline(tmp_path, tiny_bert,
+                                                                                         monkeypatch):
+    """`hf download org/model config.json model.safetensors` caches a model a run cannot tokenize for."""
+    import shutil
+
+    import huggingface_hub
+
+    weights_only = tmp_path / "weights-only"
+    shutil.copytree(tiny_bert, weights_only, ignore=shutil.ignore_patterns("tokenizer*", "vocab*"))
+    fake_hub_cache(tmp_path / "hub", "someone/bert", weights_only)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(TunelabInputError, match="'someone/bert' is in the local Hugging Face cache without its "
+                                                "tokenizer files and hub access is off"):
+        hub.hub_model_path("someone/bert", None)
+    assert hub.hub_model_path("someone/bert", None, config_only=True).endswith("0123456789abcdef01234567")
+    real, fetched = huggingface_hub.snapshot_download, []
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None):
+        if local_files_only:
+            return real(repo_id, revision=revision, local_files_only=True)
+        fetched.append(allow_patterns)
+        return str(tiny_bert)
+
+    class Api:
+        def list_repo_files(self, repo_id, revision=None):
+            return ["config.json", "model.safetensors", "vocab.txt", "tokenizer.json"]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert hub.hub_model_path("someone/bert", None) == str(tiny_bert)  # online: the rest is fetched
+    (patterns,) = fetched
+    assert "*.txt" in patterns and "*.json" in patterns
+
+
 def test_hub_ids_and_paths_are_told_apart():
     assert hub.is_hub_id("bert-base-uncased") and hub.is_hub_id("org/model")
     assert not any(hub.is_hub_id(p) for p in ("./model", "/abs/model", "~/m", "a/b/c"))

@@ -40,8 +40,8 @@ def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False
         return cached
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     if is_offline():
-        # a snapshot an estimate fetched holds the config alone: a run cannot train from it
-        state = "is in the local Hugging Face cache without its weights" if cached else \
+        # a snapshot an estimate fetched holds the config alone, one fetched by hand may lack the tokenizer
+        state = f"is in the local Hugging Face cache without {missing_for_a_run(cached)}" if cached else \
             "is not in the local Hugging Face cache"
         raise TunelabInputError([
             f"model.name_or_path: {where} {state} and hub access is off "
@@ -62,10 +62,19 @@ def cached_snapshot(repo_id: str, revision: str | None) -> str | None:
 
 def holds_what_is_read(folder: str, config_only: bool) -> bool:
     """Whether a cached snapshot has the files the caller reads: the config, and for a run one weight format
-    too (the cache keeps whatever was fetched, an estimate's lone config.json included)."""
+    and the tokenizer too (the cache keeps whatever was fetched, an estimate's lone config.json included)."""
+    return (Path(folder) / "config.json").is_file() and (config_only or not missing_for_a_run(folder))
+
+
+def missing_for_a_run(folder: str) -> str:
+    """What a run needs beyond the config that `folder` lacks, in words ("" when nothing)."""
+    from .loading import TOKENIZER_FILES
+
     path = Path(folder)
-    weights = config_only or any(any(path.glob(p[0])) for p in WEIGHT_FORMATS)
-    return (path / "config.json").is_file() and weights
+    missing = [what for what, present in (
+        ("its weights", any(any(path.glob(p[0])) for p in WEIGHT_FORMATS)),
+        ("its tokenizer files", any((path / f).is_file() for f in TOKENIZER_FILES))) if not present]
+    return " or ".join(missing)
 
 
 def wanted_patterns(repo_id: str, revision: str | None, config_only: bool) -> list[str]:

@@ -134,6 +134,32 @@ def test_attention_with_dropout_is_transformers_attention_where_nothing_is_dropp
     assert model.config._attn_implementation == "sdpa"  # restored: a saved model keeps its own setting
 
 
+def test_the_math_path_is_masked_softmax_attention_in_both_passes(monkeypatch):
+    """float64, a padding + causal mask with fully masked queries (left padding): output and gradients equal
+    softmax(q·kᵀ·scale, masked by filling) · v, where nothing reads the fully masked query (as in a model: no
+    real token attends to padding, and no loss reads it)."""
+    import types
+
+    monkeypatch.setattr(fast_dropout, "dropout", lambda x, p: x)  # the path without any element dropped
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
+    allowed[1, :, :, :2] = False  # the second row's first two tokens are padding: their queries see nothing
+    upstream = torch.randn(2, 6, 4, 8, dtype=torch.float64)
+    upstream[1, :2] = 0
+
+    def reference():
+        scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~allowed, torch.finfo(q.dtype).min)
+        return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
+    module = types.SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    outputs = []
+    for run in (lambda: fast_dropout.attention(module, q, k, v, allowed, dropout_p=0.3, scaling=0.3)[0], reference):
+        out = run()
+        outputs.append((out, *torch.autograd.grad(out, (q, k, v), upstream)))
+    for got, expected in zip(*outputs):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_the_swap_is_undone_and_skips_other_devices():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
     with cheaper_cpu_dropout(model, torch.device("cpu")):

@@ -127,7 +127,7 @@ def test_the_loop_trains_on_the_cut_and_evaluates_whole(tiny_overrides, method, 
     shortcuts = loop.shortcuts()  # what the result record says
     assert loop.module.get_submodule(shortcuts["head_row_only_from"]) is loop.head_row.cut_at
     assert shortcuts["embedding_gradient_rows_only"] == (method == "full")
-    assert shortcuts["dropout_positions"]
+    assert shortcuts["cheaper_cpu_dropout"]
     rows_seen = {True: set(), False: set()}
     intermediate = last_block(loop.module).get_submodule("intermediate")
     intermediate.register_forward_pre_hook(lambda m, a: rows_seen[m.training].add(a[0].shape[1]))

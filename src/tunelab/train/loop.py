@@ -151,11 +151,11 @@ class TrainingLoop:
             return self._run(state or TrainState())
 
     def shortcuts(self) -> dict[str, Any]:
-        """Which of run()'s exact shortcuts this model and device take (for the result record)."""
+        """Which of run()'s shortcuts this model and device take (for the result record)."""
         cut = self.head_row.cut_at
         return {"head_row_only_from": next((n for n, m in self.module.named_modules() if m is cut), None),
                 "embedding_gradient_rows_only": self.embedding_grad.embedding is not None,
-                "dropout_positions": cheaper_dropout_applies(self.model, self.accelerator.device,
+                "cheaper_cpu_dropout": cheaper_dropout_applies(self.model, self.accelerator.device,
                                                              not self.train_forward.compiled)}
 
     def _run(self, state: TrainState) -> TrainState:

@@ -146,3 +146,25 @@ def tiny_causal_overrides(tiny_llama, toy_qa) -> list[str]:
 def task_overrides(request, tiny_overrides, tiny_causal_overrides):
     """Overrides for a tiny job of each registered task (a task without an entry fails the matrix)."""
     return {"classification": tiny_overrides, "causal-lm": tiny_causal_overrides}
+
+
+def fake_hub(monkeypatch, snapshot, fetched: list):
+    """huggingface_hub online without a network: a cached snapshot is looked up as usual, a download is recorded
+    (repository, revision, patterns) and answered with `snapshot`."""
+    import huggingface_hub
+
+    real = huggingface_hub.snapshot_download
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None):
+        if local_files_only:
+            return real(repo_id, revision=revision, local_files_only=True)
+        fetched.append((repo_id, revision, allow_patterns))
+        return str(snapshot)
+
+    class Api:
+        def list_repo_files(self, repo_id, revision=None):
+            return ["config.json", "model.safetensors", "tokenizer.json"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)

@@ -10,6 +10,8 @@ from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.estimate import estimate
 
+from conftest import fake_hub
+
 
 @pytest.fixture(scope="module")
 def roberta_base_config(tmp_path_factory):
@@ -128,28 +130,6 @@ def tiny_llama_config(folder):
     LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64).save_pretrained(folder)
     return folder
-
-
-def fake_hub(monkeypatch, snapshot, fetched: list):
-    """huggingface_hub online without a network: a cached snapshot is looked up as usual, a download is recorded
-    (repository, revision, patterns) and answered with `snapshot`."""
-    import huggingface_hub
-
-    real = huggingface_hub.snapshot_download
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-    def snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None):
-        if local_files_only:
-            return real(repo_id, revision=revision, local_files_only=True)
-        fetched.append((repo_id, revision, allow_patterns))
-        return str(snapshot)
-
-    class Api:
-        def list_repo_files(self, repo_id, revision=None):
-            return ["config.json", "model.safetensors", "tokenizer.json"]
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
 
 
 def test_a_hub_model_is_fetched_as_its_config_json_alone(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from tunelab.cli import main
 from tunelab.errors import TunelabInputError
 from tunelab.models import hub
 
-from conftest import toy_rows
+from conftest import fake_hub, toy_rows
 
 
 @pytest.fixture
@@ -185,22 +185,10 @@ def test_a_cached_snapshot_without_tokenizer_files_is_completed_online_and_named
                                                 "tokenizer files and hub access is off"):
         hub.hub_model_path("someone/bert", None)
     assert hub.hub_model_path("someone/bert", None, config_only=True).endswith("0123456789abcdef01234567")
-    real, fetched = huggingface_hub.snapshot_download, []
-
-    def snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None):
-        if local_files_only:
-            return real(repo_id, revision=revision, local_files_only=True)
-        fetched.append(allow_patterns)
-        return str(tiny_bert)
-
-    class Api:
-        def list_repo_files(self, repo_id, revision=None):
-            return ["config.json", "model.safetensors", "vocab.txt", "tokenizer.json"]
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    fetched = []
+    fake_hub(monkeypatch, tiny_bert, fetched)
     assert hub.hub_model_path("someone/bert", None) == str(tiny_bert)  # online: the rest is fetched
-    (patterns,) = fetched
+    (_, _, patterns), = fetched
     assert "*.txt" in patterns and "*.json" in patterns
 
 

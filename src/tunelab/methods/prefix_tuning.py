@@ -50,8 +50,8 @@ def accept_prefix_as_cache(model: nn.Module) -> None:
     padding leaves logits unchanged.
     """
     signature = inspect.signature(model.forward)
-    if "past_key_values" in signature.parameters and "cache" not in signature.parameters:
-        return  # a forward of the old naming: peft's argument reaches it as it is
+    if "past_key_values" in signature.parameters:
+        return  # renamed already, or a forward of the old naming: peft's argument reaches it as it is
     original = model.forward
 
     def forward(*args, past_key_values=None, **kwargs):
@@ -64,8 +64,6 @@ def accept_prefix_as_cache(model: nn.Module) -> None:
 
 
 def with_keyword(signature: inspect.Signature, name: str) -> inspect.Signature:
-    if name in signature.parameters:
-        return signature
     params = list(signature.parameters.values())
     at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
     params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))

@@ -153,7 +153,8 @@ class TrainingLoop:
     def shortcuts(self) -> dict[str, Any]:
         """Which of run()'s shortcuts this model and device take (for the result record)."""
         cut = self.head_row.cut_at
-        return {"head_row_only_from": next((n for n, m in self.module.named_modules() if m is cut), None),
+        named = None if cut is None else next(n for n, m in self.module.named_modules() if m is cut)
+        return {"head_row_only_from": named,
                 "embedding_gradient_rows_only": self.embedding_grad.embedding is not None,
                 "cheaper_cpu_dropout": cheaper_dropout_applies(self.model, self.accelerator.device,
                                                              not self.train_forward.compiled)}

@@ -57,15 +57,25 @@ def test_a_reply_left_unread_by_an_interrupted_start_is_not_taken_for_the_next(s
     assert server.start("forked_probe", ["7"], dict(os.environ)).wait(timeout=120) == 7
 
 
-def test_a_run_started_while_ctrl_c_is_ignored_ignores_it_too(server, capfd):
-    # set both ways here: a test run started in the background (`cmd &`) begins with Ctrl-C ignored
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as run_in_child does while a run trains
+@pytest.mark.parametrize("start", ["fork server", "fresh interpreter"])
+def test_a_run_ignores_ctrl_c_when_asked_and_otherwise_as_this_process_does(start, server, capfd, monkeypatch):
+    """run_in_child asks for it (its run ignores Ctrl-C until the loop takes it over); other starts follow this
+    process: a test run started in the background (`cmd &`) begins with Ctrl-C ignored, as a fresh interpreter
+    would inherit."""
+    def ignores_ctrl_c(**asked):
+        process = forkserver.start_process("forked_probe", [], dict(os.environ), **asked)
+        assert process.wait(timeout=120) == 0
+        return json.loads(capfd.readouterr().out.strip().splitlines()[-1])["ignores_ctrl_c"]
+    if start == "fork server":
+        monkeypatch.setattr(forkserver, "_shared", server)
+    else:  # set between fork and exec there (this process need not ignore Ctrl-C meanwhile)
+        monkeypatch.setattr(forkserver, "shared_server", lambda env=None: None)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        _, out, _ = probe(server, capfd, [])
-        assert json.loads(out.strip().splitlines()[-1])["ignores_ctrl_c"]
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        _, out, _ = probe(server, capfd, [])
-        assert not json.loads(out.strip().splitlines()[-1])["ignores_ctrl_c"]
+        assert ignores_ctrl_c(ignore_sigint=True) and not ignores_ctrl_c()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert ignores_ctrl_c() and not ignores_ctrl_c(ignore_sigint=False)
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -93,3 +93,109 @@ def test_a_signal_to_the_parent_alone_checkpoints_the_run_and_stops(signum, tiny
     stopped_at = int(lora["error"].split("stopped at step ")[1].split(";")[0])
     assert 20 <= stopped_at < 5000 and (checkpoints / f"step-{stopped_at:06d}").is_dir()  # the stop's own checkpoint
     assert "--resume" in err
+
+
+@pytest.mark.parametrize("fork_server", ["1", "0"])
+def test_a_killed_experiment_leaves_no_run_training(fork_server, tiny_overrides, tmp_path):
+    """`kill -9` of tunelab's own process: its run (forked from the server, or a fresh interpreter) dies too,
+    instead of training on beside a --resume that would write the same checkpoints."""
+    args = [*tiny_overrides, "methods=lora", "train.max_steps=5000", "train.eval_every_steps=0",
+            "train.checkpoint_every_steps=20"]
+    process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "compare", *args, "--output", str(tmp_path),
+                                "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, "TUNELAB_FORK_SERVER": fork_server})
+    checkpoints = tmp_path / "checkpoints" / "lora"
+    deadline = time.time() + 300
+    while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and group_alive(process.pid):
+        time.sleep(0.1)
+    alive = group_alive(process.pid)
+    if alive:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert not alive, "a process of the killed experiment was still running 20 s later"
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_stop_that_comes_while_a_run_starts_stops_the_experiment(tiny_overrides, tmp_path, monkeypatch):
+    """Ctrl-C in the moment a run's process is being started (the run ignores Ctrl-C until its loop can
+    checkpoint) was lost: the experiment trained on and exited 0."""
+    import tunelab
+    from tunelab.errors import CompareInterrupted
+    from tunelab.experiment import isolation
+
+    start = isolation.start_rank
+
+    def ctrl_c_while_starting(args, env):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs now, before the process exists
+        return start(args, env)
+    monkeypatch.setattr(isolation, "start_rank", ctrl_c_while_starting)
+    with pytest.raises(CompareInterrupted, match="interrupted during lora"):
+        tunelab.compare(None, [*tiny_overrides, "methods=lora,full", "train.max_steps=2"], output_dir=tmp_path,
+                        show_progress=False)
+    lora = records(tmp_path)["lora"]
+    assert lora["status"] == "interrupted" and "stopped by SIGINT while starting" in lora["error"]
+    assert "full" not in records(tmp_path)
+
+
+def test_a_stop_that_comes_as_a_run_finishes_keeps_the_run_and_stops_after_it(tiny_overrides, tmp_path,
+                                                                               monkeypatch):
+    """SIGTERM while the run writes its record: the run counts, and the experiment stops there (it went on
+    to the next method and exited 0)."""
+    import tunelab
+    from tunelab.errors import CompareInterrupted
+    from tunelab.experiment import isolation
+
+    run_processes = isolation.run_processes
+
+    def stopped_as_it_ends(args, nproc, stop):
+        result = run_processes(args, nproc, stop)
+        stop.signum = signal.SIGTERM
+        return result
+    monkeypatch.setattr(isolation, "run_processes", stopped_as_it_ends)
+    with pytest.raises(CompareInterrupted, match="interrupted after lora"):
+        tunelab.compare(None, [*tiny_overrides, "methods=lora,full", "train.max_steps=2"], output_dir=tmp_path,
+                        show_progress=False)
+    assert list(records(tmp_path)) == ["lora"] and records(tmp_path)["lora"]["status"] == "success"
+    monkeypatch.setattr(isolation, "run_processes", run_processes)
+    tunelab.compare(output_dir=tmp_path, resume=True, show_progress=False)
+    assert [r["status"] for r in records(tmp_path).values()] == ["success", "success"]
+
+
+def test_resume_takes_a_finished_record_the_killed_experiment_had_not_added_to_its_results(tmp_path):
+    """The run wrote records/<run>.json, then tunelab's own process was killed before results.json had it:
+    --resume must not train that run again."""
+    from tunelab.experiment.folder import finished_records
+
+    (tmp_path / "records").mkdir()
+    for run_id, status in (("full", "success"), ("lora", "interrupted"), ("ia3", "diverged")):
+        (tmp_path / "records" / f"{run_id}.json").write_text(json.dumps({"method": run_id, "run_id": run_id,
+                                                                             "status": status}))
+    (tmp_path / "records" / "half.json").write_text('{"run_id": "half", "sta')
+    (tmp_path / "results.json").write_text(json.dumps({"methods": [{"method": "bitfit", "run_id": "bitfit",
+                                                                       "status": "success"}]}))
+    assert sorted(finished_records(tmp_path)) == ["bitfit", "full", "ia3"]
+
+
+def test_sigterm_outside_a_run_stops_the_command_as_ctrl_c_does(monkeypatch, capsys):
+    """Between runs (preparing data, writing the report) SIGTERM killed tunelab with Python's default: exit
+    -15 and no word; now it stops as Ctrl-C does (exit 130, "interrupted")."""
+    from tunelab import cli
+
+    def terminated_while_preparing(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+    monkeypatch.setattr(cli, "dispatch", terminated_while_preparing)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["validate"]) == 130 and "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

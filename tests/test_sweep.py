@@ -120,24 +120,33 @@ def test_a_decimal_option_draws_decimals_even_between_whole_bounds(tiny_override
     assert all(isinstance(d["lora.r"], int) and 2 <= d["lora.r"] <= 64 for d in drawn)
 
 
-def test_a_killed_sweep_resumes_without_repeating_finished_trials(tiny_overrides, tmp_path):
+def trial_results(out):
+    return [(t["number"], t["state"], t["value"], t["params"], t["intermediate"]) for t in study(out)["trials"]]
+
+
+def test_a_killed_sweep_resumes_to_the_trials_of_one_that_never_stopped(tiny_overrides, tmp_path):
+    """The trial killed mid-training is finished from its checkpoint (not failed and replaced), and the
+    trials after it draw the points an uninterrupted sweep draws: the same trials, values and reports."""
     import signal
     import time
 
-    worker = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", *tiny_overrides, *SMALL, "--output",
-                               str(tmp_path), "--no-progress", "--trials", "3"], start_new_session=True,
+    args = [*tiny_overrides, *SMALL, "train.checkpoint_every_steps=1"]
+    reference = sweep(args, tmp_path / "ref", "--trials", "3")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "killed"
+    worker = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", *args, "--output", str(out),
+                               "--no-progress", "--trials", "3"], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while time.time() < deadline and len(list((tmp_path / "runs").glob("*.json"))) < 2:  # trial 1 started
-        time.sleep(0.5)
+    trial_1 = out / "checkpoints" / "lora" / "trial-001"
+    while time.time() < deadline and not list(trial_1.glob("step-*")):  # trial 1 has checkpointed
+        time.sleep(0.1)
     os.killpg(worker.pid, signal.SIGKILL)  # the sweep and its trial's process, mid-trial
     worker.wait()
-    resumed = sweep([], tmp_path, "--trials", "3", "--resume")
+    resumed = sweep([], out, "--trials", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    trials = study(tmp_path)["trials"]
-    done = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
-    assert len(done) == 3 and [t["state"] for t in trials].count("FAIL") == 1  # the killed one, replaced
-    assert trials[0]["state"] in ("COMPLETE", "PRUNED")  # finished before the kill, kept
+    assert "FAIL" not in [t["state"] for t in study(out)["trials"]]
+    assert trial_results(out) == trial_results(tmp_path / "ref")
 
 
 def test_a_method_whose_trials_all_fail_stops(tiny_overrides, tmp_path):
@@ -236,11 +245,11 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tiny_overrides, tmp
     stopped = sweep([*tiny_overrides, *SMALL], out, "--trials", "3", "--study-name", "mine", "--storage", storage,
                     fault="interrupt@step=2")
     assert stopped.returncode == 130 and "--resume" in stopped.stderr, stopped.stderr[-2000:]
-    assert [t["state"] for t in study(out)["trials"]] == ["FAIL"]  # the first trial stopped; no other began
+    assert [t["state"] for t in study(out)["trials"]] == ["RUNNING"]  # the first trial stopped; no other began
     resumed = sweep([], out, "--trials", "3", "--resume")  # the study it was started with, not a new one
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert study(out)["study"] == "mine-lora" and not (out / "sweep.db").exists()
-    assert sum(t["state"] in ("COMPLETE", "PRUNED") for t in study(out)["trials"]) == 3
+    assert [t["state"] in ("COMPLETE", "PRUNED") for t in study(out)["trials"]] == [True] * 3  # trial 0 finished
     with pytest.raises(tunelab.TunelabInputError, match="holds a `tunelab sweep` experiment, not a compare"):
         tunelab.compare(output_dir=out, resume=True, isolate=False, show_progress=False)
     renamed = sweep([], out, "--trials", "4", "--resume", "--study-name", "other")
@@ -262,31 +271,31 @@ def test_a_resumed_sweep_needs_the_storage_password_it_did_not_save(tmp_path):
     assert "was started with postgresql://tuner:***@db:5432/optuna" in problems[0]
 
 
-def test_resuming_fails_only_this_workers_interrupted_trials_and_draws_new_points(tiny_overrides, tmp_path):
-    """Another worker's running trial on the same storage is left to it; a resumed seeded sampler does not
-    draw the points of the first trials again."""
-    import optuna
-
+def test_a_resumed_worker_finishes_only_its_own_interrupted_trials(tiny_overrides, tmp_path):
+    """Another worker's running trial on the same storage is left to it."""
     from tunelab.config import load_config
-    from tunelab.sweep.study import fail_interrupted, open_study, worker_name
+    from tunelab.sweep.study import interrupted_trials, open_study, worker_name
 
     cfg = load_config(None, [*tiny_overrides, "methods=lora"])
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     study = open_study(cfg, "lora", storage, None, seeded=True)
-    first = []
-    for _ in range(3):
-        trial = study.ask()
-        first.append(trial.suggest_float("x", 0, 1))
-        study.tell(trial, first[-1])
-    ours, theirs = study.ask(), study.ask()
-    ours.set_user_attr("worker", worker_name(tmp_path / "a"))
-    theirs.set_user_attr("worker", worker_name(tmp_path / "b"))
+    study.tell(study.ask(), 0.5)
+    ours, theirs, ours_too = study.ask(), study.ask(), study.ask()
+    for trial, folder in ((ours, "a"), (theirs, "b"), (ours_too, "a")):
+        trial.set_user_attr("worker", worker_name(tmp_path / folder))
     resumed = open_study(cfg, "lora", storage, None, seeded=True)
-    assert fail_interrupted(resumed, worker_name(tmp_path / "a")) == 1
-    states = {t.number: t.state for t in resumed.get_trials(deepcopy=False)}
-    assert states[ours.number] == optuna.trial.TrialState.FAIL and states[theirs.number] == optuna.trial.TrialState.RUNNING
-    again = [resumed.ask().suggest_float("x", 0, 1) for _ in range(3)]
-    assert not set(again) & set(first)
+    assert [t.number for t in interrupted_trials(resumed, worker_name(tmp_path / "a"))] == [1, 3]
+
+
+def test_a_seeded_sweeps_draws_depend_on_the_trials_index_and_seed_only():
+    """What lets a resumed sweep draw the points of an uninterrupted one: the sampler of the n-th trial is
+    seeded by (seed, n), not drawn on from one generator that a new process would start afresh."""
+    from tunelab.sweep.study import seeded_sampler
+
+    def draw(seed, index):
+        return optuna.create_study(sampler=seeded_sampler(seed, index)).ask().suggest_float("x", 0, 1)
+    assert draw(7, 2) == draw(7, 2)
+    assert len({draw(7, index) for index in range(3)}) == 3 and draw(7, 0) != draw(8, 0)
 
 
 def test_a_relative_sqlite_storage_is_kept_as_the_file_it_named(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from .config import ExperimentConfig, config_and_problems, from_dict, with_overr
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import (RUN_FILE, ExperimentLock, command_problems, finished_records, resumed_flags,
                                 saved_config, write_run_file)
+from .experiment.isolation import StopRequest
 from .experiment.job import Job, prepare_job
 from .train.distributed import launched_world_size, launcher_problems, leave_process_group
 
@@ -273,15 +274,19 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
         start_folder(out_dir, cfg, resume, flags)
         done = finished_records(out_dir) if resume else {}
         summary = {**job.summary(), "baseline": job.baseline()}
-        execute = run_isolated(job, out_dir, nproc or 1) if isolate else run_here(job, out_dir)
+        stop = StopRequest()
+        execute = run_isolated(job, out_dir, nproc or 1, stop) if isolate else run_here(job, out_dir)
         tuned = tune_methods(cfg, job, out_dir, tune, show_progress, resume, nproc or 1) if tune else {}
         records: list[dict[str, Any]] = []
         for run in plan_runs(job.config, seeds):
-            records.append(done.get(run.run_id) or execute(run, show_progress, resume, tuned.get(run.method, {})))
+            values = tuned.get(run.method, {})
+            record = done.get(run.run_id) or execute(run, show_progress, resume, values)
+            records.append({**record, "hyperparameters": values} if values else record)
             payload = write_results(out_dir, records, summary)  # after each run: a crash keeps the rest
-            if records[-1]["status"] == "interrupted":
+            if records[-1]["status"] == "interrupted" or stop.signum:
                 write_report(out_dir, payload)
-                raise CompareInterrupted(f"interrupted during {run.run_id}; partial results in {out_dir}; "
+                when = "during" if records[-1]["status"] == "interrupted" else "after"
+                raise CompareInterrupted(f"interrupted {when} {run.run_id}; partial results in {out_dir}; "
                                          f"continue with: tunelab compare --resume --output {out_dir}")
         from .estimate.store import append_summary
 
@@ -361,7 +366,7 @@ def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, sh
     return {m: (s["best"] or {}).get("params", {}) for m, s in studies.items()}
 
 
-def run_isolated(job: Job, out_dir: Path, nproc: int = 1):
+def run_isolated(job: Job, out_dir: Path, nproc: int = 1, stop: StopRequest | None = None):
     from .experiment.forkserver import warm_up
     from .experiment.isolation import run_in_child, share_job
     from .sweep.space import with_values
@@ -370,9 +375,8 @@ def run_isolated(job: Job, out_dir: Path, nproc: int = 1):
     share_job(out_dir, job)
 
     def execute(run, show_progress, resume, values):
-        record = run_in_child(out_dir, run, with_values(run.config(job.config), values).to_dict(), show_progress,
-                              resume, nproc=nproc)
-        return {**record, "hyperparameters": values} if values else record
+        return run_in_child(out_dir, run, with_values(run.config(job.config), values).to_dict(), show_progress,
+                            resume, nproc=nproc, stop=stop)
     return execute
 
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import CompareInterrupted, TunelabInputError
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         # before transformers/datasets are imported: they read these once, at import
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:
-        return dispatch(args)
+        with sigterm_as_ctrl_c():
+            return dispatch(args)
     except TunelabInputError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -147,6 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     except CompareInterrupted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (`kill`, a scheduler) stops a command as Ctrl-C does (exit 130, results so far kept), not with
+    Python's default death by the signal; while a run trains, its own handling takes over (a checkpoint first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -113,11 +113,26 @@ def saved_config(folder: Path) -> tuple[ExperimentConfig, str]:
 
 
 def finished_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """The runs --resume does not train again, by run id: those in results.json, and those whose process wrote
+    its record (records/) before the experiment's own process was killed and could add it there."""
+    found = {}
+    for path in sorted((folder / "records").glob("*.json")):
+        record = read_record(path)
+        if record is not None:
+            found[record.get("run_id", record.get("method"))] = record
     path = folder / "results.json"
-    if not path.is_file():
-        return {}
-    records = json.loads(path.read_text()).get("methods", [])
-    return {r.get("run_id", r["method"]): r for r in records if r.get("status") in FINISHED}
+    records = json.loads(path.read_text()).get("methods", []) if path.is_file() else []
+    found.update({r.get("run_id", r["method"]): r for r in records if r.get("status") in FINISHED})
+    return found
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A run's finished record, or None (unfinished, or unreadable: written atomically, so not half a file)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("status") in FINISHED else None
 
 
 def write_json(path: Path, payload: dict) -> None:

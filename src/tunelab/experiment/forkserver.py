@@ -17,6 +17,7 @@ than Linux unless `TUNELAB_FORK_SERVER=1` (see `wanted`).
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib
 import json
 import os
@@ -104,21 +105,30 @@ def model_modules(model_path: str) -> list[str]:
     return [f"transformers.models.{name}.modeling_{name}"]
 
 
-def start_process(module: str, args: list[str], env: dict[str, str], streams: tuple[int, int, int] = (0, 1, 2)):
+def start_process(module: str, args: list[str], env: dict[str, str], streams: tuple[int, int, int] = (0, 1, 2),
+                  ignore_sigint: bool | None = None):
     """`module`.main(args) in a new process (a Popen, or what behaves as one): forked from the shared server,
-    else a fresh interpreter running `python -m module args`."""
+    else a fresh interpreter running `python -m module args`. It ignores SIGINT where `ignore_sigint` says so
+    (None: where this process ignores it now, as a fresh interpreter would inherit)."""
+    ignored_here = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    ignore_sigint = ignored_here if ignore_sigint is None else ignore_sigint
     for attempt in range(2):
         server = shared_server(env)
         if server is None:
             break
         try:
-            return server.start(module, args, env, streams)
+            return server.start(module, args, env, streams, ignore_sigint)
         except ServerLeft:
             if attempt:
                 raise
     stdin, stdout, stderr = streams
+    # An ignored signal stays ignored across exec, a handled one does not: where the run must differ from this
+    # process, its disposition is set in the child between fork and exec (so this process need not ignore
+    # Ctrl-C meanwhile, and lose one that comes then).
+    disposition = signal.SIG_IGN if ignore_sigint else signal.SIG_DFL
     return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdin=stdin, stdout=stdout,
-                            stderr=stderr)
+                            stderr=stderr, preexec_fn=None if ignore_sigint == ignored_here
+                            else functools.partial(signal.signal, signal.SIGINT, disposition))
 
 
 def run_captured(module: str, args: list[str], timeout: float,
@@ -173,12 +183,10 @@ class ForkServer:
             self._send({"import": modules}, [])
 
     def start(self, module: str, args: list[str], env: dict[str, str],
-              streams: tuple[int, int, int] = (0, 1, 2)) -> "ForkedProcess":
+              streams: tuple[int, int, int] = (0, 1, 2), ignore_sigint: bool = False) -> "ForkedProcess":
         """`module`.main(args) in a forked process with `env`, this folder and `streams` as stdin/out/err."""
         flush_standard_streams()  # what the parent printed comes before what the run prints
         self.requests += 1  # echoed in the reply: one left unread by an interrupted start is not taken for this
-        # a run started while Ctrl-C is ignored here ignores it too, as a fresh interpreter would inherit
-        ignore_sigint = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         self._send({"id": self.requests, "module": module, "args": args, "env": env, "cwd": os.getcwd(),
                     "path": sys.path, "ignore_sigint": ignore_sigint}, list(streams))
         while True:
@@ -286,6 +294,7 @@ def serve(sock: socket.socket) -> None:
     # Ctrl-C reaches the whole process group: the runs checkpoint on it, and the server must outlive them
     # to report how they ended.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
     import_quietly(PRELOAD)
     import torch
 
@@ -296,6 +305,9 @@ def serve(sock: socket.socket) -> None:
     while accepting or running:
         if accepting and not running and time.monotonic() - last_busy > idle_exit_s:
             break
+        if running and os.getppid() != parent:  # the parent was killed: nobody waits for these runs any more
+            accepting = False
+            stop_orphans(running)
         if select.select([sock] if accepting else [], [], [], 0.05)[0]:
             data, fds, _, _ = socket.recv_fds(sock, MESSAGE_BYTES, 3)
             accepting, last_busy = bool(data), time.monotonic()
@@ -319,6 +331,16 @@ def serve(sock: socket.socket) -> None:
                 last_busy = time.monotonic()
                 tell(sock, {"pid": pid, "exit": os.waitstatus_to_exitcode(status)})
     sock.close()
+
+
+def stop_orphans(running: set[int]) -> None:
+    """SIGKILL, not a stop after the step: a --resume may already be starting in the same folder, and two
+    processes writing one run's checkpoints would spoil them. The run resumes from its last checkpoint."""
+    for pid in running:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def import_quietly(modules: list[str]) -> None:

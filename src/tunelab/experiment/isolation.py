@@ -8,7 +8,8 @@ the interpreter's start and end; where that server is not used (see `forkserver.
 With `nproc` > 1 a run is N processes in one DDP group, started with the environment torchrun gives its
 workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...); the main one writes the record. They stay in this process
 group, so a Ctrl-C reaches each of them once and they checkpoint together. A SIGINT or SIGTERM sent to this
-process alone is passed on to them (`stops_forwarded`)."""
+process alone is passed on to them (`stops_forwarded`). A run dies with this process: killed (SIGKILL) it
+leaves no run training on that nobody waits for (`forkserver.serve`, `worker.die_with_parent`)."""
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,10 @@ def file_name(run: Run) -> str:
 
 
 def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, resume: bool,
-                 trial: dict | None = None, nproc: int = 1) -> dict[str, Any]:
-    """Train `run` in a fresh process; `trial` ({storage, study, trial_id, metric}) makes it report to optuna."""
+                 trial: dict | None = None, nproc: int = 1, stop: "StopRequest | None" = None) -> dict[str, Any]:
+    """Train `run` in a fresh process; `trial` ({storage, study, trial_id, metric}) makes it report to optuna.
+    A stop asked for while it ran (Ctrl-C, SIGTERM) is left in `stop`, also when the run had already finished:
+    the caller records the run, then stops."""
     spec = {"method": run.method, "seed": run.seed, "run_id": run.run_id, "config": config, "resume": resume,
             "show_progress": show_progress, "spawned_at": time.time(), "trial": trial}
     spec_path = out_dir / SPECS / file_name(run)
@@ -62,19 +65,8 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
     record_path.unlink(missing_ok=True)
-    # Ctrl-C from the terminal reaches the child too (same process group): it checkpoints and writes an
-    # "interrupted" record; the parent waits for that instead of dying first. It starts the run ignoring Ctrl-C,
-    # as the run does until its loop takes it over.
-    # (Signal handlers belong to the main thread: called from another, e.g. a web app's worker, the parent
-    # leaves them alone, as stops_forwarded does.)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-    stop = StopRequest()
-    try:
-        code, failed_rank = run_processes([str(out_dir), str(spec_path)], nproc, stop)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+    stop = stop or StopRequest()
+    code, failed_rank = run_processes([str(out_dir), str(spec_path)], nproc, stop)
     cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     process = f"rank {failed_rank} of {nproc}" if failed_rank is not None else "process"
     if record_path.is_file():
@@ -99,9 +91,11 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stops_forwarded(procs: list, stop: StopRequest | None):
-    """While `procs` train: SIGINT or SIGTERM sent to this process alone (`kill`, a scheduler preempting the
-    job) goes on to them as SIGTERM, which a run takes as "checkpoint and stop after this step" however often
-    it comes, so a terminal's Ctrl-C, which reaches the runs directly as well, is not counted twice."""
+    """While `procs` start and train: SIGINT or SIGTERM sent to this process (a terminal's Ctrl-C, which reaches
+    the runs directly as well, `kill`, a scheduler preempting the job) is kept in `stop` and goes on to them as
+    SIGTERM, which a run takes as "checkpoint and stop after this step" however often it comes. A run starts
+    ignoring Ctrl-C until its loop takes it over, so a stop that comes while it loads reaches it this way only;
+    one that came before a process was started is passed on to it at once (`pass_on`)."""
     if stop is None or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -120,24 +114,36 @@ def stops_forwarded(procs: list, stop: StopRequest | None):
             signal.signal(signum, handler)
 
 
+def pass_on(stop: StopRequest | None, procs: list) -> None:
+    if stop is not None and stop.signum:
+        for p in procs:
+            p.terminate()
+
+
+def start_rank(args: list[str], env: dict[str, str]):
+    # Ctrl-C from the terminal reaches a run directly; until its loop can checkpoint on it, the run ignores it
+    return forkserver.start_process(WORKER, args, env, ignore_sigint=True)
+
+
 def run_processes(args: list[str], nproc: int, stop: StopRequest | None = None) -> tuple[int, int | None]:
     """Run the worker as `nproc` ranks of one process group; the exit code of the first to fail (else 0), and
     that rank (None for one process).
 
     A rank that fails leaves the others waiting in a collective, so the rest are stopped then."""
-    if nproc == 1:
-        process = forkserver.start_process(WORKER, args, dict(os.environ))
-        with stops_forwarded([process], stop):
-            return process.wait(), None
-    port = free_port()
-    procs = []
-    try:
-        for rank in range(nproc):
-            procs.append(forkserver.start_process(WORKER, args, rank_environment(rank, nproc, port)))
-    except BaseException:  # the ranks started would wait for the missing one forever
-        stop_all(procs)
-        raise
+    procs: list = []
     with stops_forwarded(procs, stop):
+        if nproc == 1:
+            procs.append(start_rank(args, dict(os.environ)))
+            pass_on(stop, procs)
+            return procs[0].wait(), None
+        port = free_port()
+        try:
+            for rank in range(nproc):
+                procs.append(start_rank(args, rank_environment(rank, nproc, port)))
+        except BaseException:  # the ranks started would wait for the missing one forever
+            stop_all(procs)
+            raise
+        pass_on(stop, procs)
         return wait_for_ranks(procs)
 
 

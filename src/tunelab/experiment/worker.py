@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    die_with_parent()
     out_dir, spec_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +47,19 @@ def main(argv: list[str]) -> int:
     return exit_code(record)
 
 
+def die_with_parent() -> None:
+    """A run whose parent is gone (the experiment's process killed, or the fork server, which also stops its
+    runs) is ended: nobody would read its result, and a --resume started meanwhile would write the same
+    checkpoints. SIGKILL: the run resumes from its last checkpoint."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, name="tunelab-parent-watch", daemon=True).start()
+
+
 def write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -66,6 +83,9 @@ def trial_reporter(info: dict, cfg):
 
     from ..train.loop import Pruned
 
+    # a trial finished after a resume evaluates again at steps after its checkpoint, as before the stop: the
+    # same values, which optuna keeps from the first time and warns about
+    warnings.filterwarnings("ignore", message="The reported value is ignored because")
     study = optuna.load_study(study_name=info["study"], storage=info["storage"])
     trial = optuna.trial.Trial(study, info["trial_id"])
     metric = info["metric"]

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CompareInterrupted
-from ..experiment.isolation import run_in_child
+from ..experiment.folder import read_record
+from ..experiment.isolation import RECORDS, StopRequest, file_name, run_in_child
 from ..experiment.job import length_problems, method_checker
 from ..models.loading import read_model_config
 from ..experiment.plan import Run
@@ -29,6 +30,7 @@ def default_storage(out_dir: Path) -> str:
 
 
 UNFIT = "not_trained"  # a trial's user attribute: why its drawn values were pruned without training
+VALUES = "values"  # a trial's user attribute: the values it trains with, so a resumed sweep can finish it
 
 
 def storage_record(url: str | None) -> str | None:
@@ -145,8 +147,6 @@ def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
         try:
             study = optuna.create_study(study_name=study_name(cfg, method, name), storage=storage,
                                         direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
-            if seeded and study.trials:  # resumed: a sampler seeded as at the start would draw its first points again
-                study.sampler = optuna.samplers.TPESampler(seed=cfg.train.seed + len(study.trials))
             return study
         except Exception as exc:  # workers starting together race to create the storage's tables
             text = type(exc).__name__ + str(exc)  # a duplicate row, a table the other created first, a lock
@@ -167,16 +167,19 @@ def worker_name(out_dir: Path) -> str:
     return f"{socket.gethostname()}:{out_dir.resolve()}"
 
 
-def fail_interrupted(study, worker: str) -> int:
-    """Trials this worker's folder left RUNNING when its sweep was killed (the caller holds its lock now) are
-    failed, so they are run again rather than counted. Other workers' running trials are theirs to finish."""
+def interrupted_trials(study, worker: str) -> list:
+    """Trials this worker's folder left RUNNING when its sweep was stopped or killed (the caller holds its lock
+    now). Other workers' running trials are theirs to finish."""
+    return sorted((t for t in running(study) if t.user_attrs.get("worker") == worker), key=lambda t: t.number)
+
+
+def seeded_sampler(seed: int, index: int):
+    """The sampler for the study's `index`-th trial: seeded by the sweep's seed and that index, not drawn on from
+    one generator, so a resumed sweep draws the points an uninterrupted one would have drawn."""
+    import numpy as np
     import optuna
 
-    stale = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-             if t.user_attrs.get("worker") == worker]
-    for trial in stale:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    return len(stale)
+    return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
 
 def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, name: str | None,
@@ -186,16 +189,38 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
 
     study = open_study(cfg, method, storage, name, seeded)
     worker = worker_name(out_dir)
-    if resume:
-        fail_interrupted(study, worker)
     metric = cfg.sweep.metric or cfg.metric_for_best
     space = method_space(cfg, method)
     # trials drawn from several ranges may still combine badly (adalora.target_r above a drawn init_r)
     check, model_config = method_checker(job.model_path, job.task), read_model_config(job.model_path)
-    records = []
+    records, stop = [], StopRequest()
+
+    def train(trial, values: dict[str, Any], resume_trial: bool) -> None:
+        """Train the trial in its own process (or take the record a killed sweep's run had written), tell
+        optuna, and stop the sweep where a stop was asked for."""
+        run = Run(method, cfg.train.seed, f"{method}/trial-{trial.number:03d}")
+        record = (read_record(out_dir / RECORDS / file_name(run)) if resume_trial else None) or run_in_child(
+            out_dir, run, with_values(job.config, values).to_dict(), show_progress, resume=resume_trial,
+            trial={"storage": storage, "study": study.study_name, "trial_id": trial._trial_id, "metric": metric},
+            nproc=nproc, stop=stop)
+        record.update(trial=trial.number, hyperparameters=values)
+        records.append(record)
+        if record["status"] == "interrupted":  # left RUNNING: --resume finishes it from its checkpoint
+            raise CompareInterrupted(f"interrupted during {run.run_id}; continue with --resume --output {out_dir}")
+        tell(study, trial, record, metric)
+        if stop.signum:  # asked while the trial was finishing: it counts, and the sweep stops
+            raise CompareInterrupted(f"interrupted after {run.run_id}; continue with --resume --output {out_dir}")
+
+    for trial in interrupted_trials(study, worker) if resume else []:
+        if VALUES in trial.user_attrs:  # stopped or killed while training: finished from its checkpoint
+            train(trial, trial.user_attrs[VALUES], resume_trial=True)
+        else:  # left by a tunelab that did not keep the values: failed, and another trial takes its place
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     while counted(study) < trials:
         if sum(r["status"] not in ("success", "pruned") for r in records) >= trials:
             raise SweepFailed(f"{method}: every trial failed ({records[-1].get('error')}); see {out_dir}/records")
+        if seeded:
+            study.sampler = seeded_sampler(cfg.train.seed, counted(study))
         trial = study.ask()
         trial.set_user_attr("worker", worker)
         if counted(study) > trials and trial.number == max(t.number for t in running(study)):
@@ -203,23 +228,16 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
             break
         values = suggest(trial, space)
         run_cfg = with_values(job.config, values)
-        run = Run(method, cfg.train.seed, f"{method}/trial-{trial.number:03d}")
         unfit = length_problems(run_cfg, model_config) + check(run_cfg, method)
         if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
             reason = "; ".join(unfit)
-            records.append({"method": method, "run_id": run.run_id, "status": "pruned", "error": reason,
-                            "trial": trial.number, "hyperparameters": values})
+            records.append({"method": method, "run_id": f"{method}/trial-{trial.number:03d}", "status": "pruned",
+                            "error": reason, "trial": trial.number, "hyperparameters": values})
             trial.set_user_attr(UNFIT, reason)  # kept with the trial: told apart from the pruner's stops
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
-        record = run_in_child(out_dir, run, run_cfg.to_dict(), show_progress, resume=False,
-                              trial={"storage": storage, "study": study.study_name, "trial_id": trial._trial_id,
-                                     "metric": metric}, nproc=nproc)
-        record.update(trial=trial.number, hyperparameters=values)
-        records.append(record)
-        tell(study, trial, record, metric)  # an interrupted trial fails, so --resume runs another in its place
-        if record["status"] == "interrupted":  # Ctrl-C or SIGTERM: the whole sweep stops, not just this trial
-            raise CompareInterrupted(f"interrupted during {run.run_id}; continue with --resume --output {out_dir}")
+        trial.set_user_attr(VALUES, values)
+        train(trial, values, resume_trial=False)
     return records
 
 
@@ -240,11 +258,11 @@ def tell(study, trial, record: dict, metric: str) -> None:
         warnings.warn(f"trial {trial.number} was already ended in the study; its result is not recorded there")
         return
     if record["status"] == "pruned":
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
     elif record["status"] == "success" and value is not None and math.isfinite(value):
-        study.tell(trial, value)
+        study.tell(trial.number, value)
     else:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def study_summary(study) -> dict[str, Any]:

@@ -148,6 +148,32 @@ def test_ctrl_c_on_the_last_step_of_an_epoch_resumes(uninterrupted, tmp_path):
     assert_same_run(clean["lora"], tmp_path, "lora")
 
 
+def test_a_kill_after_an_epoch_end_evaluation_resumes(uninterrupted, tmp_path):
+    """An epoch that ends on a checkpoint_every_steps multiple, evaluated only there: its checkpoint was written
+    before that evaluation, so a resume evaluated again and could not write the best checkpoint a second time
+    ("Directory not empty"): the run failed on every --resume. The checkpoint now follows the evaluation."""
+    overrides, _ = uninterrupted
+    args = [*args_for("lora", overrides), "train.checkpoint_every_steps=5", "train.eval_every_steps=0"]
+    clean = inproc(args, tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    killed = tunelab(args, tmp_path / "killed", fault="kill@step=21")  # epoch 1 ends at step 20
+    assert killed.returncode == -9
+    step_20 = json.loads((tmp_path / "killed" / "checkpoints" / "lora" / "step-000020" / "MANIFEST.json").read_text())
+    assert [entry["step"] for entry in step_20["state"]["history"]] == [20], step_20["state"]["history"]
+    resumed = inproc(["--resume"], tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(tmp_path / "clean", tmp_path / "killed", "lora")
+
+
+def test_a_checkpoint_written_again_replaces_the_first(tmp_path):
+    from tunelab.train.checkpoint import write_atomic
+
+    write_atomic(tmp_path, "best-000020", {"a.pt": torch.zeros(2)}, {"step": 20})
+    write_atomic(tmp_path, "best-000020", {"a.pt": torch.ones(2)}, {"step": 20})
+    assert torch.equal(torch.load(tmp_path / "best-000020" / "a.pt"), torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["best-000020"] and is_complete(tmp_path / "best-000020")
+
+
 def test_kill_while_writing_a_checkpoint_leaves_nothing_resume_would_use(uninterrupted, tmp_path):
     overrides, clean = uninterrupted
     killed = tunelab(args_for("lora", overrides), tmp_path, fault="kill@checkpoint", fresh_interpreter=True)

@@ -67,7 +67,13 @@ def write_atomic(folder: Path, name: str, files: dict[str, Any], meta: dict[str,
     (tmp / MANIFEST).write_text(json.dumps({**meta, "files": sizes}, indent=2, default=str))
     _fsync(tmp / MANIFEST)
     final = folder / name
-    tmp.rename(final)
+    if final.exists():  # written before by a run that was then killed and resumed: the same state, written again
+        old = folder / f".old-{name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
     _fsync(folder)
     return final
 

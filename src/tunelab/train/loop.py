@@ -168,7 +168,9 @@ class TrainingLoop:
             batches = epoch_batches(self.train_data.lengths, self.cfg.batch_size, self.cfg.seed,
                                     state.epoch, self.cfg.bucket_size)
             while state.batch_in_epoch < len(batches) and not self.finished(state):
-                self.step(state, batches[state.batch_in_epoch])
+                # the last step of an epoch or of the run is evaluated below: its checkpoint comes after that
+                closing = state.batch_in_epoch + 1 == len(batches) or state.step + 1 >= self.total_steps
+                self.step(state, batches[state.batch_in_epoch], closing)
             if state.batch_in_epoch >= len(batches):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if not state.history or state.history[-1]["step"] != state.step:
@@ -179,8 +181,10 @@ class TrainingLoop:
     def finished(self, state: TrainState) -> bool:
         return state.step >= self.total_steps or state.stopped_early
 
-    def step(self, state: TrainState, rows: np.ndarray) -> None:
-        """One optimizer step on global batch `rows`: this process's micro-batches, then one update."""
+    def step(self, state: TrainState, rows: np.ndarray, closing: bool = False) -> None:
+        """One optimizer step on global batch `rows`: this process's micro-batches, then one update. A `closing`
+        step (an epoch's or the run's last) leaves its checkpoint to the caller, after the evaluation there: a
+        checkpoint written before it would, on resume, evaluate again and write that evaluation's files twice."""
         parts = micro_batches(self.train_data, rows, self.ranks.rank, self.ranks.world,
                               self.cfg.gradient_accumulation_steps)
         loss = None
@@ -206,7 +210,7 @@ class TrainingLoop:
             self.flush(state)
         if self.eval_every and state.step % self.eval_every == 0:
             self.evaluate(state)
-        if self.cfg.checkpoint_every_steps and state.step % self.cfg.checkpoint_every_steps == 0:
+        if self.cfg.checkpoint_every_steps and state.step % self.cfg.checkpoint_every_steps == 0 and not closing:
             self.checkpoint(state)
         fault_point(f"step={state.step}")
         if self.ranks.any(self.hooks.stop_requested()):  # all stop at the same step, or the rest would hang

@@ -51,6 +51,31 @@ def test_the_same_difference_on_every_seed_is_tested_over_the_test_examples():
     assert {e["method"]: e for e in summarize(single, JOB)}["b"]["verdict"]["p_value"] is None
 
 
+def test_a_small_gap_found_on_every_seed_is_a_tie_when_the_test_examples_could_undo_it():
+    """b misses one or two answers of 40 that a gets right, on each of 5 seeds, always the same two: the seeds
+    agree (the t-test alone said "worse, p = 0.005"), but a test set without those two examples, as likely as
+    not, would show no gap. A verdict over seeds must also hold over the test examples."""
+    labels = [0, 1] * 20
+    rng = np.random.default_rng(3)
+
+    def run(method, seed, wrong):
+        pred = [1 - y if i in wrong else y for i, y in enumerate(labels)]
+        accuracy = 1 - len(wrong) / 40
+        return {"method": method, "status": "success", "seed": seed, "lr": 1e-3,
+                "test": {"accuracy": accuracy, "f1_macro": accuracy, "loss": 1 - accuracy},
+                "test_per_example": {"pred": pred, "label": labels, "loss": [0.1] * 40}}
+    records = []
+    for seed in range(5):
+        shared = set(rng.choice(range(10, 40), 15, replace=False).tolist())  # both miss these 15
+        extra = {7, 9} - shared if seed % 2 else {7} - shared
+        records += [run("a", seed, shared), run("b", seed, shared | extra)]
+    verdict = {e["method"]: e for e in summarize(records, JOB)}["b"]["verdict"]
+    assert verdict["result"] == "tie" and verdict["p_value"] > 0.05, verdict
+    assert verdict["test"] == "paired t-test over seeds, and paired bootstrap over test examples"
+    far = [r if r["method"] == "a" else run("b", r["seed"], set(range(28 + r["seed"] % 2))) for r in records]
+    assert {e["method"]: e for e in summarize(far, JOB)}["b"]["verdict"]["result"] == "worse"
+
+
 def test_seeds_that_agree_still_show_how_much_the_test_examples_decide():
     """22 of 40 right on both seeds: a t-interval over seeds alone has zero width and would call 0.55 clearly
     above a 0.5 baseline; which 40 examples were drawn moves it by about +-0.15."""

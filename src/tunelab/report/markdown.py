@@ -120,7 +120,8 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
     if named["tie"]:
         notes.append(f"- Not distinguishable from the best at this sample size (ties): {', '.join(named['tie'])}.")
     if named["worse"]:
-        notes.append(f"- Worse than the best beyond chance: {', '.join(named['worse'])}.")
+        notes.append(f"- Worse than the best beyond chance: {', '.join(named['worse'])} (a paired test, on the same "
+                     "seeds and test examples: the intervals above, each of one method, may still overlap).")
     if named["mixed"]:
         notes.append(f"- Ranked below the best by the mean over its seeds, but better than it beyond chance on the "
                      f"seeds both ran (another seed failed or is missing): {', '.join(named['mixed'])}.")

@@ -56,6 +56,14 @@ def seed_mean_bootstrap_ci(per_seed: Sequence[tuple[Sequence[np.ndarray], Callab
     """95 % bootstrap interval, over the test examples, of the mean over seeds of each seed's statistic: every
     resample draws the same examples for all seeds (they share the test split). None where the seeds' example
     columns differ in length (not the same examples)."""
+    joined = seed_mean(per_seed)
+    return bootstrap_ci(joined[1], joined[0], seed) if joined else None
+
+
+def seed_mean(per_seed: Sequence[tuple[Sequence[np.ndarray], Callable[..., float]]]):
+    """(every seed's example columns, one after another; the statistic giving the mean over seeds of each
+    seed's statistic), so a resample of rows draws the same examples for every seed; None where the seeds'
+    columns differ in length."""
     widths = [len(columns) for columns, _ in per_seed]
     flat = [np.asarray(c) for columns, _ in per_seed for c in columns]
     if len({len(c) for c in flat}) != 1:
@@ -65,7 +73,7 @@ def seed_mean_bootstrap_ci(per_seed: Sequence[tuple[Sequence[np.ndarray], Callab
     def mean_over_seeds(*columns, axis=-1):
         return np.mean([fn(*columns[lo:hi], axis=axis) for (_, fn), lo, hi in zip(per_seed, bounds, bounds[1:])],
                        axis=0)
-    return bootstrap_ci(mean_over_seeds, flat, seed)
+    return flat, mean_over_seeds
 
 
 def with_test_sampling(summary: dict, test_ci: list[float]) -> dict:

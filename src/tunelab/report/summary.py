@@ -75,12 +75,38 @@ def verdict(entry: dict, best: dict, by_method: dict, split: str, metric: str, h
         value = {s: r[split][metric] for s, r in ((r.get("seed"), r) for r in mine)}
         other = {s: r[split][metric] for s, r in ((r.get("seed"), r) for r in theirs)}
         test = stats.paired_t([value[s] for s in paired_seeds], [other[s] for s in paired_seeds])
+        if test["significant"]:
+            test = also_over_test_examples(test, mine, theirs, paired_seeds, metric, split, task)
     if test is None or test["p_value"] is None:  # one shared seed, or seeds that all differ alike
         test = same_seed_bootstrap(mine, theirs, paired_seeds, metric, split, task)
     if paired_seeds and not len(mine) == len(theirs) == len(paired_seeds):
         # the test saw only the seeds both ran: its difference is not that of the means ranked above
         test = {**test, "on_seeds": paired_seeds}
     return {"against": best["method"], **test, "result": verdict_result(test, higher)}
+
+
+def also_over_test_examples(seed_test: dict, mine: list[dict], theirs: list[dict], seeds: list, metric: str,
+                            split: str, task) -> dict:
+    """A difference the seeds agree on is beyond chance only if another draw of test examples would keep it too:
+    the seeds share one test split, so the t-test over them says nothing of that (one answer of 40 behind on
+    every seed is "significant" to it). The paired bootstrap over test examples of the mean over seeds must
+    agree; the larger p-value stands. Unchanged where there are no per-example results to resample."""
+    per_seed = {}
+    for name, runs in (("mine", mine), ("theirs", theirs)):
+        by_seed = {r.get("seed"): r for r in runs}
+        per_seed[name] = [task.statistic(metric, by_seed[s].get("test_per_example") or {}) if task else None
+                          for s in seeds]
+    if split != "test" or not all(per_seed["mine"] + per_seed["theirs"]):
+        return seed_test
+    joined = {name: stats.seed_mean(columns) for name, columns in per_seed.items()}
+    if not all(joined.values()) or len(joined["mine"][0][0]) != len(joined["theirs"][0][0]):
+        return seed_test
+    examples = stats.paired_bootstrap(joined["mine"][1], joined["mine"][0], joined["theirs"][0])
+    if examples["p_value"] is None:
+        return seed_test
+    p_value = max(seed_test["p_value"], examples["p_value"])
+    return {**seed_test, "test": "paired t-test over seeds, and paired bootstrap over test examples",
+            "p_value": p_value, "significant": p_value < stats.ALPHA}
 
 
 def verdict_result(test: dict, higher: bool) -> str:

@@ -42,6 +42,7 @@ def case_config_not_mapping(tmp, bert, base):
     return [str(write(tmp / "c.yaml", "- a\n- b\n")), *base], ["must hold a mapping"]
 
 
+TWICE = "text,label,label\ngood,pos,neg\n"
 CASES = {
     "yaml syntax error": case_yaml_syntax,
     "a section written twice": lambda t, b, base: (
@@ -109,7 +110,16 @@ CASES = {
         [*base, "sweep.space={lora.r: {choices: [8, 0]}}", "methods=lora"], ["sweep.space.lora.r: 0 is not allowed"]),
     "json of columns (pandas' default to_json)": lambda t, b, base: (
         [*base, f"data.train_file={toy_rows(40).to_json(t / 'cols.json') or t / 'cols.json'}"],
-        ["holds one object of columns", "to_json(orient='records')"]),
+        ["holds one JSON object", "to_json(orient='records')"]),
+    "json of rows without names (to_json(orient='values'))": lambda t, b, base: (
+        [*base, f"data.train_file={toy_rows(40).to_json(t / 'vals.json', orient='values') or t / 'vals.json'}"],
+        ["holds a JSON array of arrays", "orient='records'"]),
+    "list texts (words, not a string)": lambda t, b, base: (
+        [*base, f"data.train_file={list_texts(t)}"],
+        ["data.train_file: 20 rows have a list or mapping in text column 'text'", "join the parts"]),
+    "a column named twice": lambda t, b, base: (
+        [*base, f"data.train_file={write(t / 'twice.csv', TWICE)}"],
+        ["data.train_file", "column 'label' is named twice in the header"]),
     "the label column as the text": lambda t, b, base: (
         [*base, "data.text_column=label"], ["data.text_column: 'label' is also data.label_column"]),
     "a sweep value the model refuses": lambda t, b, base: (
@@ -128,6 +138,13 @@ def list_labels(tmp: Path) -> Path:
     frame["label"] = [[label] for label in frame["label"]]
     frame.to_json(tmp / "multi.jsonl", orient="records", lines=True)
     return tmp / "multi.jsonl"
+
+
+def list_texts(tmp: Path) -> Path:
+    frame = toy_rows(20)
+    frame["text"] = [text.split() for text in frame["text"]]
+    frame.to_json(tmp / "words.jsonl", orient="records", lines=True)
+    return tmp / "words.jsonl"
 
 
 def blank_texts(frame):

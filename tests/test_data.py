@@ -234,3 +234,13 @@ def test_a_row_with_two_faults_is_dropped_and_counted_once(tmp_path, tiny_bert):
                           "data.max_length=32", "train.batch_size=4", "data.drop_invalid_rows=true"])
     assert sum(job.data.dropped.values()) == 3
     assert len(job.train) + len(job.validation) == 37
+
+
+def test_labels_that_differ_only_by_surrounding_spaces_are_one_class():
+    """A hand-edited CSV's "a " is the class "a", not a second class the model must tell apart from it."""
+    import pandas as pd
+
+    from tunelab.tasks.classification import label_names, label_texts
+
+    values = pd.Series(["a", "a ", " b", "3.0 "], dtype=object)
+    assert label_names(values) == ["3", "a", "b"] and label_texts(values) == ["a", "a", "b", "3"]

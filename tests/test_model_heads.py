@@ -208,3 +208,26 @@ def test_a_classifier_checkpoint_with_other_labels_gets_a_fresh_head_and_keeps_i
     assert three.classifier.weight.shape[0] == 3 and three.config.num_labels == 3
     torch.testing.assert_close(three.bert.embeddings.word_embeddings.weight, five.bert.embeddings.word_embeddings.weight)
     assert skeleton(str(tmp_path / "five"), task, {"labels": ["a", "b", "c"]})[1] == []
+
+
+def test_a_decoder_classifier_without_a_pad_id_in_its_config_pads_as_its_tokenizer_does(tiny_llama, toy_data,
+                                                                                         tmp_path):
+    """Many decoder checkpoints name a pad token in their tokenizer only. The classifier finds each row's last
+    real token by the config's pad id; set to the end-of-text id, it missed the tokenizer's padding and read a
+    padding position: a row's scores depended on the rows batched with it, in training, evaluation and predict."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "no-pad-id")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+    job = prepare_job(load_config(None, overrides(folder, toy_data, "full")))
+    model = setup_method(job, "full").model.eval()
+    pad = job.tokenizer.pad_token_id
+    assert model.config.pad_token_id == pad != config["eos_token_id"]
+    short, long = [2, 8, 9], [2, 8, 9, 10, 11, 12, 13]
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, 3, dtype=torch.long)).logits
+        together = model(input_ids=torch.tensor([short + [pad] * 4, long]),
+                         attention_mask=torch.tensor([[1] * 3 + [0] * 4, [1] * 7])).logits
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-5)

@@ -161,7 +161,7 @@ def test_causal_lm_predict_and_merged_export(tiny_causal_overrides, tmp_path, ca
     with torch.no_grad():
         torch.testing.assert_close(plain(**ids).logits, adapter(**ids).logits, rtol=1e-4, atol=1e-5)
     exported = AutoTokenizer.from_pretrained(merged)  # batched generate needs left padding; truncation as trained
-    assert exported.padding_side == "left" and exported.model_max_length == 32
+    assert exported.padding_side == exported.truncation_side == "left" and exported.model_max_length == 32
 
 
 CAUSAL_METHODS = sorted(m for m in registry() if (m, "causal-lm") not in NOT_APPLICABLE)

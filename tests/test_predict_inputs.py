@@ -62,6 +62,20 @@ def test_empty_inputs_are_refused_not_scored_as_text(single, tmp_path, capsys):
     assert "inputs [1, 2]" in capsys.readouterr().err
 
 
+def test_inputs_that_would_not_line_up_with_the_outputs_or_be_read_as_printouts_are_refused(single, tmp_path,
+                                                                                              capsys):
+    """A blank line was skipped (output N no longer answered input N), a column-oriented JSON file was one input
+    holding every row, and a list of words was scored as its printout, brackets and quotes included."""
+    (tmp_path / "gap.csv").write_text("text\ngood food\n\nbad tea\n")
+    (tmp_path / "gap.txt").write_text("good food\n\nbad tea\n\n")  # trailing blank lines end the file
+    toy_rows(4).to_json(tmp_path / "columns.json")
+    (tmp_path / "words.jsonl").write_text('{"text": ["good", "food"]}\n')
+    for name, message in (("gap.csv", "inputs [2] have an empty"), ("gap.txt", "inputs [2] have an empty"),
+                          ("columns.json", "holds one JSON object"), ("words.jsonl", "inputs [1] have a list")):
+        assert main(["predict", str(single), "--input", str(tmp_path / name)]) == 2, name
+        assert message in capsys.readouterr().err, name
+
+
 def test_other_input_formats_and_their_errors(single, tmp_path, capsys):
     pd.DataFrame({"text": ["good", "stale box"]}).to_parquet(tmp_path / "in.parquet")
     (tmp_path / "in.json").write_text(json.dumps(["good", {"text": "stale box"}]))

@@ -18,18 +18,29 @@ import pandas as pd
 CSV_QUOTED_FIELD = re.compile(r'"(?:[^"]|"")*"')
 
 
-def read_csv_as_text(path: Path) -> pd.DataFrame:
+def read_csv_as_text(path: Path, skip_blank_lines: bool = True) -> pd.DataFrame:
     """Every field as the text it is: CSV has no types, and guessing them loses what users wrote (labels "01"
     and "02" would become 1 and 2, one empty field would turn a column of 3s and 7s into 3.0 and 7.0). Only
-    an empty field is missing; "NA", "None" and "null" are text (a class may be called "NA")."""
+    an empty field is missing; "NA", "None" and "null" are text (a class may be called "NA"). A blank line is
+    skipped, or with `skip_blank_lines=False` a row of missing values (an empty input, where rows must line up)."""
     sep, source, quoting = separator(path), path, csv.QUOTE_MINIMAL
     if sep == "\t":  # read once: its text decides the quoting and is what is parsed
         text = path.read_text(encoding="utf-8-sig")
         source, quoting = io.StringIO(text), tsv_quoting(text)
-    frame = pd.read_csv(source, sep=sep, dtype=str, keep_default_na=False, na_values=[""], quoting=quoting)
+    frame = pd.read_csv(source, sep=sep, dtype=str, keep_default_na=False, na_values=[""], quoting=quoting,
+                        skip_blank_lines=skip_blank_lines)
     if frame.empty and not len(frame.columns):
         raise pd.errors.EmptyDataError("no columns")
+    twice = repeated_names(path, sep)
+    if twice:  # pandas renames the second "label" to "label.1": which one a run reads would be a guess
+        raise ValueError(f"column {twice[0]!r} is named twice in the header")
     return frame
+
+
+def repeated_names(path: Path, sep: str) -> list[str]:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        header = next(csv.reader(fh, delimiter=sep), [])
+    return sorted({name for name in header if name and header.count(name) > 1})
 
 
 def separator(path: Path) -> str:

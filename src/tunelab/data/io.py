@@ -80,10 +80,9 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         text = path.read_bytes().decode("utf-8") if builder != "parquet" else ""
         if builder == "csv":
             return read_csv_as_text(path)
-        if path.suffix.lower() == ".json" and column_oriented(text):
-            problems.append(f"{field}: {path_text!r} holds one object of columns ({{column: {{row: value}}}}, "
-                            "what pandas' to_json writes by default); write rows: to_json(orient='records') for a "
-                            "JSON array, or lines=True for JSON Lines")
+        shape = json_shape_problem(text) if path.suffix.lower() == ".json" else None
+        if shape:
+            problems.append(f"{field}: {path_text!r} {shape}")
             return None
         loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split")
         return loaded.to_pandas()
@@ -99,14 +98,22 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
     return None
 
 
-def column_oriented(text: str) -> bool:
-    """A JSON file's text that is one object whose values are all objects: columns of rows, not rows."""
+def json_shape_problem(text: str) -> str | None:
+    """What is wrong with a .json file's shape, if it is not rows: one object of columns or of rows (pandas'
+    to_json by default, or with orient='index'), or an array of arrays (orient='values': rows without names)."""
     import json
 
-    if not text.lstrip().startswith("{"):
-        return False
+    start = text.lstrip()[:1]
+    if start not in ("{", "["):
+        return None
     try:
         value = json.loads(text)
     except ValueError:
-        return False  # JSON Lines in a .json file, or broken: the reader says which
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict) for v in value.values())
+        return None  # JSON Lines in a .json file, or broken: the reader says which
+    fix = "write one object per row: to_json(orient='records') for a JSON array, or lines=True for JSON Lines"
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        return ("holds one JSON object of objects (pandas' to_json writes its columns so by default, its rows with "
+                f"orient='index'), not one object per row; {fix}")
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return f"holds a JSON array of arrays (rows without column names, pandas' orient='values'); {fix}"
+    return None

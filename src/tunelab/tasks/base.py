@@ -86,6 +86,7 @@ class Task:
     shows_examples: ClassVar[bool] = False     # evaluate() returns examples the report shows
     input_key: ClassVar[str] = "text"          # what one `tunelab predict` input is called (--text, JSON key)
     predict_keys: ClassVar[tuple[str, ...]] = ("text",)  # a predict input needs one of these, not empty
+    text_keys: ClassVar[tuple[str, ...]] = ("text",)  # predict input keys that hold one text (not a list)
     output_keys: ClassVar[tuple[str, ...]] = ()  # what predict adds to an input (an input field so named is kept
     # under "input_<name>": a labelled test file keeps its labels next to the predictions)
     input_columns: ClassVar[tuple[str, ...]] = ()  # data keys whose column a predict input may carry under the

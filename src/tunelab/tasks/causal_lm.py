@@ -60,6 +60,7 @@ class CausalLM(Task):
     shows_examples = True
     input_key = "prompt"
     predict_keys = ("prompt", "messages")
+    text_keys = ("prompt",)
     output_keys = ("output",)
     input_columns = ("prompt_column", "messages_column")
     always_drops_invalid_rows = True

@@ -46,6 +46,7 @@ class Classification(Task):
     Columns = ClassificationColumns
     output_keys = ("label", "scores")
     input_columns = ("text_column", "text_pair_column")
+    text_keys = ("text", "text_pair")
 
     def check_frames(self, frames: dict[str, pd.DataFrame], cfg) -> list[str]:
         # a model fed its own labels scores perfectly and learns nothing: a slip in the column names
@@ -53,7 +54,11 @@ class Classification(Task):
         problems = [f"data.{key}: {column!r} is also data.label_column; the model would read the answer"
                     for key, column in inputs.items() if column is not None and column == label_column(cfg)]
         if all(label_column(cfg) in frame for frame in frames.values()):  # (a missing one is reported below)
-            problems += unhashable_label_problems(frames, label_column(cfg), cfg)
+            problems += nested_value_problems(frames, label_column(cfg), cfg, "label", "classification needs one "
+                                              "label per row (multi-label data is not supported)")
+        for column in filter(None, inputs.values()):  # a list of words would be read as its printout, brackets too
+            problems += nested_value_problems(frames, column, cfg, "text", "classification reads one text per row: "
+                                              "join the parts into one string")
         for split, frame in frames.items():
             source = where(cfg.data, split)
             missing = missing_columns(frame, wanted_columns(cfg), source)
@@ -104,8 +109,14 @@ class Classification(Task):
                 "label2id": {n: i for i, n in enumerate(names)}}
 
     def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
-        if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
-            model.config.pad_token_id = model.config.eos_token_id  # decoder models pick the last real token
+        # A decoder classifier reads each row's last real token, found by the config's pad id: it must be the id
+        # rows are padded with, the tokenizer's (a config without one, or with the end-of-text id while the
+        # tokenizer pads with its own, made a row's scores depend on the rows batched with it). An encoder's
+        # embeddings took their padding index when built; the config's id no longer matters to them.
+        if tokenizer is not None:
+            model.config.pad_token_id = pad_token_id(tokenizer)
+        elif model.config.pad_token_id is None:  # planning from a config alone (estimate): no tokenizer to ask
+            model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
         return model
 
     def evaluate(self, model: nn.Module, data: Encoded, setup: EvalSetup) -> Evaluation:
@@ -180,7 +191,7 @@ def label_text(value: Any) -> str:
     as 3.0), and the same class must get the same name in every split. Other text stays as written ("01")."""
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
         return str(int(value))
-    text = str(value)
+    text = str(value).strip()  # "a" and "a " (a hand-edited CSV) are one class, not two
     return text.split(".")[0] if WHOLE_FLOAT.fullmatch(text) else text
 
 
@@ -217,21 +228,22 @@ INTEGER = re.compile(r"[+-]?\d+")
 WHOLE_FLOAT = re.compile(r"[+-]?\d+\.0+")
 
 
-def unhashable_label_problems(frames: dict[str, pd.DataFrame], column: str, cfg) -> list[str]:
-    """A list or mapping in the label column (multi-label data) is not one class per row."""
+def nested_value_problems(frames: dict[str, pd.DataFrame], column: str, cfg, role: str, why: str) -> list[str]:
+    """A list or mapping where a column holds one value per row: multi-label data in the label column, a list of
+    words or a dict in a text column."""
     problems = []
     for split, frame in frames.items():
-        bad = frame[column].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
-        if bad.any():
+        bad = frame[column].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))) if column in frame else []
+        if len(bad) and bad.any():
             example = short_repr(frame[column][bad].iloc[0])
-            problems.append(f"{where(cfg.data, split)}: {int(bad.sum())} rows have a list or mapping in label column "
-                            f"{column!r} (e.g. {example}); classification needs one label per row (multi-label "
-                            "data is not supported)")
+            problems.append(f"{where(cfg.data, split)}: {int(bad.sum())} rows have a list or mapping in {role} column "
+                            f"{column!r} (e.g. {example}); {why}")
     return problems
 
 
 def short_repr(value, limit: int = 80) -> str:
-    text = repr(value)
+    # a list column read from Parquet or JSON arrives as a numpy array, whose repr spans lines
+    text = " ".join(repr(value.tolist() if isinstance(value, np.ndarray) else value).split())
     return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 

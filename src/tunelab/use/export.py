@@ -70,13 +70,15 @@ def write_export(artifact: Artifact, out: Path, merge: bool) -> None:
 
 def usable_tokenizer(out: Path, artifact: Artifact) -> None:
     """The exported tokenizer as the model needs it outside tunelab: plain `tokenizer(..., truncation=True)`
-    cuts where training did, and a generating task's prompts are left-padded, as batched `generate` needs."""
+    cuts where training did, and a generating task's prompts are left-padded, as batched `generate` needs, and
+    cut from the left, as `tunelab predict` cuts them (the end of a prompt is what the answer follows)."""
     from ..models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(out))
     if artifact.manifest.get("max_length"):
         tokenizer.model_max_length = int(artifact.manifest["max_length"])
     if artifact.task.generated_positions(artifact.task_options()):
-        tokenizer.padding_side = "left"
-        tokenizer.init_kwargs["padding_side"] = "left"  # transformers 5.25 saves init_kwargs, not the attribute
+        for side in ("padding_side", "truncation_side"):
+            setattr(tokenizer, side, "left")
+            tokenizer.init_kwargs[side] = "left"  # transformers 5.25 saves init_kwargs, not the attribute
     tokenizer.save_pretrained(out)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..data.io import json_shape_problem
 from ..errors import TunelabInputError
 from ..experiment.results import json_safe
 from .artifact import Artifact, find_artifact, load_artifact
@@ -27,9 +28,19 @@ def read_inputs(texts: Sequence[str], input_file: str | None, task,
     inputs, added = zip(*(as_task_keys(item, aliases) for item in inputs))
     empty = [n for n, item in enumerate(inputs, 1) if not any(present(item.get(k)) for k in task.predict_keys)]
     if empty:
-        raise TunelabInputError([f"predict: inputs {empty[:5]}{' ...' if len(empty) > 5 else ''} have an empty or "
-                                 f"missing {' or '.join(map(repr, keys))}"])
+        raise TunelabInputError([f"predict: inputs {numbers(empty)} have an empty or missing "
+                                 f"{' or '.join(map(repr, keys))}"])
+    # a list of words would be scored as its printout, brackets and quotes included
+    nested = [n for n, item in enumerate(inputs, 1) if any(isinstance(item.get(k), (list, dict))
+                                                           for k in task.text_keys)]
+    if nested:
+        raise TunelabInputError([f"predict: inputs {numbers(nested)} have a list or mapping in "
+                                 f"{' or '.join(map(repr, task.text_keys))}; give one text each"])
     return list(inputs), list(added)
+
+
+def numbers(found: list[int]) -> str:
+    return f"{found[:5]}{' ...' if len(found) > 5 else ''}"
 
 
 def column_aliases(task, columns: dict[str, Any]) -> dict[str, str]:
@@ -63,16 +74,22 @@ def _file_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[s
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first input
     except UnicodeDecodeError as exc:
         raise TunelabInputError([f"--input: {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"]) from None
+    shape = json_shape_problem(text) if suffix == ".json" else None
+    if shape:
+        raise TunelabInputError([f"--input: {str(path)!r} {shape}"])
     if suffix == ".json" and text.lstrip().startswith("["):
         yield from (_json_input(value, key, keys, path, number) for number, value in enumerate(_json(text, path, 1), 1))
         return
     # split on newlines only: str.splitlines would also cut at form feeds and U+2028 inside a line
-    for number, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        yield _json_input(_json(line, path, number), key, keys, path, number) if suffix in (".jsonl", ".json") \
-            else {key: line}
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    while lines and not lines[-1].strip():  # blank lines that end the file end it
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        if suffix in (".jsonl", ".json"):
+            if line.strip():  # a blank line between JSON lines is no item
+                yield _json_input(_json(line, path, number), key, keys, path, number)
+        else:  # a blank line of plain text is an empty input, refused: skipped, outputs would not line up
+            yield {key: line}
 
 
 def _json(text: str, path: Path, number: int) -> Any:
@@ -94,7 +111,8 @@ def _table_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[
     from ..data.delimited import read_csv_as_text
 
     try:
-        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else read_csv_as_text(path)
+        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else \
+            read_csv_as_text(path, skip_blank_lines=False)  # a blank line is an empty input, refused
     except UnicodeDecodeError as exc:
         raise TunelabInputError([f"--input: {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"]) from None
     except Exception as exc:  # the readers raise many kinds; the user needs the cause, not a traceback
@@ -102,6 +120,8 @@ def _table_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[
     if not any(k in frame.columns for k in keys):
         raise TunelabInputError([f"--input: {str(path)!r} has no column {' or '.join(map(repr, keys))}; columns are: "
                                  f"{', '.join(map(str, frame.columns))}"])
+    rows = frame.notna().any(axis=1).to_numpy().nonzero()[0]
+    frame = frame.iloc[:rows[-1] + 1] if len(rows) else frame.iloc[:0]  # blank lines that end the file end it
     # missing cells as null (JSON has no NaN), so the output lines stay valid JSON
     yield from frame.astype(object).where(frame.notna(), None).to_dict("records")
 

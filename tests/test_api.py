@@ -124,3 +124,19 @@ def test_config_problems_come_with_the_data_and_model_problems_they_do_not_hide(
     # a refused data setting would check the data against a value the user did not mean: only the config's
     problems = problems_of(tunelab.validate, None, [*tiny_overrides, missing, "data.max_length=abc"])
     assert "data.max_length: expected an integer" in problems and "nope.csv" not in problems
+
+
+def test_resume_keeps_the_process_count_the_experiment_was_started_with(tmp_path):
+    """The stop message says `continue with: tunelab compare --resume --output DIR`; followed as printed, a
+    `--nproc 2` experiment went on in one process. Given again, another count is taken (the global batch is
+    kept, so the run continues, not bit for bit)."""
+    import json
+
+    from tunelab.api import run_flags
+    from tunelab.experiment.folder import RUN_FILE
+
+    started, _ = run_flags(tmp_path, False, None, None, 2)
+    (tmp_path / RUN_FILE).write_text(json.dumps({"flags": started}))
+    assert run_flags(tmp_path, True, None, None)[0]["nproc"] == 2
+    assert run_flags(tmp_path, True, None, None, 1)[0]["nproc"] == 1
+    assert run_flags(tmp_path, False, None, None)[0]["nproc"] is None  # a new one: 1, or what a launcher started

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from .config import ExperimentConfig, config_and_problems, from_dict, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import (RUN_FILE, ExperimentLock, command_problems, finished_records, resumed_flags,
-                                saved_config, write_run_file)
+                                saved_config, saved_flags, write_run_file)
 from .experiment.isolation import StopRequest
 from .experiment.job import Job, prepare_job
 from .train.distributed import launched_world_size, launcher_problems, leave_process_group
@@ -171,13 +171,19 @@ def start_folder(out_dir: Path, cfg: ExperimentConfig, resume: bool, flags: dict
 RUN_DEFAULTS = {"seeds": 1, "tune": 0}
 
 
-def run_flags(out_dir: Path, resume: bool, seeds: int | None, tune: int | None) -> tuple[dict[str, int], list[str]]:
-    """--seeds and --tune: as given, else 1 and 0, and on --resume as the experiment was started."""
+def run_flags(out_dir: Path, resume: bool, seeds: int | None, tune: int | None,
+              nproc: int | None = None) -> tuple[dict[str, int], list[str]]:
+    """--seeds and --tune: as given, else 1 and 0, and on --resume as the experiment was started. --nproc: as
+    given, else on --resume as started (a resume that printed "continue with: ..." without it went on in one
+    process), else 1 or the processes a launcher started. Unlike the others it may change on resume: the global
+    batch stays the same, so a run continues on fewer or more processes, only not bit for bit."""
     given = {"seeds": seeds, "tune": tune}
     if resume:
         flags, problems = resumed_flags(out_dir, given, RUN_DEFAULTS)
-        return {**flags, "command": "compare"}, problems + command_problems(out_dir, "compare")
-    return {"command": "compare",
+        started = saved_flags(out_dir).get("nproc")  # (folders of earlier versions did not keep it)
+        nproc = nproc if nproc is not None else started
+        return {**flags, "command": "compare", "nproc": nproc}, problems + command_problems(out_dir, "compare")
+    return {"command": "compare", "nproc": nproc,
             **{name: default if given[name] is None else given[name] for name, default in RUN_DEFAULTS.items()}}, []
 
 
@@ -246,8 +252,8 @@ def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequ
     if bad_numbers:
         raise TunelabInputError(bad_numbers)
     out_dir = Path(output_dir) if output_dir else default_output_dir()
-    flags, flag_problems = run_flags(out_dir, resume, seeds, tune)
-    seeds, tune = flags["seeds"], flags["tune"]
+    flags, flag_problems = run_flags(out_dir, resume, seeds, tune, nproc)
+    seeds, tune, nproc = flags["seeds"], flags["tune"], flags["nproc"]
     if launched_world_size() > 1:
         from .experiment.launched import launched_compare
 

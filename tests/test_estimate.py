@@ -168,3 +168,25 @@ def test_a_snapshot_holding_only_the_config_serves_estimates_not_runs(tmp_path, 
     hub.hub_model_path("someone/llama", None)
     (_, _, patterns), = fetched
     assert "*.safetensors" in patterns and "*.json" in patterns
+
+
+def test_a_decoder_classifier_without_a_pad_id_is_traced_as_training_prepares_it(tmp_path):
+    """Llama-shaped configs name no pad token; training sets one before the first batch, the estimate did not,
+    so its fake step failed ("Cannot handle batch sizes > 1 if no padding token") and a formula stood in,
+    too low and without a checkpointed peak."""
+    lora = estimated(tiny_llama_config(tmp_path), "methods=lora", "data.max_length=32")["lora"]
+    assert not lora["memory_from"].startswith("formula"), lora["memory_from"]
+    assert lora["peak_memory_checkpointing_mb"] is not None
+
+
+def test_a_model_the_task_cannot_build_and_a_length_past_its_positions_are_refused(tmp_path):
+    from transformers import ViTConfig
+
+    from tunelab import TunelabInputError
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "vit")
+    with pytest.raises(TunelabInputError, match="could not build a model from .* for task 'classification'"):
+        estimated(tmp_path / "vit", "methods=lora")
+    with pytest.raises(TunelabInputError, match=r"data.max_length: 100 is more than the model supports; allowed: 1..64"):
+        estimated(tiny_llama_config(tmp_path / "llama"), "methods=lora", "data.max_length=100")

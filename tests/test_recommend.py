@@ -137,6 +137,21 @@ def test_under_fsdp_a_method_that_cannot_shard_is_not_recommended(tiny_overrides
     assert "cannot train sharded" in result["not_applicable"]["adalora"]
 
 
+def test_with_checkpointing_a_method_that_cannot_checkpoint_is_not_recommended(tiny_overrides):
+    """It ranked prefix tuning first, which `validate` then refused with train.gradient_checkpointing=true."""
+    cfg = load_config(None, [*tiny_overrides, "train.gradient_checkpointing=true"])
+    result = recommend(cfg, 2048, train_examples=160)
+    assert "prefix-tuning" not in {m["method"] for m in result["methods"]}
+    assert "cannot train with it" in result["not_applicable"]["prefix-tuning"]
+
+
+def test_fsdp_in_the_one_process_recommend_plans_is_refused_as_estimate_refuses_it(tiny_overrides):
+    import tunelab
+
+    with pytest.raises(tunelab.TunelabInputError, match="train.fsdp: needs several processes"):
+        tunelab.recommend(None, [*tiny_overrides, "train.fsdp=true"], memory="2GB")
+
+
 def test_an_epoch_is_the_rows_a_run_would_train_on_counted_in_local_data(tiny_bert, toy_data, tmp_path, capsys):
     from tunelab.cli import main
     from tunelab.estimate import estimate

@@ -40,6 +40,7 @@ def recommend(config: Config = None, overrides: Sequence[str] = (), memory: str 
     memory_mb = budget(problems, "--memory", memory, parse_size_mb)
     budget_s = None if time_budget is None else budget(problems, "--time-budget", time_budget, parse_duration_s)
     cfg = resolve(config, overrides)
+    problems += process_problems(cfg, 1)  # it plans one process (train.fsdp needs several: estimate --nproc N)
     if problems:
         raise TunelabInputError(problems)
     return recommend_config(cfg, memory_mb, budget_s, train_examples, peak_tflops)

@@ -41,6 +41,15 @@ def pad_rows(rows: list[list[int]], fill: int) -> tuple[np.ndarray, np.ndarray]:
     return table, lengths
 
 
+def config_pad_id(config) -> int | None:
+    """The pad id a model's config alone suggests (no tokenizer at hand): its own, else its end-of-text id (the
+    first, where several are listed: Llama 3 names two)."""
+    if getattr(config, "pad_token_id", None) is not None:
+        return config.pad_token_id
+    eos = getattr(config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+
+
 def pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pad if pad is not None else 0)

@@ -32,22 +32,33 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     batch, the processes working in parallel at the rate measured for one of them (on a CPU, with its share of
     the cores)."""
     from ..models.loading import quiet_transformers, read_model_config, resolve_model_path
+    from ..models.structure import max_positions
     from ..train.setup import resolve_precision
 
     quiet_transformers()
     task = cfg.task_spec
     model_path = resolve_model_path(cfg.model_name, cfg.model.revision, config_only=True)  # weights unread
     config = read_model_config(model_path)
+    limit = max_positions(config)
+    if limit is not None and cfg.data.max_length > limit:  # as validate says it: no step of that length runs
+        raise TunelabInputError([f"data.max_length: {cfg.data.max_length} is more than the model supports; "
+                                 f"allowed: 1..{limit}"])
     for key, value in task.model_kwargs({}).items():
         setattr(config, key, value)
     build = builder(task, config)
+    try:
+        shape = skeleton_shape(meta_copy(build))
+    except TunelabInputError:
+        raise
+    except Exception as exc:  # an architecture the task's model class does not take (a ViT, T5 as a causal LM)
+        raise TunelabInputError([f"model.name_or_path: could not build a model from {model_path!r} for task "
+                                 f"{task.name!r} ({type(exc).__name__}: {first_line(exc)})"]) from None
     precision = resolve_precision(cfg.train)
     if cfg.train.device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
         precision = "bf16"  # planning for a GPU not here: assume a bf16 one (train.precision=fp32 says otherwise)
     rows, rows_source = epoch_rows(cfg, train_rows)
     with one_process_threads(cfg.train, nproc):
         device = with_peak(device_profile(cfg.train, precision), peak_tflops)
-    shape = skeleton_shape(meta_copy(build))
     shallow = {depth: builder(task, shallow_config)
                for depth, shallow_config in (shallow_configs(config, shape.layers) or {}).items()}
     common = {"cfg": cfg, "model_path": model_path, "build": build, "shallow_builds": shallow, "shape": shape,
@@ -74,7 +85,13 @@ CHECKPOINTING_COMPUTE = 4 / 3
 
 
 def builder(task, config):
-    return lambda: task.auto_class().from_config(config, dtype=TRAINING_DTYPE)  # as training loads it
+    # as training loads and prepares it (a decoder classifier's pad id, which its forward needs)
+    return lambda: task.prepare_model(task.auto_class().from_config(config, dtype=TRAINING_DTYPE), None)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shallow_builds: dict, shape: Shape,

@@ -57,11 +57,14 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     from ..methods.base import registry
 
     # what the config check refuses for the configured methods applies to every candidate: under train.fsdp,
-    # the methods that cannot train sharded
-    unshardable = {name: f"train.fsdp: cannot train sharded: {method.cannot_shard}"
+    # the methods that cannot train sharded, under train.gradient_checkpointing those that cannot checkpoint
+    refused = {name: f"train.fsdp: cannot train sharded: {method.cannot_shard}"
                    for name, method in registry().items() if cfg.train.fsdp and method.cannot_shard}
-    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(set(registry()) - set(unshardable))))
-    candidates, skipped = estimated["methods"], {**estimated["not_applicable"], **unshardable}
+    refused.update({name: f"train.gradient_checkpointing: cannot train with it: {method.cannot_checkpoint}"
+                        for name, method in registry().items()
+                        if cfg.train.gradient_checkpointing and method.cannot_checkpoint})
+    estimated = all_methods_estimate(dataclasses.replace(cfg, methods=sorted(set(registry()) - set(refused))))
+    candidates, skipped = estimated["methods"], {**estimated["not_applicable"], **refused}
     # the rows a run would train on, counted from local data by the estimate, unless the user says
     rows, rows_source = (train_examples, "--train-examples") if train_examples else \
         (estimated["train_rows"], estimated["train_rows_source"])

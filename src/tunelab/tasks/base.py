@@ -140,7 +140,8 @@ class Task:
         return "Read the input and give the answer."
 
     def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
-        """Last touches after loading (e.g. a pad token id for decoder models)."""
+        """Last touches after loading (e.g. a pad token id for decoder models). `tokenizer` is None where a
+        model is planned from its config alone (`tunelab estimate`)."""
         return model
 
     # --- evaluation -------------------------------------------------------------------------------

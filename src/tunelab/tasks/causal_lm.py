@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data import IGNORE_INDEX, Encoded, pad_rows, pad_token_id, split_frames, where
+from ..data import IGNORE_INDEX, Encoded, config_pad_id, pad_rows, pad_token_id, split_frames, where
 from ..errors import TunelabInputError
 from ..train.batches import collate, eval_batches
 from .base import (HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskColumns, TaskData, TaskOptions,
@@ -105,8 +105,9 @@ class CausalLM(Task):
         return vocab
 
     def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = pad_token_id(tokenizer)
+        if model.config.pad_token_id is None:  # (no tokenizer: planning from a config alone, see estimate)
+            model.config.pad_token_id = pad_token_id(tokenizer) if tokenizer is not None else \
+                config_pad_id(model.config)
         return model
 
     def metrics_not_computed(self, options: CausalLMOptions) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data import Encoded, pad_rows, pad_token_id, split_frames, where
+from ..data import Encoded, config_pad_id, pad_rows, pad_token_id, split_frames, where
 from ..errors import TunelabInputError
 from ..train.batches import collate, eval_batches
 from .base import (HIGHER, LOWER, EvalSetup, Evaluation, Task, TaskColumns, TaskData, missing_columns,
@@ -115,8 +115,8 @@ class Classification(Task):
         # embeddings took their padding index when built; the config's id no longer matters to them.
         if tokenizer is not None:
             model.config.pad_token_id = pad_token_id(tokenizer)
-        elif model.config.pad_token_id is None:  # planning from a config alone (estimate): no tokenizer to ask
-            model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
+        else:  # planning from a config alone (estimate): no tokenizer to ask
+            model.config.pad_token_id = config_pad_id(model.config)
         return model
 
     def evaluate(self, model: nn.Module, data: Encoded, setup: EvalSetup) -> Evaluation:

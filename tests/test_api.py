@@ -140,3 +140,16 @@ def test_resume_keeps_the_process_count_the_experiment_was_started_with(tmp_path
     assert run_flags(tmp_path, True, None, None)[0]["nproc"] == 2
     assert run_flags(tmp_path, True, None, None, 1)[0]["nproc"] == 1
     assert run_flags(tmp_path, False, None, None)[0]["nproc"] is None  # a new one: 1, or what a launcher started
+
+
+def test_a_config_may_be_a_dict_and_overrides_apply_to_any_config(tiny_overrides):
+    """A dict raised a bare TypeError and overrides on an ExperimentConfig a ValueError; the API takes both, and
+    anything else is a TunelabInputError naming what is allowed."""
+    cfg = tunelab.api.resolve(None, tiny_overrides)
+    from_dict = tunelab.api.resolve(cfg.to_dict(), ["train.lr=0.002"])
+    assert from_dict.train.lr == 0.002 and tunelab.api.resolve(cfg, ["lora.r=4"]).options("lora").r == 4
+    assert cfg.train.lr != 0.002  # the caller's config is left as it was
+    with pytest.raises(TunelabInputError, match="train.lr: -1.0 is not allowed"):
+        tunelab.validate({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "lr": -1.0}})
+    with pytest.raises(TunelabInputError, match="config: int is not allowed; give a YAML file's path, a dict"):
+        tunelab.validate(3)

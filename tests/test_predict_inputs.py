@@ -159,3 +159,14 @@ def test_a_run_given_a_relative_model_path_predicts_from_another_folder(tiny_ber
     assert outputs[0]["label"] in ("neg", "pos")
     adapter_config = json.loads(next(out.glob("artifacts/*/adapter_config.json")).read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_bert.resolve())  # plain peft finds it too
+
+
+def test_an_experiment_that_did_not_finish_says_how_to_finish_it(tmp_path, capsys):
+    """A stopped run has checkpoints, not an artifact to predict with; the error named only --method."""
+    (tmp_path / "results.json").write_text(json.dumps({"job": {}, "summary": [], "methods": [
+        {"method": "lora", "run_id": "lora", "status": "interrupted"}]}))
+    assert main(["predict", str(tmp_path), "--text", "good"]) == 2
+    assert f"`tunelab compare --resume --output {tmp_path}` finishes them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict"])
+    assert "required: EXPERIMENT_DIR|ARTIFACT_DIR\n" in capsys.readouterr().err  # task options are optional

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import functools
 import shutil
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ExperimentConfig, config_and_problems, from_dict, with_overrides
+from .config import ExperimentConfig, config_and_problems, overridden, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import (RUN_FILE, ExperimentLock, command_problems, finished_records, resumed_flags,
                                 saved_config, saved_flags, write_run_file)
@@ -35,7 +36,7 @@ class CompareOutcome:
         return 0 if all(r["status"] == "success" for r in self.records) else 1
 
 
-def resolve(config: str | Path | ExperimentConfig | None, overrides: Sequence[str] | None = ()) -> ExperimentConfig:
+def resolve(config: str | Path | dict | ExperimentConfig | None, overrides: Sequence[str] | None = ()) -> ExperimentConfig:
     """The validated config (see `resolve_with_problems`), or TunelabInputError with every problem."""
     cfg, problems = resolve_with_problems(config, overrides)
     if problems:
@@ -59,7 +60,7 @@ def keeps_torch_threads(function):
 
 
 @keeps_torch_threads
-def validate(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
+def validate(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
              nproc: int = 1) -> Job:
     """Check config, model and data without training, for a run of `nproc` processes (what compare checks
     besides); raises TunelabInputError listing every problem."""
@@ -67,17 +68,21 @@ def validate(config: str | Path | ExperimentConfig | None = None, overrides: Seq
     return prepared(cfg, problems + process_problems(cfg, nproc))
 
 
-def resolve_with_problems(config: str | Path | ExperimentConfig | None,
+def resolve_with_problems(config: str | Path | dict | ExperimentConfig | None,
                           overrides: Sequence[str] | None = ()) -> tuple[ExperimentConfig, list[str]]:
-    """The config and its problems, not raised (see `prepared`): a YAML file's (or the packaged job's) with
-    `overrides`, or an ExperimentConfig checked again, since its fields may have been set by hand."""
+    """The config and its problems, not raised (see `prepared`), with `overrides` applied: a YAML file's (or
+    the packaged job's), a dict of the YAML's sections, or an ExperimentConfig, checked again, since its fields
+    may have been set by hand."""
     overrides = [overrides] if isinstance(overrides, str) else list(overrides or [])  # not one per character
-    if not isinstance(config, ExperimentConfig):
-        return config_and_problems(config, overrides)
-    if overrides:
-        raise ValueError("overrides apply to a YAML config, not to an ExperimentConfig object")
-    problems: list[str] = []
-    return from_dict(config.to_dict(), problems), problems
+    if isinstance(config, ExperimentConfig):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        problems: list[str] = []
+        return overridden(copy.deepcopy(config), overrides, problems), problems
+    if config is not None and not isinstance(config, (str, Path)):
+        return ExperimentConfig(), [f"config: {type(config).__name__} is not allowed; give a YAML file's path, a "
+                                    "dict of its sections or an ExperimentConfig"]
+    return config_and_problems(config, overrides)
 
 
 def prepared(cfg: ExperimentConfig, problems: list[str]) -> Job:
@@ -229,7 +234,7 @@ def process_problems(cfg: ExperimentConfig, nproc: int) -> list[str]:
 
 
 @keeps_torch_threads
-def compare(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
+def compare(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
             output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
             resume: bool = False, allow_config_change: bool = False, seeds: int | None = None,
             isolate: bool = True, tune: int | None = None, nproc: int | None = None) -> CompareOutcome:
@@ -308,7 +313,7 @@ class SweepOutcome:
 
 
 @keeps_torch_threads
-def sweep(config: str | Path | ExperimentConfig | None = None, overrides: Sequence[str] = (),
+def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
           output_dir: str | Path | None = None, trials: int = 20, storage: str | None = None,
           study_name: str | None = None, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True, nproc: int = 1) -> SweepOutcome:

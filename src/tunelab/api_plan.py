@@ -14,7 +14,7 @@ from .api import count_problems, process_problems, resolve
 from .config import ExperimentConfig
 from .errors import TunelabInputError
 
-Config = str | Path | ExperimentConfig | None
+Config = str | Path | dict | ExperimentConfig | None
 
 
 def estimate(config: Config = None, overrides: Sequence[str] = (), train_examples: int | None = None,

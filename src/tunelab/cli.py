@@ -92,7 +92,7 @@ def add_use_commands(sub, hub: argparse.ArgumentParser) -> None:
     predict = sub.add_parser("predict", help="predict with a saved artifact, one JSON line per input",
                              parents=[hub])
     predict.add_argument("path", metavar="EXPERIMENT_DIR|ARTIFACT_DIR", help=where)
-    predict.add_argument("overrides", nargs="*", metavar="TASK.KEY=VALUE",
+    predict.add_argument("overrides", nargs="*", default=[], metavar="TASK.KEY=VALUE",  # (a default: optional)
                          help="change a task option for prediction, e.g. causal-lm.max_new_tokens=128")
     predict.add_argument("--method", help="the method whose artifact to use (default: the experiment's best)")
     predict.add_argument("--text", action="append", default=[], help="an input (repeatable)")

@@ -78,7 +78,7 @@ def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
     if not runs:
         finished = sorted({r["method"] for r in payload.get("methods", []) if r.get("status") == "success"})
         raise TunelabInputError([f"--method: {str(folder)!r} has no saved artifact of {method!r}; methods with "
-                                 f"one: {', '.join(finished) or 'none'}"])
+                                 f"one: {', '.join(finished) or 'none'}{unfinished_hint(payload, folder)}"])
     best = max(runs, key=lambda r: validation_score(r, payload.get("job") or {}))
     return read_artifact(folder / "artifacts" / best.get("run_id", method))
 
@@ -100,8 +100,16 @@ def read_artifact(folder: Path) -> Artifact:
 def best_method(payload: dict[str, Any], folder: Path) -> str:
     ranked = [e for e in payload.get("summary") or [] if e.get("rank") == 1]
     if not ranked:
-        raise TunelabInputError([f"{str(folder)!r} has no ranked method (no successful run); name one with --method"])
+        raise TunelabInputError([f"{str(folder)!r} has no ranked method (no successful run); name one with --method"
+                                 f"{unfinished_hint(payload, folder)}"])
     return ranked[0]["method"]
+
+
+def unfinished_hint(payload: dict[str, Any], folder: Path) -> str:
+    """A run stopped or killed has checkpoints, not an artifact: resuming finishes it."""
+    if not any(r.get("status") in ("interrupted", "failed") for r in payload.get("methods", [])):
+        return ""
+    return f"; runs there did not finish: `tunelab compare --resume --output {folder}` finishes them"
 
 
 def load_artifact(artifact: Artifact) -> tuple[nn.Module, Any]:

@@ -124,6 +124,21 @@ def test_an_interrupted_comparison_names_the_methods_it_did_not_reach(tmp_path):
     assert "- Not run (the comparison stopped before them): bitfit." in report_of(tmp_path, payload)
 
 
+def test_runs_trained_with_different_settings_are_named_not_ranked_as_one_comparison(tmp_path):
+    """A results.json put together from two experiments (600 steps and 20): the header stated the first run's
+    settings for every method and ranked them against each other without a word."""
+    payload = seeded(json.loads(LEGACY.read_text()), seeds=(42, 43))
+    assert "Runs trained with different settings" not in report_of(tmp_path, payload)  # seeds differ by design
+    for r in payload["methods"]:
+        if r["method"] == "lora":
+            r["config"]["train"]["max_steps"] = 20
+            r["hyperparameters"] = {"train.batch_size": 4}  # a tuned value differs by design too
+            r["config"]["train"]["batch_size"] = 4
+    text = report_of(tmp_path, payload)
+    assert "- **Runs trained with different settings**, so this is not one comparison: `train.max_steps`" in text
+    assert "20 (lora/seed-42, lora/seed-43)" in text and "train.batch_size" not in text.split("different settings")[1]
+
+
 def test_small_and_huge_numbers_keep_their_digits():
     from tunelab.report.markdown import human_count, verdict_text
     from tunelab.report.summary import interval_text

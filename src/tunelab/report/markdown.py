@@ -104,7 +104,7 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
     ok = [r for r in records if r["status"] == "success"]
     notes = [f"- **{md_text(r.get('run_id', r['method']))}** did not finish ({md_text(r['status'])}): "
              f"{md_text(r.get('error'))}" for r in records if r["status"] != "success"]
-    notes += not_run_yet(records)
+    notes += not_run_yet(records) + mixed_settings(records)
     if not entries:
         return notes or ["- No method finished."]
     metric = ordered_metrics(job)[0]
@@ -145,6 +145,38 @@ def not_run_yet(records: list[dict]) -> list[str]:
     asked = next((r["config"].get("methods") for r in records if isinstance(r.get("config"), dict)), None) or []
     missing = [m for m in asked if m not in {r["method"] for r in records}]
     return [f"- Not run (the comparison stopped before them): {', '.join(map(md_text, missing))}."] if missing else []
+
+
+SHARED_SECTIONS = ("task", "model", "data", "train")  # what every run of a fair comparison trains with
+
+
+def mixed_settings(records: list[dict]) -> list[str]:
+    """Settings that differ between the finished runs (a results.json put together from several experiments,
+    or edited): the header states the first run's, and the ranking would compare unlike runs. A run's seed and
+    its tuned values (`hyperparameters`) differ by design."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for r in records:
+        if r.get("status") != "success" or not isinstance(r.get("config"), dict):
+            continue
+        tuned = set(r.get("hyperparameters") or {})
+        for key, value in flat_settings(r["config"]).items():
+            if key != "train.seed" and key not in tuned:
+                seen.setdefault(key, {}).setdefault(repr(value), []).append(r.get("run_id", r["method"]))
+    mixed = {key: values for key, values in seen.items() if len(values) > 1}
+    if not mixed:
+        return []
+    shown = "; ".join(f"`{key}` " + ", ".join(f"{md_text(value)} ({', '.join(map(md_text, runs))})"
+                                             for value, runs in values.items())
+                      for key, values in list(mixed.items())[:5])
+    more = f"; {len(mixed) - 5} more" if len(mixed) > 5 else ""
+    return [f"- **Runs trained with different settings**, so this is not one comparison: {shown}{more}."]
+
+
+def flat_settings(config: dict) -> dict[str, object]:
+    return {f"{section}.{key}" if isinstance(values, dict) else section: value
+            for section in SHARED_SECTIONS if section in config
+            for values in [config[section]]
+            for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
 
 
 def lean_note(ok: list[dict], best: str, ties: list[str]) -> list[str]:

@@ -182,6 +182,10 @@ def seeded_sampler(seed: int, index: int):
     return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
 
+def trial_run_id(method: str, number: int) -> str:
+    return f"{method}/trial-{number:03d}"  # its folders (checkpoints, records) are named after it
+
+
 def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, name: str | None,
               show_progress: bool, resume: bool, seeded: bool, nproc: int = 1) -> list[dict[str, Any]]:
     """Trials of `method` until the study holds `trials` of them; returns this worker's trial records."""
@@ -198,7 +202,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
     def train(trial, values: dict[str, Any], resume_trial: bool) -> None:
         """Train the trial in its own process (or take the record a killed sweep's run had written), tell
         optuna, and stop the sweep where a stop was asked for."""
-        run = Run(method, cfg.train.seed, f"{method}/trial-{trial.number:03d}")
+        run = Run(method, cfg.train.seed, trial_run_id(method, trial.number))
         record = (read_record(out_dir / RECORDS / file_name(run)) if resume_trial else None) or run_in_child(
             out_dir, run, with_values(job.config, values).to_dict(), show_progress, resume=resume_trial,
             trial={"storage": storage, "study": study.study_name, "trial_id": trial._trial_id, "metric": metric},
@@ -231,7 +235,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         unfit = length_problems(run_cfg, model_config) + check(run_cfg, method)
         if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
             reason = "; ".join(unfit)
-            records.append({"method": method, "run_id": f"{method}/trial-{trial.number:03d}", "status": "pruned",
+            records.append({"method": method, "run_id": trial_run_id(method, trial.number), "status": "pruned",
                             "error": reason, "trial": trial.number, "hyperparameters": values})
             trial.set_user_attr(UNFIT, reason)  # kept with the trial: told apart from the pruner's stops
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)

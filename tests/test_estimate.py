@@ -190,3 +190,14 @@ def test_a_model_the_task_cannot_build_and_a_length_past_its_positions_are_refus
         estimated(tmp_path / "vit", "methods=lora")
     with pytest.raises(TunelabInputError, match=r"data.max_length: 100 is more than the model supports; allowed: 1..64"):
         estimated(tiny_llama_config(tmp_path / "llama"), "methods=lora", "data.max_length=100")
+
+
+def test_the_table_shows_counts_whole_and_measured_values_to_four_digits(capsys):
+    """A step time was printed as 4,995.4035, and --train-examples 2.5 was "not a int"."""
+    from tunelab.cli import cell
+
+    assert [cell(v) for v in (6738415616, 4995.4035, 0.012345, 123456.7, None)] == \
+        ["6,738,415,616", "4,995", "0.01235", "123,457", "—"]
+    with pytest.raises(SystemExit):
+        main(["estimate", "--train-examples", "2.5"])
+    assert "'2.5' is not a whole number" in capsys.readouterr().err

@@ -261,8 +261,19 @@ def print_table(methods: list[dict], columns: dict[str, str]) -> None:
     # a space before each column: a 7B model's 6,738,415,616 parameters fill 13 characters
     print(f"{'method':<15}" + "".join(f" {label:>13}" for label in columns.values()))
     for m in methods:
-        print(f"{m['method']:<15}" + "".join(f" {m[c]:>13,}" if m.get(c) is not None else f" {'—':>13}"
-                                             for c in columns))
+        print(f"{m['method']:<15}" + "".join(f" {cell(m.get(c)):>13}" for c in columns))
+
+
+def cell(value) -> str:
+    """A count with its thousands marked; a measured quantity (seconds, MB) to four digits, not 4,995.4035."""
+    if value is None:
+        return "—"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+KIND_NAMES = {int: "whole number", float: "number"}
 
 
 def positive(kind):
@@ -271,7 +282,7 @@ def positive(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {KIND_NAMES.get(kind, kind.__name__)}") from None
         if not value > 0 or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{text!r} is not allowed; must be a number above 0")
         return value

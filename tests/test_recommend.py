@@ -275,3 +275,11 @@ def test_nothing_fits_suggests_only_what_would_change_the_job(tiny_llama):
                                             "train.precision=fp32"), 0.1)["suggestions"])
     assert "train.gradient_accumulation_steps=4" in ideas and "1 row(s) each instead of 2" in ideas
     assert "train.precision=bf16" in ideas and "lora.r=4" in ideas
+
+
+def test_where_the_process_alone_is_over_the_budget_no_setting_is_suggested(tiny_overrides):
+    """At 50 MB a training process here is larger than the budget before its first tensor: checkpointing,
+    accumulation, bf16 or a lower rank were still suggested."""
+    cfg = load_config(None, tiny_overrides)
+    ideas = recommend(cfg, 50, train_examples=160)["suggestions"]
+    assert len(ideas) == 2 and "no setting of the job fits; this needs more memory" in ideas[1], ideas

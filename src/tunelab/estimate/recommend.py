@@ -91,7 +91,8 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     return {"memory_mb": memory_mb, "time_budget_s": time_budget_s, "train_examples": rows,
             "train_examples_source": rows_source,
             "total_params": total, "methods": ranked, "not_applicable": skipped,
-            "suggestions": [] if fits else suggestions(ranked, memory_mb, cfg, estimated["precision"])}
+            "suggestions": [] if fits else suggestions(ranked, memory_mb, cfg, estimated["precision"],
+                                                       estimated["device"].get("runtime_overhead_mb") or 0.0)}
 
 
 def untimed_reason(steps: int | None, device: dict[str, Any], rows_source: str) -> str | None:
@@ -227,12 +228,18 @@ def measured_quality(task: str, total_params: int, metric: str) -> dict[str, dic
     return best
 
 
-def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig, precision: str) -> list[str]:
-    """What would fit when nothing does: only changes to what the job does now (`precision` as resolved)."""
+def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig, precision: str,
+                runtime: float = 0.0) -> list[str]:
+    """What would fit when nothing does: only changes to what the job does now (`precision` as resolved), and
+    none where a training process (`runtime` MB before its first tensor) is larger than the budget."""
     lightest = min(ranked, key=lambda r: r["peak_memory_mb"])
     checkpointed = [r for r in ranked if r["peak_memory_checkpointing_mb"] is not None]
     ideas = [f"the lightest method, {lightest['method']}, needs ≈ {lightest['peak_memory_mb']:,.0f} MB against "
              f"{memory_mb:,.0f} MB"]
+    if runtime >= memory_mb:  # no change to the job helps: the process is that large before its first tensor
+        return ideas + [f"a training process here takes ≈ {runtime:,.0f} MB before any tensor (the libraries it "
+                        f"imports), more than {memory_mb:,.0f} MB: no setting of the job fits; this needs more "
+                        "memory"]
     if checkpointed:
         least = min(checkpointed, key=lambda r: r["peak_memory_checkpointing_mb"])
         switch = "" if cfg.train.gradient_checkpointing else " (train.gradient_checkpointing=true)"
@@ -242,8 +249,9 @@ def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig, pre
     if precision != "bf16":
         ideas.append("bf16 (train.precision=bf16 where the device runs it fast) halves activations and frozen weights")
     rank = cfg.options("lora").r
-    ideas.append(f"a lower LoRA rank (lora.r={rank // 2}) or fewer target modules trims an adapter's share"
-                 if rank > 1 else "fewer LoRA target modules trim an adapter's share")
+    if "lora" in {r["method"] for r in ranked}:  # (not where LoRA does not apply: no targets in this model)
+        ideas.append(f"a lower LoRA rank (lora.r={rank // 2}) or fewer target modules trims an adapter's share"
+                     if rank > 1 else "fewer LoRA target modules trim an adapter's share")
     ideas.append("several devices can share the weights, gradients and optimizer state: train.fsdp=true with "
                  "--nproc N or torchrun; `tunelab estimate --nproc N train.fsdp=true` gives one device's share")
     return ideas

@@ -201,3 +201,15 @@ def test_the_table_shows_counts_whole_and_measured_values_to_four_digits(capsys)
     with pytest.raises(SystemExit):
         main(["estimate", "--train-examples", "2.5"])
     assert "'2.5' is not a whole number" in capsys.readouterr().err
+
+
+def test_a_gpu_not_here_is_named_as_timed_once_its_peak_rate_is_given():
+    """The header said "memory only" next to the times --peak-tflops gave."""
+    from tunelab.estimate import with_peak
+    from tunelab.estimate.device import absent_gpu_profile
+
+    absent = absent_gpu_profile("bf16")
+    assert "memory only" in absent["name"] and with_peak(absent, 989)["effective_flops"] > 0
+    assert with_peak(absent, 989)["name"] == "a CUDA device (not on this machine: timed at the given --peak-tflops)"
+    here = {**absent, "present": True, "name": "this CPU"}
+    assert with_peak(here, 1.0)["name"] == "this CPU"

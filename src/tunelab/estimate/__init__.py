@@ -131,7 +131,9 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
 def with_peak(device: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
     if not peak_tflops:
         return device
-    return {**device, "peak_flops": peak_tflops * 1e12, "peak_flops_from": "given (--peak-tflops)",
+    named = {} if device.get("present", True) else {"name": "a CUDA device (not on this machine: timed at the "
+                                                            "given --peak-tflops)"}
+    return {**device, **named, "peak_flops": peak_tflops * 1e12, "peak_flops_from": "given (--peak-tflops)",
             "effective_flops": peak_tflops * 1e12 * device["efficiency"]}
 
 

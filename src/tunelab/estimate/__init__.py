@@ -31,18 +31,16 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     train.gradient_accumulation_steps), and under train.fsdp its shards. Times are for one step of the global
     batch, the processes working in parallel at the rate measured for one of them (on a CPU, with its share of
     the cores)."""
-    from ..models.loading import quiet_transformers, read_model_config, resolve_model_path
-    from ..models.structure import max_positions
+    from ..experiment.job import max_length_problems
+    from ..models.loading import first_line, quiet_transformers, read_model_config, resolve_model_path
     from ..train.setup import resolve_precision
 
     quiet_transformers()
     task = cfg.task_spec
     model_path = resolve_model_path(cfg.model_name, cfg.model.revision, config_only=True)  # weights unread
     config = read_model_config(model_path)
-    limit = max_positions(config)
-    if limit is not None and cfg.data.max_length > limit:  # as validate says it: no step of that length runs
-        raise TunelabInputError([f"data.max_length: {cfg.data.max_length} is more than the model supports; "
-                                 f"allowed: 1..{limit}"])
+    if max_length_problems(cfg, config):  # as validate says it: no step of that length runs
+        raise TunelabInputError(max_length_problems(cfg, config))
     for key, value in task.model_kwargs({}).items():
         setattr(config, key, value)
     build = builder(task, config)
@@ -88,10 +86,6 @@ def builder(task, config):
     # as training loads and prepares it (a decoder classifier's pad id, which its forward needs)
     return lambda: task.prepare_model(task.auto_class().from_config(config, dtype=TRAINING_DTYPE), None)
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
 
 
 def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shallow_builds: dict, shape: Shape,

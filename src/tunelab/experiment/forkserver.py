@@ -17,6 +17,7 @@ than Linux unless `TUNELAB_FORK_SERVER=1` (see `wanted`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib
 import json
@@ -337,10 +338,8 @@ def stop_orphans(running: set[int]) -> None:
     """SIGKILL, not a stop after the step: a --resume may already be starting in the same folder, and two
     processes writing one run's checkpoints would spoil them. The run resumes from its last checkpoint."""
     for pid in running:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # ended already, not yet reaped
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def import_quietly(modules: list[str]) -> None:

@@ -178,14 +178,18 @@ def has_weights(model_path: str) -> bool:
     return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.gguf", "*.index.json"))
 
 
+def max_length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
+    limit = max_positions(model_config)
+    if limit is None or cfg.data.max_length <= limit:
+        return []
+    return [f"data.max_length: {cfg.data.max_length} is more than the model supports; allowed: 1..{limit}"]
+
+
 def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
     limit = max_positions(model_config)
     if limit is None:
         return []
-    problems = []
-    if cfg.data.max_length > limit:
-        problems.append(f"data.max_length: {cfg.data.max_length} is more than the model supports; "
-                        f"allowed: 1..{limit}")
+    problems = max_length_problems(cfg, model_config)
     # answers past a learned position table fail; rotary models only run past their nominal length
     new = cfg.task_spec.generated_positions(cfg.task_options) if positions_are_a_table(model_config) else 0
     for name in cfg.methods:

@@ -75,7 +75,7 @@ def read_model_config(model_path: str):
         return AutoConfig.from_pretrained(model_path, local_files_only=True)
     except Exception as exc:  # transformers raises many kinds here
         raise TunelabInputError([f"model.name_or_path: {model_path!r} has no readable config.json "
-                                 f"({type(exc).__name__}: {_first_line(exc)})"]) from None
+                                 f"({type(exc).__name__}: {first_line(exc)})"]) from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
@@ -96,7 +96,7 @@ def load_tokenizer(model_path: str):
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     except Exception as exc:
         raise TunelabInputError([f"model.name_or_path: no tokenizer could be loaded from {model_path!r} "
-                                 f"({type(exc).__name__}: {_first_line(exc)})"]) from None
+                                 f"({type(exc).__name__}: {first_line(exc)})"]) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token_id = pad_token_id(tokenizer)
     return tokenizer
@@ -142,7 +142,7 @@ def _from_pretrained(model_path: str, task, info: dict, **kwargs) -> tuple[nn.Mo
                                                            **task.model_kwargs(info), **kwargs)
     except Exception as exc:
         raise TunelabInputError([f"model.name_or_path: could not load a model from {model_path!r} for task "
-                                 f"{task.name!r} ({type(exc).__name__}: {_first_line(exc)})"]) from None
+                                 f"{task.name!r} ({type(exc).__name__}: {first_line(exc)})"]) from None
     head = task.head_modules(model)
     lacking = [*loading.get("missing_keys", []), *(key for key, *_ in loading.get("mismatched_keys", []))]
     return model, sorted(k for k in lacking if k.split(".")[0] not in head)
@@ -155,6 +155,6 @@ def missing_weights_message(model_path: str, missing: list[str]) -> str:
             "its config's model class, and tunelab refuses to train random weights")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""

@@ -173,10 +173,14 @@ def mixed_settings(records: list[dict]) -> list[str]:
 
 
 def flat_settings(config: dict) -> dict[str, object]:
-    return {f"{section}.{key}" if isinstance(values, dict) else section: value
-            for section in SHARED_SECTIONS if section in config
-            for values in [config[section]]
-            for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
+    flat: dict[str, object] = {}
+    for section in SHARED_SECTIONS:
+        values = config.get(section)
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        elif section in config:  # `task` is a name, not a section of keys
+            flat[section] = values
+    return flat
 
 
 def lean_note(ok: list[dict], best: str, ties: list[str]) -> list[str]:

@@ -91,12 +91,13 @@ def also_over_test_examples(seed_test: dict, mine: list[dict], theirs: list[dict
     the seeds share one test split, so the t-test over them says nothing of that (one answer of 40 behind on
     every seed is "significant" to it). The paired bootstrap over test examples of the mean over seeds must
     agree; the larger p-value stands. Unchanged where there are no per-example results to resample."""
+    if split != "test" or task is None:
+        return seed_test
     per_seed = {}
     for name, runs in (("mine", mine), ("theirs", theirs)):
         by_seed = {r.get("seed"): r for r in runs}
-        per_seed[name] = [task.statistic(metric, by_seed[s].get("test_per_example") or {}) if task else None
-                          for s in seeds]
-    if split != "test" or not all(per_seed["mine"] + per_seed["theirs"]):
+        per_seed[name] = [task.statistic(metric, by_seed[s].get("test_per_example") or {}) for s in seeds]
+    if not all(per_seed["mine"] + per_seed["theirs"]):
         return seed_test
     joined = {name: stats.seed_mean(columns) for name, columns in per_seed.items()}
     if not all(joined.values()) or len(joined["mine"][0][0]) != len(joined["theirs"][0][0]):

@@ -233,8 +233,10 @@ def nested_value_problems(frames: dict[str, pd.DataFrame], column: str, cfg, rol
     words or a dict in a text column."""
     problems = []
     for split, frame in frames.items():
-        bad = frame[column].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))) if column in frame else []
-        if len(bad) and bad.any():
+        if column not in frame:  # (a missing column is reported on its own)
+            continue
+        bad = frame[column].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
+        if bad.any():
             example = short_repr(frame[column][bad].iloc[0])
             problems.append(f"{where(cfg.data, split)}: {int(bad.sum())} rows have a list or mapping in {role} column "
                             f"{column!r} (e.g. {example}); {why}")

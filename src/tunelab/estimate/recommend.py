@@ -110,10 +110,12 @@ _ESTIMATES: dict[str, dict[str, Any]] = {}
 
 def all_methods_estimate(cfg: ExperimentConfig) -> dict[str, Any]:
     """The estimate of every method, kept for this process: ranking the same job against several budgets
-    (16, 24, 80 GB) or data sizes runs each method's fake step once (a few seconds each for a 7B model)."""
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    (16, 24, 80 GB), data sizes or lengths of training runs each method's fake step once (a few seconds each
+    for a 7B model). How long the job trains is not part of it: an estimate is per step, recommend counts steps."""
+    per_step = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=None, epochs=1.0))
+    key = json.dumps(per_step.to_dict(), sort_keys=True, default=str)
     if key not in _ESTIMATES:
-        _ESTIMATES[key] = estimate(cfg, skip_inapplicable=True)
+        _ESTIMATES[key] = estimate(per_step, skip_inapplicable=True)
     return _ESTIMATES[key]
 
 

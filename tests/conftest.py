@@ -14,6 +14,7 @@ os.environ["TUNELAB_RESULTS_DB"] = os.path.join(tempfile.mkdtemp(prefix="tunelab
 os.environ["TUNELAB_CACHE"] = tempfile.mkdtemp(prefix="tunelab-cache-")
 
 import random  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
@@ -168,3 +169,60 @@ def fake_hub(monkeypatch, snapshot, fetched: list):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+
+
+# --- the real command, cheaply ------------------------------------------------------------------------------
+# A `python -m tunelab.cli` child spends ~5 s importing torch, transformers and peft and starts a fork server of
+# its own for its runs; here the command runs in this process, whose server is already warm, or forked from
+# that server, where a test needs the command's own process (to stop or kill it).
+def cli_here(args: list[str], fault: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`tunelab ARGS` in this process: exit code and stderr, with TUNELAB_FAULT (and `env`) set for its runs."""
+    import contextlib
+    import io
+
+    from tunelab.cli import main
+
+    settings = {"TUNELAB_FAULT": fault, **(env or {})}
+    before, err = {name: os.environ.get(name) for name in settings}, io.StringIO()
+    os.environ.update(settings)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(args)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
+def cli_forked(args: list[str], fault: str = "", timeout: float = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`tunelab ARGS` in its own process, forked from this process's preloaded server as a run's is."""
+    from tunelab.experiment.forkserver import run_captured
+
+    code, out, err = run_captured("tunelab.cli", args, timeout, {**(env or os.environ), "TUNELAB_FAULT": fault})
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def cli_forked_together(commands: list[list[str]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Several `tunelab` commands at once, each in its own forked process (as cli_forked): exit codes, stderr."""
+    import tempfile
+
+    from tunelab.experiment.forkserver import start_process
+
+    errors, quiet = [tempfile.TemporaryFile() for _ in commands], os.open(os.devnull, os.O_WRONLY)
+    try:
+        processes = [start_process("tunelab.cli", args, dict(os.environ), (0, quiet, err.fileno()))
+                     for args, err in zip(commands, errors)]
+        done = []
+        for args, process, err in zip(commands, processes, errors):
+            code = process.wait(timeout)
+            err.seek(0)
+            done.append(subprocess.CompletedProcess(args, code, "", err.read().decode(errors="replace")))
+        return done
+    finally:
+        os.close(quiet)
+        for err in errors:
+            err.close()

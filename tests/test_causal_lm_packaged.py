@@ -10,7 +10,7 @@ from tunelab.cli import main
 pytestmark = pytest.mark.slow
 
 SMALL = ["task=causal-lm", "data.max_train_samples=32", "data.max_eval_samples=8", "data.max_length=64",
-         "train.batch_size=8", "train.max_steps=2", "train.eval_every_steps=2", "causal-lm.generation_samples=2",
+         "train.batch_size=8", "train.max_steps=1", "train.eval_every_steps=1", "causal-lm.generation_samples=2",
          "causal-lm.max_new_tokens=8", "causal-lm.report_examples=2",
          "train.precision=fp32"]  # auto would time fp32 against bf16 for each method (20-30 s each on some CPUs)
 

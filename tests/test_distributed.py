@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_forked, cli_here
 from tunelab import api
 from tunelab.config import load_config
 from tunelab.errors import TunelabInputError
@@ -21,13 +22,20 @@ FP32 = ["train.precision=fp32", "train.epochs=2", "train.log_every_steps=1", "tr
 STEPS = 40  # 160 toy rows / batch 8 × 2 epochs
 
 
-def cli(args: list[str], out: Path, fault: str = "", launcher: list[str] | None = None, fault_rank: str = ""):
-    env = {**os.environ, "TUNELAB_FAULT": fault, **({"TUNELAB_FAULT_RANK": fault_rank} if fault_rank else {})}
+def cli(args: list[str], out: Path, fault: str = "", launcher: list[str] | None = None, fault_rank: str = "",
+        own_process: bool = False):
+    """`tunelab compare` in this process (its runs' processes forked from its warm server), or in its own
+    process: forked where a fault stops it, under `launcher` where one starts the processes."""
+    command = ["compare", *args, "--output", str(out), "--no-progress"]
+    if not launcher:
+        extra = {"TUNELAB_FAULT_RANK": fault_rank} if fault_rank else {}
+        return cli_forked(command, fault, env={**os.environ, **extra}) if own_process else \
+            cli_here(command, fault, extra)
+    env = {**os.environ, "TUNELAB_FAULT": fault}
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
-    command = [*(launcher or [sys.executable]), "-m", "tunelab", "compare", *args, "--output", str(out),
-               "--no-progress"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([*launcher, "-m", "tunelab", *command], capture_output=True, text=True, timeout=600,
+                          env=env)
 
 
 def methods(out: Path) -> dict[str, dict]:
@@ -55,11 +63,18 @@ def assert_same_training(got: dict, want: dict, tolerance: float = 1e-4) -> None
     assert got["test"]["accuracy"] == want["test"]["accuracy"]
 
 
-def test_two_processes_train_what_one_does_each_on_half_the_data(single, tmp_path):
-    overrides, want = single
-    result = cli([*overrides, "--nproc", "2"], tmp_path / "two")
+@pytest.fixture(scope="module")
+def two_processes(single, tmp_path_factory) -> Path:
+    """The reference job as 2 processes."""
+    out = tmp_path_factory.mktemp("two") / "out"
+    result = cli([*single[0], "--nproc", "2"], out)
     assert result.returncode == 0, result.stderr[-3000:]
-    got = methods(tmp_path / "two")
+    return out
+
+
+def test_two_processes_train_what_one_does_each_on_half_the_data(single, two_processes):
+    _, want = single
+    got = methods(two_processes)
     for name in ("full", "lora"):
         assert_same_training(got[name], want[name])
         assert got[name]["processes"] == 2
@@ -67,9 +82,9 @@ def test_two_processes_train_what_one_does_each_on_half_the_data(single, tmp_pat
         assert got[name]["train_samples_per_s"] > 0
     # the main process alone wrote: one TensorBoard run and one artifact per method, no per-rank leftovers
     for name in ("full", "lora"):
-        events = (tmp_path / "two" / "tensorboard" / name).glob("events.out.tfevents.*")
+        events = (two_processes / "tensorboard" / name).glob("events.out.tfevents.*")
         assert len({f.name.split(".")[-2] for f in events}) == 1  # the writing process's pid
-    assert sorted(p.name for p in (tmp_path / "two" / "records").iterdir()) == ["full.json", "lora.json"]
+    assert sorted(p.name for p in (two_processes / "records").iterdir()) == ["full.json", "lora.json"]
 
 
 def test_methods_with_their_own_structure_train_under_ddp(single, tmp_path):
@@ -91,7 +106,7 @@ def test_sharded_training_matches_one_process_resumes_and_saves_whole_weights(si
     refused.)"""
     overrides, want = single
     run = [*overrides, "train.fsdp=true", "train.checkpoint_every_steps=4", "--nproc", "2"]
-    stopped = cli(run, tmp_path / "s", fault="interrupt@step=10")
+    stopped = cli(run, tmp_path / "s", fault="interrupt@step=10", own_process=True)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     resumed = cli([*run, "--resume"], tmp_path / "s")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -156,16 +171,15 @@ def test_token_averaged_losses_accumulate_exactly(tmp_path, tiny_causal_override
     assert split["test"]["loss"] == pytest.approx(plain["test"]["loss"], abs=1e-5)
 
 
-def test_two_processes_resume_after_ctrl_c_exactly(single, tmp_path):
+def test_two_processes_resume_after_ctrl_c_exactly(single, two_processes, tmp_path):
+    """Stopped and resumed, the run is bit for bit the uninterrupted one (which checkpointed less often)."""
     overrides, _ = single
     run = [*overrides, "methods=lora", "train.checkpoint_every_steps=4", "--nproc", "2"]
-    whole = cli(run, tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = cli(run, tmp_path / "split", fault="interrupt@step=10")  # both processes get the Ctrl-C
+    stopped = cli(run, tmp_path / "split", fault="interrupt@step=10", own_process=True)  # both ranks stop
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     resumed = cli([*run, "--resume"], tmp_path / "split")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got, want = methods(tmp_path / "split")["lora"], methods(tmp_path / "whole")["lora"]
+    got, want = methods(tmp_path / "split")["lora"], methods(two_processes)["lora"]
     assert got["losses"] == want["losses"] and got["test"] == want["test"]
 
 

@@ -11,16 +11,16 @@ import time
 
 import pytest
 
+from conftest import cli_here
 from tunelab.experiment import forkserver
 
 RUN = ["train.epochs=1", "train.checkpoint_every_steps=3", "train.eval_every_steps=4", "train.log_every_steps=2"]
 
 
 def compare(args, out, fault="", resume=False):
-    env = {**os.environ, "TUNELAB_FAULT": fault}
-    extra = ["--resume"] if resume else []
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", "compare", *args, "--output", str(out), "--no-progress",
-                           *extra], capture_output=True, text=True, timeout=600, env=env)
+    """`tunelab compare` in this process: its runs are in processes of their own all the same."""
+    return cli_here(["compare", *args, "--output", str(out), "--no-progress", *(["--resume"] if resume else [])],
+                    fault)
 
 
 def records(out):
@@ -34,7 +34,7 @@ def test_a_killed_run_is_recorded_the_others_continue_and_resume_finishes_it(tin
     runs = records(tmp_path)
     assert runs["lora"]["status"] == "failed" and "killed by SIGKILL" in runs["lora"]["error"]
     assert runs["full"]["status"] == "success"
-    pids = {runs["full"]["pid"], os.getpid()}
+    pids = {runs["full"]["pid"], os.getpid()}  # (this process ran the experiment)
     resumed = compare([], tmp_path, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     runs = records(tmp_path)

@@ -192,7 +192,7 @@ def tiny_llama(tmp_path_factory):
     from transformers import LlamaConfig
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 max_position_embeddings=128).save_pretrained(folder)
     return folder
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.cli import main
 from tunelab.train.checkpoint import Checkpointer, is_complete
 
-from conftest import PINNED
+from conftest import PINNED, cli_forked, cli_here
 from test_methods_matrix import MATRIX, NOT_APPLICABLE
 
 # every method that runs on the tiny classification job (the others are refused there by validate)
@@ -37,30 +36,16 @@ def tunelab(args, out: Path, fault: str | None = None, timeout: int = 300,
     """The real command in a child process: needed where the process is killed. The child is forked from
     tunelab's preloaded server, as runs are (seconds faster than importing torch anew), or is a fresh
     interpreter as a user's `tunelab compare` is."""
-    from tunelab.experiment.forkserver import run_captured
-
-    env = {**os.environ, "TUNELAB_FAULT": fault or ""}
     command = ["compare", *args, "--output", str(out), "--no-progress", *IN_PROCESS]
     if fresh_interpreter:
         return subprocess.run([sys.executable, "-m", "tunelab.cli", *command], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    code, stdout, stderr = run_captured("tunelab.cli", command, timeout, env)
-    return subprocess.CompletedProcess(command, code, stdout, stderr)
+                              timeout=timeout, env={**os.environ, "TUNELAB_FAULT": fault or ""})
+    return cli_forked(command, fault or "", timeout)
 
 
 def inproc(args, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     """The same command in this process (much faster: no imports), where nothing kills the process."""
-    import contextlib
-    import io
-
-    os.environ["TUNELAB_FAULT"] = fault or ""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(["compare", *args, "--output", str(out), "--no-progress", *IN_PROCESS])
-    finally:
-        os.environ["TUNELAB_FAULT"] = ""
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+    return cli_here(["compare", *args, "--output", str(out), "--no-progress", *IN_PROCESS], fault or "")
 
 
 def args_for(method, tiny_overrides):

@@ -11,16 +11,17 @@ import uuid
 import optuna
 import pytest
 
+from conftest import cli_forked, cli_forked_together, cli_here
 from tunelab.sweep.space import method_space, suggest
 from tunelab.config import load_config
 
 SMALL = ["methods=lora", "train.max_steps=4", "train.eval_every_steps=2", "train.log_every_steps=2"]
 
 
-def sweep(args, out, *flags, fault=""):
-    env = {**os.environ, "TUNELAB_FAULT": fault}
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", *args, "--output", str(out), "--no-progress",
-                           *flags], capture_output=True, text=True, timeout=900, env=env)
+def sweep(args, out, *flags, fault="", own_process=False):
+    """`tunelab sweep` in this process, or in its own (forked) where the test stops it."""
+    command = ["sweep", *args, "--output", str(out), "--no-progress", *flags]
+    return cli_forked(command, fault) if own_process else cli_here(command, fault)
 
 
 def study(out):
@@ -126,24 +127,24 @@ def trial_results(out):
 
 def test_a_killed_sweep_resumes_to_the_trials_of_one_that_never_stopped(tiny_overrides, tmp_path):
     """The trial killed mid-training is finished from its checkpoint (not failed and replaced), and the
-    trials after it draw the points an uninterrupted sweep draws: the same trials, values and reports."""
+    trial after it draws the point an uninterrupted sweep draws: the same trials, values and reports."""
     import signal
     import time
 
     args = [*tiny_overrides, *SMALL, "train.checkpoint_every_steps=1"]
-    reference = sweep(args, tmp_path / "ref", "--trials", "3")
+    reference = sweep(args, tmp_path / "ref", "--trials", "2")
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "killed"
     worker = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", *args, "--output", str(out),
-                               "--no-progress", "--trials", "3"], start_new_session=True,
+                               "--no-progress", "--trials", "2"], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    trial_1 = out / "checkpoints" / "lora" / "trial-001"
-    while time.time() < deadline and not list(trial_1.glob("step-*")):  # trial 1 has checkpointed
+    trial_0 = out / "checkpoints" / "lora" / "trial-000"
+    while time.time() < deadline and not list(trial_0.glob("step-*")):  # trial 0 has checkpointed
         time.sleep(0.1)
     os.killpg(worker.pid, signal.SIGKILL)  # the sweep and its trial's process, mid-trial
     worker.wait()
-    resumed = sweep([], out, "--trials", "3", "--resume")
+    resumed = sweep([], out, "--trials", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "FAIL" not in [t["state"] for t in study(out)["trials"]]
     assert trial_results(out) == trial_results(tmp_path / "ref")
@@ -167,12 +168,10 @@ def postgres_url() -> str:
 def test_two_workers_share_one_study(backend, tiny_overrides, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}" if backend == "sqlite" else postgres_url()
     args = [*tiny_overrides, *SMALL, "--study-name", f"test-{uuid.uuid4().hex[:12]}"]
-    workers = [subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", *args, "--output", str(tmp_path / f"w{i}"),
-                                 "--no-progress", "--trials", "4", "--storage", storage],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    workers = cli_forked_together([["sweep", *args, "--output", str(tmp_path / f"w{i}"), "--no-progress",
+                                    "--trials", "4", "--storage", storage] for i in range(2)])
     for worker in workers:
-        _, err = worker.communicate(timeout=900)
-        assert worker.returncode == 0, err[-2000:]
+        assert worker.returncode == 0, worker.stderr[-2000:]
     name = study(tmp_path / "w0")["study"]
     assert study(tmp_path / "w1")["study"] == name  # same config, same storage: the same study
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()  # after both workers ended
@@ -192,9 +191,9 @@ def test_pruner_sees_intermediate_results(tiny_overrides, tmp_path, pruner):
 
 
 def test_compare_tune_then_seeds_uses_each_methods_best_trial(tiny_overrides, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tunelab.cli", "compare", *tiny_overrides, "methods=lora,prompt-tuning",
-                             "train.max_steps=4", "train.eval_every_steps=2", "--tune", "2", "--seeds", "2",
-                             "--output", str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=900)
+    result = cli_here(["compare", *tiny_overrides, "methods=lora,prompt-tuning", "train.max_steps=4",
+                       "train.eval_every_steps=2", "--tune", "2", "--seeds", "2", "--output", str(tmp_path),
+                       "--no-progress"])
     assert result.returncode == 0, result.stderr[-2000:]
     payload = json.loads((tmp_path / "results.json").read_text())
     studies = json.loads((tmp_path / "sweep.json").read_text())["studies"]
@@ -242,14 +241,14 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tiny_overrides, tmp
     import tunelab
 
     out, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'elsewhere.db'}"
-    stopped = sweep([*tiny_overrides, *SMALL], out, "--trials", "3", "--study-name", "mine", "--storage", storage,
-                    fault="interrupt@step=2")
+    stopped = sweep([*tiny_overrides, *SMALL], out, "--trials", "2", "--study-name", "mine", "--storage", storage,
+                    fault="interrupt@step=2", own_process=True)
     assert stopped.returncode == 130 and "--resume" in stopped.stderr, stopped.stderr[-2000:]
     assert [t["state"] for t in study(out)["trials"]] == ["RUNNING"]  # the first trial stopped; no other began
-    resumed = sweep([], out, "--trials", "3", "--resume")  # the study it was started with, not a new one
+    resumed = sweep([], out, "--trials", "2", "--resume")  # the study it was started with, not a new one
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert study(out)["study"] == "mine-lora" and not (out / "sweep.db").exists()
-    assert [t["state"] in ("COMPLETE", "PRUNED") for t in study(out)["trials"]] == [True] * 3  # trial 0 finished
+    assert [t["state"] in ("COMPLETE", "PRUNED") for t in study(out)["trials"]] == [True] * 2  # trial 0 finished
     with pytest.raises(tunelab.TunelabInputError, match="holds a `tunelab sweep` experiment, not a compare"):
         tunelab.compare(output_dir=out, resume=True, isolate=False, show_progress=False)
     renamed = sweep([], out, "--trials", "4", "--resume", "--study-name", "other")

@@ -265,7 +265,8 @@ def test_a_resumed_sweep_needs_the_storage_password_it_did_not_save(tmp_path):
                                                            "study_name": None}}))
     _, problems = sweep_flags(tmp_path, True, None, None)
     assert problems and "its password is not saved, so give --storage with it" in problems[0]
-    assert sweep_flags(tmp_path, True, url, None) == ({"storage": url, "study_name": None}, [])
+    # (a folder of an earlier version, which kept no --nproc: one process)
+    assert sweep_flags(tmp_path, True, url, None) == ({"storage": url, "study_name": None, "nproc": 1}, [])
     _, problems = sweep_flags(tmp_path, True, "postgresql://tuner:s3cret@otherhost/optuna", None)
     assert "was started with postgresql://tuner:***@db:5432/optuna" in problems[0]
 
@@ -322,3 +323,38 @@ def test_the_reason_a_trial_was_pruned_without_training_is_kept_with_it(tmp_path
     write_sweep(tmp_path, {"metrics": {"accuracy": "higher"}, "metric_for_best": "accuracy"}, {"adalora": summary})
     assert ("Pruned without training, their drawn values refused: trial 0 (adalora.target_r: 11 must be below "
             "adalora.init_r (9)).") in (tmp_path / "sweep.md").read_text()
+
+
+def test_trials_that_scored_alike_give_no_importances_and_say_why(tmp_path):
+    """optuna returns equal importances and warns (a file path in the user's terminal) when every trial scored
+    the same: the summary keeps none, with the reason, and the warning stays inside."""
+    import warnings
+
+    from tunelab.sweep.report import write_sweep
+    from tunelab.sweep.study import study_summary
+
+    alike, apart = optuna.create_study(direction="maximize"), optuna.create_study(direction="maximize")
+    for study, scores in ((alike, [0.5, 0.5, 0.5]), (apart, [0.2, 0.5, 0.9])):
+        for score in scores:
+            trial = study.ask()
+            trial.suggest_float("lora.lr", 1e-4, 1e-2, log=True)
+            trial.suggest_int("lora.r", 2, 16)
+            study.tell(trial, score)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = study_summary(alike)
+    assert not [w for w in caught if "importances" in str(w.message)]
+    assert summary["importances"] == {} and "scored too alike" in summary["importances_note"]
+    assert set(study_summary(apart)["importances"]) == {"lora.lr", "lora.r"}
+    write_sweep(tmp_path, {"metrics": {"accuracy": "higher"}, "metric_for_best": "accuracy"}, {"lora": summary})
+    assert ("Parameter importances: none: the 3 completed trials scored too alike for optuna to tell them "
+            "apart.") in (tmp_path / "sweep.md").read_text()
+
+
+def test_a_sweep_resumed_without_nproc_trains_on_as_many_processes_as_it_started_with(tiny_overrides, tmp_path):
+    started = sweep([*tiny_overrides, *SMALL, "train.max_steps=2"], tmp_path, "--trials", "1", "--nproc", "2")
+    assert started.returncode == 0, started.stderr[-2000:]
+    resumed = sweep([], tmp_path, "--trials", "2", "--resume")  # "continue with" commands leave --nproc out
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "records").rglob("*.json"))]
+    assert [r["processes"] for r in records] == [2, 2], [r["run_id"] for r in records]

@@ -316,9 +316,10 @@ class SweepOutcome:
 def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
           output_dir: str | Path | None = None, trials: int = 20, storage: str | None = None,
           study_name: str | None = None, resume: bool = False, overwrite: bool = False,
-          show_progress: bool = True, nproc: int = 1) -> SweepOutcome:
+          show_progress: bool = True, nproc: int | None = None) -> SweepOutcome:
     """Tune each configured method: optuna trials until its study holds `trials` (the study's total, shared
-    by every worker on the same storage), each trained in its own process, bad ones pruned early."""
+    by every worker on the same storage), each trained in its own process (`nproc` DDP processes; default 1,
+    on `resume` as started), bad ones pruned early."""
     from .experiment.forkserver import warm_up
     from .experiment.isolation import share_job
     from .sweep.report import write_sweep
@@ -334,8 +335,8 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))
-    flags, run_problems = sweep_flags(out_dir, resume, storage, study_name)
-    storage, study_name = flags["storage"], flags["study_name"]
+    flags, run_problems = sweep_flags(out_dir, resume, storage, study_name, nproc)
+    storage, study_name, nproc = flags["storage"], flags["study_name"], flags["nproc"]
     run_problems += storage_problems(storage)
     run_problems += launcher_problems(None)
     if launched_world_size() > 1:

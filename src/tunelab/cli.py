@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue a killed sweep in --output")
     sweep.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sweep.add_argument("--nproc", type=int, default=1, metavar="N", help="train each trial as N DDP processes")
+    sweep.add_argument("--nproc", type=int, metavar="N",
+                       help="train each trial as N DDP processes (default 1; on --resume: as started)")
     add_use_commands(sub, hub)
     estimate = sub.add_parser("estimate", help="parameters, peak memory, FLOPs and time per method, from the "
                               "model's config alone", epilog=EPILOG, parents=[hub])

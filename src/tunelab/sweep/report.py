@@ -27,6 +27,8 @@ def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) ->
         if study["importances"]:
             lines += ["Parameter importances (optuna): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in study["importances"].items()), ""]
+        elif study.get("importances_note"):
+            lines += [f"Parameter importances: {study['importances_note']}.", ""]
     folder = out_dir / "plots"
     folder.mkdir(exist_ok=True)
     plots = [p for p in (sweep_learning_rates(folder, studies, job), sweep_importances(folder, studies)) if p]

@@ -100,15 +100,17 @@ def sqlite_file(parsed) -> str | None:
     return parsed.database if parsed.database not in (None, "", ":memory:") else None
 
 
-def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | None) -> tuple[dict, list[str]]:
+def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | None,
+                nproc: int | None = None) -> tuple[dict, list[str]]:
     """--storage and --study-name: as given, or on --resume as the sweep was started (a new study in another
     storage would start from trial 0 and overwrite the earlier trials' files). A password is not saved, so a
-    sweep on a database with one is resumed with --storage given again."""
+    sweep on a database with one is resumed with --storage given again. --nproc: as given, else as started
+    (else 1); unlike those it may change on resume, as for compare: the global batch stays the same."""
     from ..experiment.folder import command_problems, saved_flags
 
     storage = absolute_storage(storage)
     if not resume:
-        return {"storage": storage, "study_name": name}, []
+        return {"storage": storage, "study_name": name, "nproc": nproc or 1}, []
     saved, problems = saved_flags(out_dir), command_problems(out_dir, "sweep")
     started = {"storage": saved.get("storage"), "study_name": saved.get("study_name")}
     given = {"storage": storage_record(storage), "study_name": name}
@@ -121,7 +123,8 @@ def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | No
     if storage is None and started["storage"] and "***" in started["storage"]:
         problems.append(f"--storage: {str(out_dir)!r} sweeps in {started['storage']}; its password is not saved, "
                         "so give --storage with it to resume")
-    return {"storage": storage or started["storage"], "study_name": name or started["study_name"]}, problems
+    return {"storage": storage or started["storage"], "study_name": name or started["study_name"],
+            "nproc": nproc or saved.get("nproc") or 1}, problems  # (folders of earlier versions did not keep it)
 
 
 def study_name(cfg, method: str, name: str | None) -> str:
@@ -280,11 +283,29 @@ def study_summary(study) -> dict[str, Any]:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params} \
         if complete else None
-    importances = {}
-    if len(complete) >= 2:
+    importances, note = parameter_importances(study, len(complete))
+    return {"study": study.study_name, "direction": study.direction.name.lower(), "trials": trials,
+            "best": best, "importances": importances, **({"importances_note": note} if note else {})}
+
+
+def parameter_importances(study, complete: int) -> tuple[dict[str, float], str | None]:
+    """optuna's parameter importances, or none and why. Where the trials scored alike (a tiny validation set
+    gives every trial the same accuracy) optuna's evaluator cannot tell the parameters apart: it returns them
+    all equal and warns (a warning with a file path, in the user's terminal); equal numbers would read as a
+    finding, so none are kept and the report says why."""
+    import optuna
+
+    if complete < 2:
+        return {}, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
         except (RuntimeError, ValueError):  # e.g. every trial drew the same values
             importances = {}
-    return {"study": study.study_name, "direction": study.direction.name.lower(), "trials": trials,
-            "best": best, "importances": importances}
+    equal = [w for w in caught if "importances will be equal" in str(w.message)]
+    for other in (w for w in caught if w not in equal):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if equal:
+        return {}, f"none: the {complete} completed trials scored too alike for optuna to tell them apart"
+    return importances, None

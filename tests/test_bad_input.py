@@ -62,6 +62,16 @@ CASES = {
     "zero max_length": lambda t, b, base: ([*base, "data.max_length=0"], ["data.max_length: 0 is not allowed"]),
     "negative eval samples": lambda t, b, base: ([*base, "data.max_eval_samples=-5"], ["data.max_eval_samples"]),
     "llrd decay above one": lambda t, b, base: ([*base, "llrd.decay=1.5"], ["llrd.decay: 1.5 is not allowed; must be <= 1"]),
+    # every adapter input zeroed: the adapter got no gradient, and the run said success
+    "lora dropout of one": lambda t, b, base: ([*base, "methods=lora", "lora.dropout=1"],
+                                               ["lora.dropout: 1.0 is not allowed; must be < 1"]),
+    # below the special tokens the tokenizer gave up truncating: whole rows, past the model's positions
+    "max_length the special tokens fill": lambda t, b, base: (
+        [*base, "data.max_length=2"], ["data.max_length: 2 leaves no room for text: the tokenizer adds 2 special "
+                                       "tokens; allowed: at least 3"]),
+    "validation file is the train file": lambda t, b, base: (
+        [*base, "data.validation_file=" + next(a for a in base if a.startswith("data.train_file=")).split("=", 1)[1]],
+        ["is also data.train_file (a model chosen or scored on rows it trained on)"]),
     "unknown method": lambda t, b, base: ([*base, "methods=full,lroa"], ["unknown method 'lroa' (did you mean 'lora'?)"]),
     "duplicated method": lambda t, b, base: ([*base, "methods=full,full"], ["'full' is listed twice"]),
     "lora targets match nothing": lambda t, b, base: (
@@ -308,3 +318,13 @@ def test_answers_that_would_run_past_a_position_table_are_refused_before_trainin
     assert main(["validate", *gpt2, "methods=prompt-tuning", "causal-lm.max_new_tokens=33"]) == 2
     assert "+ 20 virtual tokens (prompt-tuning) + 33 generated tokens" in capsys.readouterr().err
     assert main(["validate", *tiny_causal_overrides, "methods=lora", "causal-lm.max_new_tokens=40"]) == 0
+
+
+def test_seeds_past_the_largest_seed_are_refused_before_any_run(tmp_path, base_args, capsys):
+    """The first seed trained and wrote its results before the second failed on a seed nobody wrote."""
+    out_dir = tmp_path / "out"
+    code = main(["compare", *base_args, "train.seed=4294967295", "--seeds", "2", "--output", str(out_dir),
+                 "--no-progress", "--in-process"])
+    assert code == 2 and not out_dir.exists()
+    assert ("--seeds: 2 seeds from train.seed 4294967295 run to 4294967296, past the largest seed 4294967295; "
+            "lower train.seed to at most 4294967294") in capsys.readouterr().err

@@ -299,3 +299,15 @@ def test_settings_every_run_would_fail_with_are_refused_by_validate():
 def test_messages_for_a_task_without_options_and_a_list_inside_methods_say_one_thing_each():
     assert problems_of(["classification.foo=1"]) == ["classification.foo: unknown key; classification has no options"]
     assert problems_of(["methods=[full, [lora]]"]) == ["methods[1]: expected a string, got ['lora']"]
+
+
+def test_the_packaged_jobs_row_caps_stay_with_its_packaged_data():
+    """`tunelab compare data.train_file=mine.csv` trained on 2,000 of the user's rows, silently: the caps are
+    sized for the packaged set."""
+    assert load_config(None, []).data.max_train_samples == 2000
+    mine = load_config(None, ["data.train_file=mine.csv"]).data
+    assert (mine.max_train_samples, mine.max_eval_samples) == (None, None)
+    capped = load_config(None, ["data.train_file=mine.csv", "data.max_eval_samples=50"]).data
+    assert (capped.max_train_samples, capped.max_eval_samples) == (None, 50)
+    assert load_config(None, ["data.dataset=someone/reviews"]).data.max_train_samples is None
+    assert load_config(None, ["task=causal-lm", "data.dataset=chatterbot-english"]).data.max_train_samples == 800

@@ -50,7 +50,7 @@ def test_a_bad_space_is_refused(tiny_overrides, tmp_path):
     ("{lora.r: {choices: [8, 0]}}", "sweep.space.lora.r: 0 is not allowed; must be > 0"),
     ("{train.precision: {choices: [fp16]}}", "sweep.space.train.precision: 'fp16' is not allowed"),
     ("{lora.r: {low: 2.5, high: 8}}", "lora.r takes whole numbers; low and high must be whole"),
-    ("{lora.dropout: {low: 0, high: 2}}", "sweep.space.lora.dropout: 2.0 is not allowed; must be <= 1"),
+    ("{lora.dropout: {low: 0, high: 2}}", "sweep.space.lora.dropout: 2.0 is not allowed; must be < 1"),
 ])
 def test_a_space_no_trial_could_use_fails_validate_before_anything_is_written(space, problem, tiny_overrides):
     from tunelab import TunelabInputError
@@ -358,3 +358,19 @@ def test_a_sweep_resumed_without_nproc_trains_on_as_many_processes_as_it_started
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "records").rglob("*.json"))]
     assert [r["processes"] for r in records] == [2, 2], [r["run_id"] for r in records]
+
+
+def test_a_swept_batch_size_is_checked_against_the_rows_as_the_configured_one_is(tiny_overrides, tmp_path):
+    """A trial drawing a batch larger than the 160 rows trained on every row while its record named 500."""
+    from tunelab import TunelabInputError, api
+
+    refused = "sweep.space.train.batch_size: 500: train.batch_size: 500 is larger than the 160 training rows"
+    with pytest.raises(TunelabInputError, match=re.escape(refused)):
+        api.validate(None, [*tiny_overrides, "methods=lora", "sweep.space={train.batch_size: {choices: [8, 500]}}"])
+    # drawn where the rows are fewer than at validate time cannot happen; a process layout a draw cannot fill
+    # (a batch of 2 over 4 accumulation steps) is pruned without training, with the reason
+    result = sweep([*tiny_overrides, *SMALL, "train.gradient_accumulation_steps=4",
+                    "sweep.space={train.batch_size: {choices: [2]}, lora.lr: null}"], tmp_path, "--trials", "1")
+    assert result.returncode == 0, result.stderr[-2000:]  # a pruned trial is a result, not a failure
+    trial = study(tmp_path)["trials"][0]
+    assert trial["state"] == "PRUNED" and "train.batch_size: 2 rows cannot fill 1 processes × 4" in trial["not_trained"]

@@ -270,7 +270,7 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
                                     nproc, show_progress, flag_problems)
         finally:
             leave_process_group()
-    from .experiment.plan import plan_runs
+    from .experiment.plan import plan_runs, seed_problems
     from .experiment.forkserver import warm_up
     from .experiment.results import write_results
     from .report import write_report
@@ -280,7 +280,7 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
     early = flag_problems + run_flag_problems(tune, isolate, nproc)
     cfg, job = checked_job(out_dir, config, overrides, resume, allow_config_change, overwrite,
                            lambda cfg: early + process_problems(cfg, 1 if nproc is None else nproc)
-                           + tuning_problems(cfg, tune))
+                           + tuning_problems(cfg, tune) + seed_problems(cfg.train.seed, seeds))
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume, flags)
         done = finished_records(out_dir) if resume else {}

@@ -232,16 +232,25 @@ def overridden(raw: dict, overrides: list[str], problems: list[str]) -> Experime
 
 def packaged_job(overrides: list[str], problems: list[str]) -> dict:
     """The packaged offline job of the task named by a `task=` override (classification by default). A task
-    may have none (then the config's own defaults apply); one that is there but broken is a problem."""
+    may have none (then the config's own defaults apply); one that is there but broken is a problem. Where the
+    overrides name other data (data.train_file, data.dataset), the job's caps on its rows do not apply to it."""
     scratch: dict = {}
     for item in overrides:  # read as apply_override reads it: the last one wins, quotes are YAML's
-        if isinstance(item, str) and item.partition("=")[0].strip() == "task":
+        if isinstance(item, str):
             apply_override(scratch, item, [])
     task = str(scratch.get("task") or DEFAULT_TASK)
     tasks = task_registry()
     if task not in tasks or not tasks[task].packaged_job().is_file():
         return {}
-    return read_yaml(tasks[task].packaged_job(), problems)
+    job = read_yaml(tasks[task].packaged_job(), problems)
+    given = scratch.get("data") if isinstance(scratch.get("data"), dict) else {}
+    packaged = job.get("data") if isinstance(job.get("data"), dict) else {}
+    if given.get("train_file") or given.get("dataset") not in (None, packaged.get("dataset")):
+        # the user's own data: the packaged job's row caps are sized for its packaged set, not theirs
+        for cap in ("max_train_samples", "max_eval_samples"):
+            if cap not in given:
+                packaged.pop(cap, None)
+    return job
 
 
 def from_dict(raw: dict, problems: list[str]) -> ExperimentConfig:

@@ -1,7 +1,7 @@
 """Turn plain dicts (from YAML and key=value overrides) into typed dataclasses, collecting every problem.
 
 Constraints live next to the field they constrain, in the dataclass field's metadata:
-`field(default=..., metadata={"gt": 0, "choices": [...], "help": "..."})`.
+`field(default=..., metadata={"gt": 0, "choices": [...], "help": "..."})` (also "ge", "lt", "le").
 """
 from __future__ import annotations
 
@@ -206,6 +206,8 @@ def check_rule(value: Any, meta: typing.Mapping, path: str, problems: list[str])
         problems.append(f"{path}: {value!r} is not allowed; must be >= {meta['ge']}")
     if meta.get("le") is not None and not value <= meta["le"]:
         problems.append(f"{path}: {value!r} is not allowed; must be <= {meta['le']}")
+    if meta.get("lt") is not None and not value < meta["lt"]:
+        problems.append(f"{path}: {value!r} is not allowed; must be < {meta['lt']}")
 
 
 def to_dict(obj: Any) -> Any:

@@ -32,7 +32,7 @@ def read_frames(cfg: "DataConfig", default_dataset: str) -> dict[str, pd.DataFra
         else:
             frames = read_dataset_source(name, cfg, f"a packaged dataset ({', '.join(PACKAGED_DATASETS)})")
     else:
-        frames = {}
+        frames, problems = {}, training_file_reused(cfg)
         for split in SPLITS:
             path = getattr(cfg, f"{split}_file")
             if path is not None:
@@ -42,6 +42,18 @@ def read_frames(cfg: "DataConfig", default_dataset: str) -> dict[str, pd.DataFra
     if problems:
         raise TunelabInputError(problems)
     return frames
+
+
+def training_file_reused(cfg: "DataConfig") -> list[str]:
+    """The training file named again for validation or test: a model chosen or scored on rows it trained on
+    (refused as the same split of a dataset is; validation = test stays the user's call, as there)."""
+    train, problems = Path(cfg.train_file).expanduser().resolve(), []
+    for split, instead in (("validation", "leave it unset to carve validation from train"), ("test", "leave it unset")):
+        path = getattr(cfg, f"{split}_file")
+        if path and Path(path).expanduser().resolve() == train:
+            problems.append(f"data.{split}_file: {path!r} is also data.train_file (a model chosen or scored on rows "
+                            f"it trained on); give other rows, or {instead}")
+    return problems
 
 
 def where(cfg: "DataConfig", split: str) -> str:

@@ -92,6 +92,8 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
                               data=with_packaged_defaults(cfg.data, task.default_dataset))
     model_path, tokenizer, model_config = _attempt(problems, _load_model_side, cfg) or (None, None, None)
     frames, source, dropped = _attempt(problems, load_frames, cfg, task) or (None, None, {})
+    if tokenizer is not None:
+        problems += task.tokenizer_problems(tokenizer, cfg)
     if model_config is not None:
         problems += length_problems(cfg, model_config)
         problems += method_problems(cfg, model_path, task, model_config)
@@ -101,9 +103,8 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
             f"data.validation_fraction: {cfg.data.validation_fraction} of train carved no validation rows (a class "
             "with one row stays in train); give data.validation_file, or more rows" if source == "carved from train"
             else f"{where(cfg.data, 'validation')}: has no rows")
-    if frames is not None and cfg.train.batch_size > len(frames["train"]):
-        problems.append(f"train.batch_size: {cfg.train.batch_size} is larger than the "
-                        f"{len(frames['train'])} training rows; use at most {len(frames['train'])}")
+    if frames is not None:
+        problems += batch_problems(cfg, len(frames["train"])) + swept_batch_problems(cfg, len(frames["train"]))
     if problems:
         raise TunelabInputError(problems)
     data = task.encode(frames, tokenizer, cfg)
@@ -116,6 +117,25 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
     data.validation_source, data.frames = source, frames
     data.dropped = {**dropped, **data.dropped}
     return Job(cfg, task, model_path, tokenizer, data)
+
+
+def batch_problems(cfg: ExperimentConfig, rows: int) -> list[str]:
+    if cfg.train.batch_size <= rows:
+        return []
+    return [f"train.batch_size: {cfg.train.batch_size} is larger than the {rows} training rows; use at most {rows}"]
+
+
+def swept_batch_problems(cfg: ExperimentConfig, rows: int) -> list[str]:
+    """Each batch size `sweep.space` lets a trial take (every choice, both ends of a range) against the rows,
+    as the configured one: a trial drawing more trained on every row while its record named the drawn size."""
+    from ..sweep.space import edge_values
+
+    spec = (cfg.sweep.space or {}).get("train.batch_size")
+    if not isinstance(spec, dict):
+        return []
+    return [f"sweep.space.train.batch_size: {value!r}: {problem}" for value in edge_values(spec)
+            for problem in batch_problems(dataclasses.replace(cfg, train=dataclasses.replace(
+                cfg.train, batch_size=value)), rows)]
 
 
 def load_frames(cfg: ExperimentConfig, task: Task) -> tuple[dict[str, pd.DataFrame], str, dict[str, int]]:

@@ -24,3 +24,13 @@ def plan_runs(cfg: ExperimentConfig, seeds: int = 1) -> list[Run]:
     base = cfg.train.seed
     return [Run(method, base + i, method if seeds == 1 else f"{method}/seed-{base + i}")
             for method in cfg.methods for i in range(seeds)]
+
+
+def seed_problems(first: int, seeds: int) -> list[str]:
+    """--seeds N trains with train.seed, train.seed + 1, ...: the last must be a seed too (numpy's range), or
+    the first runs train and write their results before the experiment fails on it."""
+    last, largest = first + seeds - 1, 2**32 - 1
+    if last <= largest:
+        return []
+    return [f"--seeds: {seeds} seeds from train.seed {first} run to {last}, past the largest seed "
+            f"{largest}; lower train.seed to at most {largest - seeds + 1}"]

@@ -30,7 +30,8 @@ class AdaLoraOptions(MethodOptions):
     target_r: int = dataclasses.field(
         default=8, metadata={"gt": 0, "help": "average rank left after pruning (default: the lora method's r)"})
     alpha: float = dataclasses.field(default=16.0, metadata={"gt": 0})
-    dropout: float = dataclasses.field(default=0.1, metadata={"ge": 0, "le": 1})
+    # 1 would zero every adapter input: the adapter would get no gradient and train nothing
+    dropout: float = dataclasses.field(default=0.1, metadata={"ge": 0, "lt": 1})
     # 0.1: the AdaLoRA authors' GLUE scripts (peft's default is 0.5)
     orth_reg_weight: float = dataclasses.field(default=0.1, metadata={"ge": 0})
     target_modules: list[str] | None = dataclasses.field(

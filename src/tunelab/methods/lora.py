@@ -17,7 +17,8 @@ INITS = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal", "p
 class LoraOptions(MethodOptions):
     r: int = dataclasses.field(default=8, metadata={"gt": 0})
     alpha: float = dataclasses.field(default=16.0, metadata={"gt": 0})
-    dropout: float = dataclasses.field(default=0.1, metadata={"ge": 0, "le": 1})
+    # 1 would zero every adapter input: the adapter would get no gradient and train nothing
+    dropout: float = dataclasses.field(default=0.1, metadata={"ge": 0, "lt": 1})
     target_modules: list[str] | None = dataclasses.field(
         default=None,
         metadata={"min_items": 1, "help": "module name suffixes; default: peft's per-architecture choice"})

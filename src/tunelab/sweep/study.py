@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import CompareInterrupted
 from ..experiment.folder import read_record
 from ..experiment.isolation import RECORDS, StopRequest, file_name, run_in_child
-from ..experiment.job import length_problems, method_checker
+from ..experiment.job import batch_problems, length_problems, method_checker
 from ..models.loading import read_model_config
 from ..experiment.plan import Run
 from .space import method_space, suggest, with_values
@@ -194,12 +194,15 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
     """Trials of `method` until the study holds `trials` of them; returns this worker's trial records."""
     import optuna
 
+    from ..api import process_problems
+
     study = open_study(cfg, method, storage, name, seeded)
     worker = worker_name(out_dir)
     metric = cfg.sweep.metric or cfg.metric_for_best
     space = method_space(cfg, method)
     # trials drawn from several ranges may still combine badly (adalora.target_r above a drawn init_r)
     check, model_config = method_checker(job.model_path, job.task), read_model_config(job.model_path)
+    rows = len(job.data.train.lengths)
     records, stop = [], StopRequest()
 
     def train(trial, values: dict[str, Any], resume_trial: bool) -> None:
@@ -235,7 +238,8 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
             break
         values = suggest(trial, space)
         run_cfg = with_values(job.config, values)
-        unfit = length_problems(run_cfg, model_config) + check(run_cfg, method)
+        unfit = (length_problems(run_cfg, model_config) + check(run_cfg, method)
+                 + batch_problems(run_cfg, rows) + process_problems(run_cfg, nproc))
         if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
             reason = "; ".join(unfit)
             records.append({"method": method, "run_id": trial_run_id(method, trial.number), "status": "pruned",

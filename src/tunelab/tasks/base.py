@@ -99,6 +99,10 @@ class Task:
         """Problems with the loaded frames (columns, labels), before anything is tokenized."""
         return []
 
+    def tokenizer_problems(self, tokenizer, cfg) -> list[str]:
+        """Problems of the settings with this tokenizer (e.g. a data.max_length its special tokens fill)."""
+        return []
+
     def invalid_rows(self, frame: pd.DataFrame, cfg) -> dict[str, pd.Series]:
         """Rows the task cannot use, as a boolean mask per reason (e.g. "an empty 'text'"): refused by
         check_frames, or dropped and counted with data.drop_invalid_rows (or always_drops_invalid_rows), before

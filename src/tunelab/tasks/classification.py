@@ -69,6 +69,17 @@ class Classification(Task):
             problems += check_labels(frames, label_column(cfg), cfg)
         return problems
 
+    def tokenizer_problems(self, tokenizer, cfg) -> list[str]:
+        """A max_length the special tokens fill leaves no text; below them the tokenizer gives up truncating and
+        returns whole rows, longer than the model's positions."""
+        pair = bool(cfg.data.text_pair_column)
+        special = tokenizer.num_special_tokens_to_add(pair=pair)
+        needed = special + (2 if pair else 1)  # a token of each text
+        if cfg.data.max_length >= needed:
+            return []
+        return [f"data.max_length: {cfg.data.max_length} leaves no room for text: the tokenizer adds {special} "
+                f"special tokens{' to a pair' if pair else ''}; allowed: at least {needed}"]
+
     def invalid_rows(self, frame: pd.DataFrame, cfg) -> dict[str, pd.Series]:
         masks = {}
         for column in filter(None, (text_column(cfg), cfg.data.text_pair_column)):

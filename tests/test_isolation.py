@@ -33,6 +33,7 @@ def test_a_killed_run_is_recorded_the_others_continue_and_resume_finishes_it(tin
     assert first.returncode == 1, first.stderr[-2000:]
     runs = records(tmp_path)
     assert runs["lora"]["status"] == "failed" and "killed by SIGKILL" in runs["lora"]["error"]
+    assert "lora failed: " in first.stderr and "SIGKILL" in first.stderr  # why, beside the table's "failed"
     assert runs["full"]["status"] == "success"
     pids = {runs["full"]["pid"], os.getpid()}  # (this process ran the experiment)
     resumed = compare([], tmp_path, resume=True)

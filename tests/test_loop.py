@@ -39,6 +39,20 @@ def test_early_stopping_counts_evaluations_without_improvement(tiny_overrides):
     assert ran_out_at_the_end.step == 6 and not ran_out_at_the_end.stopped_early
 
 
+def test_a_flat_metric_with_a_falling_loss_runs_out_of_patience_and_keeps_the_lowest_loss(tiny_overrides):
+    """A tie with a lower loss is the better state to keep, but no progress: with accuracy flat for 20
+    evaluations and the loss falling a little each time, the run never stopped."""
+    job = prepare_job(load_config(None, [*tiny_overrides, "methods=lora", "train.max_steps=20",
+                                         "train.eval_every_steps=2", "train.early_stopping_patience=2"]))
+    setup = setup_method(job, "lora")
+    losses = iter([0.70, 0.69, 0.68, 0.67, 0.66])
+    validation = Validation(lambda model: {"accuracy": 0.45, "loss": next(losses)}, "accuracy", True)
+    state = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, setup.accelerator, job.config.train,
+                         job.train, validation).run()
+    assert state.stopped_early and state.step == 6  # the first evaluation, then two without a better accuracy
+    assert state.best["step"] == 6 and state.best["loss"] == 0.68  # the tie-break still picks the lowest loss
+
+
 def test_a_tie_on_the_metric_goes_to_the_lower_validation_loss():
     accuracy = Validation(lambda model: {}, "accuracy", True)
     best = {"accuracy": 0.65, "loss": 0.70, "step": 2}

@@ -299,7 +299,7 @@ def graceful_interrupt():
 
     def on_sigterm(signum, frame):
         if not requested.is_set():
-            request(": SIGTERM")
+            request(": a stop was requested (SIGTERM, or a Ctrl-C or SIGINT that tunelab passed on)")
 
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, on_sigint),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}

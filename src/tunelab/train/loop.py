@@ -281,10 +281,14 @@ class TrainingLoop:
                  **{f"val_{k}": v for k, v in metrics.items()}}
         state.history.append(entry)
         improved = self.validation.improved(metrics, state.best)
+        # patience counts evaluations without a better metric_for_best: a tie with a lower loss is kept as the
+        # best state, but a metric flat for many evaluations (a slowly falling loss) is what it is there to stop
+        progressed = state.best is None or metrics[self.validation.metric] != state.best[self.validation.metric]
         if improved:
             state.best = {**metrics, "step": state.step}
-            state.evals_without_improvement = 0
             self.keep_best(state)
+        if improved and progressed:
+            state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
             patience = self.cfg.early_stopping_patience

@@ -216,8 +216,8 @@ def dispatch(args: argparse.Namespace) -> int:
     print("\n".join(table(outcome.records, view, text=plain_text)))
     for record in outcome.records:  # the table says "failed"; why is in results.json, and here, in short
         if record.get("error") and record["status"] != "success":
-            reason = str(record["error"]).strip().splitlines() or [""]
-            print(f"{record.get('run_id', record['method'])} {record['status']}: {reason[-1][:300]}", file=sys.stderr)
+            reason = (str(record["error"]).strip().splitlines() or [""])[0]  # "Type: message", its first line
+            print(f"{record.get('run_id', record['method'])} {record['status']}: {reason[:300]}", file=sys.stderr)
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code
 

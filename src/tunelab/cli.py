@@ -214,10 +214,12 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     view = job_view({"job": outcome.job, "methods": outcome.records})
     print("\n".join(table(outcome.records, view, text=plain_text)))
+    from .models.loading import first_line
+
     for record in outcome.records:  # the table says "failed"; why is in results.json, and here, in short
         if record.get("error") and record["status"] != "success":
-            reason = (str(record["error"]).strip().splitlines() or [""])[0]  # "Type: message", its first line
-            print(f"{record.get('run_id', record['method'])} {record['status']}: {reason[:300]}", file=sys.stderr)
+            print(f"{record.get('run_id', record['method'])} {record['status']}: {first_line(record['error'])}",
+                  file=sys.stderr)
     print(f"\nresults: {outcome.output_dir / 'results.json'}\nreport:  {outcome.report_path}")
     return outcome.exit_code
 

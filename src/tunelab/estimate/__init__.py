@@ -39,8 +39,9 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     task = cfg.task_spec
     model_path = resolve_model_path(cfg.model_name, cfg.model.revision, config_only=True)  # weights unread
     config = read_model_config(model_path)
-    if max_length_problems(cfg, config):  # as validate says it: no step of that length runs
-        raise TunelabInputError(max_length_problems(cfg, config))
+    too_long = max_length_problems(cfg, config)
+    if too_long:  # as validate says it: no step of that length runs
+        raise TunelabInputError(too_long)
     for key, value in task.model_kwargs({}).items():
         setattr(config, key, value)
     build = builder(task, config)
@@ -85,7 +86,6 @@ CHECKPOINTING_COMPUTE = 4 / 3
 def builder(task, config):
     # as training loads and prepares it (a decoder classifier's pad id, which its forward needs)
     return lambda: task.prepare_model(task.auto_class().from_config(config, dtype=TRAINING_DTYPE), None)
-
 
 
 def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shallow_builds: dict, shape: Shape,

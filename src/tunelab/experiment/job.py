@@ -104,7 +104,8 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
             "with one row stays in train); give data.validation_file, or more rows" if source == "carved from train"
             else f"{where(cfg.data, 'validation')}: has no rows")
     if frames is not None:
-        problems += batch_problems(cfg, len(frames["train"])) + swept_batch_problems(cfg, len(frames["train"]))
+        problems += batch_problems(cfg.train.batch_size, len(frames["train"]))
+        problems += swept_batch_problems(cfg, len(frames["train"]))
     if problems:
         raise TunelabInputError(problems)
     data = task.encode(frames, tokenizer, cfg)
@@ -119,10 +120,10 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
     return Job(cfg, task, model_path, tokenizer, data)
 
 
-def batch_problems(cfg: ExperimentConfig, rows: int) -> list[str]:
-    if cfg.train.batch_size <= rows:
+def batch_problems(batch_size: int, rows: int) -> list[str]:
+    if batch_size <= rows:
         return []
-    return [f"train.batch_size: {cfg.train.batch_size} is larger than the {rows} training rows; use at most {rows}"]
+    return [f"train.batch_size: {batch_size} is larger than the {rows} training rows; use at most {rows}"]
 
 
 def swept_batch_problems(cfg: ExperimentConfig, rows: int) -> list[str]:
@@ -133,9 +134,8 @@ def swept_batch_problems(cfg: ExperimentConfig, rows: int) -> list[str]:
     spec = (cfg.sweep.space or {}).get("train.batch_size")
     if not isinstance(spec, dict):
         return []
-    return [f"sweep.space.train.batch_size: {value!r}: {problem}" for value in edge_values(spec)
-            for problem in batch_problems(dataclasses.replace(cfg, train=dataclasses.replace(
-                cfg.train, batch_size=value)), rows)]
+    return [f"sweep.space.train.batch_size: {value!r}: {problem}"
+            for value in edge_values(spec) for problem in batch_problems(value, rows)]
 
 
 def load_frames(cfg: ExperimentConfig, task: Task) -> tuple[dict[str, pd.DataFrame], str, dict[str, int]]:

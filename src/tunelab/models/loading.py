@@ -155,6 +155,6 @@ def missing_weights_message(model_path: str, missing: list[str]) -> str:
             "its config's model class, and tunelab refuses to train random weights")
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+def first_line(error: BaseException | str) -> str:
+    text = str(error).strip().splitlines()
     return text[0][:300] if text else ""

@@ -239,7 +239,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         values = suggest(trial, space)
         run_cfg = with_values(job.config, values)
         unfit = (length_problems(run_cfg, model_config) + check(run_cfg, method)
-                 + batch_problems(run_cfg, rows) + process_problems(run_cfg, nproc))
+                 + batch_problems(run_cfg.train.batch_size, rows) + process_problems(run_cfg, nproc))
         if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
             reason = "; ".join(unfit)
             records.append({"method": method, "run_id": trial_run_id(method, trial.number), "status": "pruned",

@@ -131,7 +131,9 @@ def test_a_killed_sweep_resumes_to_the_trials_of_one_that_never_stopped(tiny_ove
     import signal
     import time
 
-    args = [*tiny_overrides, *SMALL, "train.checkpoint_every_steps=1"]
+    # 12 steps, a checkpoint at each: the killed trial's checkpoints exist for most of its run (they are
+    # removed once it succeeds), so the poll below sees one before the trial ends
+    args = [*tiny_overrides, *SMALL, "train.max_steps=12", "train.checkpoint_every_steps=1"]
     reference = sweep(args, tmp_path / "ref", "--trials", "2")
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "killed"
@@ -140,10 +142,14 @@ def test_a_killed_sweep_resumes_to_the_trials_of_one_that_never_stopped(tiny_ove
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     trial_0 = out / "checkpoints" / "lora" / "trial-000"
-    while time.time() < deadline and not list(trial_0.glob("step-*")):  # trial 0 has checkpointed
-        time.sleep(0.1)
+    while time.time() < deadline and worker.poll() is None and not list(trial_0.glob("step-*")):
+        time.sleep(0.02)  # until trial 0 has checkpointed
+    assert worker.poll() is None, "the sweep ended before its first trial was seen checkpointing"
     os.killpg(worker.pid, signal.SIGKILL)  # the sweep and its trial's process, mid-trial
     worker.wait()
+    url = f"sqlite:///{out / 'sweep.db'}"
+    killed = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+    assert [t.state.name for t in killed.get_trials()] == ["RUNNING"]  # killed inside trial 0
     resumed = sweep([], out, "--trials", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "FAIL" not in [t["state"] for t in study(out)["trials"]]

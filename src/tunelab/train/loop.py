@@ -70,6 +70,8 @@ class TrainState:
     tokens_seen: int = 0
     train_time_s: float = 0.0
     stopped_early: bool = False
+    # grad norms of the steps since the last log point: a resumed run logs the point an uninterrupted one would
+    unlogged_grad_norms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -130,7 +132,6 @@ class TrainingLoop:
         self.total_steps = total_steps(cfg, len(train_data))
         self.eval_every = eval_interval(cfg, self.total_steps)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._unlogged_norms: list[float] = []  # grad norms of the steps since the last log point
         self._segment_start = time.perf_counter()
         self._checkpointed_step: int | None = None
         self._lr_used = scheduler.get_last_lr()[0]
@@ -214,7 +215,7 @@ class TrainingLoop:
             self.checkpoint(state)
         fault_point(f"step={state.step}")
         if self.ranks.any(self.hooks.stop_requested()):  # all stop at the same step, or the rest would hang
-            self.flush(state, log_now=True)  # the steps since the last log point are logged, not lost
+            self.flush(state)  # the checkpoint keeps the steps since the last log point for the resumed run
             self.checkpoint(state)
             raise Interrupted(state.step)
 
@@ -246,26 +247,27 @@ class TrainingLoop:
         state.train_time_s += now - self._segment_start
         self._segment_start = now
 
-    def flush(self, state: TrainState, log_now: bool = False) -> None:
+    def flush(self, state: TrainState) -> None:
         """Move pending losses to the host and stop on a non-finite one. The mean since the last log point is
-        reported every log_every_steps steps (evaluations and checkpoints flush in between: logging there too
-        spaced the points unevenly, each a mean over another stretch), at the end, and when told (a stop)."""
+        reported every log_every_steps steps and at the end (evaluations, checkpoints and stops flush in between:
+        logging there too spaced the points unevenly, and a resumed run's curve differed from an uninterrupted
+        one's)."""
         self.clock(state)
         if self._pending:
             # each process holds its micro-batches' share of the batch loss: the sum is the batch's mean loss
             losses = self.ranks.sum(torch.stack([l for l, _ in self._pending]).float()).cpu().tolist()
-            self._unlogged_norms += torch.stack([g for _, g in self._pending]).float().cpu().tolist()
+            state.unlogged_grad_norms += torch.stack([g for _, g in self._pending]).float().cpu().tolist()
             self._pending.clear()
             first_step = state.step - len(losses) + 1
             for offset, value in enumerate(losses):
                 stop_if_non_finite({"loss": value}, first_step + offset, state.losses, "training")
                 state.losses.append(value)
-        at_log_point = log_now or state.step % self.cfg.log_every_steps == 0 or self.finished(state)
-        if self._unlogged_norms and at_log_point:
-            recent = state.losses[-len(self._unlogged_norms):]
-            logs = {"loss": float(np.mean(recent)), "grad_norm": float(np.mean(self._unlogged_norms)),
+        at_log_point = state.step % self.cfg.log_every_steps == 0 or self.finished(state)
+        if state.unlogged_grad_norms and at_log_point:
+            recent = state.losses[-len(state.unlogged_grad_norms):]
+            logs = {"loss": float(np.mean(recent)), "grad_norm": float(np.mean(state.unlogged_grad_norms)),
                     "lr": self._lr_used}
-            self._unlogged_norms.clear()
+            state.unlogged_grad_norms.clear()
             self.hooks.on_log(state, logs)
 
     def evaluate(self, state: TrainState) -> dict[str, float]:

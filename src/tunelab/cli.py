@@ -307,6 +307,9 @@ def run_recommend(args: argparse.Namespace, config, overrides) -> int:
         return 0
     if result["train_examples"]:
         print(f"{result['train_examples']:,} train rows an epoch ({result['train_examples_source']})")
+    rule = result["rule_of_thumb"]
+    print(f"rule of thumb, for methods without a measured quality: {rule['reason']} "
+          f"({' > '.join(rule['family_order'])})")
     for entry in result["methods"]:
         verdict = "fits" if entry["fits"] else "does not fit"
         print(f"{entry['rank']:>2}. {entry['method']:<14} {verdict}")

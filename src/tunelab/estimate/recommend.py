@@ -80,9 +80,9 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     total = candidates[0]["total_params"]
     # the rule of thumb asks whether full fine-tuning fits, the same answer for every method
     full = next((c for c in candidates if c["method"] == "full"), None)
+    family_order, why = rule_of_thumb(rows, total, full is not None and full["peak_memory_mb"] <= memory_mb)
     plan = Plan(memory_mb, time_budget_s, steps, device["effective_flops"], cfg.train.gradient_checkpointing,
-                rows, total, measured_quality(cfg.task, total, cfg.metric_for_best),
-                full is not None and full["peak_memory_mb"] <= memory_mb)
+                rows, total, measured_quality(cfg.task, total, cfg.metric_for_best), family_order)
     ranked = sorted((judge(c, plan) for c in candidates), key=lambda r: r["rank_key"])
     for position, entry in enumerate(ranked, 1):
         entry["rank"] = position
@@ -90,7 +90,8 @@ def recommend(cfg: ExperimentConfig, memory_mb: float, time_budget_s: float | No
     fits = [r for r in ranked if r["fits"]]
     return {"memory_mb": memory_mb, "time_budget_s": time_budget_s, "train_examples": rows,
             "train_examples_source": rows_source,
-            "total_params": total, "methods": ranked, "not_applicable": skipped,
+            "total_params": total, "rule_of_thumb": {"family_order": family_order, "reason": why},
+            "methods": ranked, "not_applicable": skipped,
             "suggestions": [] if fits else suggestions(ranked, memory_mb, cfg, estimated["precision"],
                                                        estimated["device"].get("runtime_overhead_mb") or 0.0)}
 
@@ -131,7 +132,7 @@ class Plan:
     rows: int | None
     total: int
     measured: dict[str, dict]
-    full_fits: bool
+    family_order: list[str]  # the rule of thumb's, for methods ranked without a measured quality
 
 
 def training_seconds(est: dict, plan: Plan, recomputes: bool) -> float | None:
@@ -170,8 +171,7 @@ def judge(est: dict, plan: Plan) -> dict[str, Any]:
     if quality:
         reasons.append(f"measured here on similar models by {quality['metric']} (the job's metric_for_best): "
                        f"{quality['mean']:.3f} (best of {quality['experiments']} stored comparison(s))")
-    prior, why = rule_of_thumb(family, plan.rows, plan.total, plan.full_fits)
-    reasons.append(why)
+    prior = plan.family_order.index(family)
     fits = (fits_plain or fits_ckpt) and in_time
     score = quality["score"] if quality else None
     return {"method": est["method"], "family": family, "fits": fits,
@@ -197,8 +197,9 @@ def rank_key(fits: bool, score: float | None, prior: int, peak: float, peak_ckpt
     return (1, min(peak, peak_ckpt or peak), prior)
 
 
-def rule_of_thumb(family: str, rows: int | None, total: int, full_fits: bool) -> tuple[int, str]:
-    """(priority, reason): lower priority ranks first when nothing was measured."""
+def rule_of_thumb(rows: int | None, total: int, full_fits: bool) -> tuple[list[str], str]:
+    """(method families in order, why): the order methods rank in where no quality was measured; one answer
+    for the whole job."""
     if rows is not None and rows < LITTLE_DATA:
         order, why = ["prompt", "adapter", "selective", "full"], f"little data ({rows} rows): prompt methods first"
     elif total >= LARGE_MODEL or not full_fits:
@@ -207,7 +208,7 @@ def rule_of_thumb(family: str, rows: int | None, total: int, full_fits: bool) ->
         order, why = ["full", "adapter", "selective", "prompt"], "plenty of data and memory: full fine-tuning first"
     else:
         order, why = ["adapter", "full", "selective", "prompt"], "moderate data: adapters first, then full fine-tuning"
-    return order.index(family), f"rule of thumb: {why}"
+    return order, why
 
 
 def measured_quality(task: str, total_params: int, metric: str) -> dict[str, dict]:

@@ -172,6 +172,25 @@ def test_macro_f1_and_its_interval_ignore_classes_that_never_occur():
     assert classification_metrics(np.array([2, 1]), np.array([1, 1]), 3)["f1_macro"] == pytest.approx((0 + 2 / 3) / 2)
 
 
+@pytest.mark.parametrize("seeds", [(1,), (1, 2)])
+def test_a_class_only_the_better_method_predicts_does_not_break_the_paired_tests(seeds):
+    """3 classes, a test split of classes 0 and 1: only the better method ever predicts class 2. The paired
+    tests apply one statistic to both methods' predictions; it counted the classes of one run (reshape error)."""
+    labels = [0] * 20 + [1] * 20
+    better = [2] * 6 + labels[6:]  # 34 of 40 right
+    worse = [1] * 10 + labels[10:]  # 30 of 40 right
+
+    def run(method, seed, pred):
+        accuracy = sum(p == y for p, y in zip(pred, labels)) / 40
+        return {"method": method, "status": "success", "seed": seed, "lr": 1e-3,
+                "test": {"accuracy": accuracy + seed * 1e-3, "f1_macro": accuracy, "loss": 1 - accuracy},
+                "test_per_example": {"pred": pred, "label": labels, "loss": [0.1] * 40}}
+    records = [run("better", s, better) for s in seeds] + [run("worse", s, worse) for s in seeds]
+    entries = {e["method"]: e for e in summarize(records, JOB)}
+    assert entries["better"]["rank"] == 1 and entries["worse"]["verdict"]["p_value"] is not None
+    assert entries["worse"]["verdict"]["mean_difference"] == pytest.approx(-0.1)
+
+
 def test_classification_scores_follow_the_per_class_definition_for_many_classes():
     from tunelab.tasks.classification import scores_along
 

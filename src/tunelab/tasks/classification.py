@@ -156,9 +156,11 @@ class Classification(Task):
             return None
         if metric == "loss":
             return [np.asarray(per_example["loss"])], np.mean
-        num_labels = max(max(per_example["label"]), max(per_example["pred"])) + 1
+        # the class count comes from the columns scored, not from this run's: a paired test applies the function
+        # to another method's predictions too, which may name a class this run never predicted
         return ([np.asarray(per_example["pred"]), np.asarray(per_example["label"])],
-                lambda pred, label, axis=-1: scores_along(pred, label, num_labels, axis)[metric])
+                lambda pred, label, axis=-1: scores_along(pred, label, int(max(pred.max(), label.max())) + 1,
+                                                          axis)[metric])
 
     def baseline(self, data: TaskData, load_model: Callable[[], nn.Module], setup: EvalSetup) -> dict[str, Any]:
         """Always predicting train's most frequent class, with train's class frequencies as probabilities."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from . import stats
 from .figures import write_figures
 from .html import write_html
 from .summary import interval_text, summarize
@@ -61,8 +62,11 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
                      " | ".join(interval_text(e["metrics"][m]) for m in metrics) + f" | {verdict_text(e['verdict'])} |")
     methods_used = sorted({e["metrics"][metrics[0]]["ci_method"] for e in entries if e["metrics"][metrics[0]]["ci95"]})
     tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")})
-    verdicts = (f"Verdicts: {', '.join(tests_used)} at the 5 % level; \"tie\" means the difference is within what "
-                "chance explains, not that the methods are equal." if tests_used else
+    pairs = max((e["verdict"].get("holm_pairs") or 0 for e in entries), default=0)
+    holm = (f", p-values adjusted by Holm's method over all {pairs} pairs of ranked methods (the best is picked "
+            "after seeing the scores, so each comparison with it stands for any pair)" if pairs else "")
+    verdicts = (f"Verdicts: {', '.join(tests_used)} at the 5 % level{holm}; \"tie\" means the difference is within "
+                "what chance explains, not that the methods are equal." if tests_used else
                 "No method was tested against the best (no two finished methods with results to compare).")
     no_interval = "none (one run per method, and no per-example test results of two or more examples to bootstrap)"
     lines += ["", f"Intervals: {', '.join(methods_used) or no_interval}. {verdicts}", ""]
@@ -80,10 +84,22 @@ def verdict_text(verdict: dict) -> str:
     if verdict["result"] == "unranked":
         return "unranked (no finite value)"
     p_value = verdict.get("p_value")
-    p = "" if p_value is None else ", p < 0.001" if p_value < 0.001 else f", p = {p_value:.3f}"
+    p = "" if p_value is None else f", p {p_text(p_value)}"
     seeds = verdict.get("on_seeds") or []
     on = f" on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} only" if seeds else ""
     return f"{verdict['result']} ({metric_text(verdict['mean_difference'], signed=True)}{on}{p})"
+
+
+def p_text(p_value: float) -> str:
+    """'< 0.001', or the p-value at three decimals, with more where three would round it onto or across the
+    5 % line (0.0495 and 0.0505 both print as 0.050, one a "worse", the other a "tie")."""
+    if p_value < 0.001:
+        return "< 0.001"
+    for decimals in range(3, 7):
+        shown = round(p_value, decimals)
+        if shown != stats.ALPHA and (shown < stats.ALPHA) == (p_value < stats.ALPHA):
+            break
+    return f"= {p_value:.{decimals}f}"
 
 
 def baseline_lines(job: dict[str, Any]) -> list[str]:
@@ -212,8 +228,10 @@ def cost_notes(ok: list[dict]) -> list[str]:
     if fastest:
         slowest = min(speed, key=lambda m: max(speed[m]))
         # one run of a method says nothing of its timing's own variation (other work on the machine, a short run)
-        single = " One run each: how much these timings vary between runs was not measured." \
-            if min(len(v) for v in speed.values()) == 1 else ""
+        once = sorted(m for m, v in speed.items() if len(v) == 1)
+        single = "" if not once else " One run each: how much these timings vary between runs was not measured." \
+            if len(once) == len(speed) else f" One run of {', '.join(map(md_text, once))}: how much " \
+            f"{'its timing varies' if len(once) == 1 else 'their timings vary'} between runs was not measured."
         notes.append(f"- Fastest to train: **{md_text(fastest)}** ({mean(speed[fastest]):.1f} samples/s, "
                      f"{mean(speed[fastest]) / mean(speed[slowest]):.2f}× {md_text(slowest)}).{single}")
     elif len(speed) > 1:

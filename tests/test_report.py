@@ -40,3 +40,9 @@ def test_the_report_ranks_the_records_as_they_are_now(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "gone" not in report and f"| {kept[0]['method']} | success |" in report
+    # results.json's summary and results.csv are rewritten to agree with the report, the rest of the file kept
+    rewritten = json.loads((tmp_path / "results.json").read_text())
+    assert [e["method"] for e in rewritten["summary"]] == [kept[0]["method"]]
+    assert rewritten["created"] == payload["created"] and rewritten["methods"] == kept
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 2 and kept[0]["method"] in rows[1]

@@ -48,12 +48,16 @@ def recommend(config: Config = None, overrides: Sequence[str] = (), memory: str 
 
 def report(folder: str | Path) -> Path:
     """report.md (and report.html) rebuilt from `folder`'s results.json, ranked from its records as they are
-    now (`tunelab report`)."""
-    from .experiment.results import read_results
+    now (`tunelab report`); the summary in results.json and results.csv is rewritten to match, so the files
+    never disagree (records edited since, or summarized by an earlier version)."""
+    from .experiment.results import read_results, save_results
     from .report import write_report
+    from .report.summary import summarize
+    from .report.view import job_view
 
     payload = read_results(Path(folder))
-    payload.pop("summary", None)  # ranked again from the records, which may have been edited since
+    payload["summary"] = summarize(payload["methods"], job_view(payload))
+    save_results(Path(folder), payload)
     return write_report(Path(folder), payload)
 
 

@@ -32,6 +32,13 @@ def write_results(out_dir: Path, records: list[dict[str, Any]], job_summary: dic
     payload = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "job": job_summary, "methods": records}
     payload["summary"] = summarize(records, job_view(payload))
+    save_results(out_dir, payload)
+    return payload
+
+
+def save_results(out_dir: Path, payload: dict) -> None:
+    """results.json and results.csv (one row per run) of `payload`."""
+    records, job_summary = payload["methods"], payload.get("job") or {}
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(strict_json(payload) + "\n")
     tmp.replace(out_dir / "results.json")  # readers never see a half-written file
@@ -41,7 +48,6 @@ def write_results(out_dir: Path, records: list[dict[str, Any]], job_summary: dic
         writer.writerow(columns)
         for record in records:
             writer.writerow([lookup(record, column) for column in columns])
-    return payload
 
 
 def strict_json(payload: Any) -> str:

@@ -270,3 +270,18 @@ def test_a_diverged_seed_or_a_null_metric_leaves_the_method_unranked():
     for method in ("lora", "full"):
         assert entries[method]["verdict"]["result"] == "unranked"
         assert entries[method]["metrics"]["accuracy"]["non_finite"] == 1 and entries[method]["n"] == 3
+
+
+def test_a_zero_width_interval_is_explained_not_shown_as_certainty():
+    """48 of 48 right: every bootstrap resample scores 1.0, so the percentile interval is [1, 1]."""
+    from tunelab.report.markdown import ranking
+
+    labels = [i % 3 == 0 for i in range(48)]
+    records = [{"method": m, "seed": 1, "status": "success",
+                "test": {"accuracy": acc, "f1_macro": acc, "loss": 0.1},
+                "test_per_example": {"pred": pred, "label": labels, "loss": [0.1 + i / 100 for i in range(48)]}}
+               for m, pred, acc in (("a", labels, 1.0), ("b", [not x for x in labels[:2]] + labels[2:], 46 / 48))]
+    entries = summarize(records, JOB)
+    assert entries[0]["metrics"]["accuracy"]["ci95"] == [1.0, 1.0]
+    text = "\n".join(ranking(entries, JOB))
+    assert "An interval of zero width (a) means every resample gave the same value" in text

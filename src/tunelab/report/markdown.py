@@ -69,8 +69,21 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
                 "what chance explains, not that the methods are equal." if tests_used else
                 "No method was tested against the best (no two finished methods with results to compare).")
     no_interval = "none (one run per method, and no per-example test results of two or more examples to bootstrap)"
-    lines += ["", f"Intervals: {', '.join(methods_used) or no_interval}. {verdicts}", ""]
+    lines += ["", f"Intervals: {', '.join(methods_used) or no_interval}. {verdicts}{zero_width_note(entries, metrics)}",
+              ""]
     return lines
+
+
+def zero_width_note(entries: list[dict], metrics: list[str]) -> str:
+    """An interval of zero width (every test example right, or seeds and examples that all agree) is where the
+    resampling has nothing to vary, not where there is no uncertainty."""
+    flat = sorted({e["method"] for e in entries for m in metrics
+                   if (e["metrics"][m].get("ci95") or [0, 1])[0] == (e["metrics"][m].get("ci95") or [0, 1])[1]})
+    if not flat:
+        return ""
+    return (f" An interval of zero width ({', '.join(map(md_text, flat))}) means every resample gave the same value "
+            "(every test example scored alike), not that the score is certain: a larger test split would show "
+            "its spread (all n answers right still allows an error rate up to about 3/n).")
 
 
 def seeds_text(records: list[dict], train: dict) -> str:

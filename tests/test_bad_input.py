@@ -312,7 +312,10 @@ def test_answers_that_would_run_past_a_position_table_are_refused_before_trainin
     gpt2 = [*tiny_causal_overrides, f"model.name_or_path={tiny_gpt2(tmp_path, tiny_llama)}", "methods=lora"]
     assert main(["validate", *gpt2, "causal-lm.max_new_tokens=40"]) == 2
     assert ("causal-lm.max_new_tokens: a prompt of up to 31 tokens + 40 generated tokens exceeds the model's 64 "
-            "positions; lower causal-lm.max_new_tokens to 33 or data.max_length to 25") in capsys.readouterr().err
+            "positions; lower causal-lm.max_new_tokens to 33 or data.max_length to 25 (rows whose prompt no longer "
+            "fits are dropped)") in capsys.readouterr().err
+    assert main(["validate", *gpt2, "causal-lm.max_new_tokens=60"]) == 2  # a max_length of 5 is not suggested
+    assert "lower causal-lm.max_new_tokens to 33\n" in capsys.readouterr().err
     assert main(["validate", *gpt2, "causal-lm.max_new_tokens=33"]) == 0
     # prompt tuning's virtual tokens come before the prompt in generation too
     assert main(["validate", *gpt2, "methods=prompt-tuning", "causal-lm.max_new_tokens=33"]) == 2

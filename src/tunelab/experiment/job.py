@@ -198,6 +198,9 @@ def has_weights(model_path: str) -> bool:
     return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.gguf", "*.index.json"))
 
 
+USEFUL_MAX_LENGTH = 16  # below this a chat template alone fills the prompt: not worth suggesting
+
+
 def max_length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
     limit = max_positions(model_config)
     if limit is None or cfg.data.max_length <= limit:
@@ -219,10 +222,14 @@ def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
                             f"the model's {limit} positions; lower data.max_length to {limit - extra}")
         # a prompt keeps at least one token free of max_length (for its answer); generation then adds up to `new`
         elif new and cfg.data.max_length + extra <= limit < cfg.data.max_length - 1 + extra + new:
+            shorter = limit - new + 1 - extra
+            # rows whose prompt does not fit are dropped: a length of a few tokens would drop nearly all of them
+            or_shorter = f" or data.max_length to {shorter} (rows whose prompt no longer fits are dropped)" \
+                if shorter >= USEFUL_MAX_LENGTH else ""
             problems.append(f"{cfg.task}.max_new_tokens: a prompt of up to {cfg.data.max_length - 1} tokens"
                             f"{f' + {extra} virtual tokens ({name})' if extra else ''} + {new} generated tokens "
                             f"exceeds the model's {limit} positions; lower {cfg.task}.max_new_tokens to "
-                            f"{limit - cfg.data.max_length + 1 - extra} or data.max_length to {limit - new + 1 - extra}")
+                            f"{limit - cfg.data.max_length + 1 - extra}{or_shorter}")
     return sorted(set(problems), key=problems.index)
 
 

@@ -229,7 +229,7 @@ def test_launchers_that_would_train_alone_are_refused(monkeypatch):
     assert "ignores --num_processes" in launcher_problems(None)[0]
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert "--nproc: 2 processes asked for, but the launcher started 4" in launcher_problems(2)[0]
+    assert "--nproc/--processes: 2 processes asked for, but the launcher started 4" in launcher_problems(2)[0]
     assert launcher_problems(4) == [] and launcher_problems(None) == []
     with pytest.raises(TunelabInputError, match="formed a group of 1"):
         check_world(Ranks(0, 1))

@@ -103,7 +103,7 @@ def launcher_problems(asked: int | None) -> list[str]:
                 "trains on the CPU by itself when there is no GPU), `torchrun --nproc_per_node N`, or "
                 "`tunelab compare --nproc N`"]
     if asked is not None and world > 1 and asked != world:
-        return [f"--nproc: {asked} processes asked for, but the launcher started {world} (WORLD_SIZE); "
+        return [f"--nproc/--processes: {asked} processes asked for, but the launcher started {world} (WORLD_SIZE); "
                 "drop --nproc under torchrun/accelerate launch or make the two agree"]
     return []
 

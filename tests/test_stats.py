@@ -285,3 +285,12 @@ def test_a_zero_width_interval_is_explained_not_shown_as_certainty():
     assert entries[0]["metrics"]["accuracy"]["ci95"] == [1.0, 1.0]
     text = "\n".join(ranking(entries, JOB))
     assert "An interval of zero width (a) means every resample gave the same value" in text
+
+
+def test_an_interval_is_clearly_above_the_baseline_only_where_the_printed_digits_show_it():
+    from tunelab.report.markdown import clearly_beats
+
+    assert not clearly_beats({"mean": 0.679, "ci95": [0.66679, 0.69221]}, 2 / 3, higher=True)  # prints [0.667, ...]
+    assert clearly_beats({"mean": 0.679, "ci95": [0.6680, 0.69]}, 2 / 3, higher=True)
+    assert not clearly_beats({"mean": 1.2, "ci95": [1.1, 1.30004]}, 1.3, higher=False)
+    assert clearly_beats({"mean": 1.2, "ci95": [1.1, 1.29]}, 1.3, higher=False)

@@ -287,10 +287,12 @@ def mean(values: list[float]) -> float:
 
 
 def clearly_beats(summary: dict, reference: float, higher: bool) -> bool:
-    """The whole interval is on the better side of the reference (without an interval: the mean, by 2 %)."""
+    """The whole interval is on the better side of the reference (without an interval: the mean, by 2 %), by
+    more than the printed digits show: a bound printed as the baseline's own value is not clearly above it."""
     if summary.get("ci95"):
         low, high = summary["ci95"]
-        return low > reference if higher else high < reference
+        bound = low if higher else high
+        return (bound > reference if higher else bound < reference) and metric_text(bound) != metric_text(reference)
     mean = summary["mean"]
     return mean > reference + CLEAR_MARGIN if higher else mean < reference - CLEAR_MARGIN * abs(reference)
 

@@ -84,6 +84,9 @@ CASES = {
         [*base, f"model.name_or_path={renamed_weights(t, b)}"], ["lacks pretrained weights for", "does not match"]),
     "data file missing": lambda t, b, base: ([*base, f"data.train_file={t}/missing.csv"], ["data.train_file", "does not exist"]),
     "data file empty": lambda t, b, base: ([*base, f"data.train_file={write(t / 'e.csv', '')}"], ["data.train_file", "is empty"]),
+    "an unquoted comma in the first row's text": lambda t, b, base: (
+        [*base, "data.train_file=" + str(write(t / "c.csv", "text,label\ntasty, but bland,pos\n" + "fine,neg\n" * 30))],
+        ["data.train_file", "line 2 has 3 fields but the header has 2: a field that contains a comma needs quotes"]),
     "header only": lambda t, b, base: ([*base, "data.train_file=" + str(write(t / "h.csv", HEADER_ONLY))], ["has no rows"]),
     "wrong extension": lambda t, b, base: ([*base, f"data.train_file={write(t / 'd.txt', 'x')}"], ["extension '.txt'", ".csv"]),
     "undecodable bytes": lambda t, b, base: (

@@ -31,10 +31,25 @@ def read_csv_as_text(path: Path, skip_blank_lines: bool = True) -> pd.DataFrame:
                         skip_blank_lines=skip_blank_lines)
     if frame.empty and not len(frame.columns):
         raise pd.errors.EmptyDataError("no columns")
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas took rows' first field as their index: see below
+        raise ValueError(longer_than_header(source if sep == "\t" else path, sep, quoting))
     twice = repeated_names(path, sep)
     if twice:  # pandas renames the second "label" to "label.1": which one a run reads would be a guess
         raise ValueError(f"column {twice[0]!r} is named twice in the header")
     return frame
+
+
+def longer_than_header(source, sep: str, quoting: int) -> str:
+    """Where the data rows have one field more than the header, pandas silently reads their first field as the
+    row's index: a text with an unquoted separator in the first data row lost its start and shifted its label
+    into the text column. The first such line, and what to do."""
+    text = source.getvalue() if isinstance(source, io.StringIO) else source.read_text(encoding="utf-8-sig")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, quoting=quoting)
+    header = next(reader, [])
+    line, fields = next(((reader.line_num, len(row)) for row in reader if len(row) > len(header)), (0, 0))
+    quoted = "a tab needs quotes" if sep == "\t" else 'a comma needs quotes ("like, this")'
+    return (f"line {line} has {fields} fields but the header has {len(header)}: a field that contains {quoted}; if "
+            "the first column holds row names, give it a name in the header")
 
 
 def repeated_names(path: Path, sep: str) -> list[str]:

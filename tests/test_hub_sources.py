@@ -42,6 +42,25 @@ def test_a_folder_of_csv_files_reads_fields_as_text_as_a_train_file_does(tmp_pat
     assert job.label_names == ["01", "02", "NA"]
 
 
+def test_each_split_of_a_csv_folder_keeps_its_own_columns(tmp_path, model_args):
+    """test.csv with an extra id column reads (one set of columns forced on every file failed); an unlabelled
+    test.csv is refused as the test split, not as train (whose label column was dropped)."""
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    toy_rows(120, 1).to_csv(folder / "train.csv", index=False)
+    test = toy_rows(30, 2)
+    test.insert(0, "id", range(30))
+    test.to_csv(folder / "test.csv", index=False)
+    assert validate(overrides=[*model_args, f"data.dataset={folder}"]).summary()["test_rows"] == 30
+    test.drop(columns=["label"]).to_csv(folder / "test.csv", index=False)
+    with pytest.raises(TunelabInputError) as refused:
+        validate(overrides=[*model_args, f"data.dataset={folder}"])
+    assert refused.value.problems == [
+        "data.label_column: column 'label' not in data.dataset (test); columns are: id, text; an unlabelled test "
+        "split cannot score the methods: name a labelled one with data.test_split (the validation split's name is "
+        "allowed)"]
+
+
 def class_label_dataset() -> datasets.DatasetDict:
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["neg", "pos"])})

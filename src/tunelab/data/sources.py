@@ -53,8 +53,10 @@ def _load_folder(path: Path, cfg: "DataConfig"):
     try:
         if saved:
             loaded = datasets.load_from_disk(str(path))
+        elif csv_tables(path):
+            loaded = load_csv_folder(path, cfg.dataset_config)
         else:
-            loaded = datasets.load_dataset(str(path), cfg.dataset_config, **csv_as_text(path))
+            loaded = datasets.load_dataset(str(path), cfg.dataset_config)
     except Exception as exc:
         raise TunelabInputError([f"data.dataset: could not read the folder {str(path)!r} with "
                                  f"datasets.load_dataset ({_cause(exc)}); it needs data files such as "
@@ -62,15 +64,36 @@ def _load_folder(path: Path, cfg: "DataConfig"):
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
 
 
-def csv_as_text(folder: Path) -> dict:
-    """For a folder of CSV (or TSV) files: datasets' csv builder options that read every field as the text it
-    is, as data.train_file reads a CSV ("01" stays "01", a class "NA" is not missing); nothing for other files."""
+def load_csv_folder(path: Path, config_name: str | None):
+    """Each split of a folder of CSV (or TSV) files, every field read as the text it is, with the split's own
+    columns: an unlabelled test.csv beside train.csv is usual, and one set of columns forced on every file
+    dropped train's label (or failed on a test file's extra id column). The files of a split are datasets'
+    own choice (its folder patterns, or the folder's README config)."""
     import datasets
 
+    split_files = datasets.load_dataset_builder(str(path), config_name).config.data_files
+    splits = {}
+    for split, files in split_files.items():
+        tables = [Path(f) for f in files]
+        loaded = datasets.load_dataset(str(path), config_name, data_files={str(split): [str(f) for f in tables]},
+                                       **csv_as_text(tables))
+        splits[str(split)] = loaded[str(split)]
+    return datasets.DatasetDict(splits)
+
+
+def csv_tables(folder: Path) -> list[Path]:
+    """The folder's CSV/TSV files, where it holds no other data files (then datasets reads it as CSV)."""
     files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
-    tables = [f for f in files if f.suffix.lower() in (".csv", ".tsv")]
-    if not tables or any(f.suffix.lower() in (".json", ".jsonl", ".parquet", ".arrow") for f in files):
-        return {}
+    if any(f.suffix.lower() in (".json", ".jsonl", ".parquet", ".arrow") for f in files):
+        return []
+    return [f for f in files if f.suffix.lower() in (".csv", ".tsv")]
+
+
+def csv_as_text(tables: list[Path]) -> dict:
+    """datasets' csv builder options that read every field of `tables` (one split's files) as the text it is,
+    as data.train_file reads a CSV ("01" stays "01", a class "NA" is not missing)."""
+    import datasets
+
     sep = separator(tables[0])
     try:
         columns = pd.read_csv(tables[0], sep=sep, nrows=0).columns

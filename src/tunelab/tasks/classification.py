@@ -61,7 +61,11 @@ class Classification(Task):
                                               "join the parts into one string")
         for split, frame in frames.items():
             source = where(cfg.data, split)
-            missing = missing_columns(frame, wanted_columns(cfg), source)
+            # a dataset's test split is taken by its name unless data.test_split says otherwise: often unlabelled
+            unnamed_test = split == "test" and cfg.data.dataset and not cfg.data.test_split
+            missing = missing_columns(frame, wanted_columns(cfg), source, "; an unlabelled test split cannot score "
+                                      "the methods: name a labelled one with data.test_split (the validation "
+                                      "split's name is allowed)" if unnamed_test else "")
             problems += missing + ([f"{source}: has no rows"] if len(frame) == 0 else [])
             if not missing:  # rows are checked where the columns exist, so every split's problems come at once
                 problems += invalid_row_problems(self.invalid_rows(frame, cfg), source)

@@ -1,6 +1,7 @@
 """Data loading: every accepted format, label mapping, stratified splits."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from tunelab import validate
@@ -119,6 +120,17 @@ def test_carved_validation_is_stratified_seeded_and_disjoint():
     assert val.index.tolist() == again_val.index.tolist()
     assert set(train.index).isdisjoint(val.index) and len(train) + len(val) == 200
     assert (val.label == "neg").sum() == 35 and (val.label == "pos").sum() == 5  # 20 % of each class
+
+
+def test_carved_validation_keeps_to_its_fraction_with_many_small_classes():
+    """60 classes of 2 rows at 0.1: holding out a row of every class took 60 of 120 (half the training data);
+    now 12, each from a different class, every class still in train. A class of one row stays in train."""
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(121)], "label": [f"c{i // 2}" for i in range(121)]})
+    train, val = stratified_split(frame, "label", 0.1, seed=3)
+    assert len(val) == 12 and val.label.nunique() == 12 and train.label.nunique() == 61
+    assert "c60" not in set(val.label)  # its only row
+    _, by_share = stratified_split(pd.DataFrame({"label": ["a"] * 50 + ["b"] * 30 + ["c"] * 20}), "label", 0.1, seed=1)
+    assert by_share.label.value_counts().to_dict() == {"a": 5, "b": 3, "c": 2}
 
 
 def test_packaged_dialogue_pairs_are_whole_turns():

@@ -7,16 +7,20 @@ import pandas as pd
 
 def stratified_split(frame: pd.DataFrame, by: str | None, fraction: float,
                      seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rest, held-out): `fraction` of each group of column `by` (of the whole frame when `by` is None)."""
+    """(rest, held-out): `fraction` of the rows (rounded), each group of column `by` in proportion, every group
+    that can spare a row held out while the count allows; a group of one row stays in the rest. Holding out at
+    least one row of every class took half of 60 classes × 2 rows at a fraction of 0.1."""
     rng = np.random.default_rng(seed)
-    groups = frame.groupby(frame[by].astype(str), sort=True) if by else [("", frame)]
-    held = []
-    for _, rows in groups:
-        take = int(round(len(rows) * fraction))
-        if len(rows) > 1:
-            take = min(max(take, 1), len(rows) - 1)  # each class on both sides where possible
-        held.extend(rng.choice(rows.index.to_numpy(), size=take, replace=False).tolist())
-    held_mask = frame.index.isin(held)
+    groups = [rows for _, rows in frame.groupby(frame[by].astype(str), sort=True)] if by else [frame]
+    spare = [rows for rows in groups if len(rows) > 1]  # each class on both sides where possible
+    size = min(int(round(len(frame) * fraction)), sum(len(rows) - 1 for rows in spare))
+    if not spare or size < 1:
+        return frame, frame.iloc[:0]
+    picker = np.random.default_rng([seed, len(spare)]) if size < len(spare) else None
+    quotas = exact_quotas(np.array([len(rows) for rows in spare]), size, picker)
+    held = [rng.choice(rows.index.to_numpy(), size=min(int(q), len(rows) - 1), replace=False)
+            for rows, q in zip(spare, quotas)]
+    held_mask = frame.index.isin(np.concatenate(held))
     return frame[~held_mask], frame[held_mask]
 
 

@@ -70,6 +70,25 @@ def test_messages_column_and_renamed_columns_encode_the_same(tmp_path, tiny_llam
     assert np.array_equal(by_messages.train.labels, by_columns.train.labels)
 
 
+def test_a_split_with_both_chat_and_prompt_columns_must_say_which_it_reads(tmp_path, tiny_llama):
+    """Train has prompt/response; validation also has a 'messages' column. Each split was read by the columns it
+    has: validation as chat (here, one turn each: every row dropped), or, with well-formed chats, scored on other
+    inputs than train's. Refused until the columns are named; then both read alike."""
+    frame = toy_qa_rows(40)
+    frame.to_json(tmp_path / "train.jsonl", orient="records", lines=True)
+    both = frame.head(8).assign(messages=[[{"role": "user", "content": p}] for p in frame.prompt.head(8)])
+    both.to_json(tmp_path / "val.jsonl", orient="records", lines=True)
+    args = ["task=causal-lm", f"model.name_or_path={tiny_llama}", "data.max_length=32", "train.batch_size=4",
+            f"data.train_file={tmp_path / 'train.jsonl'}", f"data.validation_file={tmp_path / 'val.jsonl'}"]
+    with pytest.raises(TunelabInputError) as refused:
+        validate(None, args)
+    assert refused.value.problems == [
+        "data.validation_file: has both a chat column ('messages') and prompt/response columns, and each split "
+        "would be read by what it has; name the columns to read: data.prompt_column and data.response_column, "
+        "or data.messages_column"]
+    assert len(validate(None, [*args, "data.prompt_column=prompt"]).validation) == 8
+
+
 def test_without_a_chat_template_the_prompt_ends_with_a_newline(tmp_path, toy_qa):
     model = build_tiny_llama(tmp_path / "plain", chat_template=False)
     job = validate(None, ["task=causal-lm", f"model.name_or_path={model}", f"data.train_file={toy_qa['train']}",

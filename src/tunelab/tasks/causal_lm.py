@@ -70,11 +70,17 @@ class CausalLM(Task):
         columns = needed_columns(frames["train"], cfg)  # train decides chat or prompt/response for every split
         for split, frame in frames.items():
             problems += missing_columns(frame, columns, where(cfg.data, split), COLUMNS_HINT)
+            if ambiguous(frame, cfg):
+                problems.append(f"{where(cfg.data, split)}: has both a chat column ({DEFAULT_CHAT!r}) and prompt/"
+                                "response columns, and each split would be read by what it has; name the columns "
+                                "to read: data.prompt_column and data.response_column, or data.messages_column")
             if len(frame) == 0:
                 problems.append(f"{where(cfg.data, split)}: has no rows")
         return problems
 
     def invalid_rows(self, frame: pd.DataFrame, cfg) -> dict[str, pd.Series]:
+        if ambiguous(frame, cfg):  # which rows are usable depends on the columns read: check_frames asks
+            return {}
         problems = pd.Series([problem for _, problem in row_turns(frame, cfg)], index=frame.index, dtype=object)
         return {reason: problems == reason for reason in problems.dropna().unique()}
 
@@ -182,6 +188,17 @@ class CausalLM(Task):
 
     def report_lines(self, payload: dict[str, Any]) -> list[str]:
         return sample_generations_section(payload)
+
+
+DEFAULT_CHAT = "messages"
+
+
+def ambiguous(frame: pd.DataFrame, cfg) -> bool:
+    """A frame with the default chat column and prompt/response ones, none named: a split is read by the columns
+    it has, so a 'messages' column in validation alone would score it on other inputs than train's."""
+    data = cfg.data
+    return (not (data.messages_column or data.prompt_column or data.response_column)
+            and {DEFAULT_CHAT, "prompt", "response"} <= set(frame.columns))
 
 
 COLUMNS_HINT = " (set data.prompt_column and data.response_column, or data.messages_column for chat data)"

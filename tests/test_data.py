@@ -256,3 +256,16 @@ def test_labels_that_differ_only_by_surrounding_spaces_are_one_class():
 
     values = pd.Series(["a", "a ", " b", "3.0 "], dtype=object)
     assert label_names(values) == ["3", "a", "b"] and label_texts(values) == ["a", "a", "b", "3"]
+
+
+def test_labels_that_look_like_scores_are_noted_not_silently_made_classes(tmp_path, tiny_bert):
+    from tunelab.tasks.classification import continuous_label_notes
+
+    frame = toy_rows(120)
+    frame["label"] = [f"{(i % 24) / 5:.1f}" for i in range(120)]  # 0.0 ... 4.6: STS-B-like scores
+    frame.to_csv(tmp_path / "scores.csv", index=False)
+    summary = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={tmp_path / 'scores.csv'}",
+                              "data.max_length=32", "train.batch_size=8", "methods=lora"]).summary()
+    assert "24 labels are numbers with decimals (0, 0.2, 0.4, 0.6, ...)" in summary["notes"][0]
+    assert continuous_label_notes([str(i) for i in range(1, 20)]) == []  # whole numbers: ratings, classes
+    assert continuous_label_notes(["0.5", "1.5", "neg"]) == []

@@ -341,6 +341,8 @@ def write_report(out_dir: Path, payload: dict) -> Path:
     if job.get("dropped_rows"):
         dropped = "; ".join(f"{md_text(k)}: {v}" for k, v in job["dropped_rows"].items())
         lines += [f"Rows left out of the data: {dropped}", ""]
+    if job.get("notes"):
+        lines += [*(f"Note on the data: {md_text(note)}." for note in job["notes"]), ""]
     if studies:
         lines += tuning_lines(studies)
     if plots:

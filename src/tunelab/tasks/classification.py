@@ -180,7 +180,8 @@ class Classification(Task):
         return out
 
     def summary(self, data: TaskData) -> dict[str, Any]:
-        return {"labels": data.info["labels"]}
+        notes = continuous_label_notes(data.info["labels"])
+        return {"labels": data.info["labels"], **({"notes": notes} if notes else {})}
 
 
 def wanted_columns(cfg) -> dict[str, str]:
@@ -241,6 +242,19 @@ def label_names(values: pd.Series) -> list[str]:
     return sorted(names, key=lambda name: (int(name), name)) if integers else sorted(names)
 
 
+def continuous_label_notes(names: list[str]) -> list[str]:
+    """Scores such as STS-B's 0.0-5.0 are read as one class per value: valid, but rarely what was meant."""
+    try:
+        values = [float(name) for name in names]
+    except ValueError:
+        return []
+    if len(values) < CONTINUOUS_LABELS or all(v.is_integer() for v in values):
+        return []
+    return [f"the {len(names)} labels are numbers with decimals ({', '.join(names[:4])}, ...): each value is a "
+            "class of its own, scored by exact match; tunelab has no regression task"]
+
+
+CONTINUOUS_LABELS = 10  # distinct numeric labels, some fractional, from which they look like scores, not classes
 INTEGER = re.compile(r"[+-]?\d+")
 WHOLE_FLOAT = re.compile(r"[+-]?\d+\.0+")
 

@@ -5,6 +5,7 @@ with plain transformers and give the adapter's logits; methods that cannot merge
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -111,6 +112,26 @@ def test_export_overwrite_never_deletes_the_source_nor_an_export_it_cannot_repla
     assert "not a tunelab export" in capsys.readouterr().err and (other / "mine.txt").is_file()
     assert main(["export", str(out), "--method", "full", "--output", str(earlier), "--overwrite"]) == 0
     assert json.loads((earlier / "tunelab.json").read_text())["method"] == "full"
+    # another experiment's trained artifact is not an earlier export: predict would serve it under its old name
+    other_experiment = tmp_path / "other"
+    shutil.copytree(out / "artifacts" / "full", other_experiment / "artifacts" / "full")
+    (other_experiment / "results.json").write_text("{}")
+    assert main(["export", str(out), "--method", "lora", "--output", str(other_experiment / "artifacts" / "full"),
+                 "--overwrite"]) == 2
+    assert "is inside the artifacts of the experiment" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["export", str(out), "--method", "lora", "--output", str(tmp_path / "a-file" / "out")]) == 2
+    assert "--output: cannot write" in capsys.readouterr().err  # not a FileExistsError traceback
+
+
+def test_a_replaced_artifact_is_not_served_under_the_methods_name(experiment, tmp_path):
+    out, _ = experiment
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "artifacts" / "full")
+    shutil.copytree(copy / "artifacts" / "lora", copy / "artifacts" / "full")
+    with pytest.raises(TunelabInputError, match="holds a 'lora' artifact where 'full' was saved"):
+        find_artifact(copy, "full")
 
 
 @pytest.mark.parametrize("metric, direction, best", [("accuracy", "higher", "lora-seed-2"), ("loss", "lower", "lora-seed-1")])
@@ -124,6 +145,25 @@ def test_with_several_seeds_the_artifact_of_the_best_validation_score_is_used(me
     job = {"metric_for_best": metric, "metrics": {metric: direction}}
     (tmp_path / "results.json").write_text(json.dumps({"job": job, "methods": runs, "summary": []}))
     assert find_artifact(tmp_path, "lora").directory.name == best
+    for run in runs:  # the same score on every seed: the lower validation loss, as between checkpoints
+        run["best_val"][metric] = 0.5
+    (tmp_path / "results.json").write_text(json.dumps({"job": job, "methods": runs, "summary": []}))
+    assert find_artifact(tmp_path, "lora").directory.name == "lora-seed-1"
+
+
+def test_a_sweep_folder_predicts_with_its_best_trial(tmp_path):
+    studies = {"lora": {"direction": "maximize", "best": {"number": 2, "value": 0.7}},
+               "ia3": {"direction": "maximize", "best": {"number": 0, "value": 0.8}},
+               "bitfit": {"direction": "maximize", "best": None}}
+    for method, number in (("lora", 2), ("ia3", 0)):
+        folder = tmp_path / "artifacts" / method / f"trial-{number:03d}"
+        folder.mkdir(parents=True)
+        (folder / "tunelab.json").write_text(json.dumps({"method": method}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"job": {}, "studies": studies}))
+    assert find_artifact(tmp_path).directory == tmp_path / "artifacts" / "ia3" / "trial-000"
+    assert find_artifact(tmp_path, "lora").directory == tmp_path / "artifacts" / "lora" / "trial-002"
+    with pytest.raises(TunelabInputError, match="has no finished trial of 'bitfit'; studies with one: ia3, lora"):
+        find_artifact(tmp_path, "bitfit")
 
 
 def test_unknown_artifact_and_method_are_refused(experiment, tmp_path):

@@ -70,8 +70,14 @@ def test_inputs_that_would_not_line_up_with_the_outputs_or_be_read_as_printouts_
     (tmp_path / "gap.txt").write_text("good food\n\nbad tea\n\n")  # trailing blank lines end the file
     toy_rows(4).to_json(tmp_path / "columns.json")
     (tmp_path / "words.jsonl").write_text('{"text": ["good", "food"]}\n')
+    (tmp_path / "array.jsonl").write_text('[{"text": "good"}, {"text": "stale"}]\n')  # a JSON array saved as .jsonl
+    (tmp_path / "bare.jsonl").write_text('["good", "food"]\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("text\n")
     for name, message in (("gap.csv", "inputs [2] have an empty"), ("gap.txt", "inputs [2] have an empty"),
-                          ("columns.json", "holds one JSON object"), ("words.jsonl", "inputs [1] have a list")):
+                          ("columns.json", "holds one JSON object"), ("words.jsonl", "inputs [1] have a list"),
+                          ("array.jsonl", "inputs [1] have a list"), ("bare.jsonl", "inputs [1] have a list"),
+                          ("empty.jsonl", "holds no inputs"), ("header.csv", "holds no inputs")):
         assert main(["predict", str(single), "--input", str(tmp_path / name)]) == 2, name
         assert message in capsys.readouterr().err, name
 
@@ -162,11 +168,18 @@ def test_a_run_given_a_relative_model_path_predicts_from_another_folder(tiny_ber
 
 
 def test_an_experiment_that_did_not_finish_says_how_to_finish_it(tmp_path, capsys):
-    """A stopped run has checkpoints, not an artifact to predict with; the error named only --method."""
+    """A stopped run has checkpoints, not an artifact to predict with; the error named only --method. A diverged
+    one says so, with its error; an experiment whose first run is still training says that."""
+    (tmp_path / "run.json").write_text("{}")
+    assert main(["predict", str(tmp_path), "--text", "good"]) == 2
+    assert "has no finished run yet (results.json appears when the first one ends)" in capsys.readouterr().err
     (tmp_path / "results.json").write_text(json.dumps({"job": {}, "summary": [], "methods": [
-        {"method": "lora", "run_id": "lora", "status": "interrupted"}]}))
+        {"method": "lora", "run_id": "lora", "status": "interrupted"},
+        {"method": "full", "run_id": "full", "status": "diverged", "error": "loss became non-finite at step 4\n.."}]}))
     assert main(["predict", str(tmp_path), "--text", "good"]) == 2
     assert f"`tunelab compare --resume --output {tmp_path}` finishes them" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), "--method", "full", "--text", "good"]) == 2
+    assert "no saved artifact of 'full' (full diverged: loss became non-finite at step 4)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predict"])
     assert "required: EXPERIMENT_DIR|ARTIFACT_DIR\n" in capsys.readouterr().err  # task options are optional

@@ -327,7 +327,11 @@ def run_use_command(args: argparse.Namespace) -> int:
         from .use.export import export
 
         out = export(args.path, args.output, args.method, args.merge, args.overwrite)
-        print(f"exported {'merged model' if args.merge else 'artifact'}: {out}", file=sys.stderr)
+        import json
+
+        merged = json.loads((out / "tunelab.json").read_text()).get("merged_from")
+        whole = " (a whole model already: copied, nothing to merge)" if args.merge and not merged else ""
+        print(f"exported {'merged model' if merged else 'artifact'}{whole}: {out}", file=sys.stderr)
         return 0
     from .use.predict import predict, write_predictions
 

@@ -68,29 +68,72 @@ def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
             raise TunelabInputError([f"--method: {str(folder)!r} holds the {artifact.method!r} artifact, "
                                      f"not {method!r}"])
         return artifact
+    if not (folder / "results.json").is_file() and (folder / "sweep.json").is_file():
+        return of_method(sweep_best_trial(folder, method), method)
     if not (folder / "results.json").is_file():
-        raise TunelabInputError([f"{str(folder)!r} is neither an experiment folder (no results.json) nor an "
-                                 f"artifact folder (no {MANIFEST})"])
+        started = (folder / "run.json").is_file()  # an experiment whose first run has not finished yet
+        raise TunelabInputError([f"{str(folder)!r} has no finished run yet (results.json appears when the first "
+                                 "one ends)" if started else f"{str(folder)!r} is neither an experiment folder (no "
+                                 f"results.json) nor an artifact folder (no {MANIFEST})"])
     payload = read_results(folder)
     method = method or best_method(payload, folder)
     runs = [r for r in payload.get("methods", []) if r["method"] == method and r.get("status") == "success"
             and (folder / "artifacts" / r.get("run_id", method) / MANIFEST).is_file()]
     if not runs:
         finished = sorted({r["method"] for r in payload.get("methods", []) if r.get("status") == "success"})
-        raise TunelabInputError([f"--method: {str(folder)!r} has no saved artifact of {method!r}; methods with "
-                                 f"one: {', '.join(finished) or 'none'}{unfinished_hint(payload, folder)}"])
+        raise TunelabInputError([f"--method: {str(folder)!r} has no saved artifact of {method!r}"
+                                 f"{runs_of_text(payload, method)}; methods with one: {', '.join(finished) or 'none'}"
+                                 f"{unfinished_hint(payload, folder)}"])
     best = max(runs, key=lambda r: validation_score(r, payload.get("job") or {}))
-    return read_artifact(folder / "artifacts" / best.get("run_id", method))
+    return of_method(read_artifact(folder / "artifacts" / best.get("run_id", method)), method)
 
 
-def validation_score(record: dict[str, Any], job: dict[str, Any]) -> float:
+def of_method(artifact: Artifact, method: str | None) -> Artifact:
+    """The artifact, if it is the method's: a folder replaced by another method's (an export written over it)
+    would otherwise be served under the asked-for name."""
+    if method and artifact.method != method:
+        raise TunelabInputError([f"{str(artifact.directory)!r} holds a {artifact.method!r} artifact where {method!r} "
+                                 "was saved (replaced since?); retrain it or predict from another folder"])
+    return artifact
+
+
+def sweep_best_trial(folder: Path, method: str | None) -> Artifact:
+    """A sweep folder's best trial: of `method`'s study, or of the best study (all score one validation metric)."""
+    from ..sweep.study import trial_run_id
+
+    studies = {name: study for name, study in json.loads((folder / "sweep.json").read_text())["studies"].items()
+               if study.get("best")}
+    if method and method not in studies:
+        raise TunelabInputError([f"--method: the sweep in {str(folder)!r} has no finished trial of {method!r}; "
+                                 f"studies with one: {', '.join(sorted(studies)) or 'none'}"])
+    if not studies:
+        raise TunelabInputError([f"{str(folder)!r}: the sweep has no finished trial yet"])
+
+    def signed(name: str) -> float:
+        return studies[name]["best"]["value"] * (1 if studies[name].get("direction") == "maximize" else -1)
+    name = method or max(studies, key=signed)
+    trial = folder / "artifacts" / trial_run_id(name, studies[name]["best"]["number"])
+    if not (trial / MANIFEST).is_file():
+        raise TunelabInputError([f"{str(folder)!r}: the best {name!r} trial's artifact {str(trial)!r} is missing"])
+    return read_artifact(trial)
+
+
+def validation_score(record: dict[str, Any], job: dict[str, Any]) -> tuple[float, float]:
     """With several seeds of a method, the artifact of its best validation score (chosen on validation, as
-    the best checkpoint within a run is; the test split stays unseen by the choice)."""
-    metric = job.get("metric_for_best")
-    value = (record.get("best_val") or {}).get(metric)
-    if value is None:
-        return float("-inf")
-    return value if (job.get("metrics") or {}).get(metric, "higher") == "higher" else -value
+    the best checkpoint within a run is; the test split stays unseen by the choice); a tie goes to the lower
+    validation loss, as between checkpoints."""
+    metric, best = job.get("metric_for_best"), record.get("best_val") or {}
+    value, loss = best.get(metric), best.get("loss")
+    signed = float("-inf") if value is None else \
+        value if (job.get("metrics") or {}).get(metric, "higher") == "higher" else -value
+    return signed, float("-inf") if loss is None else -loss
+
+
+def runs_of_text(payload: dict[str, Any], method: str) -> str:
+    """How the method's runs ended where none succeeded (diverged: its error), for the refusal."""
+    ended = [r for r in payload.get("methods", []) if r["method"] == method and r.get("status") != "success"]
+    return "".join(f" ({r.get('run_id', method)} {r['status']}: {str(r.get('error') or '').splitlines()[0][:160]})"
+                   if r.get("error") else f" ({r.get('run_id', method)} {r['status']})" for r in ended[:3])
 
 
 def read_artifact(folder: Path) -> Artifact:

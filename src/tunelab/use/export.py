@@ -22,8 +22,11 @@ def export(path: str | Path, output: str | Path, method: str | None = None, merg
     problems = output_problems(out, artifact, Path(path).expanduser().resolve(), overwrite)
     if problems:
         raise TunelabInputError(problems)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only file system
+        raise TunelabInputError([f"--output: cannot write {str(out)!r} ({exc.strerror or exc})"]) from None
     try:
         write_export(artifact, staging / "export", merge)
         if out.exists():
@@ -42,6 +45,11 @@ def output_problems(out: Path, artifact: Artifact, source: Path, overwrite: bool
                     "choose a folder outside it"]
     if out.exists() and not out.is_dir():
         return [f"--output: {str(out)!r} is a file, not a folder"]
+    experiment = next((p.parent for p in out.parents if p.name == "artifacts" and
+                       any((p.parent / name).is_file() for name in ("results.json", "sweep.json", "run.json"))), None)
+    if experiment is not None:  # predict would serve it under the name of the run whose folder it took
+        return [f"--output: {str(out)!r} is inside the artifacts of the experiment {str(experiment)!r}, where "
+                "trained artifacts live; choose a folder outside it"]
     if not out.exists() or not any(out.iterdir()):
         return []
     if not overwrite:

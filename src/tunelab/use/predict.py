@@ -21,7 +21,10 @@ def read_inputs(texts: Sequence[str], input_file: str | None, task,
     keys = (*task.predict_keys, *(name for name, canonical in aliases.items() if canonical in task.predict_keys))
     inputs = [{key: text} for text in texts]
     if input_file:
-        inputs += list(_file_inputs(Path(input_file).expanduser(), key, keys))
+        from_file = list(_file_inputs(Path(input_file).expanduser(), key, keys))
+        if not from_file:
+            raise TunelabInputError([f"--input: {input_file!r} holds no inputs (empty, or a header alone)"])
+        inputs += from_file
     if not inputs:
         raise TunelabInputError([f"predict: no inputs; give --text or --input FILE (one {key} per line)"])
     inputs = [{(f"input_{k}" if k in task.output_keys else k): v for k, v in item.items()} for item in inputs]
@@ -102,7 +105,10 @@ def _json(text: str, path: Path, number: int) -> Any:
 def _json_input(value: Any, key: str, keys: tuple[str, ...], path: Path, number: int) -> dict[str, Any]:
     if isinstance(value, dict) and not any(k in value for k in keys):
         raise TunelabInputError([f"--input: item {number} of {str(path)!r} has no {' or '.join(map(repr, keys))} key"])
-    return value if isinstance(value, dict) else {key: None if value is None else str(value)}
+    # a list where one input belongs (a JSON array saved as .jsonl, a list of words) stays a list, so that
+    # read_inputs refuses it as such: its printout, brackets and quotes included, is no input
+    return value if isinstance(value, dict) else {key: value if value is None or isinstance(value, list)
+                                                  else str(value)}
 
 
 def _table_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[str, Any]]:

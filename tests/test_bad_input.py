@@ -87,6 +87,13 @@ CASES = {
     "an unquoted comma in the first row's text": lambda t, b, base: (
         [*base, "data.train_file=" + str(write(t / "c.csv", "text,label\ntasty, but bland,pos\n" + "fine,neg\n" * 30))],
         ["data.train_file", "line 2 has 3 fields but the header has 2: a field that contains a comma needs quotes"]),
+    "semicolons between fields": lambda t, b, base: (
+        [*base, "data.train_file=" + str(write(t / "s.csv", "text;label\n" + "good;pos\nbad;neg\n" * 20))],
+        ["columns are: text;label (one column named with ';' in it: the file separates fields by ';'"]),
+    "text pair column is the text column": lambda t, b, base: (
+        [*base, "data.text_pair_column=text"], ["data.text_pair_column: 'text' is also data.text_column"]),
+    "a folder of data files as data.train_file": lambda t, b, base: (
+        [*base, f"data.train_file={t}"], ["is a folder but not a datasets.save_to_disk one", "data.dataset="]),
     "header only": lambda t, b, base: ([*base, "data.train_file=" + str(write(t / "h.csv", HEADER_ONLY))], ["has no rows"]),
     "wrong extension": lambda t, b, base: ([*base, f"data.train_file={write(t / 'd.txt', 'x')}"], ["extension '.txt'", ".csv"]),
     "undecodable bytes": lambda t, b, base: (

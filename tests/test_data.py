@@ -269,3 +269,40 @@ def test_labels_that_look_like_scores_are_noted_not_silently_made_classes(tmp_pa
     assert "24 labels are numbers with decimals (0, 0.2, 0.4, 0.6, ...)" in summary["notes"][0]
     assert continuous_label_notes([str(i) for i in range(1, 20)]) == []  # whole numbers: ratings, classes
     assert continuous_label_notes(["0.5", "1.5", "neg"]) == []
+
+
+def test_labels_composed_and_decomposed_are_one_class_and_cut_rows_are_counted(tmp_path, tiny_bert):
+    """'café' written NFC in train and NFD in validation (files from different systems) printed alike in a
+    refusal saying the validation labels do not occur in train. Rows cut to data.max_length are counted."""
+    from tunelab.tasks.classification import label_text
+
+    assert label_text("cafe\u0301") == label_text("caf\u00e9") == "caf\u00e9"
+    train, validation = toy_rows(60), toy_rows(20)
+    train["label"] = ["caf\u00e9" if v == "pos" else "th\u00e9" for v in train.label]
+    validation["label"] = ["cafe\u0301" if v == "pos" else "the\u0301" for v in validation.label]
+    train.loc[:2, "text"] = " ".join(["good"] * 100)  # three rows longer than max_length
+    train.to_csv(tmp_path / "train.csv", index=False)
+    validation.to_csv(tmp_path / "validation.csv", index=False)
+    summary = validate(None, [f"model.name_or_path={tiny_bert}", f"data.train_file={tmp_path / 'train.csv'}",
+                              f"data.validation_file={tmp_path / 'validation.csv'}", "data.max_length=24",
+                              "train.batch_size=8", "methods=lora"]).summary()
+    assert summary["labels"] == ["caf\u00e9", "th\u00e9"]
+    assert summary["train_rows_at_max_length"] == 3
+
+
+def test_a_json_column_of_mixed_types_gets_a_hint(tmp_path, monkeypatch):
+    """Arrow types a JSON column by its first block of rows: numbers, then "neg" 200,000 rows on, fails only in a
+    large file (here the reader's error is raised directly: such a file takes seconds to read)."""
+    import datasets
+    import pyarrow as pa
+
+    from tunelab.data.io import read_table
+
+    (tmp_path / "big.jsonl").write_text('{"text": "a", "label": 1}\n')
+
+    def fails(*args, **kwargs):
+        raise pa.ArrowInvalid("Failed to parse string: '\"neg\"' as a scalar of type int64")
+    monkeypatch.setattr(datasets, "load_dataset", fails)
+    problems: list[str] = []
+    assert read_table(str(tmp_path / "big.jsonl"), "data.train_file", problems) is None
+    assert problems[0].endswith("a column holds numbers in some rows and text in others: quote all its values")

@@ -89,6 +89,16 @@ def test_a_split_with_both_chat_and_prompt_columns_must_say_which_it_reads(tmp_p
     assert len(validate(None, [*args, "data.prompt_column=prompt"]).validation) == 8
 
 
+def test_chat_cells_printed_by_python_are_named_as_not_json(tmp_path, tiny_llama):
+    frame = toy_qa_rows(20)
+    frame["messages"] = [str([{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+                         for p, r in zip(frame.prompt, frame.response)]  # what DataFrame.to_csv writes
+    frame[["messages"]].to_csv(tmp_path / "chat.csv", index=False)
+    with pytest.raises(TunelabInputError, match=r"dropped all 20 \(messages text not JSON \(a Python printout"):
+        validate(None, ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={tmp_path / 'chat.csv'}",
+                        "data.max_length=32", "train.batch_size=4"])
+
+
 def test_without_a_chat_template_the_prompt_ends_with_a_newline(tmp_path, toy_qa):
     model = build_tiny_llama(tmp_path / "plain", chat_template=False)
     job = validate(None, ["task=causal-lm", f"model.name_or_path={model}", f"data.train_file={toy_qa['train']}",

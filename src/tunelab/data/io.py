@@ -104,9 +104,17 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         if "corresponds to no data" in str(exc) or isinstance(exc, pd.errors.EmptyDataError):  # a header, no rows
             problems.append(f"{field}: {path_text!r} has no rows")
             return None
+        if path.is_dir():  # not a save_to_disk folder: perhaps a folder of data files
+            problems.append(f"{field}: {path_text!r} is a folder but not a datasets.save_to_disk one; a folder of "
+                            f"data files (train.csv, data/train-*.parquet) is read by data.dataset={path_text}")
+            return None
         cause = exc.__cause__ or exc.__context__ or exc
+        # Arrow fixes a JSON column's type from its first block of rows: a column of numbers that later holds
+        # text (or the reverse) fails on a large file only
+        mixed = "; a column holds numbers in some rows and text in others: quote all its values" \
+            if "Failed to parse" in str(cause) or "changed from" in str(cause) else ""
         problems.append(f"{field}: could not read {path_text!r} ({type(cause).__name__}: "
-                        f"{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''})")
+                        f"{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''}){mixed}")
     return None
 
 

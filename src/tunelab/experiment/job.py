@@ -80,6 +80,8 @@ class Job:
                 "validation_source": self.data.validation_source,
                 "test_rows": len(self.test) if self.test is not None else 0,
                 "mean_train_tokens": float(train.lengths.mean()) if len(train) else 0.0,
+                # rows cut to data.max_length (or exactly that long): a share worth knowing before a long run
+                "train_rows_at_max_length": int((train.lengths >= self.config.data.max_length).sum()),
                 "dropped_rows": self.data.dropped,
                 **self.task.summary(self.data)}
 

@@ -21,6 +21,16 @@ def needed_columns(train: pd.DataFrame, cfg) -> dict[str, str]:
 
 NOT_TURNS = "messages not a list of {role, content} ending with an assistant turn"
 NOT_TEXT = "prompt or response not text (a list or mapping)"
+# pandas' to_csv writes a list of dicts as Python prints it: single quotes, which JSON does not read
+NOT_JSON = "messages text not JSON (a Python printout with single quotes? write the cells with json.dumps)"
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def conversations(frame: pd.DataFrame, cfg) -> tuple[list[list[dict]], dict[str, int]]:
@@ -46,7 +56,7 @@ def row_turns(frame: pd.DataFrame, cfg) -> list[tuple[list[dict] | None, str | N
 def chat_turns(value) -> tuple[list[dict] | None, str | None]:
     turns = as_turns(value)
     if turns is None:
-        return None, NOT_TURNS
+        return None, NOT_JSON if isinstance(value, str) and not is_json(value) else NOT_TURNS
     return checked_turns(turns)
 
 

@@ -205,7 +205,16 @@ def missing_columns(frame: pd.DataFrame, columns: dict[str, str], source: str, h
     several wrong names is fixed in one go; each names the closest real column (a typo, a case slip)."""
     present = [str(c) for c in frame.columns]
     return [f"{key}: column {column!r} not in {source}{did_you_mean(column, present)}; columns are: "
-            f"{', '.join(present)}{hint}" for key, column in columns.items() if column not in frame.columns]
+            f"{', '.join(present)}{hint}{other_separator(present)}" for key, column in columns.items()
+            if column not in frame.columns]
+
+
+def other_separator(present: list[str]) -> str:
+    """One column whose name holds ';' or '|': a file written with another separator (Excel in many locales
+    writes ';'), read as CSV into one column per row."""
+    mark = next((m for m in (";", "|") if len(present) == 1 and m in present[0]), None)
+    return "" if mark is None else (f" (one column named with {mark!r} in it: the file separates fields by {mark!r}; "
+                                    "a .csv needs commas and a .tsv tabs, so save it again as one of them)")
 
 
 def register(cls: type[Task]) -> type[Task]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,6 +54,9 @@ class Classification(Task):
         inputs = {"text_column": text_column(cfg), "text_pair_column": cfg.data.text_pair_column}
         problems = [f"data.{key}: {column!r} is also data.label_column; the model would read the answer"
                     for key, column in inputs.items() if column is not None and column == label_column(cfg)]
+        if inputs["text_pair_column"] == inputs["text_column"]:  # every pair a text and itself: a slip
+            problems.append(f"data.text_pair_column: {inputs['text_pair_column']!r} is also data.text_column; a "
+                            "pair needs a second column (leave data.text_pair_column out for single texts)")
         if all(label_column(cfg) in frame for frame in frames.values()):  # (a missing one is reported below)
             problems += nested_value_problems(frames, label_column(cfg), cfg, "label", "classification needs one "
                                               "label per row (multi-label data is not supported)")
@@ -209,7 +213,9 @@ def label_text(value: Any) -> str:
     as 3.0), and the same class must get the same name in every split. Other text stays as written ("01")."""
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
         return str(int(value))
-    text = str(value).strip()  # "a" and "a " (a hand-edited CSV) are one class, not two
+    # "a" and "a " (a hand-edited CSV) are one class, not two; so are "café" composed and decomposed (NFC/NFD:
+    # files from different systems), which print alike
+    text = unicodedata.normalize("NFC", str(value).strip())
     return text.split(".")[0] if WHOLE_FLOAT.fullmatch(text) else text
 
 

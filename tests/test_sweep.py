@@ -51,6 +51,11 @@ def test_a_bad_space_is_refused(tiny_overrides, tmp_path):
     ("{train.precision: {choices: [fp16]}}", "sweep.space.train.precision: 'fp16' is not allowed"),
     ("{lora.r: {low: 2.5, high: 8}}", "lora.r takes whole numbers; low and high must be whole"),
     ("{lora.dropout: {low: 0, high: 2}}", "sweep.space.lora.dropout: 2.0 is not allowed; must be < 1"),
+    ("{lora.r: {low: 4, high: 16, step: 4}}", "sweep.space.lora.r: unknown key(s) 'step'"),
+    ("{lora.lr: {low: 1e-4, high: 1e-2, logscale: true}}", "unknown key(s) 'logscale'"),
+    ("{lora.r: {low: 4, high: 16, choices: [4, 8]}}", "unknown key(s) 'high', 'low'; a range takes low, high"),
+    ("{lora.lr: {low: 1e-4, high: 1e-2, log: 'false'}}", "sweep.space.lora.lr: log must be true or false, got 'false'"),
+    ("{train.seed: {choices: [1, 2]}}", "sweep.space.train.seed: a seed is not a hyperparameter to tune"),
 ])
 def test_a_space_no_trial_could_use_fails_validate_before_anything_is_written(space, problem, tiny_overrides):
     from tunelab import TunelabInputError
@@ -156,9 +161,31 @@ def test_a_killed_sweep_resumes_to_the_trials_of_one_that_never_stopped(tiny_ove
     assert trial_results(out) == trial_results(tmp_path / "ref")
 
 
-def test_a_method_whose_trials_all_fail_stops(tiny_overrides, tmp_path):
-    result = sweep([*tiny_overrides, *SMALL], tmp_path, "--trials", "2", fault="lora/raise@step=1")
-    assert result.returncode == 1 and "every trial failed" in result.stderr
+def test_a_method_whose_trials_all_fail_stops_without_stopping_the_others(tiny_overrides, tmp_path):
+    """Each failed trial is replaced by another point (the replacement was seeded alike and drew the same one);
+    after as many failures as trials the method stops, and the next method's study still runs."""
+    result = sweep([*tiny_overrides, *SMALL, "methods=lora,bitfit"], tmp_path, "--trials", "2",
+                   fault="lora/raise@step=1")
+    assert result.returncode == 1 and "lora: 2 trials failed, as many as asked for" in result.stderr
+    studies = json.loads((tmp_path / "sweep.json").read_text())["studies"]
+    failed = [t["params"] for t in studies["lora"]["trials"]]
+    assert len(failed) == 2 and failed[0] != failed[1]
+    assert [t["state"] for t in studies["bitfit"]["trials"]] == ["COMPLETE", "COMPLETE"]
+    # a trial is chosen on validation alone: it does not score (or pay for) the test split
+    record = json.loads((tmp_path / "records" / "bitfit--trial-000.json").read_text())
+    assert record["best_val"] and record["test"] is None and not record["test_per_example"]
+
+
+def test_a_drawn_training_setting_the_method_cannot_use_is_pruned_not_a_crash(tiny_overrides, tmp_path):
+    """prefix tuning cannot train with gradient checkpointing: a trial drawing it stopped the sweep (exit 2,
+    the trial left RUNNING), and every --resume drew it again."""
+    result = sweep([*tiny_overrides, *SMALL, "methods=prefix-tuning", "train.max_steps=2",
+                    "sweep.space={train.gradient_checkpointing: {choices: [true, false]}}"], tmp_path, "--trials", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = json.loads((tmp_path / "sweep.json").read_text())["studies"]["prefix-tuning"]["trials"]
+    refused = [t for t in trials if t["params"]["train.gradient_checkpointing"]]
+    assert refused and all(t["state"] == "PRUNED" and "cannot train with it" in t["not_trained"] for t in refused)
+    assert any(t["state"] == "COMPLETE" for t in trials)
 
 
 def postgres_url() -> str:
@@ -271,10 +298,23 @@ def test_a_resumed_sweep_needs_the_storage_password_it_did_not_save(tmp_path):
                                                            "study_name": None}}))
     _, problems = sweep_flags(tmp_path, True, None, None)
     assert problems and "its password is not saved, so give --storage with it" in problems[0]
-    # (a folder of an earlier version, which kept no --nproc: one process)
-    assert sweep_flags(tmp_path, True, url, None) == ({"storage": url, "study_name": None, "nproc": 1}, [])
+    # (a folder of an earlier version, which kept no --nproc nor --trials: one process, 20 trials)
+    assert sweep_flags(tmp_path, True, url, None) == ({"storage": url, "study_name": None, "nproc": 1,
+                                                       "trials": 20}, [])
     _, problems = sweep_flags(tmp_path, True, "postgresql://tuner:s3cret@otherhost/optuna", None)
     assert "was started with postgresql://tuner:***@db:5432/optuna" in problems[0]
+
+
+def test_a_resumed_sweep_keeps_its_number_of_trials(tmp_path):
+    """`sweep --resume --output DIR`, as the interruption message says, ran a 3-trial sweep on to 20 trials."""
+    from tunelab.experiment.folder import RUN_FILE
+    from tunelab.sweep.study import sweep_flags
+
+    assert sweep_flags(tmp_path, False, None, None, trials=3)[0]["trials"] == 3
+    (tmp_path / RUN_FILE).write_text(json.dumps({"flags": {"command": "sweep", "storage": None, "study_name": None,
+                                                           "nproc": 1, "trials": 3}}))
+    assert sweep_flags(tmp_path, True, None, None)[0]["trials"] == 3
+    assert sweep_flags(tmp_path, True, None, None, trials=5)[0]["trials"] == 5  # more, asked for
 
 
 def test_a_resumed_worker_finishes_only_its_own_interrupted_trials(tiny_overrides, tmp_path):

@@ -314,18 +314,18 @@ class SweepOutcome:
 
 @keeps_torch_threads
 def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
-          output_dir: str | Path | None = None, trials: int = 20, storage: str | None = None,
+          output_dir: str | Path | None = None, trials: int | None = None, storage: str | None = None,
           study_name: str | None = None, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True, nproc: int | None = None) -> SweepOutcome:
     """Tune each configured method: optuna trials until its study holds `trials` (the study's total, shared
-    by every worker on the same storage), each trained in its own process (`nproc` DDP processes; default 1,
-    on `resume` as started), bad ones pruned early."""
+    by every worker on the same storage; default 20, on `resume` as started), each trained in its own process
+    (`nproc` DDP processes; default 1, on `resume` as started), bad ones pruned early."""
     from .experiment.forkserver import warm_up
     from .experiment.isolation import share_job
     from .sweep.report import write_sweep
     from .sweep.space import space_problems
-    from .sweep.study import (default_storage, open_study, run_study, storage_problems, storage_record, study_summary,
-                              sweep_flags)
+    from .sweep.study import (SweepFailed, default_storage, open_study, run_study, storage_problems, storage_record,
+                              study_summary, sweep_flags)
 
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
@@ -335,8 +335,8 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))
-    flags, run_problems = sweep_flags(out_dir, resume, storage, study_name, nproc)
-    storage, study_name, nproc = flags["storage"], flags["study_name"], flags["nproc"]
+    flags, run_problems = sweep_flags(out_dir, resume, storage, study_name, nproc, trials)
+    storage, study_name, nproc, trials = flags["storage"], flags["study_name"], flags["nproc"], flags["trials"]
     run_problems += storage_problems(storage)
     run_problems += launcher_problems(None)
     if launched_world_size() > 1:
@@ -347,16 +347,20 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume, {**flags, "storage": storage_record(storage), "command": "sweep"})
         share_job(out_dir, job)
-        url, studies = storage or default_storage(out_dir), {}
+        url, studies, failed = storage or default_storage(out_dir), {}, []
         try:
             for method in cfg.methods:
                 try:
                     run_study(cfg, job, method, out_dir, trials, url, study_name, show_progress, resume,
                               seeded=storage is None, nproc=nproc)
+                except SweepFailed as exc:  # one method's failing trials do not stop the others' studies
+                    failed.append(str(exc))
                 finally:  # a stopped method's trials so far count too
                     studies[method] = study_summary(open_study(cfg, method, url, study_name, storage is None))
         finally:  # written once, stopped or not: sweep.json and the report
             report = write_sweep(out_dir, job.summary(), studies)
+        if failed:
+            raise SweepFailed("; ".join(failed))
         return SweepOutcome(out_dir, studies, report)
 
 
@@ -364,12 +368,15 @@ def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, sh
                  resume: bool, nproc: int = 1) -> dict[str, dict[str, Any]]:
     """Each method's best values after `trials` optuna trials (validation split only); {} where none finished."""
     from .sweep.report import write_sweep
-    from .sweep.study import default_storage, open_study, run_study, study_summary
+    from .sweep.study import SweepFailed, default_storage, open_study, run_study, study_summary
 
     storage, studies = default_storage(out_dir), {}
     for method in cfg.methods:
-        run_study(cfg, job, method, out_dir, trials, storage, "tune", show_progress, resume, seeded=True,
-                  nproc=nproc)
+        try:
+            run_study(cfg, job, method, out_dir, trials, storage, "tune", show_progress, resume, seeded=True,
+                      nproc=nproc)
+        except SweepFailed as exc:  # its best so far, or none: then it trains with the configured values
+            print(f"tunelab: {exc}", file=sys.stderr)
         studies[method] = study_summary(open_study(cfg, method, storage, "tune", True))
     write_sweep(out_dir, job.summary(), studies)
     for method in [m for m, s in studies.items() if not s["best"]]:

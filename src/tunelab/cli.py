@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                            parents=[hub])
     sweep.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     sweep.add_argument("--output", "-o", help="experiment folder (default: runs/sweep-<time>)")
-    sweep.add_argument("--trials", type=int, default=20, help="trials per method: the study's total over all workers")
+    sweep.add_argument("--trials", type=int, help="trials per method: the study's total over all workers (default "
+                       "20; on --resume as started)")
     sweep.add_argument("--storage", help="optuna storage URL shared by workers (default: a SQLite file in --output)")
     sweep.add_argument("--study-name", help="study name prefix (default: derived from the config)")
     sweep.add_argument("--resume", action="store_true", help="continue a killed sweep in --output")

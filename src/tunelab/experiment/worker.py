@@ -1,6 +1,7 @@
 """The child process of one run: `python -m tunelab.experiment.worker EXPERIMENT_DIR SPEC.json`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -32,7 +33,9 @@ def main(argv: list[str]) -> int:
         return 2
     shared = load_shared_job(out_dir)
     tokenizer = load_tokenizer(shared["model_path"])
-    job = Job(cfg, cfg.task_spec, shared["model_path"], tokenizer, shared["data"])
+    # a tuning trial is chosen on validation alone: it never scores the test split (nor pays for it)
+    data = dataclasses.replace(shared["data"], test=None) if spec.get("trial") else shared["data"]
+    job = Job(cfg, cfg.task_spec, shared["model_path"], tokenizer, data)
     run = Run(spec["method"], spec["seed"], spec["run_id"])
     startup_s = time.time() - spec["spawned_at"]  # process start, imports, shared data, tokenizer
     on_eval = trial_reporter(spec["trial"], cfg) if spec.get("trial") else None

@@ -23,9 +23,9 @@ def method_space(cfg, method: str) -> dict[str, dict[str, Any]]:
 
 
 def space_problems(cfg, tuning: bool = True) -> list[str]:
-    """Each `sweep.space` entry: a range or choices, for an option that exists, of train or of a method that
-    is selected (`tuning`: what a sweep or `compare --tune` will search) or registered (any config, which may
-    narrow `methods` of a shared file without searching)."""
+    """Each `sweep.space` entry: a range or choices, written as optuna reads them, for an option that exists, of
+    train or of a method that is selected (`tuning`: what a sweep or `compare --tune` will search) or registered
+    (any config, which may narrow `methods` of a shared file without searching)."""
     from ..methods.base import registry
 
     sections = ("train", *(cfg.methods if tuning else registry()))
@@ -35,6 +35,11 @@ def space_problems(cfg, tuning: bool = True) -> list[str]:
             continue
         if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
             problems.append(f"sweep.space.{key}: expected {{low, high[, log]}} or {{choices: [...]}}, got {spec!r}")
+        elif spec_problems(str(key), spec):
+            problems += spec_problems(str(key), spec)
+        elif str(key) == "train.seed":  # tuned, it replaced the seed of every run of compare --tune --seeds K
+            problems.append("sweep.space.train.seed: a seed is not a hyperparameter to tune; compare --seeds K "
+                            "trains the tuned values on K seeds")
         elif "low" in spec and None in (number(spec["low"]), number(spec["high"])):
             problems.append(f"sweep.space.{key}: low and high must be numbers, "
                             f"got {spec['low']!r} and {spec['high']!r}")
@@ -46,6 +51,19 @@ def space_problems(cfg, tuning: bool = True) -> list[str]:
         else:
             problems += option_problems(str(key)) or value_problems(str(key), spec)
     return problems
+
+
+def spec_problems(key: str, spec: dict[str, Any]) -> list[str]:
+    """A range or choices written with a key optuna would not read (`step`, a misspelt `log`), both forms at once,
+    or a `log` that is not true/false: each was silently ignored, or 'false' taken as true."""
+    form = {"choices"} if "choices" in spec else {"low", "high", "log"}
+    extra = sorted(set(spec) - form)
+    if extra:
+        return [f"sweep.space.{key}: unknown key(s) {', '.join(map(repr, extra))}; a range takes low, high and log, "
+                "choices stand alone"]
+    if "log" in spec and not isinstance(spec["log"], bool):
+        return [f"sweep.space.{key}: log must be true or false, got {spec['log']!r}"]
+    return []
 
 
 def number(value: Any) -> float | None:

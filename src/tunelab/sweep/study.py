@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import CompareInterrupted
+from ..errors import CompareInterrupted, TunelabInputError
 from ..experiment.folder import read_record
 from ..experiment.isolation import RECORDS, StopRequest, file_name, run_in_child
 from ..experiment.job import batch_problems, length_problems, method_checker
@@ -100,17 +100,21 @@ def sqlite_file(parsed) -> str | None:
     return parsed.database if parsed.database not in (None, "", ":memory:") else None
 
 
+DEFAULT_TRIALS = 20
+
+
 def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | None,
-                nproc: int | None = None) -> tuple[dict, list[str]]:
+                nproc: int | None = None, trials: int | None = None) -> tuple[dict, list[str]]:
     """--storage and --study-name: as given, or on --resume as the sweep was started (a new study in another
     storage would start from trial 0 and overwrite the earlier trials' files). A password is not saved, so a
     sweep on a database with one is resumed with --storage given again. --nproc: as given, else as started
-    (else 1); unlike those it may change on resume, as for compare: the global batch stays the same."""
+    (else 1); unlike those it may change on resume, as for compare: the global batch stays the same. --trials:
+    as given, else as started (a resumed 3-trial sweep ran on to 20), else 20."""
     from ..experiment.folder import command_problems, saved_flags
 
     storage = absolute_storage(storage)
     if not resume:
-        return {"storage": storage, "study_name": name, "nproc": nproc or 1}, []
+        return {"storage": storage, "study_name": name, "nproc": nproc or 1, "trials": trials or DEFAULT_TRIALS}, []
     saved, problems = saved_flags(out_dir), command_problems(out_dir, "sweep")
     started = {"storage": saved.get("storage"), "study_name": saved.get("study_name")}
     given = {"storage": storage_record(storage), "study_name": name}
@@ -124,7 +128,8 @@ def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | No
         problems.append(f"--storage: {str(out_dir)!r} sweeps in {started['storage']}; its password is not saved, "
                         "so give --storage with it to resume")
     return {"storage": storage or started["storage"], "study_name": name or started["study_name"],
-            "nproc": nproc or saved.get("nproc") or 1}, problems  # (folders of earlier versions did not keep it)
+            "nproc": nproc or saved.get("nproc") or 1,  # (folders of earlier versions kept neither)
+            "trials": trials or saved.get("trials") or DEFAULT_TRIALS}, problems
 
 
 def study_name(cfg, method: str, name: str | None) -> str:
@@ -227,19 +232,25 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         else:  # left by a tunelab that did not keep the values: failed, and another trial takes its place
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     while counted(study) < trials:
-        if sum(r["status"] not in ("success", "pruned") for r in records) >= trials:
-            raise SweepFailed(f"{method}: every trial failed ({records[-1].get('error')}); see {out_dir}/records")
-        if seeded:
-            study.sampler = seeded_sampler(cfg.train.seed, counted(study))
+        failed = sum(r["status"] not in ("success", "pruned") for r in records)
+        if failed >= trials:
+            raise SweepFailed(f"{method}: {failed} trials failed, as many as asked for (the last: "
+                              f"{records[-1].get('error')}); see {out_dir}/records")
+        if seeded:  # failed trials count too: their replacement, seeded alike, would draw the same failing point
+            study.sampler = seeded_sampler(cfg.train.seed, len(study.get_trials(deepcopy=False)))
         trial = study.ask()
         trial.set_user_attr("worker", worker)
         if counted(study) > trials and trial.number == max(t.number for t in running(study)):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)  # lost a race with another worker: surplus
             break
         values = suggest(trial, space)
-        run_cfg = with_values(job.config, values)
-        unfit = (length_problems(run_cfg, model_config) + check(run_cfg, method)
-                 + batch_problems(run_cfg.train.batch_size, rows) + process_problems(run_cfg, nproc))
+        try:  # a drawn train.* value the method cannot train with (gradient checkpointing for prefix tuning)
+            run_cfg = with_values(job.config, values)
+        except TunelabInputError as exc:
+            run_cfg, unfit = None, exc.problems
+        else:
+            unfit = (length_problems(run_cfg, model_config) + check(run_cfg, method)
+                     + batch_problems(run_cfg.train.batch_size, rows) + process_problems(run_cfg, nproc))
         if unfit:  # e.g. more virtual tokens than the model has positions left: pruned, so TPE moves away
             reason = "; ".join(unfit)
             records.append({"method": method, "run_id": trial_run_id(method, trial.number), "status": "pruned",

@@ -114,7 +114,9 @@ def sweep_best_trial(folder: Path, method: str | None) -> Artifact:
     name = method or max(studies, key=signed)
     trial = folder / "artifacts" / trial_run_id(name, studies[name]["best"]["number"])
     if not (trial / MANIFEST).is_file():
-        raise TunelabInputError([f"{str(folder)!r}: the best {name!r} trial's artifact {str(trial)!r} is missing"])
+        raise TunelabInputError([f"{str(folder)!r}: the best {name!r} trial's artifact {str(trial)!r} is not here: "
+                                 "with a shared --storage each trial's artifact stays in the folder of the worker "
+                                 "that ran it; predict from that folder (or give --method for another study)"])
     return read_artifact(trial)
 
 

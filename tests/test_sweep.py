@@ -286,6 +286,8 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tiny_overrides, tmp
         tunelab.compare(output_dir=out, resume=True, isolate=False, show_progress=False)
     renamed = sweep([], out, "--trials", "4", "--resume", "--study-name", "other")
     assert renamed.returncode == 2 and "--study-name: other, but" in renamed.stderr
+    changed = sweep(["train.max_steps=5"], out, "--resume")  # sweep has no --allow-config-change to suggest
+    assert changed.returncode == 2 and "a sweep resumes with the config it started with" in changed.stderr
 
 
 def test_a_resumed_sweep_needs_the_storage_password_it_did_not_save(tmp_path):

@@ -120,17 +120,21 @@ def default_output_dir() -> Path:
     return Path("runs") / dt.datetime.now().strftime("compare-%Y%m%d-%H%M%S")
 
 
-def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change: bool) -> ExperimentConfig:
+def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change: bool | None) -> ExperimentConfig:
     """The saved config; with a config file, that file's; key=value overrides change whichever it is (without
-    a file, the saved config: not the packaged job the same overrides would start from)."""
+    a file, the saved config: not the packaged job the same overrides would start from). `allow_change` None:
+    no change can be allowed (a sweep: its studies are named after the config)."""
     saved, saved_hash = saved_config(out_dir)
     if config is None and not overrides:
         return saved
     cfg = resolve(config, overrides) if config is not None else with_overrides(saved.to_dict(), list(overrides))
     if cfg.fingerprint() != saved_hash and not allow_change:
         changed = changed_keys(saved.to_dict(), cfg.to_dict())
+        remedy = "pass --allow-config-change to continue anyway" if allow_change is not None else \
+            "a sweep resumes with the config it started with (its studies are named after it); start another " \
+            "sweep for this one"
         raise TunelabInputError([f"--resume: the config differs from the one {str(out_dir)!r} was started with "
-                                 f"({'; '.join(changed[:8])}); pass --allow-config-change to continue anyway"])
+                                 f"({'; '.join(changed[:8])}); {remedy}"])
     return cfg
 
 
@@ -154,7 +158,7 @@ def clear_outputs(out_dir: Path) -> None:
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
-def checked_job(out_dir: Path, config, overrides, resume: bool, allow_change: bool, overwrite: bool,
+def checked_job(out_dir: Path, config, overrides, resume: bool, allow_change: bool | None, overwrite: bool,
                 more_problems) -> tuple[ExperimentConfig, Job]:
     """The config (the saved one on resume) and the prepared job, or every problem with them at once."""
     if resume:
@@ -341,7 +345,7 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     run_problems += launcher_problems(None)
     if launched_world_size() > 1:
         run_problems.append("sweep: not under torchrun/accelerate launch (each trial is its own launch); use --nproc N")
-    cfg, job = checked_job(out_dir, config, overrides, resume, False, overwrite,
+    cfg, job = checked_job(out_dir, config, overrides, resume, None, overwrite,
                            lambda cfg: space_problems(cfg) + run_problems + process_problems(cfg, nproc))
     warm_up(job.model_path)
     with ExperimentLock(out_dir):

@@ -422,3 +422,24 @@ def test_a_swept_batch_size_is_checked_against_the_rows_as_the_configured_one_is
     assert result.returncode == 0, result.stderr[-2000:]  # a pruned trial is a result, not a failure
     trial = study(tmp_path)["trials"][0]
     assert trial["state"] == "PRUNED" and "train.batch_size: 2 rows cannot fill 1 processes × 4" in trial["not_trained"]
+
+
+def test_workers_join_one_study_by_what_their_trials_depend_on(tiny_overrides, tmp_path):
+    """The study name hashed the whole config: a worker with other threads, or with another method selected
+    beside, silently ran a study of its own with the whole budget. A named study refuses another config (it
+    counted a different job's trials towards its budget and best); an earlier version's study is resumed."""
+    from tunelab import TunelabInputError
+    from tunelab.sweep.study import open_study, study_name
+
+    def name(*extra):
+        return study_name(load_config(None, [*tiny_overrides, "methods=lora", *extra]), "lora", None)
+    assert name() == name("methods=lora,full") == name("train.threads=1") == name("full.lr=3e-5")
+    assert name() != name("lora.r=4") and name() != name("train.max_steps=3")
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    cfg = load_config(None, [*tiny_overrides, "methods=lora"])
+    open_study(cfg, "lora", storage, "exp", seeded=True)
+    assert open_study(load_config(None, [*tiny_overrides, "methods=lora,full"]), "lora", storage, "exp", True)
+    with pytest.raises(TunelabInputError, match=r"the study 'exp-lora' holds trials of another config \(lora.dropout"):
+        open_study(load_config(None, [*tiny_overrides, "methods=lora", "lora.dropout=0"]), "lora", storage, "exp", True)
+    earlier = optuna.create_study(study_name=f"tunelab-{cfg.fingerprint()}-lora", storage=storage)
+    assert open_study(cfg, "lora", storage, None, seeded=True).study_name == earlier.study_name

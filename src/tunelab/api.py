@@ -372,16 +372,16 @@ def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, sh
                  resume: bool, nproc: int = 1) -> dict[str, dict[str, Any]]:
     """Each method's best values after `trials` optuna trials (validation split only); {} where none finished."""
     from .sweep.report import write_sweep
-    from .sweep.study import SweepFailed, default_storage, open_study, run_study, study_summary
+    from .sweep.study import TUNE_STUDY, SweepFailed, default_storage, open_study, run_study, study_summary
 
     storage, studies = default_storage(out_dir), {}
     for method in cfg.methods:
         try:
-            run_study(cfg, job, method, out_dir, trials, storage, "tune", show_progress, resume, seeded=True,
+            run_study(cfg, job, method, out_dir, trials, storage, TUNE_STUDY, show_progress, resume, seeded=True,
                       nproc=nproc)
         except SweepFailed as exc:  # its best so far, or none: then it trains with the configured values
             print(f"tunelab: {exc}", file=sys.stderr)
-        studies[method] = study_summary(open_study(cfg, method, storage, "tune", True))
+        studies[method] = study_summary(open_study(cfg, method, storage, TUNE_STUDY, True))
     write_sweep(out_dir, job.summary(), studies)
     for method in [m for m, s in studies.items() if not s["best"]]:
         print(f"tunelab: no tuning trial of {method} finished (all pruned or failed, see sweep.md); "

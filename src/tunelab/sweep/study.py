@@ -2,6 +2,8 @@
 Several workers (processes or machines) on one storage share the study; `trials` is the study's total."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import socket
@@ -19,6 +21,8 @@ from ..experiment.plan import Run
 from .space import method_space, suggest, with_values
 
 COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
+CONFIG = "tunelab_config"  # a named study's user attribute: the study_config its trials were started with
+TUNE_STUDY = "tune"  # compare --tune's studies, in the experiment's own storage
 
 
 class SweepFailed(RuntimeError):
@@ -132,9 +136,56 @@ def sweep_flags(out_dir: Path, resume: bool, storage: str | None, name: str | No
             "trials": trials or saved.get("trials") or DEFAULT_TRIALS}, problems
 
 
+# how a run is carried out, not what it learns: workers on other machines (threads, device) join one study
+RUN_ONLY = ("threads", "device", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+            "keep_checkpoints_after_success", "compile")
+
+
+def study_config(cfg, method: str) -> dict[str, Any]:
+    """What a method's trials depend on: task, model, data, training (less RUN_ONLY), the method's options and
+    its part of the search; not the other methods selected beside it (`methods=lora` and `lora,full` share)."""
+    from ..tasks.base import registry
+
+    full = cfg.to_dict()
+    space = {k: v for k, v in (full["sweep"].get("space") or {}).items() if str(k).split(".")[0] in (method, "train")}
+    return {**{k: v for k, v in full.items() if k in ("task", "model", "data") or k in registry()},
+            "train": {k: v for k, v in full["train"].items() if k not in RUN_ONLY},
+            method: full.get(method), "sweep": {**full["sweep"], "space": space}}
+
+
 def study_name(cfg, method: str, name: str | None) -> str:
-    # derived from the config, so workers started with the same config and storage join the same study
-    return f"{name or 'tunelab-' + cfg.fingerprint()}-{method}"
+    # derived from what the trials depend on, so workers started with the same job and storage join one study
+    if name:
+        return f"{name}-{method}"
+    digest = hashlib.sha256(json.dumps(study_config(cfg, method), sort_keys=True, default=str).encode())
+    return f"tunelab-{digest.hexdigest()[:16]}-{method}"
+
+
+def existing_name(cfg, method: str, name: str | None, storage: str) -> str:
+    """The study to open: as named or derived, or a sweep folder's of an earlier version (named after the whole
+    config) where the storage holds that one and not the new name, so its --resume continues it."""
+    import optuna
+
+    wanted = study_name(cfg, method, name)
+    if name:
+        return wanted
+    earlier = f"tunelab-{cfg.fingerprint()}-{method}"
+    names = optuna.get_all_study_names(storage)
+    return earlier if earlier in names and wanted not in names else wanted
+
+
+def same_config_problems(study, cfg, method: str) -> list[str]:
+    """A study named with --study-name holds the trials of one job: another config joining it would count its
+    trials towards the other's budget and best."""
+    from ..api import changed_keys
+
+    mine, theirs = json.loads(json.dumps(study_config(cfg, method), default=str)), study.user_attrs.get(CONFIG)
+    if theirs is None:
+        study.set_user_attr(CONFIG, mine)
+        return []
+    changed = changed_keys(theirs, mine)
+    return [f"--study-name: the study {study.study_name!r} holds trials of another config ({'; '.join(changed[:6])}); "
+            "give another --study-name, or the same config"] if changed else []
 
 
 RACE_SIGNS = ("IntegrityError", "already exists", "database is locked")
@@ -153,8 +204,11 @@ def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
     sampler = optuna.samplers.TPESampler(seed=cfg.train.seed if seeded else None)
     for attempt in range(5):
         try:
-            study = optuna.create_study(study_name=study_name(cfg, method, name), storage=storage,
+            study = optuna.create_study(study_name=existing_name(cfg, method, name, storage), storage=storage,
                                         direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
+            problems = same_config_problems(study, cfg, method) if name and name != TUNE_STUDY else []
+            if problems:
+                raise TunelabInputError(problems)
             return study
         except Exception as exc:  # workers starting together race to create the storage's tables
             text = type(exc).__name__ + str(exc)  # a duplicate row, a table the other created first, a lock

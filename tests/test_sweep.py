@@ -382,7 +382,8 @@ def test_trials_that_scored_alike_give_no_importances_and_say_why(tmp_path):
     from tunelab.sweep.study import study_summary
 
     alike, apart = optuna.create_study(direction="maximize"), optuna.create_study(direction="maximize")
-    for study, scores in ((alike, [0.5, 0.5, 0.5]), (apart, [0.2, 0.5, 0.9])):
+    few = optuna.create_study(direction="maximize")
+    for study, scores in ((alike, [0.5] * 5), (apart, [0.2, 0.5, 0.9, 0.3, 0.7]), (few, [0.2, 0.9])):
         for score in scores:
             trial = study.ask()
             trial.suggest_float("lora.lr", 1e-4, 1e-2, log=True)
@@ -394,8 +395,10 @@ def test_trials_that_scored_alike_give_no_importances_and_say_why(tmp_path):
     assert not [w for w in caught if "importances" in str(w.message)]
     assert summary["importances"] == {} and "scored too alike" in summary["importances_note"]
     assert set(study_summary(apart)["importances"]) == {"lora.lr", "lora.r"}
+    assert study_summary(few)["importances"] == {} and "2 completed trials are too few" in \
+        study_summary(few)["importances_note"]
     write_sweep(tmp_path, {"metrics": {"accuracy": "higher"}, "metric_for_best": "accuracy"}, {"lora": summary})
-    assert ("Parameter importances: none: the 3 completed trials scored too alike for optuna to tell them "
+    assert ("Parameter importances: none: the 5 completed trials scored too alike for optuna to tell them "
             "apart.") in (tmp_path / "sweep.md").read_text()
 
 

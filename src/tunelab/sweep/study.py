@@ -23,6 +23,7 @@ from .space import method_space, suggest, with_values
 COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
 CONFIG = "tunelab_config"  # a named study's user attribute: the study_config its trials were started with
 TUNE_STUDY = "tune"  # compare --tune's studies, in the experiment's own storage
+MIN_TRIALS_FOR_IMPORTANCES = 5
 
 
 class SweepFailed(RuntimeError):
@@ -366,6 +367,9 @@ def parameter_importances(study, complete: int) -> tuple[dict[str, float], str |
 
     if complete < 2:
         return {}, None
+    if complete < MIN_TRIALS_FOR_IMPORTANCES:  # two or three points: any split of them "explains" the score
+        return {}, (f"none: {complete} completed trials are too few to attribute the score to parameters "
+                    f"({MIN_TRIALS_FOR_IMPORTANCES} or more)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -446,3 +446,16 @@ def test_workers_join_one_study_by_what_their_trials_depend_on(tiny_overrides, t
         open_study(load_config(None, [*tiny_overrides, "methods=lora", "lora.dropout=0"]), "lora", storage, "exp", True)
     earlier = optuna.create_study(study_name=f"tunelab-{cfg.fingerprint()}-lora", storage=storage)
     assert open_study(cfg, "lora", storage, None, seeded=True).study_name == earlier.study_name
+
+
+def test_trials_tied_on_the_score_are_told_apart_by_validation_loss():
+    """A small validation set ties trials on accuracy; optuna's best was the first of them, the rest of tunelab
+    breaks such ties by the lower validation loss (checkpoints, seeds)."""
+    from tunelab.sweep.study import study_summary, tell
+
+    study = optuna.create_study(direction="maximize")
+    for accuracy, loss in ((0.5, 0.9), (0.6, 0.7), (0.6, 0.4), (0.6, None)):
+        trial = study.ask()
+        trial.suggest_float("lora.lr", 1e-4, 1e-2, log=True)
+        tell(study, trial, {"status": "success", "best_val": {"accuracy": accuracy, "loss": loss}}, "accuracy")
+    assert study.best_trial.number == 1 and study_summary(study)["best"]["number"] == 2

@@ -24,6 +24,7 @@ COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
 CONFIG = "tunelab_config"  # a named study's user attribute: the study_config its trials were started with
 TUNE_STUDY = "tune"  # compare --tune's studies, in the experiment's own storage
 MIN_TRIALS_FOR_IMPORTANCES = 5
+VAL_LOSS = "val_loss"  # a finished trial's user attribute: its best checkpoint's validation loss
 
 
 class SweepFailed(RuntimeError):
@@ -337,6 +338,9 @@ def tell(study, trial, record: dict, metric: str) -> None:
     if record["status"] == "pruned":
         study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
     elif record["status"] == "success" and value is not None and math.isfinite(value):
+        loss = (record.get("best_val") or {}).get("loss")
+        if loss is not None:  # breaks ties between trials of one score, as between checkpoints
+            optuna.trial.Trial(study, now._trial_id).set_user_attr(VAL_LOSS, loss)  # (a resumed trial is frozen)
         study.tell(trial.number, value)
     else:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -351,11 +355,20 @@ def study_summary(study) -> dict[str, Any]:
                **({"not_trained": t.user_attrs[UNFIT]} if UNFIT in t.user_attrs else {})}
               for t in study.get_trials(deepcopy=False)]
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params} \
-        if complete else None
+    best = best_trial(study, complete)
     importances, note = parameter_importances(study, len(complete))
     return {"study": study.study_name, "direction": study.direction.name.lower(), "trials": trials,
             "best": best, "importances": importances, **({"importances_note": note} if note else {})}
+
+
+def best_trial(study, complete: list) -> dict[str, Any] | None:
+    """The best score; among trials tied on it (a small validation set), the lower validation loss, as between
+    checkpoints (optuna keeps the first)."""
+    if not complete:
+        return None
+    top = [t for t in complete if t.value == study.best_value]
+    chosen = min(top, key=lambda t: (t.user_attrs.get(VAL_LOSS, math.inf), t.number))
+    return {"number": chosen.number, "value": chosen.value, "params": chosen.params}
 
 
 def parameter_importances(study, complete: int) -> tuple[dict[str, float], str | None]:

@@ -171,6 +171,8 @@ def test_a_method_whose_trials_all_fail_stops_without_stopping_the_others(tiny_o
     failed = [t["params"] for t in studies["lora"]["trials"]]
     assert len(failed) == 2 and failed[0] != failed[1]
     assert [t["state"] for t in studies["bitfit"]["trials"]] == ["COMPLETE", "COMPLETE"]
+    assert studies["bitfit"]["metric"] == "accuracy" and "(maximize of best validation accuracy)" in \
+        (tmp_path / "sweep.md").read_text()  # what the trials' values are
     # a trial is chosen on validation alone: it does not score (or pay for) the test split
     record = json.loads((tmp_path / "records" / "bitfit--trial-000.json").read_text())
     assert record["best_val"] and record["test"] is None and not record["test_per_example"]

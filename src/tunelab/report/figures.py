@@ -164,7 +164,8 @@ def sweep_learning_rates(folder: Path, studies: dict[str, dict], job: dict,
         if points:
             ax.scatter(*zip(*points), label=method, color=(colors or {}).get(method))
             drawn = True
-    metric = job.get("metric_for_best", "metric")
+    # the trials' values are sweep.metric's (a study says which), which may differ from metric_for_best
+    metric = next((s["metric"] for s in studies.values() if s.get("metric")), job.get("metric_for_best", "metric"))
     ax.set_xscale("log")
     title = f"Tuning trials: learning rate against best validation {metric} ({arrow(job, metric)})"
     return _finish(fig, ax, folder / "sweep_lr.png", "learning rate", f"best validation {metric}", title, drawn)

@@ -17,7 +17,8 @@ def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) ->
         states = [t["state"] for t in study["trials"]]
         counts = ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
         best = study["best"]
-        lines += [f"## {method}", "", f"Study `{study['study']}` ({study['direction']}): {counts}.", ""]
+        scored = f" of best validation {study['metric']}" if study.get("metric") else ""
+        lines += [f"## {method}", "", f"Study `{study['study']}` ({study['direction']}{scored}): {counts}.", ""]
         if best:
             params = ", ".join(f"`{k}` = {fmt(v)}" for k, v in best["params"].items())
             lines += [f"Best: trial {best['number']}, {best['value']:.4f} with {params}.", ""]

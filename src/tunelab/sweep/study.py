@@ -25,6 +25,7 @@ CONFIG = "tunelab_config"  # a named study's user attribute: the study_config it
 TUNE_STUDY = "tune"  # compare --tune's studies, in the experiment's own storage
 MIN_TRIALS_FOR_IMPORTANCES = 5
 VAL_LOSS = "val_loss"  # a finished trial's user attribute: its best checkpoint's validation loss
+METRIC = "metric"  # a study's user attribute: the validation metric its trials' values are (sweep.metric)
 
 
 class SweepFailed(RuntimeError):
@@ -211,6 +212,8 @@ def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
             problems = same_config_problems(study, cfg, method) if name and name != TUNE_STUDY else []
             if problems:
                 raise TunelabInputError(problems)
+            if METRIC not in study.user_attrs:  # what the trials' values are, for the report
+                study.set_user_attr(METRIC, metric)
             return study
         except Exception as exc:  # workers starting together race to create the storage's tables
             text = type(exc).__name__ + str(exc)  # a duplicate row, a table the other created first, a lock
@@ -357,7 +360,8 @@ def study_summary(study) -> dict[str, Any]:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     best = best_trial(study, complete)
     importances, note = parameter_importances(study, len(complete))
-    return {"study": study.study_name, "direction": study.direction.name.lower(), "trials": trials,
+    return {"study": study.study_name, "direction": study.direction.name.lower(),
+            "metric": study.user_attrs.get(METRIC), "trials": trials,
             "best": best, "importances": importances, **({"importances_note": note} if note else {})}
 
 

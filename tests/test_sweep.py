@@ -42,6 +42,14 @@ def test_default_space_and_user_ranges(tiny_overrides):
 def test_a_bad_space_is_refused(tiny_overrides, tmp_path):
     result = sweep([*tiny_overrides, *SMALL, "sweep.space={lora.lr: {low: 1, high: 0.1}}"], tmp_path)
     assert result.returncode == 2 and "sweep.space.lora.lr: low 1 must be below high 0.1" in result.stderr
+    # a train.lr range is drawn and recorded, but LoRA trains at lora.lr (searched by default): refused as unused
+    unused = sweep([*tiny_overrides, *SMALL, "sweep.space={train.lr: {low: 1e-5, high: 1e-3, log: true}}"],
+                   tmp_path / "unused")
+    assert unused.returncode == 2 and "sweep.space.train.lr: no selected method trains at it" in unused.stderr
+    from tunelab.sweep.space import space_problems  # full without its own range does train at train.lr
+    full = load_config(None, [*tiny_overrides, "methods=full",
+                              "sweep.space={full.lr: null, train.lr: {low: 1e-5, high: 1e-3, log: true}}"])
+    assert space_problems(full) == []
 
 
 @pytest.mark.parametrize("space, problem", [

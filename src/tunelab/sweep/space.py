@@ -50,7 +50,18 @@ def space_problems(cfg, tuning: bool = True) -> list[str]:
                             f"method ({', '.join(sections[1:])})")
         else:
             problems += option_problems(str(key)) or value_problems(str(key), spec)
+    if tuning and (cfg.sweep.space or {}).get("train.lr") is not None and not train_lr_searched(cfg):
+        problems.append("sweep.space.train.lr: no selected method trains at it: each trains at its own METHOD.lr, "
+                        "searched by default (or its own default rate); search METHOD.lr instead")
     return problems
+
+
+def train_lr_searched(cfg) -> bool:
+    """Whether a drawn train.lr reaches any selected method: only one with no rate of its own, drawn or default
+    (resolve_lr takes METHOD.lr, then the method's default, then train.lr)."""
+    from ..methods.base import get_method
+
+    return any(f"{m}.lr" not in method_space(cfg, m) and get_method(m).default_lr is None for m in cfg.methods)
 
 
 def spec_problems(key: str, spec: dict[str, Any]) -> list[str]:

@@ -77,8 +77,9 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
 def zero_width_note(entries: list[dict], metrics: list[str]) -> str:
     """An interval of zero width (every test example right, or seeds and examples that all agree) is where the
     resampling has nothing to vary, not where there is no uncertainty."""
-    flat = sorted({e["method"] for e in entries for m in metrics
-                   if (e["metrics"][m].get("ci95") or [0, 1])[0] == (e["metrics"][m].get("ci95") or [0, 1])[1]})
+    def zero_width(summary: dict) -> bool:
+        return bool(summary.get("ci95")) and summary["ci95"][0] == summary["ci95"][1]
+    flat = sorted({e["method"] for e in entries for m in metrics if zero_width(e["metrics"][m])})
     if not flat:
         return ""
     return (f" An interval of zero width ({', '.join(map(md_text, flat))}) means every resample gave the same value "

@@ -306,7 +306,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         try:  # a drawn train.* value the method cannot train with (gradient checkpointing for prefix tuning)
             run_cfg = with_values(job.config, values)
         except TunelabInputError as exc:
-            run_cfg, unfit = None, exc.problems
+            unfit = exc.problems
         else:
             unfit = (length_problems(run_cfg, model_config) + check(run_cfg, method)
                      + batch_problems(run_cfg.train.batch_size, rows) + process_problems(run_cfg, nproc))

@@ -178,6 +178,8 @@ def test_a_method_whose_trials_all_fail_stops_without_stopping_the_others(tiny_o
     studies = json.loads((tmp_path / "sweep.json").read_text())["studies"]
     failed = [t["params"] for t in studies["lora"]["trials"]]
     assert len(failed) == 2 and failed[0] != failed[1]
+    assert all("injected fault" in t["error"] for t in studies["lora"]["trials"])  # why, in sweep.md too
+    assert "Failed (records/ has each whole error): trial 0 (" in (tmp_path / "sweep.md").read_text()
     assert [t["state"] for t in studies["bitfit"]["trials"]] == ["COMPLETE", "COMPLETE"]
     assert studies["bitfit"]["metric"] == "accuracy" and "(maximize of best validation accuracy)" in \
         (tmp_path / "sweep.md").read_text()  # what the trials' values are
@@ -302,7 +304,7 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_finishes_it(tiny_overrides, tmp
 
 def test_a_resumed_sweep_needs_the_storage_password_it_did_not_save(tmp_path):
     from tunelab.experiment.folder import RUN_FILE
-    from tunelab.sweep.study import storage_record, sweep_flags
+    from tunelab.sweep.storage import storage_record, sweep_flags
 
     url = "postgresql://tuner:s3cret@db:5432/optuna"
     assert storage_record(url) == "postgresql://tuner:***@db:5432/optuna"
@@ -320,7 +322,7 @@ def test_a_resumed_sweep_needs_the_storage_password_it_did_not_save(tmp_path):
 def test_a_resumed_sweep_keeps_its_number_of_trials(tmp_path):
     """`sweep --resume --output DIR`, as the interruption message says, ran a 3-trial sweep on to 20 trials."""
     from tunelab.experiment.folder import RUN_FILE
-    from tunelab.sweep.study import sweep_flags
+    from tunelab.sweep.storage import sweep_flags
 
     assert sweep_flags(tmp_path, False, None, None, trials=3)[0]["trials"] == 3
     (tmp_path / RUN_FILE).write_text(json.dumps({"flags": {"command": "sweep", "storage": None, "study_name": None,
@@ -359,7 +361,7 @@ def test_a_seeded_sweeps_draws_depend_on_the_trials_index_and_seed_only():
 def test_a_relative_sqlite_storage_is_kept_as_the_file_it_named(tmp_path, monkeypatch):
     """run.json keeps the storage: a relative path resumed from another folder opened a new, empty study there
     and retrained (and overwrote) the earlier trials."""
-    from tunelab.sweep.study import absolute_storage, sweep_flags
+    from tunelab.sweep.storage import absolute_storage, sweep_flags
 
     monkeypatch.chdir(tmp_path)
     assert absolute_storage("sqlite:///runs/s.db") == f"sqlite:///{tmp_path}/runs/s.db"

@@ -328,8 +328,8 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     from .experiment.isolation import share_job
     from .sweep.report import write_sweep
     from .sweep.space import space_problems
-    from .sweep.study import (SweepFailed, default_storage, open_study, run_study, storage_problems, storage_record,
-                              study_summary, sweep_flags)
+    from .sweep.storage import default_storage, storage_problems, storage_record, sweep_flags
+    from .sweep.study import SweepFailed, open_study, run_study, study_summary
 
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
@@ -372,7 +372,8 @@ def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, sh
                  resume: bool, nproc: int = 1) -> dict[str, dict[str, Any]]:
     """Each method's best values after `trials` optuna trials (validation split only); {} where none finished."""
     from .sweep.report import write_sweep
-    from .sweep.study import TUNE_STUDY, SweepFailed, default_storage, open_study, run_study, study_summary
+    from .sweep.storage import default_storage
+    from .sweep.study import TUNE_STUDY, SweepFailed, open_study, run_study, study_summary
 
     storage, studies = default_storage(out_dir), {}
     for method in cfg.methods:

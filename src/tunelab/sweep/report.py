@@ -25,6 +25,9 @@ def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) ->
         unfit = [f"trial {t['number']} ({t['not_trained']})" for t in study["trials"] if t.get("not_trained")]
         if unfit:
             lines += ["Pruned without training, their drawn values refused: " + "; ".join(unfit) + ".", ""]
+        failed = [f"trial {t['number']} ({t['error']})" for t in study["trials"] if t.get("error")]
+        if failed:
+            lines += ["Failed (records/ has each whole error): " + "; ".join(failed) + ".", ""]
         if study["importances"]:
             lines += ["Parameter importances (optuna): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in study["importances"].items()), ""]

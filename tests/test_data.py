@@ -269,6 +269,11 @@ def test_labels_that_look_like_scores_are_noted_not_silently_made_classes(tmp_pa
     assert "24 labels are numbers with decimals (0, 0.2, 0.4, 0.6, ...)" in summary["notes"][0]
     assert continuous_label_notes([str(i) for i in range(1, 20)]) == []  # whole numbers: ratings, classes
     assert continuous_label_notes(["0.5", "1.5", "neg"]) == []
+    from tunelab.tasks.classification import case_variant_notes
+
+    assert case_variant_notes(["Pos", "neg", "pos"]) == ["labels 'Pos' and 'pos' differ only in case: each is a "
+                                                         "class of its own"]
+    assert case_variant_notes(["neg", "pos"]) == []
 
 
 def test_labels_composed_and_decomposed_are_one_class_and_cut_rows_are_counted(tmp_path, tiny_bert):

@@ -184,7 +184,7 @@ class Classification(Task):
         return out
 
     def summary(self, data: TaskData) -> dict[str, Any]:
-        notes = continuous_label_notes(data.info["labels"])
+        notes = continuous_label_notes(data.info["labels"]) + case_variant_notes(data.info["labels"])
         return {"labels": data.info["labels"], **({"notes": notes} if notes else {})}
 
 
@@ -258,6 +258,15 @@ def continuous_label_notes(names: list[str]) -> list[str]:
         return []
     return [f"the {len(names)} labels are numbers with decimals ({', '.join(names[:4])}, ...): each value is a "
             "class of its own, scored by exact match; tunelab has no regression task"]
+
+
+def case_variant_notes(names: list[str]) -> list[str]:
+    """'Pos' and 'pos' are two classes (labels are compared as written, spaces aside): often a slip of the data."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.casefold(), []).append(name)
+    alike = [" and ".join(map(repr, group)) for group in groups.values() if len(group) > 1]
+    return [f"labels {'; '.join(alike[:3])} differ only in case: each is a class of its own"] if alike else []
 
 
 CONTINUOUS_LABELS = 10  # distinct numeric labels, some fractional, from which they look like scores, not classes

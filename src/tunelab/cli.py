@@ -327,10 +327,10 @@ def run_use_command(args: argparse.Namespace) -> int:
     if args.command == "export":
         from .use.export import export
 
-        out = export(args.path, args.output, args.method, args.merge, args.overwrite)
-        import json
+        from .use.artifact import read_artifact
 
-        merged = json.loads((out / "tunelab.json").read_text()).get("merged_from")
+        out = export(args.path, args.output, args.method, args.merge, args.overwrite)
+        merged = read_artifact(out).manifest.get("merged_from")
         whole = " (a whole model already: copied, nothing to merge)" if args.merge and not merged else ""
         print(f"exported {'merged model' if merged else 'artifact'}{whole}: {out}", file=sys.stderr)
         return 0

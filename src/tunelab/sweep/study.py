@@ -244,8 +244,10 @@ def tell(study, trial, record: dict, metric: str) -> None:
             optuna.trial.Trial(study, now._trial_id).set_user_attr(VAL_LOSS, loss)  # (a resumed trial is frozen)
         study.tell(trial.number, value)
     else:  # why, for sweep.md: the record in records/ has the whole error
-        error = str(record.get("error") or record["status"]).strip().splitlines() or [record["status"]]
-        optuna.trial.Trial(study, now._trial_id).set_user_attr(FAILED, error[0][:300])
+        from ..models.loading import first_line
+
+        optuna.trial.Trial(study, now._trial_id).set_user_attr(FAILED, first_line(record.get("error") or "")
+                                                                or record["status"])
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 

@@ -99,10 +99,10 @@ def of_method(artifact: Artifact, method: str | None) -> Artifact:
 
 def sweep_best_trial(folder: Path, method: str | None) -> Artifact:
     """A sweep folder's best trial: of `method`'s study, or of the best study (all score one validation metric)."""
+    from ..report.markdown import read_studies
     from ..sweep.study import trial_run_id
 
-    studies = {name: study for name, study in json.loads((folder / "sweep.json").read_text())["studies"].items()
-               if study.get("best")}
+    studies = {name: study for name, study in read_studies(folder).items() if study.get("best")}
     if method and method not in studies:
         raise TunelabInputError([f"--method: the sweep in {str(folder)!r} has no finished trial of {method!r}; "
                                  f"studies with one: {', '.join(sorted(studies)) or 'none'}"])
@@ -133,8 +133,10 @@ def validation_score(record: dict[str, Any], job: dict[str, Any]) -> tuple[float
 
 def runs_of_text(payload: dict[str, Any], method: str) -> str:
     """How the method's runs ended where none succeeded (diverged: its error), for the refusal."""
+    from ..models.loading import first_line
+
     ended = [r for r in payload.get("methods", []) if r["method"] == method and r.get("status") != "success"]
-    return "".join(f" ({r.get('run_id', method)} {r['status']}: {str(r.get('error') or '').splitlines()[0][:160]})"
+    return "".join(f" ({r.get('run_id', method)} {r['status']}: {first_line(r['error'])})"
                    if r.get("error") else f" ({r.get('run_id', method)} {r['status']})" for r in ended[:3])
 
 

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .api import count_problems, process_problems, resolve
+from .api import resolve
+from .api_checks import count_problems, process_problems
 from .config import ExperimentConfig
 from .errors import TunelabInputError
 

@@ -32,7 +32,8 @@ def process_group(cfg) -> Ranks:
 
 def launched_compare(config, overrides, output_dir, overwrite: bool, resume: bool, allow_change: bool,
                      seeds: int, nproc: int | None, show_progress: bool, flag_problems: list[str]):
-    from ..api import CompareOutcome, output_problems, process_problems, resolve, resume_config, start_folder
+    from ..api import CompareOutcome, resolve, resume_config, start_folder
+    from ..api_checks import output_problems, process_problems
     from ..estimate.store import append_summary
     from ..report import write_report
     from .results import write_results

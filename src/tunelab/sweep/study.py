@@ -156,7 +156,7 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
     """Trials of `method` until the study holds `trials` of them; returns this worker's trial records."""
     import optuna
 
-    from ..api import process_problems
+    from ..api_checks import process_problems
 
     study = open_study(cfg, method, storage, name, seeded)
     worker = worker_name(out_dir)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tunelab
-from tunelab.report.figures import mean_and_band, pareto_front
+from tunelab.report.figures import front_score, mean_and_band, pareto_front
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -72,3 +72,20 @@ def test_pareto_front_keeps_only_undominated_methods():
     points = [(1.0, 0.70), (10.0, 0.80), (10.0, 0.65), (1.0, 0.60)]
     assert pareto_front(points, higher=True) == {0, 1}
     assert pareto_front([(1.0, 2.0), (2.0, 1.0), (3.0, 1.5)], higher=False) == {0, 1}
+
+
+def test_a_method_tied_with_the_best_stands_on_the_front_with_the_best_score():
+    def entry(mean, result):
+        return {"metrics": {"accuracy": {"mean": mean}}, "verdict": {"result": result}}
+
+    # full is best, lora a tie at a hundredth of the cost, prompt tuning worse and cheapest, ia3 tied but dearer
+    entries = {"full": entry(0.82, "best"), "lora": entry(0.80, "tie"), "prompt": entry(0.70, "worse"),
+               "ia3": entry(0.79, "tie")}
+    costs = {"full": 100.0, "lora": 1.0, "prompt": 0.1, "ia3": 2.0}
+    names = list(entries)
+    scores = [front_score(entries[m], "accuracy", 0.82) for m in names]
+    assert scores == [0.82, 0.82, 0.70, 0.82]
+    front = {names[i] for i in pareto_front([(costs[m], s) for m, s in zip(names, scores)], higher=True)}
+    assert front == {"lora", "prompt"}  # on point estimates full and lora both stood on it
+    assert {names[i] for i in pareto_front([(costs[m], entries[m]["metrics"]["accuracy"]["mean"]) for m in names],
+                                           higher=True)} == {"full", "lora", "prompt"}

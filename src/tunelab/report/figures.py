@@ -115,11 +115,14 @@ def tradeoffs(folder: Path, groups: dict[str, list[dict]], job: dict, entries: l
     if not points:
         return None
     higher = job["metrics"].get(metric) == "higher"
+    entry_of = {e["method"]: e for e in entries}
+    best = next((e["metrics"][metric]["mean"] for e in entries if (e.get("verdict") or {}).get("result") == "best"),
+                None)
     fig, axes = plt.subplots(1, len(COSTS), figsize=(15, 4.5), sharey=True)
     for ax, (key, label, scale) in zip(axes, COSTS):
         rows = [(method, float(np.mean([r[key] for r in groups[method]])), s) for method, s in points
                 if method in groups and all(r.get(key) is not None for r in groups[method])]
-        front = pareto_front([(cost, s["mean"]) for _, cost, s in rows], higher)
+        front = pareto_front([(cost, front_score(entry_of[method], metric, best)) for method, cost, _ in rows], higher)
         for i, (method, cost, s) in enumerate(rows):
             error = [[s["mean"] - s["ci95"][0]], [s["ci95"][1] - s["mean"]]] if s.get("ci95") else None
             ax.errorbar(cost, s["mean"], yerr=error, fmt="o", capsize=3, color=colors.get(method),
@@ -131,12 +134,21 @@ def tradeoffs(folder: Path, groups: dict[str, list[dict]], job: dict, entries: l
             ax.legend(fontsize=8)
         ax.set(xscale=scale, xlabel=label)
     axes[0].set_ylabel(f"{entries[0]['split'].replace('best_val', 'best validation')} {metric} ({arrow(job, metric)})")
-    fig.suptitle(f"{metric} against cost (95 % intervals); outlined: the Pareto front")
+    fig.suptitle(f"{metric} against cost (95 % intervals); outlined: the Pareto front, where a tie with the best "
+                 "counts as the best's score")
     path = folder / "tradeoffs.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def front_score(entry: dict, metric: str, best: float | None) -> float:
+    """The score a method stands on the front with: the best's mean where the ranking calls it a tie with the
+    best. On point estimates a dearer method tied with a cheaper one stayed on the front by noise alone."""
+    if (entry.get("verdict") or {}).get("result") == "tie" and best is not None:
+        return best
+    return entry["metrics"][metric]["mean"]
 
 
 def pareto_front(points: list[tuple[float, float]], higher: bool) -> set[int]:

@@ -124,6 +124,23 @@ def test_export_overwrite_never_deletes_the_source_nor_an_export_it_cannot_repla
     assert "--output: cannot write" in capsys.readouterr().err  # not a FileExistsError traceback
 
 
+def test_the_best_of_an_unfinished_experiment_is_called_the_best_so_far(experiment, tmp_path, capsys):
+    out, _ = experiment
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert find_artifact(copy).note == ""  # every planned run finished
+    payload = json.loads((copy / "results.json").read_text())
+    best = payload["summary"][0]["method"]
+    payload["methods"] = [r for r in payload["methods"] if r["method"] in (best, "lora", "full")]
+    (copy / "results.json").write_text(json.dumps(payload))  # as while the others still train
+    assert main(["predict", str(copy), "--text", "the tea was lovely"]) == 0
+    err = capsys.readouterr().err
+    waiting = len(CLASSIFICATION_METHODS) - len({best, "lora", "full"})
+    assert f"note: {best} is the best of the finished runs; {waiting} run(s) of" in err
+    assert "so the best may still change" in err
+    assert find_artifact(copy, "lora").note == ""  # a method named by the user is not a choice to qualify
+
+
 def test_a_replaced_artifact_is_not_served_under_the_methods_name(experiment, tmp_path):
     out, _ = experiment
     copy = tmp_path / "copy"

@@ -339,6 +339,8 @@ def run_use_command(args: argparse.Namespace) -> int:
     artifact, outputs = predict(args.path, args.text, args.input, args.method, args.batch_size, args.device,
                                 args.precision, args.overrides)
     write_predictions(outputs, args.output)
+    if artifact.note:
+        print(f"note: {artifact.note}", file=sys.stderr)
     print(f"{len(outputs)} predictions with {artifact.method} ({artifact.directory})", file=sys.stderr)
     return 0
 

@@ -19,6 +19,7 @@ MANIFEST = "tunelab.json"
 class Artifact:
     directory: Path
     manifest: dict[str, Any]
+    note: str = ""  # why this one was chosen, where the user should know (the best of an unfinished experiment)
 
     @property
     def method(self) -> str:
@@ -76,6 +77,7 @@ def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
                                  "one ends)" if started else f"{str(folder)!r} is neither an experiment folder (no "
                                  f"results.json) nor an artifact folder (no {MANIFEST})"])
     payload = read_results(folder)
+    chosen = method
     method = method or best_method(payload, folder)
     runs = [r for r in payload.get("methods", []) if r["method"] == method and r.get("status") == "success"
             and (folder / "artifacts" / r.get("run_id", method) / MANIFEST).is_file()]
@@ -85,7 +87,29 @@ def find_artifact(path: str | Path, method: str | None = None) -> Artifact:
                                  f"{runs_of_text(payload, method)}; methods with one: {', '.join(finished) or 'none'}"
                                  f"{unfinished_hint(payload, folder)}"])
     best = max(runs, key=lambda r: validation_score(r, payload.get("job") or {}))
-    return of_method(read_artifact(folder / "artifacts" / best.get("run_id", method)), method)
+    artifact = of_method(read_artifact(folder / "artifacts" / best.get("run_id", method)), method)
+    if not chosen:
+        artifact.note = best_so_far_note(payload, folder, method)
+    return artifact
+
+
+def best_so_far_note(payload: dict[str, Any], folder: Path, method: str) -> str:
+    """Where runs of the experiment are still to finish (it is training, or was stopped), the best is only the
+    best so far: said, so a prediction from a half-done comparison is not taken for the winner's."""
+    from ..experiment.folder import FINISHED, saved_config, saved_flags
+    from ..experiment.plan import plan_runs
+
+    try:
+        cfg, _ = saved_config(folder)
+    except (TunelabInputError, OSError, ValueError, KeyError):  # an experiment of an earlier version, or copied
+        return ""
+    finished = {r.get("run_id", r["method"]) for r in payload.get("methods", []) if r.get("status") in FINISHED}
+    waiting = [run.run_id for run in plan_runs(cfg, saved_flags(folder).get("seeds", 1))
+               if run.run_id not in finished]
+    if not waiting:
+        return ""
+    return (f"{method} is the best of the finished runs; {len(waiting)} run(s) of {str(folder)!r} have not finished "
+            f"({', '.join(waiting[:4])}{', ...' if len(waiting) > 4 else ''}), so the best may still change")
 
 
 def of_method(artifact: Artifact, method: str | None) -> Artifact:

@@ -39,6 +39,15 @@ def test_default_space_and_user_ranges(tiny_overrides):
     assert 0.001 <= values["lora.lr"] <= 0.01 and values["train.batch_size"] in (4, 8)
 
 
+def test_list_choices_are_drawn_whole_and_quietly(recwarn):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    choices = [["query", "value"], ["query", "key", "value"]]
+    drawn = [suggest(study.ask(), {"lora.target_modules": {"choices": choices}})["lora.target_modules"]
+             for _ in range(6)]
+    assert all(value in choices for value in drawn) and len({tuple(v) for v in drawn}) == 2
+    assert not [w for w in recwarn if "categorical distribution" in str(w.message)]  # optuna's, once per trial
+
+
 def test_a_bad_space_is_refused(tiny_overrides, tmp_path):
     result = sweep([*tiny_overrides, *SMALL, "sweep.space={lora.lr: {low: 1, high: 0.1}}"], tmp_path)
     assert result.returncode == 2 and "sweep.space.lora.lr: low 1 must be below high 0.1" in result.stderr

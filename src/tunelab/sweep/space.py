@@ -152,12 +152,23 @@ def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for key, spec in space.items():
         log = bool(spec.get("log"))
         if "choices" in spec:
-            values[key] = trial.suggest_categorical(key, list(spec["choices"]))
+            values[key] = suggest_choice(trial, key, list(spec["choices"]))
         elif is_whole(key):
             values[key] = trial.suggest_int(key, int(float(spec["low"])), int(float(spec["high"])), log=log)
         else:
             values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=log)
     return values
+
+
+def suggest_choice(trial, key: str, choices: list[Any]) -> Any:
+    """optuna warns at every trial where a choice is a list (`target_modules` choices): it stores the choices as
+    JSON, which lists survive (a trial's values are also kept whole in its user attributes), so the warning says
+    nothing to act on and only floods the sweep's output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Choices for a categorical distribution should be a tuple")
+        return trial.suggest_categorical(key, choices)
 
 
 def with_values(cfg, values: dict[str, Any]):

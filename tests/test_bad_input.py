@@ -43,6 +43,7 @@ def case_config_not_mapping(tmp, bert, base):
 
 
 TWICE = "text,label,label\ngood,pos,neg\n"
+BROKEN_JSON_LINES = '{"text": "good", "label": "pos"}\n{"text": "bad", label: neg}\n'  # a name unquoted
 CASES = {
     "yaml syntax error": case_yaml_syntax,
     "a section written twice": lambda t, b, base: (
@@ -128,6 +129,9 @@ CASES = {
         [*base, "sweep.space={lora.rnk: {low: 1, high: 4}}", "methods=lora"], ["sweep.space.lora.rnk: lora has no"]),
     "a sweep choice the option refuses": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {choices: [8, 0]}}", "methods=lora"], ["sweep.space.lora.r: 0 is not allowed"]),
+    "a JSON Lines row that is not JSON": lambda t, b, base: (
+        [*base, f"data.train_file={write(t / 'bad.jsonl', BROKEN_JSON_LINES)}"],
+        ["data.train_file: could not read", "JSON parse error"]),
     "json of columns (pandas' default to_json)": lambda t, b, base: (
         [*base, f"data.train_file={toy_rows(40).to_json(t / 'cols.json') or t / 'cols.json'}"],
         ["holds one JSON object", "to_json(orient='records')"]),

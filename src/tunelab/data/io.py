@@ -2,6 +2,7 @@
 into one pandas frame per split. Which columns matter is the task's business, not this module's."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,7 +97,8 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         if shape:
             problems.append(f"{field}: {path_text!r} {shape}")
             return None
-        loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split")
+        with reader_errors_unlogged():
+            loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split")
         return loaded.to_pandas()
     except UnicodeDecodeError as exc:
         problems.append(f"{field}: {path_text!r} is not UTF-8 text (bad byte at offset {exc.start})")
@@ -116,6 +118,20 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         problems.append(f"{field}: could not read {path_text!r} ({type(cause).__name__}: "
                         f"{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''}){mixed}")
     return None
+
+
+@contextlib.contextmanager
+def reader_errors_unlogged():
+    """datasets' JSON reader logs "Failed to load JSON from file ..." before it raises; the raised error becomes
+    the problem line below, so the log line only printed the same failure twice, the first time unformatted."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
 def json_shape_problem(text: str) -> str | None:

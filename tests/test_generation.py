@@ -73,6 +73,22 @@ def test_greedy_answers_are_the_models_argmax_continuations(adapter, tiny_llama)
     assert_argmax_continuations(model, tokenizer, stopped)
 
 
+@pytest.mark.parametrize("adapter", ["none", "lora", "prompt-tuning"])
+def test_a_generation_config_with_a_repetition_penalty_does_not_change_the_answers(adapter, tiny_llama):
+    """Some instruct models ship a repetition penalty or a no-repeat n-gram size; generate() applies every such
+    setting of the model's own config that it is not given, which made answers differ from the argmax."""
+    model, tokenizer = adapted_model(adapter, tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    base = model.get_base_model() if adapter != "none" else model
+    plain = answers_of(model, tokenizer)
+    assert any(len(set(a)) < len(a) for a in plain)  # the tiny model repeats itself: the penalty would act
+    base.generation_config.repetition_penalty = 5.0
+    base.generation_config.no_repeat_ngram_size = 1
+    answers = answers_of(model, tokenizer)
+    assert answers == plain
+    assert_argmax_continuations(model, tokenizer, answers)
+    assert base.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
+
+
 @pytest.mark.parametrize("failure", ["wrong answers", "an error", "a cache of the wrong shape"])
 def test_a_cached_path_that_goes_wrong_falls_back_to_the_plain_forward(failure, tiny_llama, monkeypatch):
     model, tokenizer = adapted_model("prefix-tuning", tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
@@ -124,6 +140,20 @@ def test_a_template_that_moves_the_system_turn_trains_on_the_prompt_generation_s
     for answer in ("<", ">", "s"):  # answers that occur inside the end marker itself
         assert prompt_and_response([*turns[:-1], {"role": "assistant", "content": answer}], tokenizer)[1] == \
             answer + "</s>"
+
+
+def test_a_template_that_ends_answers_with_plain_text_gets_the_end_of_sequence_token(tiny_llama):
+    """`{{ role }}: {{ content }}\n` ends an answer with a newline, no special token: without the eos after it the
+    model never learns to stop, and every answer runs to max_new_tokens."""
+    from tunelab.tasks._chat import prompt_and_response
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    turns = [{"role": "user", "content": "two and two"}, {"role": "assistant", "content": "four"}]
+    assert prompt_and_response(turns, tokenizer) == ("user: two and two\nassistant: ", "four\n</s>")
+    tokenizer.chat_template = tokenizer.chat_template.replace("}}\n{% endfor", "}}\n</s>{% endfor")
+    assert prompt_and_response(turns, tokenizer)[1] == "four\n</s>"  # written by the template: not twice
 
 
 def test_chat_rows_without_any_prompt_text_are_dropped_and_counted():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -137,7 +138,7 @@ def prompt_and_response(turns: list[dict], tokenizer) -> tuple[str, str]:
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template(turns, tokenize=False)
         if full.startswith(prompt):
-            return prompt, full[len(prompt):]
+            return prompt, with_end(full[len(prompt):], tokenizer)
         # A template that renders earlier turns differently once an answer follows (Mistral's puts the system
         # message into the last user turn only while that turn is the last): train on the prompt as
         # generation will frame it, then the answer and the end marker the template writes after an answer
@@ -145,11 +146,50 @@ def prompt_and_response(turns: list[dict], tokenizer) -> tuple[str, str]:
         marked = tokenizer.apply_chat_template([*turns[:-1], {**turns[-1], "content": STAND_IN_ANSWER}],
                                                tokenize=False)
         if STAND_IN_ANSWER in marked:
-            return prompt, answer + marked[marked.rfind(STAND_IN_ANSWER) + len(STAND_IN_ANSWER):]
+            return prompt, with_end(answer + marked[marked.rfind(STAND_IN_ANSWER) + len(STAND_IN_ANSWER):],
+                                    tokenizer)
     return prompt, answer + (tokenizer.eos_token or "")
 
 
+def with_end(response: str, tokenizer) -> str:
+    """The response as the template wrote it, and the end-of-sequence token after it where the template ends
+    an answer with no special token (`{{ content }}\n`): the model would never learn to stop, and every answer
+    would run to max_new_tokens."""
+    eos = tokenizer.eos_token
+    if not eos or end_of_turn_id(tokenizer) is not None or response.rstrip().endswith(eos):
+        return response
+    return response + eos
+
+
 STAND_IN_ANSWER = "tunelab-answer-7f3c9"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant's answer, if it writes one (found once
+    per tokenizer and template: rows ask for it one by one)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    key = (template, tokenizer.eos_token)
+    known = _END_OF_TURN.get(tokenizer)
+    if known is None or known[0] != key:
+        known = _END_OF_TURN[tokenizer] = (key, template_end_of_turn(tokenizer))
+    return known[1]
+
+
+_END_OF_TURN: "weakref.WeakKeyDictionary[Any, tuple[tuple, int | None]]" = weakref.WeakKeyDictionary()
+
+
+def template_end_of_turn(tokenizer) -> int | None:
+    try:
+        full = tokenizer.apply_chat_template([{"role": "user", "content": "ping"},
+                                              {"role": "assistant", "content": "pong"}], tokenize=False)
+    except Exception:  # a template that wants other turns (a system prompt, say): nothing more to learn here
+        return None
+    suffix = full[full.rfind("pong") + len("pong"):] if "pong" in full else ""
+    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    return ids[0] if ids and ids[0] in special else None
 
 
 def prompt_text(turns: list[dict], tokenizer) -> str:

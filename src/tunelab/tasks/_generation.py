@@ -1,6 +1,7 @@
 """Greedy answers to held-out prompts, and how close they are to the reference (SQuAD-style scores)."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import string
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data import Encoded
+from ._chat import end_of_turn_id
 
 
 def generate(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new_tokens: int) -> list[str]:
@@ -30,7 +32,7 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = []
-    with torch.inference_mode(), setup.autocast():
+    with torch.inference_mode(), setup.autocast(), argmax_only(model):
         for start in range(0, len(rows), setup.batch_size):  # train.eval_batch_size, predict's --batch-size
             chunk = rows[start:start + setup.batch_size]
             args = (model, data, chunk, setup.device, max_new_tokens, pad, stops)
@@ -38,6 +40,26 @@ def greedy_ids(model: nn.Module, data: Encoded, rows: np.ndarray, setup, max_new
             outputs += [until_end(row, stops) for row in new]
     model.train(was_training)
     return outputs
+
+
+@contextlib.contextmanager
+def argmax_only(model: nn.Module):
+    """generate() under a blank generation config. It fills every setting it is not given from the model's
+    own (a repetition penalty, no_repeat_ngram_size, suppressed tokens, a minimum length: some instruct models
+    ship them), and any of those makes answers something else than the forward's argmax, and differ between
+    methods whose answers are checked against the forward and those that are not."""
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(base, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 def stop_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -49,21 +71,6 @@ def stop_ids(model: nn.Module, tokenizer) -> list[int]:
     ids = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured]),
            end_of_turn_id(tokenizer)]
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The special token a chat template writes right after an assistant's answer, if it writes one."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    try:
-        full = tokenizer.apply_chat_template([{"role": "user", "content": "ping"},
-                                              {"role": "assistant", "content": "pong"}], tokenize=False)
-    except Exception:  # a template that wants other turns (a system prompt, say): nothing more to learn here
-        return None
-    suffix = full[full.rfind("pong") + len("pong"):] if "pong" in full else ""
-    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or {})
-    return ids[0] if ids and ids[0] in special else None
 
 
 def checked_against_forward(greedy, model, data, rows, device, *rest) -> list[list[int]]:

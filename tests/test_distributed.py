@@ -49,7 +49,7 @@ def single(tmp_path_factory, tiny_bert, toy_data):
     overrides = [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
                  f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
                  "data.max_length=32", "train.batch_size=8", *FP32, "methods=full,lora", "lora.dropout=0"]
-    assert cli(overrides, out).returncode == 0
+    assert cli([*overrides, "methods=full,lora,llrd"], out).returncode == 0
     return overrides, methods(out)
 
 
@@ -105,13 +105,14 @@ def test_sharded_training_matches_one_process_resumes_and_saves_whole_weights(si
     its shards. (All methods but AdaLoRA, on both tiny tasks, matched one process by hand; AdaLoRA is
     refused.)"""
     overrides, want = single
-    run = [*overrides, "train.fsdp=true", "train.checkpoint_every_steps=4", "--nproc", "2"]
+    run = [*overrides, "methods=full,lora,llrd", "train.fsdp=true", "train.checkpoint_every_steps=4", "--nproc", "2"]
     stopped = cli(run, tmp_path / "s", fault="interrupt@step=10", own_process=True)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     resumed = cli([*run, "--resume"], tmp_path / "s")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = methods(tmp_path / "s")
-    for name in ("full", "lora"):
+    # LLRD traces a forward while building its groups: its embeddings and head must train on the shards too
+    for name in ("full", "lora", "llrd"):
         assert_same_training(got[name], want[name])
         saved, reference = artifact_weights(got[name]), artifact_weights(want[name])
         assert saved.keys() == reference.keys()
@@ -177,6 +178,9 @@ def test_two_processes_resume_after_ctrl_c_exactly(single, two_processes, tmp_pa
     run = [*overrides, "methods=lora", "train.checkpoint_every_steps=4", "--nproc", "2"]
     stopped = cli(run, tmp_path / "split", fault="interrupt@step=10", own_process=True)  # both ranks stop
     assert stopped.returncode == 130, stopped.stderr[-3000:]
+    # each process draws dropout masks for its own rows from a stream of its own (one seed gave both the same)
+    states = [torch.load(path, weights_only=False) for path in (tmp_path / "split" / "checkpoints").rglob("rng.pt")]
+    assert states and all(len(s) == 2 and not torch.equal(s[0]["torch"], s[1]["torch"]) for s in states)
     resumed = cli([*run, "--resume"], tmp_path / "split")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got, want = methods(tmp_path / "split")["lora"], methods(two_processes)["lora"]
@@ -192,15 +196,19 @@ def test_a_run_failing_in_its_processes_is_recorded_and_the_next_one_trains(sing
     assert got["lora"]["status"] == "success"
 
 
-def test_a_killed_rank_is_named_as_the_cause(single, tmp_path):
-    """Rank 1 dies; rank 0, waiting for it in a collective, fails with gloo's "connection reset" and writes the
-    record: the record must say which rank failed first."""
+@pytest.mark.parametrize("fault, cause", [("kill@step=2", "rank 1 of 2 killed by SIGKILL first"),
+                                          ("raise@step=2", "rank 1 of 2 failed (InjectedFault: injected fault at "
+                                                           "step=2) first")])
+def test_the_rank_that_failed_first_is_named_as_the_cause(fault, cause, single, tmp_path):
+    """Rank 1 dies or raises; rank 0, waiting for it in a collective, fails with gloo's "connection reset" and
+    writes the record: the record must say which rank failed first, and why. (A raised error exits with 1 on
+    both ranks: the exit codes alone blamed rank 0.)"""
     overrides, _ = single
     result = cli([*overrides, "train.epochs=1", "methods=full", "--nproc", "2"], tmp_path / "k",
-                 fault="kill@step=2", fault_rank="1")
+                 fault=fault, fault_rank="1")
     assert result.returncode == 1
     error = methods(tmp_path / "k")["full"]["error"]
-    assert "rank 1 of 2 killed by SIGKILL" in error, error
+    assert cause in error and "rank 0 then:" in error, error
 
 
 def test_torchrun_launch_trains_in_its_processes(single, tmp_path):
@@ -213,6 +221,21 @@ def test_torchrun_launch_trains_in_its_processes(single, tmp_path):
     assert_same_training(got, want["lora"])
     assert got["rows_per_process"] == [160, 160]
     assert (tmp_path / "tr" / "report.md").is_file()
+    flags = json.loads((tmp_path / "tr" / "run.json").read_text())["flags"]
+    assert flags["command"] == "compare" and flags["launched_processes"] == 2 and "nproc" not in flags
+
+
+def test_a_one_process_experiment_resumes_under_torchrun(single, tmp_path):
+    """Its run.json keeps --nproc 1; under a launcher the launcher decides the processes, and that saved value
+    was refused as if asked for ("1 processes asked for, but the launcher started 2")."""
+    overrides, want = single
+    stopped = cli([*overrides, "methods=lora", "train.checkpoint_every_steps=4", "--nproc", "1"], tmp_path / "r",
+                  fault="interrupt@step=10", own_process=True)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    resumed = cli(["--resume"], tmp_path / "r", launcher=torchrun)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training(methods(tmp_path / "r")["lora"], want["lora"])  # the same global batch, on 2 processes
 
 
 def test_too_small_a_global_batch_for_the_processes_is_refused(single, tmp_path):

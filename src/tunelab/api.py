@@ -213,6 +213,7 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
     if bad_numbers:
         raise TunelabInputError(bad_numbers)
     out_dir = Path(output_dir) if output_dir else default_output_dir()
+    asked_nproc = nproc
     flags, flag_problems = run_flags(out_dir, resume, seeds, tune, nproc)
     seeds, tune, nproc = flags["seeds"], flags["tune"], flags["nproc"]
     if launched_world_size() > 1:
@@ -222,8 +223,9 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
             raise TunelabInputError(["--tune: not under torchrun/accelerate launch (each trial is its own "
                                      "launch); use `tunelab compare --nproc N --tune K`"])
         try:
+            # the launcher decides the processes; a resume's saved --nproc was not asked for of it
             return launched_compare(config, overrides, output_dir, overwrite, resume, allow_config_change, seeds,
-                                    nproc, show_progress, flag_problems)
+                                    asked_nproc, show_progress, flag_problems)
         finally:
             leave_process_group()
     from .experiment.plan import plan_runs, seed_problems
@@ -242,7 +244,7 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
         done = finished_records(out_dir) if resume else {}
         summary = {**job.summary(), "baseline": job.baseline()}
         stop = StopRequest()
-        execute = run_isolated(job, out_dir, nproc or 1, stop) if isolate else run_here(job, out_dir)
+        execute = run_isolated(job, out_dir, nproc or 1, stop) if isolate else run_here(job, out_dir, stop)
         tuned = tune_methods(cfg, job, out_dir, tune, show_progress, resume, nproc or 1) if tune else {}
         records: list[dict[str, Any]] = []
         for run in plan_runs(job.config, seeds):
@@ -356,12 +358,16 @@ def run_isolated(job: Job, out_dir: Path, nproc: int = 1, stop: StopRequest | No
     return execute
 
 
-def run_here(job: Job, out_dir: Path):
+def run_here(job: Job, out_dir: Path, stop: StopRequest):
     import dataclasses
+    import signal
 
-    from .experiment.runner import run_method
+    from .experiment.runner import STOP_REQUESTED, run_method
 
     def execute(run, show_progress, resume, values):
-        return run_method(dataclasses.replace(job, config=run.config(job.config)), run.method, out_dir,
-                          show_progress, resume, run.run_id)
+        record = run_method(dataclasses.replace(job, config=run.config(job.config)), run.method, out_dir,
+                            show_progress, resume, run.run_id)
+        if record.pop(STOP_REQUESTED, False):  # a Ctrl-C after its last step: kept, and the experiment stops
+            stop.signum = stop.signum or signal.SIGINT
+        return record
     return execute

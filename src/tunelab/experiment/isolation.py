@@ -53,6 +53,26 @@ def file_name(run: Run) -> str:
     return run.run_id.replace("/", "--") + ".json"
 
 
+def rank_failure_path(out_dir: Path, run_file: str, rank: int) -> Path:
+    return out_dir / SPECS / f"{run_file.removesuffix('.json')}.rank{rank}.failed.json"
+
+
+def first_rank_failure(out_dir: Path, run: Run, nproc: int) -> tuple[int, str] | None:
+    """The rank whose error came first, and that error, from what each failed rank left (`worker.main`). Its
+    exit code cannot tell: a rank that raised and the main rank that then lost it in a collective both exit
+    with 1, and the main rank's record holds only gloo's "connection closed by peer"."""
+    failures = []
+    for rank in range(nproc):
+        path = rank_failure_path(out_dir, file_name(run), rank)
+        with contextlib.suppress(OSError, ValueError):
+            failed = json.loads(path.read_text())
+            failures.append((failed["failed_at"], rank, failed["error"]))
+    if not failures:
+        return None
+    _, rank, error = min(failures)
+    return rank, error
+
+
 def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, resume: bool,
                  trial: dict | None = None, nproc: int = 1, stop: "StopRequest | None" = None) -> dict[str, Any]:
     """Train `run` in a fresh process; `trial` ({storage, study, trial_id, metric}) makes it report to optuna.
@@ -65,9 +85,14 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
     record_path.unlink(missing_ok=True)
+    for rank in range(nproc):
+        rank_failure_path(out_dir, file_name(run), rank).unlink(missing_ok=True)
     stop = stop or StopRequest()
     code, failed_rank = run_processes([str(out_dir), str(spec_path)], nproc, stop)
     cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    first = first_rank_failure(out_dir, run, nproc) if nproc > 1 and code else None
+    if first and first[0] != 0 and code > 0:  # a rank raised: its error, not the one it caused on rank 0
+        failed_rank, cause = first[0], f"failed ({first[1]})"
     process = f"rank {failed_rank} of {nproc}" if failed_rank is not None else "process"
     if record_path.is_file():
         record = json.loads(record_path.read_text())

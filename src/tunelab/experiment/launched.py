@@ -37,7 +37,7 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
     from ..estimate.store import append_summary
     from ..report import write_report
     from .results import write_results
-    from .runner import run_method
+    from .runner import STOP_REQUESTED, run_method
 
     early = launcher_problems(nproc) + ([] if output_dir else [
         "--output: needed under torchrun/accelerate launch, a folder every process can reach"])
@@ -62,7 +62,10 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
         out_dir.mkdir(parents=True, exist_ok=True)
     with ExperimentLock(out_dir) if main else contextlib.nullcontext():
         if main:
-            start_folder(out_dir, cfg, resume, {"seeds": seeds, "tune": 0})
+            # no "nproc": a later `tunelab compare --resume` runs one process unless told (the launch may
+            # have spanned machines); the command, so a `sweep --resume` of it is refused
+            start_folder(out_dir, cfg, resume, {"command": "compare", "seeds": seeds, "tune": 0,
+                                                "launched_processes": ranks.world})
         done = ranks.broadcast(finished_records(out_dir) if resume and main else {})
         summary = {**job.summary(), "baseline": job.baseline()} if main else job.summary()
         records: list[dict[str, Any]] = []
@@ -70,15 +73,17 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
             record = done.get(run.run_id) or run_method(dataclasses.replace(job, config=run.config(cfg)),
                                                         run.method, out_dir, show_progress and main, resume,
                                                         run.run_id)
+            stopped_after = ranks.any(record.pop(STOP_REQUESTED, False))  # a stop after its last step: kept
             records.append(record)
             payload = write_results(out_dir, records, summary) if main else None
             stop_on_failure(record, ranks)
-            if record["status"] == "interrupted":
+            if record["status"] == "interrupted" or stopped_after:
                 from ..errors import CompareInterrupted
 
                 if main:
                     write_report(out_dir, payload)
-                raise CompareInterrupted(f"interrupted during {run.run_id}; continue with the same launch "
+                when = "during" if record["status"] == "interrupted" else "after"
+                raise CompareInterrupted(f"interrupted {when} {run.run_id}; continue with the same launch "
                                          f"command and --resume --output {out_dir}")
         if main:
             append_summary(out_dir, payload)

@@ -18,13 +18,13 @@ def main(argv: list[str]) -> int:
     spec = json.loads(spec_path.read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..config import from_dict
-    from ..models.loading import load_tokenizer
+    from ..models.loading import first_line, load_tokenizer
     from . import forkserver
-    from .isolation import RECORDS, file_name, load_shared_job
+    from .isolation import RECORDS, file_name, load_shared_job, rank_failure_path
     from .job import Job
     from .plan import Run
     from ..train.distributed import leave_process_group
-    from .runner import run_method
+    from .runner import STOP_REQUESTED, run_method
 
     problems: list[str] = []
     cfg = from_dict(spec["config"], problems)
@@ -40,12 +40,18 @@ def main(argv: list[str]) -> int:
     startup_s = time.time() - spec["spawned_at"]  # process start, imports, shared data, tokenizer
     on_eval = trial_reporter(spec["trial"], cfg) if spec.get("trial") else None
     record = run_method(job, run.method, out_dir, spec["show_progress"], spec["resume"], run.run_id, on_eval)
+    record.pop(STOP_REQUESTED, None)  # a stop that reached this process reached the parent too (process group)
     record["startup_s"] = round(startup_s, 2)
     # a forked run's resident peak leaves out library pages it never touched (~110 MB on the tiny job)
     record["process_start"] = "fork server" if forkserver.forked_run else "fresh interpreter"
     record["pid"] = os.getpid()
-    if int(os.environ.get("RANK", "0")) == 0:  # under DDP the main process alone writes
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:  # under DDP the main process alone writes
         write_record(out_dir / RECORDS / file_name(run), record)
+    if record["status"] == "failed" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # when: the parent blames the rank that failed first, not the one that then lost it in a collective
+        write_record(rank_failure_path(out_dir, file_name(run), rank),
+                     {"failed_at": time.time(), "error": first_line(record.get("error") or "")})
     leave_process_group()
     return exit_code(record)
 

@@ -145,3 +145,11 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Random streams of their own for every process but the main one, once the model is built (from one seed
+    on every process, so heads and adapters start alike). Each process draws dropout masks for its own rows:
+    from one stream, row k of every process's micro-batch got the same mask wherever their shapes agreed."""
+    if rank:
+        seed_everything(int(np.random.SeedSequence([seed % 2**32, rank]).generate_state(1)[0]))

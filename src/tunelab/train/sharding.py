@@ -106,6 +106,16 @@ def resharded(model: nn.Module) -> nn.Module:
     return model
 
 
+def groups_on_shards(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """`groups` holding the sharded parameters. A method that runs a forward while it builds its groups (LLRD
+    traces which modules run after the last block) leaves the root group gathered, and `named_parameters()`
+    then gives the gathered copies: an optimizer holding those stepped tensors that the next gather overwrote,
+    so the embeddings and the head never trained."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    sharded = dict(resharded(model).named_parameters())
+    return [{**group, "params": [sharded[names[id(p)]] for p in group["params"]]} for group in groups]
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The full tensor behind a shard (a collective: every process must call it), else `tensor` itself."""
     return tensor.full_tensor() if isinstance(tensor, _dtensor()) else tensor

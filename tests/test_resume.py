@@ -133,6 +133,62 @@ def test_ctrl_c_on_the_last_step_of_an_epoch_resumes(uninterrupted, tmp_path):
     assert_same_run(clean["lora"], tmp_path, "lora")
 
 
+def test_ctrl_c_on_the_runs_last_step_keeps_the_run_with_its_last_evaluation(uninterrupted, tmp_path):
+    """Its checkpoint was written before the run's closing evaluation, so a resume found the last step done and
+    never evaluated it (history and best weights of another run). A stop there now keeps the finished run and
+    stops the experiment after it; the resume has nothing left to train."""
+    overrides, _ = uninterrupted
+    args = [*args_for("lora", overrides), "train.eval_every_steps=0"]  # evaluated at epoch ends only
+    clean = inproc(args, tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    stopped = inproc(args, tmp_path / "stopped", fault=f"interrupt@step={STEPS}")
+    assert stopped.returncode == 130 and "interrupted after lora" in stopped.stderr, stopped.stderr[-2000:]
+    assert [h["step"] for h in record(tmp_path / "stopped", "lora")["history"]] == [20, 40]
+    resumed = inproc(["--resume"], tmp_path / "stopped")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(tmp_path / "clean", tmp_path / "stopped", "lora")
+
+
+def test_a_damaged_or_unfitting_checkpoint_stops_the_run_and_says_what_to_do(uninterrupted, tmp_path):
+    """A truncated file made the resume start again from step 0, deleting every checkpoint; a checkpoint of a
+    differently shaped model failed with a bare size mismatch on every resume."""
+    overrides, clean = uninterrupted
+    args = args_for("lora", overrides)
+    assert tunelab(args, tmp_path, fault="kill@step=7").returncode == -9
+    latest = tmp_path / "checkpoints" / "lora" / "step-000006"
+    os.truncate(latest / "optimizer.pt", 100)
+    damaged = inproc(["--resume"], tmp_path)
+    assert damaged.returncode == 1
+    assert f"checkpoint {latest} is damaged" in record(tmp_path, "lora")["error"]
+    assert "to resume from the start" in record(tmp_path, "lora")["error"] and latest.is_dir()
+    import shutil
+
+    shutil.rmtree(latest)
+    assert inproc(["--resume"], tmp_path).returncode == 0  # from the start, as the message said
+    assert_same_run(clean["lora"], tmp_path, "lora")
+
+    other = tmp_path / "other"
+    assert tunelab(args, other, fault="kill@step=7").returncode == -9
+    reshaped = inproc([*args, "lora.r=2", "--resume", "--allow-config-change"], other)
+    assert reshaped.returncode == 1
+    error = record(other, "lora")["error"]
+    assert "step-000006 cannot be restored" in error and "written under another config" in error, error
+
+
+def test_the_best_checkpoint_gone_is_an_error_not_the_last_weights_under_its_name(tmp_path):
+    from tunelab.train.checkpoint import CheckpointUnreadable
+    from tunelab.train.loop import TrainState
+
+    checkpointer = Checkpointer(tmp_path, "hash")
+    checkpointer.save_best({"w": torch.ones(2)}, TrainState(step=10, best={"accuracy": 0.9, "step": 10}))
+    assert torch.equal(checkpointer.best_weights(10)["w"], torch.ones(2))
+    with pytest.raises(CheckpointUnreadable, match="best-000012, its best evaluation"):
+        checkpointer.best_weights(12)  # the state's best is later than what is on disk
+    os.truncate(tmp_path / "best-000010" / "trainable.pt", 10)
+    with pytest.raises(CheckpointUnreadable, match="is missing or damaged"):
+        checkpointer.best_weights(10)
+
+
 def test_a_kill_after_an_epoch_end_evaluation_resumes(uninterrupted, tmp_path):
     """An epoch that ends on a checkpoint_every_steps multiple, evaluated only there: its checkpoint was written
     before that evaluation, so a resume evaluated again and could not write the best checkpoint a second time

@@ -22,15 +22,15 @@ import torch
 from .. import __version__
 from ..methods.base import get_method
 from ..train import faults
-from ..train.checkpoint import Checkpointer, started_with
+from ..train.checkpoint import Checkpointer, CheckpointUnreadable, started_with
 from ..train.distributed import Ranks, check_world, launched_rank, launched_world_size
 from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
                           stop_if_non_finite, total_steps)
 from ..train.batches import collate, epoch_batches
 from ..train.precision import choose_precision
-from ..train.sharding import make_plain, shard_model
+from ..train.sharding import groups_on_shards, make_plain, shard_model
 from ..train.setup import (apply_threads, build_optimizer, build_scheduler, enable_checkpointing, make_accelerator,
-                           resolve_device, seed_everything, store_frozen_matmul_weights)
+                           resolve_device, seed_everything, seed_rank_streams, store_frozen_matmul_weights)
 from ..train.tracking import MemoryMonitor, SilentTracker, Tracker
 from .folder import write_json
 from .job import Job
@@ -117,7 +117,8 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
     if cfg.train.fsdp:  # before the optimizer: it must hold the sharded parameters
         model = shard_model(model, accelerator.device, Ranks.of(accelerator))
     lr = method.resolve_lr(opts, cfg.train.lr)
-    optimizer = build_optimizer(method.param_groups(model, opts, lr, cfg.train.weight_decay))
+    groups = method.param_groups(model, opts, lr, cfg.train.weight_decay)
+    optimizer = build_optimizer(groups_on_shards(model, groups) if cfg.train.fsdp else groups)
     groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                "num_params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]
     scheduler = build_scheduler(optimizer, cfg.train, steps)
@@ -125,6 +126,7 @@ def setup_method(job: Job, name: str, precision: str | None = None) -> MethodSet
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    seed_rank_streams(cfg.train.seed, accelerator.process_index)
     return MethodSetup(model, optimizer, scheduler, accelerator, lr, expected, groups, steps, reason,
                        round(loaded_mb, 1))
 
@@ -177,47 +179,72 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     eval_setup = job.eval_setup(accelerator.device, accelerator.autocast)
     validation = Validation(lambda model: job.task.evaluate(model, job.validation, eval_setup).metrics,
                             cfg.metric_for_best, job.task.higher_is_better(cfg.metric_for_best))
-    with graceful_interrupt() as stop_requested, MemoryMonitor(accelerator.device) as memory:
-        hooks = LoopHooks(on_log=tracker.on_log, on_eval=both(tracker.on_eval, on_eval), stop_requested=stop_requested,
-                          after_step=lambda step: method.after_step(model, opts, step))
-        trainer = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, accelerator, cfg.train,
-                               job.train, validation, hooks, checkpointer)
-        try:
-            state = trainer.run(state)
-        finally:
-            tracker.close()
-    processes = ranks.gather({**memory.report(), "rows": trainer.rows_trained,
-                              "base_weights_loaded_mb": setup.base_weights_loaded_mb})
-    if not ranks.is_main and not trainer.sharded:  # the main process evaluates and writes; the others are done
-        return {"rank": ranks.rank}
-    trainer.restore_best()  # under sharding every process evaluates and gathers (collectives) ...
+    # over the test and the save too: a stop then waits for the finished run's record, and stops after it
+    with graceful_interrupt() as stop_requested:
+        with MemoryMonitor(accelerator.device) as memory:
+            hooks = LoopHooks(on_log=tracker.on_log, on_eval=both(tracker.on_eval, on_eval),
+                              stop_requested=stop_requested,
+                              after_step=lambda step: method.after_step(model, opts, step))
+            trainer = TrainingLoop(setup.model, setup.optimizer, setup.scheduler, accelerator, cfg.train,
+                                   job.train, validation, hooks, checkpointer)
+            try:
+                state = trainer.run(state)
+            finally:
+                tracker.close()
+        processes = ranks.gather({**memory.report(), "rows": trainer.rows_trained,
+                                  "base_weights_loaded_mb": setup.base_weights_loaded_mb})
+        stop = {STOP_REQUESTED: True} if stop_requested() else {}
+        if not ranks.is_main and not trainer.sharded:  # the main process evaluates and writes; the others are done
+            return {"rank": ranks.rank, **stop}
+        result = tested_and_saved(job, name, out_dir / "artifacts" / run_id, setup, state, trainer, eval_setup)
+        if result is None:
+            return {"rank": ranks.rank, **stop}
+        result = {**result, **process_memory(processes)}
+        if not cfg.train.keep_checkpoints_after_success:
+            result["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
+        tracker.finish(result["peak_memory_mb"], state.step,
+                       {"method": name, "lr": setup.lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
+                        "trainable_params": result["trainable_params"]},
+                       {f"best_val_{k}": v for k, v in (state.best or {}).items() if k != "step"})
+        return {**result, STOP_REQUESTED: True} if stop_requested() else result
+
+
+# a stop that came after the run's last steps: the run finished and is kept, and the experiment stops after it.
+# Taken off the record by whoever ran it (the stop is not part of the result).
+STOP_REQUESTED = "stop_requested"
+
+
+def tested_and_saved(job: Job, name: str, directory: Path, setup: MethodSetup, state: TrainState,
+                     trainer: TrainingLoop, eval_setup) -> dict[str, Any] | None:
+    """The best weights scored on the test split and saved as the artifact; the record's results (None on the
+    processes other than the main one)."""
+    method, model, main = get_method(name), setup.accelerator.unwrap_model(setup.model), trainer.ranks.is_main
+    trainer.restore_best(state)  # under sharding every process evaluates and gathers (collectives) ...
     test = job.task.evaluate(model, job.test, eval_setup) if job.test is not None else None
     if test is not None:
         stop_if_non_finite(test.metrics, (state.best or {}).get("step", state.step), state.losses, "test")
     examples = test.examples if test else []
     if test is None and job.task.shows_examples:  # then the report's examples come from validation
         examples = job.task.evaluate(model, job.validation, eval_setup).examples
-    make_plain(model, keep=ranks.is_main, trainable_only=method.saves_adapter)  # ... and the main process saves
-    if not ranks.is_main:
-        return {"rank": ranks.rank}
+    make_plain(model, keep=main, trainable_only=method.saves_adapter)  # ... and the main process saves
+    if not main:
+        return None
     measured = measurements(setup, state, trainer.steps_per_epoch())
-    artifact = save_artifact(job, name, model, out_dir / "artifacts" / run_id, precision=measured["precision"])
-    if not cfg.train.keep_checkpoints_after_success:
-        artifact["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
-    result = {**measured, **process_memory(processes),
-              "precision_reason": setup.precision_reason, "step_shortcuts": trainer.shortcuts(),
-              "history": state.history, "losses": state.losses, "best_val": state.best,
-              "test": test.metrics if test else None, "examples": examples,
-              "test_per_example": test.per_example if test else {}, **artifact}
-    tracker.finish(result["peak_memory_mb"], state.step,
-                   {"method": name, "lr": setup.lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
-                    "trainable_params": result["trainable_params"]},
-                   {f"best_val_{k}": v for k, v in (state.best or {}).items() if k != "step"})
-    return result
+    artifact = save_artifact(job, name, model, directory, precision=measured["precision"])
+    return {**measured, "precision_reason": setup.precision_reason, "step_shortcuts": trainer.shortcuts(),
+            "history": state.history, "losses": state.losses, "best_val": state.best,
+            "test": test.metrics if test else None, "examples": examples,
+            "test_per_example": test.per_example if test else {}, **artifact}
 
 
 def resume_point(checkpointer: Checkpointer, ranks: Ranks) -> Path | None:
     """The latest complete checkpoint, which every process must see alike (a shared output folder)."""
+    damaged = checkpointer.damaged_latest()
+    if damaged is not None:
+        before = checkpointer.latest()
+        raise CheckpointUnreadable(f"checkpoint {damaged} is damaged (its files differ from its manifest); remove "
+                                   f"it to resume from {before.name if before else 'the start'}, or remove "
+                                   f"{checkpointer.folder} to train this run again")
     latest = checkpointer.latest()
     seen = ranks.gather(latest.name if latest else None)
     if len(set(seen)) > 1:

@@ -22,6 +22,7 @@ from torch import nn
 from .distributed import Ranks
 from .faults import fault_point
 from .loop import TrainState
+from .setup import seed_rank_streams
 from .sharding import gathered_optimizer_state, sharded_optimizer_state
 from .weights import load_weights, trainable_state
 
@@ -146,12 +147,20 @@ class Checkpointer:
     def _write(self, kind: str, step: int, files: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
         path = write_atomic(self.folder, f"{kind}-{step:06d}", files, meta)
         for old in complete_checkpoints(self.folder, kind)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
         return path
 
     def latest(self, kind: str = STEP) -> Path | None:
         found = complete_checkpoints(self.folder, kind)
         return found[-1] if found else None
+
+    def damaged_latest(self) -> Path | None:
+        """The newest step checkpoint where it is not complete. Writes are atomic and checkpoints are moved
+        aside before they are deleted, so that is damage (a file truncated or removed), not a write cut short:
+        resuming from an older one, or from nothing, would quietly drop the training since."""
+        named = [p for p in self.folder.glob(f"{STEP}-*") if p.is_dir()] if self.folder.is_dir() else []
+        newest = max(named, key=checkpoint_step, default=None)
+        return newest if newest is not None and not is_complete(newest) else None
 
     def restore(self, path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
         """Load checkpoint `path`; checkpoints written after it belong to the abandoned run and are removed."""
@@ -159,23 +168,64 @@ class Checkpointer:
         for kind in (STEP, BEST) if self.ranks.is_main else ():
             for later in complete_checkpoints(self.folder, kind):
                 if checkpoint_step(later) > step:
-                    shutil.rmtree(later, ignore_errors=True)
+                    remove_checkpoint(later)
+        try:
+            return self._load(path, model, optimizer, scheduler, step)
+        except Exception as exc:  # torch's own message suggests weights_only=False: not for a damaged file
+            raise CheckpointUnreadable(self.unreadable(path, exc)) from exc
+
+    def unreadable(self, path: Path, exc: Exception) -> str:
+        written_with = json.loads((path / MANIFEST).read_text()).get("config_hash")
+        changed = " It was written under another config (resumed with --allow-config-change): a change of " \
+            "the model or of the method's shape cannot continue from it." if written_with != self.config_hash else ""
+        cause = (str(exc).strip().splitlines() or [""])[0][:300]
+        return (f"checkpoint {path} cannot be restored ({type(exc).__name__}: {cause}).{changed} Remove "
+                f"{self.folder} and resume to train this run again")
+
+    def _load(self, path: Path, model: nn.Module, optimizer, scheduler, step: int) -> TrainState:
         load_weights(model, torch.load(path / "trainable.pt", weights_only=True))
         saved_optimizer = torch.load(path / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(sharded_optimizer_state(optimizer, saved_optimizer))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         rng = torch.load(path / "rng.pt", weights_only=False)
-        # one state per process when written under DDP; another process count resumes from rank 0's
-        set_rng_state(rng[self.ranks.rank] if isinstance(rng, list) and len(rng) == self.ranks.world
-                      else rng[0] if isinstance(rng, list) else rng)
+        # one state per process when written under DDP; another process count resumes from rank 0's, the
+        # others from streams of their own (derived from the step: the same on every resume)
+        same_world = isinstance(rng, list) and len(rng) == self.ranks.world
+        set_rng_state(rng[self.ranks.rank] if same_world else rng[0] if isinstance(rng, list) else rng)
+        if not same_world:
+            seed_rank_streams(step, self.ranks.rank)
         if (path / "extra.pt").is_file():
             self.load_extra_state(torch.load(path / "extra.pt", weights_only=False))
         meta = json.loads((path / MANIFEST).read_text())
         return TrainState(**meta["state"])
 
-    def best_weights(self) -> dict[str, torch.Tensor] | None:
+    def best_weights(self, step: int) -> dict[str, torch.Tensor]:
+        """The weights of the best evaluation, at `step`: an error where they are gone or damaged, never the
+        last step's weights tested and saved under the best step's name."""
         path = self.latest(BEST)
-        return torch.load(path / "trainable.pt", weights_only=True) if path else None
+        if path is None or checkpoint_step(path) != step:
+            raise CheckpointUnreadable(f"the best checkpoint of this run ({BEST}-{step:06d}, its best evaluation) "
+                                       f"is missing or damaged in {self.folder}; remove that folder and resume to "
+                                       "train this run again")
+        try:
+            return torch.load(path / "trainable.pt", weights_only=True)
+        except Exception as exc:
+            raise CheckpointUnreadable(self.unreadable(path, exc)) from exc
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint a run needs cannot be used: the run stops, saying which and what to do."""
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Moved aside first (an atomic rename), then deleted: a stop in the middle leaves no half checkpoint under
+    a checkpoint's name, which would read as damage."""
+    aside = path.with_name(f".old-{path.name}-{os.getpid()}")
+    try:
+        path.rename(aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def started_with(folder: Path) -> dict[str, Any]:

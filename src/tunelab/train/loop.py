@@ -177,6 +177,10 @@ class TrainingLoop:
             if not state.history or state.history[-1]["step"] != state.step:
                 self.evaluate(state)
             self.checkpoint(state)
+            # a stop during a closing step waited for its evaluation and checkpoint (written before them, a
+            # resumed run found its last step done and never evaluated it); at the run's end it keeps the run
+            if not self.finished(state) and self.ranks.any(self.hooks.stop_requested()):
+                raise Interrupted(state.step)
         return state
 
     def finished(self, state: TrainState) -> bool:
@@ -214,7 +218,7 @@ class TrainingLoop:
         if self.cfg.checkpoint_every_steps and state.step % self.cfg.checkpoint_every_steps == 0 and not closing:
             self.checkpoint(state)
         fault_point(f"step={state.step}")
-        if self.ranks.any(self.hooks.stop_requested()):  # all stop at the same step, or the rest would hang
+        if not closing and self.ranks.any(self.hooks.stop_requested()):  # all stop at one step, or the rest hang
             self.flush(state)  # the checkpoint keeps the steps since the last log point for the resumed run
             self.checkpoint(state)
             raise Interrupted(state.step)
@@ -326,9 +330,9 @@ class TrainingLoop:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train_data) / self.cfg.batch_size)
 
-    def restore_best(self) -> None:
+    def restore_best(self, state: TrainState) -> None:
         weights = self.best_weights
-        if weights is None and self.checkpointer is not None:
-            weights = self.checkpointer.best_weights()
+        if weights is None and self.checkpointer is not None and state.best is not None:
+            weights = self.checkpointer.best_weights(state.best["step"])
         if weights is not None:
             load_weights(self.module, weights)

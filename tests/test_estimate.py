@@ -190,6 +190,9 @@ def test_a_model_the_task_cannot_build_and_a_length_past_its_positions_are_refus
         estimated(tmp_path / "vit", "methods=lora")
     with pytest.raises(TunelabInputError, match=r"data.max_length: 100 is more than the model supports; allowed: 1..64"):
         estimated(tiny_llama_config(tmp_path / "llama"), "methods=lora", "data.max_length=100")
+    # within the positions, but not with the virtual tokens: refused as validate refuses it, not ranked
+    with pytest.raises(TunelabInputError, match="prompt-tuning: data.max_length 60 \\+ 20 virtual tokens exceeds"):
+        estimated(tmp_path / "llama", "methods=lora,prompt-tuning", "data.max_length=60")
 
 
 def test_the_table_shows_counts_whole_and_measured_values_to_four_digits(capsys):

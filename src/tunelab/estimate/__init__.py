@@ -31,7 +31,7 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     train.gradient_accumulation_steps), and under train.fsdp its shards. Times are for one step of the global
     batch, the processes working in parallel at the rate measured for one of them (on a CPU, with its share of
     the cores)."""
-    from ..experiment.job import max_length_problems
+    from ..experiment.job import length_problems
     from ..models.loading import first_line, quiet_transformers, read_model_config, resolve_model_path
     from ..train.setup import resolve_precision
 
@@ -39,7 +39,7 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     task = cfg.task_spec
     model_path = resolve_model_path(cfg.model_name, cfg.model.revision, config_only=True)  # weights unread
     config = read_model_config(model_path)
-    too_long = max_length_problems(cfg, config)
+    too_long = length_problems(cfg, config)  # positions, virtual tokens and generated answers, as validate
     if too_long:  # as validate says it: no step of that length runs
         raise TunelabInputError(too_long)
     for key, value in task.model_kwargs({}).items():

@@ -161,8 +161,11 @@ def test_offline_hub_ids_exit_2_saying_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "'nobody/no-such-model' is not in the local Hugging Face cache and hub access is off" in err
-    assert "hf download nobody/no-such-model" in err
+    assert "hf download nobody/no-such-model`" in err
     assert "'nobody/no-such-data' is not in the local datasets cache and hub access is off" in err
+    # an estimate reads the config alone: the hint fetches that, not a model's weights
+    assert main(["estimate", "--offline", "model.name_or_path=nobody/no-such-model"]) == 2
+    assert "hf download nobody/no-such-model config.json`" in capsys.readouterr().err
 
 
 def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(monkeypatch, tiny_bert):

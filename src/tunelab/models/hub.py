@@ -43,10 +43,12 @@ def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False
         # a snapshot an estimate fetched holds the config alone, one fetched by hand may lack the tokenizer
         state = f"is in the local Hugging Face cache without {missing_for_a_run(cached)}" if cached else \
             "is not in the local Hugging Face cache"
+        # an estimate reads the config alone: fetching a 70B model's weights for it would be 140 GB for nothing
+        files = " config.json" if config_only else ""
         raise TunelabInputError([
             f"model.name_or_path: {where} {state} and hub access is off "
             "(HF_HUB_OFFLINE=1 or --offline); on a connected machine fetch it once with "
-            f"`hf download {repo_id}" + (f" --revision {revision}" if revision else "") +
+            f"`hf download {repo_id}{files}" + (f" --revision {revision}" if revision else "") +
             "` (or run tunelab there without --offline), then run again"])
     return download(repo_id, revision, where, config_only)
 

@@ -204,7 +204,7 @@ def tiny_llama(tmp_path_factory):
 
 def tiny_gpu_job(folder, *extra):
     return load_config(None, ["task=causal-lm", f"model.name_or_path={folder}", "train.batch_size=4",
-                              "data.max_length=128", "prompt-tuning.init=random", "train.device=cuda", *extra])
+                              "data.max_length=100", "prompt-tuning.init=random", "train.device=cuda", *extra])
 
 
 def lora_of(result) -> dict:
@@ -244,6 +244,21 @@ def test_short_times_read_in_seconds_beside_the_budget(tiny_llama):
     assert over["reasons"][1].endswith(f": over the time budget of {took / 2:.3g} s")
     within = lora_of(recommend(tiny_gpu_job(tiny_llama), 1024, 5400, 5000, peak_tflops=100))
     assert within["fits"] and within["reasons"][1].endswith(": within the time budget of 90.0 min")
+
+
+def test_methods_that_fit_in_memory_but_not_in_time_are_told_apart_and_get_time_advice(tiny_llama):
+    """They were "does not fit" beside "fits" in memory, ranked by memory, and advised gradient checkpointing and
+    accumulation, which only make a run slower."""
+    result = recommend(tiny_gpu_job(tiny_llama), 1024, 1e-6, 5000, peak_tflops=100)  # (every method is ranked)
+    assert {m["verdict"] for m in result["methods"]} == {"over the time budget"}
+    times = [m["train_time_s"] for m in result["methods"]]
+    assert times == sorted(times)  # the quickest first
+    ideas = " ".join(result["suggestions"])
+    assert "the quickest method that fits in memory" in ideas and "fewer steps" in ideas
+    assert "gradient_checkpointing=true" not in ideas and "accumulation" not in ideas
+    tight = recommend(tiny_gpu_job(tiny_llama), 0.5, None, 5000, peak_tflops=100)
+    assert {m["verdict"] for m in tight["methods"]} == {"does not fit in memory"}
+    assert "the lightest method" in " ".join(tight["suggestions"])
 
 
 def test_measured_results_are_compared_on_the_jobs_metric_only(tiny_overrides, tmp_path, monkeypatch):

@@ -312,8 +312,7 @@ def run_recommend(args: argparse.Namespace, config, overrides) -> int:
     print(f"rule of thumb, for methods without a measured quality: {rule['reason']} "
           f"({' > '.join(rule['family_order'])})")
     for entry in result["methods"]:
-        verdict = "fits" if entry["fits"] else "does not fit"
-        print(f"{entry['rank']:>2}. {entry['method']:<14} {verdict}")
+        print(f"{entry['rank']:>2}. {entry['method']:<14} {entry['verdict']}")
         for reason in entry["reasons"]:
             print(f"      - {reason}")
     for name, why in result["not_applicable"].items():

@@ -160,8 +160,10 @@ def judge(est: dict, plan: Plan) -> dict[str, Any]:
     train_s = training_seconds(est, plan, recomputes)
     # an unknown time never passes a budget (recommend refuses a budget it cannot check)
     in_time = plan.budget_s is None or (train_s is not None and train_s <= plan.budget_s)
+    # no checkpointed number: the method cannot checkpoint, or its checkpointed step could not be estimated
     with_ckpt = f"{peak_ckpt:,.0f} MB with gradient checkpointing" if peak_ckpt is not None else \
-        "gradient checkpointing does not apply"
+        f"no estimate with gradient checkpointing: {est['checkpointing_note']}" if est.get("checkpointing_note") \
+        else "no estimate with gradient checkpointing"
     reasons = [f"peak memory ≈ {peak:,.0f} MB ({with_ckpt}) against "
                f"{plan.memory_mb:,.0f} MB: " + ("fits" if fits_plain else "fits only with gradient checkpointing"
                                                 if fits_ckpt else "does not fit")]
@@ -172,13 +174,20 @@ def judge(est: dict, plan: Plan) -> dict[str, Any]:
         reasons.append(f"measured here on similar models by {quality['metric']} (the job's metric_for_best): "
                        f"{quality['mean']:.3f} (best of {quality['experiments']} stored comparison(s))")
     prior = plan.family_order.index(family)
-    fits = (fits_plain or fits_ckpt) and in_time
+    in_memory = fits_plain or fits_ckpt
+    fits = in_memory and in_time
     score = quality["score"] if quality else None
-    return {"method": est["method"], "family": family, "fits": fits,
+    return {"method": est["method"], "family": family, "fits": fits, "verdict": verdict(in_memory, in_time),
             "gradient_checkpointing": needs_ckpt, "peak_memory_mb": peak,
             "peak_memory_checkpointing_mb": peak_ckpt, "train_time_s": train_s,
             "trainable_params": est["trainable_params"], "reasons": reasons,
-            "rank_key": rank_key(fits, score, prior, peak, peak_ckpt)}
+            "rank_key": rank_key(fits, score, prior, peak, peak_ckpt, in_memory, train_s)}
+
+
+def verdict(in_memory: bool, in_time: bool) -> str:
+    """What keeps a method out, in words: memory and time are different problems with different remedies."""
+    return "fits" if in_memory and in_time else "over the time budget" if in_memory else \
+        "does not fit in memory" if in_time else "does not fit in memory, and over the time budget"
 
 
 def time_reason(train_s: float, plan: Plan, recomputes: bool, in_time: bool) -> str:
@@ -189,12 +198,16 @@ def time_reason(train_s: float, plan: Plan, recomputes: bool, in_time: bool) -> 
     return f"training ≈ {duration(train_s)} ({plan.steps:,} steps, every batch at full length{recomputing}){verdict}"
 
 
-def rank_key(fits: bool, score: float | None, prior: int, peak: float, peak_ckpt: float | None) -> tuple:
+def rank_key(fits: bool, score: float | None, prior: int, peak: float, peak_ckpt: float | None,
+             in_memory: bool = False, train_s: float | None = None) -> tuple:
     """Methods that fit first, by measured quality, then the rule of thumb. A method that cannot run has no
-    use for its quality: those that do not fit go by the memory they would need, the closest first."""
+    use for its quality: those that fit in memory but take too long go by their time, the quickest first,
+    then those that do not fit by the memory they would need, the closest first."""
     if fits:
         return (0, -(score if score is not None else -1.0), prior, peak)
-    return (1, min(peak, peak_ckpt or peak), prior)
+    if in_memory:
+        return (1, train_s if train_s is not None else float("inf"), prior)
+    return (2, min(peak, peak_ckpt or peak), prior)
 
 
 def rule_of_thumb(rows: int | None, total: int, full_fits: bool) -> tuple[list[str], str]:
@@ -235,6 +248,8 @@ def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig, pre
                 runtime: float = 0.0) -> list[str]:
     """What would fit when nothing does: only changes to what the job does now (`precision` as resolved), and
     none where a training process (`runtime` MB before its first tensor) is larger than the budget."""
+    if any(r["verdict"] == "over the time budget" for r in ranked):  # memory is not what keeps them out
+        return time_ideas(ranked, cfg)
     lightest = min(ranked, key=lambda r: r["peak_memory_mb"])
     checkpointed = [r for r in ranked if r["peak_memory_checkpointing_mb"] is not None]
     ideas = [f"the lightest method, {lightest['method']}, needs ≈ {lightest['peak_memory_mb']:,.0f} MB against "
@@ -257,6 +272,24 @@ def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig, pre
                      if rank > 1 else "fewer LoRA target modules trim an adapter's share")
     ideas.append("several devices can share the weights, gradients and optimizer state: train.fsdp=true with "
                  "--nproc N or torchrun; `tunelab estimate --nproc N train.fsdp=true` gives one device's share")
+    return ideas
+
+
+def time_ideas(ranked: list[dict], cfg: ExperimentConfig) -> list[str]:
+    """Methods fit in memory but not in the time: ways to train less, not to hold less (gradient checkpointing
+    and accumulation, the memory remedies, only make a run slower)."""
+    quickest = min((r for r in ranked if r["verdict"] == "over the time budget"),
+                   key=lambda r: r["train_time_s"] if r["train_time_s"] is not None else float("inf"))
+    ideas = [f"the quickest method that fits in memory, {quickest['method']}, needs ≈ "
+             f"{duration(quickest['train_time_s'])}" if quickest["train_time_s"] is not None else
+             f"{quickest['method']} fits in memory; its time is not known"]
+    ideas.append(f"fewer steps: train.epochs below {cfg.train.epochs:g}, train.max_steps, or fewer rows "
+                 "(data.max_train_samples)")
+    ideas.append(f"a shorter data.max_length than {cfg.data.max_length} where the rows allow it (each step is "
+                 "timed at full length)")
+    if cfg.train.gradient_checkpointing:
+        ideas.append("train.gradient_checkpointing=false, where memory allows: it recomputes every forward")
+    ideas.append("more devices: --nproc N or torchrun split every step's rows")
     return ideas
 
 

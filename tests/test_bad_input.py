@@ -264,7 +264,12 @@ def test_csv_with_embedded_newlines_and_quotes_loads(tmp_path, tiny_bert):
 def test_non_empty_output_is_refused_without_overwrite(tmp_path, base_args, capsys):
     (tmp_path / "keep.txt").write_text("x")
     assert main(["compare", *base_args, "--output", str(tmp_path), "--no-progress"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace its results, or --resume to continue the experiment there" in err
+    for command in ("compare", "sweep"):  # both: --overwrite was silently ignored
+        assert main([command, "--resume", "--overwrite", "--output", str(tmp_path)]) == 2
+        assert "--overwrite: with --resume, which continues what --output holds; drop one" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").is_file()
 
 
 def test_several_problems_are_reported_together(base_args, tmp_path, capsys):

@@ -289,6 +289,25 @@ def test_resume_continues_the_seeds_and_config_the_experiment_was_started_with(u
     assert [(r["seed"], r["status"]) for r in records] == [(42, "success"), (43, "success")]
 
 
+def test_resume_refuses_data_that_changed_since_the_start(uninterrupted, toy_data, tmp_path):
+    """The config names the files, not their rows: an edited train file resumed silently, the first steps on
+    the old rows and the rest on the new."""
+    import shutil
+
+    overrides, _ = uninterrupted
+    train = tmp_path / "train.csv"
+    shutil.copy(toy_data["train"], train)
+    args = [*args_for("lora", overrides), f"data.train_file={train}", "train.max_steps=6"]
+    assert inproc(args, tmp_path / "out", fault="raise@step=3").returncode == 1
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["data_fingerprint"]
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[:-40]) + "\n")  # 40 rows fewer
+    refused = inproc(["--resume"], tmp_path / "out")
+    assert refused.returncode == 2 and "the data differ from those" in refused.stderr, refused.stderr
+    allowed = inproc(["--resume", "--allow-config-change"], tmp_path / "out")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
 def logged_scalars(folder: Path, tag: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

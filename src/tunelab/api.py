@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 from .config import ExperimentConfig, config_and_problems, overridden, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
-from .experiment.folder import (RUN_FILE, ExperimentLock, command_problems, finished_records, resumed_flags,
-                                saved_config, saved_flags, write_run_file)
+from .experiment.folder import (RUN_FILE, ExperimentLock, changed_data_problems, command_problems,
+                                finished_records, resumed_flags, saved_config, saved_flags, write_run_file)
 from .experiment.isolation import StopRequest
 from .experiment.job import Job, prepare_job
 from .api_checks import count_problems, output_problems, process_problems, run_flag_problems, tuning_problems
@@ -160,14 +160,18 @@ def checked_job(out_dir: Path, config, overrides, resume: bool, allow_change: bo
         cfg, problems = resolve_with_problems(config, overrides)
         problems += output_problems(out_dir, overwrite)
     job = prepared(cfg, problems + more_problems(cfg))
+    changed = changed_data_problems(out_dir, job.data.fingerprint(), allow_change) if resume else []
+    if changed:
+        raise TunelabInputError(changed)
     out_dir.mkdir(parents=True, exist_ok=True)
     return cfg, job
 
 
-def start_folder(out_dir: Path, cfg: ExperimentConfig, resume: bool, flags: dict[str, Any] | None = None) -> None:
+def start_folder(out_dir: Path, cfg: ExperimentConfig, resume: bool, flags: dict[str, Any] | None = None,
+                 job: Job | None = None) -> None:
     if not resume:
         clear_outputs(out_dir)
-    write_run_file(out_dir, cfg, flags)
+    write_run_file(out_dir, cfg, flags, job.data.fingerprint() if job is not None else None)
 
 
 RUN_DEFAULTS = {"seeds": 1, "tune": 0}
@@ -209,6 +213,8 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
     """
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
+    if resume and overwrite:  # --overwrite was ignored: which one was meant is the user's to say
+        raise TunelabInputError(["--overwrite: with --resume, which continues what --output holds; drop one"])
     bad_numbers = count_problems(seeds=(seeds, 1), tune=(tune, 0), nproc=(nproc, 1))
     if bad_numbers:
         raise TunelabInputError(bad_numbers)
@@ -240,7 +246,7 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
                            lambda cfg: early + process_problems(cfg, 1 if nproc is None else nproc)
                            + tuning_problems(cfg, tune) + seed_problems(cfg.train.seed, seeds))
     with ExperimentLock(out_dir):
-        start_folder(out_dir, cfg, resume, flags)
+        start_folder(out_dir, cfg, resume, flags, job)
         done = finished_records(out_dir) if resume else {}
         summary = {**job.summary(), "baseline": job.baseline()}
         stop = StopRequest()
@@ -287,6 +293,8 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
 
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
+    if resume and overwrite:  # --overwrite was ignored: which one was meant is the user's to say
+        raise TunelabInputError(["--overwrite: with --resume, which continues what --output holds; drop one"])
     bad_numbers = count_problems(trials=(trials, 1), nproc=(nproc, 1))
     if bad_numbers:
         raise TunelabInputError(bad_numbers)
@@ -303,7 +311,7 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
                            lambda cfg: space_problems(cfg) + run_problems + process_problems(cfg, nproc))
     warm_up(job.model_path)
     with ExperimentLock(out_dir):
-        start_folder(out_dir, cfg, resume, {**flags, "storage": storage_record(storage), "command": "sweep"})
+        start_folder(out_dir, cfg, resume, {**flags, "storage": storage_record(storage), "command": "sweep"}, job)
         share_job(out_dir, job)
         url, studies, failed = storage or default_storage(out_dir), {}, []
         try:

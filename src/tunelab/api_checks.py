@@ -14,7 +14,8 @@ def output_problems(out_dir: Path, overwrite: bool) -> list[str]:
     if out_dir.exists() and not out_dir.is_dir():
         return [f"--output: {str(out_dir)!r} is a file, not a folder"]
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        return [f"--output: {str(out_dir)!r} is not empty; pass --overwrite to replace its results"]
+        return [f"--output: {str(out_dir)!r} is not empty; pass --overwrite to replace its results, or --resume "
+                "to continue the experiment there"]
     return []
 
 

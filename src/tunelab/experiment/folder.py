@@ -65,10 +65,27 @@ class ExperimentLock:
         self.path.unlink(missing_ok=True)
 
 
-def write_run_file(folder: Path, cfg: ExperimentConfig, flags: dict[str, Any] | None = None) -> None:
-    """The config and the run flags (--seeds, --tune) an experiment was started with: --resume continues it."""
-    payload = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "flags": flags or {}}
+def write_run_file(folder: Path, cfg: ExperimentConfig, flags: dict[str, Any] | None = None,
+                   data_fingerprint: str | None = None) -> None:
+    """The config, the run flags (--seeds, --tune) and a hash of the encoded data an experiment was started
+    with: --resume continues it."""
+    payload = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "flags": flags or {},
+               "data_fingerprint": data_fingerprint}
     (folder / RUN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def changed_data_problems(folder: Path, fingerprint: str, allow_change: bool | None) -> list[str]:
+    """The config names the data files, not what is in them: an edited file (or another tokenizer behind the
+    same name) resumed silently, the first steps trained on the old rows and the rest on the new."""
+    path = folder / RUN_FILE
+    saved = json.loads(path.read_text()).get("data_fingerprint") if path.is_file() else None
+    if saved is None or saved == fingerprint or allow_change:  # (folders of earlier versions kept none)
+        return []
+    remedy = "pass --allow-config-change to continue on these" if allow_change is not None else \
+        "start another sweep for these"
+    return [f"--resume: the data differ from those {str(folder)!r} was started with (a data file, the dataset or "
+            "the tokenizer changed since); its finished runs and checkpoints trained on the earlier rows: "
+            f"restore them, or {remedy}"]
 
 
 def resumed_flags(folder: Path, given: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import TunelabInputError
 from ..train.distributed import Ranks, check_world, launcher_problems
-from .folder import ExperimentLock, finished_records
+from .folder import ExperimentLock, changed_data_problems, finished_records
 from .job import prepare_job
 from .plan import plan_runs
 
@@ -52,6 +52,7 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
     problems += process_problems(cfg, ranks.world)
     try:
         job = prepare_job(cfg)
+        problems += changed_data_problems(out_dir, job.data.fingerprint(), allow_change) if resume else []
     except TunelabInputError as exc:
         problems += exc.problems
     problems = sorted({p for found in ranks.gather(problems) for p in found})
@@ -65,7 +66,7 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
             # no "nproc": a later `tunelab compare --resume` runs one process unless told (the launch may
             # have spanned machines); the command, so a `sweep --resume` of it is refused
             start_folder(out_dir, cfg, resume, {"command": "compare", "seeds": seeds, "tune": 0,
-                                                "launched_processes": ranks.world})
+                                                "launched_processes": ranks.world}, job)
         done = ranks.broadcast(finished_records(out_dir) if resume and main else {})
         summary = {**job.summary(), "baseline": job.baseline()} if main else job.summary()
         records: list[dict[str, Any]] = []

@@ -156,6 +156,23 @@ def test_a_template_that_ends_answers_with_plain_text_gets_the_end_of_sequence_t
     assert prompt_and_response(turns, tokenizer)[1] == "four\n</s>"  # written by the template: not twice
 
 
+def test_answers_are_scored_against_the_whole_reference_even_where_training_cut_it(tiny_llama):
+    """A response cut at data.max_length trains on its start; scoring against that cut text gave a whole,
+    correct answer an exact match of 0."""
+    import pandas as pd
+
+    from tunelab.config import load_config
+    from tunelab.tasks.causal_lm import encode_rows, reference
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    answer = " ".join(["blue is one colour of the sky on a clear day"] * 8)
+    frame = pd.DataFrame({"prompt": ["which colour"], "response": [answer]})
+    data, _ = encode_rows(frame, tokenizer, load_config(None, ["task=causal-lm", "data.max_length=48"]))
+    assert data.lengths[0] == 48  # the response's tokens were cut
+    assert reference(data, 0, tokenizer) == answer
+    assert generation.exact_match(answer, reference(data, 0, tokenizer)) == 1.0
+
+
 def test_chat_rows_without_any_prompt_text_are_dropped_and_counted():
     import pandas as pd
 

@@ -23,6 +23,8 @@ class Encoded:
     type_ids: np.ndarray | None = None
     prompt_lengths: np.ndarray | None = None
     prompt_texts: list[str] | None = None  # the user's last turn, as written, for reports
+    # the answer as written: what generated answers are scored against, whole even where max_length cut its tokens
+    reference_texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.lengths)

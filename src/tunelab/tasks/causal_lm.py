@@ -132,9 +132,8 @@ class CausalLM(Task):
         if not len(rows):
             return Evaluation(metrics, per_example=per_example)
         outputs = generate(model, data, rows, setup, opts.max_new_tokens)
-        examples = [{"prompt": data.prompt_texts[r],
-                     "reference": decode(setup.tokenizer, data.ids[r, data.prompt_lengths[r]:data.lengths[r]]),
-                     "output": out} for r, out in zip(rows, outputs)]
+        examples = [{"prompt": data.prompt_texts[r], "reference": reference(data, r, setup.tokenizer), "output": out}
+                    for r, out in zip(rows, outputs)]
         per_example["exact_match"] = [exact_match(e["output"], e["reference"]) for e in examples]
         per_example["token_f1"] = [token_f1(e["output"], e["reference"]) for e in examples]
         metrics["exact_match"] = float(np.mean(per_example["exact_match"]))
@@ -204,6 +203,15 @@ def ambiguous(frame: pd.DataFrame, cfg) -> bool:
 COLUMNS_HINT = " (set data.prompt_column and data.response_column, or data.messages_column for chat data)"
 
 
+def reference(data: Encoded, row: int, tokenizer) -> str:
+    """The answer a generated one is scored against: as written (a response cut at data.max_length trained on
+    its start, but a whole correct answer must still match it), else the response's tokens (data encoded by an
+    earlier version)."""
+    if data.reference_texts is not None:
+        return data.reference_texts[row].strip()
+    return decode(tokenizer, data.ids[row, data.prompt_lengths[row]:data.lengths[row]])
+
+
 def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str, int]]:
     """Prompt and response tokenized apart (as at generation time); labels only on the response."""
     chats, dropped = conversations(frame, cfg)
@@ -211,7 +219,7 @@ def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str,
     templated = bool(getattr(tokenizer, "chat_template", None))
     prompts = tokenizer([p for p, _ in texts], add_special_tokens=not templated)["input_ids"] if texts else []
     responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"] if texts else []
-    rows, labels, prompt_lengths, prompt_texts = [], [], [], []
+    rows, labels, prompt_lengths, prompt_texts, references = [], [], [], [], []
     too_long = f"prompt fills data.max_length={cfg.data.max_length}"
     fitting = [(turns, prompt, response[:cfg.data.max_length - len(prompt)])
                for turns, prompt, response in zip(chats, prompts, responses) if len(prompt) < cfg.data.max_length]
@@ -226,10 +234,11 @@ def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str,
         labels.append([IGNORE_INDEX] * len(prompt) + response)
         prompt_lengths.append(len(prompt))
         prompt_texts.append(turns[-2]["content"])
+        references.append(turns[-1]["content"])
     ids, lengths = pad_rows(rows, pad_token_id(tokenizer))
     label_table, _ = pad_rows(labels, IGNORE_INDEX)
     return Encoded(ids, lengths, label_table, prompt_lengths=np.array(prompt_lengths, dtype=np.int64),
-                   prompt_texts=prompt_texts), dropped
+                   prompt_texts=prompt_texts, reference_texts=references), dropped
 
 
 def response_losses(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,19 @@ def test_lora_plus_groups_give_b_ratio_times_the_rate_of_a(task_overrides):
     assert set().union(*groups.values()) == {id(p) for _, p in named}
 
 
+@pytest.mark.parametrize("method, vector", [("ia3", "ia3_l"), ("adalora", "lora_E")])
+def test_scaling_vectors_are_not_decayed_towards_zero(method, vector, task_overrides):
+    """IA3's factors start at 1 and AdaLoRA's singular values hold the adapter's scale; stored 2-D, they were
+    decayed like weight matrices, pulling each layer towards off."""
+    job = make_job(method, "classification", task_overrides, ["train.weight_decay=0.01"])
+    setup = setup_method(job, method)
+    decay_of = {id(p): g["weight_decay"] for g in setup.optimizer.param_groups for p in g["params"]}
+    named = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
+    vectors = [p for n, p in named if vector in n]
+    assert vectors and all(p.ndim == 2 and decay_of[id(p)] == 0.0 for p in vectors)
+    assert any(decay_of[id(p)] == 0.01 for n, p in named if vector not in n)  # the rest as before
+
+
 def masks_after(job, steps: int, hook: bool):
     """Train like the loop does, with or without the method's after-step hook; the zeroed singular values."""
     setup = setup_method(job, "adalora")

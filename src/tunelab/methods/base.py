@@ -150,9 +150,14 @@ def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+# peft's learned scaling vectors, stored 2-D: IA3's (d, 1) or (1, d) factors and AdaLoRA's (r, 1) singular
+# values start at 1 (or hold the adapter's scale); decay would pull them towards 0, switching the layer off
+SCALING_VECTORS = ("ia3_l", "lora_E")
+
+
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     # Biases and normalisation weights are 1-D; decaying them hurts and HF Trainer skips them too.
-    return param.ndim < 2 or "norm" in name.lower()
+    return param.ndim < 2 or "norm" in name.lower() or any(part in name for part in SCALING_VECTORS)
 
 
 def decay_split(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,

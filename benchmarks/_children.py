@@ -147,7 +147,7 @@ def load_model(job, method: str):
         from tunelab.methods.base import get_method
 
         targets = ["query", "value"]
-        assert get_method("lora").targets(model, opts) == targets, "tunelab's LoRA targets changed"
+        assert get_method("lora").targets(model, opts, ("classifier",)) == targets, "tunelab's LoRA targets changed"
         config = LoraConfig(task_type=TaskType.SEQ_CLS, r=opts.r, lora_alpha=opts.alpha,
                             lora_dropout=opts.dropout, target_modules=targets)
         return get_peft_model(model, config)

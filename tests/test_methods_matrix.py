@@ -130,6 +130,18 @@ def test_lora_formula_by_hand(task_overrides):
         2 * 4 * ((32 + 32) + (32 + 16))
 
 
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_all_linear_targets_every_linear_layer_but_the_head(method, task_overrides):
+    """peft's `all-linear` shorthand was refused as a module name; expanded, the count and peft agree."""
+    setup = setup_method(make_job(method, "classification", task_overrides, [f"{method}.target_modules=[all-linear]"]),
+                         method)
+    adapted = {n.split(".lora_")[0] for n, p in setup.model.named_parameters() if ".lora_" in n}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"query", "key", "value", "dense"}  # dense: out, ffn, pooler
+    assert not any("classifier" in n for n in adapted)
+    trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
+    assert trainable == setup.expected_trainable
+
+
 @pytest.mark.parametrize("method,task", PAIRS)
 def test_loss_is_finite_and_falls(method, task, task_overrides):
     no_generation = ["causal-lm.generation_samples=0"] if task == "causal-lm" else []

@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
-from .lora import default_targets, features, target_problems, targeted_layers
+from .lora import chosen_targets, features, target_problems, targeted_layers
 
 # all three: peft resets the averages of a parameter missing from ipt
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
@@ -80,22 +80,22 @@ class AdaLora(PeftMethod):
     # measured: peft's allocator combines each adapter's E, A and B importances, which sharding cuts differently
     cannot_shard = "peft's rank allocator scores whole adapter matrices after each step, and FSDP holds shards"
 
-    def targets(self, model: nn.Module, opts: AdaLoraOptions) -> list[str]:
-        return list(opts.target_modules or default_targets(model) or [])
+    def targets(self, model: nn.Module, opts: AdaLoraOptions, head_modules: tuple[str, ...]) -> list[str]:
+        return chosen_targets(model, opts.target_modules, head_modules)
 
     def check(self, model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext) -> list[str]:
         problems = []
         if opts.target_r >= opts.init_r:  # peft's allocator then has nothing to prune and fails
             problems.append(f"{self.name}.target_r: {opts.target_r} must be below "
                             f"{self.name}.init_r ({opts.init_r})")
-        return problems + target_problems(self.name, model, self.targets(model, opts), ctx.head_modules)
+        return problems + target_problems(self.name, model, self.targets(model, opts, ctx.head_modules), ctx.head_modules)
 
     def peft_config(self, model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext):
         from peft import AdaLoraConfig
 
         return AdaLoraConfig(task_type=ctx.task.peft_task_type, init_r=opts.init_r, target_r=opts.target_r,
                              lora_alpha=opts.alpha, lora_dropout=opts.dropout, orth_reg_weight=opts.orth_reg_weight,
-                             target_modules=self.targets(model, opts), base_model_name_or_path=ctx.model_path,
+                             target_modules=self.targets(model, opts, ctx.head_modules), base_model_name_or_path=ctx.model_path,
                              **schedule(ctx.total_steps))
 
     def prepare(self, model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext) -> nn.Module:
@@ -105,7 +105,7 @@ class AdaLora(PeftMethod):
 
     def method_params(self, base_model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext) -> int:
         # before any pruning: A (init_r × in), B (out × init_r) and the singular values E (init_r) per layer
-        targets = self.targets(base_model, opts)
+        targets = self.targets(base_model, opts, ctx.head_modules)
         hit = targeted_layers(base_model, ctx.head_modules, targets).values()
         return sum(opts.init_r * (sum(features(m)) + 1) for m in hit)
 

@@ -27,6 +27,6 @@ class Dora(Lora):
 
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
         # LoRA's A and B (and any trained biases), plus the magnitude vector: one entry per output feature
-        targets = self.targets(base_model, opts)
+        targets = self.targets(base_model, opts, ctx.head_modules)
         hit = targeted_layers(base_model, ctx.head_modules, targets).values()
         return super().method_params(base_model, opts, ctx) + sum(features(m)[1] for m in hit)

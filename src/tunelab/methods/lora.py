@@ -21,7 +21,8 @@ class LoraOptions(MethodOptions):
     dropout: float = dataclasses.field(default=0.1, metadata={"ge": 0, "lt": 1})
     target_modules: list[str] | None = dataclasses.field(
         default=None,
-        metadata={"min_items": 1, "help": "module name suffixes; default: peft's per-architecture choice"})
+        metadata={"min_items": 1, "help": "module name suffixes, or [all-linear] (every linear layer but the "
+                                          "head); default: peft's per-architecture choice"})
     bias: str = dataclasses.field(default="none", metadata={"choices": ["none", "all", "lora_only"]})
     use_rslora: bool = dataclasses.field(
         default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (rsLoRA)"})
@@ -58,6 +59,18 @@ def matches(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 
 
+ALL_LINEAR = "all-linear"
+
+
+def chosen_targets(model: nn.Module, targets: list[str] | None, head_modules: tuple[str, ...]) -> list[str]:
+    """The target modules asked for, else peft's default for the architecture. peft's shorthand `all-linear`
+    is expanded here into the linear layers' names (not the head's, nor the output embedding), so the checks,
+    the expected count and peft see the same modules."""
+    if targets == [ALL_LINEAR]:
+        return sorted(linear_layers(model, head_modules))
+    return list(targets or default_targets(model) or [])
+
+
 def default_targets(model: nn.Module) -> list[str] | None:
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
@@ -89,20 +102,20 @@ class Lora(PeftMethod):
     def search_space(self) -> dict:
         return {**super().search_space(), "r": {"choices": [4, 8, 16]}}
 
-    def targets(self, model: nn.Module, opts: LoraOptions) -> list[str]:
-        return list(opts.target_modules or default_targets(model) or [])
+    def targets(self, model: nn.Module, opts: LoraOptions, head_modules: tuple[str, ...]) -> list[str]:
+        return chosen_targets(model, opts.target_modules, head_modules)
 
     def check(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> list[str]:
         problems = []
         if opts.init == "orthogonal" and opts.r % 2:  # peft splits an orthogonal matrix into two halves
             problems.append(f"{self.name}.init: 'orthogonal' needs an even {self.name}.r, got {opts.r}")
-        return problems + target_problems(self.name, model, self.targets(model, opts), ctx.head_modules)
+        return problems + target_problems(self.name, model, self.targets(model, opts, ctx.head_modules), ctx.head_modules)
 
     def peft_config(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext):
         from peft import LoraConfig
 
         return LoraConfig(task_type=ctx.task.peft_task_type, r=opts.r, lora_alpha=opts.alpha,
-                          lora_dropout=opts.dropout, target_modules=self.targets(model, opts),
+                          lora_dropout=opts.dropout, target_modules=self.targets(model, opts, ctx.head_modules),
                           bias=opts.bias, use_rslora=opts.use_rslora, init_lora_weights=INITS[opts.init],
                           base_model_name_or_path=ctx.model_path, **self.extra_config(opts))
 
@@ -111,7 +124,7 @@ class Lora(PeftMethod):
         return {}
 
     def method_params(self, base_model: nn.Module, opts: LoraOptions, ctx: PrepareContext) -> int:
-        targets = self.targets(base_model, opts)
+        targets = self.targets(base_model, opts, ctx.head_modules)
         hit = targeted_layers(base_model, ctx.head_modules, targets)
         count = sum(opts.r * sum(features(m)) for m in hit.values())
         if opts.bias == "lora_only":

@@ -37,6 +37,8 @@ def test_plan_commands_check_their_arguments_as_the_cli_does(tiny_overrides):
     assert "--peak-tflops: 0 is not allowed" in problems_of(tunelab.estimate, None, tiny_overrides, peak_tflops=0)
     assert "--memory: '0GB' must be more than 0" in problems_of(tunelab.recommend, None, tiny_overrides, memory="0GB")
     assert "--memory: -1 is not allowed" in problems_of(tunelab.recommend, None, tiny_overrides, memory=-1)
+    assert "--memory: 'infGB' is not allowed; must be a finite amount" in \
+        problems_of(tunelab.recommend, None, tiny_overrides, memory="infGB")
     result = tunelab.recommend(None, [*tiny_overrides, "methods=lora"], memory="4GB", time_budget=3600)
     assert result["memory_mb"] == 4096 and result["time_budget_s"] == 3600 and result["methods"]
 

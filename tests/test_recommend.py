@@ -31,6 +31,7 @@ def test_sizes_and_durations_parse():
     assert parse_size_mb("24GB") == 24 * 1024 and parse_size_mb("512MB") == 512 and parse_size_mb("1.5 GiB") == 1536
     assert parse_duration_s("2h") == 7200 and parse_duration_s("90m") == 5400 and parse_duration_s("45min") == 2700
     assert parse_duration_s("2hours") == 7200 and parse_duration_s("3600s") == 3600
+    assert parse_size_mb("0.5T") == 512 * 1024 and parse_size_mb("512kb") == 0.5 and parse_duration_s("2d") == 172800
 
 
 @pytest.mark.parametrize("memory,budget", [("2", "2h"), ("24GB", "2"), ("lots", "2h"), ("24GB", "soon"),

@@ -70,7 +70,7 @@ def budget(problems: list[str], flag: str, value: str | float, parse) -> float |
         problems.append(f"{flag}: {exc}")
         return None
     if not (math.isfinite(number) and number > 0):
-        problems.append(f"{flag}: {value!r} is not allowed; must be more than 0")
+        problems.append(f"{flag}: {value!r} is not allowed; must be a finite amount more than 0")
         return None
     return number
 

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue a killed sweep in --output")
     sweep.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sweep.add_argument("--nproc", type=int, metavar="N",
+    sweep.add_argument("--nproc", "--processes", type=int, metavar="N",
                        help="train each trial as N DDP processes (default 1; on --resume: as started)")
     add_use_commands(sub, hub)
     estimate = sub.add_parser("estimate", help="parameters, peak memory, FLOPs and time per method, from the "
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true", help="one JSON object with a `methods` list")
     estimate.add_argument("--train-examples", type=positive(int), help=ROWS_HELP)
     estimate.add_argument("--peak-tflops", type=positive(float), help=PEAK_HELP)
-    estimate.add_argument("--nproc", type=int, default=1, metavar="N",
+    estimate.add_argument("--nproc", "--processes", type=int, default=1, metavar="N",
                           help="memory of one of N processes (DDP; its shards under train.fsdp)")
     recommend = sub.add_parser("recommend", help="rank the methods that fit a memory (and time) budget, with "
                                "reasons", epilog=EPILOG, parents=[hub])

@@ -21,8 +21,10 @@ LITTLE_DATA = 1_000           # training rows: below this, prompt methods first
 PLENTY_OF_DATA = 10_000
 
 
-SIZE_UNITS = {"tb": 2**20, "tib": 2**20, "gb": 2**10, "gib": 2**10, "g": 2**10, "mb": 1, "mib": 1, "m": 1}
-TIME_UNITS = {"hours": 3600, "hour": 3600, "hrs": 3600, "hr": 3600, "h": 3600, "minutes": 60, "minute": 60,
+SIZE_UNITS = {"tb": 2**20, "tib": 2**20, "t": 2**20, "gb": 2**10, "gib": 2**10, "g": 2**10, "mb": 1, "mib": 1,
+              "m": 1, "kb": 2**-10, "kib": 2**-10, "k": 2**-10}
+TIME_UNITS = {"days": 86400, "day": 86400, "d": 86400,
+              "hours": 3600, "hour": 3600, "hrs": 3600, "hr": 3600, "h": 3600, "minutes": 60, "minute": 60,
               "mins": 60, "min": 60, "m": 60,
               "seconds": 1, "second": 1, "secs": 1, "sec": 1, "s": 1}
 

@@ -114,6 +114,18 @@ def test_a_model_that_cannot_run_on_fake_tensors_falls_back_to_the_formula(rober
     assert lora["peak_memory_checkpointing_mb"] is None and "did not run" in lora["checkpointing_note"]
 
 
+def test_the_table_says_why_a_checkpointed_peak_is_missing(tmp_path, capsys):
+    """Prefix tuning cannot checkpoint: its fake step failed with a shape error shown as the reason, and the
+    printed table showed an unexplained dash."""
+    from tunelab.cli import main
+
+    assert main(["estimate", f"model.name_or_path={tiny_llama_config(tmp_path)}", "data.max_length=32",
+                 "methods=prefix-tuning", "train.precision=auto"]) == 0
+    out = capsys.readouterr().out
+    assert "prefix-tuning, peak (ckpt): cannot train with it: transformers turns the key/value cache off" in out
+    assert "note: train.precision=auto: estimated in" in out  # a run decides per method
+
+
 def test_a_text_initialised_prompt_is_estimated_without_a_tokenizer(tmp_path):
     """A config-only decoder folder: peft would load a tokenizer to embed the init text; the skeleton needs
     only the prompt's shape, which is the same for a random start."""

@@ -244,6 +244,8 @@ def print_estimate(result: dict) -> None:
           f"{result['precision']} on {device['name']}")
     if device.get("allocator_note"):
         print(f"note: allocator {device['allocator_note']}")
+    if result.get("precision_note"):
+        print(f"note: {result['precision_note']}")
     if result["processes"] > 1 or result["micro_batch_rows"] < result["batch_size"]:
         print(f"memory of one of {result['processes']} processes{' (FSDP shards)' if result['fsdp'] else ''}, "
               f"{result['micro_batch_rows']} rows at a time")
@@ -263,6 +265,11 @@ def print_estimate(result: dict) -> None:
         del memory["collective_buffers_mb"]
     print("\nmemory in MB (peak (ckpt): with gradient checkpointing)")
     print_table(result["methods"], memory)
+    for m in result["methods"]:  # why a cell is empty, or where a number came from other than one fake step
+        if m.get("checkpointing_note"):
+            print(f"  {m['method']}, peak (ckpt): {m['checkpointing_note']}")
+        if str(m.get("memory_from", "")).startswith("formula"):  # the fake step failed
+            print(f"  {m['method']}: memory from {m['memory_from']}")
 
 
 def print_table(methods: list[dict], columns: dict[str, str]) -> None:

@@ -71,8 +71,12 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
             if not skip_inapplicable:
                 raise
             skipped[name] = exc.problems[0]
+    # a run's `auto` times both precisions per method on its first steps, where the device has fast bf16
+    auto = "train.precision=auto: estimated in " + precision + "; a run on this device decides per method " \
+        "(measuring both on its first steps where bf16 is fast here) and may train in the other" \
+        if cfg.train.precision == "auto" and cfg.train.device != "cuda" else None
     return {"model": cfg.model_name, "model_path": model_path, "task": task.name, "precision": precision,
-            "batch_size": cfg.train.batch_size, "seq_len": cfg.data.max_length, "train_rows": rows,
+            **({"precision_note": auto} if auto else {}), "batch_size": cfg.train.batch_size, "seq_len": cfg.data.max_length, "train_rows": rows,
             "train_rows_source": rows_source,
             "processes": nproc, "micro_batch_rows": micro_batch_rows(cfg, nproc), "fsdp": cfg.train.fsdp,
             "device": common["device"], "methods": methods, "not_applicable": skipped}
@@ -106,7 +110,9 @@ def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, sh
     layout = Layout(processes, cfg.train.fsdp)
     builds = {"full": build, **shallow_builds}
     parts = step_memory(method, opts, ctx, builds, task, work, device, False, shape, fp, layout)
-    checkpointed = step_memory(method, opts, ctx, builds, task, work, device, True, shape, fp, layout)
+    # a method that cannot train with checkpointing says why (validate refuses it); its fake step fails obscurely
+    checkpointed = {"note": f"cannot train with it: {method.cannot_checkpoint}"} if method.cannot_checkpoint else \
+        step_memory(method, opts, ctx, builds, task, work, device, True, shape, fp, layout)
     plain_flops = (flops_per_token(model, fp, shape, cfg.data.max_length)
                    * cfg.train.batch_size * (cfg.data.max_length + fp.virtual_tokens))
     # with checkpointing every block's forward runs again in the backward pass; the configured step is timed

@@ -285,6 +285,29 @@ def test_measured_results_are_compared_on_the_jobs_metric_only(tiny_overrides, t
     assert methods["prompt-tuning"]["rank"] < methods["lora"]["rank"] < methods["full"]["rank"]
 
 
+def test_methods_are_scored_within_the_comparisons_they_were_in(tiny_overrides, tmp_path, monkeypatch):
+    """An easy dataset's accuracies beat a hard one's: scored on one scale, adalora measured alone on easy data
+    ranked above lora and full, which beat it on the hard data where all three ran."""
+    from tunelab.estimate.store import append_summary
+
+    monkeypatch.setenv("TUNELAB_RESULTS_DB", str(tmp_path / "results.db"))
+    cfg = load_config(None, [*tiny_overrides, "methods=lora"])
+    total = recommend(cfg, 4096.0, train_examples=160)["total_params"]
+
+    def stored(experiment, means):
+        records = [{"method": m, "status": "success", "steps": 500, "total_params": total} for m in means]
+        summary = [{"method": m, "n": 1, "metrics": {"accuracy": {"mean": v}}} for m, v in means.items()]
+        job = {"task": "classification", "metric_for_best": "accuracy", "metrics": {"accuracy": "higher"}}
+        append_summary(tmp_path / experiment, {"job": job, "methods": records, "summary": summary})
+
+    stored("hard", {"full": 0.62, "lora": 0.60, "adalora": 0.55})
+    stored("easy", {"adalora": 0.97, "ia3": 0.96})
+    methods = {m["method"]: m for m in recommend(cfg, 4096.0, train_examples=160)["methods"]}
+    assert methods["full"]["rank"] < methods["lora"]["rank"] < methods["adalora"]["rank"]
+    assert any("placed 0.50 between the worst (0) and the best (1)" in r and "over 2 stored" in r
+               for r in methods["adalora"]["reasons"])
+
+
 def test_nothing_fits_suggests_only_what_would_change_the_job(tiny_llama):
     settled = tiny_gpu_job(tiny_llama, "train.gradient_accumulation_steps=4", "train.gradient_checkpointing=true",
                            "lora.r=1")  # one row per forward, checkpointing on, the lowest rank; auto: bf16

@@ -174,7 +174,9 @@ def judge(est: dict, plan: Plan) -> dict[str, Any]:
     quality = plan.measured.get(est["method"])
     if quality:
         reasons.append(f"measured here on similar models by {quality['metric']} (the job's metric_for_best): "
-                       f"{quality['mean']:.3f} (best of {quality['experiments']} stored comparison(s))")
+                       f"{quality['mean']:.3f} in the latest; placed {quality['score']:.2f} between the worst (0) "
+                       f"and the best (1) of the methods compared with it, over {quality['experiments']} stored "
+                       "comparison(s)")
     prior = plan.family_order.index(family)
     in_memory = fits_plain or fits_ckpt
     fits = in_memory and in_time
@@ -227,23 +229,29 @@ def rule_of_thumb(rows: int | None, total: int, full_fits: bool) -> tuple[list[s
 
 
 def measured_quality(task: str, total_params: int, metric: str) -> dict[str, dict]:
-    """Per method, its best stored result on similar models in `metric` (the job's metric_for_best: an
-    accuracy and a loss are not one scale), as a 0–1 score relative to the others there."""
-    rows = similar_results(task, total_params, metric)
-    best: dict[str, dict] = {}
-    for row in rows:
-        if row["mean"] is None:
+    """Per method, how it placed among the methods of the same stored comparisons in `metric` (the job's
+    metric_for_best: an accuracy and a loss are not one scale): 1 the best there, 0 the worst, averaged over the
+    comparisons it was in. Methods measured in different comparisons (other data, another model) were put on
+    one scale before, so one comparison's easy data ranked its methods above another's; a comparison of one
+    method says nothing of how it ranks."""
+    by_experiment: dict[str, list[dict]] = {}
+    for row in similar_results(task, total_params, metric):  # newest first
+        if row["mean"] is not None:
+            by_experiment.setdefault(row["experiment"], []).append(row)
+    scores: dict[str, list[float]] = {}
+    latest: dict[str, dict] = {}
+    for rows in by_experiment.values():
+        signed = {r["method"]: r["mean"] if r["higher_is_better"] else -r["mean"] for r in rows}
+        if len(signed) < 2:
             continue
-        signed = row["mean"] if row["higher_is_better"] else -row["mean"]
-        current = best.get(row["method"])
-        if current is None or signed > current["signed"]:
-            best[row["method"]] = {"metric": row["metric"], "mean": row["mean"], "signed": signed,
-                                   "experiments": sum(r["method"] == row["method"] for r in rows)}
-    if best:
-        low, high = min(b["signed"] for b in best.values()), max(b["signed"] for b in best.values())
-        for b in best.values():
-            b["score"] = (b["signed"] - low) / (high - low) if high > low else 1.0
-    return best
+        low, high = min(signed.values()), max(signed.values())
+        for method, value in signed.items():
+            scores.setdefault(method, []).append((value - low) / (high - low) if high > low else 1.0)
+        for row in rows:
+            latest.setdefault(row["method"], row)
+    return {method: {"metric": latest[method]["metric"], "mean": latest[method]["mean"],
+                     "score": sum(values) / len(values), "experiments": len(values)}
+            for method, values in scores.items()}
 
 
 def suggestions(ranked: list[dict], memory_mb: float, cfg: ExperimentConfig, precision: str,

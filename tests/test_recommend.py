@@ -152,7 +152,9 @@ def test_with_checkpointing_a_method_that_cannot_checkpoint_is_not_recommended(t
 def test_fsdp_in_the_one_process_recommend_plans_is_refused_as_estimate_refuses_it(tiny_overrides):
     import tunelab
 
-    with pytest.raises(tunelab.TunelabInputError, match="train.fsdp: needs several processes"):
+    # (it pointed at --nproc, which recommend does not have)
+    with pytest.raises(tunelab.TunelabInputError, match=r"train.fsdp: recommend plans for one process; `tunelab "
+                                                        r"estimate --nproc N train.fsdp=true`"):
         tunelab.recommend(None, [*tiny_overrides, "train.fsdp=true"], memory="2GB")
 
 

@@ -41,7 +41,11 @@ def recommend(config: Config = None, overrides: Sequence[str] = (), memory: str 
     memory_mb = budget(problems, "--memory", memory, parse_size_mb)
     budget_s = None if time_budget is None else budget(problems, "--time-budget", time_budget, parse_duration_s)
     cfg = resolve(config, overrides)
-    problems += process_problems(cfg, 1)  # it plans one process (train.fsdp needs several: estimate --nproc N)
+    if cfg.train.fsdp:  # it plans one process: what one device of several holds is estimate's to say
+        problems.append("train.fsdp: recommend plans for one process; `tunelab estimate --nproc N train.fsdp=true` "
+                        "gives one device's share of a sharded run")
+    else:
+        problems += process_problems(cfg, 1)
     if problems:
         raise TunelabInputError(problems)
     return recommend_config(cfg, memory_mb, budget_s, train_examples, peak_tflops)

@@ -173,6 +173,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
     if latest is None and ranks.is_main:  # a fresh start: an abandoned attempt's best must not be restored
         checkpointer.remove_all()
     state = restore_with_current_rates(checkpointer, latest, setup) if latest else TrainState()
+    # peak memory and wall time are this attempt's: a resumed record says where the attempt began
+    resumed = {"resumed_from_step": state.step} if latest else {}
     tracker = Tracker(out_dir / "tensorboard" / run_id, run_id, setup.total_steps, cfg.train.batch_size,
                       show_progress, start_step=state.step, start_time_s=state.train_time_s) \
         if ranks.is_main else SilentTracker()
@@ -199,7 +201,7 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
         result = tested_and_saved(job, name, out_dir / "artifacts" / run_id, setup, state, trainer, eval_setup)
         if result is None:
             return {"rank": ranks.rank, **stop}
-        result = {**result, **process_memory(processes)}
+        result = {**result, **process_memory(processes), **resumed}
         if not cfg.train.keep_checkpoints_after_success:
             result["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
         tracker.finish(result["peak_memory_mb"], state.step,

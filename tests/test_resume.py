@@ -105,7 +105,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(method, uninterrupted, t
     resumed = inproc(["--resume"], tmp_path)  # no config given: the saved one is used
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(clean[method], tmp_path, method)
-    assert record(tmp_path, method)["resumed_from_step"] == 6 and "resumed_from_step" not in record(clean[method], method)
+    assert record(tmp_path, method)["resumed_from_step"] == 6
+    assert "resumed_from_step" not in record(clean[method], method)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

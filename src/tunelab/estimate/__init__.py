@@ -76,7 +76,8 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
         "(measuring both on its first steps where bf16 is fast here) and may train in the other" \
         if cfg.train.precision == "auto" and cfg.train.device != "cuda" else None
     return {"model": cfg.model_name, "model_path": model_path, "task": task.name, "precision": precision,
-            **({"precision_note": auto} if auto else {}), "batch_size": cfg.train.batch_size, "seq_len": cfg.data.max_length, "train_rows": rows,
+            **({"precision_note": auto} if auto else {}), "batch_size": cfg.train.batch_size,
+            "seq_len": cfg.data.max_length, "train_rows": rows,
             "train_rows_source": rows_source,
             "processes": nproc, "micro_batch_rows": micro_batch_rows(cfg, nproc), "fsdp": cfg.train.fsdp,
             "device": common["device"], "methods": methods, "not_applicable": skipped}

@@ -88,14 +88,16 @@ class AdaLora(PeftMethod):
         if opts.target_r >= opts.init_r:  # peft's allocator then has nothing to prune and fails
             problems.append(f"{self.name}.target_r: {opts.target_r} must be below "
                             f"{self.name}.init_r ({opts.init_r})")
-        return problems + target_problems(self.name, model, self.targets(model, opts, ctx.head_modules), ctx.head_modules)
+        targets = self.targets(model, opts, ctx.head_modules)
+        return problems + target_problems(self.name, model, targets, ctx.head_modules)
 
     def peft_config(self, model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext):
         from peft import AdaLoraConfig
 
         return AdaLoraConfig(task_type=ctx.task.peft_task_type, init_r=opts.init_r, target_r=opts.target_r,
                              lora_alpha=opts.alpha, lora_dropout=opts.dropout, orth_reg_weight=opts.orth_reg_weight,
-                             target_modules=self.targets(model, opts, ctx.head_modules), base_model_name_or_path=ctx.model_path,
+                             target_modules=self.targets(model, opts, ctx.head_modules),
+                             base_model_name_or_path=ctx.model_path,
                              **schedule(ctx.total_steps))
 
     def prepare(self, model: nn.Module, opts: AdaLoraOptions, ctx: PrepareContext) -> nn.Module:

@@ -109,7 +109,8 @@ class Lora(PeftMethod):
         problems = []
         if opts.init == "orthogonal" and opts.r % 2:  # peft splits an orthogonal matrix into two halves
             problems.append(f"{self.name}.init: 'orthogonal' needs an even {self.name}.r, got {opts.r}")
-        return problems + target_problems(self.name, model, self.targets(model, opts, ctx.head_modules), ctx.head_modules)
+        targets = self.targets(model, opts, ctx.head_modules)
+        return problems + target_problems(self.name, model, targets, ctx.head_modules)
 
     def peft_config(self, model: nn.Module, opts: LoraOptions, ctx: PrepareContext):
         from peft import LoraConfig

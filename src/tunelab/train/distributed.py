@@ -99,8 +99,9 @@ def launcher_problems(asked: int | None) -> list[str]:
     world = launched_world_size()
     if world == 1 and "MASTER_ADDR" in os.environ and "ACCELERATE_USE_CPU" in os.environ:
         return ["accelerate launch started a single process although more were asked for: with --cpu, or "
-                "on a machine without a GPU unless --multi_gpu is given, it ignores --num_processes. Use `accelerate launch --multi_gpu --num_processes N` (tunelab "
-                "trains on the CPU by itself when there is no GPU), `torchrun --nproc_per_node N`, or "
+                "on a machine without a GPU unless --multi_gpu is given, it ignores --num_processes. Use "
+                "`accelerate launch --multi_gpu --num_processes N` (tunelab trains on the CPU by itself when "
+                "there is no GPU), `torchrun --nproc_per_node N`, or "
                 "`tunelab compare --nproc N`"]
     if asked is not None and world > 1 and asked != world:
         return [f"--nproc/--processes: {asked} processes asked for, but the launcher started {world} (WORLD_SIZE); "

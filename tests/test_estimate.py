@@ -114,6 +114,18 @@ def test_a_model_that_cannot_run_on_fake_tensors_falls_back_to_the_formula(rober
     assert lora["peak_memory_checkpointing_mb"] is None and "did not run" in lora["checkpointing_note"]
 
 
+def test_methods_that_do_not_fit_the_model_are_refused_before_any_is_estimated(tmp_path, monkeypatch):
+    """BitFit on Llama stopped the estimate only when its turn came, after the methods before it (22 s)."""
+    from tunelab import TunelabInputError
+    from tunelab.estimate import fake_step
+
+    steps = []
+    monkeypatch.setattr(fake_step, "measure_step", lambda *args, **kwargs: steps.append(args))
+    with pytest.raises(TunelabInputError, match="bitfit: model type 'llama' has no bias"):
+        estimated(tiny_llama_config(tmp_path), "methods=lora,bitfit", "data.max_length=32")
+    assert steps == []  # (a failing fake step falls back to a formula: counted, not raised)
+
+
 def test_the_table_says_why_a_checkpointed_peak_is_missing(tmp_path, capsys):
     """Prefix tuning cannot checkpoint: its fake step failed with a shape error shown as the reason, and the
     printed table showed an unexplained dash."""

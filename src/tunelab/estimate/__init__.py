@@ -63,6 +63,13 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     common = {"cfg": cfg, "model_path": model_path, "build": build, "shallow_builds": shallow, "shape": shape,
               "precision": precision, "device": device,
               "steps": math.ceil(rows / cfg.train.batch_size) if rows else None, "processes": nproc}
+    if not skip_inapplicable:  # every method's fit to the model first, all at once: not after the others' estimates
+        problems = []
+        for name in cfg.methods:
+            method, opts, model, ctx = on_skeleton(name, cfg, model_path, build)
+            problems += method.check(model, opts, ctx)
+        if problems:
+            raise TunelabInputError(problems)
     methods, skipped = [], {}
     for name in cfg.methods:
         try:
@@ -95,13 +102,8 @@ def builder(task, config):
 
 def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shallow_builds: dict, shape: Shape,
                     precision: str, device: dict[str, Any], steps: int | None, processes: int = 1) -> dict[str, Any]:
-    from ..methods.base import PrepareContext, get_method
-
     task = cfg.task_spec
-    method = get_method(name)
-    opts = method.skeleton_options(cfg.options(name))
-    model = meta_copy(build)
-    ctx = PrepareContext(model_path, model_path, task, task.head_modules(model), steps or 1000, {})
+    method, opts, model, ctx = on_skeleton(name, cfg, model_path, build, steps)
     expected = method.expected_trainable_params(model, opts, ctx)
     fp = method_footprint(method, model, opts, ctx, shape)
     # as training does it: sharded weights stay fp32 (see the runner)
@@ -143,6 +145,15 @@ def step_times(step_flops: float, steps: int | None, flops_per_s: float | None) 
         return {"step_time_s": None, "epoch_time_s": None}
     return {"step_time_s": round(step_flops / flops_per_s, 4),
             "epoch_time_s": round(step_flops * steps / flops_per_s, 1) if steps else None}
+
+
+def on_skeleton(name: str, cfg: ExperimentConfig, model_path: str, build, steps: int | None = None) -> tuple:
+    """The method, its options, a meta-device copy of the model and the context it is prepared in."""
+    from ..methods.base import PrepareContext, get_method
+
+    method, task, model = get_method(name), cfg.task_spec, meta_copy(build)
+    ctx = PrepareContext(model_path, model_path, task, task.head_modules(model), steps or 1000, {})
+    return method, method.skeleton_options(cfg.options(name)), model, ctx
 
 
 def method_footprint(method, model: nn.Module, opts, ctx, shape: Shape) -> MethodFootprint:

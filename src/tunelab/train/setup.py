@@ -82,7 +82,7 @@ def make_accelerator(cfg: TrainConfig, precision: str | None = None):
     # step (accelerate would otherwise step it once per process, assuming a batch per process)
     precision = precision or resolve_precision(cfg)
     options = {"cpu": device == "cpu", "mixed_precision": "bf16" if precision == "bf16" else "no",
-               "step_scheduler_with_optimizer": False}
+               "step_scheduler_with_optimizer": False, "kwargs_handlers": [collective_timeout()]}
     try:
         return Accelerator(**options)
     except ValueError:
@@ -90,6 +90,17 @@ def make_accelerator(cfg: TrainConfig, precision: str | None = None):
         # with another precision has to start it afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(**options)
+
+
+def collective_timeout():
+    """The process group's wait for a collective: the main process alone evaluates, tests and saves while the
+    others wait in one, and generating a causal LM's answers on a CPU can take longer than torch's default 30
+    minutes. A process that fails is stopped by the parent (or the launcher) long before this runs out."""
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(hours=6))
 
 
 def store_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:

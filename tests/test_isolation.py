@@ -44,6 +44,20 @@ def test_a_killed_run_is_recorded_the_others_continue_and_resume_finishes_it(tin
     assert runs["lora"]["process_start"] == forkserver.start_mode()  # this machine: Linux, no CUDA device
 
 
+def test_a_second_ctrl_c_aborts_the_run_in_a_line_and_resume_finishes_it(tiny_overrides, tmp_path, capfd):
+    """It printed a traceback of wherever it struck (pruning an old checkpoint, say), and the record said the
+    run was stopped "while starting" at step 7."""
+    args = [*tiny_overrides, *RUN, "methods=lora", "lora.lr=1e-2"]
+    aborted = compare(args, tmp_path, fault="abort@step=7")
+    assert aborted.returncode == 130, aborted.stderr[-2000:]
+    run_err = capfd.readouterr().err  # the run's process writes to this process's stderr
+    assert "lora: aborted by a second Ctrl-C" in run_err and "Traceback" not in run_err
+    lora = records(tmp_path)["lora"]
+    assert lora["status"] == "interrupted" and "(a second Ctrl-C aborted it)" in lora["error"]
+    assert compare([], tmp_path, resume=True).returncode == 0
+    assert records(tmp_path)["lora"]["resumed_from_step"] == 6
+
+
 def test_seeds_give_one_run_each_and_a_summary_over_them(tiny_overrides, tmp_path):
     result = compare([*tiny_overrides, "methods=lora,prompt-tuning", "train.max_steps=4", "--seeds", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -99,9 +99,11 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
         if failed_rank and record.get("status") == "failed":  # rank 0 wrote it, about losing the rank that failed
             record["error"] = f"{process} {cause} first; rank 0 then: {record.get('error')}"
         return record
-    # stopped before its loop could checkpoint (still loading): an interrupted run, and the experiment stops
-    if stop.signum:  # the stop asked for (Ctrl-C, a scheduler), not the signal it was passed on as
-        status, what = "interrupted", f"stopped by {signal.Signals(stop.signum).name} while starting"
+    # stopped before its loop could checkpoint (still loading), or aborted by a second Ctrl-C: an interrupted run,
+    # which resumes from its last checkpoint if it has one, and the experiment stops
+    if stop.signum or code == 130:  # the stop asked for (Ctrl-C, a scheduler), not the signal passed on
+        when = "while starting" if code != 130 else "(a second Ctrl-C aborted it)"
+        status, what = "interrupted", f"stopped by {signal.Signals(stop.signum or signal.SIGINT).name} {when}"
     else:
         status, what = "failed", f"the run's {process} {cause}"
     return {"method": run.method, "run_id": run.run_id, "seed": run.seed, "status": status, "config": config,

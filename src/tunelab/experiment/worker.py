@@ -39,7 +39,12 @@ def main(argv: list[str]) -> int:
     run = Run(spec["method"], spec["seed"], spec["run_id"])
     startup_s = time.time() - spec["spawned_at"]  # process start, imports, shared data, tokenizer
     on_eval = trial_reporter(spec["trial"], cfg) if spec.get("trial") else None
-    record = run_method(job, run.method, out_dir, spec["show_progress"], spec["resume"], run.run_id, on_eval)
+    try:
+        record = run_method(job, run.method, out_dir, spec["show_progress"], spec["resume"], run.run_id, on_eval)
+    except KeyboardInterrupt:  # a second Ctrl-C aborts: said in a line, not a traceback of wherever it struck
+        print(f"{run.run_id}: aborted by a second Ctrl-C; --resume continues from its last checkpoint",
+              file=sys.stderr)
+        return 130
     record.pop(STOP_REQUESTED, None)  # a stop that reached this process reached the parent too (process group)
     record["startup_s"] = round(startup_s, 2)
     # a forked run's resident peak leaves out library pages it never touched (~110 MB on the tiny job)

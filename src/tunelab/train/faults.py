@@ -5,6 +5,7 @@ die, raise or be interrupted at a named point, so tests can prove that resume is
     TUNELAB_FAULT="lora/raise@step=2"    an exception in method lora after step 2
     TUNELAB_FAULT="kill@checkpoint"      SIGKILL in the middle of writing a checkpoint
     TUNELAB_FAULT="interrupt@step=3"     the same as Ctrl-C after step 3
+    TUNELAB_FAULT="abort@step=3"         Ctrl-C twice after step 3 (the second aborts)
 
 With TUNELAB_FAULT_RANK=N only process rank N of a multi-process run (its RANK variable) takes the fault.
 
@@ -38,4 +39,7 @@ def fault_point(point: str) -> None:
     elif action == "raise":
         raise InjectedFault(f"injected fault at {point}")
     elif action == "interrupt":
+        os.kill(os.getpid(), signal.SIGINT)
+    elif action == "abort":
+        os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)

@@ -139,6 +139,8 @@ def test_the_best_of_an_unfinished_experiment_is_called_the_best_so_far(experime
     assert f"note: {best} is the best of the finished runs; {waiting} run(s) of" in err
     assert "so the best may still change" in err
     assert find_artifact(copy, "lora").note == ""  # a method named by the user is not a choice to qualify
+    assert main(["export", str(copy), "--output", str(tmp_path / "exported")]) == 0
+    assert f"note: {best} is the best of the finished runs" in capsys.readouterr().err
 
 
 def test_a_replaced_artifact_is_not_served_under_the_methods_name(experiment, tmp_path):

@@ -331,13 +331,15 @@ def run_recommend(args: argparse.Namespace, config, overrides) -> int:
 
 def run_use_command(args: argparse.Namespace) -> int:
     if args.command == "export":
+        from .use.artifact import find_artifact, read_artifact
         from .use.export import export
 
-        from .use.artifact import read_artifact
-
+        note = find_artifact(args.path, args.method).note  # the best so far of an unfinished experiment
         out = export(args.path, args.output, args.method, args.merge, args.overwrite)
         merged = read_artifact(out).manifest.get("merged_from")
         whole = " (a whole model already: copied, nothing to merge)" if args.merge and not merged else ""
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         print(f"exported {'merged model' if merged else 'artifact'}{whole}: {out}", file=sys.stderr)
         return 0
     from .use.predict import predict, write_predictions

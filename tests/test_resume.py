@@ -273,6 +273,20 @@ def test_resume_refuses_a_changed_config_unless_allowed(uninterrupted, tmp_path)
         assert lr == pytest.approx(0.02 * (STEPS - (step - 1)) / (STEPS - warmup), rel=1e-6)
 
 
+def test_resume_may_change_how_the_run_is_carried_out_without_the_flag(uninterrupted, tmp_path):
+    """Threads, log and checkpoint spacing change nothing the run learns; another machine resumes with its own
+    (they needed --allow-config-change, which then let every other change through as well)."""
+    overrides, _ = uninterrupted
+    args = [*args_for("lora", overrides), "train.max_steps=6"]
+    assert inproc(args, tmp_path, fault="raise@step=3").returncode == 1
+    resumed = inproc(["train.threads=1", "train.log_every_steps=3", "train.checkpoint_every_steps=2", "--resume"],
+                     tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert record(tmp_path, "lora")["status"] == "success"
+    refused = inproc(["train.threads=2", "train.lr=0.5", "--resume"], tmp_path)  # with a change that counts
+    assert refused.returncode == 2 and "train.lr: 5e-05 → 0.5" in refused.stderr
+
+
 def test_resume_continues_the_seeds_and_config_the_experiment_was_started_with(uninterrupted, tmp_path):
     """`--resume` alone (as the interruption message says) resumes every seed; a key=value override changes the
     saved config (not the packaged job) and is named; another --seeds is refused, not silently applied."""

@@ -121,14 +121,20 @@ def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change:
     if config is None and not overrides:
         return saved
     cfg = resolve(config, overrides) if config is not None else with_overrides(saved.to_dict(), list(overrides))
-    if cfg.fingerprint() != saved_hash and not allow_change:
-        changed = changed_keys(saved.to_dict(), cfg.to_dict())
+    changed = changed_keys(saved.to_dict(), cfg.to_dict()) if cfg.fingerprint() != saved_hash else []
+    if changed and not allow_change and not all(key.split(":")[0] in HOW_IT_RUNS for key in changed):
         remedy = "pass --allow-config-change to continue anyway" if allow_change is not None else \
             "a sweep resumes with the config it started with (its studies are named after it); start another " \
             "sweep for this one"
         raise TunelabInputError([f"--resume: the config differs from the one {str(out_dir)!r} was started with "
                                  f"({'; '.join(changed[:8])}); {remedy}"])
     return cfg
+
+
+# how the run is carried out, not what it learns: a resume on another machine may change them without
+# --allow-config-change (threads can change float summation order: the same run, not bit for bit)
+HOW_IT_RUNS = {f"train.{key}" for key in ("threads", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                                          "keep_checkpoints_after_success")}
 
 
 def changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ExperimentConfig, config_and_problems, overridden, with_overrides
+from .config import HOW_A_RUN_IS_CARRIED_OUT, ExperimentConfig, config_and_problems, overridden, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import (RUN_FILE, ExperimentLock, changed_data_problems, command_problems,
                                 finished_records, resumed_flags, saved_config, saved_flags, write_run_file)
@@ -131,10 +131,9 @@ def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change:
     return cfg
 
 
-# how the run is carried out, not what it learns: a resume on another machine may change them without
-# --allow-config-change (threads can change float summation order: the same run, not bit for bit)
-HOW_IT_RUNS = {f"train.{key}" for key in ("threads", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                                          "keep_checkpoints_after_success")}
+# a resume on another machine may change them without --allow-config-change (threads can change float
+# summation order: the same run, not bit for bit)
+HOW_IT_RUNS = {f"train.{key}" for key in HOW_A_RUN_IS_CARRIED_OUT}
 
 
 def changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
@@ -166,7 +165,7 @@ def checked_job(out_dir: Path, config, overrides, resume: bool, allow_change: bo
         cfg, problems = resolve_with_problems(config, overrides)
         problems += output_problems(out_dir, overwrite)
     job = prepared(cfg, problems + more_problems(cfg))
-    changed = changed_data_problems(out_dir, job.data.fingerprint(), allow_change) if resume else []
+    changed = changed_data_problems(out_dir, job.data.fingerprint, allow_change) if resume else []
     if changed:
         raise TunelabInputError(changed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +176,7 @@ def start_folder(out_dir: Path, cfg: ExperimentConfig, resume: bool, flags: dict
                  job: Job | None = None) -> None:
     if not resume:
         clear_outputs(out_dir)
-    write_run_file(out_dir, cfg, flags, job.data.fingerprint() if job is not None else None)
+    write_run_file(out_dir, cfg, flags, job.data.fingerprint if job is not None else None)
 
 
 RUN_DEFAULTS = {"seeds": 1, "tune": 0}

@@ -107,6 +107,10 @@ class SweepConfig:
                 "(null removes one); train.* keys apply to every method"})
 
 
+# train keys of how a run is carried out, not what it learns: a resume may change them (api.resume_config), and
+# sweep workers that differ in them join one study (with device and compile, sweep.study.RUN_ONLY)
+HOW_A_RUN_IS_CARRIED_OUT = ("threads", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                            "keep_checkpoints_after_success")
 SECTION_NAMES = ("model", "data", "train", "sweep")  # the fixed ones; methods and tasks add their own
 
 

@@ -52,7 +52,7 @@ def launched_compare(config, overrides, output_dir, overwrite: bool, resume: boo
     problems += process_problems(cfg, ranks.world)
     try:
         job = prepare_job(cfg)
-        problems += changed_data_problems(out_dir, job.data.fingerprint(), allow_change) if resume else []
+        problems += changed_data_problems(out_dir, job.data.fingerprint, allow_change) if resume else []
     except TunelabInputError as exc:
         problems += exc.problems
     problems = sorted({p for found in ranks.gather(problems) for p in found})

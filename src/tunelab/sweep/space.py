@@ -35,8 +35,8 @@ def space_problems(cfg, tuning: bool = True) -> list[str]:
             continue
         if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
             problems.append(f"sweep.space.{key}: expected {{low, high[, log]}} or {{choices: [...]}}, got {spec!r}")
-        elif spec_problems(str(key), spec):
-            problems += spec_problems(str(key), spec)
+        elif written := spec_problems(str(key), spec):
+            problems += written
         elif str(key) == "train.seed":  # tuned, it replaced the seed of every run of compare --tune --seeds K
             problems.append("sweep.space.train.seed: a seed is not a hyperparameter to tune; compare --seeds K "
                             "trains the tuned values on K seeds")

@@ -50,8 +50,9 @@ def storage_problems(url: str | None) -> list[str]:
             pass
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - the driver's own words say what is wrong (host, file, password)
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return [f"--storage: cannot open {storage_record(url)!r}: {first_line}"]
+        from ..models.loading import first_line
+
+        return [f"--storage: cannot open {storage_record(url)!r}: {first_line(exc) or type(exc).__name__}"]
     return []
 
 

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..config import HOW_A_RUN_IS_CARRIED_OUT
 from ..errors import CompareInterrupted, TunelabInputError
 from ..experiment.folder import read_record
 from ..experiment.isolation import RECORDS, StopRequest, file_name, run_in_child
@@ -38,8 +39,7 @@ VALUES = "values"  # a trial's user attribute: the values it trains with, so a r
 
 
 # how a run is carried out, not what it learns: workers on other machines (threads, device) join one study
-RUN_ONLY = ("threads", "device", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-            "keep_checkpoints_after_success", "compile")
+RUN_ONLY = (*HOW_A_RUN_IS_CARRIED_OUT, "device", "compile")
 
 
 def study_config(cfg, method: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -51,22 +52,20 @@ class TaskData:
     validation_source: str = "file"
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # the rows behind each split, as read
 
+    @functools.cached_property
     def fingerprint(self) -> str:
         """A hash of the encoded splits and their labels: what a resumed experiment must train on again (a data
         file edited, or another tokenizer, would mix two datasets into one run under the same config)."""
         import hashlib
         import json
 
-        if "_fingerprint" in self.__dict__:  # asked at the check and again for run.json: hashed once
-            return self.__dict__["_fingerprint"]
         digest = hashlib.sha256(json.dumps(self.info, sort_keys=True, default=str).encode())
         for encoded in (self.train, self.validation, self.test):
             for array in ((encoded.ids, encoded.lengths, encoded.labels, encoded.type_ids) if encoded else ()):
                 if array is not None:
                     digest.update(str((array.shape, array.dtype.str)).encode())
                     digest.update(np.ascontiguousarray(array).tobytes())
-        self.__dict__["_fingerprint"] = digest.hexdigest()[:16]
-        return self.__dict__["_fingerprint"]
+        return digest.hexdigest()[:16]  # (cached: asked at the resume check and again for run.json)
 
 
 @dataclass

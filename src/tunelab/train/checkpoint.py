@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.loading import first_line
 from .distributed import Ranks
 from .faults import fault_point
 from .loop import TrainState
@@ -178,8 +179,7 @@ class Checkpointer:
         written_with = json.loads((path / MANIFEST).read_text()).get("config_hash")
         changed = " It was written under another config (resumed with --allow-config-change): a change of " \
             "the model or of the method's shape cannot continue from it." if written_with != self.config_hash else ""
-        cause = (str(exc).strip().splitlines() or [""])[0][:300]
-        return (f"checkpoint {path} cannot be restored ({type(exc).__name__}: {cause}).{changed} Remove "
+        return (f"checkpoint {path} cannot be restored ({type(exc).__name__}: {first_line(exc)}).{changed} Remove "
                 f"{self.folder} and resume to train this run again")
 
     def _load(self, path: Path, model: nn.Module, optimizer, scheduler, step: int) -> TrainState:

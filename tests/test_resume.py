@@ -324,6 +324,24 @@ def test_resume_refuses_data_that_changed_since_the_start(uninterrupted, toy_dat
     assert allowed.returncode == 0, allowed.stderr[-2000:]
 
 
+def test_resume_refuses_a_folder_of_another_format(uninterrupted, tmp_path):
+    """A folder another tunelab wrote (other checkpoint contents or resume rules) is not continued under this
+    one's rules: refused before anything is read, naming the version to finish it with."""
+    overrides, _ = uninterrupted
+    assert inproc([*args_for("lora", overrides), "train.max_steps=4"], tmp_path, fault="raise@step=2").returncode == 1
+    run_file = tmp_path / "run.json"
+    saved = json.loads(run_file.read_text())
+    assert saved["format"] == 1 and saved["tunelab"]
+    for started, says in ((2, "upgrade tunelab to 9.0.0 or later"), (0, "finish it with tunelab 9.0.0")):
+        run_file.write_text(json.dumps({**saved, "format": started, "tunelab": "9.0.0"}))
+        refused = inproc(["--resume"], tmp_path)
+        assert refused.returncode == 2 and f"(folder format {started})" in refused.stderr and says in refused.stderr
+    run_file.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("format", "tunelab")}))
+    resumed = inproc(["--resume"], tmp_path)  # folders that recorded no format are this one's
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "artifacts" / "lora" / "tunelab.json").read_text())["tunelab"]
+
+
 def logged_scalars(folder: Path, tag: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

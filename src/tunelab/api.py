@@ -18,7 +18,8 @@ from typing import Any, Sequence
 from .config import HOW_A_RUN_IS_CARRIED_OUT, ExperimentConfig, config_and_problems, overridden, with_overrides
 from .errors import CompareInterrupted, TunelabInputError
 from .experiment.folder import (RUN_FILE, ExperimentLock, changed_data_problems, command_problems,
-                                finished_records, resumed_flags, saved_config, saved_flags, write_run_file)
+                                finished_records, format_problems, resumed_flags, saved_config, saved_flags,
+                                write_run_file)
 from .experiment.isolation import StopRequest
 from .experiment.job import Job, prepare_job
 from .api_checks import count_problems, output_problems, process_problems, run_flag_problems, tuning_problems
@@ -117,6 +118,8 @@ def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change:
     """The saved config; with a config file, that file's; key=value overrides change whichever it is (without
     a file, the saved config: not the packaged job the same overrides would start from). `allow_change` None:
     no change can be allowed (a sweep: its studies are named after the config)."""
+    if format_problems(out_dir):
+        raise TunelabInputError(format_problems(out_dir))
     saved, saved_hash = saved_config(out_dir)
     if config is None and not overrides:
         return saved

@@ -8,12 +8,17 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..config import ExperimentConfig, from_dict
 from ..errors import TunelabInputError
 
 LOCK = ".tunelab.lock"
 RUN_FILE = "run.json"
 FINISHED = ("success", "diverged")  # a diverged method is a result, not something to retry
+# What a folder holds and how a resumed run goes on (checkpoint contents, records, early-stopping rules): a
+# tunelab that changes any of them bumps this, and refuses to resume folders of another format instead of
+# continuing them under rules they were not started with. Folders that recorded none are format 1.
+FOLDER_FORMAT = 1
 
 
 def pid_alive(pid: int) -> bool:
@@ -69,9 +74,25 @@ def write_run_file(folder: Path, cfg: ExperimentConfig, flags: dict[str, Any] | 
                    data_fingerprint: str | None = None) -> None:
     """The config, the run flags (--seeds, --tune) and a hash of the encoded data an experiment was started
     with: --resume continues it."""
-    payload = {"config_hash": cfg.fingerprint(), "config": cfg.to_dict(), "flags": flags or {},
-               "data_fingerprint": data_fingerprint}
+    payload = {"format": FOLDER_FORMAT, "tunelab": __version__, "config_hash": cfg.fingerprint(),
+               "config": cfg.to_dict(), "flags": flags or {}, "data_fingerprint": data_fingerprint}
     (folder / RUN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def format_problems(folder: Path) -> list[str]:
+    """--resume of a folder another tunelab wrote in another format: refused, naming the version to finish it
+    with (its checkpoints and records would be read, and its runs continued, by rules it did not start under)."""
+    path = folder / RUN_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    started = saved.get("format", 1)
+    if started == FOLDER_FORMAT:
+        return []
+    by = f"tunelab {saved['tunelab']}" if saved.get("tunelab") else "an earlier tunelab"
+    newer = isinstance(started, int) and started > FOLDER_FORMAT
+    return [f"--resume: {str(folder)!r} was started by {by} (folder format {started}); this tunelab "
+            f"{__version__} resumes format {FOLDER_FORMAT} only: "
+            + (f"upgrade tunelab to {by.split()[-1]} or later" if newer else f"finish it with {by}")
+            + ", or start it again in another folder"]
 
 
 def changed_data_problems(folder: Path, fingerprint: str, allow_change: bool | None) -> list[str]:

@@ -347,7 +347,7 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path,
     method.save(model, directory)
     job.tokenizer.save_pretrained(directory)
     write_json(directory / "tunelab.json", {
-        "method": name, "task": job.task.name, "base_model": job.model_path, "base_model_name": cfg.model_name,
+        "method": name, "tunelab": __version__, "task": job.task.name, "base_model": job.model_path, "base_model_name": cfg.model_name,
         "revision": cfg.model.revision, "labels": job.label_names, "max_length": cfg.data.max_length,
         "format": artifact_format(method), "precision": precision, "options": cfg.to_dict().get(name),
         "task_options": cfg.to_dict().get(job.task.name),

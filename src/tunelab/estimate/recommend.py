@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from ..config import ExperimentConfig
@@ -35,8 +36,12 @@ def parse_size_mb(text: str) -> float:
 
 
 def parse_duration_s(text: str) -> float:
-    """'2h', '90m', '45min', '2hours' → seconds. A bare number is refused, as for sizes."""
-    return _with_unit(text, TIME_UNITS, "e.g. 2h, 90min or 3600s")
+    """'2h', '90m', '45min', '2hours', '1h30m' → seconds. A bare number is refused, as for sizes."""
+    parts = re.findall(r"[\d.]+\s*[a-z]+", text.strip().lower())
+    example = "e.g. 2h, 1h30m, 90min or 3600s"
+    if len(parts) < 2 or "".join(parts).replace(" ", "") != text.strip().lower().replace(" ", ""):
+        return _with_unit(text, TIME_UNITS, example)
+    return sum(_with_unit(part, TIME_UNITS, example) for part in parts)
 
 
 def _with_unit(text: str, units: dict[str, float], example: str) -> float:

@@ -129,13 +129,15 @@ def test_unusable_rows_go_before_validation_is_carved_and_train_capped(tmp_path,
     """A cap of 16 train rows trains 16 rows, and validation holds only usable rows, however many are empty."""
     frame = toy_qa_rows(40)
     frame.loc[:9, "response"] = ""
+    frame.loc[10:14, "prompt"] = " ".join(["good"] * 40)  # fills max_length: known only once tokenized
     frame.to_csv(tmp_path / "qa.csv", index=False)
     job = validate(None, ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={tmp_path / 'qa.csv'}",
                           "data.max_length=32", "data.validation_fraction=0.25", "data.max_train_samples=16",
                           "train.batch_size=4"])
     assert len(job.train) == 16
-    assert len(job.validation) == round(0.25 * 30)  # carved from the 30 usable rows
-    assert job.summary()["dropped_rows"] == {"train: empty response": 10}
+    assert len(job.validation) == round(0.25 * 25)  # carved from the 25 usable rows
+    assert job.summary()["dropped_rows"] == {"train: empty response": 10,
+                                             "train: prompt fills data.max_length=32": 5}
 
 
 @pytest.mark.parametrize("case,frame_edit,expected", [

@@ -93,7 +93,7 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=cfg.model_name),
                               data=with_packaged_defaults(cfg.data, task.default_dataset))
     model_path, tokenizer, model_config = _attempt(problems, _load_model_side, cfg) or (None, None, None)
-    frames, source, dropped = _attempt(problems, load_frames, cfg, task) or (None, None, {})
+    frames, source, dropped = _attempt(problems, load_frames, cfg, task, tokenizer) or (None, None, {})
     if tokenizer is not None:
         problems += task.tokenizer_problems(tokenizer, cfg)
     if model_config is not None:
@@ -140,24 +140,32 @@ def swept_batch_problems(cfg: ExperimentConfig, rows: int) -> list[str]:
             for value in edge_values(spec) for problem in batch_problems(value, rows)]
 
 
-def load_frames(cfg: ExperimentConfig, task: Task) -> tuple[dict[str, pd.DataFrame], str, dict[str, int]]:
-    """Read the data, drop invalid rows if asked, let the task check the rest, then carve and cap the splits."""
+def load_frames(cfg: ExperimentConfig, task: Task,
+                tokenizer=None) -> tuple[dict[str, pd.DataFrame], str, dict[str, int]]:
+    """Read the data, drop invalid rows if asked, let the task check the rest, drop the rows the tokenizer
+    leaves unusable (when there is one), then carve and cap the splits."""
     frames = read_frames(cfg.data, task.default_dataset)
     dropped: dict[str, int] = {}
+    dropping = "data.drop_invalid_rows" if cfg.data.drop_invalid_rows else f"the {task.name} task"
     if cfg.data.drop_invalid_rows or task.always_drops_invalid_rows:
-        frames, dropped = drop_invalid_rows(frames, task, cfg)
+        frames, dropped = drop_rows(frames, lambda frame: task.invalid_rows(frame, cfg), dropping, cfg)
     problems = task.check_frames(frames, cfg)
     if problems:
         raise TunelabInputError(problems)
+    if tokenizer is not None:
+        frames, unfit = drop_rows(frames, lambda frame: task.unfit_rows(frame, tokenizer, cfg),
+                                  f"the {task.name} task", cfg)
+        dropped.update(unfit)
     return (*task.split(frames, cfg), dropped)
 
 
-def drop_invalid_rows(frames: dict[str, pd.DataFrame], task: Task, cfg: ExperimentConfig):
-    """Frames without the rows the task cannot use, and how many went per split and reason."""
+def drop_rows(frames: dict[str, pd.DataFrame], masks_of, by: str, cfg: ExperimentConfig):
+    """Frames without the rows `masks_of(frame)` marks (a mask per reason), and how many went per split and
+    reason; every split left without rows is a problem, all named at once."""
     kept, dropped, problems = {}, {}, []
     for split, frame in frames.items():
         try:
-            masks = task.invalid_rows(frame, cfg)
+            masks = masks_of(frame)
         except KeyError:  # a column is missing: check_frames says which
             masks = {}
         invalid = np.zeros(len(frame), dtype=bool)
@@ -169,7 +177,6 @@ def drop_invalid_rows(frames: dict[str, pd.DataFrame], task: Task, cfg: Experime
         kept[split] = frame[~invalid].reset_index(drop=True)
         if len(frame) and invalid.all():
             reasons = ", ".join(reason for reason, mask in masks.items() if mask.any())
-            by = "data.drop_invalid_rows" if cfg.data.drop_invalid_rows else f"the {task.name} task"
             problems.append(f"{where(cfg.data, split)}: no rows left after {by} dropped all {len(frame)} ({reasons})")
     if problems:
         raise TunelabInputError(problems)

@@ -125,6 +125,12 @@ class Task:
         validation is carved and sizes capped. Called once the columns exist."""
         return {}
 
+    def unfit_rows(self, frame: pd.DataFrame, tokenizer, cfg) -> dict[str, pd.Series]:
+        """Rows the tokenizer leaves unusable (a prompt that fills data.max_length), as a boolean mask per
+        reason: always dropped and counted, as invalid rows are, before validation is carved and sizes capped
+        (a cap counts rows that train). Called after check_frames passed."""
+        return {}
+
     def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
         """Frames for train/validation(/test) after carving and capping, and where validation came from."""
         raise NotImplementedError

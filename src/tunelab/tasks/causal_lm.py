@@ -84,6 +84,12 @@ class CausalLM(Task):
         problems = pd.Series([problem for _, problem in row_turns(frame, cfg)], index=frame.index, dtype=object)
         return {reason: problems == reason for reason in problems.dropna().unique()}
 
+    def unfit_rows(self, frame: pd.DataFrame, tokenizer, cfg) -> dict[str, pd.Series]:
+        rows = [(index, turns) for index, (turns, _) in zip(frame.index, row_turns(frame, cfg)) if turns]
+        _, _, reasons = tokenized([turns for _, turns in rows], tokenizer, cfg)
+        reasons = pd.Series(reasons, index=[index for index, _ in rows], dtype=object).reindex(frame.index)
+        return {reason: reasons == reason for reason in reasons.dropna().unique()}
+
     def split(self, frames, cfg):
         return split_frames(frames, cfg.data, None, cfg.train.seed)
 
@@ -213,23 +219,15 @@ def reference(data: Encoded, row: int, tokenizer) -> str:
 
 
 def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str, int]]:
-    """Prompt and response tokenized apart (as at generation time); labels only on the response."""
+    """Prompt and response tokenized apart (as at generation time); labels only on the response. (Rows that
+    cannot train were dropped before the splits, by unfit_rows; any left here are dropped and counted too.)"""
     chats, dropped = conversations(frame, cfg)
-    texts = [prompt_and_response(turns, tokenizer) for turns in chats]
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    prompts = tokenizer([p for p, _ in texts], add_special_tokens=not templated)["input_ids"] if texts else []
-    responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"] if texts else []
+    prompts, responses, reasons = tokenized(chats, tokenizer, cfg)
     rows, labels, prompt_lengths, prompt_texts, references = [], [], [], [], []
-    too_long = f"prompt fills data.max_length={cfg.data.max_length}"
-    fitting = [(turns, prompt, response[:cfg.data.max_length - len(prompt)])
-               for turns, prompt, response in zip(chats, prompts, responses) if len(prompt) < cfg.data.max_length]
-    dropped[too_long] = len(chats) - len(fitting)
-    # the reference an answer is scored against is the response's text: one with none (a tokenizer that has no
-    # tokens for its words, an end marker alone) would train on nothing and score every answer as exact
-    visible = tokenizer.batch_decode([response for _, _, response in fitting], skip_special_tokens=True)
-    scorable = [(turns, prompt, response) for (turns, prompt, response), text in zip(fitting, visible) if text.strip()]
-    dropped["response has no text after tokenizing"] = len(fitting) - len(scorable)
-    for turns, prompt, response in scorable:
+    for turns, prompt, response, reason in zip(chats, prompts, responses, reasons):
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
         rows.append(prompt + response)
         labels.append([IGNORE_INDEX] * len(prompt) + response)
         prompt_lengths.append(len(prompt))
@@ -239,6 +237,23 @@ def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str,
     label_table, _ = pad_rows(labels, IGNORE_INDEX)
     return Encoded(ids, lengths, label_table, prompt_lengths=np.array(prompt_lengths, dtype=np.int64),
                    prompt_texts=prompt_texts, reference_texts=references), dropped
+
+
+def tokenized(chats: list[list[dict]], tokenizer, cfg) -> tuple[list[list[int]], list[list[int]], list[str | None]]:
+    """Each chat's prompt and response token ids (the response cut to the room data.max_length leaves), and
+    why the row cannot train (None: it can)."""
+    texts = [prompt_and_response(turns, tokenizer) for turns in chats]
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    prompts = tokenizer([p for p, _ in texts], add_special_tokens=not templated)["input_ids"] if texts else []
+    responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"] if texts else []
+    responses = [response[:max(cfg.data.max_length - len(prompt), 0)] for prompt, response in zip(prompts, responses)]
+    # the reference an answer is scored against is the response's text: one with none (a tokenizer that has no
+    # tokens for its words, an end marker alone) would train on nothing and score every answer as exact
+    visible = tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
+    reasons = [f"prompt fills data.max_length={cfg.data.max_length}" if len(prompt) >= cfg.data.max_length
+               else None if text.strip() else "response has no text after tokenizing"
+               for prompt, text in zip(prompts, visible)]
+    return prompts, responses, reasons
 
 
 def response_losses(model: nn.Module, data: Encoded, setup: EvalSetup) -> tuple[np.ndarray, np.ndarray]:

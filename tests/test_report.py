@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,33 @@ def test_results_written_before_tasks_still_rebuild_a_report(tmp_path):
     majority = json.loads(LEGACY.read_text())["job"]["majority_baseline_test"]
     assert f"Baseline (majority class): validation: accuracy 0.650; test: accuracy {majority:.3f}." in report
     assert (tmp_path / "plots" / "tradeoffs.png").stat().st_size > 1000
+    # results.csv has the metric columns the report shows (it had none: the file names no metrics)
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"best_val.accuracy", "test.accuracy", "test.f1_macro"} <= set(header)
+
+
+def test_the_report_is_written_in_utf8_whatever_the_locale(tmp_path):
+    """report.md has arrows (↑/↓): under an ASCII locale (or Windows' cp1252) writing it crashed at the end of
+    every comparison."""
+    import subprocess
+    import sys
+
+    shutil.copy(LEGACY, tmp_path / "results.json")
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C"}
+    done = subprocess.run([sys.executable, "-m", "tunelab", "report", str(tmp_path)], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "↑" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_an_artifact_size_counts_its_own_files_not_the_trials_saved_inside_it(tmp_path):
+    from tunelab.experiment.runner import own_files
+
+    (tmp_path / "trial-000").mkdir()
+    for name, size in (("adapter_model.safetensors", 100), ("tunelab.json", 10), ("trial-000/tunelab.json", 10),
+                       ("trial-000/adapter_model.safetensors", 1000)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert sorted(f.name for f in own_files(tmp_path)) == ["adapter_model.safetensors", "tunelab.json"]
 
 
 def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path, capsys):

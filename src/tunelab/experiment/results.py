@@ -38,13 +38,16 @@ def write_results(out_dir: Path, records: list[dict[str, Any]], job_summary: dic
 
 def save_results(out_dir: Path, payload: dict) -> None:
     """results.json and results.csv (one row per run) of `payload`."""
-    records, job_summary = payload["methods"], payload.get("job") or {}
+    from ..report.view import job_view
+
+    records = payload["methods"]
     tmp = out_dir / "results.json.tmp"
-    tmp.write_text(strict_json(payload) + "\n")
+    tmp.write_text(strict_json(payload) + "\n", encoding="utf-8")
     tmp.replace(out_dir / "results.json")  # readers never see a half-written file
-    with open(out_dir / "results.csv", "w", newline="") as fh:
+    with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        columns = csv_columns(list(job_summary.get("metrics", {})))
+        # the job as the report reads it: files of earlier versions name no metrics (classification's are meant)
+        columns = csv_columns(list(job_view(payload).get("metrics", {})))
         writer.writerow(columns)
         for record in records:
             writer.writerow([lookup(record, column) for column in columns])

@@ -352,9 +352,16 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path,
         "format": artifact_format(method), "precision": precision, "options": cfg.to_dict().get(name),
         "task_options": cfg.to_dict().get(job.task.name),
         "columns": {key: getattr(cfg.data, key) for key in job.task.data_keys}})
-    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in own_files(directory))
     return {"artifact_dir": str(directory), "artifact_size_mb": round(size / 2**20, 3),
             "artifact_format": artifact_format(method)}
+
+
+def own_files(directory: Path) -> list[Path]:
+    """The artifact's files, not those of the artifacts saved inside its folder (the trials of `compare --tune`
+    sit in `artifacts/<method>/trial-NNN/`, each with a tunelab.json of its own)."""
+    nested = {folder.parent for folder in directory.glob("*/**/tunelab.json")}
+    return [f for f in directory.rglob("*") if f.is_file() and not any(n in f.parents for n in nested)]
 
 
 def artifact_format(method) -> str:

@@ -350,7 +350,7 @@ def write_report(out_dir: Path, payload: dict) -> Path:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     path = out_dir / "report.md"
     text = "\n".join(lines)
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     write_html(out_dir, text)
     return path
 

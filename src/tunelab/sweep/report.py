@@ -39,7 +39,7 @@ def write_sweep(out_dir: Path, job: dict[str, Any], studies: dict[str, dict]) ->
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""] if plots else []
     path = out_dir / "sweep.md"
     text = "\n".join(lines)
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     write_html(out_dir, text, "tunelab sweep", "sweep.html")
     return path
 

@@ -20,6 +20,9 @@ def test_results_written_before_tasks_still_rebuild_a_report(tmp_path):
     majority = json.loads(LEGACY.read_text())["job"]["majority_baseline_test"]
     assert f"Baseline (majority class): validation: accuracy 0.650; test: accuracy {majority:.3f}." in report
     assert (tmp_path / "plots" / "tradeoffs.png").stat().st_size > 1000
+    # one run each and no per-example results: no test could run, and the report says so (it called them ties)
+    assert "| 2 | lora | 1 | 0.657 | 0.397 | 0.674 | untested (+0.000) |" in report and " tie" not in report
+    assert "Not tested against the best (one run each, no per-example test results): lora" in report
     # results.csv has the metric columns the report shows (it had none: the file names no metrics)
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert {"best_val.accuracy", "test.accuracy", "test.f1_macro"} <= set(header)

@@ -7,10 +7,8 @@ from typing import Any, Callable
 from . import stats
 from .figures import write_figures
 from .html import write_html
-from .summary import interval_text, summarize
+from .summary import UNTESTED, interval_text, summarize
 from .view import arrow, baseline_value, job_view, md_text, metric_text, ordered_metrics
-
-CLEAR_MARGIN = 0.02  # over the baseline: absolute for scores in [0, 1], relative for losses
 
 
 def fmt(value: Any, spec: str = "") -> str:
@@ -61,13 +59,18 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
         lines.append(f"| {e['rank']} | {md_text(e['method'])} | {e['n']} | " +
                      " | ".join(interval_text(e["metrics"][m]) for m in metrics) + f" | {verdict_text(e['verdict'])} |")
     methods_used = sorted({e["metrics"][metrics[0]]["ci_method"] for e in entries if e["metrics"][metrics[0]]["ci95"]})
-    tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")})
+    tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")} - {UNTESTED})
     pairs = max((e["verdict"].get("holm_pairs") or 0 for e in entries), default=0)
     holm = (f", p-values adjusted by Holm's method over all {pairs} pairs of ranked methods (the best is picked "
             "after seeing the scores, so each comparison with it stands for any pair)" if pairs else "")
     verdicts = (f"Verdicts: {', '.join(tests_used)} at the 5 % level{holm}; \"tie\" means the difference is within "
                 "what chance explains, not that the methods are equal." if tests_used else
+                "" if any(e["verdict"]["result"] == "untested" for e in entries) else
                 "No method was tested against the best (no two finished methods with results to compare).")
+    if any(e["verdict"]["result"] == "untested" for e in entries):
+        verdicts += (" " if verdicts else "") + ("\"untested\": no test could be run (one run each, and no "
+                                                  "per-example test results to resample), so the difference may be "
+                                                  "noise or not.")
     no_interval = "none (one run per method, and no per-example test results of two or more examples to bootstrap)"
     lines += ["", f"Intervals: {', '.join(methods_used) or no_interval}. {verdicts}{zero_width_note(entries, metrics)}",
               ""]
@@ -146,9 +149,13 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
     notes.append(f"- Best {split} {metric} ({'higher' if higher else 'lower'} is better): "
                  f"**{md_text(best['method'])}**, {interval_text(best['metrics'][metric])}.")
     named = {result: [md_text(e["method"]) for e in entries[1:] if e["verdict"]["result"] == result]
-             for result in ("tie", "worse", "mixed", "unranked")}
+             for result in ("tie", "untested", "worse", "mixed", "unranked")}
     if named["tie"]:
         notes.append(f"- Not distinguishable from the best at this sample size (ties): {', '.join(named['tie'])}.")
+    if named["untested"]:
+        notes.append(f"- Not tested against the best (one run each, no per-example test results): "
+                     f"{', '.join(named['untested'])}; whether the gap is noise is unknown: `--seeds 3`, or a "
+                     "test split (data.test_file), gives a test.")
     if named["worse"]:
         notes.append(f"- Worse than the best beyond chance: {', '.join(named['worse'])} (a paired test, on the same "
                      "seeds and test examples: the intervals above, each of one method, may still overlap).")
@@ -160,12 +167,17 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
                      "ranked last.")
     reference = baseline_value(job, "test" if best["split"] == "test" else "validation", metric)
     if reference is not None:
-        weak = [md_text(e["method"]) for e in entries if e["metrics"][metric]["mean"] is not None
+        valued = [e for e in entries if e["metrics"][metric]["mean"] is not None]
+        weak = [md_text(e["method"]) for e in valued if e["metrics"][metric].get("ci95")
                 and not clearly_beats(e["metrics"][metric], reference, higher)]
+        unknown = [md_text(e["method"]) for e in valued if not e["metrics"][metric].get("ci95")]
         if weak:
             notes.append(f"- Not clearly better than the baseline ({metric_text(reference)}; its interval reaches "
-                         f"it, or no interval): {', '.join(weak)}. These need more steps, a tuned learning rate, "
-                         "or more data before they say anything.")
+                         f"it): {', '.join(weak)}. These need more steps, a tuned learning rate, or more data "
+                         "before they say anything.")
+        if unknown:
+            notes.append(f"- No interval to set against the baseline ({metric_text(reference)}): "
+                         f"{', '.join(unknown)}; whether they beat it beyond chance is unknown.")
     ties = [e["method"] for e in entries[1:] if e["verdict"]["result"] == "tie"]
     return notes + lean_note(ok, best["method"], ties) + cost_notes(ok)
 
@@ -288,14 +300,11 @@ def mean(values: list[float]) -> float:
 
 
 def clearly_beats(summary: dict, reference: float, higher: bool) -> bool:
-    """The whole interval is on the better side of the reference (without an interval: the mean, by 2 %), by
-    more than the printed digits show: a bound printed as the baseline's own value is not clearly above it."""
-    if summary.get("ci95"):
-        low, high = summary["ci95"]
-        bound = low if higher else high
-        return (bound > reference if higher else bound < reference) and metric_text(bound) != metric_text(reference)
-    mean = summary["mean"]
-    return mean > reference + CLEAR_MARGIN if higher else mean < reference - CLEAR_MARGIN * abs(reference)
+    """The whole interval is on the better side of the reference, by more than the printed digits show: a bound
+    printed as the baseline's own value is not clearly above it."""
+    low, high = summary["ci95"]
+    bound = low if higher else high
+    return (bound > reference if higher else bound < reference) and metric_text(bound) != metric_text(reference)
 
 
 def task_lines(payload: dict[str, Any], job: dict[str, Any]) -> list[str]:

@@ -152,8 +152,12 @@ def also_over_test_examples(seed_test: dict, mine: list[dict], theirs: list[dict
 
 
 def verdict_result(test: dict, higher: bool) -> str:
-    """worse, tie, or mixed: the test, on the seeds both methods ran, finds the lower-ranked method better
-    beyond chance although the mean over all its seeds ranks it lower (a failed or missing seed)."""
+    """worse, tie, untested, or mixed: the test, on the seeds both methods ran, finds the lower-ranked method
+    better beyond chance although the mean over all its seeds ranks it lower (a failed or missing seed).
+    Untested: no test could run (one run each, no per-example results), so the difference may or may not be
+    noise; calling it a tie claimed what nothing measured."""
+    if test.get("p_value") is None:
+        return "untested"
     if not test["significant"]:
         return "tie"
     return "worse" if (test["mean_difference"] < 0) == higher else "mixed"
@@ -169,12 +173,15 @@ def same_seed_bootstrap(mine: list[dict], theirs: list[dict], shared: list, c: C
     return {**test, "test": test["test"] + f" (seeds {mine[0].get('seed')} and {theirs[0].get('seed')})"}
 
 
+UNTESTED = "none (one run each, no per-example results)"
+
+
 def bootstrap_verdict(mine: dict, theirs: dict, c: Comparison) -> dict:
     a, b = (mine.get("test_per_example") or {}), (theirs.get("test_per_example") or {})
     ca = c.task.statistic(c.metric, a) if c.task and c.split == "test" else None
     cb = c.task.statistic(c.metric, b) if c.task and c.split == "test" else None
     if not ca or not cb or len(ca[0][0]) != len(cb[0][0]):
-        return {"test": "none (one run each, no per-example results)", "p_value": None, "significant": False,
+        return {"test": UNTESTED, "p_value": None, "significant": False,
                 "mean_difference": mine[c.split][c.metric] - theirs[c.split][c.metric]}
     return stats.paired_bootstrap(ca[1], ca[0], cb[0], resamples=c.resamples)
 

@@ -60,6 +60,20 @@ def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path, capsys):
     assert "is not a readable results file" in capsys.readouterr().err
 
 
+def test_a_hand_edited_results_file_is_refused_naming_each_field(tmp_path, capsys):
+    """Edits the report cannot read were tracebacks (KeyError, TypeError); each is named, all at once."""
+    payload = json.loads(LEGACY.read_text())
+    payload["job"]["metric_for_best"] = "accuracy_typo"
+    payload["methods"][0]["test"]["accuracy"] = "0.9"
+    del payload["methods"][1]["history"][0]["step"]
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "job.metric_for_best: 'accuracy_typo' is not one of job.metrics" in err
+    assert "methods[0] (full).test.accuracy: '0.9' is not a number" in err
+    assert "methods[1] (lora).history: every entry must be an object with an integer \"step\"" in err
+
+
 def test_the_report_ranks_the_records_as_they_are_now(tmp_path):
     """A results.json whose records were edited (a method's runs removed) still reports, ranked from the
     records, not from the summary stored when they were written (that crashed with a KeyError)."""

@@ -55,12 +55,15 @@ def report(folder: str | Path) -> Path:
     """report.md (and report.html) rebuilt from `folder`'s results.json, ranked from its records as they are
     now (`tunelab report`); the summary in results.json and results.csv is rewritten to match, so the files
     never disagree (records edited since, or summarized by an earlier version)."""
-    from .experiment.results import read_results, save_results
+    from .experiment.results import content_problems, read_results, save_results
     from .report import write_report
     from .report.summary import summarize
     from .report.view import job_view
 
     payload = read_results(Path(folder))
+    problems = content_problems(payload, job_view(payload))
+    if problems:
+        raise TunelabInputError([f"{str(Path(folder) / 'results.json')!r}: {p}" for p in problems])
     payload["summary"] = summarize(payload["methods"], job_view(payload))
     save_results(Path(folder), payload)
     return write_report(Path(folder), payload)

@@ -99,3 +99,28 @@ def read_results(out_dir: Path) -> dict:
         raise TunelabInputError([f"{str(path)!r} is not a results file: expected an object whose \"methods\" is a "
                                  "list of records, each with a \"method\" and a \"status\""])
     return payload
+
+
+def content_problems(payload: dict, job: dict) -> list[str]:
+    """What the report reads beyond method and status, checked where a hand edit could break it: the metric
+    that ranks is one of the job's, metric values are numbers (or null), each history entry has its step."""
+    problems = []
+    if job.get("metric_for_best") not in (job.get("metrics") or {}):
+        problems.append(f"job.metric_for_best: {job.get('metric_for_best')!r} is not one of job.metrics "
+                        f"({', '.join(job.get('metrics') or {}) or 'none'})")
+    for i, record in enumerate(payload["methods"]):
+        where = f"methods[{i}] ({record['method']})"
+        for split in ("best_val", "test"):
+            values = record.get(split)
+            if values is not None and not isinstance(values, dict):
+                problems.append(f"{where}.{split}: must be an object of metric values, not {values!r}")
+                continue
+            problems += [f"{where}.{split}.{metric}: {value!r} is not a number (or null)"
+                         for metric, value in (values or {}).items()
+                         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)))]
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, dict) and isinstance(h.get("step"), int)
+                                                    for h in history):
+            problems.append(f"{where}.history: every entry must be an object with an integer \"step\"")
+    return problems
+

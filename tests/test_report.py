@@ -74,6 +74,17 @@ def test_a_hand_edited_results_file_is_refused_naming_each_field(tmp_path, capsy
     assert "methods[1] (lora).history: every entry must be an object with an integer \"step\"" in err
 
 
+def test_plots_an_earlier_build_drew_are_removed_when_no_longer_drawn(tmp_path):
+    shutil.copy(LEGACY, tmp_path / "results.json")
+    assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "plots" / "tradeoffs.png").is_file()
+    payload = json.loads(LEGACY.read_text())
+    for record in payload["methods"]:
+        record["status"] = "failed"
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "## Plots" not in (tmp_path / "report.md").read_text() and not list((tmp_path / "plots").glob("*.png"))
+
+
 def test_the_report_ranks_the_records_as_they_are_now(tmp_path):
     """A results.json whose records were edited (a method's runs removed) still reports, ranked from the
     records, not from the summary stored when they were written (that crashed with a KeyError)."""

@@ -188,3 +188,20 @@ def test_tiny_causal_lm_comparison_beats_the_untrained_model(tiny_causal_overrid
     assert "## Sample generations" in report and "- untrained model:" in report and "test perplexity ↓" in report
     header = (out / "results.csv").read_text().splitlines()[0]
     assert "test.perplexity" in header and "test.accuracy" not in header
+
+
+def test_the_report_says_which_split_answered_and_on_how_many_answers_em_and_f1_stand():
+    """EM and token F1 sit beside the split's row count but are scored on the generated answers alone; with no
+    test split the answers shown are validation's (the heading said "test split")."""
+    from tunelab.tasks.base import get_task
+
+    example = {"prompt": "p", "reference": "r", "output": "o"}
+    record = {"method": "lora", "status": "success", "config": {"causal-lm": {"generation_samples": 16}},
+              "examples": [example]}
+    for job, split, scored in (({"test_rows": 24, "validation_rows": 30}, "test", "16 greedy answers to the test "
+                                "split's prompts (causal-lm.generation_samples), not on all its 24 rows"),
+                               ({"test_rows": 0, "validation_rows": 9}, "validation", "greedy answers to all 9 of the "
+                                "validation split's prompts.")):
+        text = "\n".join(get_task("causal-lm").report_lines({"job": job, "methods": [record]}))
+        assert f"## Sample generations ({split} split, greedy)" in text and scored in text, text
+

@@ -22,19 +22,24 @@ def write_figures(out_dir: Path, records: list[dict], job: dict[str, Any], entri
     import matplotlib
 
     matplotlib.use("Agg")
-    ok = [r for r in records if r["status"] == "success"]
-    if not ok:
-        return []
     folder = out_dir / "plots"
-    folder.mkdir(exist_ok=True)
-    metric = ordered_metrics(job)[0]
-    colors = method_colors([e["method"] for e in entries] + [r["method"] for r in ok])
-    groups = by_method(ok)
-    drawn = [validation_curves(folder, groups, job, metric, colors), train_loss_curves(folder, groups, colors),
-             tradeoffs(folder, groups, job, entries, metric, colors)]
-    if studies:
-        drawn += [sweep_learning_rates(folder, studies, job, colors), sweep_importances(folder, studies)]
-    return [p for p in drawn if p is not None]
+    ok = [r for r in records if r["status"] == "success"]
+    drawn: list[Path | None] = []
+    if ok:
+        folder.mkdir(exist_ok=True)
+        metric = ordered_metrics(job)[0]
+        colors = method_colors([e["method"] for e in entries] + [r["method"] for r in ok])
+        groups = by_method(ok)
+        drawn = [validation_curves(folder, groups, job, metric, colors), train_loss_curves(folder, groups, colors),
+                 tradeoffs(folder, groups, job, entries, metric, colors)]
+        if studies:
+            drawn += [sweep_learning_rates(folder, studies, job, colors), sweep_importances(folder, studies)]
+    drawn_now = [p for p in drawn if p is not None]
+    # a plot an earlier build drew and this one does not (its runs failed since, its sweep is gone) would
+    # contradict the report beside it
+    for stale in set(folder.glob("*.png")) - set(drawn_now) if folder.is_dir() else ():
+        stale.unlink()
+    return drawn_now
 
 
 def method_colors(methods: list[str]) -> dict[str, Any]:

@@ -192,7 +192,7 @@ class CausalLM(Task):
                 float(np.mean(data.train.lengths - data.train.prompt_lengths)) if len(data.train) else 0.0}
 
     def report_lines(self, payload: dict[str, Any]) -> list[str]:
-        return sample_generations_section(payload)
+        return generated_sample_note(payload) + sample_generations_section(payload)
 
 
 DEFAULT_CHAT = "messages"
@@ -299,6 +299,28 @@ def decode(tokenizer, ids) -> str:
     return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
 
 
+def scored_split(payload: dict[str, Any]) -> tuple[str, int]:
+    """The split answers are generated from (test when there is one), and its rows."""
+    job = payload.get("job") or {}
+    return ("test", job["test_rows"]) if job.get("test_rows") else ("validation", job.get("validation_rows") or 0)
+
+
+def generated_sample_note(payload: dict[str, Any]) -> list[str]:
+    """exact_match and token_f1 sit in the table beside the split's row count, but are scored on the generated
+    answers alone: said, with how many, so their intervals are read as over those answers."""
+    cfg = next((r["config"] for r in payload.get("methods", []) if r.get("config")), {})
+    asked = (cfg.get("causal-lm") or {}).get("generation_samples")
+    split, rows = scored_split(payload)
+    if not asked or not rows:
+        return []
+    if asked >= rows:
+        return [f"exact_match and token_f1 are scored on greedy answers to all {rows} of the {split} split's "
+                "prompts.", ""]
+    return [f"exact_match and token_f1 are scored on {asked} greedy answers to the {split} split's prompts "
+            f"(causal-lm.generation_samples), not on all its {rows} rows; their intervals are over those answers.",
+            ""]
+
+
 def sample_generations_section(payload: dict[str, Any]) -> list[str]:
     baseline = (payload.get("job") or {}).get("baseline") or {}
     untrained = baseline.get("examples") or []
@@ -306,7 +328,7 @@ def sample_generations_section(payload: dict[str, Any]) -> list[str]:
                if r.get("examples")]  # by run: with several seeds, which seed answered
     if not untrained and not trained:
         return []
-    lines = ["## Sample generations (test split, greedy)", ""]
+    lines = [f"## Sample generations ({scored_split(payload)[0]} split, greedy)", ""]
     for i, example in enumerate(untrained or trained[0][1]):
         lines += [f"**Prompt {i + 1}:** {one_line(example['prompt'])}", "",
                   f"- reference: {one_line(example['reference'])}"]

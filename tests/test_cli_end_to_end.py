@@ -58,7 +58,22 @@ def test_csv_report_and_tensorboard_runs(experiment):
         events.Reload()
         tags = set(events.Tags()["scalars"])
         assert {"train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "system/peak_memory_mb"} <= tags
+    # the HParams tab sets runs apart by the method's own options too (a sweep's lora.r, llrd.decay)
+    assert run_hparams(out / "tensorboard" / "lora")["lora.r"] == 8
+    assert run_hparams(out / "tensorboard" / "llrd")["llrd.decay"] == pytest.approx(0.9)
     assert "| full | success |" in result.stdout
+
+
+def run_hparams(folder) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    data = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    return {key: value.number_value if value.HasField("number_value") else value.string_value
+            for key, value in data.session_start_info.hparams.items()}
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt-tuning"])

@@ -204,11 +204,17 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
         result = {**result, **process_memory(processes), **resumed}
         if not cfg.train.keep_checkpoints_after_success:
             result["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
-        tracker.finish(result["peak_memory_mb"], state.step,
-                       {"method": name, "lr": setup.lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
-                        "trainable_params": result["trainable_params"]},
+        tracker.finish(result["peak_memory_mb"], state.step, run_hparams(cfg, name, setup.lr, result),
                        {f"best_val_{k}": v for k, v in (state.best or {}).items() if k != "step"})
         return {**result, STOP_REQUESTED: True} if stop_requested() else result
+
+
+def run_hparams(cfg, name: str, lr: float, result: dict[str, Any]) -> dict[str, Any]:
+    """What TensorBoard's HParams tab sets runs apart by: the method's own options (a sweep trial's drawn
+    lora.r or llrd.decay among them) beside the training settings."""
+    options = {f"{name}.{key}": value for key, value in (cfg.to_dict().get(name) or {}).items() if value is not None}
+    return {"method": name, "lr": lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
+            "weight_decay": cfg.train.weight_decay, "trainable_params": result["trainable_params"], **options}
 
 
 # a stop that came after the run's last steps: the run finished and is kept, and the experiment stops after it.

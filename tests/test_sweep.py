@@ -195,6 +195,11 @@ def test_a_method_whose_trials_all_fail_stops_without_stopping_the_others(tiny_o
     # a trial is chosen on validation alone: it does not score (or pay for) the test split
     record = json.loads((tmp_path / "records" / "bitfit--trial-000.json").read_text())
     assert record["best_val"] and record["test"] is None and not record["test_per_example"]
+    # `tunelab report` rebuilds a sweep folder's sweep.md from its sweep.json alone (it refused the folder)
+    written = (tmp_path / "sweep.md").read_text()
+    (tmp_path / "sweep.md").unlink()
+    assert cli_here(["report", str(tmp_path)]).returncode == 0
+    assert (tmp_path / "sweep.md").read_text() == written
 
 
 def test_a_drawn_training_setting_the_method_cannot_use_is_pruned_not_a_crash(tiny_overrides, tmp_path):

@@ -60,6 +60,8 @@ def report(folder: str | Path) -> Path:
     from .report.summary import summarize
     from .report.view import job_view
 
+    if not (Path(folder) / "results.json").is_file() and (Path(folder) / "sweep.json").is_file():
+        return sweep_report(Path(folder))
     payload = read_results(Path(folder))
     problems = content_problems(payload, job_view(payload))
     if problems:
@@ -67,6 +69,20 @@ def report(folder: str | Path) -> Path:
     payload["summary"] = summarize(payload["methods"], job_view(payload))
     save_results(Path(folder), payload)
     return write_report(Path(folder), payload)
+
+
+def sweep_report(folder: Path) -> Path:
+    """sweep.md (and sweep.html, the plots) rebuilt from a sweep folder's sweep.json."""
+    import json
+
+    from .sweep.report import write_sweep
+
+    try:
+        payload = json.loads((folder / "sweep.json").read_text())
+        job, studies = payload["job"], payload["studies"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TunelabInputError([f"{str(folder / 'sweep.json')!r} is not a readable sweep summary: {exc!r}"]) from None
+    return write_sweep(folder, job, studies)
 
 
 def budget(problems: list[str], flag: str, value: str | float, parse) -> float | None:

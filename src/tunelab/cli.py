@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--json", action="store_true", help="one JSON object")
     ls = sub.add_parser("ls", help="list registered things")
     ls.add_argument("what", choices=["methods", "tasks"])
-    report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json")
+    report = sub.add_parser("report", help="rebuild report.md from an experiment's results.json "
+                            "(a sweep folder: sweep.md from its sweep.json)")
     report.add_argument("folder")
     return parser
 

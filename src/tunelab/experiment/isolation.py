@@ -9,7 +9,7 @@ With `nproc` > 1 a run is N processes in one DDP group, started with the environ
 workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...); the main one writes the record. They stay in this process
 group, so a Ctrl-C reaches each of them once and they checkpoint together. A SIGINT or SIGTERM sent to this
 process alone is passed on to them (`stops_forwarded`). A run dies with this process: killed (SIGKILL) it
-leaves no run training on that nobody waits for (`forkserver.serve`, `worker.die_with_parent`)."""
+leaves no run training on that nobody waits for (`fork_serving.serve`, `worker.die_with_parent`)."""
 from __future__ import annotations
 
 import contextlib

@@ -149,6 +149,13 @@ CASES = {
     "a sweep value the model refuses": lambda t, b, base: (
         [*base, "sweep.space={freeze.k: {choices: [1, 9]}}", "methods=freeze"],
         ["sweep.space.freeze.k: 9: freeze.k: 9 is more than the 2 transformer blocks"]),
+    # written as a bare list or without an end: a traceback (the option checks read every entry)
+    "a search space entry as a bare list": lambda t, b, base: (
+        [*base, "sweep.space={lora.r: [4, 8], train.batch_size: [4, 8]}", "methods=lora"],
+        ["sweep.space.lora.r: expected {low, high[, log]} or {choices: [...]}, got [4, 8]",
+         "sweep.space.train.batch_size: expected"]),
+    "a search range without its high end": lambda t, b, base: (
+        [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }
 
 

@@ -131,10 +131,10 @@ def batch_problems(batch_size: int, rows: int) -> list[str]:
 def swept_batch_problems(cfg: ExperimentConfig, rows: int) -> list[str]:
     """Each batch size `sweep.space` lets a trial take (every choice, both ends of a range) against the rows,
     as the configured one: a trial drawing more trained on every row while its record named the drawn size."""
-    from ..sweep.space import edge_values
+    from ..sweep.space import edge_values, readable
 
     spec = (cfg.sweep.space or {}).get("train.batch_size")
-    if not isinstance(spec, dict):
+    if not readable(spec):
         return []
     return [f"sweep.space.train.batch_size: {value!r}: {problem}"
             for value in edge_values(spec) for problem in batch_problems(value, rows)]
@@ -276,7 +276,7 @@ def sweep_edges(cfg: ExperimentConfig):
     refuses are reported by the config check already."""
     import itertools
 
-    from ..sweep.space import edge_values, with_values
+    from ..sweep.space import edge_values, readable, with_values
 
     def valid(values: dict):
         try:
@@ -285,7 +285,7 @@ def sweep_edges(cfg: ExperimentConfig):
             return None
 
     space = {str(key): spec for key, spec in (cfg.sweep.space or {}).items()
-             if spec is not None and str(key).split(".")[0] in cfg.methods}
+             if readable(spec) and str(key).split(".")[0] in cfg.methods}
     for key, spec in space.items():
         others = [k for k in space if k != key and k.split(".")[0] == key.split(".")[0]]
         besides = [dict(zip(others, ends)) for ends in itertools.product(*(edge_values(space[k]) for k in others))]

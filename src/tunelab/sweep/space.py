@@ -141,6 +141,12 @@ def value_problems(key: str, spec: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def readable(spec: Any) -> bool:
+    """Whether edge_values can read a space entry: a mapping with choices, or with low and high (space_problems
+    names what is wrong with any other)."""
+    return isinstance(spec, dict) and (isinstance(spec.get("choices"), (list, tuple)) or {"low", "high"} <= set(spec))
+
+
 def edge_values(spec: dict[str, Any]) -> list[Any]:
     """What a trial can be given at the extremes: every choice, or both ends of the range."""
     return list(spec["choices"]) if "choices" in spec else [spec["low"], spec["high"]]

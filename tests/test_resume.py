@@ -336,6 +336,9 @@ def test_resume_refuses_a_folder_of_another_format(uninterrupted, tmp_path):
         run_file.write_text(json.dumps({**saved, "format": started, "tunelab": "9.0.0"}))
         refused = inproc(["--resume"], tmp_path)
         assert refused.returncode == 2 and f"(folder format {started})" in refused.stderr and says in refused.stderr
+    run_file.write_text('{"config": {"train"')  # half a file (it is now written atomically)
+    refused = inproc(["--resume"], tmp_path)
+    assert refused.returncode == 2 and "run.json' does not read" in refused.stderr and "Traceback" not in refused.stderr
     run_file.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("format", "tunelab")}))
     resumed = inproc(["--resume"], tmp_path)  # folders that recorded no format are this one's
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -76,14 +76,31 @@ def write_run_file(folder: Path, cfg: ExperimentConfig, flags: dict[str, Any] | 
     with: --resume continues it."""
     payload = {"format": FOLDER_FORMAT, "tunelab": __version__, "config_hash": cfg.fingerprint(),
                "config": cfg.to_dict(), "flags": flags or {}, "data_fingerprint": data_fingerprint}
-    (folder / RUN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = folder / f"{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(folder / RUN_FILE)  # a process killed mid-write leaves the earlier file, not half of one
+
+
+def run_file(folder: Path) -> dict[str, Any]:
+    """run.json's contents ({} where there is none); one that does not read is an error naming it."""
+    path = folder / RUN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TunelabInputError([f"--resume: {str(path)!r} does not read ({exc}); it holds the config the "
+                                 "experiment was started with: restore it from a backup, or start again in another "
+                                 "folder"]) from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        raise TunelabInputError([f"--resume: {str(path)!r} is not a tunelab run file (no config in it)"])
+    return payload
 
 
 def format_problems(folder: Path) -> list[str]:
     """--resume of a folder another tunelab wrote in another format: refused, naming the version to finish it
     with (its checkpoints and records would be read, and its runs continued, by rules it did not start under)."""
-    path = folder / RUN_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else {}
+    saved = run_file(folder)
     started = saved.get("format", 1)
     if started == FOLDER_FORMAT:
         return []
@@ -98,8 +115,7 @@ def format_problems(folder: Path) -> list[str]:
 def changed_data_problems(folder: Path, fingerprint: str, allow_change: bool | None) -> list[str]:
     """The config names the data files, not what is in them: an edited file (or another tokenizer behind the
     same name) resumed silently, the first steps trained on the old rows and the rest on the new."""
-    path = folder / RUN_FILE
-    saved = json.loads(path.read_text()).get("data_fingerprint") if path.is_file() else None
+    saved = run_file(folder).get("data_fingerprint")
     if saved is None or saved == fingerprint or allow_change:  # (folders of earlier versions kept none)
         return []
     remedy = "pass --allow-config-change to continue on these" if allow_change is not None else \
@@ -125,7 +141,7 @@ def resumed_flags(folder: Path, given: dict[str, Any], defaults: dict[str, Any])
 
 
 def saved_flags(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / RUN_FILE).read_text()).get("flags", {}) if (folder / RUN_FILE).is_file() else {}
+    return run_file(folder).get("flags", {})
 
 
 def command_problems(folder: Path, command: str) -> list[str]:
@@ -139,15 +155,14 @@ def command_problems(folder: Path, command: str) -> list[str]:
 
 
 def saved_config(folder: Path) -> tuple[ExperimentConfig, str]:
-    path = folder / RUN_FILE
-    if not path.is_file():
+    if not (folder / RUN_FILE).is_file():
         raise TunelabInputError([f"--resume: {str(folder)!r} holds no tunelab experiment (no {RUN_FILE})"])
-    payload = json.loads(path.read_text())
+    payload = run_file(folder)
     problems: list[str] = []
     cfg = from_dict(payload["config"], problems)
     if problems:
         raise TunelabInputError([f"--resume: the saved config no longer loads: {p}" for p in problems])
-    return cfg, payload["config_hash"]
+    return cfg, payload.get("config_hash")
 
 
 def finished_records(folder: Path) -> dict[str, dict[str, Any]]:

@@ -155,3 +155,15 @@ def test_a_config_may_be_a_dict_and_overrides_apply_to_any_config(tiny_overrides
         tunelab.validate({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "lr": -1.0}})
     with pytest.raises(TunelabInputError, match="config: int is not allowed; give a YAML file's path, a dict"):
         tunelab.validate(3)
+
+
+@pytest.mark.parametrize("command", [["estimate", "--nproc", "0"], ["recommend", "--memory", "abc"],
+                                     ["sweep", "--trials", "0"], ["compare", "--seeds", "0"]])
+def test_a_bad_flag_and_a_bad_config_are_reported_together(command, tmp_path, capsys):
+    """The flag's problem raised before the config was read: fixing it only showed the next one."""
+    from tunelab.cli import main
+
+    writes = ["--output", str(tmp_path / "out")] if command[0] in ("sweep", "compare") else []
+    assert main([*command, "train.lr=abc", *writes]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {command[1]}: " in err and "error: train.lr: expected a number, got 'abc'" in err, err

@@ -38,11 +38,13 @@ class CompareOutcome:
         return 0 if all(r["status"] == "success" for r in self.records) else 1
 
 
-def resolve(config: str | Path | dict | ExperimentConfig | None, overrides: Sequence[str] | None = ()) -> ExperimentConfig:
-    """The validated config (see `resolve_with_problems`), or TunelabInputError with every problem."""
+def resolve(config: str | Path | dict | ExperimentConfig | None, overrides: Sequence[str] | None = (),
+            flag_problems: Sequence[str] = ()) -> ExperimentConfig:
+    """The validated config (see `resolve_with_problems`), or TunelabInputError with every problem: the
+    config's and `flag_problems`, those of the command's own flags, together."""
     cfg, problems = resolve_with_problems(config, overrides)
-    if problems:
-        raise TunelabInputError(problems)
+    if problems or flag_problems:
+        raise TunelabInputError([*flag_problems, *problems])
     return cfg
 
 
@@ -224,8 +226,8 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
     if resume and overwrite:  # --overwrite was ignored: which one was meant is the user's to say
         raise TunelabInputError(["--overwrite: with --resume, which continues what --output holds; drop one"])
     bad_numbers = count_problems(seeds=(seeds, 1), tune=(tune, 0), nproc=(nproc, 1))
-    if bad_numbers:
-        raise TunelabInputError(bad_numbers)
+    if bad_numbers:  # with the config's problems, all at once
+        resolve(None if resume else config, () if resume else overrides, bad_numbers)
     out_dir = Path(output_dir) if output_dir else default_output_dir()
     asked_nproc = nproc
     flags, flag_problems = run_flags(out_dir, resume, seeds, tune, nproc)
@@ -304,8 +306,8 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     if resume and overwrite:  # --overwrite was ignored: which one was meant is the user's to say
         raise TunelabInputError(["--overwrite: with --resume, which continues what --output holds; drop one"])
     bad_numbers = count_problems(trials=(trials, 1), nproc=(nproc, 1))
-    if bad_numbers:
-        raise TunelabInputError(bad_numbers)
+    if bad_numbers:  # with the config's problems, all at once
+        resolve(None if resume else config, () if resume else overrides, bad_numbers)
     warm_up()  # the trials' process server imports the libraries while the job is prepared
     out_dir = Path(output_dir) if output_dir else default_output_dir().with_name(
         default_output_dir().name.replace("compare", "sweep"))

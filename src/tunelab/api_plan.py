@@ -23,8 +23,9 @@ def estimate(config: Config = None, overrides: Sequence[str] = (), train_example
     """Parameters, peak memory, FLOPs and time per method, from the model's config alone (`tunelab estimate`)."""
     from .estimate import estimate as estimate_config
 
-    cfg = resolve(config, overrides)
-    problems = flag_problems(train_examples, peak_tflops) + process_problems(cfg, nproc)
+    problems = flag_problems(train_examples, peak_tflops) + count_problems(nproc=(nproc, 1))
+    cfg = resolve(config, overrides, problems)  # raises with the config's problems where there are any
+    problems = process_problems(cfg, nproc)
     if problems:
         raise TunelabInputError(problems)
     return estimate_config(cfg, train_examples, peak_tflops=peak_tflops, nproc=nproc)
@@ -40,7 +41,7 @@ def recommend(config: Config = None, overrides: Sequence[str] = (), memory: str 
     problems = flag_problems(train_examples, peak_tflops)
     memory_mb = budget(problems, "--memory", memory, parse_size_mb)
     budget_s = None if time_budget is None else budget(problems, "--time-budget", time_budget, parse_duration_s)
-    cfg = resolve(config, overrides)
+    cfg = resolve(config, overrides, problems)
     if cfg.train.fsdp:  # it plans one process: what one device of several holds is estimate's to say
         problems.append("train.fsdp: recommend plans for one process; `tunelab estimate --nproc N train.fsdp=true` "
                         "gives one device's share of a sharded run")

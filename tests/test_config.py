@@ -39,6 +39,11 @@ def test_an_override_keeps_its_text_where_the_field_wants_text():
     assert cfg.model.revision == "1.10" and cfg.data.dataset_revision == "2024-01-01"
     assert cfg.train.seed == 123 and cfg.train.fsdp is True and cfg.data.max_train_samples is None
     assert "train: expected a mapping of options, got 5" in problems_of(["train=5"])
+    # a number is decimal text: YAML 1.1 reads 1:30 as 90 (base 60) and 0x10 as 16; refused as written
+    for item, problem in (("train.seed=1:30", "train.seed: expected an integer, got '1:30'"),
+                          ("train.lr=0x10", "train.lr: expected a number, got '0x10'"),
+                          ("train.seed=2024-01-01", "train.seed: expected an integer, got '2024-01-01'")):
+        assert problem in problems_of([item])
 
 
 def test_an_override_is_text_where_yaml_would_read_it_as_something_else():

@@ -80,10 +80,14 @@ class ScalarText(str):
         if hint is str:
             return str(self)
         if hint in (int, float):
-            try:
-                return hint(str(self).strip().replace("_", ""))
-            except ValueError:
-                return self.parsed
+            # decimal text only: YAML 1.1 also reads `1:30` as 90 (base 60) and `0x10` as 16, which no one
+            # writing a seed or a number of epochs meant; what is not a decimal number is refused as written
+            for read in (hint, float):
+                try:
+                    return read(str(self).strip().replace("_", ""))
+                except ValueError:
+                    pass
+            return str(self)
         return self.parsed
 
 

@@ -46,6 +46,20 @@ def test_an_override_keeps_its_text_where_the_field_wants_text():
         assert problem in problems_of([item])
 
 
+def test_a_mapping_override_adds_to_its_section_and_a_space_entry_takes_a_dotted_name(tmp_path):
+    """`data={max_length: 64}` replaced the whole section (the packaged job lost its caps), and a search-space
+    entry could not be added from the command line beside a file's (`sweep.space.lora.alpha=` nested on the
+    dot)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  max_train_samples: 100\nsweep:\n  space:\n    lora.r: {choices: [4, 8]}\n")
+    cfg = load_config(str(path), ["data={max_length: 64}", "sweep.space.lora.alpha={low: 8, high: 32}"])
+    assert cfg.data.max_length == 64 and cfg.data.max_train_samples == 100
+    assert set(cfg.sweep.space) == {"lora.r", "lora.alpha"} and cfg.sweep.space["lora.alpha"]["high"] == 32
+    cfg = load_config(str(path), ["sweep.space={lora.alpha: {low: 8, high: 32}, lora.r: null}"])
+    assert cfg.sweep.space.get("lora.r") is None and cfg.sweep.space["lora.alpha"]["low"] == 8
+    assert "(a method's options are METHOD.KEY, e.g. lora.r=8)" in problems_of(["methods.lora.r=8"])[0]
+
+
 def test_an_override_is_text_where_yaml_would_read_it_as_something_else():
     """`#` starts a YAML comment, `&` an anchor, `|` a block, `a: b` a mapping: in a key=value they are text."""
     cfg = load_config(None, ["data.train_file=#train.csv", "data.text_column=note #1", "data.label_column=&a",

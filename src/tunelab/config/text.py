@@ -98,12 +98,24 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> None:
     value = override_value(text)
     node = raw
     parts = key.split(".")
+    if parts[:2] == ["sweep", "space"] and len(parts) > 2:  # a space's keys are dotted names themselves
+        parts = ["sweep", "space", ".".join(parts[2:])]
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            problems.append(f"override {item!r}: {part!r} is a value, not a section")
+            hint = " (a method's options are METHOD.KEY, e.g. lora.r=8)" if part == "methods" else ""
+            problems.append(f"override {item!r}: {part!r} is a value, not a section{hint}")
             return
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = merged(node.get(parts[-1]), value)
+
+
+def merged(old, new):
+    """A mapping given for a section adds to what the section holds (`data={max_length: 64}` keeps the other
+    data keys; `sweep.space={lora.alpha: ...}` adds a searched option beside the file's); a key set to null
+    in it removes a search-space entry. Anything else replaces."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{key: merged(old.get(key), value) for key, value in new.items()}}

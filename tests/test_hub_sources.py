@@ -4,6 +4,7 @@
 No network is reachable here: the download path is checked against a stand-in for huggingface_hub's calls."""
 from __future__ import annotations
 
+import fnmatch
 import json
 
 import datasets
@@ -176,7 +177,8 @@ def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(mon
 
     class Api:
         def list_repo_files(self, repo_id, revision=None):
-            return ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt"]
+            return ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                    "model.safetensors.index.json", "consolidated.safetensors", "pytorch_model.bin", "vocab.txt"]
 
     def snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None):
         if local_files_only:
@@ -189,7 +191,10 @@ def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(mon
     assert hub.hub_model_path("someone/bert", "v1.0") == str(tiny_bert)
     (repo, revision, patterns), = calls
     assert (repo, revision) == ("someone/bert", "v1.0")
-    assert "*.safetensors" in patterns and "*.json" in patterns and "*.bin" not in patterns
+    # one weight format, by the names from_pretrained reads: not a second export (consolidated.safetensors)
+    assert [f for f in Api().list_repo_files("x") if any(fnmatch.fnmatch(f, p) for p in patterns)] == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "vocab.txt"]
 
 
 def test_a_cached_snapshot_without_tokenizer_files_is_completed_online_and_named_offline(tmp_path, tiny_bert,
@@ -255,3 +260,18 @@ def test_a_hub_cached_model_and_a_folder_dataset_run_end_to_end_offline(tmp_path
                                timeout=300)
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert json.loads(predicted.stdout)["label"] in ("neg", "pos")
+
+
+def test_a_hub_id_means_the_hubs_weights_not_the_packaged_copy(capsys):
+    """HuggingFaceTB/SmolLM2-135M-Instruct loaded the packaged 4-bit GGUF, online too: other weights than the
+    id names. Offline it is refused, pointing at the packaged copy by its own name."""
+    from tunelab.cli import main
+    from tunelab.models.loading import resolve_model_path
+
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert main(["validate", "--offline", "task=causal-lm", f"model.name_or_path={hub_id}"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{hub_id}' is not in the local Hugging Face cache" in err
+    assert ("or train on the packaged copy (its 4-bit GGUF weights, dequantized): "
+            "model.name_or_path=SmolLM2-135M-Instruct") in err
+    assert resolve_model_path("packaged:all-MiniLM-L6-v2") == resolve_model_path("all-MiniLM-L6-v2")

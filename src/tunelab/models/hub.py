@@ -4,6 +4,7 @@ login`, HF_ENDPOINT); tunelab never reads, stores or logs a token.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 
@@ -11,7 +12,10 @@ from ..errors import TunelabInputError
 
 # What a training run needs from a model repository: configs, tokenizer files and one weight format.
 CONFIG_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken"]
-WEIGHT_FORMATS = (["*.safetensors"], ["*.bin"])  # transformers prefers safetensors; .bin only when it is all
+# transformers prefers safetensors, .bin only when it is all; both by the names from_pretrained reads (the file
+# or its shards): a repository may also hold other exports, e.g. Mistral's consolidated.safetensors, as large
+# again as the shards
+WEIGHT_FORMATS = (["model*.safetensors"], ["pytorch_model*.bin"])
 
 
 def is_offline() -> bool:
@@ -35,6 +39,8 @@ def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False
     """A local snapshot folder of `repo_id` at `revision`: from the cache, else downloaded (online only).
     `config_only`: its config.json is all the caller reads (`estimate`, `recommend`: a 7B model's 13 GB of
     weights are not theirs to fetch)."""
+    from .loading import packaged_copy_hint
+
     cached = cached_snapshot(repo_id, revision)
     if cached and holds_what_is_read(cached, config_only):
         return cached
@@ -49,7 +55,7 @@ def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False
             f"model.name_or_path: {where} {state} and hub access is off "
             "(HF_HUB_OFFLINE=1 or --offline); on a connected machine fetch it once with "
             f"`hf download {repo_id}{files}" + (f" --revision {revision}" if revision else "") +
-            "` (or run tunelab there without --offline), then run again"])
+            "` (or run tunelab there without --offline), then run again" + packaged_copy_hint(repo_id)])
     return download(repo_id, revision, where, config_only)
 
 
@@ -86,7 +92,7 @@ def wanted_patterns(repo_id: str, revision: str | None, config_only: bool) -> li
     if config_only:
         return ["config.json"]
     files = HfApi().list_repo_files(repo_id, revision=revision)
-    return CONFIG_PATTERNS + next((p for p in WEIGHT_FORMATS if any(f.endswith(p[0][1:]) for f in files)), [])
+    return CONFIG_PATTERNS + next((p for p in WEIGHT_FORMATS if fnmatch.filter(files, p[0])), [])
 
 
 def download(repo_id: str, revision: str | None, where: str, config_only: bool = False) -> str:

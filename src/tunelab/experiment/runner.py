@@ -27,6 +27,7 @@ from ..train.distributed import Ranks, check_world, launched_rank, launched_worl
 from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
                           stop_if_non_finite, total_steps)
 from ..train.batches import collate, epoch_batches
+from ..models.fingerprint import weights_fingerprint
 from ..train.precision import choose_precision
 from ..train.sharding import groups_on_shards, make_plain, shard_model
 from ..train.setup import (apply_threads, build_optimizer, build_scheduler, enable_checkpointing, make_accelerator,
@@ -353,7 +354,9 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path,
     method.save(model, directory)
     job.tokenizer.save_pretrained(directory)
     write_json(directory / "tunelab.json", {
-        "method": name, "tunelab": __version__, "task": job.task.name, "base_model": job.model_path, "base_model_name": cfg.model_name,
+        "method": name, "tunelab": __version__, "task": job.task.name, "base_model": job.model_path,
+        "base_model_name": cfg.model_name, "base_source": model_source(cfg.model_name),
+        "base_fingerprint": weights_fingerprint(job.model_path),
         "revision": cfg.model.revision, "labels": job.label_names, "max_length": cfg.data.max_length,
         "format": artifact_format(method), "precision": precision, "options": cfg.to_dict().get(name),
         "task_options": cfg.to_dict().get(job.task.name),
@@ -361,6 +364,16 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path,
     size = sum(f.stat().st_size for f in own_files(directory))
     return {"artifact_dir": str(directory), "artifact_size_mb": round(size / 2**20, 3),
             "artifact_format": artifact_format(method)}
+
+
+def model_source(name: str) -> str:
+    """Where a base model comes from, so predict knows whether finding it again by name means anything: a hub id
+    or a packaged name, yes; a local folder's name, read against another working folder, no."""
+    from ..models.loading import PACKAGED_ALIASES, PACKAGED_MODELS
+
+    if name in PACKAGED_MODELS or name in PACKAGED_ALIASES:
+        return "packaged"
+    return "local" if Path(name).expanduser().exists() else "hub"
 
 
 def own_files(directory: Path) -> list[Path]:

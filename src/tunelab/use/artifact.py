@@ -199,14 +199,31 @@ def load_artifact(artifact: Artifact) -> tuple[nn.Module, Any]:
 
 
 def base_model_path(artifact: Artifact) -> str:
-    """The base model the artifact was trained on: its recorded folder, else found again by name."""
+    """The base model the artifact was trained on: its recorded folder, else (a hub or packaged model, on
+    another machine) found again by name; refused where its weights are not those it was trained on."""
     from ..models.loading import resolve_model_path
 
-    recorded = artifact.manifest.get("base_model")
+    recorded, name = artifact.manifest.get("base_model"), artifact.manifest.get("base_model_name")
     if recorded and (Path(recorded) / "config.json").is_file():
-        return recorded
-    name = artifact.manifest.get("base_model_name")
-    if not name:
-        raise TunelabInputError([f"{str(artifact.directory)!r}: its base model {recorded!r} is gone and the "
-                                 "artifact does not name it (saved by an older tunelab); retrain or restore it"])
-    return resolve_model_path(name, artifact.manifest.get("revision"))
+        found = recorded
+    elif artifact.manifest.get("base_source") == "local" or not name:
+        # a local folder's name means nothing elsewhere: read against predict's working folder it found another
+        raise TunelabInputError([f"{str(artifact.directory)!r}: the base model it was trained on, {recorded!r}, is "
+                                 "gone; restore that folder (or `tunelab export --merge` where it exists, for a "
+                                 "model that needs no base)"])
+    else:
+        found = resolve_model_path(name, artifact.manifest.get("revision"))
+    return checked_base(artifact, found)
+
+
+def checked_base(artifact: Artifact, found: str) -> str:
+    """The base folder, if its weights are the ones the artifact was trained on (artifacts of earlier versions
+    recorded no fingerprint: taken as they are)."""
+    from ..models.fingerprint import weights_fingerprint
+
+    expected = artifact.manifest.get("base_fingerprint")
+    if expected is None or weights_fingerprint(found) == expected:
+        return found
+    raise TunelabInputError([f"{str(artifact.directory)!r}: the base model at {found!r} is not the one it was "
+                             "trained on (its weights or config changed since); the adapter means nothing on other "
+                             "weights: restore that model, or retrain on this one"])

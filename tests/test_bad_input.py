@@ -44,6 +44,18 @@ def case_config_not_mapping(tmp, bert, base):
 
 TWICE = "text,label,label\ngood,pos,neg\n"
 BROKEN_JSON_LINES = '{"text": "good", "label": "pos"}\n{"text": "bad", label: neg}\n'  # a name unquoted
+def case_model_folder_with_adapter(tmp, bert, base, weights=True):
+    folder = tmp / "model"
+    if weights:
+        shutil.copytree(bert, folder)
+    else:
+        folder.mkdir()
+    write(folder / "adapter_config.json", '{"peft_type": "LORA", "base_model_name_or_path": "org/base"}')
+    return [*base, f"model.name_or_path={folder}"], [
+        "holds a PEFT adapter of 'org/base' (adapter_config.json) beside the model's weights" if weights else
+        "is a PEFT adapter of 'org/base', not a model: give its base model"]
+
+
 CASES = {
     "yaml syntax error": case_yaml_syntax,
     "a section written twice": lambda t, b, base: (
@@ -154,6 +166,9 @@ CASES = {
         [*base, "sweep.space={lora.r: [4, 8], train.batch_size: [4, 8]}", "methods=lora"],
         ["sweep.space.lora.r: expected {low, high[, log]} or {choices: [...]}, got [4, 8]",
          "sweep.space.train.batch_size: expected"]),
+    # transformers applies adapter files it finds beside a model's weights as it loads the folder
+    "a model folder holding adapter files": case_model_folder_with_adapter,
+    "an adapter folder for a model": lambda t, b, base: case_model_folder_with_adapter(t, b, base, weights=False),
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

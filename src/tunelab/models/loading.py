@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -64,9 +65,9 @@ def resolve_model_path(name_or_path: str, revision: str | None = None, config_on
         return packaged_model_path(alias)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is a folder without config.json, "
-                                     "not a transformers model"])
+        problem = folder_problem(path)
+        if problem:
+            raise TunelabInputError([f"model.name_or_path: {name_or_path!r} {problem}"])
         return str(path.resolve())  # absolute: artifacts and peft's base_model_name_or_path work from anywhere
     if path.exists():
         raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is a file; expected a model folder"])
@@ -74,6 +75,27 @@ def resolve_model_path(name_or_path: str, revision: str | None = None, config_on
         raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is not a local model folder, a "
                                  f"packaged model ({', '.join(PACKAGED_MODELS)}) or a hub id"])
     return hub_model_path(name_or_path, revision, config_only)
+
+
+def folder_problem(path: Path) -> str:
+    """Why a local folder is not a model to train on ("" when it is one). A PEFT adapter's files beside a
+    model's are applied by transformers as it loads the folder (a merged model saved into its adapter's folder
+    would get the adapter twice): refused, not trained on silently."""
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        of = f" of {base!r}" if base else ""
+        if not (path / "config.json").is_file():
+            return (f"is a PEFT adapter{of}, not a model: give its base model (an adapter folder is what tunelab "
+                    "writes; `tunelab export --merge` folds one into its base)")
+        return (f"holds a PEFT adapter{of} (adapter_config.json) beside the model's weights, and transformers "
+                "would apply it while loading; move the adapter files out, or give a folder without them")
+    if not (path / "config.json").is_file():
+        return "is a folder without config.json, not a transformers model"
+    return ""
 
 
 def read_model_config(model_path: str):

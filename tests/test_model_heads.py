@@ -210,6 +210,24 @@ def test_a_classifier_checkpoint_with_other_labels_gets_a_fresh_head_and_keeps_i
     assert skeleton(str(tmp_path / "five"), task, {"labels": ["a", "b", "c"]})[1] == []
 
 
+def test_a_classifier_head_of_the_same_size_is_kept_only_for_the_same_labels_in_the_same_order(tiny_bert, tmp_path):
+    """A neg/pos checkpoint started a pos/neg run with its head: every row meant the other class."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.models.loading import load_pretrained
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, id2label={0: "neg", 1: "pos"})
+    saved.save_pretrained(tmp_path / "negpos")
+    task = task_registry()["classification"]
+    same = load_pretrained(str(tmp_path / "negpos"), task, {"labels": ["neg", "pos"]})
+    torch.testing.assert_close(same.classifier.weight, saved.classifier.weight)  # continued as trained
+    for labels in (["pos", "neg"], ["bad", "good"]):
+        other = load_pretrained(str(tmp_path / "negpos"), task, {"labels": labels})
+        assert not torch.equal(other.classifier.weight, saved.classifier.weight), labels
+        assert other.config.id2label == dict(enumerate(labels))
+        torch.testing.assert_close(other.bert.pooler.dense.weight, saved.bert.pooler.dense.weight)
+
+
 def test_a_decoder_classifier_without_a_pad_id_in_its_config_pads_as_its_tokenizer_does(tiny_llama, toy_data,
                                                                                          tmp_path):
     """Many decoder checkpoints name a pad token in their tokenizer only. The classifier finds each row's last

@@ -175,7 +175,20 @@ def _from_pretrained(model_path: str, task, info: dict, **kwargs) -> tuple[nn.Mo
                                  f"{task.name!r} ({type(exc).__name__}: {first_line(exc)})"]) from None
     head = task.head_modules(model)
     lacking = [*loading.get("missing_keys", []), *(key for key, *_ in loading.get("mismatched_keys", []))]
+    head_loaded = head and not any(k.split(".")[0] in head for k in lacking)
+    if head_loaded and kwargs.get("device_map") != "meta" and task.head_is_stale(read_model_config(model_path), info):
+        fresh_head(model, head)
     return model, sorted(k for k in lacking if k.split(".")[0] not in head)
+
+
+def fresh_head(model: nn.Module, head: tuple[str, ...]) -> None:
+    """The head initialised as transformers initialises one it does not find in a checkpoint: a classifier
+    trained on the labels neg/pos kept its rows for a run whose labels are pos/neg, its meaning swapped."""
+    for name in head:
+        for module in getattr(model, name).modules():
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                tensor._is_hf_initialized = False  # loaded weights are marked so: their initialisers skip them
+            model._init_weights(module)
 
 
 def missing_weights_message(model_path: str, missing: list[str]) -> str:

@@ -148,6 +148,12 @@ class Task:
         """Extra `from_pretrained` arguments (e.g. the number of labels)."""
         return {}
 
+    def head_is_stale(self, saved_config, info: dict[str, Any]) -> bool:
+        """Whether a head the checkpoint brings (same shape as the task's) means something else in this run, so
+        it must start fresh as a head of another shape does (a classifier trained on other labels, or on these
+        in another order)."""
+        return False
+
     def head_modules(self, model: nn.Module) -> tuple[str, ...]:
         """Top-level modules of `model` that the task creates fresh and every method trains in full."""
         return ()

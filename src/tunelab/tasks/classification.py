@@ -122,6 +122,11 @@ class Classification(Task):
         # the label names: Lester et al. (2021) found class-label initialisation the best of their three
         return "Classify the text as " + " or ".join(map(str, info.get("labels") or ["a label"])) + "."
 
+    def head_is_stale(self, saved_config, info: dict[str, Any]) -> bool:
+        # its rows are the checkpoint's labels in the checkpoint's order: kept only where they are the run's
+        saved = getattr(saved_config, "id2label", None) or {}
+        return [str(saved[i]) for i in sorted(saved)] != [str(n) for n in info.get("labels") or ["0", "1"]]
+
     def model_kwargs(self, info: dict[str, Any]) -> dict[str, Any]:
         names = info.get("labels") or ["0", "1"]
         return {"num_labels": len(names), "id2label": dict(enumerate(names)),

@@ -2,6 +2,8 @@
 and nothing written."""
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
@@ -54,6 +56,17 @@ def case_model_folder_with_adapter(tmp, bert, base, weights=True):
     return [*base, f"model.name_or_path={folder}"], [
         "holds a PEFT adapter of 'org/base' (adapter_config.json) beside the model's weights" if weights else
         "is a PEFT adapter of 'org/base', not a model: give its base model"]
+
+
+def case_tokenizer_larger_than_the_model(tmp, bert, base):
+    from transformers import BertConfig, BertModel
+
+    folder = shutil.copytree(bert, tmp / "small-vocab")
+    config = BertConfig.from_pretrained(folder)
+    config.vocab_size = 8  # the tokenizer's ids go past it
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar is not the command's output
+        BertModel(config).save_pretrained(folder)
+    return [*base, f"model.name_or_path={folder}"], ["gives token ids up to", "but the model's embeddings have 8 rows"]
 
 
 CASES = {
@@ -169,6 +182,7 @@ CASES = {
     # transformers applies adapter files it finds beside a model's weights as it loads the folder
     "a model folder holding adapter files": case_model_folder_with_adapter,
     "an adapter folder for a model": lambda t, b, base: case_model_folder_with_adapter(t, b, base, weights=False),
+    "a tokenizer with more tokens than the model's embeddings": case_tokenizer_larger_than_the_model,
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

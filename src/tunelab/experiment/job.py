@@ -117,9 +117,26 @@ def prepare_job(cfg: ExperimentConfig) -> Job:
         raise TunelabInputError([f"{where(cfg.data, split)}: {count} rows become no tokens at all with the "
                                  f"tokenizer of {model_path!r}; check that it is the model's own tokenizer"
                                  for split, count in empty.items() if count])
+    problems = vocabulary_problems(data, model_config, model_path)
+    if problems:
+        raise TunelabInputError(problems)
     data.validation_source, data.frames = source, frames
     data.dropped = {**dropped, **data.dropped}
     return Job(cfg, task, model_path, tokenizer, data)
+
+
+def vocabulary_problems(data, model_config, model_path: str) -> list[str]:
+    """Token ids the model's embedding table has no row for (a tokenizer of another model, or one with tokens
+    added since the model was saved): every method failed on its first batch with an IndexError."""
+    size = getattr(model_config, "vocab_size", None) or getattr(getattr(model_config, "text_config", None),
+                                                               "vocab_size", None)
+    splits = [split for split in (data.train, data.validation, data.test) if split is not None and len(split)]
+    highest = max((int(split.ids.max()) for split in splits), default=-1)
+    if not size or highest < size:
+        return []
+    return [f"model.name_or_path: the tokenizer of {model_path!r} gives token ids up to {highest}, but the model's "
+            f"embeddings have {size} rows (config vocab_size); the tokenizer is another model's, or has tokens "
+            "added since the model was saved: save both from the same model"]
 
 
 def batch_problems(batch_size: int, rows: int) -> list[str]:

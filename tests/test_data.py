@@ -311,3 +311,33 @@ def test_a_json_column_of_mixed_types_gets_a_hint(tmp_path, monkeypatch):
     problems: list[str] = []
     assert read_table(str(tmp_path / "big.jsonl"), "data.train_file", problems) is None
     assert problems[0].endswith("a column holds numbers in some rows and text in others: quote all its values")
+
+
+@pytest.mark.parametrize("layout", ["jsonl file", "parquet file", "json folder"])
+def test_a_file_edited_with_its_modification_time_kept_is_read_anew(layout, tiny_bert, tmp_path):
+    """datasets' cache keys a local file by path and modification time: a file rewritten with its time kept
+    (cp -p, rsync -a, an unzip) was read as it was before."""
+    import os
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    name = {"jsonl file": "train.jsonl", "parquet file": "train.parquet", "json folder": "train.jsonl"}[layout]
+    path = folder / name
+    source = f"data.dataset={folder}" if layout == "json folder" else f"data.train_file={path}"
+
+    def write(labels):
+        frame = toy_rows(40).assign(label=lambda f: f.label.map(labels))
+        if name.endswith(".parquet"):
+            frame.to_parquet(path)
+        else:
+            frame.to_json(path, orient="records", lines=True)
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+
+    def labels_read():
+        job = validate(None, [f"model.name_or_path={tiny_bert}", source, "data.max_length=32", "train.batch_size=4"])
+        return job.label_names
+
+    write({"pos": "good", "neg": "bad"})
+    assert labels_read() == ["bad", "good"]
+    write({"pos": "fine", "neg": "poor"})  # the same modification time
+    assert labels_read() == ["fine", "poor"]

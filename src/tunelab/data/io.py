@@ -3,6 +3,7 @@ into one pandas frame per split. Which columns matter is the task's business, no
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,16 +91,18 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
             problems.append(f"{field}: {path_text!r} is empty")
             return None
         # decoded first: a bad byte gets a clear error, not one from deep inside a reader
-        text = path.read_bytes().decode("utf-8") if builder != "parquet" else ""
+        text = path.read_bytes().decode("utf-8-sig") if builder != "parquet" else ""
         if builder == "csv":
             return read_csv_as_text(path)
         shape = json_shape_problem(text) if path.suffix.lower() == ".json" else None
         if shape:
             problems.append(f"{field}: {path_text!r} {shape}")
             return None
-        with reader_errors_unlogged():
-            loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split")
-        return loaded.to_pandas()
+        # a cache of its own: datasets' shared one keys a local file by path and modification time, so a file
+        # edited with its time kept (cp -p, rsync -a, an unzip) was read as it was before
+        with reader_errors_unlogged(), tempfile.TemporaryDirectory(prefix="tunelab-read-") as cache:
+            loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split", cache_dir=cache)
+            return loaded.to_pandas()
     except UnicodeDecodeError as exc:
         problems.append(f"{field}: {path_text!r} is not UTF-8 text (bad byte at offset {exc.start})")
     except Exception as exc:  # the readers raise many kinds; the user needs the cause, not a traceback

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 VALIDATION_NAMES = ("validation", "valid", "dev", "val")
 
 
+# A local folder's files are read anew every time: datasets' cache keys them by path and modification time, so
+# a file edited with its time kept (cp -p, rsync -a, an unzip) was read as it was before.
+REBUILT = "force_redownload"
+
 def read_dataset_source(name: str, cfg: "DataConfig", allowed: str) -> dict[str, pd.DataFrame]:
     """Frames per tunelab split from a folder or hub dataset; raises TunelabInputError with every problem."""
     import datasets
@@ -56,7 +60,7 @@ def _load_folder(path: Path, cfg: "DataConfig"):
         elif csv_tables(path):
             loaded = load_csv_folder(path, cfg.dataset_config)
         else:
-            loaded = datasets.load_dataset(str(path), cfg.dataset_config)
+            loaded = datasets.load_dataset(str(path), cfg.dataset_config, download_mode=REBUILT)
     except Exception as exc:
         raise TunelabInputError([f"data.dataset: could not read the folder {str(path)!r} with "
                                  f"datasets.load_dataset ({_cause(exc)}); it needs data files such as "
@@ -76,7 +80,7 @@ def load_csv_folder(path: Path, config_name: str | None):
     for split, files in split_files.items():
         tables = [Path(f) for f in files]
         loaded = datasets.load_dataset(str(path), config_name, data_files={str(split): [str(f) for f in tables]},
-                                       **csv_as_text(tables))
+                                       download_mode=REBUILT, **csv_as_text(tables))
         splits[str(split)] = loaded[str(split)]
     return datasets.DatasetDict(splits)
 

@@ -43,6 +43,26 @@ def test_a_folder_of_csv_files_reads_fields_as_text_as_a_train_file_does(tmp_pat
     assert job.label_names == ["01", "02", "NA"]
 
 
+def test_a_csv_folder_is_checked_as_a_train_file_is(tmp_path, model_args):
+    """A repeated column name, or a row with an unquoted comma that shifted every field, passed in a folder
+    (read by datasets' csv builder) where data.train_file refuses them; a TSV field over 128 KiB beside a
+    literal quote was refused by Python's csv field limit."""
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,label,label\ngood,pos,neg\n")
+    with pytest.raises(TunelabInputError, match="train.csv' does not read as a table: column 'label' is named twice"):
+        validate(overrides=[*model_args, f"data.dataset={folder}"])
+    rows = toy_rows(40, 1)
+    (folder / "train.csv").write_text("text,label\n" + "great, really,pos\n" + rows.to_csv(index=False, header=False))
+    with pytest.raises(TunelabInputError, match="line 2 has 3 fields but the header has 2"):
+        validate(overrides=[*model_args, f"data.dataset={folder}"])
+    (folder / "train.csv").unlink()
+    rows.loc[0, "text"] = 'a 5" box ' + "good " * 40_000  # 200 KB in one field, and a literal quote
+    rows.to_csv(folder / "train.tsv", sep="\t", index=False, quoting=3)
+    job = validate(overrides=[*model_args, f"data.dataset={folder}"])
+    assert max(len(text) for frame in job.data.frames.values() for text in frame.text) > 200_000
+
+
 def test_each_split_of_a_csv_folder_keeps_its_own_columns(tmp_path, model_args):
     """test.csv with an extra id column reads (one set of columns forced on every file failed); an unlabelled
     test.csv is refused as the test split, not as train (whose label column was dropped)."""

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
+# Python's csv module refuses a field over 128 KiB (a long document in one cell: "field larger than field
+# limit"), which pandas' reader does not; the limit guards nothing tunelab needs
+csv.field_size_limit(2**31 - 1)
+
 # a whole field in quotes, with any quote inside it doubled: what a CSV writer makes of a field
 CSV_QUOTED_FIELD = re.compile(r'"(?:[^"]|"")*"')
 

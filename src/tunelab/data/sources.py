@@ -8,7 +8,6 @@ missing, which the task refuses or drops).
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ import pandas as pd
 
 from ..errors import TunelabInputError
 from ..models.hub import is_hub_id, is_offline
-from .delimited import separator, tsv_quoting
+from .delimited import read_csv_as_text
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -61,6 +60,8 @@ def _load_folder(path: Path, cfg: "DataConfig"):
             loaded = load_csv_folder(path, cfg.dataset_config)
         else:
             loaded = datasets.load_dataset(str(path), cfg.dataset_config, download_mode=REBUILT)
+    except TunelabInputError:
+        raise
     except Exception as exc:
         raise TunelabInputError([f"data.dataset: could not read the folder {str(path)!r} with "
                                  f"datasets.load_dataset ({_cause(exc)}); it needs data files such as "
@@ -69,19 +70,23 @@ def _load_folder(path: Path, cfg: "DataConfig"):
 
 
 def load_csv_folder(path: Path, config_name: str | None):
-    """Each split of a folder of CSV (or TSV) files, every field read as the text it is, with the split's own
-    columns: an unlabelled test.csv beside train.csv is usual, and one set of columns forced on every file
-    dropped train's label (or failed on a test file's extra id column). The files of a split are datasets'
-    own choice (its folder patterns, or the folder's README config)."""
+    """Each split of a folder of CSV (or TSV) files, each file read as data.train_file reads one (every field
+    the text it is, a repeated column name or a row longer than the header refused), with the split's own
+    columns: an unlabelled test.csv beside train.csv is usual. The files of a split are datasets' own choice
+    (its folder patterns, or the folder's README config)."""
     import datasets
 
     split_files = datasets.load_dataset_builder(str(path), config_name).config.data_files
     splits = {}
     for split, files in split_files.items():
-        tables = [Path(f) for f in files]
-        loaded = datasets.load_dataset(str(path), config_name, data_files={str(split): [str(f) for f in tables]},
-                                       download_mode=REBUILT, **csv_as_text(tables))
-        splits[str(split)] = loaded[str(split)]
+        frames = []
+        for file in files:
+            try:
+                frames.append(read_csv_as_text(Path(file)))
+            except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError included
+                raise TunelabInputError([f"data.dataset: {str(file)!r} does not read as a table: {exc}"]) from None
+        frame = pd.concat(frames, ignore_index=True)
+        splits[str(split)] = datasets.Dataset.from_pandas(frame, preserve_index=False)
     return datasets.DatasetDict(splits)
 
 
@@ -91,24 +96,6 @@ def csv_tables(folder: Path) -> list[Path]:
     if any(f.suffix.lower() in (".json", ".jsonl", ".parquet", ".arrow") for f in files):
         return []
     return [f for f in files if f.suffix.lower() in (".csv", ".tsv")]
-
-
-def csv_as_text(tables: list[Path]) -> dict:
-    """datasets' csv builder options that read every field of `tables` (one split's files) as the text it is,
-    as data.train_file reads a CSV ("01" stays "01", a class "NA" is not missing)."""
-    import datasets
-
-    sep = separator(tables[0])
-    try:
-        columns = pd.read_csv(tables[0], sep=sep, nrows=0).columns
-        # literal quotes in any of the files: none is read with CSV quoting (see delimited.py)
-        literal = sep == "\t" and any(tsv_quoting(t.read_text(encoding="utf-8-sig")) == csv.QUOTE_NONE
-                                      for t in tables)
-    except Exception:  # unreadable: load_dataset says why
-        return {}
-    return {"sep": sep, "keep_default_na": False, "na_values": [""],
-            "quoting": csv.QUOTE_NONE if literal else csv.QUOTE_MINIMAL,
-            "features": datasets.Features({str(c): datasets.Value("string") for c in columns})}
 
 
 def _load_hub(repo_id: str, cfg: "DataConfig"):

@@ -69,6 +69,19 @@ def case_tokenizer_larger_than_the_model(tmp, bert, base):
     return [*base, f"model.name_or_path={folder}"], ["gives token ids up to", "but the model's embeddings have 8 rows"]
 
 
+def case_model_with_custom_code(tmp, bert, base):
+    import json
+
+    folder = shutil.copytree(bert, tmp / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="my-own-bert", auto_map={"AutoConfig": "configuration_mine.MineConfig",
+                                                      "AutoModel": "modeling_mine.MineModel"})
+    write(folder / "config.json", json.dumps(config))
+    return [*base, f"model.name_or_path={folder}"], [
+        "needs its own Python code (configuration_mine.py, modeling_mine.py, config.json's auto_map), which tunelab "
+        "does not run"]
+
+
 CASES = {
     "yaml syntax error": case_yaml_syntax,
     "a section written twice": lambda t, b, base: (
@@ -183,6 +196,7 @@ CASES = {
     "a model folder holding adapter files": case_model_folder_with_adapter,
     "an adapter folder for a model": lambda t, b, base: case_model_folder_with_adapter(t, b, base, weights=False),
     "a tokenizer with more tokens than the model's embeddings": case_tokenizer_larger_than_the_model,
+    "a model that needs its own code (trust_remote_code)": case_model_with_custom_code,
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

@@ -20,7 +20,9 @@ TRAINING_DTYPE = torch.float32
 # Hub kernels (on by default since 5.25): they swap layers for code fetched at load time, kernelized for
 # inference before training starts, and they refuse the meta device that `validate` and `estimate` load on.
 # Every method, run and resume must train the same modules.
-LOAD_OPTIONS = {"local_files_only": True, "use_kernels": False}
+# trust_remote_code stays off: a model needing its own Python code is refused, never run, and transformers
+# never stops to ask on a terminal (15 s a prompt, several prompts a command)
+LOAD_OPTIONS = {"local_files_only": True, "use_kernels": False, "trust_remote_code": False}
 
 # Packaged models: a short name → how to find its files. A folder inside an installed PyPI distribution, or a
 # GGUF file there that is converted once into a plain transformers folder in the user's cache. The hub id of
@@ -102,10 +104,25 @@ def read_model_config(model_path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_path, local_files_only=True)
+        return AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds here
+        custom = custom_code(model_path)
+        if custom:
+            raise TunelabInputError([f"model.name_or_path: {model_path!r} needs its own Python code ({custom}, "
+                                     "config.json's auto_map), which tunelab does not run (trust_remote_code is "
+                                     "off); use a model transformers implements"]) from None
         raise TunelabInputError([f"model.name_or_path: {model_path!r} has no readable config.json "
                                  f"({type(exc).__name__}: {first_line(exc)})"]) from None
+
+
+def custom_code(model_path: str) -> str:
+    """The code files a model's config.json names in its auto_map ("" when none)."""
+    try:
+        auto_map = json.loads((Path(model_path) / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    refs = [ref for value in auto_map.values() for ref in (value if isinstance(value, list) else [value]) if ref]
+    return ", ".join(sorted({str(ref).split("--")[-1].split(".")[0] + ".py" for ref in refs}))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
@@ -123,7 +140,7 @@ def load_tokenizer(model_path: str):
         raise TunelabInputError([f"model.name_or_path: no tokenizer in {model_path!r} (none of "
                                  f"{', '.join(TOKENIZER_FILES)})"])
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise TunelabInputError([f"model.name_or_path: no tokenizer could be loaded from {model_path!r} "
                                  f"({type(exc).__name__}: {first_line(exc)})"]) from None

@@ -295,3 +295,12 @@ def test_a_hub_id_means_the_hubs_weights_not_the_packaged_copy(capsys):
     assert ("or train on the packaged copy (its 4-bit GGUF weights, dequantized): "
             "model.name_or_path=SmolLM2-135M-Instruct") in err
     assert resolve_model_path("packaged:all-MiniLM-L6-v2") == resolve_model_path("all-MiniLM-L6-v2")
+
+
+def test_a_mistyped_relative_path_is_named_as_one_beside_the_hub_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "--offline", "model.name_or_path=models/bert-bsae", "data.dataset=models/reviwes"]) == 2
+    err = capsys.readouterr().err
+    assert "(if a local path was meant: the folder 'models' is here but holds no 'bert-bsae')" in err
+    assert "(if a local path was meant: the folder 'models' is here but holds no 'reviwes')" in err

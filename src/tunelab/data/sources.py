@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ..errors import TunelabInputError
-from ..models.hub import is_hub_id, is_offline
+from ..models.hub import is_hub_id, is_offline, path_hint
 from .delimited import read_csv_as_text
 
 if TYPE_CHECKING:
@@ -111,9 +111,9 @@ def _load_hub(repo_id: str, cfg: "DataConfig"):
                 "(HF_HUB_OFFLINE=1 or --offline); on a connected machine load it once (run tunelab there "
                 f"without --offline, or `python -c \"import datasets; datasets.load_dataset('{repo_id}'"
                 + (f", '{cfg.dataset_config}'" if cfg.dataset_config else "") + ")\"`), then run again "
-                f"({_cause(exc)})"]) from None
+                f"({_cause(exc)}){path_hint(repo_id)}"]) from None
         raise TunelabInputError([f"data.dataset: could not load {where!r} from the Hub ({_cause(exc)})"
-                                 f"{hub_hint(exc, cfg)}"]) from None
+                                 f"{hub_hint(exc, cfg)}{path_hint(repo_id)}"]) from None
 
 
 def hub_hint(exc: Exception, cfg: "DataConfig") -> str:

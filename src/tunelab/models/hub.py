@@ -35,6 +35,15 @@ def is_hub_id(name: str) -> bool:
     return True
 
 
+def path_hint(name: str) -> str:
+    """A relative path with a typo reads as a hub id (`models/bert-bsae`): where its folder part exists here,
+    the hub error says so."""
+    parent = Path(name).parent
+    if str(parent) in ("", ".") or not parent.is_dir():
+        return ""
+    return f" (if a local path was meant: the folder {str(parent)!r} is here but holds no {Path(name).name!r})"
+
+
 def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False) -> str:
     """A local snapshot folder of `repo_id` at `revision`: from the cache, else downloaded (online only).
     `config_only`: its config.json is all the caller reads (`estimate`, `recommend`: a 7B model's 13 GB of
@@ -55,7 +64,8 @@ def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False
             f"model.name_or_path: {where} {state} and hub access is off "
             "(HF_HUB_OFFLINE=1 or --offline); on a connected machine fetch it once with "
             f"`hf download {repo_id}{files}" + (f" --revision {revision}" if revision else "") +
-            "` (or run tunelab there without --offline), then run again" + packaged_copy_hint(repo_id)])
+            "` (or run tunelab there without --offline), then run again" + packaged_copy_hint(repo_id)
+            + path_hint(repo_id)])
     return download(repo_id, revision, where, config_only)
 
 
@@ -110,4 +120,4 @@ def download(repo_id: str, revision: str | None, where: str, config_only: bool =
     except Exception as exc:  # network errors come in many kinds; the user needs the cause
         problem = (f"could not be downloaded ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); "
                    "without a network, pass --offline to use the local cache only")
-    raise TunelabInputError([f"model.name_or_path: {where} {problem}"])
+    raise TunelabInputError([f"model.name_or_path: {where} {problem}{path_hint(repo_id)}"])

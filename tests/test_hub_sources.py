@@ -239,6 +239,22 @@ def test_a_cached_snapshot_without_tokenizer_files_is_completed_online_and_named
     assert "*.txt" in patterns and "*.json" in patterns
 
 
+def test_a_cached_snapshot_missing_a_shard_is_named_offline(tmp_path, tiny_bert, monkeypatch):
+    """A download cut short keeps some shards: the index names the rest (a bare FileNotFoundError later)."""
+    import shutil
+
+    import huggingface_hub
+
+    sharded = shutil.copytree(tiny_bert, tmp_path / "sharded")
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    fake_hub_cache(tmp_path / "hub", "someone/bert", sharded)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(TunelabInputError, match=r"without weight shards its index names \(model-00002-of-00002"):
+        hub.hub_model_path("someone/bert", None)
+
+
 def test_hub_ids_and_paths_are_told_apart():
     assert hub.is_hub_id("bert-base-uncased") and hub.is_hub_id("org/model")
     assert not any(hub.is_hub_id(p) for p in ("./model", "/abs/model", "~/m", "a/b/c"))

@@ -89,10 +89,25 @@ def missing_for_a_run(folder: str) -> str:
     from .loading import TOKENIZER_FILES
 
     path = Path(folder)
+    shards = missing_shards(path)
     missing = [what for what, present in (
         ("its weights", any(any(path.glob(p[0])) for p in WEIGHT_FORMATS)),
+        (f"weight shards its index names ({', '.join(shards[:3])})", not shards),
         ("its tokenizer files", any((path / f).is_file() for f in TOKENIZER_FILES))) if not present]
     return " or ".join(missing)
+
+
+def missing_shards(path: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index names that are not there (a download cut short)."""
+    import json
+
+    for index in path.glob("*.index.json"):
+        try:
+            names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            continue
+        return sorted(name for name in names if not (path / name).is_file())
+    return []
 
 
 def wanted_patterns(repo_id: str, revision: str | None, config_only: bool) -> list[str]:

@@ -197,6 +197,10 @@ CASES = {
     "an adapter folder for a model": lambda t, b, base: case_model_folder_with_adapter(t, b, base, weights=False),
     "a tokenizer with more tokens than the model's embeddings": case_tokenizer_larger_than_the_model,
     "a model that needs its own code (trust_remote_code)": case_model_with_custom_code,
+    # keys of a dataset folder or hub id, given where nothing reads them: ignored, a run on other data than asked
+    "a dataset's split name beside data.train_file": lambda t, b, base: (
+        [*base, "data.test_split=heldout", "data.dataset_config=en"],
+        ["data.test_split: 'heldout' is not used: data.train_file's files are the data", "data.dataset_config: 'en'"]),
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

@@ -341,3 +341,15 @@ def test_a_file_edited_with_its_modification_time_kept_is_read_anew(layout, tiny
     assert labels_read() == ["bad", "good"]
     write({"pos": "fine", "neg": "poor"})  # the same modification time
     assert labels_read() == ["fine", "poor"]
+
+
+def test_split_and_config_keys_the_packaged_dataset_has_no_use_for_are_refused(tiny_bert):
+    """data.test_split=train passed and trained on the packaged splits (the same split for train and test is
+    refused for a dataset that has named splits)."""
+    from tunelab.errors import TunelabInputError
+
+    with pytest.raises(TunelabInputError) as refused:
+        validate(None, [f"model.name_or_path={tiny_bert}", "data.max_length=32", "data.test_split=train",
+                        "data.dataset_revision=v2"])
+    assert [p.split(":")[0] for p in refused.value.problems] == ["data.dataset_revision", "data.test_split"]
+    assert "the packaged dataset 'amazon-fine-food' has fixed splits" in refused.value.problems[0]

@@ -30,11 +30,14 @@ def read_frames(cfg: "DataConfig", default_dataset: str) -> dict[str, pd.DataFra
             problems.append("data.train_file: needed when data.validation_file or data.test_file is set")
         name = cfg.dataset or default_dataset
         if name in PACKAGED_DATASETS:
+            problems += unused_source_keys(cfg, f"the packaged dataset {name!r} has fixed splits, and no configs or "
+                                                "revisions")
             frames = load_packaged(name, problems)
         else:
             frames = read_dataset_source(name, cfg, f"a packaged dataset ({', '.join(PACKAGED_DATASETS)})")
     else:
         frames, problems = {}, training_file_reused(cfg)
+        problems += unused_source_keys(cfg, "data.train_file's files are the data (data.dataset is not read)")
         for split in SPLITS:
             path = getattr(cfg, f"{split}_file")
             if path is not None:
@@ -44,6 +47,18 @@ def read_frames(cfg: "DataConfig", default_dataset: str) -> dict[str, pd.DataFra
     if problems:
         raise TunelabInputError(problems)
     return frames
+
+
+# keys of a dataset folder or hub id, with their defaults
+SOURCE_KEYS = {"dataset_config": None, "dataset_revision": None, "train_split": "train", "validation_split": None,
+               "test_split": None}
+
+
+def unused_source_keys(cfg: "DataConfig", why: str) -> list[str]:
+    """Keys set for a source that has none of what they name: silently ignored, a run used other data than
+    asked (data.test_split=nope, data.dataset_config=x passed validate)."""
+    return [f"data.{key}: {getattr(cfg, key)!r} is not used: {why}; it applies to a dataset folder or hub id "
+            "(data.dataset); unset it" for key, default in SOURCE_KEYS.items() if getattr(cfg, key) != default]
 
 
 def training_file_reused(cfg: "DataConfig") -> list[str]:

@@ -201,6 +201,9 @@ CASES = {
     "a dataset's split name beside data.train_file": lambda t, b, base: (
         [*base, "data.test_split=heldout", "data.dataset_config=en"],
         ["data.test_split: 'heldout' is not used: data.train_file's files are the data", "data.dataset_config: 'en'"]),
+    "a revision for a local model folder": lambda t, b, base: (
+        [*base, "model.revision=v2.0"], ["model.revision: 'v2.0': a revision is a hub id's branch, tag or commit, and",
+                                         "is a local folder; unset it"]),
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

@@ -49,6 +49,9 @@ def read_dataset_source(name: str, cfg: "DataConfig", allowed: str) -> dict[str,
 def _load_folder(path: Path, cfg: "DataConfig"):
     import datasets
 
+    if cfg.dataset_revision is not None:  # it would be ignored: the folder is read as it is now
+        raise TunelabInputError([f"data.dataset_revision: {cfg.dataset_revision!r}: a revision is a hub dataset's "
+                                 f"branch, tag or commit, and {str(path)!r} is a local folder; unset it"])
     saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
     if saved and cfg.dataset_config:  # it would be ignored: the user would think another subset was read
         raise TunelabInputError([f"data.dataset_config: {cfg.dataset_config!r} names a config, but {str(path)!r} "

@@ -63,9 +63,15 @@ def resolve_model_path(name_or_path: str, revision: str | None = None, config_on
     from .hub import hub_model_path, is_hub_id
 
     alias = PACKAGED_ALIASES.get(name_or_path, name_or_path)
-    if alias in PACKAGED_MODELS and revision is None:
-        return packaged_model_path(alias)
     path = Path(name_or_path).expanduser()
+    if revision is not None and (alias in PACKAGED_MODELS or path.is_dir() or not revision.strip()):
+        what = (f"the packaged model {alias!r} has none (a revision of its hub id: model.name_or_path="
+                f"{PACKAGED_MODELS[alias]['hub_id']})" if alias in PACKAGED_MODELS else
+                f"{name_or_path!r} is a local folder" if path.is_dir() else "this one is empty")
+        raise TunelabInputError([f"model.revision: {revision!r}: a revision is a hub id's branch, tag or commit, and "
+                                 f"{what}; unset it"])
+    if alias in PACKAGED_MODELS:
+        return packaged_model_path(alias)
     if path.is_dir():
         problem = folder_problem(path)
         if problem:

@@ -204,6 +204,9 @@ CASES = {
     "a revision for a local model folder": lambda t, b, base: (
         [*base, "model.revision=v2.0"], ["model.revision: 'v2.0': a revision is a hub id's branch, tag or commit, and",
                                          "is a local folder; unset it"]),
+    "more virtual tokens than the model has positions": lambda t, b, base: (
+        [*base, "methods=prompt-tuning", "prompt-tuning.num_virtual_tokens=60"],
+        ["exceeds the model's 64 positions; use at most 32 virtual tokens"]),  # (not: lower max_length to 4)
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

@@ -244,8 +244,11 @@ def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
     for name in cfg.methods:
         extra = get_method(name).extra_positions(cfg.options(name))
         if extra and cfg.data.max_length <= limit < cfg.data.max_length + extra:
+            fewer = f"use at most {limit - cfg.data.max_length} virtual tokens"
+            remedy = f"lower data.max_length to {limit - extra}, or {fewer}" if limit - extra >= USEFUL_MAX_LENGTH \
+                else fewer  # (no room left for a text: a length of a few tokens is no remedy)
             problems.append(f"{name}: data.max_length {cfg.data.max_length} + {extra} virtual tokens exceeds "
-                            f"the model's {limit} positions; lower data.max_length to {limit - extra}")
+                            f"the model's {limit} positions; {remedy}")
         # a prompt keeps at least one token free of max_length (for its answer); generation then adds up to `new`
         elif new and cfg.data.max_length + extra <= limit < cfg.data.max_length - 1 + extra + new:
             shorter = limit - new + 1 - extra

@@ -167,3 +167,19 @@ def test_a_bad_flag_and_a_bad_config_are_reported_together(command, tmp_path, ca
     assert main([*command, "train.lr=abc", *writes]) == 2
     err = capsys.readouterr().err
     assert f"error: {command[1]}: " in err and "error: train.lr: expected a number, got 'abc'" in err, err
+
+
+def test_validate_checks_for_the_seeds_and_tuning_it_is_told_of(tiny_bert, toy_data, capsys):
+    """A space a sweep refuses, or seeds past the largest, passed validate and then failed compare/sweep."""
+    from tunelab.cli import main
+
+    base = [f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}", "data.max_length=32",
+            "train.batch_size=8", "methods=lora", "sweep.space={freeze.k: {choices: [1, 2]}}"]
+    assert main(["validate", *base]) == 0
+    assert "note: `tunelab sweep` and `compare --tune` would refuse: sweep.space.freeze.k" in capsys.readouterr().err
+    assert main(["validate", *base, "--tune", "2"]) == 2
+    assert "error: sweep.space.freeze.k: names neither train.* nor a selected method" in capsys.readouterr().err
+    assert main(["validate", *base[:-1], "train.seed=4294967295", "--seeds", "2"]) == 2
+    assert "error: --seeds: 2 seeds from train.seed 4294967295" in capsys.readouterr().err
+    with pytest.raises(TunelabInputError, match="--seeds: 0 is not allowed"):
+        tunelab.validate(None, base[:-1], seeds=0)

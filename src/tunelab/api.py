@@ -65,11 +65,17 @@ def keeps_torch_threads(function):
 
 @keeps_torch_threads
 def validate(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
-             nproc: int = 1) -> Job:
-    """Check config, model and data without training, for a run of `nproc` processes (what compare checks
-    besides); raises TunelabInputError listing every problem."""
+             nproc: int = 1, seeds: int = 1, tune: int = 0) -> Job:
+    """Check config, model and data without training, for a run of `nproc` processes, `seeds` seeds and
+    `tune` trials per method (what compare checks besides); raises TunelabInputError listing every problem."""
+    from .experiment.plan import seed_problems
+
+    bad_numbers = count_problems(seeds=(seeds, 1), tune=(tune, 0), nproc=(nproc, 1))
     cfg, problems = resolve_with_problems(config, overrides)
-    return prepared(cfg, problems + process_problems(cfg, nproc))
+    if bad_numbers:
+        raise TunelabInputError([*bad_numbers, *problems])
+    return prepared(cfg, problems + process_problems(cfg, nproc) + tuning_problems(cfg, tune)
+                    + seed_problems(cfg.train.seed, seeds))
 
 
 def resolve_with_problems(config: str | Path | dict | ExperimentConfig | None,

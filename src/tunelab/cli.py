@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "validate":
             cmd.add_argument("--nproc", "--processes", type=int, default=1, metavar="N",
                              help="check for a run of N data-parallel processes (as compare --nproc N)")
+            cmd.add_argument("--seeds", type=int, default=1, metavar="K", help="check for compare --seeds K")
+            cmd.add_argument("--tune", type=int, default=0, metavar="N",
+                             help="check for compare --tune N (sweep.space as a sweep searches it)")
         if name == "compare":
             cmd.add_argument("--output", "-o", help="experiment folder (default: runs/compare-<time>)")
             cmd.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
@@ -200,10 +203,15 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from .api import validate
 
-        summary = validate(config, overrides, args.nproc).summary()
+        job = validate(config, overrides, args.nproc, args.seeds, args.tune)
         print("config, model and data are valid:")
-        for key, value in summary.items():
+        for key, value in job.summary().items():
             print(f"  {key}: {value}")
+        if not args.tune:
+            from .sweep.space import space_problems
+
+            for problem in space_problems(job.config):  # only a search refuses them: said, not refused
+                print(f"note: `tunelab sweep` and `compare --tune` would refuse: {problem}", file=sys.stderr)
         return 0
     from .api import compare
     from .report import table

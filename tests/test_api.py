@@ -183,3 +183,14 @@ def test_validate_checks_for_the_seeds_and_tuning_it_is_told_of(tiny_bert, toy_d
     assert "error: --seeds: 2 seeds from train.seed 4294967295" in capsys.readouterr().err
     with pytest.raises(TunelabInputError, match="--seeds: 0 is not allowed"):
         tunelab.validate(None, base[:-1], seeds=0)
+
+
+def test_api_arguments_of_the_wrong_kind_are_input_errors(tmp_path):
+    """export(merge="no") merged (any text is true); report(None) and predict(path, None) were TypeErrors."""
+    with pytest.raises(TunelabInputError, match="merge: 'no' is not allowed; must be True or False"):
+        tunelab.export(tmp_path, tmp_path / "out", merge="no")
+    with pytest.raises(TunelabInputError, match="folder: None is not allowed"):
+        tunelab.report(None)
+    with pytest.raises(TunelabInputError, match="is neither an experiment folder"):
+        tunelab.predict(tmp_path, None)
+    assert isinstance(tunelab.validate(tunelab.ExperimentConfig(), ["methods=lora"]).config, tunelab.ExperimentConfig)

@@ -61,6 +61,8 @@ def report(folder: str | Path) -> Path:
     from .report.summary import summarize
     from .report.view import job_view
 
+    if not isinstance(folder, (str, Path)):
+        raise TunelabInputError([f"folder: {folder!r} is not allowed; give an experiment folder's path"])
     if not (Path(folder) / "results.json").is_file() and (Path(folder) / "sweep.json").is_file():
         return sweep_report(Path(folder))
     payload = read_results(Path(folder))

@@ -17,6 +17,10 @@ def export(path: str | Path, output: str | Path, method: str | None = None, merg
 
     Nothing is deleted until the new folder is complete: it is written next to `output` and swapped in, so a
     refused merge or a crash leaves an earlier export as it was."""
+    flags = [f"{name}: {value!r} is not allowed; must be True or False" for name, value in
+             (("merge", merge), ("overwrite", overwrite)) if not isinstance(value, bool)]  # "no" is true
+    if flags:
+        raise TunelabInputError(flags)
     artifact = find_artifact(path, method)
     out = Path(output).expanduser().resolve()
     problems = output_problems(out, artifact, Path(path).expanduser().resolve(), overwrite)

@@ -142,8 +142,8 @@ def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None 
     from ..tasks.base import EvalSetup
     from ..train.setup import device_problems, make_accelerator
 
-    texts = [texts] if isinstance(texts, str) else list(texts)  # one text, not one per character
-    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    texts = [texts] if isinstance(texts, str) else list(texts or ())  # one text, not one per character
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides or ())
     problems = argument_problems(batch_size, device, precision) or device_problems(device, "--device")
     if problems:
         raise TunelabInputError(problems)

@@ -330,3 +330,15 @@ def test_the_packaged_jobs_row_caps_stay_with_its_packaged_data():
     assert (capped.max_train_samples, capped.max_eval_samples) == (None, 50)
     assert load_config(None, ["data.dataset=someone/reviews"]).data.max_train_samples is None
     assert load_config(None, ["task=causal-lm", "data.dataset=chatterbot-english"]).data.max_train_samples == 800
+
+
+def test_an_empty_text_in_a_config_file_is_refused_not_read_as_the_default(tmp_path):
+    """`text_column: ""` read as "not given" and named the default column 'text' in every later message."""
+    from tunelab.config import config_and_problems
+
+    path = tmp_path / "c.yaml"
+    path.write_text('data:\n  text_column: ""\nmodel:\n  name_or_path: "  "\n')
+    _, problems = config_and_problems(str(path), [])
+    assert problems == [
+        "model.name_or_path: an empty text is not allowed; leave the key out (or null) for its default",
+        "data.text_column: an empty text is not allowed; leave the key out (or null) for its default"]

@@ -124,6 +124,9 @@ def coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     if hint is float:
         return _coerce_float(value, path, problems)
     if hint is str:
+        if isinstance(value, str) and not value.strip():  # read as "not given", it named the default instead
+            problems.append(f"{path}: an empty text is not allowed; leave the key out (or null) for its default")
+            return None
         if isinstance(value, (str, int, float, os.PathLike)) and not isinstance(value, bool):
             return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
         problems.append(f"{path}: expected a string, got {value!r}")

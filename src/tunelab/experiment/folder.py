@@ -92,8 +92,8 @@ def run_file(folder: Path) -> dict[str, Any]:
         raise TunelabInputError([f"--resume: {str(path)!r} does not read ({exc}); it holds the config the "
                                  "experiment was started with: restore it from a backup, or start again in another "
                                  "folder"]) from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
-        raise TunelabInputError([f"--resume: {str(path)!r} is not a tunelab run file (no config in it)"])
+    if not isinstance(payload, dict):
+        raise TunelabInputError([f"--resume: {str(path)!r} is not a tunelab run file (not a JSON object)"])
     return payload
 
 
@@ -158,6 +158,8 @@ def saved_config(folder: Path) -> tuple[ExperimentConfig, str]:
     if not (folder / RUN_FILE).is_file():
         raise TunelabInputError([f"--resume: {str(folder)!r} holds no tunelab experiment (no {RUN_FILE})"])
     payload = run_file(folder)
+    if not isinstance(payload.get("config"), dict):
+        raise TunelabInputError([f"--resume: {str(folder / RUN_FILE)!r} is not a tunelab run file (no config in it)"])
     problems: list[str] = []
     cfg = from_dict(payload["config"], problems)
     if problems:

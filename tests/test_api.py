@@ -194,3 +194,10 @@ def test_api_arguments_of_the_wrong_kind_are_input_errors(tmp_path):
     with pytest.raises(TunelabInputError, match="is neither an experiment folder"):
         tunelab.predict(tmp_path, None)
     assert isinstance(tunelab.validate(tunelab.ExperimentConfig(), ["methods=lora"]).config, tunelab.ExperimentConfig)
+
+
+def test_allow_config_change_without_resume_is_refused(tmp_path, capsys):
+    from tunelab.cli import main
+
+    assert main(["compare", "--allow-config-change", "--output", str(tmp_path / "out")]) == 2
+    assert "--allow-config-change: only with --resume" in capsys.readouterr().err

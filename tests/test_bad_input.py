@@ -207,6 +207,9 @@ CASES = {
     "more virtual tokens than the model has positions": lambda t, b, base: (
         [*base, "methods=prompt-tuning", "prompt-tuning.num_virtual_tokens=60"],
         ["exceeds the model's 64 positions; use at most 32 virtual tokens"]),  # (not: lower max_length to 4)
+    "all-linear beside module names": lambda t, b, base: (
+        [*base, "methods=lora", "lora.target_modules=[all-linear, query]"],
+        ["lora.target_modules: 'all-linear' stands alone"]),
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

@@ -231,6 +231,9 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
     if resume and overwrite:  # --overwrite was ignored: which one was meant is the user's to say
         raise TunelabInputError(["--overwrite: with --resume, which continues what --output holds; drop one"])
+    if allow_config_change and not resume:  # ignored: a new experiment has no earlier config to differ from
+        raise TunelabInputError(["--allow-config-change: only with --resume (it lets a resumed experiment take "
+                                 "another config); drop it"])
     bad_numbers = count_problems(seeds=(seeds, 1), tune=(tune, 0), nproc=(nproc, 1))
     if bad_numbers:  # with the config's problems, all at once
         resolve(None if resume else config, () if resume else overrides, bad_numbers)

@@ -109,6 +109,9 @@ class Lora(PeftMethod):
         problems = []
         if opts.init == "orthogonal" and opts.r % 2:  # peft splits an orthogonal matrix into two halves
             problems.append(f"{self.name}.init: 'orthogonal' needs an even {self.name}.r, got {opts.r}")
+        if opts.target_modules and ALL_LINEAR in opts.target_modules and len(opts.target_modules) > 1:
+            return problems + [f"{self.name}.target_modules: {ALL_LINEAR!r} stands alone (it names every linear "
+                               f"layer already); give [{ALL_LINEAR}] or a list of module names"]
         targets = self.targets(model, opts, ctx.head_modules)
         return problems + target_problems(self.name, model, targets, ctx.head_modules)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def cache_folder() -> Path:
     """Where measurements of this machine are kept ($TUNELAB_CACHE, else ~/.cache/tunelab)."""
-    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")  # (set but empty: unset)
 
 
 def read_measurements(name: str) -> dict:

@@ -19,7 +19,9 @@ MARKER = "tunelab-source.json"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab") / "models"
+    from ..machine import cache_folder
+
+    return cache_folder() / "models"
 
 
 def converted_gguf_model(package: str, gguf_file: str, display_name: str, root: Path | None = None) -> Path:

@@ -37,8 +37,11 @@ def converted_gguf_model(package: str, gguf_file: str, display_name: str, root: 
     shutil.rmtree(tmp, ignore_errors=True)
     convert(source, tmp)
     (tmp / MARKER).write_text(json.dumps(expected))  # written last: a folder without it is never used
+    if read_marker(target) == expected:  # another process finished first, and may be loading from it now
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
     if target.exists():
-        shutil.rmtree(target, ignore_errors=True)  # stale (the package changed); a racing writer's is as good
+        shutil.rmtree(target, ignore_errors=True)  # stale: converted from another version of the package
     try:
         tmp.rename(target)
     except OSError:  # another process put a complete folder there first

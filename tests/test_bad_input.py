@@ -137,7 +137,7 @@ CASES = {
     "wrong extension": lambda t, b, base: ([*base, f"data.train_file={write(t / 'd.txt', 'x')}"], ["extension '.txt'", ".csv"]),
     "undecodable bytes": lambda t, b, base: (
         [*base, f"data.train_file={write(t / 'b.csv', b'text,label' + bytes([10, 0xFF, 0xFE]) + b',1' + bytes([10]))}"],
-        ["not UTF-8"]),
+        ["not UTF-8 text (bad byte 0xff at offset 11, line 2)"]),
     "missing text column": lambda t, b, base: ([*base, "data.text_column=review"], ["data.text_column: column 'review'", "text, label"]),
     "missing label column": lambda t, b, base: ([*base, "data.label_column=stars"], ["data.label_column: column 'stars'"]),
     "misspelt column": lambda t, b, base: (

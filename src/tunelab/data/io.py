@@ -61,6 +61,18 @@ def unused_source_keys(cfg: "DataConfig", why: str) -> list[str]:
             "(data.dataset); unset it" for key, default in SOURCE_KEYS.items() if getattr(cfg, key) != default]
 
 
+def not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8, counted in the file's bytes (a reader decoding in chunks, or past a
+    byte-order mark, reports an offset of its own)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"is not UTF-8 text (bad byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line})"
+    return "is not UTF-8 text"
+
+
 def training_file_reused(cfg: "DataConfig") -> list[str]:
     """The training file named again for validation or test: a model chosen or scored on rows it trained on
     (refused as the same split of a dataset is; validation = test stays the user's call, as there)."""
@@ -118,8 +130,8 @@ def read_table(path_text: str, field: str, problems: list[str]) -> pd.DataFrame 
         with reader_errors_unlogged(), tempfile.TemporaryDirectory(prefix="tunelab-read-") as cache:
             loaded = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split", cache_dir=cache)
             return loaded.to_pandas()
-    except UnicodeDecodeError as exc:
-        problems.append(f"{field}: {path_text!r} is not UTF-8 text (bad byte at offset {exc.start})")
+    except UnicodeDecodeError:
+        problems.append(f"{field}: {path_text!r} {not_utf8(path)}")
     except Exception as exc:  # the readers raise many kinds; the user needs the cause, not a traceback
         if "corresponds to no data" in str(exc) or isinstance(exc, pd.errors.EmptyDataError):  # a header, no rows
             problems.append(f"{field}: {path_text!r} has no rows")

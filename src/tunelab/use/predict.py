@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..data.io import json_shape_problem
+from ..data.io import json_shape_problem, not_utf8
 from ..errors import TunelabInputError
 from ..experiment.results import json_safe
 from .artifact import Artifact, find_artifact, load_artifact
@@ -75,8 +75,8 @@ def _file_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[s
         return
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first input
-    except UnicodeDecodeError as exc:
-        raise TunelabInputError([f"--input: {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"]) from None
+    except UnicodeDecodeError:
+        raise TunelabInputError([f"--input: {str(path)!r} {not_utf8(path)}"]) from None
     shape = json_shape_problem(text) if suffix == ".json" else None
     if shape:
         raise TunelabInputError([f"--input: {str(path)!r} {shape}"])
@@ -119,8 +119,8 @@ def _table_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[
     try:
         frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else \
             read_csv_as_text(path, skip_blank_lines=False)  # a blank line is an empty input, refused
-    except UnicodeDecodeError as exc:
-        raise TunelabInputError([f"--input: {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"]) from None
+    except UnicodeDecodeError:
+        raise TunelabInputError([f"--input: {str(path)!r} {not_utf8(path)}"]) from None
     except Exception as exc:  # the readers raise many kinds; the user needs the cause, not a traceback
         raise TunelabInputError([f"--input: could not read {str(path)!r} ({type(exc).__name__}: {exc})"]) from None
     if not any(k in frame.columns for k in keys):

@@ -191,7 +191,7 @@ def test_a_snapshot_holding_only_the_config_serves_estimates_not_runs(tmp_path, 
     fake_hub(monkeypatch, snapshot, fetched)
     hub.hub_model_path("someone/llama", None)
     (_, _, patterns), = fetched
-    assert "*.safetensors" in patterns and "*.json" in patterns
+    assert "model*.safetensors" in patterns and "*.json" in patterns
 
 
 def test_a_decoder_classifier_without_a_pad_id_is_traced_as_training_prepares_it(tmp_path):

@@ -253,6 +253,10 @@ def test_a_cached_snapshot_missing_a_shard_is_named_offline(tmp_path, tiny_bert,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(TunelabInputError, match=r"without weight shards its index names \(model-00002-of-00002"):
         hub.hub_model_path("someone/bert", None)
+    # complete: the .bin index beside it names shards of the format not fetched, which are not missed
+    (sharded / "model-00002-of-00002.safetensors").write_bytes(b"")
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "pytorch_model-1.bin"}}))
+    assert hub.missing_shards(sharded) == []
 
 
 def test_hub_ids_and_paths_are_told_apart():

@@ -159,6 +159,11 @@ def test_an_adapter_is_not_rebuilt_on_other_base_weights(method, experiment, tin
     assert manifest["base_source"] == "local" and manifest["base_fingerprint"]
     (artifact_dir / "tunelab.json").write_text(json.dumps({**manifest, "base_model": str(base)}))
     load_artifact(find_artifact(artifact_dir))  # the same weights in another folder: fine
+    # files from_pretrained does not read, and the transformers version a config was saved by, change nothing
+    (base / "training_args.bin").write_bytes(b"x" * 100)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}))
+    load_artifact(find_artifact(artifact_dir))
     weights = load_file(base / "model.safetensors")
     save_file({k: v + 0.01 for k, v in weights.items()}, base / "model.safetensors")  # same size, other numbers
     with pytest.raises(TunelabInputError, match="is not the one it was trained on"):

@@ -4,23 +4,33 @@ another model can come to stand under the same name."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 SAMPLES_PER_FILE = 16
 SAMPLE_BYTES = 1 << 16
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")
+# the weights from_pretrained reads, in its order of preference: other files beside them (training_args.bin, a
+# second export such as consolidated.safetensors, a .bin copy fetched later) do not make it another model
+WEIGHT_FORMATS = ("model*.safetensors", "pytorch_model*.bin", "*.gguf")
 
 
 def weights_fingerprint(model_path: str | Path) -> str:
-    """A hash of the config and of samples spread over every weight file (with their names and sizes): reading
-    1 MB a file, not the weights whole (a 7B model's 14 GB would take a minute to hash). Retraining or replacing
-    a model changes every sample; an edit to a few bytes between them can escape it."""
+    """A hash of the config (without the transformers version that saved it) and of samples spread over each
+    weight file the model loads (with their names and sizes): reading 1 MB a file, not the weights whole (a 7B
+    model's 14 GB would take a minute to hash). Retraining or replacing a model changes every sample; an edit
+    to a few bytes between them can escape it."""
     folder = Path(model_path)
     digest = hashlib.sha256()
-    files = sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern)}) + [folder / "config.json"]
-    for path in files:
-        if not path.is_file():
-            continue
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            settings = json.loads(config.read_text())
+            settings.pop("transformers_version", None)
+            digest.update(json.dumps(settings, sort_keys=True).encode())
+        except (OSError, ValueError, AttributeError):
+            digest.update(config.read_bytes())
+    weights = next((files for pattern in WEIGHT_FORMATS if (files := sorted(folder.glob(pattern)))), [])
+    for path in weights:
         size = path.stat().st_size
         digest.update(f"{path.name}:{size}".encode())
         with open(path, "rb") as fh:

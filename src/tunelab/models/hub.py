@@ -98,16 +98,20 @@ def missing_for_a_run(folder: str) -> str:
 
 
 def missing_shards(path: Path) -> list[str]:
-    """The shard files a sharded checkpoint's index names that are not there (a download cut short)."""
+    """The shard files a sharded checkpoint's index names that are not there (a download cut short), of the
+    format loaded (safetensors where there are any: repositories ship a .bin index too, whose shards a download
+    of one format never fetches)."""
     import json
 
-    for index in path.glob("*.index.json"):
-        try:
-            names = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        except (OSError, ValueError, AttributeError):
-            continue
-        return sorted(name for name in names if not (path / name).is_file())
-    return []
+    index = next((path / name for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (path / name).is_file()), None)
+    if index is None:
+        return []
+    try:
+        names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (OSError, ValueError, AttributeError):
+        return []
+    return sorted(name for name in names if not (path / name).is_file())
 
 
 def wanted_patterns(repo_id: str, revision: str | None, config_only: bool) -> list[str]:

@@ -57,6 +57,10 @@ def test_a_mapping_override_adds_to_its_section_and_a_space_entry_takes_a_dotted
     assert set(cfg.sweep.space) == {"lora.r", "lora.alpha"} and cfg.sweep.space["lora.alpha"]["high"] == 32
     cfg = load_config(str(path), ["sweep.space={lora.alpha: {low: 8, high: 32}, lora.r: null}"])
     assert cfg.sweep.space.get("lora.r") is None and cfg.sweep.space["lora.alpha"]["low"] == 8
+    # an entry is replaced whole: choices become a range (merged, both were refused together)
+    for item in ("sweep.space.lora.r={low: 2, high: 16}", "sweep.space={lora.r: {low: 2, high: 16}}",
+                 "sweep={space: {lora.r: {low: 2, high: 16}}}"):
+        assert load_config(str(path), [item]).sweep.space["lora.r"] == {"low": 2, "high": 16}, item
     assert "(a method's options are METHOD.KEY, e.g. lora.r=8)" in problems_of(["methods.lora.r=8"])[0]
 
 

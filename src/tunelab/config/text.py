@@ -109,13 +109,14 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> None:
             problems.append(f"override {item!r}: {part!r} is a value, not a section{hint}")
             return
         node = child
-    node[parts[-1]] = merged(node.get(parts[-1]), value)
+    node[parts[-1]] = merged(node.get(parts[-1]), value, tuple(parts))
 
 
-def merged(old, new):
+def merged(old, new, where: tuple[str, ...] = ()):
     """A mapping given for a section adds to what the section holds (`data={max_length: 64}` keeps the other
-    data keys; `sweep.space={lora.alpha: ...}` adds a searched option beside the file's); a key set to null
-    in it removes a search-space entry. Anything else replaces."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
+    data keys; `sweep.space={lora.alpha: ...}` adds a searched option beside the file's). A search-space entry
+    is replaced whole (choices for a range, a range without the file's `log`); set to null it is removed.
+    Anything else replaces."""
+    if not (isinstance(old, dict) and isinstance(new, dict)) or where[:2] == ("sweep", "space") and len(where) > 2:
         return new
-    return {**old, **{key: merged(old.get(key), value) for key, value in new.items()}}
+    return {**old, **{key: merged(old.get(key), value, (*where, str(key))) for key, value in new.items()}}

@@ -226,6 +226,11 @@ def test_a_classifier_head_of_the_same_size_is_kept_only_for_the_same_labels_in_
         assert not torch.equal(other.classifier.weight, saved.classifier.weight), labels
         assert other.config.id2label == dict(enumerate(labels))
         torch.testing.assert_close(other.bert.pooler.dense.weight, saved.bert.pooler.dense.weight)
+    # a checkpoint that named no labels (transformers' LABEL_0, LABEL_1) keeps its head by position
+    unnamed = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    unnamed.save_pretrained(tmp_path / "unnamed")
+    kept = load_pretrained(str(tmp_path / "unnamed"), task, {"labels": ["0", "1"]})
+    torch.testing.assert_close(kept.classifier.weight, unnamed.classifier.weight)
 
 
 def test_a_decoder_classifier_without_a_pad_id_in_its_config_pads_as_its_tokenizer_does(tiny_llama, toy_data,

@@ -123,9 +123,13 @@ class Classification(Task):
         return "Classify the text as " + " or ".join(map(str, info.get("labels") or ["a label"])) + "."
 
     def head_is_stale(self, saved_config, info: dict[str, Any]) -> bool:
-        # its rows are the checkpoint's labels in the checkpoint's order: kept only where they are the run's
+        # its rows are the checkpoint's labels in the checkpoint's order: kept where they are the run's, or
+        # where the checkpoint named none (transformers' LABEL_0, LABEL_1...: rows taken by position, as
+        # from_pretrained takes them)
         saved = getattr(saved_config, "id2label", None) or {}
-        return [str(saved[i]) for i in sorted(saved)] != [str(n) for n in info.get("labels") or ["0", "1"]]
+        names = [str(saved[i]) for i in sorted(saved)]
+        run = [str(n) for n in info.get("labels") or ["0", "1"]]
+        return names != run and names != [f"LABEL_{i}" for i in range(len(run))]
 
     def model_kwargs(self, info: dict[str, Any]) -> dict[str, Any]:
         names = info.get("labels") or ["0", "1"]

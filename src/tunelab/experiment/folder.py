@@ -115,13 +115,17 @@ def format_problems(folder: Path) -> list[str]:
 def changed_data_problems(folder: Path, fingerprint: str, allow_change: bool | None) -> list[str]:
     """The config names the data files, not what is in them: an edited file (or another tokenizer behind the
     same name) resumed silently, the first steps trained on the old rows and the rest on the new."""
-    saved = run_file(folder).get("data_fingerprint")
+    started = run_file(folder)
+    saved = started.get("data_fingerprint")
     if saved is None or saved == fingerprint or allow_change:  # (folders of earlier versions kept none)
         return []
     remedy = "pass --allow-config-change to continue on these" if allow_change is not None else \
         "start another sweep for these"
+    # a folder that recorded no format was started before causal-lm rows were dropped before the caps
+    earlier = "" if "format" in started else ", or the folder was started by an earlier tunelab, which selected " \
+        "causal-lm rows after the size caps"
     return [f"--resume: the data differ from those {str(folder)!r} was started with (a data file, the dataset or "
-            "the tokenizer changed since); its finished runs and checkpoints trained on the earlier rows: "
+            f"the tokenizer changed since{earlier}); its finished runs and checkpoints trained on the earlier rows: "
             f"restore them, or {remedy}"]
 
 

@@ -56,7 +56,13 @@ def test_a_csv_folder_is_checked_as_a_train_file_is(tmp_path, model_args):
     (folder / "train.csv").write_text("text,label\n" + "great, really,pos\n" + rows.to_csv(index=False, header=False))
     with pytest.raises(TunelabInputError, match="line 2 has 3 fields but the header has 2"):
         validate(overrides=[*model_args, f"data.dataset={folder}"])
+    rows.to_csv(folder / "train.csv", index=False)
+    rows.rename(columns={"text": "review"}).to_csv(folder / "train-2.csv", index=False)
+    with pytest.raises(TunelabInputError, match="the train files of .* have different columns: train-2.csv: review, "
+                                                "label; train.csv: text, label"):
+        validate(overrides=[*model_args, f"data.dataset={folder}"])
     (folder / "train.csv").unlink()
+    (folder / "train-2.csv").unlink()
     rows.loc[0, "text"] = 'a 5" box ' + "good " * 40_000  # 200 KB in one field, and a literal quote
     rows.to_csv(folder / "train.tsv", sep="\t", index=False, quoting=3)
     job = validate(overrides=[*model_args, f"data.dataset={folder}"])

@@ -88,6 +88,10 @@ def load_csv_folder(path: Path, config_name: str | None):
                 frames.append(read_csv_as_text(Path(file)))
             except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError included
                 raise TunelabInputError([f"data.dataset: {str(file)!r} does not read as a table: {exc}"]) from None
+        columns = {str(file): list(frame.columns) for file, frame in zip(files, frames)}
+        if len({frozenset(names) for names in columns.values()}) > 1:  # concatenated, each lacks the other's
+            raise TunelabInputError([f"data.dataset: the {split} files of {str(path)!r} have different columns: "
+                                     + "; ".join(f"{Path(f).name}: {', '.join(c)}" for f, c in columns.items())])
         frame = pd.concat(frames, ignore_index=True)
         splits[str(split)] = datasets.Dataset.from_pandas(frame, preserve_index=False)
     return datasets.DatasetDict(splits)

@@ -22,7 +22,7 @@ def test_results_written_before_tasks_still_rebuild_a_report(tmp_path):
     assert (tmp_path / "plots" / "tradeoffs.png").stat().st_size > 1000
     # one run each and no per-example results: no test could run, and the report says so (it called them ties)
     assert "| 2 | lora | 1 | 0.657 | 0.397 | 0.674 | untested (+0.000) |" in report and " tie" not in report
-    assert "Not tested against the best (one run each, no per-example test results): lora" in report
+    assert "Not tested against the best (no per-example test results, and one run each): lora" in report
     # results.csv has the metric columns the report shows (it had none: the file names no metrics)
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert {"best_val.accuracy", "test.accuracy", "test.f1_macro"} <= set(header)
@@ -102,3 +102,21 @@ def test_the_report_ranks_the_records_as_they_are_now(tmp_path):
     assert rewritten["created"] == payload["created"] and rewritten["methods"] == kept
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 2 and kept[0]["method"] in rows[1]
+
+
+def test_an_untested_difference_over_seeds_says_why(tmp_path):
+    """The same gap on both seeds and no per-example results: no test applies, and the report said "one run
+    each" and advised --seeds 3 to a two-seed experiment."""
+    payload = json.loads(LEGACY.read_text())
+    full = next(r for r in payload["methods"] if r["method"] == "full")
+    runs = []
+    for method, accuracy in (("full", 0.70), ("lora", 0.65)):
+        for seed in (42, 43):
+            test = {**full["test"], "accuracy": accuracy + (seed - 42) * 0.01}
+            runs.append({**full, "method": method, "run_id": f"{method}/seed-{seed}", "seed": seed, "test": test})
+    (tmp_path / "results.json").write_text(json.dumps({**payload, "methods": runs, "summary": []}))
+    assert main(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| lora | 2 |" in report and "untested (-0.050)" in report
+    assert ("Not tested against the best (no per-example test results, and the same difference on every seed): "
+            "lora; whether the gap is noise is unknown: a test split (data.test_file) gives a test.") in report

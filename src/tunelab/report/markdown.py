@@ -7,7 +7,7 @@ from typing import Any, Callable
 from . import stats
 from .figures import write_figures
 from .html import write_html
-from .summary import UNTESTED, interval_text, summarize
+from .summary import UNTESTED, UNTESTED_SEEDS, interval_text, summarize
 from .view import arrow, baseline_value, job_view, md_text, metric_text, ordered_metrics
 
 
@@ -59,7 +59,8 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
         lines.append(f"| {e['rank']} | {md_text(e['method'])} | {e['n']} | " +
                      " | ".join(interval_text(e["metrics"][m]) for m in metrics) + f" | {verdict_text(e['verdict'])} |")
     methods_used = sorted({e["metrics"][metrics[0]]["ci_method"] for e in entries if e["metrics"][metrics[0]]["ci95"]})
-    tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")} - {UNTESTED})
+    tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")}
+                        - {UNTESTED, UNTESTED_SEEDS})
     pairs = max((e["verdict"].get("holm_pairs") or 0 for e in entries), default=0)
     holm = (f", p-values adjusted by Holm's method over all {pairs} pairs of ranked methods (the best is picked "
             "after seeing the scores, so each comparison with it stands for any pair)" if pairs else "")
@@ -68,9 +69,9 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
                 "" if any(e["verdict"]["result"] == "untested" for e in entries) else
                 "No method was tested against the best (no two finished methods with results to compare).")
     if any(e["verdict"]["result"] == "untested" for e in entries):
-        verdicts += (" " if verdicts else "") + ("\"untested\": no test could be run (one run each, and no "
-                                                  "per-example test results to resample), so the difference may be "
-                                                  "noise or not.")
+        verdicts += (" " if verdicts else "") + ("\"untested\": no test could be run (no per-example test "
+                                                  "results to resample, and one run each or the same difference on "
+                                                  "every seed), so the difference may be noise or not.")
     no_interval = "none (one run per method, and no per-example test results of two or more examples to bootstrap)"
     lines += ["", f"Intervals: {', '.join(methods_used) or no_interval}. {verdicts}{zero_width_note(entries, metrics)}",
               ""]
@@ -153,9 +154,11 @@ def reading(records: list[dict], job: dict[str, Any], entries: list[dict]) -> li
     if named["tie"]:
         notes.append(f"- Not distinguishable from the best at this sample size (ties): {', '.join(named['tie'])}.")
     if named["untested"]:
-        notes.append(f"- Not tested against the best (one run each, no per-example test results): "
-                     f"{', '.join(named['untested'])}; whether the gap is noise is unknown: `--seeds 3`, or a "
-                     "test split (data.test_file), gives a test.")
+        seeded = any(e["n"] > 1 for e in entries)
+        notes.append(f"- Not tested against the best (no per-example test results, and "
+                     f"{'the same difference on every seed' if seeded else 'one run each'}): "
+                     f"{', '.join(named['untested'])}; whether the gap is noise is unknown: "
+                     f"{'' if seeded else '`--seeds 3`, or '}a test split (data.test_file) gives a test.")
     if named["worse"]:
         notes.append(f"- Worse than the best beyond chance: {', '.join(named['worse'])} (a paired test, on the same "
                      "seeds and test examples: the intervals above, each of one method, may still overlap).")

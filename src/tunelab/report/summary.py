@@ -119,6 +119,8 @@ def verdict(entry: dict, best: dict, c: Comparison) -> dict:
             test = also_over_test_examples(test, mine, theirs, paired_seeds, c)
     if test is None or test["p_value"] is None:  # one shared seed, or seeds that all differ alike
         test = same_seed_bootstrap(mine, theirs, paired_seeds, c)
+        if test["p_value"] is None and len(paired_seeds) >= 2:
+            test = {**test, "test": UNTESTED_SEEDS}
     if paired_seeds and not len(mine) == len(theirs) == len(paired_seeds):
         # the test saw only the seeds both ran: its difference is not that of the means ranked above
         test = {**test, "on_seeds": paired_seeds}
@@ -174,6 +176,7 @@ def same_seed_bootstrap(mine: list[dict], theirs: list[dict], shared: list, c: C
 
 
 UNTESTED = "none (one run each, no per-example results)"
+UNTESTED_SEEDS = "none (the same difference on every seed, no per-example results)"
 
 
 def bootstrap_verdict(mine: dict, theirs: dict, c: Comparison) -> dict:

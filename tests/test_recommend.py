@@ -33,6 +33,7 @@ def test_sizes_and_durations_parse():
     assert parse_duration_s("2hours") == 7200 and parse_duration_s("3600s") == 3600
     assert parse_size_mb("0.5T") == 512 * 1024 and parse_size_mb("512kb") == 0.5 and parse_duration_s("2d") == 172800
     assert parse_duration_s("1h30m") == 5400 and parse_duration_s("1h 30min 15s") == 5415
+    assert parse_duration_s("1e3s") == 1000 and parse_duration_s("1h0m") == 3600
     for bad in ("1h30", "1hx30m", "h30m"):
         with pytest.raises(ValueError, match="1h30m"):
             parse_duration_s(bad)

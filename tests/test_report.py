@@ -120,3 +120,14 @@ def test_an_untested_difference_over_seeds_says_why(tmp_path):
     assert "| lora | 2 |" in report and "untested (-0.050)" in report
     assert ("Not tested against the best (no per-example test results, and the same difference on every seed): "
             "lora; whether the gap is noise is unknown: a test split (data.test_file) gives a test.") in report
+
+
+def test_a_tuned_comparison_keeps_its_trial_plots_when_no_final_run_succeeded(tmp_path):
+    """The stale-plot cleanup deleted sweep_lr.png, which sweep.md still shows, when every final run failed."""
+    from tunelab.report.figures import write_figures
+
+    trials = [{"params": {"lora.lr": lr}, "value": v, "state": "COMPLETE"} for lr, v in ((1e-4, 0.6), (1e-3, 0.7))]
+    studies = {"lora": {"trials": trials, "metric": "accuracy", "importances": {}}}
+    job = {"metrics": {"accuracy": "higher"}, "metric_for_best": "accuracy"}
+    drawn = write_figures(tmp_path, [{"method": "lora", "status": "failed"}], job, [], studies)
+    assert [p.name for p in drawn] == ["sweep_lr.png"] and (tmp_path / "plots" / "sweep_lr.png").is_file()

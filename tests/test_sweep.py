@@ -200,6 +200,11 @@ def test_a_method_whose_trials_all_fail_stops_without_stopping_the_others(tiny_o
     (tmp_path / "sweep.md").unlink()
     assert cli_here(["report", str(tmp_path)]).returncode == 0
     assert (tmp_path / "sweep.md").read_text() == written
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    del summary["studies"]["bitfit"]["importances"]  # hand-edited: a traceback before
+    (tmp_path / "sweep.json").write_text(json.dumps(summary))
+    refused = cli_here(["report", str(tmp_path)])
+    assert refused.returncode == 2 and "is not a readable sweep summary (KeyError: 'importances')" in refused.stderr
 
 
 def test_a_drawn_training_setting_the_method_cannot_use_is_pruned_not_a_crash(tiny_overrides, tmp_path):

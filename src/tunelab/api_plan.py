@@ -82,10 +82,10 @@ def sweep_report(folder: Path) -> Path:
 
     try:
         payload = json.loads((folder / "sweep.json").read_text())
-        job, studies = payload["job"], payload["studies"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TunelabInputError([f"{str(folder / 'sweep.json')!r} is not a readable sweep summary: {exc!r}"]) from None
-    return write_sweep(folder, job, studies)
+        return write_sweep(folder, payload["job"], payload["studies"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # hand-edited, or of another version
+        raise TunelabInputError([f"{str(folder / 'sweep.json')!r} is not a readable sweep summary "
+                                 f"({type(exc).__name__}: {exc}); a sweep rewrites it on --resume"]) from None
 
 
 def budget(problems: list[str], flag: str, value: str | float, parse) -> float | None:

@@ -36,15 +36,21 @@ def parse_size_mb(text: str) -> float:
 
 
 def parse_duration_s(text: str) -> float:
-    """'2h', '90m', '45min', '2hours', '1h30m' → seconds. A bare number is refused, as for sizes."""
-    parts = re.findall(r"[\d.]+\s*[a-z]+", text.strip().lower())
+    """'2h', '90m', '45min', '2hours', '1e3s', '1h30m' → seconds. A bare number is refused, as for sizes."""
     example = "e.g. 2h, 1h30m, 90min or 3600s"
-    if len(parts) < 2 or "".join(parts).replace(" ", "") != text.strip().lower().replace(" ", ""):
+    try:
         return _with_unit(text, TIME_UNITS, example)
-    return sum(_with_unit(part, TIME_UNITS, example) for part in parts)
+    except ValueError as single:
+        parts = re.findall(r"\d+(?:\.\d+)?\s*[a-z]+", text.strip().lower())  # 1h30m: a number and unit each
+        if len(parts) < 2 or "".join(parts).replace(" ", "") != text.strip().lower().replace(" ", ""):
+            raise single from None
+    total = sum(_with_unit(part, TIME_UNITS, example, allow_zero=True) for part in parts)  # 1h0m is 1h
+    if total <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return total
 
 
-def _with_unit(text: str, units: dict[str, float], example: str) -> float:
+def _with_unit(text: str, units: dict[str, float], example: str, allow_zero: bool = False) -> float:
     value = text.strip().lower().replace(" ", "")
     for unit in sorted(units, key=len, reverse=True):  # 'min' before 'm', 'gib' before 'b'-less 'g'
         number = value[:-len(unit)]
@@ -53,7 +59,7 @@ def _with_unit(text: str, units: dict[str, float], example: str) -> float:
                 result = float(number) * units[unit]
             except ValueError:
                 break
-            if result > 0:
+            if result > 0 or allow_zero and result == 0:
                 return result
             raise ValueError(f"{text!r} must be more than 0")
     raise ValueError(f"could not read {text!r}: a number and a unit ({', '.join(units)}), {example}")

@@ -244,9 +244,10 @@ def length_problems(cfg: ExperimentConfig, model_config) -> list[str]:
     for name in cfg.methods:
         extra = get_method(name).extra_positions(cfg.options(name))
         if extra and cfg.data.max_length <= limit < cfg.data.max_length + extra:
-            fewer = f"use at most {limit - cfg.data.max_length} virtual tokens"
-            remedy = f"lower data.max_length to {limit - extra}, or {fewer}" if limit - extra >= USEFUL_MAX_LENGTH \
-                else fewer  # (no room left for a text: a length of a few tokens is no remedy)
+            # each remedy where it leaves something: a text of a few tokens, or no virtual token, is none
+            remedies = [f"lower data.max_length to {limit - extra}"] * (limit - extra >= USEFUL_MAX_LENGTH) + \
+                [f"use at most {limit - cfg.data.max_length} virtual tokens"] * (limit > cfg.data.max_length)
+            remedy = ", or ".join(remedies) or f"use a model with more than {limit} positions"
             problems.append(f"{name}: data.max_length {cfg.data.max_length} + {extra} virtual tokens exceeds "
                             f"the model's {limit} positions; {remedy}")
         # a prompt keeps at least one token free of max_length (for its answer); generation then adds up to `new`

@@ -82,7 +82,11 @@ def resolve_model_path(name_or_path: str, revision: str | None = None, config_on
     if not is_hub_id(name_or_path):
         raise TunelabInputError([f"model.name_or_path: {name_or_path!r} is not a local model folder, a "
                                  f"packaged model ({', '.join(PACKAGED_MODELS)}) or a hub id"])
-    return hub_model_path(name_or_path, revision, config_only)
+    snapshot = hub_model_path(name_or_path, revision, config_only)
+    problem = folder_problem(Path(snapshot))  # a hub repository holding an adapter beside its weights, too
+    if problem and not config_only:
+        raise TunelabInputError([f"model.name_or_path: {name_or_path!r} {problem}"])
+    return snapshot
 
 
 def folder_problem(path: Path) -> str:

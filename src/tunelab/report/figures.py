@@ -25,15 +25,16 @@ def write_figures(out_dir: Path, records: list[dict], job: dict[str, Any], entri
     folder = out_dir / "plots"
     ok = [r for r in records if r["status"] == "success"]
     drawn: list[Path | None] = []
-    if ok:
+    colors = method_colors([e["method"] for e in entries] + [r["method"] for r in ok] + list(studies or {}))
+    if ok or studies:
         folder.mkdir(exist_ok=True)
+    if ok:
         metric = ordered_metrics(job)[0]
-        colors = method_colors([e["method"] for e in entries] + [r["method"] for r in ok])
         groups = by_method(ok)
         drawn = [validation_curves(folder, groups, job, metric, colors), train_loss_curves(folder, groups, colors),
                  tradeoffs(folder, groups, job, entries, metric, colors)]
-        if studies:
-            drawn += [sweep_learning_rates(folder, studies, job, colors), sweep_importances(folder, studies)]
+    if studies:  # a tuned comparison's trials, whether or not a final run succeeded (sweep.md shows them)
+        drawn += [sweep_learning_rates(folder, studies, job, colors), sweep_importances(folder, studies)]
     drawn_now = [p for p in drawn if p is not None]
     # a plot an earlier build drew and this one does not (its runs failed since, its sweep is gone) would
     # contradict the report beside it

@@ -205,3 +205,17 @@ def test_the_report_says_which_split_answered_and_on_how_many_answers_em_and_f1_
         text = "\n".join(get_task("causal-lm").report_lines({"job": job, "methods": [record]}))
         assert f"## Sample generations ({split} split, greedy)" in text and scored in text, text
 
+
+
+def test_an_estimate_counts_the_rows_a_causal_lm_run_trains_on(tmp_path, tiny_llama):
+    """The rows per epoch an estimate times are those left once prompts that fill max_length are dropped."""
+    from tunelab.config import load_config
+    from tunelab.estimate.rows import epoch_rows
+
+    frame = toy_qa_rows(40)
+    frame.loc[:9, "prompt"] = " ".join(["good"] * 40)
+    frame.to_csv(tmp_path / "qa.csv", index=False)
+    cfg = load_config(None, ["task=causal-lm", f"model.name_or_path={tiny_llama}",
+                             f"data.train_file={tmp_path / 'qa.csv'}", "data.max_length=32",
+                             "data.validation_fraction=0.25"])
+    assert epoch_rows(cfg)[0] == 30 - round(0.25 * 30)

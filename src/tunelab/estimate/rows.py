@@ -24,7 +24,22 @@ def epoch_rows(cfg: ExperimentConfig, given: int | None = None) -> tuple[int | N
     if not local:
         return cap, f"{fallback} (a hub dataset is not downloaded for an estimate; --train-examples gives its size)"
     try:
-        frames, _, _ = load_frames(dataclasses.replace(cfg, data=data), task)
+        frames, _, _ = load_frames(dataclasses.replace(cfg, data=data), task, local_tokenizer(cfg, task))
     except TunelabInputError as exc:
         return cap, f"{fallback} (the data could not be counted: {exc.problems[0]})"
     return len(frames["train"]), f"counted in {'data.train_file' if data.train_file else repr(data.dataset)}"
+
+
+def local_tokenizer(cfg: ExperimentConfig, task):
+    """The tokenizer a run would drop unusable rows with (a causal-lm prompt that fills max_length), where the
+    model is local or cached with it; else None, and those rows are counted."""
+    from ..models.loading import load_tokenizer, resolve_model_path
+    from ..tasks.base import Task
+
+    if type(task).unfit_rows is Task.unfit_rows:  # the task drops nothing by tokens
+        return None
+    try:
+        return load_tokenizer(resolve_model_path(cfg.model_name, cfg.model.revision, config_only=True))
+    except TunelabInputError:
+        return None
+

@@ -126,8 +126,9 @@ def resume_config(out_dir: Path, config, overrides: Sequence[str], allow_change:
     """The saved config; with a config file, that file's; key=value overrides change whichever it is (without
     a file, the saved config: not the packaged job the same overrides would start from). `allow_change` None:
     no change can be allowed (a sweep: its studies are named after the config)."""
-    if format_problems(out_dir):
-        raise TunelabInputError(format_problems(out_dir))
+    problems = format_problems(out_dir)
+    if problems:
+        raise TunelabInputError(problems)
     saved, saved_hash = saved_config(out_dir)
     if config is None and not overrides:
         return saved

@@ -77,3 +77,15 @@ def tsv_quoting(text: str) -> int:
         return csv.QUOTE_MINIMAL
     literal = any('"' in field and not CSV_QUOTED_FIELD.fullmatch(field) for row in rows for field in row)
     return csv.QUOTE_NONE if literal else csv.QUOTE_MINIMAL
+
+
+def not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8, counted in the file's bytes (a reader decoding in chunks, or past a
+    byte-order mark, reports an offset of its own)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"is not UTF-8 text (bad byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line})"
+    return "is not UTF-8 text"

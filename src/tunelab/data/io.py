@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ..errors import TunelabInputError
-from .delimited import read_csv_as_text
+from .delimited import not_utf8, read_csv_as_text
 from .packaged import PACKAGED_DATASETS, load_packaged
 from .sources import frame_with_label_names, read_dataset_source
 
@@ -59,18 +59,6 @@ def unused_source_keys(cfg: "DataConfig", why: str) -> list[str]:
     asked (data.test_split=nope, data.dataset_config=x passed validate)."""
     return [f"data.{key}: {getattr(cfg, key)!r} is not used: {why}; it applies to a dataset folder or hub id "
             "(data.dataset); unset it" for key, default in SOURCE_KEYS.items() if getattr(cfg, key) != default]
-
-
-def not_utf8(path: Path) -> str:
-    """Where a file stops being UTF-8, counted in the file's bytes (a reader decoding in chunks, or past a
-    byte-order mark, reports an offset of its own)."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        return f"is not UTF-8 text (bad byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line})"
-    return "is not UTF-8 text"
 
 
 def training_file_reused(cfg: "DataConfig") -> list[str]:

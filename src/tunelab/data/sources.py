@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import TunelabInputError
 from ..models.hub import is_hub_id, is_offline, path_hint
-from .delimited import read_csv_as_text
+from .delimited import not_utf8, read_csv_as_text
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -26,6 +26,7 @@ VALIDATION_NAMES = ("validation", "valid", "dev", "val")
 # A local folder's files are read anew every time: datasets' cache keys them by path and modification time, so
 # a file edited with its time kept (cp -p, rsync -a, an unzip) was read as it was before.
 REBUILT = "force_redownload"
+
 
 def read_dataset_source(name: str, cfg: "DataConfig", allowed: str) -> dict[str, pd.DataFrame]:
     """Frames per tunelab split from a folder or hub dataset; raises TunelabInputError with every problem."""
@@ -86,7 +87,9 @@ def load_csv_folder(path: Path, config_name: str | None):
         for file in files:
             try:
                 frames.append(read_csv_as_text(Path(file)))
-            except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError included
+            except UnicodeDecodeError:
+                raise TunelabInputError([f"data.dataset: {str(file)!r} {not_utf8(Path(file))}"]) from None
+            except (ValueError, pd.errors.ParserError) as exc:  # EmptyDataError included
                 raise TunelabInputError([f"data.dataset: {str(file)!r} does not read as a table: {exc}"]) from None
         columns = {str(file): list(frame.columns) for file, frame in zip(files, frames)}
         if len({frozenset(names) for names in columns.values()}) > 1:  # concatenated, each lacks the other's

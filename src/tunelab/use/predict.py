@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..data.io import json_shape_problem, not_utf8
+from ..data.delimited import not_utf8
+from ..data.io import json_shape_problem
 from ..errors import TunelabInputError
 from ..experiment.results import json_safe
 from .artifact import Artifact, find_artifact, load_artifact

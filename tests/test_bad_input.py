@@ -82,6 +82,17 @@ def case_model_with_custom_code(tmp, bert, base):
         "does not run"]
 
 
+def case_masked_lm_checkpoint(tmp, bert, base):
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = shutil.copytree(bert, tmp / "mlm")
+    (folder / "model.safetensors").unlink()
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar is not the command's output
+        BertForMaskedLM(BertConfig.from_pretrained(folder)).save_pretrained(folder)
+    return [*base, f"model.name_or_path={folder}"], ["lacks pretrained weights for 2 tensors",
+                                                     "the checkpoint has no pooler (saved from a masked-LM model?)"]
+
+
 CASES = {
     "yaml syntax error": case_yaml_syntax,
     "a section written twice": lambda t, b, base: (
@@ -210,6 +221,7 @@ CASES = {
     "all-linear beside module names": lambda t, b, base: (
         [*base, "methods=lora", "lora.target_modules=[all-linear, query]"],
         ["lora.target_modules: 'all-linear' stands alone"]),
+    "a masked-LM checkpoint without the pooler a classifier reads": case_masked_lm_checkpoint,
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

@@ -220,9 +220,13 @@ def fresh_head(model: nn.Module, head: tuple[str, ...]) -> None:
 
 def missing_weights_message(model_path: str, missing: list[str]) -> str:
     shown = ", ".join(missing[:5])
+    why = "the checkpoint does not match its config's model class"
+    if all(".pooler." in key for key in missing):  # what a checkpoint saved from BertForMaskedLM lacks
+        why = ("the checkpoint has no pooler (saved from a masked-LM model?), which this classifier reads and "
+               "adapter methods would leave random under a frozen backbone")
     return (f"model.name_or_path: {model_path!r} lacks pretrained weights for {len(missing)} tensors of the "
-            f"model's backbone ({shown}{', ...' if len(missing) > 5 else ''}); the checkpoint does not match "
-            "its config's model class, and tunelab refuses to train random weights")
+            f"model's backbone ({shown}{', ...' if len(missing) > 5 else ''}); {why}, and tunelab refuses to "
+            "train random weights")
 
 
 def first_line(error: BaseException | str) -> str:

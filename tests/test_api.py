@@ -201,3 +201,17 @@ def test_allow_config_change_without_resume_is_refused(tmp_path, capsys):
 
     assert main(["compare", "--allow-config-change", "--output", str(tmp_path / "out")]) == 2
     assert "--allow-config-change: only with --resume" in capsys.readouterr().err
+
+
+def test_output_cut_short_by_a_pipe_ends_quietly(tiny_bert, toy_data):
+    """`tunelab validate | head -1` ended in a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    command = (f"{sys.executable} -m tunelab validate model.name_or_path={tiny_bert} "
+               f"data.train_file={toy_data['train']} data.max_length=32 train.batch_size=8 | head -1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.stdout == "config, model and data are valid:\n" and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 141

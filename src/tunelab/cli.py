@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except CompareInterrupted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `tunelab validate | head`: the reader left; end as a SIGPIPE'd tool does, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
+        return 141
 
 
 @contextlib.contextmanager

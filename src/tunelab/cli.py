@@ -102,7 +102,8 @@ def add_use_commands(sub, hub: argparse.ArgumentParser) -> None:
                          help="change a task option for prediction, e.g. causal-lm.max_new_tokens=128")
     predict.add_argument("--method", help="the method whose artifact to use (default: the experiment's best)")
     predict.add_argument("--text", action="append", default=[], help="an input (repeatable)")
-    predict.add_argument("--input", help="a file of inputs: .jsonl, .csv/.tsv, or plain text (one per line)")
+    predict.add_argument("--input", help="a file of inputs: .jsonl, a .json array, .csv/.tsv, .parquet, or plain "
+                                         "text (one per line)")
     predict.add_argument("--output", "-o", help="write JSON lines here instead of standard output")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

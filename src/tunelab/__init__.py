@@ -21,5 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ExperimentConfig", "TunelabInputError", "compare", "estimate", "export", "predict", "recommend", "report", "sweep",
-           "validate", "__version__"]
+__all__ = ["ExperimentConfig", "TunelabInputError", "compare", "estimate", "export", "predict", "recommend",
+           "report", "sweep", "validate", "__version__"]

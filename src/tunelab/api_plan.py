@@ -66,10 +66,11 @@ def report(folder: str | Path) -> Path:
     if not (Path(folder) / "results.json").is_file() and (Path(folder) / "sweep.json").is_file():
         return sweep_report(Path(folder))
     payload = read_results(Path(folder))
-    problems = content_problems(payload, job_view(payload))
+    job = job_view(payload)
+    problems = content_problems(payload, job)
     if problems:
         raise TunelabInputError([f"{str(Path(folder) / 'results.json')!r}: {p}" for p in problems])
-    payload["summary"] = summarize(payload["methods"], job_view(payload))
+    payload["summary"] = summarize(payload["methods"], job)
     save_results(Path(folder), payload)
     return write_report(Path(folder), payload)
 

@@ -21,13 +21,13 @@ import torch
 
 from .. import __version__
 from ..methods.base import get_method
+from ..models.fingerprint import weights_fingerprint
 from ..train import faults
 from ..train.checkpoint import Checkpointer, CheckpointUnreadable, started_with
 from ..train.distributed import Ranks, check_world, launched_rank, launched_world_size
 from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop, TrainState, Validation,
                           stop_if_non_finite, total_steps)
 from ..train.batches import collate, epoch_batches
-from ..models.fingerprint import weights_fingerprint
 from ..train.precision import choose_precision
 from ..train.sharding import groups_on_shards, make_plain, shard_model
 from ..train.setup import (apply_threads, build_optimizer, build_scheduler, enable_checkpointing, make_accelerator,

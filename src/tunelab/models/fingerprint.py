@@ -7,11 +7,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from .hub import WEIGHT_FORMATS
+
 SAMPLES_PER_FILE = 16
 SAMPLE_BYTES = 1 << 16
-# the weights from_pretrained reads, in its order of preference: other files beside them (training_args.bin, a
-# second export such as consolidated.safetensors, a .bin copy fetched later) do not make it another model
-WEIGHT_FORMATS = ("model*.safetensors", "pytorch_model*.bin", "*.gguf")
 
 
 def weights_fingerprint(model_path: str | Path) -> str:
@@ -29,7 +28,9 @@ def weights_fingerprint(model_path: str | Path) -> str:
             digest.update(json.dumps(settings, sort_keys=True).encode())
         except (OSError, ValueError, AttributeError):
             digest.update(config.read_bytes())
-    weights = next((files for pattern in WEIGHT_FORMATS if (files := sorted(folder.glob(pattern)))), [])
+    # the weights from_pretrained reads, in its order of preference: other files beside them (training_args.bin,
+    # a second export such as consolidated.safetensors, a .bin copy fetched later) do not make it another model
+    weights = next((files for patterns in WEIGHT_FORMATS if (files := sorted(folder.glob(patterns[0])))), [])
     for path in weights:
         size = path.stat().st_size
         digest.update(f"{path.name}:{size}".encode())

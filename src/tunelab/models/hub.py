@@ -5,6 +5,7 @@ login`, HF_ENDPOINT); tunelab never reads, stores or logs a token.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 from pathlib import Path
 
@@ -101,8 +102,6 @@ def missing_shards(path: Path) -> list[str]:
     """The shard files a sharded checkpoint's index names that are not there (a download cut short), of the
     format loaded (safetensors where there are any: repositories ship a .bin index too, whose shards a download
     of one format never fetches)."""
-    import json
-
     index = next((path / name for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
                   if (path / name).is_file()), None)
     if index is None:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from . import stats
 from .figures import write_figures
 from .html import write_html
-from .summary import UNTESTED, UNTESTED_SEEDS, interval_text, summarize
+from .summary import interval_text, summarize
 from .view import arrow, baseline_value, job_view, md_text, metric_text, ordered_metrics
 
 
@@ -59,16 +59,17 @@ def ranking(entries: list[dict], job: dict[str, Any]) -> list[str]:
         lines.append(f"| {e['rank']} | {md_text(e['method'])} | {e['n']} | " +
                      " | ".join(interval_text(e["metrics"][m]) for m in metrics) + f" | {verdict_text(e['verdict'])} |")
     methods_used = sorted({e["metrics"][metrics[0]]["ci_method"] for e in entries if e["metrics"][metrics[0]]["ci95"]})
-    tests_used = sorted({e["verdict"]["test"] for e in entries if e["verdict"].get("test")}
-                        - {UNTESTED, UNTESTED_SEEDS})
+    untested = any(e["verdict"]["result"] == "untested" for e in entries)
+    tests_used = sorted({e["verdict"]["test"] for e in entries
+                         if e["verdict"].get("test") and e["verdict"]["result"] != "untested"})
     pairs = max((e["verdict"].get("holm_pairs") or 0 for e in entries), default=0)
     holm = (f", p-values adjusted by Holm's method over all {pairs} pairs of ranked methods (the best is picked "
             "after seeing the scores, so each comparison with it stands for any pair)" if pairs else "")
     verdicts = (f"Verdicts: {', '.join(tests_used)} at the 5 % level{holm}; \"tie\" means the difference is within "
                 "what chance explains, not that the methods are equal." if tests_used else
-                "" if any(e["verdict"]["result"] == "untested" for e in entries) else
+                "" if untested else
                 "No method was tested against the best (no two finished methods with results to compare).")
-    if any(e["verdict"]["result"] == "untested" for e in entries):
+    if untested:
         verdicts += (" " if verdicts else "") + ("\"untested\": no test could be run (no per-example test "
                                                   "results to resample, and one run each or the same difference on "
                                                   "every seed), so the difference may be noise or not.")

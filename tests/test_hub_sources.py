@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 
 import datasets
 import pytest
@@ -193,6 +194,32 @@ def test_offline_hub_ids_exit_2_saying_so(tmp_path, capsys):
     # an estimate reads the config alone: the hint fetches that, not a model's weights
     assert main(["estimate", "--offline", "model.name_or_path=nobody/no-such-model"]) == 2
     assert "hf download nobody/no-such-model config.json`" in capsys.readouterr().err
+
+
+def test_offline_true_in_python_is_the_flag_for_that_call_only(monkeypatch):
+    """The API's offline=True does what --offline does, in a process that is online, and leaves it online."""
+    import huggingface_hub.constants
+
+    for name in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+             (datasets.config, "HF_DATASETS_OFFLINE")]
+    for module, name in flags:
+        monkeypatch.setattr(module, name, False)
+    seen_inside = []
+    monkeypatch.setattr(hub, "cached_snapshot", lambda *args: seen_inside.append(
+        [getattr(module, name) for module, name in flags]))
+    with pytest.raises(TunelabInputError) as info:
+        validate(overrides=["model.name_or_path=nobody/no-such-model", "data.dataset=nobody/no-such-data"],
+                 offline=True)
+    problems = "\n".join(info.value.problems)
+    assert "'nobody/no-such-model' is not in the local Hugging Face cache and hub access is off" in problems
+    assert "'nobody/no-such-data' is not in the local datasets cache and hub access is off" in problems
+    assert seen_inside == [[True, True, True]]  # what huggingface_hub, transformers and datasets read
+    assert [getattr(module, name) for module, name in flags] == [False, False, False]
+    assert not any(name in os.environ for name in hub.OFFLINE_VARIABLES)
+    with pytest.raises(TunelabInputError, match="offline: 'yes' is not true or false"):
+        validate(offline="yes")
 
 
 def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(monkeypatch, tiny_bert):

@@ -22,6 +22,7 @@ from .experiment.folder import (RUN_FILE, ExperimentLock, changed_data_problems,
                                 write_run_file)
 from .experiment.isolation import StopRequest
 from .experiment.job import Job, prepare_job
+from .models.hub import offline_option
 from .api_checks import count_problems, output_problems, process_problems, run_flag_problems, tuning_problems
 from .train.distributed import launched_world_size, launcher_problems, leave_process_group
 
@@ -63,6 +64,7 @@ def keeps_torch_threads(function):
     return kept
 
 
+@offline_option
 @keeps_torch_threads
 def validate(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
              nproc: int = 1, seeds: int = 1, tune: int = 0) -> Job:
@@ -210,6 +212,7 @@ def run_flags(out_dir: Path, resume: bool, seeds: int | None, tune: int | None,
             **{name: default if given[name] is None else given[name] for name, default in RUN_DEFAULTS.items()}}, []
 
 
+@offline_option
 @keeps_torch_threads
 def compare(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
             output_dir: str | Path | None = None, overwrite: bool = False, show_progress: bool = True,
@@ -296,6 +299,7 @@ class SweepOutcome:
     report_path: Path
 
 
+@offline_option
 @keeps_torch_threads
 def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides: Sequence[str] = (),
           output_dir: str | Path | None = None, trials: int | None = None, storage: str | None = None,

@@ -14,10 +14,12 @@ from .api import resolve
 from .api_checks import count_problems, process_problems
 from .config import ExperimentConfig
 from .errors import TunelabInputError
+from .models.hub import offline_option
 
 Config = str | Path | dict | ExperimentConfig | None
 
 
+@offline_option
 def estimate(config: Config = None, overrides: Sequence[str] = (), train_examples: int | None = None,
              peak_tflops: float | None = None, nproc: int = 1) -> dict[str, Any]:
     """Parameters, peak memory, FLOPs and time per method, from the model's config alone (`tunelab estimate`)."""
@@ -31,6 +33,7 @@ def estimate(config: Config = None, overrides: Sequence[str] = (), train_example
     return estimate_config(cfg, train_examples, peak_tflops=peak_tflops, nproc=nproc)
 
 
+@offline_option
 def recommend(config: Config = None, overrides: Sequence[str] = (), memory: str | float = "",
               time_budget: str | float | None = None, train_examples: int | None = None,
               peak_tflops: float | None = None) -> dict[str, Any]:

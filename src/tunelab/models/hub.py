@@ -4,7 +4,10 @@ login`, HF_ENDPOINT); tunelab never reads, stores or logs a token.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -22,6 +25,52 @@ WEIGHT_FORMATS = (["model*.safetensors"], ["pytorch_model*.bin"])
 def is_offline() -> bool:
     """HF_HUB_OFFLINE=1 (also set by `tunelab --offline`), read now rather than at import time."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@contextlib.contextmanager
+def hub_offline(enabled: bool):
+    """For the calls inside, what `--offline` does for a command: huggingface_hub, transformers and datasets
+    read the variable once, at import, so their flags are switched too (and everything put back after)."""
+    if not enabled or is_offline():
+        yield
+        return
+    import datasets.config as datasets_config
+    import huggingface_hub.constants as hub_constants
+
+    saved_env = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    flags = [(hub_constants, "HF_HUB_OFFLINE"), (datasets_config, "HF_HUB_OFFLINE"),
+             (datasets_config, "HF_DATASETS_OFFLINE")]
+    saved_flags = [getattr(module, name) for module, name in flags]
+    os.environ.update(dict.fromkeys(OFFLINE_VARIABLES, "1"))
+    for module, name in flags:
+        setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for module, name in flags:
+            setattr(module, name, saved_flags.pop(0))
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def offline_option(function):
+    """Gives a Python API function the `offline=False` keyword its command's `--offline` flag is."""
+    @functools.wraps(function)
+    def call(*args, offline: bool = False, **kwargs):
+        if not isinstance(offline, bool):
+            raise TunelabInputError([f"offline: {offline!r} is not true or false"])
+        with hub_offline(offline):
+            return function(*args, **kwargs)
+    signature = inspect.signature(function)
+    keyword = inspect.Parameter("offline", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+    call.__signature__ = signature.replace(parameters=[*signature.parameters.values(), keyword])
+    return call
 
 
 def is_hub_id(name: str) -> bool:

@@ -7,9 +7,11 @@ import tempfile
 from pathlib import Path
 
 from ..errors import TunelabInputError
+from ..models.hub import offline_option
 from .artifact import MANIFEST, Artifact, find_artifact, load_artifact
 
 
+@offline_option
 def export(path: str | Path, output: str | Path, method: str | None = None, merge: bool = False,
            overwrite: bool = False) -> Path:
     """Write `method`'s artifact (default: the best) to `output`; with `merge`, a folder that

@@ -9,6 +9,7 @@ from ..data.delimited import not_utf8
 from ..data.io import json_shape_problem
 from ..errors import TunelabInputError
 from ..experiment.results import json_safe
+from ..models.hub import offline_option
 from .artifact import Artifact, find_artifact, load_artifact
 
 
@@ -133,6 +134,7 @@ def _table_inputs(path: Path, key: str, keys: tuple[str, ...]) -> Iterator[dict[
     yield from frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
+@offline_option
 def predict(path: str | Path, texts: Sequence[str] = (), input_file: str | None = None, method: str | None = None,
             batch_size: int = 32, device: str = "auto", precision: str | None = None,
             overrides: Sequence[str] = ()) -> tuple[Artifact, list[dict[str, Any]]]:

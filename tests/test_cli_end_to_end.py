@@ -35,6 +35,8 @@ def test_results_json_has_a_full_record_per_method(experiment):
                     "artifact_size_mb", "config", "versions", "precision", "precision_reason"):
             assert r[key] not in (None, []), key
         assert r["trainable_params"] == r["trainable_params_expected"]
+        assert r["artifact_dir"] == f"artifacts/{r['method']}"  # within the folder: still right once it moves
+        assert (out / r["artifact_dir"] / "tunelab.json").is_file()
         assert r["step_shortcuts"]["head_row_only_from"]  # a BERT classifier: its last block cut
         assert r["step_shortcuts"]["embedding_gradient_rows_only"] == (r["method"] in ("full", "llrd"))
         assert set(r["best_val"]) >= {"accuracy", "f1_macro", "loss", "step"}

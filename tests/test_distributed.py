@@ -39,7 +39,9 @@ def cli(args: list[str], out: Path, fault: str = "", launcher: list[str] | None 
 
 
 def methods(out: Path) -> dict[str, dict]:
-    return {m["method"]: m for m in json.loads((out / "results.json").read_text())["methods"]}
+    """Each method's record, its artifact_dir (relative to the experiment folder) made a path here."""
+    records = json.loads((out / "results.json").read_text())["methods"]
+    return {m["method"]: {**m, "artifact_dir": str(out / m["artifact_dir"])} for m in records}
 
 
 @pytest.fixture(scope="module")

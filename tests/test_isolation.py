@@ -66,6 +66,7 @@ def test_seeds_give_one_run_each_and_a_summary_over_them(tiny_overrides, tmp_pat
     assert len({r["pid"] for r in runs.values()}) == 4  # a fresh process per run
     # a run that succeeded leaves its artifact, not its resumable checkpoints
     assert (tmp_path / "artifacts" / "lora" / "seed-43").is_dir()
+    assert runs["lora/seed-43"]["artifact_dir"] == "artifacts/lora/seed-43"
     assert not (tmp_path / "checkpoints" / "lora" / "seed-43").exists()
     assert runs["lora/seed-43"]["checkpoints_removed_mb"] >= 0
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]

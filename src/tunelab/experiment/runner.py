@@ -202,7 +202,8 @@ def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: b
         result = tested_and_saved(job, name, out_dir / "artifacts" / run_id, setup, state, trainer, eval_setup)
         if result is None:
             return {"rank": ranks.rank, **stop}
-        result = {**result, **process_memory(processes), **resumed}
+        # the record names the artifact within the experiment folder: a folder moved or copied still reads right
+        result = {**result, "artifact_dir": f"artifacts/{run_id}", **process_memory(processes), **resumed}
         if not cfg.train.keep_checkpoints_after_success:
             result["checkpoints_removed_mb"] = round(checkpointer.remove_all() / 2**20, 1)
         tracker.finish(result["peak_memory_mb"], state.step, run_hparams(cfg, name, setup.lr, result),

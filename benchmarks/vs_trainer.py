@@ -38,6 +38,23 @@ DEFAULT_STEPS, LARGE_STEPS = 30, 200  # 200 > one epoch of 2000 rows at batch 16
 FULL_BACKWARD = {"full", "llrd"}  # methods whose backward also computes weight gradients of every layer
 
 
+# Settings both sides must share: the benchmark sets them for tunelab and Trainer alike (the flag in brackets),
+# so an --override of one would change tunelab's run alone
+OWNED = {"methods": "--methods", "train.batch_size": "--batch-size", "train.max_steps": "--steps",
+         "train.seed": "--seed/--seeds", "train.device": "--device", "train.threads": "--threads",
+         "data.max_length": "--max-length", "data.max_train_samples": "--train-samples",
+         "data.max_eval_samples": "--eval-samples", "train.weight_decay": "", "train.max_grad_norm": "",
+         "train.warmup_ratio": "", "train.gradient_accumulation_steps": "", "train.precision": "--systems",
+         "train.gradient_checkpointing": "", "train.fsdp": "", "train.eval_every_steps": "",
+         "train.early_stopping_patience": ""}
+
+
+def owned_overrides(overrides: list[str]) -> list[str]:
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    return [f"{key} (the benchmark sets it for every system{': use ' + OWNED[key] if OWNED[key] else ''})"
+            for key in keys if key in OWNED]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=None,
@@ -61,20 +78,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="a tunelab config override for every run, e.g. model.name_or_path=DIR or data.train_file=F "
-                        "(repeatable; the benchmark's own sizes are set first, so these win)")
+                        "(repeatable; keys the benchmark sets for every system, such as train.batch_size, are "
+                        "refused: an override reaches tunelab's runs only)")
     args = p.parse_args(argv)
+    if owned_overrides(args.override):
+        p.error("--override: " + "; ".join(owned_overrides(args.override)))
     args.steps = args.steps or (LARGE_STEPS if args.large else DEFAULT_STEPS)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch finds no CUDA device on this machine")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     args.case = hardware_case(args.device)
     args.systems = ([s.strip() for s in args.systems.split(",") if s.strip()] if args.systems
-                    else list(CASES[args.case]["systems"]))
+                    else [s for s in CASES[args.case]["systems"] if s != "B1-bf16" or bf16_runs(args.device)])
+    if "B1-bf16" in args.systems and not bf16_runs(args.device):
+        p.error("--systems: B1-bf16 needs a GPU with bf16; this one has none")
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown or "tunelab" not in args.systems:
         p.error(f"--systems: {','.join(unknown) or 'tunelab missing'}; choose from {','.join(SYSTEMS)}, "
                 "tunelab included (ratios are against it)")
     return args
+
+
+def bf16_runs(device: str) -> bool:
+    """Trainer refuses bf16=True on a GPU without it (a V100); on a CPU it runs, emulated where it must be."""
+    return device != "cuda" or torch.cuda.is_bf16_supported()
 
 
 def plan(methods: list[str], seeds: list[int], systems: list[str],
@@ -129,24 +158,26 @@ def encoder_matmul_params(model_path: str) -> int:
 
 # ---------------------------------------------------------------- runs
 
-def child_env(args) -> dict:
+def child_env(threads: int | None) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")  # tokenizer threads would compete with torch's
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
 def run_child(args, method: str, system: str, seed: int, repeat: int) -> dict:
+    # tunelab-2p is two processes of one thread each, whatever --threads gives the one-process systems
+    threads = 1 if system == "tunelab-2p" else args.threads
     spec = {"method": method, "system": system, "steps": args.steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "train_samples": args.train_samples,
-            "eval_samples": args.eval_samples, "seed": seed, "device": args.device, "threads": args.threads,
+            "eval_samples": args.eval_samples, "seed": seed, "device": args.device, "threads": threads,
             "overrides": args.override}
     # tunelab-2p: torchrun's two workers (one thread each, its default); rank 0 prints the result
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
         if system == "tunelab-2p" else [sys.executable]
     proc = subprocess.run([*launcher, str(CHILD), json.dumps(spec)], capture_output=True, text=True,
-                          env=child_env(args), cwd=HERE.parent)
+                          env=child_env(threads), cwd=HERE.parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
@@ -195,6 +226,16 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, (variance / len(values)) ** 0.5
 
 
+def t_interval(mean: float, se: float, n: int) -> tuple[float, float]:
+    """The 95 % interval of a mean over n paired seeds (Student's t, n - 1 degrees of freedom); NaN for n < 2."""
+    if n < 2 or se != se:
+        return float("nan"), float("nan")
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, n - 1) * se
+    return mean - half, mean + half
+
+
 def paired_summary(results: list[dict]) -> list[dict]:
     """Per method and Trainer system, over the seeds where both it and tunelab finished: mean accuracy of
     each, the mean of the per-seed differences (tunelab minus Trainer) with its standard error, and the
@@ -210,10 +251,14 @@ def paired_summary(results: list[dict]) -> list[dict]:
                 continue
             acc = lambda s, seed: ok[(s, seed)]["val"]["accuracy"]
             diff_mean, diff_se = mean_se([acc("tunelab", seed) - acc(system, seed) for seed in seeds])
+            low, high = t_interval(diff_mean, diff_se, len(seeds))
             rows.append({"method": method, "vs": system, "seeds": seeds,
                          "acc_tunelab": fmean(acc("tunelab", seed) for seed in seeds),
                          "acc_other": fmean(acc(system, seed) for seed in seeds),
-                         "acc_diff": diff_mean, "acc_diff_se": diff_se,
+                         "acc_diff": diff_mean, "acc_diff_se": diff_se, "acc_diff_ci95": [low, high],
+                         # the issue's bar, "accuracy >= Trainer's - 1 point", is shown only where the whole
+                         # interval clears it; a mean above it with a wide interval shows nothing yet
+                         "within_one_point": None if low != low else low >= -0.01,
                          "time_ratio": median(r["time_ratio_vs_tunelab"] for r in results
                                               if (r["method"], r["system"]) == (method, system)
                                               and r.get("time_ratio_vs_tunelab")),
@@ -223,10 +268,14 @@ def paired_summary(results: list[dict]) -> list[dict]:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["method        vs  seeds  acc(tunelab)  acc(other)  diff (tunelab-other) ± SE  time ratio  RSS diff MB"]
+    lines = ["method        vs  seeds  acc(tunelab)  acc(other)  diff (tunelab-other) ± SE  95 % interval, points"
+             "  >= -1 point  time ratio  RSS diff MB"]
     for r in rows:
+        low, high = r["acc_diff_ci95"]
+        bar = {None: "n/a", True: "shown", False: "not shown"}[r["within_one_point"]]
         lines.append(f"{r['method']:<13} {r['vs']:<3} {len(r['seeds']):>5}  {r['acc_tunelab']:>12.4f}  "
-                     f"{r['acc_other']:>10.4f}  {r['acc_diff']:>+14.4f} ± {r['acc_diff_se']:.4f}     "
+                     f"{r['acc_other']:>10.4f}  {r['acc_diff']:>+14.4f} ± {r['acc_diff_se']:.4f}  "
+                     f"[{100 * low:+6.1f}, {100 * high:+6.1f}]       {bar:>11}  "
                      f"{r['time_ratio']:>9.2f}x  {r['rss_diff_mb']:>+11.0f}")
     return "\n".join(lines)
 

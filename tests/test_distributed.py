@@ -41,7 +41,8 @@ def cli(args: list[str], out: Path, fault: str = "", launcher: list[str] | None 
 def methods(out: Path) -> dict[str, dict]:
     """Each method's record, its artifact_dir (relative to the experiment folder) made a path here."""
     records = json.loads((out / "results.json").read_text())["methods"]
-    return {m["method"]: {**m, "artifact_dir": str(out / m["artifact_dir"])} for m in records}
+    return {m["method"]: {**m, "artifact_dir": str(out / m["artifact_dir"])} if "artifact_dir" in m else m
+            for m in records}
 
 
 @pytest.fixture(scope="module")

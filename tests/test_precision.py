@@ -69,6 +69,53 @@ def test_without_measuring_native_bf16_follows_the_device_rule(prepared, monkeyp
     assert chosen == "bf16" and "not measured" in reason
 
 
+class OneOfTwoProcesses:
+    """The group as process `rank` of two sees it: `theirs` is what the other process measured (fp32, bf16),
+    `main_cached` what the main process read from its cache, which the second process receives."""
+
+    def __init__(self, rank: int, theirs: list[float], main_cached: dict | None = None):
+        self.rank, self.world, self.theirs, self.main_cached, self.barriers = rank, 2, theirs, main_cached, 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        return obj if self.is_main else self.main_cached
+
+    def barrier(self):
+        self.barriers += 1
+
+    def gather(self, obj):
+        return [obj, self.theirs] if self.is_main else [self.theirs, obj]
+
+
+def test_several_processes_measure_together_and_the_slowest_decides(prepared, monkeypatch, fresh_cache):
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: 0.5 if bf16 else 1.0)
+    ranks = OneOfTwoProcesses(0, theirs=[1.0, 0.95])  # bf16 is clearly faster here, not in the other process
+    chosen, reason = precision.choose_precision(AUTO, *prepared, key="k", ranks=ranks)
+    assert chosen == "fp32" and "in each of 2 processes (the slowest counts): fp32 1000 ms, bf16 950 ms" in reason
+    assert ranks.barriers == 2  # each precision timed with both processes starting together
+    chosen, _ = precision.choose_precision(AUTO, *prepared, key="k", ranks=OneOfTwoProcesses(0, theirs=[1.2, 0.6]))
+    assert chosen == "bf16"
+    assert precision.read_measurements(precision.CACHE)  # kept by the main process ...
+    chosen, why = precision.choose_precision(AUTO, *prepared, key="k")
+    assert chosen == "bf16" and "measured earlier" not in why  # ... for two processes, not for one
+
+
+def test_the_other_processes_take_the_main_ones_decision_and_write_nothing(prepared, monkeypatch, fresh_cache):
+    monkeypatch.setattr(setup, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "step_seconds", lambda *a, **k: pytest.fail("measured"))
+    main_read = {"precision": "fp32", "reason": "auto: measured ..."}
+    chosen, why = precision.choose_precision(AUTO, *prepared, key="k",
+                                             ranks=OneOfTwoProcesses(1, theirs=[], main_cached=main_read))
+    assert chosen == "fp32" and "measured earlier" in why
+    monkeypatch.setattr(precision, "step_seconds", lambda model, batch, bf16: 0.5 if bf16 else 1.0)
+    chosen, _ = precision.choose_precision(AUTO, *prepared, key="k", ranks=OneOfTwoProcesses(1, theirs=[1.0, 0.5]))
+    assert chosen == "bf16" and not precision.read_measurements(precision.CACHE)
+
+
 def test_measuring_leaves_weights_gradients_and_random_state_untouched(prepared):
     model, batch = prepared
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -30,8 +30,8 @@ from ..train.loop import (Diverged, Interrupted, LoopHooks, Pruned, TrainingLoop
 from ..train.batches import collate, epoch_batches
 from ..train.precision import choose_precision
 from ..train.sharding import groups_on_shards, make_plain, shard_model
-from ..train.setup import (apply_threads, build_optimizer, build_scheduler, enable_checkpointing, make_accelerator,
-                           resolve_device, seed_everything, seed_rank_streams, store_frozen_matmul_weights)
+from ..train.setup import (apply_threads, build_optimizer, build_scheduler, enable_checkpointing, formed_group,
+                           make_accelerator, resolve_device, seed_everything, seed_rank_streams, store_frozen_matmul_weights)
 from ..train.tracking import MemoryMonitor, SilentTracker, Tracker
 from .folder import write_json
 from .job import Job
@@ -144,18 +144,20 @@ def warn_if_count_differs(name: str, expected: int, model: torch.nn.Module) -> N
 def method_precision(job: Job, name: str, model: torch.nn.Module) -> tuple[str, str]:
     """train.precision for this method's model: measured on a typical batch where auto has to choose."""
     cfg = job.config.train
+    # formed first: it gives each process its own GPU, which the model moves to
+    ranks = formed_group(cfg) if launched_world_size() > 1 else Ranks()
     device = torch.device(resolve_device(cfg))
     if device.type == "cuda" and not cfg.fsdp:  # a model to shard may not fit one device whole
         model.to(device)
     batches = epoch_batches(job.train.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_size)
     typical = sorted(batches, key=lambda rows: int(job.train.lengths[rows].max()))[len(batches) // 2]
-    world = launched_world_size()
-    micro = typical[:max(1, len(typical) // (world * cfg.gradient_accumulation_steps))]
+    micro = typical[:max(1, len(typical) // (ranks.world * cfg.gradient_accumulation_steps))]
     # checkpointing recomputes blocks in training mode, which the probe runs in: a step of another cost
     key = json.dumps([job.model_path, job.task.name, name, job.config.to_dict().get(name),
                       cfg.gradient_checkpointing], default=str)
+    # a sharded run's other processes hold no weights yet (and the main one's are not on the device)
     return choose_precision(cfg, model, collate(job.train, micro, device), key,
-                            can_measure=world == 1 and get_method(name).precision_probe)
+                            can_measure=get_method(name).precision_probe and not cfg.fsdp, ranks=ranks)
 
 
 def train_one(job: Job, name: str, out_dir: Path, show_progress: bool, resume: bool,

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..machine import cpu_name, keep_measurement, read_measurements
 from ..config import TrainConfig
+from .distributed import Ranks
 from .fast_dropout import cheaper_cpu_dropout
 from .setup import precision_choice
 
@@ -38,27 +39,38 @@ PROBE_VERSION = 3
 
 
 def choose_precision(cfg: TrainConfig, model: nn.Module, batch: dict[str, torch.Tensor], key: str,
-                     can_measure: bool = True) -> tuple[str, str]:
-    """`train.precision` resolved for this model: (fp32 | bf16, the reason recorded with the result)."""
+                     can_measure: bool = True, ranks: Ranks = Ranks()) -> tuple[str, str]:
+    """`train.precision` resolved for this model: (fp32 | bf16, the reason recorded with the result). Under
+    several processes (`ranks`) every one of them measures at once, as they will train, the slowest counts,
+    and all of them decide alike: the main process alone reads and writes the cache."""
     chosen, reason = precision_choice(cfg)  # the device's rule
     if cfg.precision != "auto" or chosen == "fp32":
         return chosen, reason
     device = batch["input_ids"].device.type
-    key = cache_key(key, device, batch)
-    cached = read_measurements(CACHE).get(key)
+    key = cache_key(key, device, batch, ranks.world)
+    cached = ranks.broadcast(read_measurements(CACHE).get(key) if ranks.is_main else None)
     if cached:
         return cached["precision"], cached["reason"] + " (measured earlier for the same model, method and batch)"
     if not can_measure:
-        return chosen, reason + " (not measured: several processes, or a method a trial step would change)"
-    fp32_s = step_seconds(model, batch, bf16=False)
-    bf16_s = step_seconds(model, batch, bf16=True)
+        return chosen, reason + " (not measured: a method a trial step would change, or a sharded model)"
+    fp32_s, bf16_s = (max(times) for times in zip(*ranks.gather(
+        [measured_together(ranks, model, batch, bf16) for bf16 in (False, True)])))
     chosen = "bf16" if bf16_s < BF16_MARGIN * fp32_s else "fp32"
     shape = "×".join(str(n) for n in batch["input_ids"].shape)
-    reason = (f"auto: measured {PROBE_STEPS} forward+backward steps of a {shape} batch: fp32 {fp32_s * 1e3:.0f} ms, "
-              f"bf16 {bf16_s * 1e3:.0f} ms per step")
-    if not BF16_MARGIN <= bf16_s / fp32_s <= 1 / BF16_MARGIN:  # a near tie (or a busy machine) is measured again
+    reason = (f"auto: measured {PROBE_STEPS} forward+backward steps of a {shape} batch"
+              + (f" in each of {ranks.world} processes (the slowest counts)" if ranks.world > 1 else "")
+              + f": fp32 {fp32_s * 1e3:.0f} ms, bf16 {bf16_s * 1e3:.0f} ms per step")
+    # a near tie (or a busy machine) is measured again
+    if ranks.is_main and not BF16_MARGIN <= bf16_s / fp32_s <= 1 / BF16_MARGIN:
         keep_measurement(CACHE, key, {"precision": chosen, "reason": reason, "fp32_s": fp32_s, "bf16_s": bf16_s})
     return chosen, reason
+
+
+def measured_together(ranks: Ranks, model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> float:
+    """`step_seconds` with every process starting together: processes sharing a CPU's cores must be timed
+    while the others run too, not while one of them is still loading its model."""
+    ranks.barrier()
+    return step_seconds(model, batch, bf16=bf16)
 
 
 def step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> float:
@@ -101,9 +113,11 @@ def sync_time(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def cache_key(key: str, device: str, batch: dict[str, torch.Tensor]) -> str:
+def cache_key(key: str, device: str, batch: dict[str, torch.Tensor], processes: int = 1) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     parts = [f"probe {PROBE_VERSION}", key, device, name, str(tuple(batch["input_ids"].shape)),
              str(torch.get_num_threads()), torch.__version__, transformers.__version__]  # (its attention paths)
+    if processes > 1:  # processes sharing a CPU (or one host's memory bandwidth) run at another pace
+        parts.append(f"{processes} processes")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 

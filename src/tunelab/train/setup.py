@@ -92,6 +92,17 @@ def make_accelerator(cfg: TrainConfig, precision: str | None = None):
         return Accelerator(**options)
 
 
+def formed_group(cfg: TrainConfig):
+    """This process's place in the group the launcher started, the group formed now as accelerate forms it
+    (the Accelerator made later joins it): a choice every process must agree on can be made before training."""
+    from accelerate import PartialState
+
+    from .distributed import Ranks
+
+    state = PartialState(cpu=resolve_device(cfg) == "cpu", **collective_timeout().to_kwargs())
+    return Ranks(state.process_index, state.num_processes)
+
+
 def collective_timeout():
     """The process group's wait for a collective: the main process alone evaluates, tests and saves while the
     others wait in one, and generating a causal LM's answers on a CPU can take longer than torch's default 30

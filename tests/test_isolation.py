@@ -174,8 +174,8 @@ def test_a_stop_that_comes_as_a_run_finishes_keeps_the_run_and_stops_after_it(ti
 
     run_processes = isolation.run_processes
 
-    def stopped_as_it_ends(args, nproc, stop):
-        result = run_processes(args, nproc, stop)
+    def stopped_as_it_ends(args, nproc, stop, env=None):
+        result = run_processes(args, nproc, stop, env)
         stop.signum = signal.SIGTERM
         return result
     monkeypatch.setattr(isolation, "run_processes", stopped_as_it_ends)

@@ -12,7 +12,9 @@ import optuna
 import pytest
 
 from conftest import cli_forked, cli_forked_together, cli_here
+from sqlalchemy.engine import make_url
 from tunelab.sweep.space import method_space, suggest
+from tunelab.sweep.storage import optuna_storage
 from tunelab.config import load_config
 
 SMALL = ["methods=lora", "train.max_steps=4", "train.eval_every_steps=2", "train.log_every_steps=2"]
@@ -244,6 +246,29 @@ def test_two_workers_share_one_study(backend, tiny_overrides, tmp_path):
     assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == 4  # no trial ran twice
     ran = [json.loads(p.read_text()) for w in ("w0", "w1") for p in (tmp_path / w / "records").glob("*.json")]
     assert len(ran) >= 4 and {r["run_id"] for r in ran if r["status"] in ("success", "pruned")}  # both report
+    specs = "".join(p.read_text() for w in ("w0", "w1") for p in (tmp_path / w / "runs").glob("*.json"))
+    password = make_url(storage).password
+    assert '"storage"' in specs and (not password or f":{password}@" not in specs)  # the runs got it otherwise
+    if backend == "postgresql":  # one connection pool a worker process, not one per call
+        assert optuna_storage(storage) is optuna_storage(storage)
+
+
+def test_workers_asking_together_keep_the_lowest_numbered_trials(tmp_path):
+    """Three workers asking for the last trial together: the lowest number keeps it, whenever each looks (the
+    highest running trial backing out let two of three train, or none)."""
+    from tunelab.sweep.study import surplus
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    done = study.ask()
+    study.tell(done, 1.0)
+    first, second, third = study.ask(), study.ask(), study.ask()
+    assert [surplus(study, t, 2) for t in (first, second, third)] == [False, True, True]
+    study.tell(third, state=optuna.trial.TrialState.FAIL)  # backed out: the others' view does not change
+    assert [surplus(study, t, 2) for t in (first, second)] == [False, True]
+    study.tell(second, state=optuna.trial.TrialState.FAIL)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # failed in training: its worker asks again
+    again = study.ask()
+    assert not surplus(study, again, 2) and surplus(study, again, 1)
 
 
 @pytest.mark.parametrize("pruner", ["median"])
@@ -272,7 +297,8 @@ def test_compare_tune_says_when_no_trial_finished_and_trains_the_configured_valu
                                                                                    monkeypatch, capsys):
     """Every trial pruned (a pruner, or drawn values refused): the method trains as configured, and says so."""
     import tunelab.sweep.study as studies
-    from tunelab.api import tune_methods
+    import tunelab.sweep.tuning as tuning
+    from tunelab.sweep.tuning import tune_methods
     from tunelab.experiment.job import prepare_job
     from tunelab.report.markdown import read_studies, tuning_lines
 
@@ -280,7 +306,7 @@ def test_compare_tune_says_when_no_trial_finished_and_trains_the_configured_valu
         pruned = studies.open_study(cfg, method, storage, name, True)
         for _ in range(trials):
             pruned.tell(pruned.ask(), state=optuna.trial.TrialState.PRUNED)
-    monkeypatch.setattr(studies, "run_study", every_trial_pruned)
+    monkeypatch.setattr(tuning, "run_study", every_trial_pruned)
     cfg = load_config(None, [*tiny_overrides, "methods=lora"])
     assert tune_methods(cfg, prepare_job(cfg), tmp_path, 2, False, False) == {"lora": {}}
     assert "no tuning trial of lora finished (all pruned or failed" in capsys.readouterr().err
@@ -477,6 +503,44 @@ def test_workers_join_one_study_by_what_their_trials_depend_on(tiny_overrides, t
         open_study(load_config(None, [*tiny_overrides, "methods=lora", "lora.dropout=0"]), "lora", storage, "exp", True)
     earlier = optuna.create_study(study_name=f"tunelab-{cfg.fingerprint()}-lora", storage=storage)
     assert open_study(cfg, "lora", storage, None, seeded=True).study_name == earlier.study_name
+    # compare --tune's own studies are continued whatever the config; a user's study called "tune" is checked
+    open_study(cfg, "lora", storage, "tune", seeded=True)
+    other = load_config(None, [*tiny_overrides, "methods=lora", "sweep.metric=loss"])
+    assert open_study(other, "lora", storage, "tune", True, checks_config=False)
+    with pytest.raises(TunelabInputError, match=r"the study 'tune-lora' holds trials of another config \(sweep.metric"):
+        open_study(other, "lora", storage, "tune", seeded=True)
+
+
+def test_two_configs_starting_a_named_study_together_do_not_both_join(tiny_overrides, tmp_path, monkeypatch):
+    """Both found the study without a config and both wrote theirs; the one whose config was overwritten in the
+    moment after is refused."""
+    from tunelab import TunelabInputError
+    from tunelab.sweep import study as studies
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    cfg, other = (load_config(None, [*tiny_overrides, "methods=lora", *extra]) for extra in ([], ["lora.r=4"]))
+    race = optuna.create_study(study_name="race-lora", storage=storage)
+    monkeypatch.setattr(studies.time, "sleep", lambda s: race.set_user_attr(
+        studies.CONFIG, json.loads(json.dumps(studies.study_config(other, "lora"), default=str))))
+    with pytest.raises(TunelabInputError, match="holds trials of another config"):
+        studies.open_study(cfg, "lora", storage, "race", seeded=True)
+
+
+def test_a_refused_study_leaves_no_folder_behind(tiny_overrides, tmp_path):
+    """A named study of another config, or a name the storage cannot hold, is refused before anything is written
+    in the sweep's folder (what was left there refused the corrected rerun: not empty)."""
+    from tunelab import TunelabInputError, api
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    api.sweep(None, [*tiny_overrides, *SMALL], tmp_path / "first", trials=1, storage=storage, study_name="exp",
+              show_progress=False)
+    with pytest.raises(TunelabInputError, match="holds trials of another config"):
+        api.sweep(None, [*tiny_overrides, *SMALL, "lora.r=4"], tmp_path / "second", trials=1, storage=storage,
+                  study_name="exp", show_progress=False)
+    with pytest.raises(TunelabInputError, match=r"--study-name: 520 characters; .* at most 507"):
+        api.sweep(None, [*tiny_overrides, *SMALL], tmp_path / "third", trials=1, storage=storage,
+                  study_name="x" * 520, show_progress=False)
+    assert not [*(tmp_path / "second").glob("*"), *(tmp_path / "third").glob("*")]  # (empty: a rerun may use them)
 
 
 def test_trials_tied_on_the_score_are_told_apart_by_validation_loss():

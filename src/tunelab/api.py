@@ -10,7 +10,6 @@ import copy
 import datetime as dt
 import functools
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -274,7 +273,7 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
         summary = {**job.summary(), "baseline": job.baseline()}
         stop = StopRequest()
         execute = run_isolated(job, out_dir, nproc or 1, stop) if isolate else run_here(job, out_dir, stop)
-        tuned = tune_methods(cfg, job, out_dir, tune, show_progress, resume, nproc or 1) if tune else {}
+        tuned = tuned_values(cfg, job, out_dir, tune, show_progress, resume, nproc or 1) if tune else {}
         records: list[dict[str, Any]] = []
         for run in plan_runs(job.config, seeds):
             values = tuned.get(run.method, {})
@@ -313,7 +312,7 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     from .sweep.report import write_sweep
     from .sweep.space import space_problems
     from .sweep.storage import default_storage, storage_problems, storage_record, sweep_flags
-    from .sweep.study import SweepFailed, open_study, run_study, study_summary
+    from .sweep.study import SweepFailed, joined_studies, name_problems, open_study, run_study, study_summary
 
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the sweep to continue"])
@@ -331,8 +330,9 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
     run_problems += launcher_problems(None)
     if launched_world_size() > 1:
         run_problems.append("sweep: not under torchrun/accelerate launch (each trial is its own launch); use --nproc N")
-    cfg, job = checked_job(out_dir, config, overrides, resume, None, overwrite,
-                           lambda cfg: space_problems(cfg) + run_problems + process_problems(cfg, nproc))
+    cfg, job = checked_job(out_dir, config, overrides, resume, None, overwrite, lambda cfg: space_problems(cfg)
+                           + run_problems + process_problems(cfg, nproc) + name_problems(cfg, study_name))
+    joined_studies(cfg, storage, study_name)
     warm_up(job.model_path)
     with ExperimentLock(out_dir):
         start_folder(out_dir, cfg, resume, {**flags, "storage": storage_record(storage), "command": "sweep"}, job)
@@ -354,26 +354,10 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
         return SweepOutcome(out_dir, studies, report)
 
 
-def tune_methods(cfg: ExperimentConfig, job: Job, out_dir: Path, trials: int, show_progress: bool,
-                 resume: bool, nproc: int = 1) -> dict[str, dict[str, Any]]:
-    """Each method's best values after `trials` optuna trials (validation split only); {} where none finished."""
-    from .sweep.report import write_sweep
-    from .sweep.storage import default_storage
-    from .sweep.study import TUNE_STUDY, SweepFailed, open_study, run_study, study_summary
+def tuned_values(*args) -> dict[str, dict[str, Any]]:
+    from .sweep.tuning import tune_methods  # (optuna is imported only where a comparison tunes)
 
-    storage, studies = default_storage(out_dir), {}
-    for method in cfg.methods:
-        try:
-            run_study(cfg, job, method, out_dir, trials, storage, TUNE_STUDY, show_progress, resume, seeded=True,
-                      nproc=nproc)
-        except SweepFailed as exc:  # its best so far, or none: then it trains with the configured values
-            print(f"tunelab: {exc}", file=sys.stderr)
-        studies[method] = study_summary(open_study(cfg, method, storage, TUNE_STUDY, True))
-    write_sweep(out_dir, job.summary(), studies)
-    for method in [m for m, s in studies.items() if not s["best"]]:
-        print(f"tunelab: no tuning trial of {method} finished (all pruned or failed, see sweep.md); "
-              "it trains with the configured values", file=sys.stderr)
-    return {m: (s["best"] or {}).get("params", {}) for m, s in studies.items()}
+    return tune_methods(*args)
 
 
 def run_isolated(job: Job, out_dir: Path, nproc: int = 1, stop: StopRequest | None = None):

@@ -74,8 +74,10 @@ def first_rank_failure(out_dir: Path, run: Run, nproc: int) -> tuple[int, str] |
 
 
 def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, resume: bool,
-                 trial: dict | None = None, nproc: int = 1, stop: "StopRequest | None" = None) -> dict[str, Any]:
-    """Train `run` in a fresh process; `trial` ({storage, study, trial_id, metric}) makes it report to optuna.
+                 trial: dict | None = None, nproc: int = 1, stop: "StopRequest | None" = None,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train `run` in a fresh process; `trial` ({storage, study, trial_id, metric}) makes it report to optuna;
+    `env`: variables its processes get besides this one's (what is not to be written in the folder).
     A stop asked for while it ran (Ctrl-C, SIGTERM) is left in `stop`, also when the run had already finished:
     the caller records the run, then stops."""
     spec = {"method": run.method, "seed": run.seed, "run_id": run.run_id, "config": config, "resume": resume,
@@ -88,7 +90,7 @@ def run_in_child(out_dir: Path, run: Run, config: dict, show_progress: bool, res
     for rank in range(nproc):
         rank_failure_path(out_dir, file_name(run), rank).unlink(missing_ok=True)
     stop = stop or StopRequest()
-    code, failed_rank = run_processes([str(out_dir), str(spec_path)], nproc, stop)
+    code, failed_rank = run_processes([str(out_dir), str(spec_path)], nproc, stop, env)
     cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     first = first_rank_failure(out_dir, run, nproc) if nproc > 1 and code else None
     if first and first[0] != 0 and code > 0:  # a rank raised: its error, not the one it caused on rank 0
@@ -152,7 +154,8 @@ def start_rank(args: list[str], env: dict[str, str]):
     return forkserver.start_process(WORKER, args, env, ignore_sigint=True)
 
 
-def run_processes(args: list[str], nproc: int, stop: StopRequest | None = None) -> tuple[int, int | None]:
+def run_processes(args: list[str], nproc: int, stop: StopRequest | None = None,
+                  env: dict[str, str] | None = None) -> tuple[int, int | None]:
     """Run the worker as `nproc` ranks of one process group; the exit code of the first to fail (else 0), and
     that rank (None for one process).
 
@@ -160,13 +163,13 @@ def run_processes(args: list[str], nproc: int, stop: StopRequest | None = None) 
     procs: list = []
     with stops_forwarded(procs, stop):
         if nproc == 1:
-            procs.append(start_rank(args, dict(os.environ)))
+            procs.append(start_rank(args, {**os.environ, **(env or {})}))
             pass_on(stop, procs)
             return procs[0].wait(), None
         port = free_port()
         try:
             for rank in range(nproc):
-                procs.append(start_rank(args, rank_environment(rank, nproc, port)))
+                procs.append(start_rank(args, {**rank_environment(rank, nproc, port), **(env or {})}))
         except BaseException:  # the ranks started would wait for the missing one forever
             stop_all(procs)
             raise

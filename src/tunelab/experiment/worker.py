@@ -12,6 +12,10 @@ import warnings
 from pathlib import Path
 
 
+# a sweep trial's storage URL, password included: given in the environment, not in the spec file in the folder
+TRIAL_STORAGE = "TUNELAB_TRIAL_STORAGE"
+
+
 def main(argv: list[str]) -> int:
     die_with_parent()
     out_dir, spec_path = Path(argv[0]), Path(argv[1])
@@ -100,7 +104,7 @@ def trial_reporter(info: dict, cfg):
     # a trial finished after a resume evaluates again at steps after its checkpoint, as before the stop: the
     # same values, which optuna keeps from the first time and warns about
     warnings.filterwarnings("ignore", message="The reported value is ignored because")
-    study = optuna.load_study(study_name=info["study"], storage=info["storage"])
+    study = optuna.load_study(study_name=info["study"], storage=os.environ.get(TRIAL_STORAGE) or info["storage"])
     trial = optuna.trial.Trial(study, info["trial_id"])
     metric = info["metric"]
 

@@ -19,7 +19,9 @@ from ..experiment.isolation import RECORDS, StopRequest, file_name, run_in_child
 from ..experiment.job import batch_problems, length_problems, method_checker
 from ..models.loading import read_model_config
 from ..experiment.plan import Run
+from ..experiment.worker import TRIAL_STORAGE
 from .space import method_space, suggest, with_values
+from .storage import storage_record
 
 COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
 CONFIG = "tunelab_config"  # a named study's user attribute: the study_config its trials were started with
@@ -67,11 +69,13 @@ def existing_name(cfg, method: str, name: str | None, storage: str) -> str:
     config) where the storage holds that one and not the new name, so its --resume continues it."""
     import optuna
 
+    from .storage import optuna_storage
+
     wanted = study_name(cfg, method, name)
     if name:
         return wanted
     earlier = f"tunelab-{cfg.fingerprint()}-{method}"
-    names = optuna.get_all_study_names(storage)
+    names = optuna.get_all_study_names(optuna_storage(storage))
     return earlier if earlier in names and wanted not in names else wanted
 
 
@@ -82,19 +86,29 @@ def same_config_problems(study, cfg, method: str) -> list[str]:
 
     mine, theirs = json.loads(json.dumps(study_config(cfg, method), default=str)), study.user_attrs.get(CONFIG)
     if theirs is None:
+        # two workers with other configs starting together may both find none and both write theirs: the
+        # later write wins, and the one that finds the other's after a moment is refused
         study.set_user_attr(CONFIG, mine)
-        return []
+        time.sleep(CONFIG_SETTLE_S * (1 + random.random()))
+        theirs = study.user_attrs.get(CONFIG)  # read from the storage each time
     changed = changed_keys(theirs, mine)
     return [f"--study-name: the study {study.study_name!r} holds trials of another config ({'; '.join(changed[:6])}); "
             "give another --study-name, or the same config"] if changed else []
 
 
 RACE_SIGNS = ("IntegrityError", "already exists", "database is locked")
+CONFIG_SETTLE_S = 0.5  # a database round trip is milliseconds: another first writer has written by then
 
 
-def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
+def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool, checks_config: bool = True):
+    """The method's study, created by the first worker; with a --study-name (`name`), refused where it holds
+    another config's trials unless `checks_config` is off (compare --tune's own studies, which a resume with
+    another config continues)."""
     import optuna
 
+    from .storage import optuna_storage
+
+    storage = optuna_storage(storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric = cfg.sweep.metric or cfg.metric_for_best
     direction = "maximize" if cfg.task_spec.higher_is_better(metric) else "minimize"
@@ -107,7 +121,7 @@ def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
         try:
             study = optuna.create_study(study_name=existing_name(cfg, method, name, storage), storage=storage,
                                         direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
-            problems = same_config_problems(study, cfg, method) if name and name != TUNE_STUDY else []
+            problems = same_config_problems(study, cfg, method) if name and checks_config else []
             if problems:
                 raise TunelabInputError(problems)
             if METRIC not in study.user_attrs:  # what the trials' values are, for the report
@@ -118,6 +132,25 @@ def open_study(cfg, method: str, storage: str, name: str | None, seeded: bool):
             if not any(sign in text for sign in RACE_SIGNS) or attempt == 4:
                 raise
             time.sleep(0.5 + random.random())
+
+
+MAX_NAME = 512  # characters of a study name optuna's storage holds
+
+
+def name_problems(cfg, name: str | None) -> list[str]:
+    """A --study-name the storage cannot hold once a method's name is added (its database refused it mid-run)."""
+    longest = max(cfg.methods, key=len)
+    if not name or len(study_name(cfg, longest, name)) <= MAX_NAME:
+        return []
+    return [f"--study-name: {len(name)} characters; with '-{longest}' added the study's name must stay within "
+            f"{MAX_NAME}, so at most {MAX_NAME - len(longest) - 1}"]
+
+
+def joined_studies(cfg, storage: str | None, name: str | None) -> None:
+    """Every method's study on a shared storage opened before the sweep's folder is written: a named study
+    holding another config's trials is refused with nothing left behind (a folder would refuse the rerun)."""
+    for method in cfg.methods if storage else []:
+        open_study(cfg, method, storage, name, seeded=False)
 
 
 def counted(study) -> int:
@@ -152,13 +185,14 @@ def trial_run_id(method: str, number: int) -> str:
 
 
 def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, name: str | None,
-              show_progress: bool, resume: bool, seeded: bool, nproc: int = 1) -> list[dict[str, Any]]:
+              show_progress: bool, resume: bool, seeded: bool, nproc: int = 1,
+              checks_config: bool = True) -> list[dict[str, Any]]:
     """Trials of `method` until the study holds `trials` of them; returns this worker's trial records."""
     import optuna
 
     from ..api_checks import process_problems
 
-    study = open_study(cfg, method, storage, name, seeded)
+    study = open_study(cfg, method, storage, name, seeded, checks_config)
     worker = worker_name(out_dir)
     metric = cfg.sweep.metric or cfg.metric_for_best
     space = method_space(cfg, method)
@@ -171,10 +205,11 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         """Train the trial in its own process (or take the record a killed sweep's run had written), tell
         optuna, and stop the sweep where a stop was asked for."""
         run = Run(method, cfg.train.seed, trial_run_id(method, trial.number))
+        # the spec file names the storage without its password; the run's processes get it in their environment
         record = (read_record(out_dir / RECORDS / file_name(run)) if resume_trial else None) or run_in_child(
             out_dir, run, with_values(job.config, values).to_dict(), show_progress, resume=resume_trial,
-            trial={"storage": storage, "study": study.study_name, "trial_id": trial._trial_id, "metric": metric},
-            nproc=nproc, stop=stop)
+            trial={"storage": storage_record(storage), "study": study.study_name, "trial_id": trial._trial_id,
+                   "metric": metric}, nproc=nproc, stop=stop, env={TRIAL_STORAGE: storage})
         record.update(trial=trial.number, hyperparameters=values)
         records.append(record)
         if record["status"] == "interrupted":  # left RUNNING: --resume finishes it from its checkpoint
@@ -197,8 +232,9 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
             study.sampler = seeded_sampler(cfg.train.seed, len(study.get_trials(deepcopy=False)))
         trial = study.ask()
         trial.set_user_attr("worker", worker)
-        if counted(study) > trials and trial.number == max(t.number for t in running(study)):
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # lost a race with another worker: surplus
+        if surplus(study, trial, trials):
+            trial.set_user_attr(FAILED, f"not trained: other workers took the study's last of {trials} trials")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
             break
         values = suggest(trial, space)
         try:  # a drawn train.* value the method cannot train with (gradient checkpointing for prefix tuning)
@@ -218,6 +254,17 @@ def run_study(cfg, job, method: str, out_dir: Path, trials: int, storage: str, n
         trial.set_user_attr(VALUES, values)
         train(trial, values, resume_trial=False)
     return records
+
+
+def surplus(study, trial, trials: int) -> bool:
+    """Whether `trial` is past the study's budget: `trials` counted trials come before it. Workers asking
+    together each get a trial; the lowest numbers keep theirs, whenever each worker looks (a trial's number
+    comes from the storage, and what is counted before it only shrinks, by failures, which their workers
+    replace). Taking the last trials, or the highest running one, let three workers all train or all back out."""
+    import optuna
+
+    states = tuple(getattr(optuna.trial.TrialState, s) for s in COUNTED)
+    return sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=states)) >= trials
 
 
 def running(study):

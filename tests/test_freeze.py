@@ -187,3 +187,22 @@ def test_a_trainable_parameter_feeding_the_bottom_switches_the_cache_off(tmp_pat
         losses, _ = train(job, cached, epochs=1)
     assert "relative_attention_bias" in cached.model.cache_status
     assert losses == plain_losses
+
+
+def test_the_count_adds_the_top_blocks_whatever_their_sizes(tmp_path):
+    """ModernBERT's first block has no attention norm (T5's holds the position table): k blocks of the last
+    block's size miscounted what freeze trains."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from tunelab.methods.base import PrepareContext, get_method
+    from tunelab.tasks.base import registry
+
+    model = ModernBertForSequenceClassification(ModernBertConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        pad_token_id=0, num_labels=2))
+    task, method = registry()["classification"], get_method("freeze")
+    ctx = PrepareContext(str(tmp_path), str(tmp_path), task, task.head_modules(model))
+    options = method.Options(k=3, cache=False)
+    expected = method.expected_trainable_params(model, options, ctx)
+    prepared = method.prepare(model, options, ctx)
+    assert expected == sum(p.numel() for p in prepared.parameters() if p.requires_grad)

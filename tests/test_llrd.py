@@ -102,3 +102,41 @@ def test_blocks_in_nested_lists_are_refused_by_the_methods_that_order_them():
         assert problems == [f"{name}: the transformer blocks of FunnelForSequenceClassification are nested lists "
                             f"(funnel.encoder.blocks.N.M), whose order by depth {name} cannot tell; use full or "
                             "an adapter method"]
+
+
+@pytest.mark.parametrize("block_sizes", [[3, 3, 3], [1, 1]])
+def test_a_list_of_block_lists_found_as_the_stack_is_refused_too(block_sizes):
+    """Funnel with as many groups as blocks in a group or more (funnel-transformer/medium: 3 × 3): the longest
+    list found is the list of groups, whose parent is no list; llrd decayed per group, freeze.k=1 trained one."""
+    from transformers import FunnelConfig, FunnelForSequenceClassification
+
+    from tunelab.methods.base import get_method
+
+    model = FunnelForSequenceClassification(FunnelConfig(vocab_size=50, block_sizes=block_sizes, d_model=16,
+                                                         n_head=2, d_head=8, d_inner=32, num_labels=2))
+    for name in ("llrd", "freeze"):
+        method = get_method(name)
+        assert method.check(model, method.Options(k=1) if name == "freeze" else method.Options(), None) == [
+            f"{name}: the transformer blocks of FunnelForSequenceClassification are nested lists "
+            f"(funnel.encoder.blocks.N.M), whose order by depth {name} cannot tell; use full or an adapter method"]
+
+
+def test_encoder_decoder_classifiers_are_refused_by_methods_that_cannot_handle_two_stacks():
+    """BART: llrd and freeze found the encoder's blocks and counted the whole decoder as the head (freeze.k=0,
+    a linear probe, trained 29 k of 50 k parameters); peft's virtual tokens cannot reach its classifier."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    from tunelab.methods.base import get_method
+
+    model = BartForSequenceClassification(BartConfig(vocab_size=50, d_model=16, encoder_layers=2, decoder_layers=2,
+                                                     encoder_attention_heads=2, decoder_attention_heads=2,
+                                                     encoder_ffn_dim=32, decoder_ffn_dim=32, num_labels=2))
+    for name in ("llrd", "freeze"):
+        method = get_method(name)
+        assert method.check(model, method.Options(), None) == [
+            f"{name}: BartForSequenceClassification has an encoder and a decoder, two stacks of blocks, whose order "
+            f"by depth {name} cannot tell (the decoder would count as the head); use full or an adapter method"]
+    for name in ("prompt-tuning", "p-tuning", "prefix-tuning"):
+        method = get_method(name)
+        problems = method.check(model, method.Options(), None)
+        assert len(problems) == 1 and "cannot hand virtual tokens to an encoder-decoder model" in problems[0]

@@ -225,3 +225,20 @@ def test_a_method_missing_part_of_the_protocol_is_refused_when_registered():
     with pytest.raises(TypeError, match="load"):
         register(Unloadable)
     assert "unloadable" not in registry()
+
+
+def test_lora_bias_all_counts_what_peft_trains(tmp_path):
+    """peft's bias="all" trains parameters named `bias` or `*.bias`; Funnel's relative-attention tables
+    `r_w_bias` end in "bias" too and were counted though they stay frozen."""
+    from transformers import FunnelConfig, FunnelForSequenceClassification
+
+    from tunelab.methods.base import PrepareContext, get_method
+    from tunelab.tasks.base import registry
+
+    model = FunnelForSequenceClassification(FunnelConfig(vocab_size=50, block_sizes=[1, 1], d_model=16, n_head=2,
+                                                         d_head=8, d_inner=32, num_labels=2))
+    task, method = registry()["classification"], get_method("lora")
+    ctx = PrepareContext(str(tmp_path), str(tmp_path), task, task.head_modules(model))
+    options = method.Options(bias="all", target_modules=["q_head", "v_head"])
+    expected = method.expected_trainable_params(model, options, ctx)
+    assert expected == sum(p.numel() for p in method.prepare(model, options, ctx).parameters() if p.requires_grad)

@@ -110,3 +110,26 @@ def test_models_whose_positions_start_after_the_padding_index_hold_fewer_tokens(
 
     config = AutoConfig.for_model(model_type, max_position_embeddings=positions, pad_token_id=pad)
     assert max_positions(config) == usable
+
+
+def test_a_prefix_is_as_wide_as_attention_where_embeddings_are_narrower(tmp_path):
+    """ELECTRA (like ALBERT) projects narrower embeddings up to the hidden size: the prefix's keys and values are
+    the attention's width (the embeddings' failed every step and missed the method's own count)."""
+    from peft import get_peft_model
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    from tunelab.methods.base import PrepareContext, get_method
+    from tunelab.tasks.base import registry
+
+    model = ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, num_labels=2))
+    method, task = get_method("prefix-tuning"), registry()["classification"]
+    options = method.Options(num_virtual_tokens=3)
+    config = method.peft_config(model, options, PrepareContext(str(tmp_path), str(tmp_path), task, ("classifier",)))
+    accept_prefix_as_cache(model)
+    adapted = get_peft_model(model, config)
+    ids = torch.randint(0, 50, (2, 5))
+    adapted(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1])).loss.backward()
+    assert adapted.prompt_encoder["default"].embedding.weight.grad is not None
+    assert adapted.prompt_encoder["default"].embedding.weight.numel() == method.method_params(model, options, None)

@@ -31,7 +31,8 @@ from ..train.batches import collate, epoch_batches
 from ..train.precision import choose_precision
 from ..train.sharding import groups_on_shards, make_plain, shard_model
 from ..train.setup import (apply_threads, build_optimizer, build_scheduler, enable_checkpointing, formed_group,
-                           make_accelerator, resolve_device, seed_everything, seed_rank_streams, store_frozen_matmul_weights)
+                           make_accelerator, resolve_device, seed_everything, seed_rank_streams,
+                           store_frozen_matmul_weights)
 from ..train.tracking import MemoryMonitor, SilentTracker, Tracker
 from .folder import write_json
 from .job import Job

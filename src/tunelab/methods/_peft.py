@@ -53,6 +53,22 @@ class PeftMethod(Method):
         return pooled_at_last_real_token(PeftModel.from_pretrained(base_model, directory))
 
 
+class VirtualTokenMethod(PeftMethod):
+    """peft's prompt-learning methods: virtual tokens, or a prefix of keys and values, handed to the model with
+    its input."""
+    family = "prompt"
+
+    def check(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> list[str]:
+        if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            return []
+        import peft
+
+        # BART's and T5's classifiers take no inputs_embeds (peft's virtual tokens), and a prefix meets the
+        # decoder's attention mask with the encoder's length
+        return [f"{self.name}: peft {peft.__version__} cannot hand virtual tokens to an encoder-decoder model "
+                f"({type(model).__name__}); use lora, ia3 or full"]
+
+
 def pooled_at_last_real_token(model: nn.Module) -> nn.Module:
     """A decoder classifier (Llama, GPT-2, OPT: a `score` head over every position) classifies from its last
     real token, which it finds in `input_ids`. Prompt tuning and p-tuning hand it `inputs_embeds` instead

@@ -49,7 +49,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch import nn
 
 from ..models.loading import LOAD_OPTIONS
-from ..models.structure import find_block_list, in_head, modules_run_after, nested_stack_problem
+from ..models.structure import find_block_list, in_head, modules_run_after, stack_problems
 from ..train.batches import PAD_MULTIPLE
 from .base import Method, MethodOptions, PrepareContext, register
 
@@ -351,7 +351,7 @@ class Freeze(Method):
         if opts.k > len(blocks):
             return [f"freeze.k: {opts.k} is more than the {len(blocks)} transformer blocks of "
                     f"{type(model).__name__}; allowed: 0..{len(blocks)}"]
-        nested = nested_stack_problem(model, stack_name, self.name)
+        nested = stack_problems(model, stack_name, self.name)
         if not nested and self.expected_trainable_params(model, opts, ctx) == 0:
             return [f"freeze.k: 0 leaves nothing to train in {type(model).__name__} (no head of its own, no norm "
                     "after the blocks); use k >= 1"]
@@ -368,10 +368,12 @@ class Freeze(Method):
 
     def expected_trainable_params(self, base_model: nn.Module, opts: FreezeOptions,
                                   ctx: PrepareContext) -> int:
-        # k blocks of one shape each, plus what sits above the stack
+        # the top k blocks (not k of one size: T5's first block holds the relative position table, ModernBERT's
+        # has no attention norm), plus what sits above the stack
         stack_name, blocks = find_block_list(base_model)
-        per_block = sum(p.numel() for p in blocks[-1].parameters())
-        return opts.k * per_block + sum(p.numel() for _, p in after_stack(base_model, stack_name))
+        top = blocks[len(blocks) - opts.k:] if opts.k else []
+        return sum(p.numel() for block in top for p in block.parameters()) + \
+            sum(p.numel() for _, p in after_stack(base_model, stack_name))
 
     def save(self, model: nn.Module, directory: Path) -> None:
         unwrap(model).save_pretrained(directory)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..models.structure import find_block_list, in_head, modules_run_after, nested_stack_problem
+from ..models.structure import find_block_list, in_head, modules_run_after, stack_problems
 from .base import MethodOptions, decay_split, register
 from .full import WholeModelMethod
 
@@ -72,7 +72,7 @@ class LayerwiseLRDecay(WholeModelMethod):
             stack_name, _ = find_block_list(model)
         except ValueError as exc:
             return [f"llrd: {exc}"]
-        return super().check(model, opts, ctx) + nested_stack_problem(model, stack_name, self.name)
+        return super().check(model, opts, ctx) + stack_problems(model, stack_name, self.name)
 
     def param_groups(self, model: nn.Module, opts: LLRDOptions, lr: float,
                      weight_decay: float) -> list[dict[str, Any]]:

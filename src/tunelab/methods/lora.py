@@ -134,6 +134,7 @@ class Lora(PeftMethod):
         if opts.bias == "lora_only":
             count += sum(m.bias.numel() for m in hit.values() if m.bias is not None)
         elif opts.bias == "all":
+            # what peft marks: names ending in ".bias", not other tables named so (Funnel's r_w_bias)
             count += sum(p.numel() for n, p in base_model.named_parameters()
-                         if n.endswith("bias") and n.split(".")[0] not in ctx.head_modules)
+                         if n.endswith(".bias") and n.split(".")[0] not in ctx.head_modules)
         return count

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..models.structure import embedding_width, prompt_learning_dims
 from .base import MethodOptions, PrepareContext, register
-from ._peft import PeftMethod
+from ._peft import VirtualTokenMethod
 
 
 @dataclass
@@ -25,9 +25,8 @@ class PTuningOptions(MethodOptions):
 
 
 @register
-class PTuning(PeftMethod):
+class PTuning(VirtualTokenMethod):
     name = "p-tuning"
-    family = "prompt"
     description = "P-tuning (peft): virtual tokens from a trainable MLP prompt encoder, before the input; head trained"
     Options = PTuningOptions
     # 1e-3: peft's P-tuning example (examples/sequence_classification/P_Tuning.ipynb), also the rate of peft's

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..models.structure import hidden_size, prompt_learning_dims
 from .base import MethodOptions, PrepareContext, register
-from ._peft import PeftMethod
+from ._peft import VirtualTokenMethod
 
 
 @dataclass
@@ -80,9 +80,8 @@ def kv_width(config) -> int:
 
 
 @register
-class PrefixTuning(PeftMethod):
+class PrefixTuning(VirtualTokenMethod):
     name = "prefix-tuning"
-    family = "prompt"
     description = "Prefix tuning (peft): trainable key/value prefixes in every attention layer; head trained"
     Options = PrefixTuningOptions
     # 5e-3: the rate of most of peft's method-comparison prefix-tuning runs (MetaMathQA experiments/prefixtuning/
@@ -96,8 +95,9 @@ class PrefixTuning(PeftMethod):
         return opts.num_virtual_tokens
 
     def check(self, model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext) -> list[str]:
-        if reaches_model(model, ctx.task.peft_task_type):
-            return []
+        problems = super().check(model, opts, ctx)
+        if problems or reaches_model(model, ctx.task.peft_task_type):
+            return problems
         import peft
         import transformers
 
@@ -117,9 +117,11 @@ class PrefixTuning(PeftMethod):
     def peft_config(self, model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext):
         from peft import PrefixTuningConfig
 
-        # the sizes read generically: peft reads them from a few config names only, which MPT's are not
+        # the sizes read generically: peft reads them from a few config names only, which MPT's are not; a prefix
+        # is keys and values, as wide as attention (ELECTRA's and ALBERT's embeddings are narrower)
+        dims = {**prompt_learning_dims(model), "token_dim": hidden_size(model.config)}
         return PrefixTuningConfig(task_type=ctx.task.peft_task_type, num_virtual_tokens=opts.num_virtual_tokens,
-                                  **prompt_learning_dims(model), base_model_name_or_path=ctx.model_path)
+                                  **dims, base_model_name_or_path=ctx.model_path)
 
     def method_params(self, base_model: nn.Module, opts: PrefixTuningOptions, ctx: PrepareContext) -> int:
         # one key and one value vector per virtual token and layer (no reparameterisation MLP)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..models.structure import embedding_width, prompt_learning_dims
 from .base import MethodOptions, PrepareContext, register
-from ._peft import PeftMethod
+from ._peft import VirtualTokenMethod
 
 
 @dataclass
@@ -21,9 +21,8 @@ class PromptTuningOptions(MethodOptions):
 
 
 @register
-class PromptTuning(PeftMethod):
+class PromptTuning(VirtualTokenMethod):
     name = "prompt-tuning"
-    family = "prompt"
     description = "Prompt tuning (peft): trainable virtual tokens before the input; head trained"
     Options = PromptTuningOptions
     default_lr = 3e-2

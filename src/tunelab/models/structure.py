@@ -59,14 +59,24 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def nested_stack_problem(model: nn.Module, stack_name: str, method: str) -> list[str]:
-    """A block stack that is one of several lists (Funnel's `encoder.blocks.N.M`): the longest list is then a
-    part of the blocks, and a method that orders them by depth would order a third of the model."""
+def stack_problems(model: nn.Module, stack_name: str, method: str) -> list[str]:
+    """A model whose blocks are not one stack, which a method ordering blocks by depth cannot order: one list
+    among several (Funnel's `encoder.blocks.N.M`, where the longest list found is a part of the blocks, or
+    the list of those lists), or an encoder and a decoder (BART, T5: the encoder's blocks are found, and the
+    whole decoder would count as the head)."""
+    remedy = "use full or an adapter method"
     parent = stack_name.rpartition(".")[0]
-    if not parent or not isinstance(model.get_submodule(parent), nn.ModuleList):
-        return []
-    return [f"{method}: the transformer blocks of {type(model).__name__} are nested lists ({parent}.N.M), whose "
-            f"order by depth {method} cannot tell; use full or an adapter method"]
+    blocks = model.get_submodule(stack_name)
+    if (parent and isinstance(model.get_submodule(parent), nn.ModuleList)) or \
+            any(isinstance(child, nn.ModuleList) for child in blocks):
+        where = f"{parent}.N.M" if parent and isinstance(model.get_submodule(parent), nn.ModuleList) \
+            else f"{stack_name}.N.M"
+        return [f"{method}: the transformer blocks of {type(model).__name__} are nested lists ({where}), whose "
+                f"order by depth {method} cannot tell; {remedy}"]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return [f"{method}: {type(model).__name__} has an encoder and a decoder, two stacks of blocks, whose "
+                f"order by depth {method} cannot tell (the decoder would count as the head); {remedy}"]
+    return []
 
 
 def modules_run_after(model: nn.Module, stack_name: str) -> set[str]:

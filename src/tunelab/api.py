@@ -230,6 +230,8 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
     by torchrun or accelerate launch instead, every process runs this function: runs train in it, and only
     the main process writes (see `launched_compare`).
     """
+    from .sweep.tuning import tune_methods
+
     if resume and not output_dir:
         raise TunelabInputError(["--resume: needs --output DIR, the experiment to continue"])
     if resume and overwrite:  # --overwrite was ignored: which one was meant is the user's to say
@@ -273,7 +275,7 @@ def compare(config: str | Path | dict | ExperimentConfig | None = None, override
         summary = {**job.summary(), "baseline": job.baseline()}
         stop = StopRequest()
         execute = run_isolated(job, out_dir, nproc or 1, stop) if isolate else run_here(job, out_dir, stop)
-        tuned = tuned_values(cfg, job, out_dir, tune, show_progress, resume, nproc or 1) if tune else {}
+        tuned = tune_methods(cfg, job, out_dir, tune, show_progress, resume, nproc or 1) if tune else {}
         records: list[dict[str, Any]] = []
         for run in plan_runs(job.config, seeds):
             values = tuned.get(run.method, {})
@@ -352,12 +354,6 @@ def sweep(config: str | Path | dict | ExperimentConfig | None = None, overrides:
         if failed:
             raise SweepFailed("; ".join(failed))
         return SweepOutcome(out_dir, studies, report)
-
-
-def tuned_values(*args) -> dict[str, dict[str, Any]]:
-    from .sweep.tuning import tune_methods  # (optuna is imported only where a comparison tunes)
-
-    return tune_methods(*args)
 
 
 def run_isolated(job: Job, out_dir: Path, nproc: int = 1, stop: StopRequest | None = None):

@@ -366,7 +366,7 @@ def save_artifact(job: Job, name: str, model: torch.nn.Module, directory: Path,
         "task_options": cfg.to_dict().get(job.task.name),
         "columns": {key: getattr(cfg.data, key) for key in job.task.data_keys}})
     size = sum(f.stat().st_size for f in own_files(directory))
-    return {"artifact_dir": str(directory), "artifact_size_mb": round(size / 2**20, 3),
+    return {"artifact_size_mb": round(size / 2**20, 3),  # (the record names it: artifact_dir in train_one)
             "artifact_format": artifact_format(method)}
 
 

@@ -50,8 +50,8 @@ def hub_offline(enabled: bool):
     try:
         yield
     finally:
-        for module, name in flags:
-            setattr(module, name, saved_flags.pop(0))
+        for (module, name), value in zip(flags, saved_flags):
+            setattr(module, name, value)
         for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -69,13 +69,11 @@ def existing_name(cfg, method: str, name: str | None, storage: str) -> str:
     config) where the storage holds that one and not the new name, so its --resume continues it."""
     import optuna
 
-    from .storage import optuna_storage
-
     wanted = study_name(cfg, method, name)
     if name:
         return wanted
     earlier = f"tunelab-{cfg.fingerprint()}-{method}"
-    names = optuna.get_all_study_names(optuna_storage(storage))
+    names = optuna.get_all_study_names(storage)  # (open_study's storage object: one connection pool)
     return earlier if earlier in names and wanted not in names else wanted
 
 
@@ -153,11 +151,14 @@ def joined_studies(cfg, storage: str | None, name: str | None) -> None:
         open_study(cfg, method, storage, name, seeded=False)
 
 
-def counted(study) -> int:
+def counted_trials(study) -> list:
     import optuna
 
-    states = tuple(getattr(optuna.trial.TrialState, s) for s in COUNTED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return study.get_trials(deepcopy=False, states=tuple(getattr(optuna.trial.TrialState, s) for s in COUNTED))
+
+
+def counted(study) -> int:
+    return len(counted_trials(study))
 
 
 def worker_name(out_dir: Path) -> str:
@@ -261,10 +262,7 @@ def surplus(study, trial, trials: int) -> bool:
     together each get a trial; the lowest numbers keep theirs, whenever each worker looks (a trial's number
     comes from the storage, and what is counted before it only shrinks, by failures, which their workers
     replace). Taking the last trials, or the highest running one, let three workers all train or all back out."""
-    import optuna
-
-    states = tuple(getattr(optuna.trial.TrialState, s) for s in COUNTED)
-    return sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=states)) >= trials
+    return sum(t.number < trial.number for t in counted_trials(study)) >= trials
 
 
 def running(study):

@@ -293,6 +293,18 @@ def test_ls_lists_every_registered_task_with_the_data_keys_it_reads(extra_task, 
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == sorted(registry())
 
 
+def test_ls_from_python_gives_what_the_cli_prints(extra_task):
+    import tunelab
+    from tunelab.methods.base import registry
+
+    tasks = tunelab.ls("tasks")
+    assert tasks["tagging"]["data_keys"] == ["data.tags_column", "data.text_column"]
+    assert tasks["classification"]["description"] and "data_keys" not in tunelab.ls("methods")["lora"]
+    assert list(tunelab.ls("methods")) == sorted(registry())
+    with pytest.raises(tunelab.TunelabInputError, match="what: 'models' is not allowed; allowed: methods, tasks"):
+        tunelab.ls("models")
+
+
 def test_a_config_path_holding_an_equals_sign_is_the_config_not_an_override(tmp_path, monkeypatch):
     from tunelab.cli import split_items
 

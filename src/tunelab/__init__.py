@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 import importlib  # noqa: E402
 
 from .api import compare, validate  # noqa: E402
-from .api_plan import recommend  # noqa: E402
+from .api_plan import ls, recommend  # noqa: E402
 from .config import ExperimentConfig  # noqa: E402  (a config every function takes, as a YAML file's path is)
 from .errors import TunelabInputError  # noqa: E402  (what every function raises for bad input)
 from .use.export import export  # noqa: E402
@@ -21,5 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ExperimentConfig", "TunelabInputError", "compare", "estimate", "export", "predict", "recommend",
+__all__ = ["ExperimentConfig", "TunelabInputError", "compare", "estimate", "export", "ls", "predict", "recommend",
            "report", "sweep", "validate", "__version__"]

@@ -1,4 +1,4 @@
-"""The Python API of the commands that plan and read (estimate, recommend, report), beside api.py's that
+"""The Python API of the commands that plan and read (estimate, recommend, report, ls), beside api.py's that
 train: the same checks and messages as their CLI commands, raised as TunelabInputError.
 
     import tunelab
@@ -76,6 +76,20 @@ def report(folder: str | Path) -> Path:
     payload["summary"] = summarize(payload["methods"], job)
     save_results(Path(folder), payload)
     return write_report(Path(folder), payload)
+
+
+def ls(what: str) -> dict[str, dict[str, Any]]:
+    """The registered methods or tasks (`tunelab ls methods|tasks`), by name: each one's description, and for
+    a task the data.* keys it reads (columns, as users set them)."""
+    from .methods.base import registry as methods
+    from .tasks.base import registry as tasks
+
+    listed = {"methods": methods, "tasks": tasks}
+    if what not in listed:
+        raise TunelabInputError([f"what: {what!r} is not allowed; allowed: {', '.join(listed)}"])
+    return {name: {"description": item.description,
+                   **({"data_keys": [f"data.{key}" for key in item.data_keys]} if what == "tasks" else {})}
+            for name, item in sorted(listed[what]().items())}
 
 
 def sweep_report(folder: Path) -> Path:

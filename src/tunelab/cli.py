@@ -182,13 +182,12 @@ def sigterm_as_ctrl_c():
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "ls":
-        from .methods.base import registry as methods
-        from .tasks.base import registry as tasks
+        from .api_plan import ls
 
-        for name, item in sorted((methods() if args.what == "methods" else tasks()).items()):
-            print(f"{name:<16}{item.description}")
-            if args.what == "tasks" and item.data_keys:  # the columns it reads, as users set them
-                print(f"{'':<16}reads {', '.join(f'data.{key}' for key in item.data_keys)}")
+        for name, item in ls(args.what).items():
+            print(f"{name:<16}{item['description']}")
+            if item.get("data_keys"):
+                print(f"{'':<16}reads {', '.join(item['data_keys'])}")
         return 0
     if args.command == "report":
         from .api_plan import report

@@ -25,12 +25,16 @@ run: setup
 run-causal-lm: setup
 	$(BIN)/tunelab compare task=causal-lm --output runs/causal-lm --overwrite
 
+# Two pytest workers of one thread each (tests/conftest.py): one process of two threads kept 1.1 of 2 cores
+# busy on average (imports, start-ups, tokenizing, small steps), and two workers sharing torch's default
+# threads oversubscribed the cores. TEST_WORKERS=0 runs in this one process.
 # --durations: the slowest tests at the end of every run, to keep the suite's time in view
+TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/vs_trainer.py

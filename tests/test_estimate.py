@@ -56,6 +56,9 @@ def test_memory_parts_follow_what_trains(roberta_base_config):
     # recomputing blocks pays where the gradient passes through them all; freeze's frozen bottom keeps none
     assert full["peak_memory_checkpointing_mb"] < full["peak_memory_mb"]
     assert lora["peak_memory_checkpointing_mb"] < lora["peak_memory_mb"]
+    # the heap keeps what the plain step churns: the recomputed blocks allocate their activations again
+    assert full["allocator_kept_checkpointing_mb"] == full["allocator_kept_mb"] > 0
+    assert lora["allocator_kept_checkpointing_mb"] == lora["allocator_kept_mb"] > 0
 
 
 def test_processes_split_the_batch_and_fsdp_splits_the_training_state(roberta_base_config, capsys):

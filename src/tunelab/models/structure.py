@@ -66,13 +66,10 @@ def stack_problems(model: nn.Module, stack_name: str, method: str) -> list[str]:
     whole decoder would count as the head)."""
     remedy = "use full or an adapter method"
     parent = stack_name.rpartition(".")[0]
-    blocks = model.get_submodule(stack_name)
-    if (parent and isinstance(model.get_submodule(parent), nn.ModuleList)) or \
-            any(isinstance(child, nn.ModuleList) for child in blocks):
-        where = f"{parent}.N.M" if parent and isinstance(model.get_submodule(parent), nn.ModuleList) \
-            else f"{stack_name}.N.M"
-        return [f"{method}: the transformer blocks of {type(model).__name__} are nested lists ({where}), whose "
-                f"order by depth {method} cannot tell; {remedy}"]
+    in_a_list = bool(parent) and isinstance(model.get_submodule(parent), nn.ModuleList)
+    if in_a_list or any(isinstance(child, nn.ModuleList) for child in model.get_submodule(stack_name)):
+        return [f"{method}: the transformer blocks of {type(model).__name__} are nested lists "
+                f"({parent if in_a_list else stack_name}.N.M), whose order by depth {method} cannot tell; {remedy}"]
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return [f"{method}: {type(model).__name__} has an encoder and a decoder, two stacks of blocks, whose "
                 f"order by depth {method} cannot tell (the decoder would count as the head); {remedy}"]

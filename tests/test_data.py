@@ -1,6 +1,7 @@
 """Data loading: every accepted format, label mapping, stratified splits."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -157,6 +158,52 @@ def test_max_samples_gives_exactly_that_many_rows_with_every_class_it_can(size):
     if size >= 12:  # in proportion, to within one row
         for label, share in (("a", 40 / 60), ("b", 15 / 60), ("c", 5 / 60)):
             assert abs((sample["label"] == label).sum() - share * size) <= 1
+
+
+class CountingUnfit:
+    """Marks rows whose value is a multiple of 3 as too long, and counts the rows it was asked about (each
+    one, in the causal-LM task, is a row tokenized)."""
+
+    def __init__(self):
+        self.examined = 0
+
+    def __call__(self, frame: pd.DataFrame) -> dict[str, pd.Series]:
+        self.examined += len(frame)
+        return {"too long": frame["value"] % 3 == 0, "also odd": frame["value"] % 2 == 1}
+
+
+def test_a_capped_split_examines_only_the_rows_it_draws_and_counts_those_it_drops(monkeypatch):
+    from tunelab.data import splits
+
+    frame = pd.DataFrame({"value": range(200_000)})
+    unfit = CountingUnfit()
+    kept, dropped = splits.fitting_sample(frame, None, 100, seed=5, unfit=unfit)
+    fits = (frame["value"] % 3 != 0) & (frame["value"] % 2 == 0)
+    assert len(kept) == 100 and fits[kept.index].all() and kept.index.is_monotonic_increasing
+    order = np.random.default_rng(5).permutation(len(frame))
+    drawn = order[:np.flatnonzero(np.isin(order, kept.index))[-1] + 1]  # up to the last row kept
+    assert unfit.examined < len(drawn) + 256  # not 200,000: a cap reads what it keeps, a chunk at a time
+    assert sum(dropped.values()) == len(drawn) - 100
+    assert dropped["too long"] == int((frame["value"].to_numpy()[drawn] % 3 == 0).sum())  # a row with two
+    # faults is counted once, under its first reason
+    monkeypatch.setattr(splits, "CHUNK_ROWS", 7)  # the chunk size changes what is read, not what is kept
+    again, counted_again = splits.fitting_sample(frame, None, 100, seed=5, unfit=CountingUnfit())
+    assert again.equals(kept) and counted_again == dropped
+    other, _ = splits.fitting_sample(frame, None, 100, seed=6, unfit=CountingUnfit())
+    assert not other.equals(kept)
+
+
+def test_an_uncapped_or_stratified_split_examines_every_row_a_chunk_at_a_time(monkeypatch):
+    from tunelab.data import splits
+
+    monkeypatch.setattr(splits, "CHUNK_ROWS", 64)
+    frame = pd.DataFrame({"value": range(1_000), "label": ["a", "b", "c", "d"] * 250})
+    unfit = CountingUnfit()
+    kept, dropped = splits.fitting_sample(frame, None, None, seed=5, unfit=unfit)
+    assert unfit.examined == 1_000 and len(kept) == 333  # the even numbers that are no multiple of 3
+    assert dropped == {"too long": 334, "also odd": 333}  # odd multiples of 3 are counted as too long
+    stratified, _ = splits.fitting_sample(frame, "label", 50, seed=5, unfit=CountingUnfit())
+    assert len(stratified) == 50 and set(stratified["label"]) == {"a", "c"}  # the even rows' labels
 
 
 def test_a_cap_below_the_number_of_classes_keeps_every_class_named(tmp_path, tiny_bert):

@@ -125,8 +125,9 @@ def test_unusable_rows_are_counted_per_reason(tmp_path, tiny_llama):
     assert len(job.train) + len(job.validation) == 26
 
 
-def test_unusable_rows_go_before_validation_is_carved_and_train_capped(tmp_path, tiny_llama):
-    """A cap of 16 train rows trains 16 rows, and validation holds only usable rows, however many are empty."""
+def test_a_cap_counts_rows_that_train_and_validation_is_carved_before_tokenizing(tmp_path, tiny_llama):
+    """Rows without a response go before the carve; rows whose prompt fills max_length go within each split
+    as its rows are drawn: a cap of 16 trains 16 rows, and validation keeps only the usable rows of its 8."""
     frame = toy_qa_rows(40)
     frame.loc[:9, "response"] = ""
     frame.loc[10:14, "prompt"] = " ".join(["good"] * 40)  # fills max_length: known only once tokenized
@@ -134,10 +135,12 @@ def test_unusable_rows_go_before_validation_is_carved_and_train_capped(tmp_path,
     job = validate(None, ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={tmp_path / 'qa.csv'}",
                           "data.max_length=32", "data.validation_fraction=0.25", "data.max_train_samples=16",
                           "train.batch_size=4"])
-    assert len(job.train) == 16
-    assert len(job.validation) == round(0.25 * 25)  # carved from the 25 usable rows
-    assert job.summary()["dropped_rows"] == {"train: empty response": 10,
-                                             "train: prompt fills data.max_length=32": 5}
+    dropped = job.summary()["dropped_rows"]
+    too_long = "prompt fills data.max_length=32"
+    assert len(job.train) == 16 and not job.data.frames["train"].prompt.str.startswith("good good").any()
+    assert len(job.validation) + dropped.get(f"validation: {too_long}", 0) == round(0.25 * 30)  # carved from 30
+    assert dropped["train: empty response"] == 10
+    assert dropped.get(f"train: {too_long}", 0) + dropped.get(f"validation: {too_long}", 0) <= 5
 
 
 @pytest.mark.parametrize("case,frame_edit,expected", [
@@ -215,7 +218,8 @@ def test_an_estimate_counts_the_rows_a_causal_lm_run_trains_on(tmp_path, tiny_ll
     frame = toy_qa_rows(40)
     frame.loc[:9, "prompt"] = " ".join(["good"] * 40)
     frame.to_csv(tmp_path / "qa.csv", index=False)
-    cfg = load_config(None, ["task=causal-lm", f"model.name_or_path={tiny_llama}",
-                             f"data.train_file={tmp_path / 'qa.csv'}", "data.max_length=32",
-                             "data.validation_fraction=0.25"])
-    assert epoch_rows(cfg)[0] == 30 - round(0.25 * 30)
+    settings = ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={tmp_path / 'qa.csv'}",
+                "data.max_length=32", "data.validation_fraction=0.25", "train.batch_size=4"]
+    trained = validate(None, settings).summary()
+    assert epoch_rows(load_config(None, settings))[0] == trained["train_rows"]
+    assert trained["train_rows"] + trained["dropped_rows"]["train: prompt fills data.max_length=32"] == 40 - 10

@@ -1,8 +1,14 @@
 """Seeded splits: carving validation from train and capping sizes, stratified by a column when given."""
 from __future__ import annotations
 
+from collections import Counter
+from typing import Callable
+
 import numpy as np
 import pandas as pd
+
+UnfitRows = Callable[[pd.DataFrame], "dict[str, pd.Series]"]
+CHUNK_ROWS = 8192  # rows tokenized at once while looking for unfit ones
 
 
 def stratified_split(frame: pd.DataFrame, by: str | None, fraction: float,
@@ -55,20 +61,66 @@ def exact_quotas(counts: np.ndarray, size: int, rng: np.random.Generator | None 
     return quotas
 
 
-def split_frames(frames: dict[str, pd.DataFrame], data_cfg, by: str | None,
-                 seed: int) -> tuple[dict[str, pd.DataFrame], str]:
-    """Carve validation from train when there is none; cap sizes. Stratified by column `by` if given."""
+def split_frames(frames: dict[str, pd.DataFrame], data_cfg, by: str | None, seed: int,
+                 unfit: UnfitRows | None = None) -> tuple[dict[str, pd.DataFrame], str, dict[str, int]]:
+    """Carve validation from train when there is none; cap sizes. Stratified by column `by` if given.
+    `unfit` (a frame's rows that cannot train, a mask per reason; it tokenizes) drops rows within each split
+    after the carve, so that a cap counts rows that train; returns how many went, per "split: reason"."""
     train, validation, source = frames["train"], frames.get("validation"), "file"
     if validation is None:
         train, validation = stratified_split(train, by, data_cfg.validation_fraction, seed)
         source = "carved from train"
-    if data_cfg.max_train_samples and data_cfg.max_train_samples < len(train):
-        train = stratified_sample(train, by, data_cfg.max_train_samples, seed)
-    test = frames.get("test")
-    if data_cfg.max_eval_samples:
-        validation = stratified_sample(validation, by, data_cfg.max_eval_samples, seed)
-        test = None if test is None else stratified_sample(test, by, data_cfg.max_eval_samples, seed)
-    out = {"train": train, "validation": validation}
-    if test is not None:
-        out["test"] = test
-    return out, source
+    caps = {"train": data_cfg.max_train_samples, "validation": data_cfg.max_eval_samples,
+            "test": data_cfg.max_eval_samples}
+    out, dropped = {}, {}
+    for split, frame in (("train", train), ("validation", validation), ("test", frames.get("test"))):
+        if frame is None:
+            continue
+        if unfit is None:
+            out[split] = stratified_sample(frame, by, caps[split], seed) if caps[split] else frame
+            continue
+        out[split], reasons = fitting_sample(frame, by, caps[split], seed, unfit)
+        dropped.update({f"{split}: {reason}": count for reason, count in reasons.items()})
+    return out, source, dropped
+
+
+def fitting_sample(frame: pd.DataFrame, by: str | None, size: int | None, seed: int,
+                   unfit: UnfitRows) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Up to `size` rows (all without one) that `unfit` keeps, and the unfit rows met per reason. Unstratified,
+    the rows are drawn in a seeded order and only those up to the last one kept are examined, so a cap reads
+    what it keeps: tokenizing every row of a million-row file for a 2,000-row cap took minutes and gigabytes."""
+    if by is not None or not size or size >= len(frame):
+        kept, dropped = fitting_positions(frame, np.arange(len(frame)), None, unfit)
+        fitting = frame.iloc[kept]
+        return (stratified_sample(fitting, by, size, seed) if size else fitting), dropped
+    order = np.random.default_rng(seed).permutation(len(frame))
+    kept, dropped = fitting_positions(frame, order, size, unfit)
+    return frame.iloc[np.sort(kept)], dropped
+
+
+def fitting_positions(frame: pd.DataFrame, order: np.ndarray, size: int | None,
+                      unfit: UnfitRows) -> tuple[list[int], dict[str, int]]:
+    """Positions in `order` that fit, until `size` are found, examined a chunk at a time (bounded memory); the
+    rows read past the last one kept are not counted, so the counts do not depend on the chunk size."""
+    kept, dropped, start = [], Counter(), 0
+    while start < len(order) and (size is None or len(kept) < size):
+        wanted = CHUNK_ROWS if size is None else int(np.clip((size - len(kept)) * 5 // 4, 256, CHUNK_ROWS))
+        chunk = order[start:start + wanted]
+        start += len(chunk)
+        for position, reason in zip(chunk, first_reasons(unfit(frame.iloc[chunk]), len(chunk))):
+            if reason is not None:
+                dropped[reason] += 1
+                continue
+            kept.append(int(position))
+            if len(kept) == size:
+                break
+    return kept, dict(dropped)
+
+
+def first_reasons(masks: dict[str, pd.Series], rows: int) -> list[str | None]:
+    """Per row, the first reason whose mask marks it (a row with two faults is counted once), else None."""
+    reasons: list[str | None] = [None] * rows
+    for reason, mask in masks.items():
+        for position in np.flatnonzero(mask.to_numpy()):
+            reasons[position] = reasons[position] or reason
+    return reasons

@@ -121,12 +121,11 @@ def changed_data_problems(folder: Path, fingerprint: str, allow_change: bool | N
         return []
     remedy = "pass --allow-config-change to continue on these" if allow_change is not None else \
         "start another sweep for these"
-    # a folder that recorded no format was started before causal-lm rows were dropped before the caps
-    earlier = "" if "format" in started else ", or the folder was started by an earlier tunelab, which selected " \
-        "causal-lm rows after the size caps"
+    # earlier tunelabs drew causal-lm rows otherwise: with no format recorded, after the caps; then, before
+    # the carve, tokenizing every row (same format: it changed which rows are drawn, not what a folder holds)
     return [f"--resume: the data differ from those {str(folder)!r} was started with (a data file, the dataset or "
-            f"the tokenizer changed since{earlier}); its finished runs and checkpoints trained on the earlier rows: "
-            f"restore them, or {remedy}"]
+            f"the tokenizer changed since, or an earlier tunelab drew the causal-lm rows otherwise); its finished "
+            f"runs and checkpoints trained on the earlier rows: restore them, or {remedy}"]
 
 
 def resumed_flags(folder: Path, given: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -6,16 +6,17 @@ so every input problem surfaces at once, with exit code 2, before a single step 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from torch import nn
 
 from ..config import ExperimentConfig
 from ..data import read_frames, where, with_packaged_defaults
+from ..data.splits import first_reasons
 from ..errors import TunelabInputError
 from ..methods.base import PrepareContext, get_method
 from ..models.loading import (load_pretrained, load_tokenizer, missing_weights_message, read_model_config,
@@ -159,8 +160,8 @@ def swept_batch_problems(cfg: ExperimentConfig, rows: int) -> list[str]:
 
 def load_frames(cfg: ExperimentConfig, task: Task,
                 tokenizer=None) -> tuple[dict[str, pd.DataFrame], str, dict[str, int]]:
-    """Read the data, drop invalid rows if asked, let the task check the rest, drop the rows the tokenizer
-    leaves unusable (when there is one), then carve and cap the splits."""
+    """Read the data, drop invalid rows if asked, let the task check the rest, then carve and cap the splits,
+    dropping the rows the tokenizer leaves unusable (when there is one) as each split's rows are drawn."""
     frames = read_frames(cfg.data, task.default_dataset)
     dropped: dict[str, int] = {}
     dropping = "data.drop_invalid_rows" if cfg.data.drop_invalid_rows else f"the {task.name} task"
@@ -169,35 +170,43 @@ def load_frames(cfg: ExperimentConfig, task: Task,
     problems = task.check_frames(frames, cfg)
     if problems:
         raise TunelabInputError(problems)
-    if tokenizer is not None:
-        frames, unfit = drop_rows(frames, lambda frame: task.unfit_rows(frame, tokenizer, cfg),
-                                  f"the {task.name} task", cfg)
-        dropped.update(unfit)
-    return (*task.split(frames, cfg), dropped)
+    unfit = None if tokenizer is None else (lambda frame: task.unfit_rows(frame, tokenizer, cfg))
+    frames, source, unfit_dropped = task.split(frames, cfg, unfit)
+    problems = emptied_split_problems(frames, unfit_dropped, f"the {task.name} task", cfg)
+    if problems:
+        raise TunelabInputError(problems)
+    return frames, source, {**dropped, **unfit_dropped}
 
 
 def drop_rows(frames: dict[str, pd.DataFrame], masks_of, by: str, cfg: ExperimentConfig):
     """Frames without the rows `masks_of(frame)` marks (a mask per reason), and how many went per split and
     reason; every split left without rows is a problem, all named at once."""
-    kept, dropped, problems = {}, {}, []
+    kept, dropped = {}, {}
     for split, frame in frames.items():
         try:
             masks = masks_of(frame)
         except KeyError:  # a column is missing: check_frames says which
             masks = {}
-        invalid = np.zeros(len(frame), dtype=bool)
-        for reason, mask in masks.items():  # a row with two faults is counted once, under its first
-            newly = mask.to_numpy() & ~invalid
-            invalid |= newly
-            if newly.any():
-                dropped[f"{split}: {reason}"] = int(newly.sum())
-        kept[split] = frame[~invalid].reset_index(drop=True)
-        if len(frame) and invalid.all():
-            reasons = ", ".join(reason for reason, mask in masks.items() if mask.any())
-            problems.append(f"{where(cfg.data, split)}: no rows left after {by} dropped all {len(frame)} ({reasons})")
+        reasons = first_reasons(masks, len(frame))
+        counts = Counter(reasons)
+        dropped.update({f"{split}: {reason}": counts[reason] for reason in masks if counts[reason]})
+        kept[split] = frame[[reason is None for reason in reasons]].reset_index(drop=True)
+    problems = emptied_split_problems(kept, dropped, by, cfg)
     if problems:
         raise TunelabInputError(problems)
     return kept, dropped
+
+
+def emptied_split_problems(frames: dict[str, pd.DataFrame], dropped: dict[str, int], by: str,
+                           cfg: ExperimentConfig) -> list[str]:
+    """Each split that dropping left without rows, with how many went and why."""
+    problems = []
+    for split, frame in frames.items():
+        gone = {key.split(": ", 1)[1]: count for key, count in dropped.items() if key.startswith(f"{split}: ")}
+        if gone and not len(frame):
+            problems.append(f"{where(cfg.data, split)}: no rows left after {by} dropped all {sum(gone.values())} "
+                            f"({', '.join(gone)})")
+    return problems
 
 
 def _attempt(problems: list[str], fn, *args):

@@ -127,12 +127,16 @@ class Task:
 
     def unfit_rows(self, frame: pd.DataFrame, tokenizer, cfg) -> dict[str, pd.Series]:
         """Rows the tokenizer leaves unusable (a prompt that fills data.max_length), as a boolean mask per
-        reason: always dropped and counted, as invalid rows are, before validation is carved and sizes capped
-        (a cap counts rows that train). Called after check_frames passed."""
+        reason: always dropped and counted, as invalid rows are, within each split after validation is carved,
+        as its rows are drawn (a cap counts rows that train; `split` passes it to split_frames). Called after
+        check_frames passed, on a chunk of rows at a time."""
         return {}
 
-    def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
-        """Frames for train/validation(/test) after carving and capping, and where validation came from."""
+    def split(self, frames: dict[str, pd.DataFrame], cfg,
+              unfit: Callable[[pd.DataFrame], dict[str, pd.Series]] | None = None
+              ) -> tuple[dict[str, pd.DataFrame], str, dict[str, int]]:
+        """Frames for train/validation(/test) after carving and capping, where validation came from, and the
+        rows `unfit` (unfit_rows with the tokenizer, when there is one) dropped, per "split: reason"."""
         raise NotImplementedError
 
     def encode(self, frames: dict[str, pd.DataFrame], tokenizer, cfg) -> TaskData:

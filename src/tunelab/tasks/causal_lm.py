@@ -90,8 +90,8 @@ class CausalLM(Task):
         reasons = pd.Series(reasons, index=[index for index, _ in rows], dtype=object).reindex(frame.index)
         return {reason: reasons == reason for reason in reasons.dropna().unique()}
 
-    def split(self, frames, cfg):
-        return split_frames(frames, cfg.data, None, cfg.train.seed)
+    def split(self, frames, cfg, unfit=None):
+        return split_frames(frames, cfg.data, None, cfg.train.seed, unfit)
 
     def encode(self, frames: dict[str, pd.DataFrame], tokenizer, cfg) -> TaskData:
         encoded, dropped = {}, {}
@@ -220,7 +220,8 @@ def reference(data: Encoded, row: int, tokenizer) -> str:
 
 def encode_rows(frame: pd.DataFrame, tokenizer, cfg) -> tuple[Encoded, dict[str, int]]:
     """Prompt and response tokenized apart (as at generation time); labels only on the response. (Rows that
-    cannot train were dropped before the splits, by unfit_rows; any left here are dropped and counted too.)"""
+    cannot train were dropped as the splits were drawn, by unfit_rows; any left here are dropped and counted
+    too.)"""
     chats, dropped = conversations(frame, cfg)
     prompts, responses, reasons = tokenized(chats, tokenizer, cfg)
     rows, labels, prompt_lengths, prompt_texts, references = [], [], [], [], []

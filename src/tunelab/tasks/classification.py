@@ -97,8 +97,9 @@ class Classification(Task):
         masks[f"no {label_column(cfg)!r} label"] = label.isna() | blank.astype(bool)
         return masks
 
-    def split(self, frames: dict[str, pd.DataFrame], cfg) -> tuple[dict[str, pd.DataFrame], str]:
-        return split_frames(named_classes(frames, label_column(cfg)), cfg.data, label_column(cfg), cfg.train.seed)
+    def split(self, frames: dict[str, pd.DataFrame], cfg, unfit=None):
+        return split_frames(named_classes(frames, label_column(cfg)), cfg.data, label_column(cfg), cfg.train.seed,
+                            unfit)
 
     def encode(self, frames: dict[str, pd.DataFrame], tokenizer, cfg) -> TaskData:
         names = label_names(frames["train"][label_column(cfg)])  # the categories `split` gave every split

@@ -174,6 +174,7 @@ def fake_hub(monkeypatch, snapshot, fetched: list):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr("tunelab.models.hub.unreachable_hub", lambda: None)  # its host name resolves
 
 
 # --- the real command, cheaply ------------------------------------------------------------------------------

@@ -176,6 +176,7 @@ def test_an_online_hub_dataset_failure_says_what_to_do_about_it(monkeypatch, mod
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.setattr("tunelab.data.sources.is_offline", lambda: False)
+    monkeypatch.setattr("tunelab.data.sources.unreachable_hub", lambda: None)  # a network, then the failure
     overrides = [*model_args, "data.dataset=nyu-mll/glue", *([f"data.dataset_config={config}"] if config else [])]
     with pytest.raises(TunelabInputError) as info:
         validate(overrides=overrides)
@@ -222,6 +223,46 @@ def test_offline_true_in_python_is_the_flag_for_that_call_only(monkeypatch):
         validate(offline="yes")
 
 
+def test_without_a_network_a_hub_id_fails_at_once_and_a_cached_dataset_is_used(monkeypatch, tmp_path, capsys):
+    """A host name that does not resolve is no network: huggingface_hub and datasets retried for 30-40 s."""
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for name in (*hub.OFFLINE_VARIABLES, *hub.PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    used_offline, downloads = [], []
+
+    def load_dataset(*args, **kwargs):
+        used_offline.append(hub.is_offline())
+        raise ConnectionError("not in the cache")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(hub, "download", lambda *args, **kwargs: downloads.append(args))
+    assert main(["validate", "model.name_or_path=nobody/no-such-model", "data.dataset=nobody/no-such-data"]) == 2
+    assert downloads == []  # no try on the network: huggingface_hub retried it for 30 s
+    err = capsys.readouterr().err
+    reason = "the Hub cannot be reached (no network? huggingface.co does not resolve: [Errno -2] Name or service"
+    assert f"'nobody/no-such-model' is not in the local Hugging Face cache and {reason}" in err
+    assert f"'nobody/no-such-data' is not in the local datasets cache and {reason}" in err
+    assert used_offline == [True]  # a cached copy would have been read, without a try on the network
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy resolves names: not judged here
+    assert hub.unreachable_hub() is None
+
+
+def test_a_slow_name_lookup_is_left_to_the_download(monkeypatch):
+    import socket
+    import time
+
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args: time.sleep(2))
+    monkeypatch.setattr(hub, "RESOLVE_SECONDS", 0.1)
+    assert hub.unreachable_hub() is None
+
+
 def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(monkeypatch, tiny_bert):
     import huggingface_hub
 
@@ -241,6 +282,7 @@ def test_online_a_model_is_downloaded_at_its_revision_with_one_weight_format(mon
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub, "unreachable_hub", lambda: None)
     assert hub.hub_model_path("someone/bert", "v1.0") == str(tiny_bert)
     (repo, revision, patterns), = calls
     assert (repo, revision) == ("someone/bert", "v1.0")

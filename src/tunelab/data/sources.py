@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ..errors import TunelabInputError
-from ..models.hub import is_hub_id, is_offline, path_hint
+from ..models.hub import hub_offline, is_hub_id, is_offline, path_hint, unreachable_hub
 from .delimited import not_utf8, read_csv_as_text
 
 if TYPE_CHECKING:
@@ -111,14 +111,17 @@ def csv_tables(folder: Path) -> list[Path]:
 def _load_hub(repo_id: str, cfg: "DataConfig"):
     import datasets
 
+    # with no network, the cached copy at once (datasets falls back to it too, after 30-40 s of retries)
+    no_hub = "hub access is off (HF_HUB_OFFLINE=1 or --offline)" if is_offline() else unreachable_hub()
     try:
-        return datasets.load_dataset(repo_id, cfg.dataset_config, revision=cfg.dataset_revision)
+        with hub_offline(bool(no_hub)):
+            return datasets.load_dataset(repo_id, cfg.dataset_config, revision=cfg.dataset_revision)
     except Exception as exc:
         where = repo_id + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
-        if is_offline():
+        if no_hub:
             raise TunelabInputError([
-                f"data.dataset: {where!r} is not in the local datasets cache and hub access is off "
-                "(HF_HUB_OFFLINE=1 or --offline); on a connected machine load it once (run tunelab there "
+                f"data.dataset: {where!r} is not in the local datasets cache and {no_hub}; on a connected "
+                "machine load it once (run tunelab there "
                 f"without --offline, or `python -c \"import datasets; datasets.load_dataset('{repo_id}'"
                 + (f", '{cfg.dataset_config}'" if cfg.dataset_config else "") + ")\"`), then run again "
                 f"({_cause(exc)}){path_hint(repo_id)}"]) from None

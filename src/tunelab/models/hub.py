@@ -104,19 +104,51 @@ def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False
     if cached and holds_what_is_read(cached, config_only):
         return cached
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    if is_offline():
+    no_hub = "hub access is off (HF_HUB_OFFLINE=1 or --offline)" if is_offline() else unreachable_hub()
+    if no_hub:
         # a snapshot an estimate fetched holds the config alone, one fetched by hand may lack the tokenizer
         state = f"is in the local Hugging Face cache without {missing_for_a_run(cached)}" if cached else \
             "is not in the local Hugging Face cache"
         # an estimate reads the config alone: fetching a 70B model's weights for it would be 140 GB for nothing
         files = " config.json" if config_only else ""
         raise TunelabInputError([
-            f"model.name_or_path: {where} {state} and hub access is off "
-            "(HF_HUB_OFFLINE=1 or --offline); on a connected machine fetch it once with "
+            f"model.name_or_path: {where} {state} and {no_hub}; on a connected machine fetch it once with "
             f"`hf download {repo_id}{files}" + (f" --revision {revision}" if revision else "") +
             "` (or run tunelab there without --offline), then run again" + packaged_copy_hint(repo_id)
             + path_hint(repo_id)])
     return download(repo_id, revision, where, config_only)
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+RESOLVE_SECONDS = 3.0
+
+
+def unreachable_hub() -> str | None:
+    """Why the Hub cannot be reached, where its host name does not resolve (no network), else None. Without a
+    network huggingface_hub retried for 30-40 s before failing (as measured on a machine with no DNS); the name
+    lookup fails at once. Behind a proxy the proxy resolves names, and a lookup that takes longer than
+    RESOLVE_SECONDS is left to the download: neither is judged here."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host or any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    failure: list[str] = []
+
+    def resolve():
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as exc:  # socket.gaierror: the name does not resolve
+            failure.append(str(exc))
+
+    lookup = threading.Thread(target=resolve, daemon=True)
+    lookup.start()
+    lookup.join(RESOLVE_SECONDS)
+    return f"the Hub cannot be reached (no network? {host} does not resolve: {failure[0]})" if failure else None
 
 
 def cached_snapshot(repo_id: str, revision: str | None) -> str | None:

@@ -82,15 +82,19 @@ def case_model_with_custom_code(tmp, bert, base):
         "does not run"]
 
 
-def case_masked_lm_checkpoint(tmp, bert, base):
-    from transformers import BertConfig, BertForMaskedLM
+def case_checkpoint_short_of_its_config(tmp, bert, base):
+    import json
 
-    folder = shutil.copytree(bert, tmp / "mlm")
+    from transformers import BertConfig, BertModel
+
+    folder = shutil.copytree(bert, tmp / "short")
     (folder / "model.safetensors").unlink()
+    config = BertConfig.from_pretrained(folder)
     with contextlib.redirect_stderr(io.StringIO()):  # its progress bar is not the command's output
-        BertForMaskedLM(BertConfig.from_pretrained(folder)).save_pretrained(folder)
-    return [*base, f"model.name_or_path={folder}"], ["lacks pretrained weights for 2 tensors",
-                                                     "the checkpoint has no pooler (saved from a masked-LM model?)"]
+        BertModel(BertConfig.from_dict({**config.to_dict(), "num_hidden_layers": 1})).save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))  # two blocks, weights for one
+    return [*base, f"model.name_or_path={folder}"], ["of the model's backbone (bert.encoder.layer.1.",
+                                                     "tunelab refuses to train random weights"]
 
 
 CASES = {
@@ -221,7 +225,7 @@ CASES = {
     "all-linear beside module names": lambda t, b, base: (
         [*base, "methods=lora", "lora.target_modules=[all-linear, query]"],
         ["lora.target_modules: 'all-linear' stands alone"]),
-    "a masked-LM checkpoint without the pooler a classifier reads": case_masked_lm_checkpoint,
+    "a checkpoint with fewer blocks than its config": case_checkpoint_short_of_its_config,
     "a search range without its high end": lambda t, b, base: (
         [*base, "sweep.space={lora.r: {low: 2}}", "methods=lora"], ["sweep.space.lora.r: expected {low, high"]),
 }

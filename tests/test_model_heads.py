@@ -254,3 +254,50 @@ def test_a_decoder_classifier_without_a_pad_id_in_its_config_pads_as_its_tokeniz
         together = model(input_ids=torch.tensor([short + [pad] * 4, long]),
                          attention_mask=torch.tensor([[1] * 3 + [0] * 4, [1] * 7])).logits
     torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def build_tiny_masked_lm_bert(folder: Path) -> Path:
+    """A checkpoint saved from BertForMaskedLM (as after domain-adaptive pretraining): the encoder without the
+    pooler BERT's classifier reads."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    return build_tiny_encoder(folder, BertConfig, BertForMaskedLM, pooler=True, hidden_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              max_position_embeddings=64)
+
+
+def masked_lm_overrides(model: Path, toy_data, methods: str) -> list[str]:
+    return [f"model.name_or_path={model}", f"data.train_file={toy_data['train']}",
+            f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
+            "data.max_length=32", "train.batch_size=8", f"methods={methods}", "train.precision=fp32"]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "ia3", "bitfit", "freeze", "llrd"])
+def test_a_pooler_the_checkpoint_lacks_trains_with_the_head(method, tmp_path, toy_data):
+    """Every method trains it: left random under a frozen backbone it would scramble what adapters learn."""
+    model = build_tiny_masked_lm_bert(tmp_path / "mlm")
+    job = prepare_job(load_config(None, masked_lm_overrides(model, toy_data, method)))
+    setup = setup_method(job, method)
+    pooler = sum(p.numel() for n, p in setup.model.named_parameters() if p.requires_grad and ".pooler." in n)
+    assert pooler == 32 * 32 + 32  # its dense layer, once (peft's trained copy, not the frozen original)
+    assert sum(p.numel() for p in setup.model.parameters() if p.requires_grad) == setup.expected_trainable
+
+
+def test_a_masked_lm_checkpoint_trains_and_its_artifacts_predict_what_the_runs_scored(tmp_path, toy_data):
+    import json
+
+    import tunelab
+    from tunelab.cli import main
+
+    model = build_tiny_masked_lm_bert(tmp_path / "mlm")
+    out = tmp_path / "exp"
+    outcome = tunelab.compare(overrides=[*masked_lm_overrides(model, toy_data, "lora,prompt-tuning,bitfit"),
+                                         "train.max_steps=6", "train.eval_every_steps=0"],
+                              output_dir=out, show_progress=False, isolate=False)
+    assert [r["status"] for r in outcome.records] == ["success"] * 3
+    for record in outcome.records:  # the pooler trained in the run is the one the artifact brings back
+        predictions = tmp_path / f"{record['method']}.jsonl"
+        assert main(["predict", str(out), "--method", record["method"], "--input", str(toy_data["test"]),
+                     "--output", str(predictions)]) == 0
+        labels = [json.loads(line)["label"] for line in predictions.read_text().splitlines()]
+        assert [["neg", "pos"].index(label) for label in labels] == record["test_per_example"]["pred"]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..models.structure import head_param_count
+from ..models.structure import head_param_count, in_modules
 from .base import Method, MethodOptions, PrepareContext, register
 
 FILE = "bitfit.safetensors"
 
 
 def is_bias(name: str, head_modules: tuple[str, ...]) -> bool:
-    return name.split(".")[-1] == "bias" and name.split(".")[0] not in head_modules
+    return name.split(".")[-1] == "bias" and not in_modules(name, head_modules)
 
 
 @register
@@ -41,7 +41,7 @@ class BitFit(Method):
     def prepare(self, model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> nn.Module:
         head = ctx.head_modules
         for name, param in model.named_parameters():
-            param.requires_grad_(is_bias(name, head) or name.split(".")[0] in head)
+            param.requires_grad_(is_bias(name, head) or in_modules(name, head))
         return model
 
     def expected_trainable_params(self, base_model: nn.Module, opts: MethodOptions, ctx: PrepareContext) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import did_you_mean
+from ..models.structure import in_modules
 from .base import MethodOptions, PrepareContext, register
 from ._peft import PeftMethod
 
@@ -41,7 +42,7 @@ def linear_layers(model: nn.Module, head_modules: tuple[str, ...]) -> dict[str, 
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, Conv1D)) and name.split(".")[0] not in head_modules and m is not output}
+            if isinstance(m, (nn.Linear, Conv1D)) and not in_modules(name, head_modules) and m is not output}
 
 
 def targeted_layers(model: nn.Module, head_modules: tuple[str, ...], targets: list[str]) -> dict[str, nn.Module]:
@@ -136,5 +137,5 @@ class Lora(PeftMethod):
         elif opts.bias == "all":
             # what peft marks: names ending in ".bias", not other tables named so (Funnel's r_w_bias)
             count += sum(p.numel() for n, p in base_model.named_parameters()
-                         if n.endswith(".bias") and n.split(".")[0] not in ctx.head_modules)
+                         if n.endswith(".bias") and not in_modules(n, ctx.head_modules))
         return count

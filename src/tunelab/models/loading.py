@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import TunelabInputError
+from .structure import in_modules
 
 # Weights train in fp32 whatever dtype the checkpoint was saved in (most hub models: bf16, which transformers 5
 # keeps by default): AdamW updates smaller than a bf16 weight's rounding step would be lost, train.precision
@@ -200,19 +201,31 @@ def _from_pretrained(model_path: str, task, info: dict, **kwargs) -> tuple[nn.Mo
     except Exception as exc:
         raise TunelabInputError([f"model.name_or_path: could not load a model from {model_path!r} for task "
                                  f"{task.name!r} ({type(exc).__name__}: {first_line(exc)})"]) from None
-    head = task.head_modules(model)
     lacking = [*loading.get("missing_keys", []), *(key for key, *_ in loading.get("mismatched_keys", []))]
-    head_loaded = head and not any(k.split(".")[0] in head for k in lacking)
+    model.tunelab_fresh_modules = fresh_poolers(model, lacking)
+    head = task.head_modules(model)
+    head_loaded = head and not any(in_modules(k, head) for k in lacking)
     if head_loaded and kwargs.get("device_map") != "meta" and task.head_is_stale(read_model_config(model_path), info):
         fresh_head(model, head)
-    return model, sorted(k for k in lacking if k.split(".")[0] not in head)
+    return model, sorted(k for k in lacking if not in_modules(k, head))
+
+
+def fresh_poolers(model: nn.Module, lacking: list[str]) -> tuple[str, ...]:
+    """Poolers the checkpoint lacks entirely: one saved from a masked-LM model (BertForMaskedLM has none, e.g.
+    after domain-adaptive pretraining with transformers' run_mlm) holds the encoder a classifier needs but not
+    its pooler. A task whose head reads it trains it as part of the head; left random under a frozen
+    backbone (as peft's modules_to_save would leave it) it would scramble every adapter method's features."""
+    lacking_set = set(lacking)
+    return tuple(name for name, module in model.named_modules()
+                 if name.split(".")[-1] == "pooler" and any(True for _ in module.parameters())
+                 and all(f"{name}.{param}" in lacking_set for param, _ in module.named_parameters()))
 
 
 def fresh_head(model: nn.Module, head: tuple[str, ...]) -> None:
     """The head initialised as transformers initialises one it does not find in a checkpoint: a classifier
     trained on the labels neg/pos kept its rows for a run whose labels are pos/neg, its meaning swapped."""
     for name in head:
-        for module in getattr(model, name).modules():
+        for module in model.get_submodule(name).modules():
             for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                 tensor._is_hf_initialized = False  # loaded weights are marked so: their initialisers skip them
             model._init_weights(module)
@@ -221,9 +234,6 @@ def fresh_head(model: nn.Module, head: tuple[str, ...]) -> None:
 def missing_weights_message(model_path: str, missing: list[str]) -> str:
     shown = ", ".join(missing[:5])
     why = "the checkpoint does not match its config's model class"
-    if all(".pooler." in key for key in missing):  # what a checkpoint saved from BertForMaskedLM lacks
-        why = ("the checkpoint has no pooler (saved from a masked-LM model?), which this classifier reads and "
-               "adapter methods would leave random under a frozen backbone")
     return (f"model.name_or_path: {model_path!r} lacks pretrained weights for {len(missing)} tensors of the "
             f"model's backbone ({shown}{', ...' if len(missing) > 5 else ''}); {why}, and tunelab refuses to "
             "train random weights")

@@ -120,8 +120,14 @@ def _trace_run_after(model: nn.Module, stack_name: str) -> set[str]:
 
 
 def head_param_count(model: nn.Module, head_modules: tuple[str, ...]) -> int:
-    """Parameters of the task's head (top-level modules by name)."""
-    return sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in head_modules)
+    """Parameters of the task's head (modules by dotted name)."""
+    return sum(p.numel() for n, p in model.named_parameters() if in_modules(n, head_modules))
+
+
+def in_modules(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether parameter or module `name` is one of `modules` (dotted names: `classifier`, `bert.pooler`) or
+    inside one."""
+    return any(name == module or name.startswith(module + ".") for module in modules)
 
 
 def hidden_size(config) -> int:

@@ -115,9 +115,11 @@ class Classification(Task):
         # Everything beside the pretrained backbone: `classifier`/`score` in most models, but also DistilBERT's
         # `pre_classifier`, BART's `classification_head`, DeBERTa's `pooler`; none of it is in a backbone
         # checkpoint, so all of it is new and trained (peft: modules_to_save).
+        # A pooler the checkpoint lacks (one saved from a masked-LM model) is new too: models/loading.py marks it.
         backbone = getattr(model, "base_model_prefix", "")
-        return tuple(name for name, child in model.named_children()
-                     if name != backbone and any(True for _ in child.parameters()))
+        heads = tuple(name for name, child in model.named_children()
+                      if name != backbone and any(True for _ in child.parameters()))
+        return heads + tuple(name for name in getattr(model, "tunelab_fresh_modules", ()) if name not in heads)
 
     def prompt_init_text(self, info: dict[str, Any]) -> str:
         # the label names: Lester et al. (2021) found class-label initialisation the best of their three

@@ -223,6 +223,10 @@ def test_offline_true_in_python_is_the_flag_for_that_call_only(monkeypatch):
         validate(offline="yes")
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                   "NO_PROXY", "no_proxy")
+
+
 def test_without_a_network_a_hub_id_fails_at_once_and_a_cached_dataset_is_used(monkeypatch, tmp_path, capsys):
     """A host name that does not resolve is no network: huggingface_hub and datasets retried for 30-40 s."""
     import socket
@@ -230,7 +234,7 @@ def test_without_a_network_a_hub_id_fails_at_once_and_a_cached_dataset_is_used(m
     def no_dns(*args, **kwargs):
         raise socket.gaierror(-2, "Name or service not known")
 
-    for name in (*hub.OFFLINE_VARIABLES, *hub.PROXY_VARIABLES):
+    for name in (*hub.OFFLINE_VARIABLES, *PROXY_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     used_offline, downloads = [], []
@@ -250,13 +254,15 @@ def test_without_a_network_a_hub_id_fails_at_once_and_a_cached_dataset_is_used(m
     assert used_offline == [True]  # a cached copy would have been read, without a try on the network
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy resolves names: not judged here
     assert hub.unreachable_hub() is None
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")  # ... unless it is bypassed for the Hub
+    assert "does not resolve" in hub.unreachable_hub()
 
 
 def test_a_slow_name_lookup_is_left_to_the_download(monkeypatch):
     import socket
     import time
 
-    for name in hub.PROXY_VARIABLES:
+    for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(socket, "getaddrinfo", lambda *args: time.sleep(2))
     monkeypatch.setattr(hub, "RESOLVE_SECONDS", 0.1)

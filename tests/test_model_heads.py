@@ -301,3 +301,20 @@ def test_a_masked_lm_checkpoint_trains_and_its_artifacts_predict_what_the_runs_s
                      "--output", str(predictions)]) == 0
         labels = [json.loads(line)["label"] for line in predictions.read_text().splitlines()]
         assert [["neg", "pos"].index(label) for label in labels] == record["test_per_example"]["pred"]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning"])
+def test_an_estimate_counts_the_missing_pooler_as_trained(method, tmp_path, toy_data, tiny_bert):
+    """estimate builds the model from its config: the checkpoint's tensor names say the pooler is new."""
+    from tunelab.estimate import builder, on_skeleton
+    from tunelab.models.loading import checkpoint_lacks_poolers, read_model_config
+
+    model = build_tiny_masked_lm_bert(tmp_path / "mlm")
+    assert checkpoint_lacks_poolers(str(model)) and not checkpoint_lacks_poolers(str(tiny_bert))
+    cfg = load_config(None, masked_lm_overrides(model, toy_data, method))
+    config = read_model_config(str(model))
+    for key, value in cfg.task_spec.model_kwargs({}).items():
+        setattr(config, key, value)
+    chosen, opts, skeleton, ctx = on_skeleton(method, cfg, str(model), builder(cfg.task_spec, config, True))
+    trained = setup_method(prepare_job(cfg), method).expected_trainable
+    assert chosen.expected_trainable_params(skeleton, opts, ctx) == trained

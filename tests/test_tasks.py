@@ -223,3 +223,25 @@ def test_an_estimate_counts_the_rows_a_causal_lm_run_trains_on(tmp_path, tiny_ll
     trained = validate(None, settings).summary()
     assert epoch_rows(load_config(None, settings))[0] == trained["train_rows"]
     assert trained["train_rows"] + trained["dropped_rows"]["train: prompt fills data.max_length=32"] == 40 - 10
+
+
+def test_a_split_without_rows_is_said_to_have_none_not_to_lack_its_columns(tmp_path, tiny_llama):
+    toy_qa_rows(20).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "validation.csv").write_text("prompt,response\n")
+    with pytest.raises(TunelabInputError) as info:
+        validate(None, ["task=causal-lm", f"model.name_or_path={tiny_llama}", f"data.train_file={tmp_path / 'train.csv'}",
+                        f"data.validation_file={tmp_path / 'validation.csv'}", "data.max_length=32"])
+    assert [p for p in info.value.problems if "validation_file" in p] == ["data.validation_file: has no rows"]
+
+
+def test_the_report_says_capped_splits_count_unfit_rows_among_those_drawn():
+    from tunelab.tasks.causal_lm import drawn_rows_note
+
+    def payload(cap, dropped):
+        return {"methods": [{"config": {"data": {"max_train_samples": cap, "max_eval_samples": None}}}],
+                "job": {"dropped_rows": dropped}}
+
+    too_long = {"train: prompt fills data.max_length=64": 3}
+    assert "counted among the rows a capped split drew" in drawn_rows_note(payload(100, too_long))[0]
+    assert drawn_rows_note(payload(None, too_long)) == []  # every row was read
+    assert drawn_rows_note(payload(100, {"train: empty response": 2})) == []  # counted before the carve

@@ -32,7 +32,8 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     batch, the processes working in parallel at the rate measured for one of them (on a CPU, with its share of
     the cores)."""
     from ..experiment.job import length_problems
-    from ..models.loading import first_line, quiet_transformers, read_model_config, resolve_model_path
+    from ..models.loading import (checkpoint_lacks_poolers, first_line, quiet_transformers, read_model_config,
+                                  resolve_model_path)
     from ..train.setup import resolve_precision
 
     quiet_transformers()
@@ -44,7 +45,8 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
         raise TunelabInputError(too_long)
     for key, value in task.model_kwargs({}).items():
         setattr(config, key, value)
-    build = builder(task, config)
+    lacks_poolers = checkpoint_lacks_poolers(model_path)  # a masked-LM checkpoint's: they train with the head
+    build = builder(task, config, lacks_poolers)
     try:
         shape = skeleton_shape(meta_copy(build))
     except TunelabInputError:
@@ -58,7 +60,7 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
     rows, rows_source = epoch_rows(cfg, train_rows)
     with one_process_threads(cfg.train, nproc):
         device = with_peak(device_profile(cfg.train, precision), peak_tflops)
-    shallow = {depth: builder(task, shallow_config)
+    shallow = {depth: builder(task, shallow_config, lacks_poolers)
                for depth, shallow_config in (shallow_configs(config, shape.layers) or {}).items()}
     common = {"cfg": cfg, "model_path": model_path, "build": build, "shallow_builds": shallow, "shape": shape,
               "precision": precision, "device": device,
@@ -95,9 +97,17 @@ def estimate(cfg: ExperimentConfig, train_rows: int | None = None, skip_inapplic
 CHECKPOINTING_COMPUTE = 4 / 3
 
 
-def builder(task, config):
-    # as training loads and prepares it (a decoder classifier's pad id, which its forward needs)
-    return lambda: task.prepare_model(task.auto_class().from_config(config, dtype=TRAINING_DTYPE), None)
+def builder(task, config, lacks_poolers: bool = False):
+    """As training loads and prepares it: a decoder classifier's pad id, which its forward needs, and the
+    poolers a masked-LM checkpoint lacks, which train with the head."""
+    from ..models.loading import fresh_poolers
+
+    def build():
+        model = task.auto_class().from_config(config, dtype=TRAINING_DTYPE)
+        model.tunelab_fresh_modules = fresh_poolers(model, [n for n, _ in model.named_parameters()]) \
+            if lacks_poolers else ()
+        return task.prepare_model(model, None)
+    return build
 
 
 def method_estimate(name: str, cfg: ExperimentConfig, model_path: str, build, shallow_builds: dict, shape: Shape,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
@@ -170,7 +171,8 @@ def load_frames(cfg: ExperimentConfig, task: Task,
     problems = task.check_frames(frames, cfg)
     if problems:
         raise TunelabInputError(problems)
-    unfit = None if tokenizer is None else (lambda frame: task.unfit_rows(frame, tokenizer, cfg))
+    by_tokens = tokenizer is not None and type(task).unfit_rows is not Task.unfit_rows
+    unfit = (lambda frame: task.unfit_rows(frame, tokenizer, cfg)) if by_tokens else None
     frames, source, unfit_dropped = task.split(frames, cfg, unfit)
     problems = emptied_split_problems(frames, unfit_dropped, f"the {task.name} task", cfg)
     if problems:
@@ -190,7 +192,8 @@ def drop_rows(frames: dict[str, pd.DataFrame], masks_of, by: str, cfg: Experimen
         reasons = first_reasons(masks, len(frame))
         counts = Counter(reasons)
         dropped.update({f"{split}: {reason}": counts[reason] for reason in masks if counts[reason]})
-        kept[split] = frame[[reason is None for reason in reasons]].reset_index(drop=True)
+        # a boolean array: a list of none (a split without rows) would select no columns
+        kept[split] = frame[np.array([reason is None for reason in reasons], dtype=bool)].reset_index(drop=True)
     problems = emptied_split_problems(kept, dropped, by, cfg)
     if problems:
         raise TunelabInputError(problems)

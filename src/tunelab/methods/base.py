@@ -35,7 +35,7 @@ class PrepareContext:
     model_path: str
     tokenizer_path: str
     task: "Task"
-    head_modules: tuple[str, ...]  # the task's fresh head in this model (top-level module names)
+    head_modules: tuple[str, ...]  # the task's fresh head in this model (dotted module names)
     total_steps: int = 0  # optimizer steps the run will take (0 where unknown, e.g. a check before training)
     task_info: dict = dataclasses.field(default_factory=dict)  # what the task learned from the data (labels)
 

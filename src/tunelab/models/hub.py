@@ -119,23 +119,25 @@ def hub_model_path(repo_id: str, revision: str | None, config_only: bool = False
     return download(repo_id, revision, where, config_only)
 
 
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 RESOLVE_SECONDS = 3.0
 
 
 def unreachable_hub() -> str | None:
     """Why the Hub cannot be reached, where its host name does not resolve (no network), else None. Without a
     network huggingface_hub retried for 30-40 s before failing (as measured on a machine with no DNS); the name
-    lookup fails at once. Behind a proxy the proxy resolves names, and a lookup that takes longer than
-    RESOLVE_SECONDS is left to the download: neither is judged here."""
+    lookup fails at once. Behind a proxy (the variables or the system's settings, as urllib and httpx read them)
+    the proxy resolves names, and a lookup that takes longer than RESOLVE_SECONDS is left to the download:
+    neither is judged here."""
     import socket
     import threading
     from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
 
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname
-    if not host or any(os.environ.get(name) for name in PROXY_VARIABLES):
+    endpoint = urlparse(constants.ENDPOINT)
+    host, proxies = endpoint.hostname, getproxies()
+    if not host or ((proxies.get(endpoint.scheme) or proxies.get("all")) and not proxy_bypass(host)):
         return None
     failure: list[str] = []
 

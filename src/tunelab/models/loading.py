@@ -204,9 +204,10 @@ def _from_pretrained(model_path: str, task, info: dict, **kwargs) -> tuple[nn.Mo
     lacking = [*loading.get("missing_keys", []), *(key for key, *_ in loading.get("mismatched_keys", []))]
     model.tunelab_fresh_modules = fresh_poolers(model, lacking)
     head = task.head_modules(model)
-    head_loaded = head and not any(in_modules(k, head) for k in lacking)
+    classifier = tuple(name for name in head if name not in model.tunelab_fresh_modules)  # what a checkpoint may hold
+    head_loaded = classifier and not any(in_modules(k, classifier) for k in lacking)
     if head_loaded and kwargs.get("device_map") != "meta" and task.head_is_stale(read_model_config(model_path), info):
-        fresh_head(model, head)
+        fresh_head(model, classifier)
     return model, sorted(k for k in lacking if not in_modules(k, head))
 
 
@@ -219,6 +220,25 @@ def fresh_poolers(model: nn.Module, lacking: list[str]) -> tuple[str, ...]:
     return tuple(name for name, module in model.named_modules()
                  if name.split(".")[-1] == "pooler" and any(True for _ in module.parameters())
                  and all(f"{name}.{param}" in lacking_set for param, _ in module.named_parameters()))
+
+
+def checkpoint_lacks_poolers(model_path: str) -> bool:
+    """Whether the local checkpoint's tensor names (safetensors headers or their index; nothing else is read)
+    hold no pooler: for an estimate, which builds the model from its config and reads no weights. False where
+    the names are not at hand (a .bin checkpoint, only the config fetched)."""
+    folder = Path(model_path)
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            names = set(json.loads(index.read_text()).get("weight_map", {}))
+        else:
+            from safetensors import safe_open
+
+            files = sorted(folder.glob("*.safetensors"))
+            names = {key for file in files for key in safe_open(str(file), "pt").keys()}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(names) and not any("pooler." in name for name in names)
 
 
 def fresh_head(model: nn.Module, head: tuple[str, ...]) -> None:

@@ -354,10 +354,7 @@ def write_report(out_dir: Path, payload: dict) -> Path:
     ]
     if job.get("dropped_rows"):
         dropped = "; ".join(f"{md_text(k)}: {v}" for k, v in job["dropped_rows"].items())
-        data = cfg.get("data", {})
-        capped = " (in a capped split, rows dropped once tokenized are counted among those drawn until its cap " \
-            "was full)" if data.get("max_train_samples") or data.get("max_eval_samples") else ""
-        lines += [f"Rows left out of the data{capped}: {dropped}", ""]
+        lines += [f"Rows left out of the data: {dropped}", ""]
     if job.get("notes"):
         lines += [*(f"Note on the data: {md_text(note)}." for note in job["notes"]), ""]
     if studies:

@@ -159,7 +159,7 @@ class Task:
         return False
 
     def head_modules(self, model: nn.Module) -> tuple[str, ...]:
-        """Top-level modules of `model` that the task creates fresh and every method trains in full."""
+        """Modules of `model` (dotted names) that the task creates fresh and every method trains in full."""
         return ()
 
     def example_labels(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -192,7 +192,7 @@ class CausalLM(Task):
                 float(np.mean(data.train.lengths - data.train.prompt_lengths)) if len(data.train) else 0.0}
 
     def report_lines(self, payload: dict[str, Any]) -> list[str]:
-        return generated_sample_note(payload) + sample_generations_section(payload)
+        return generated_sample_note(payload) + drawn_rows_note(payload) + sample_generations_section(payload)
 
 
 DEFAULT_CHAT = "messages"
@@ -320,6 +320,17 @@ def generated_sample_note(payload: dict[str, Any]) -> list[str]:
     return [f"exact_match and token_f1 are scored on {asked} greedy answers to the {split} split's prompts "
             f"(causal-lm.generation_samples), not on all its {rows} rows; their intervals are over those answers.",
             ""]
+
+
+def drawn_rows_note(payload: dict[str, Any]) -> list[str]:
+    """Where a cap was set, rows dropped once tokenized were counted among the rows drawn, not the whole data."""
+    cfg = next((r["config"] for r in payload.get("methods", []) if r.get("config")), {})
+    data, dropped = cfg.get("data") or {}, (payload.get("job") or {}).get("dropped_rows") or {}
+    if not (data.get("max_train_samples") or data.get("max_eval_samples")) or not any(
+            "data.max_length" in key for key in dropped):
+        return []
+    return ["Rows whose prompt fills data.max_length are counted among the rows a capped split drew until its cap "
+            "was full, not over all the data (the others were never tokenized).", ""]
 
 
 def sample_generations_section(payload: dict[str, Any]) -> list[str]:
